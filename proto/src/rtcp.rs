@@ -1,0 +1,1 @@
+//! RTCP (placeholder while the full parser lands).
