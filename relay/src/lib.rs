@@ -1,0 +1,1 @@
+//! The relay library: sans-IO engine, runtime and I/O backends.
