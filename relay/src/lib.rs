@@ -1,1 +1,13 @@
-//! The relay library: sans-IO engine, runtime and I/O backends.
+//! The relay: a thread-per-core SFU.
+//!
+//! - [`engine`]: the sans-IO shard engine (rooms, bindings, forwarding, RTCP routing, limits).
+//! - [`io`]: the I/O backends (`batch`, `uring`) that drive one engine per thread.
+//! - [`runtime`]: binds the shard sockets and starts the pinned shard threads.
+//! - [`config`], [`metrics`], [`signals`]: the process around them.
+
+pub mod config;
+pub mod engine;
+pub mod io;
+pub mod metrics;
+pub mod runtime;
+pub mod signals;

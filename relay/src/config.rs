@@ -1,0 +1,197 @@
+//! Relay configuration: a TOML file whose every field a command-line flag can override.
+
+use crate::engine::EngineConfig;
+use serde::Deserialize;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+
+/// Which I/O backend to run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum IoChoice {
+    /// Probe io_uring, else batch (see ARCHITECTURE.md for which one `auto` prefers).
+    Auto,
+    /// io_uring; fails if unavailable.
+    Uring,
+    /// recvmmsg/sendmmsg.
+    Batch,
+}
+
+/// Command-line flags. Each overrides the matching field of the file.
+#[derive(Debug, clap::Parser)]
+#[command(name = "relay", version, about = "Thread-per-core SFU relay")]
+pub struct Flags {
+    /// TOML configuration file.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// I/O backend.
+    #[arg(long, value_enum)]
+    pub io: Option<IoChoice>,
+    /// Number of shards (threads); default: one per available CPU.
+    #[arg(long)]
+    pub shards: Option<usize>,
+    /// Address the UDP ports bind to.
+    #[arg(long)]
+    pub bind: Option<IpAddr>,
+    /// UDP port of shard 0; shard i listens on base_port + i.
+    #[arg(long)]
+    pub base_port: Option<u16>,
+    /// Address of the Prometheus endpoint.
+    #[arg(long)]
+    pub metrics: Option<SocketAddr>,
+    /// ctl's Ed25519 public key, hex.
+    #[arg(long)]
+    pub public_key: Option<String>,
+    /// This relay's id (tokens for other relays are refused; 0 accepts any).
+    #[arg(long)]
+    pub relay_id: Option<u32>,
+    /// Binding TTL in milliseconds.
+    #[arg(long)]
+    pub binding_ttl_ms: Option<u64>,
+    /// Do not pin shard threads to CPUs.
+    #[arg(long)]
+    pub no_pin: bool,
+}
+
+/// The `[limits]` table.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Rooms per shard.
+    pub max_rooms_per_shard: usize,
+    /// Participants per room.
+    pub max_participants_per_room: usize,
+    /// Publishers one explicit subscription may name.
+    pub max_subscriptions: usize,
+    /// Packets per second per participant.
+    pub participant_pps: u64,
+    /// Bits per second per participant.
+    pub participant_bps: u64,
+    /// New bindings (signature checks) per second per shard.
+    pub new_bindings_per_s: u64,
+    /// Minimum interval between keyframe requests to one publisher, ms.
+    pub keyframe_request_interval_ms: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        let e = EngineConfig::default();
+        Self {
+            max_rooms_per_shard: e.max_rooms,
+            max_participants_per_room: e.max_participants_per_room,
+            max_subscriptions: e.max_subscriptions,
+            participant_pps: e.participant_pps,
+            participant_bps: e.participant_bps,
+            new_bindings_per_s: e.new_binding_rate,
+            keyframe_request_interval_ms: e.keyframe_request_interval_us / 1000,
+        }
+    }
+}
+
+/// The whole configuration.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// I/O backend.
+    pub io: IoChoice,
+    /// Shards; 0 means one per available CPU.
+    pub shards: usize,
+    /// Address the UDP ports bind to.
+    pub bind: IpAddr,
+    /// UDP port of shard 0.
+    pub base_port: u16,
+    /// Prometheus endpoint; none to disable.
+    pub metrics: Option<SocketAddr>,
+    /// ctl's public key, hex.
+    pub public_key: Option<String>,
+    /// This relay's id.
+    pub relay_id: u32,
+    /// Binding TTL, ms.
+    pub binding_ttl_ms: u64,
+    /// Pin shard i to CPU i (modulo the CPUs available).
+    pub pin: bool,
+    /// Socket buffer sizes requested, bytes.
+    pub socket_buffer_bytes: usize,
+    /// Limits.
+    pub limits: Limits,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            io: IoChoice::Auto,
+            shards: 0,
+            bind: IpAddr::from([127, 0, 0, 1]),
+            base_port: 40_000,
+            metrics: Some(SocketAddr::from(([127, 0, 0, 1], 9100))),
+            public_key: None,
+            relay_id: 0,
+            binding_ttl_ms: 30_000,
+            pin: true,
+            socket_buffer_bytes: 8 << 20,
+            limits: Limits::default(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads the file named by the flags (if any) and applies the flags over it.
+    pub fn load(flags: &Flags) -> Result<Self, String> {
+        let mut cfg = match &flags.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+                Self::parse(&text).map_err(|e| format!("{}: {e}", path.display()))?
+            }
+            None => Self::default(),
+        };
+        cfg.io = flags.io.unwrap_or(cfg.io);
+        cfg.shards = flags.shards.unwrap_or(cfg.shards);
+        cfg.bind = flags.bind.unwrap_or(cfg.bind);
+        cfg.base_port = flags.base_port.unwrap_or(cfg.base_port);
+        cfg.metrics = flags.metrics.or(cfg.metrics);
+        cfg.public_key = flags.public_key.clone().or(cfg.public_key);
+        cfg.relay_id = flags.relay_id.unwrap_or(cfg.relay_id);
+        cfg.binding_ttl_ms = flags.binding_ttl_ms.unwrap_or(cfg.binding_ttl_ms);
+        cfg.pin &= !flags.no_pin;
+        Ok(cfg)
+    }
+
+    /// Parses TOML; unknown fields are errors.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    /// The engine's limits and timers.
+    pub fn engine(&self) -> EngineConfig {
+        let l = &self.limits;
+        EngineConfig {
+            max_rooms: l.max_rooms_per_shard,
+            max_participants_per_room: l.max_participants_per_room,
+            max_subscriptions: l.max_subscriptions,
+            binding_ttl_us: self.binding_ttl_ms.saturating_mul(1000),
+            participant_pps: l.participant_pps,
+            participant_bps: l.participant_bps,
+            new_binding_rate: l.new_bindings_per_s,
+            keyframe_request_interval_us: l.keyframe_request_interval_ms.saturating_mul(1000),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_a_full_file_and_rejects_unknown_fields() {
+        let cfg = Config::parse(
+            "io = \"batch\"\nshards = 2\nbase_port = 5000\n[limits]\nmax_participants_per_room = 8\n",
+        )
+        .unwrap();
+        assert_eq!(cfg.io, IoChoice::Batch);
+        assert_eq!(cfg.shards, 2);
+        assert_eq!(cfg.engine().max_participants_per_room, 8);
+        assert!(Config::parse("bogus = 1").unwrap_err().contains("bogus"));
+        assert!(Config::parse("[limits]\nnope = 1").is_err());
+    }
+}

@@ -1,0 +1,594 @@
+//! The shard engine: the sans-IO heart of the relay.
+//!
+//! A [`Shard`] owns the rooms, bindings and counters of one core. It performs no syscall, reads
+//! no clock and spawns nothing: the driver passes the time in ([`Now`]) and acts on the
+//! [`Verdict`] it gets back. The driver contract:
+//!
+//! 1. For every received datagram call [`Shard::handle_datagram`] and act on the verdict
+//!    before handing the engine the next datagram (a `Forward` borrows the engine).
+//! 2. Whenever the monotonic clock passes [`Shard::poll_timeout`], call
+//!    [`Shard::handle_timeout`].
+//!
+//! Architecture Invariant: the per-packet path of a bound participant (RTP and RTCP) allocates
+//! nothing, takes no lock and touches no shared atomic.
+
+mod counters;
+mod hash;
+mod limits;
+mod room;
+mod rtcp_route;
+
+pub use counters::{Counters, DropReason};
+pub use room::Subscription;
+pub use rtcp_route::{SUBSCRIBE_ALL, SUBSCRIBE_ONLY, SUBSCRIPTION_APP_NAME};
+
+use hash::FxHashMap;
+use limits::TokenBucket;
+use proto::demux::{classify, PacketKind};
+use proto::stun::{self, Class, StunMessage};
+use proto::token::{Permissions, TokenError, TokenKind, TokenVerifier};
+use room::{Participant, Room, MAX_SSRCS};
+use std::net::SocketAddr;
+
+/// The current time as the driver sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Now {
+    /// Monotonic microseconds since an arbitrary origin fixed for the engine's lifetime.
+    pub mono_us: u64,
+    /// Wall clock, unix seconds (token expiry).
+    pub unix_s: u64,
+}
+
+/// Limits and timers of one shard. Every table the engine keeps is bounded by these.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EngineConfig {
+    /// Rooms one shard hosts at most.
+    pub max_rooms: usize,
+    /// Participants one room holds at most.
+    pub max_participants_per_room: usize,
+    /// Publisher ids one explicit subscription names at most.
+    pub max_subscriptions: usize,
+    /// A binding not refreshed for this long expires.
+    pub binding_ttl_us: u64,
+    /// Packets per second one participant may send (0: unlimited).
+    pub participant_pps: u64,
+    /// Bits per second one participant may send (0: unlimited).
+    pub participant_bps: u64,
+    /// Binding requests that need a signature check, per second per shard (0: unlimited).
+    pub new_binding_rate: u64,
+    /// Minimum interval between keyframe requests (PLI/FIR) forwarded to one publisher.
+    pub keyframe_request_interval_us: u64,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            max_rooms: 4096,
+            max_participants_per_room: 64,
+            max_subscriptions: 64,
+            binding_ttl_us: 30_000_000,
+            participant_pps: 5_000,
+            participant_bps: 20_000_000,
+            new_binding_rate: 2_000,
+            keyframe_request_interval_us: 500_000,
+        }
+    }
+}
+
+/// What the driver must do with a datagram.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Verdict<'s> {
+    /// Send the datagram, unchanged, to each of these addresses.
+    Forward(&'s [SocketAddr]),
+    /// Send the first `n` bytes of the reply buffer back to the source.
+    Reply(usize),
+    /// The engine consumed the datagram (a control message); nothing to send.
+    Consumed,
+    /// Nothing to send; the reason has been counted.
+    Drop(DropReason),
+}
+
+/// The engine's decision before it is turned into a borrowed [`Verdict`].
+#[derive(Clone, Copy, Debug)]
+enum Decision {
+    /// Forward to the fan-out list of the participant behind the binding.
+    Fanout(BindingRef),
+    /// Forward to the scratch list.
+    Scratch,
+    Reply(usize),
+    Consumed,
+    Drop(DropReason),
+}
+
+/// Where a bound address lives: room slot and participant slot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct BindingRef {
+    room: u32,
+    participant: u16,
+}
+
+/// One shard's rooms, bindings and counters.
+pub struct Shard {
+    cfg: EngineConfig,
+    shard_idx: u16,
+    verifier: TokenVerifier,
+    bindings: FxHashMap<SocketAddr, BindingRef>,
+    rooms: Vec<Option<Room>>,
+    free_rooms: Vec<u32>,
+    room_by_id: FxHashMap<u64, u32>,
+    n_participants: usize,
+    new_bindings: TokenBucket,
+    next_sweep_us: u64,
+    /// Scratch destination list for RTCP feedback routing; capacity reserved up front.
+    scratch: Vec<SocketAddr>,
+    counters: Counters,
+}
+
+impl Shard {
+    /// An empty shard with index `shard_idx` that trusts tokens checked by `verifier`.
+    pub fn new(cfg: EngineConfig, shard_idx: u16, verifier: TokenVerifier, now: Now) -> Self {
+        let new_bindings =
+            TokenBucket::new(cfg.new_binding_rate, cfg.new_binding_rate, now.mono_us);
+        Self {
+            scratch: Vec::with_capacity(cfg.max_participants_per_room),
+            next_sweep_us: now.mono_us + sweep_interval_us(&cfg),
+            cfg,
+            shard_idx,
+            verifier,
+            bindings: FxHashMap::default(),
+            rooms: Vec::new(),
+            free_rooms: Vec::new(),
+            room_by_id: FxHashMap::default(),
+            n_participants: 0,
+            new_bindings,
+            counters: Counters::default(),
+        }
+    }
+
+    /// Counters since start.
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+    /// Rooms currently hosted.
+    pub fn n_rooms(&self) -> usize {
+        self.room_by_id.len()
+    }
+    /// Participants currently bound.
+    pub fn n_participants(&self) -> usize {
+        self.n_participants
+    }
+    /// This shard's index.
+    pub fn shard_idx(&self) -> u16 {
+        self.shard_idx
+    }
+
+    /// Handles one received datagram from `src`. `reply` must be at least 128 bytes; a reply
+    /// is never longer than `data` (no amplification).
+    pub fn handle_datagram(
+        &mut self,
+        now: Now,
+        src: SocketAddr,
+        data: &[u8],
+        reply: &mut [u8],
+    ) -> Verdict<'_> {
+        self.counters.rx_packets += 1;
+        self.counters.rx_bytes += data.len() as u64;
+        let decision = match classify(data) {
+            PacketKind::Rtp => self.handle_rtp(now, src, data),
+            PacketKind::Rtcp => self.handle_rtcp(now, src, data),
+            PacketKind::Stun => self.handle_stun(now, src, data, reply),
+            PacketKind::Dtls => Decision::Drop(DropReason::Dtls),
+            PacketKind::Unknown => Decision::Drop(DropReason::Malformed),
+        };
+        let dests: &[SocketAddr] = match decision {
+            Decision::Fanout(b) => &self.participant(b).fanout,
+            Decision::Scratch => &self.scratch,
+            Decision::Reply(n) => {
+                self.counters.stun_replies += 1;
+                return Verdict::Reply(n);
+            }
+            Decision::Consumed => {
+                self.counters.rtcp_consumed += 1;
+                return Verdict::Consumed;
+            }
+            Decision::Drop(reason) => {
+                self.counters.drop(reason);
+                return Verdict::Drop(reason);
+            }
+        };
+        if dests.is_empty() {
+            self.counters.drop(DropReason::NoRoute);
+            return Verdict::Drop(DropReason::NoRoute);
+        }
+        let n = dests.len() as u64;
+        self.counters.fwd_packets += n;
+        self.counters.fwd_bytes += n * data.len() as u64;
+        match decision {
+            Decision::Fanout(b) => Verdict::Forward(&self.participant(b).fanout),
+            _ => Verdict::Forward(&self.scratch),
+        }
+    }
+
+    fn participant(&self, b: BindingRef) -> &Participant {
+        self.rooms[b.room as usize]
+            .as_ref()
+            .and_then(|r| r.get(b.participant))
+            .expect("invariant: every binding points at a live participant")
+    }
+
+    fn lookup(&self, src: &SocketAddr) -> Option<BindingRef> {
+        self.bindings.get(src).copied()
+    }
+
+    fn participant_mut(&mut self, b: BindingRef) -> &mut Participant {
+        self.rooms[b.room as usize]
+            .as_mut()
+            .and_then(|r| r.get_mut(b.participant))
+            .expect("invariant: every binding points at a live participant")
+    }
+
+    /// RTP from a bound publisher goes to its precomputed fan-out list.
+    fn handle_rtp(&mut self, now: Now, src: SocketAddr, data: &[u8]) -> Decision {
+        let Some(b) = self.lookup(&src) else {
+            return Decision::Drop(DropReason::Unbound);
+        };
+        let Ok(rtp) = proto::rtp::RtpPacket::parse(data) else {
+            return Decision::Drop(DropReason::Malformed);
+        };
+        let ssrc = rtp.ssrc();
+        let p = self.participant_mut(b);
+        if !p.permissions.contains(Permissions::PUBLISH) {
+            return Decision::Drop(DropReason::NotPermitted);
+        }
+        if !p.pps.try_take(1, now.mono_us) || !p.bytes.try_take(data.len() as u64, now.mono_us) {
+            return Decision::Drop(DropReason::RateLimited);
+        }
+        if !p.owns_ssrc(ssrc) && !self.learn_ssrc(b, ssrc) {
+            return Decision::Drop(DropReason::SsrcRejected);
+        }
+        Decision::Fanout(b)
+    }
+
+    /// Records `ssrc` as published by `b`, unless another participant of the room owns it or
+    /// `b` has used up its SSRCs. Runs once per new stream, not per packet.
+    fn learn_ssrc(&mut self, b: BindingRef, ssrc: u32) -> bool {
+        let room = self.rooms[b.room as usize]
+            .as_mut()
+            .expect("invariant: bound room is live");
+        if room.owner_of_ssrc(ssrc).is_some() {
+            return false;
+        }
+        let p = room
+            .get_mut(b.participant)
+            .expect("invariant: bound participant is live");
+        if usize::from(p.n_ssrcs) == MAX_SSRCS {
+            return false;
+        }
+        p.ssrcs[usize::from(p.n_ssrcs)] = ssrc;
+        p.n_ssrcs += 1;
+        true
+    }
+
+    fn handle_rtcp(&mut self, now: Now, src: SocketAddr, data: &[u8]) -> Decision {
+        let Some(b) = self.lookup(&src) else {
+            return Decision::Drop(DropReason::Unbound);
+        };
+        {
+            let p = self.participant_mut(b);
+            if !p.pps.try_take(1, now.mono_us) || !p.bytes.try_take(data.len() as u64, now.mono_us)
+            {
+                return Decision::Drop(DropReason::RateLimited);
+            }
+        }
+        let room = self.rooms[b.room as usize]
+            .as_mut()
+            .expect("invariant: bound room is live");
+        match rtcp_route::route(
+            room,
+            b.participant,
+            data,
+            now.mono_us,
+            &self.cfg,
+            &mut self.scratch,
+        ) {
+            Ok(rtcp_route::Routed::Forward) => Decision::Scratch,
+            Ok(rtcp_route::Routed::Consumed) => Decision::Consumed,
+            Err(reason) => Decision::Drop(reason),
+        }
+    }
+
+    fn handle_stun(
+        &mut self,
+        now: Now,
+        src: SocketAddr,
+        data: &[u8],
+        reply: &mut [u8],
+    ) -> Decision {
+        let Ok(msg) = StunMessage::parse(data) else {
+            return Decision::Drop(DropReason::Malformed);
+        };
+        if msg.class() != Class::Request || msg.method() != stun::METHOD_BINDING {
+            return Decision::Drop(DropReason::StunUnexpected);
+        }
+        let txid = *msg.transaction_id();
+        match self.bind(now, src, &msg) {
+            Ok(key) => match stun::write_binding_success(reply, &txid, src, &key) {
+                Ok(n) if n <= data.len() => Decision::Reply(n),
+                _ => Decision::Drop(DropReason::ReplySuppressed),
+            },
+            Err((reason, code, text)) => {
+                // Count the real reason even when no error response is sent.
+                self.counters.drop(reason);
+                match stun::write_binding_error(reply, &txid, code, text) {
+                    Ok(n) if n <= data.len() => Decision::Reply(n),
+                    _ => Decision::Drop(DropReason::ReplySuppressed),
+                }
+            }
+        }
+    }
+
+    /// Authenticates a Binding request and creates or refreshes the binding of `src`.
+    /// Returns the integrity key for the success response.
+    fn bind(
+        &mut self,
+        now: Now,
+        src: SocketAddr,
+        msg: &StunMessage<'_>,
+    ) -> Result<[u8; 20], (DropReason, u16, &'static str)> {
+        const UNAUTHORIZED: (DropReason, u16, &str) = (DropReason::BadToken, 401, "Unauthorized");
+        let username = msg
+            .username()
+            .ok_or((DropReason::BadToken, 400, "Bad Request"))?;
+        let key = proto::token::stun_key(username);
+        // A refresh from a bound address with the same token skips the signature check.
+        if let Some(b) = self.lookup(&src) {
+            let p = self.participant_mut(b);
+            if p.stun_key == key {
+                msg.verify_integrity(&key)
+                    .map_err(|_| (DropReason::BadIntegrity, 401, "Unauthorized"))?;
+                if p.expires_at <= now.unix_s {
+                    return Err((DropReason::ExpiredToken, 401, "Token expired"));
+                }
+                p.last_refresh_us = now.mono_us;
+                return Ok(key);
+            }
+        }
+        if !self.new_bindings.try_take(1, now.mono_us) {
+            return Err((DropReason::RateLimited, 503, "Try later"));
+        }
+        let claims = self
+            .verifier
+            .verify_text(username, now.unix_s)
+            .map_err(|e| match e {
+                TokenError::Expired => (DropReason::ExpiredToken, 401, "Token expired"),
+                TokenError::WrongRelay => (DropReason::WrongScope, 403, "Wrong relay"),
+                _ => UNAUTHORIZED,
+            })?;
+        msg.verify_integrity(&key)
+            .map_err(|_| (DropReason::BadIntegrity, 401, "Unauthorized"))?;
+        if claims.kind != TokenKind::Room || claims.shard_idx != self.shard_idx {
+            return Err((DropReason::WrongScope, 403, "Wrong shard"));
+        }
+        self.attach(now, src, &claims, key)?;
+        Ok(key)
+    }
+
+    /// Binds `src` to the participant named by `claims`, creating the room if needed and
+    /// moving the participant if it was bound elsewhere.
+    fn attach(
+        &mut self,
+        now: Now,
+        src: SocketAddr,
+        claims: &proto::token::Claims,
+        key: [u8; 20],
+    ) -> Result<(), (DropReason, u16, &'static str)> {
+        // A different participant bound to this address is replaced.
+        if let Some(old) = self.lookup(&src) {
+            self.unbind(old);
+        }
+        let room_slot = self.room_slot(claims.scope_id)?;
+        let room = self.rooms[room_slot as usize]
+            .as_mut()
+            .expect("room_slot returns live rooms");
+        if let Some(slot) = room.slot_of(claims.participant_id) {
+            // The same participant from a new address (NAT rebinding, reconnect): move it.
+            let p = room.get_mut(slot).expect("slot_of returns live slots");
+            let old_addr = std::mem::replace(&mut p.addr, src);
+            p.stun_key = key;
+            p.expires_at = claims.expires_at;
+            p.permissions = claims.permissions;
+            p.last_refresh_us = now.mono_us;
+            room.rebuild_fanout();
+            self.bindings.remove(&old_addr);
+            self.bindings.insert(
+                src,
+                BindingRef {
+                    room: room_slot,
+                    participant: slot,
+                },
+            );
+            return Ok(());
+        }
+        let p = Participant {
+            id: claims.participant_id,
+            addr: src,
+            permissions: claims.permissions,
+            subscription: Subscription::All,
+            fanout: Vec::with_capacity(self.cfg.max_participants_per_room),
+            ssrcs: [0; MAX_SSRCS],
+            n_ssrcs: 0,
+            last_refresh_us: now.mono_us,
+            expires_at: claims.expires_at,
+            stun_key: key,
+            pps: TokenBucket::new(
+                self.cfg.participant_pps,
+                self.cfg.participant_pps,
+                now.mono_us,
+            ),
+            bytes: TokenBucket::new(
+                self.cfg.participant_bps / 8,
+                self.cfg.participant_bps / 8,
+                now.mono_us,
+            ),
+            last_keyframe_request_us: None,
+        };
+        let Some(slot) = room.insert(p) else {
+            if room.is_empty() {
+                self.release_room(room_slot);
+            }
+            return Err((DropReason::ParticipantLimit, 403, "Room full"));
+        };
+        self.n_participants += 1;
+        self.counters.bindings_created += 1;
+        self.bindings.insert(
+            src,
+            BindingRef {
+                room: room_slot,
+                participant: slot,
+            },
+        );
+        Ok(())
+    }
+
+    /// The slot of room `id`, created if absent and the shard has room for it.
+    fn room_slot(&mut self, id: u64) -> Result<u32, (DropReason, u16, &'static str)> {
+        if let Some(&slot) = self.room_by_id.get(&id) {
+            return Ok(slot);
+        }
+        if self.room_by_id.len() >= self.cfg.max_rooms {
+            return Err((DropReason::RoomLimit, 403, "Shard full"));
+        }
+        let room = Room::new(id, self.cfg.max_participants_per_room);
+        let slot = match self.free_rooms.pop() {
+            Some(slot) => {
+                self.rooms[slot as usize] = Some(room);
+                slot
+            }
+            None => {
+                self.rooms.push(Some(room));
+                (self.rooms.len() - 1) as u32
+            }
+        };
+        self.room_by_id.insert(id, slot);
+        Ok(slot)
+    }
+
+    fn release_room(&mut self, slot: u32) {
+        if let Some(room) = self.rooms[slot as usize].take() {
+            self.room_by_id.remove(&room.id);
+            self.free_rooms.push(slot);
+        }
+    }
+
+    /// Removes the participant behind `b` and its binding; drops the room when it empties.
+    fn unbind(&mut self, b: BindingRef) {
+        let room = self.rooms[b.room as usize]
+            .as_mut()
+            .expect("invariant: bound room is live");
+        if let Some(p) = room.remove(b.participant) {
+            self.bindings.remove(&p.addr);
+            self.n_participants -= 1;
+        }
+        if room.is_empty() {
+            self.release_room(b.room);
+        }
+    }
+
+    /// Removes participant `participant_id` from room `room_id` (a host's or ctl's decision).
+    /// Returns whether it was present.
+    pub fn remove_participant(&mut self, room_id: u64, participant_id: u64) -> bool {
+        let Some(&room_slot) = self.room_by_id.get(&room_id) else {
+            return false;
+        };
+        let room = self.rooms[room_slot as usize]
+            .as_ref()
+            .expect("indexed rooms are live");
+        match room.slot_of(participant_id) {
+            Some(slot) => {
+                self.unbind(BindingRef {
+                    room: room_slot,
+                    participant: slot,
+                });
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Sets the subscription of participant `participant_id` in room `room_id`.
+    pub fn set_subscription(
+        &mut self,
+        room_id: u64,
+        participant_id: u64,
+        sub: Subscription,
+    ) -> bool {
+        let Some(&room_slot) = self.room_by_id.get(&room_id) else {
+            return false;
+        };
+        let room = self.rooms[room_slot as usize]
+            .as_mut()
+            .expect("indexed rooms are live");
+        rtcp_route::apply_subscription(room, participant_id, sub, self.cfg.max_subscriptions)
+    }
+
+    /// When [`Shard::handle_timeout`] must next be called, in monotonic microseconds.
+    pub fn poll_timeout(&self) -> u64 {
+        self.next_sweep_us
+    }
+
+    /// Expires bindings that were not refreshed within the TTL.
+    pub fn handle_timeout(&mut self, now: Now) {
+        if now.mono_us < self.next_sweep_us {
+            return;
+        }
+        self.next_sweep_us = now.mono_us + sweep_interval_us(&self.cfg);
+        let ttl = self.cfg.binding_ttl_us;
+        let mut expired = Vec::new();
+        for (&addr, &b) in &self.bindings {
+            let p = self.rooms[b.room as usize]
+                .as_ref()
+                .and_then(|r| r.get(b.participant))
+                .expect("invariant: every binding points at a live participant");
+            if now.mono_us.saturating_sub(p.last_refresh_us) >= ttl {
+                expired.push((addr, b));
+            }
+        }
+        for (_, b) in expired {
+            self.unbind(b);
+            self.counters.bindings_expired += 1;
+        }
+    }
+
+    /// Checks the engine's internal invariants; for tests and fuzzing.
+    pub fn check_invariants(&self) {
+        let mut n = 0;
+        for (addr, b) in &self.bindings {
+            let room = self.rooms[b.room as usize]
+                .as_ref()
+                .expect("binding to a live room");
+            let p = room
+                .get(b.participant)
+                .expect("binding to a live participant");
+            assert_eq!(
+                &p.addr, addr,
+                "binding and participant agree on the address"
+            );
+            assert_eq!(self.room_by_id.get(&room.id), Some(&b.room));
+            n += 1;
+        }
+        assert_eq!(n, self.n_participants);
+        let in_rooms: usize = self.rooms.iter().flatten().map(Room::len).sum();
+        assert_eq!(in_rooms, self.n_participants);
+        assert!(
+            self.rooms.iter().flatten().all(|r| !r.is_empty()),
+            "empty rooms are released"
+        );
+    }
+}
+
+fn sweep_interval_us(cfg: &EngineConfig) -> u64 {
+    (cfg.binding_ttl_us / 4).clamp(1_000, 1_000_000)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,407 @@
+//! Deterministic engine tests with virtual time.
+
+use super::*;
+use ed25519_dalek::SigningKey;
+use proto::token::Claims;
+
+const T0: Now = Now {
+    mono_us: 1_000_000,
+    unix_s: 1_700_000_000,
+};
+
+struct Fixture {
+    key: SigningKey,
+    shard: Shard,
+    now: Now,
+}
+
+fn addr(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+impl Fixture {
+    fn new(cfg: EngineConfig) -> Self {
+        let key = SigningKey::from_bytes(&[9; 32]);
+        let verifier = TokenVerifier::new(key.verifying_key(), 0);
+        Self {
+            shard: Shard::new(cfg, 0, verifier, T0),
+            key,
+            now: T0,
+        }
+    }
+
+    fn token(&self, room: u64, participant: u64, permissions: Permissions) -> String {
+        Claims {
+            kind: TokenKind::Room,
+            permissions,
+            relay_id: 0,
+            shard_idx: 0,
+            expires_at: self.now.unix_s + 60,
+            scope_id: room,
+            participant_id: participant,
+        }
+        .sign_text(&self.key)
+    }
+
+    fn request(token: &str) -> Vec<u8> {
+        let mut buf = vec![0u8; 512];
+        let key = proto::token::stun_key(token.as_bytes());
+        let n = stun::write_binding_request(&mut buf, &[7; 12], token.as_bytes(), &key).unwrap();
+        buf.truncate(n);
+        buf
+    }
+
+    /// Sends `data` from `src`; returns the forward list (sorted ports) or the verdict kind.
+    fn send(&mut self, src: SocketAddr, data: &[u8]) -> Result<Vec<u16>, String> {
+        let mut reply = [0u8; 512];
+        let now = self.now;
+        match self.shard.handle_datagram(now, src, data, &mut reply) {
+            Verdict::Forward(d) => {
+                let mut ports: Vec<u16> = d.iter().map(SocketAddr::port).collect();
+                ports.sort_unstable();
+                Ok(ports)
+            }
+            Verdict::Reply(n) => {
+                assert!(n <= data.len(), "reply never larger than the request");
+                let m = StunMessage::parse(&reply[..n]).expect("replies are valid STUN");
+                match m.class() {
+                    Class::Success => {
+                        assert_eq!(m.xor_mapped_address(), Some(src));
+                        Err("ok".into())
+                    }
+                    _ => Err(format!("error {}", m.error_code().unwrap().0)),
+                }
+            }
+            Verdict::Consumed => Err("consumed".into()),
+            Verdict::Drop(r) => Err(r.as_str().into()),
+        }
+    }
+
+    fn join(&mut self, port: u16, room: u64, participant: u64) {
+        let t = self.token(
+            room,
+            participant,
+            Permissions::PUBLISH | Permissions::SUBSCRIBE,
+        );
+        assert_eq!(self.send(addr(port), &Self::request(&t)), Err("ok".into()));
+        self.shard.check_invariants();
+    }
+}
+
+fn rtp(ssrc: u32, seq: u16) -> Vec<u8> {
+    let mut buf = vec![0u8; 200];
+    let n = proto::rtp::write_packet(&mut buf, 96, seq, 0, ssrc, false, &[0xab; 100]).unwrap();
+    buf.truncate(n);
+    buf
+}
+
+#[test]
+fn forwards_to_every_other_member_of_the_room_only() {
+    let mut f = Fixture::new(EngineConfig::default());
+    for (port, pid) in [(1, 1), (2, 2), (3, 3), (4, 4)] {
+        f.join(port, 10, pid);
+    }
+    f.join(5, 20, 1); // another room, same participant id
+    assert_eq!(f.send(addr(1), &rtp(111, 1)), Ok(vec![2, 3, 4]));
+    assert_eq!(f.send(addr(5), &rtp(222, 1)), Err("no_route".into()));
+    assert_eq!(f.shard.n_rooms(), 2);
+    assert_eq!(f.shard.n_participants(), 5);
+    assert_eq!(f.shard.counters().fwd_packets, 3);
+}
+
+#[test]
+fn unbound_and_garbage_are_dropped_and_counted() {
+    let mut f = Fixture::new(EngineConfig::default());
+    assert_eq!(f.send(addr(9), &rtp(1, 1)), Err("unbound".into()));
+    assert_eq!(f.send(addr(9), &[0x80, 200, 0, 1]), Err("unbound".into()));
+    assert_eq!(f.send(addr(9), &[0xff; 30]), Err("malformed".into()));
+    assert_eq!(f.send(addr(9), &[]), Err("malformed".into()));
+    assert_eq!(f.send(addr(9), &[22; 40]), Err("dtls".into()));
+    assert_eq!(f.shard.counters().dropped(DropReason::Unbound), 2);
+}
+
+#[test]
+fn refuses_forged_expired_and_foreign_tokens_without_amplification() {
+    let mut f = Fixture::new(EngineConfig::default());
+    let forged = Claims {
+        kind: TokenKind::Room,
+        permissions: Permissions::ALL,
+        relay_id: 0,
+        shard_idx: 0,
+        expires_at: f.now.unix_s + 60,
+        scope_id: 10,
+        participant_id: 1,
+    };
+    let other_key = SigningKey::from_bytes(&[1; 32]);
+    let t = forged.sign_text(&other_key);
+    assert_eq!(
+        f.send(addr(1), &Fixture::request(&t)),
+        Err("error 401".into())
+    );
+    let expired = Claims {
+        expires_at: f.now.unix_s,
+        ..forged
+    }
+    .sign_text(&f.key);
+    assert_eq!(
+        f.send(addr(1), &Fixture::request(&expired)),
+        Err("error 401".into())
+    );
+    let other_shard = Claims {
+        shard_idx: 1,
+        ..forged
+    }
+    .sign_text(&f.key);
+    assert_eq!(
+        f.send(addr(1), &Fixture::request(&other_shard)),
+        Err("error 403".into())
+    );
+    let chat = Claims {
+        kind: TokenKind::User,
+        ..forged
+    }
+    .sign_text(&f.key);
+    assert_eq!(
+        f.send(addr(1), &Fixture::request(&chat)),
+        Err("error 403".into())
+    );
+    // A valid token with a wrong integrity key.
+    let good = f.token(10, 1, Permissions::ALL);
+    let mut buf = [0u8; 512];
+    let n = stun::write_binding_request(&mut buf, &[1; 12], good.as_bytes(), b"wrong").unwrap();
+    assert_eq!(f.send(addr(1), &buf[..n]), Err("error 401".into()));
+    // Nothing got bound, and nothing is forwarded from that address.
+    assert_eq!(f.shard.n_participants(), 0);
+    assert_eq!(f.send(addr(1), &rtp(1, 1)), Err("unbound".into()));
+    let c = f.shard.counters();
+    assert_eq!(c.dropped(DropReason::BadToken), 1);
+    assert_eq!(c.dropped(DropReason::ExpiredToken), 1);
+    assert_eq!(c.dropped(DropReason::WrongScope), 2);
+    assert_eq!(c.dropped(DropReason::BadIntegrity), 1);
+}
+
+#[test]
+fn tiny_requests_get_no_reply_larger_than_themselves() {
+    let mut f = Fixture::new(EngineConfig::default());
+    let mut buf = [0u8; 64];
+    // A bare Binding request without USERNAME: 20 bytes, the error would be larger.
+    let n = stun::StunWriter::new(&mut buf, Class::Request, stun::METHOD_BINDING, &[3; 12])
+        .unwrap()
+        .finish();
+    assert_eq!(f.send(addr(1), &buf[..n]), Err("reply_suppressed".into()));
+    assert_eq!(f.shard.counters().dropped(DropReason::BadToken), 1);
+}
+
+#[test]
+fn bindings_expire_unless_refreshed() {
+    let cfg = EngineConfig {
+        binding_ttl_us: 10_000_000,
+        ..EngineConfig::default()
+    };
+    let mut f = Fixture::new(cfg);
+    f.join(1, 10, 1);
+    f.join(2, 10, 2);
+    let t1 = f.token(10, 1, Permissions::PUBLISH | Permissions::SUBSCRIBE);
+    for _ in 0..5 {
+        f.now.mono_us += 4_000_000;
+        f.shard.handle_timeout(f.now);
+        // Participant 1 refreshes; participant 2 stays silent.
+        assert_eq!(f.send(addr(1), &Fixture::request(&t1)), Err("ok".into()));
+        f.shard.check_invariants();
+    }
+    assert_eq!(f.shard.n_participants(), 1);
+    assert_eq!(f.shard.counters().bindings_expired, 1);
+    assert_eq!(f.send(addr(2), &rtp(5, 1)), Err("unbound".into()));
+    assert_eq!(f.send(addr(1), &rtp(6, 1)), Err("no_route".into()));
+    assert!(f.shard.poll_timeout() > f.now.mono_us);
+}
+
+#[test]
+fn participant_moving_to_a_new_address_keeps_one_binding() {
+    let mut f = Fixture::new(EngineConfig::default());
+    f.join(1, 10, 1);
+    f.join(2, 10, 2);
+    f.join(3, 10, 2); // participant 2 reconnects from port 3
+    assert_eq!(f.shard.n_participants(), 2);
+    assert_eq!(f.send(addr(1), &rtp(1, 1)), Ok(vec![3]));
+    assert_eq!(f.send(addr(2), &rtp(2, 1)), Err("unbound".into()));
+}
+
+#[test]
+fn limits_rooms_participants_and_rates() {
+    let cfg = EngineConfig {
+        max_rooms: 2,
+        max_participants_per_room: 2,
+        participant_pps: 10,
+        ..EngineConfig::default()
+    };
+    let mut f = Fixture::new(cfg);
+    f.join(1, 10, 1);
+    f.join(2, 10, 2);
+    let t = f.token(10, 3, Permissions::ALL);
+    assert_eq!(
+        f.send(addr(3), &Fixture::request(&t)),
+        Err("error 403".into())
+    );
+    f.join(4, 20, 1);
+    let t = f.token(30, 1, Permissions::ALL);
+    assert_eq!(
+        f.send(addr(5), &Fixture::request(&t)),
+        Err("error 403".into())
+    );
+    assert_eq!(
+        f.shard.n_rooms(),
+        2,
+        "a refused join leaves no empty room behind"
+    );
+    let sent: Vec<_> = (0..20).map(|i| f.send(addr(1), &rtp(1, i))).collect();
+    assert_eq!(
+        sent.iter().filter(|r| r.is_ok()).count(),
+        10,
+        "burst of 10 at 10 pps"
+    );
+    f.now.mono_us += 1_000_000;
+    assert!(
+        f.send(addr(1), &rtp(1, 99)).is_ok(),
+        "refilled after a second"
+    );
+    let c = f.shard.counters();
+    assert_eq!(c.dropped(DropReason::RoomLimit), 1);
+    assert_eq!(c.dropped(DropReason::ParticipantLimit), 1);
+    assert_eq!(c.dropped(DropReason::RateLimited), 10);
+    f.shard.check_invariants();
+}
+
+#[test]
+fn subscriber_without_publish_permission_cannot_send_media() {
+    let mut f = Fixture::new(EngineConfig::default());
+    f.join(1, 10, 1);
+    let t = f.token(10, 2, Permissions::SUBSCRIBE);
+    assert_eq!(f.send(addr(2), &Fixture::request(&t)), Err("ok".into()));
+    assert_eq!(f.send(addr(1), &rtp(1, 1)), Ok(vec![2]));
+    assert_eq!(f.send(addr(2), &rtp(2, 1)), Err("not_permitted".into()));
+}
+
+#[test]
+fn ssrc_owned_by_another_publisher_is_rejected() {
+    let mut f = Fixture::new(EngineConfig::default());
+    f.join(1, 10, 1);
+    f.join(2, 10, 2);
+    assert!(f.send(addr(1), &rtp(7, 1)).is_ok());
+    assert_eq!(f.send(addr(2), &rtp(7, 1)), Err("ssrc_rejected".into()));
+    for ssrc in 100..107 {
+        assert!(f.send(addr(1), &rtp(ssrc, 1)).is_ok());
+    }
+    assert_eq!(
+        f.send(addr(1), &rtp(999, 1)),
+        Err("ssrc_rejected".into()),
+        "8 SSRCs at most"
+    );
+}
+
+fn rtcp(write: impl FnOnce(&mut [u8]) -> Option<usize>) -> Vec<u8> {
+    let mut buf = vec![0u8; 512];
+    let n = write(&mut buf).expect("fits");
+    buf.truncate(n);
+    buf
+}
+
+#[test]
+fn rtcp_reports_and_feedback_reach_the_right_side() {
+    use proto::rtcp;
+    let mut f = Fixture::new(EngineConfig::default());
+    for (port, pid) in [(1, 1), (2, 2), (3, 3)] {
+        f.join(port, 10, pid);
+    }
+    assert!(f.send(addr(1), &rtp(1111, 1)).is_ok());
+    let sr = rtcp(|b| rtcp::write_sr(b, 1111, 1, 2, 3, 4));
+    assert_eq!(f.send(addr(1), &sr), Ok(vec![2, 3]));
+    let pli = rtcp(|b| rtcp::write_pli(b, 2222, 1111));
+    assert_eq!(f.send(addr(2), &pli), Ok(vec![1]));
+    assert_eq!(
+        f.send(addr(3), &pli),
+        Err("pli_throttled".into()),
+        "second PLI within 500 ms"
+    );
+    let nack = rtcp(|b| rtcp::write_nack(b, 2222, 1111, &[5, 6, 9]));
+    assert_eq!(
+        f.send(addr(2), &nack),
+        Ok(vec![1]),
+        "NACKs are never throttled"
+    );
+    f.now.mono_us += 600_000;
+    let fir = rtcp(|b| rtcp::write_fir(b, 2222, &[(1111, 1)]));
+    assert_eq!(f.send(addr(3), &fir), Ok(vec![1]));
+    let unknown = rtcp(|b| rtcp::write_pli(b, 2222, 4242));
+    assert_eq!(f.send(addr(2), &unknown), Err("no_route".into()));
+    assert_eq!(f.send(addr(2), &[0x80, 201, 0, 9]), Err("malformed".into()));
+}
+
+#[test]
+fn subscription_control_selects_publishers() {
+    use proto::rtcp;
+    let mut f = Fixture::new(EngineConfig::default());
+    for (port, pid) in [(1, 1), (2, 2), (3, 3)] {
+        f.join(port, 10, pid);
+    }
+    // Participant 3 receives only participant 2.
+    let only = rtcp(|b| {
+        rtcp::write_app(
+            b,
+            0,
+            SUBSCRIBE_ONLY,
+            SUBSCRIPTION_APP_NAME,
+            &2u64.to_be_bytes(),
+        )
+    });
+    assert_eq!(f.send(addr(3), &only), Err("consumed".into()));
+    assert_eq!(f.send(addr(1), &rtp(1, 1)), Ok(vec![2]));
+    assert_eq!(f.send(addr(2), &rtp(2, 1)), Ok(vec![1, 3]));
+    let all = rtcp(|b| rtcp::write_app(b, 0, SUBSCRIBE_ALL, SUBSCRIPTION_APP_NAME, &[]));
+    assert_eq!(f.send(addr(3), &all), Err("consumed".into()));
+    assert_eq!(f.send(addr(1), &rtp(1, 2)), Ok(vec![2, 3]));
+    assert!(f.shard.remove_participant(10, 2));
+    assert_eq!(f.send(addr(1), &rtp(1, 3)), Ok(vec![3]));
+    assert_eq!(f.send(addr(2), &rtp(2, 2)), Err("unbound".into()));
+}
+
+/// Random datagrams from bound and unbound sources never panic, never amplify, and keep the
+/// engine's invariants. Replays from its seed.
+#[test]
+fn random_datagrams_keep_invariants() {
+    let mut f = Fixture::new(EngineConfig::default());
+    f.join(1, 10, 1);
+    f.join(2, 10, 2);
+    let valid = Fixture::request(&f.token(10, 3, Permissions::ALL));
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let mut reply = [0u8; 512];
+    for _ in 0..20_000 {
+        let len = (next() % 300) as usize;
+        let mut data: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+        match next() % 4 {
+            0 if !data.is_empty() => data[0] = 0x80,
+            1 if !data.is_empty() => data[0] = 0,
+            2 => {
+                // A valid request with one flipped byte.
+                data = valid.clone();
+                let i = (next() as usize) % data.len();
+                data[i] ^= 1 << (next() % 8);
+            }
+            _ => {}
+        }
+        let src = addr((next() % 4) as u16 + 1);
+        let now = f.now;
+        if let Verdict::Reply(n) = f.shard.handle_datagram(now, src, &data, &mut reply) {
+            assert!(n <= data.len());
+        }
+        f.now.mono_us += 100;
+    }
+    f.shard.check_invariants();
+    assert!(f.shard.n_participants() >= 2);
+}

@@ -1,0 +1,258 @@
+//! The `batch` backend: poll(2) + recvmmsg(2) + sendmmsg(2).
+//!
+//! Per loop turn: wait for input (bounded by the next timer), then up to
+//! [`MAX_BATCHES_PER_TURN`] times receive up to [`RX_BATCH`] datagrams with one recvmmsg, run
+//! each through the engine, and send every copy it asks for with one sendmmsg per batch. A
+//! fan-out to N subscribers queues N message headers that all point at the same received
+//! buffer: no copy per subscriber.
+
+use super::sys::{from_sockaddr, sockaddr_storage, to_sockaddr};
+use super::{
+    IoCounters, ShardCtx, MAX_BATCHES_PER_TURN, MAX_DATAGRAM, MAX_WAIT_MS, PUBLISH_INTERVAL_US,
+    RX_BATCH, TX_BATCH,
+};
+use crate::engine::{Shard, Verdict};
+use std::io;
+use std::net::{SocketAddr, UdpSocket};
+use std::os::fd::{AsRawFd, RawFd};
+use std::ptr;
+
+/// Size of a STUN reply buffer; replies are never larger than their request.
+const REPLY_LEN: usize = 256;
+
+/// Receive side: buffers, source addresses and the headers that point at them. Boxed once and
+/// never moved, so the raw pointers in `hdrs` stay valid.
+struct Rx {
+    bufs: [[u8; MAX_DATAGRAM]; RX_BATCH],
+    replies: [[u8; REPLY_LEN]; RX_BATCH],
+    addrs: [libc::sockaddr_storage; RX_BATCH],
+    iovecs: [libc::iovec; RX_BATCH],
+    hdrs: [libc::mmsghdr; RX_BATCH],
+}
+
+/// Send side: one header, address and iovec per queued copy.
+struct Tx {
+    addrs: Box<[libc::sockaddr_storage]>,
+    iovecs: Box<[libc::iovec]>,
+    hdrs: Box<[libc::mmsghdr]>,
+    len: usize,
+}
+
+impl Rx {
+    fn new() -> Box<Self> {
+        // SAFETY: every field is plain old data for which all-zero bytes are valid (null
+        // pointers in iovec and mmsghdr are fixed up by `arm` before any use).
+        let mut rx: Box<Self> = unsafe { Box::new_zeroed().assume_init() };
+        rx.arm();
+        rx
+    }
+
+    /// Points every header at its buffer and address slot, and resets the lengths the kernel
+    /// overwrote.
+    fn arm(&mut self) {
+        for i in 0..RX_BATCH {
+            self.iovecs[i] = libc::iovec {
+                iov_base: self.bufs[i].as_mut_ptr().cast(),
+                iov_len: MAX_DATAGRAM,
+            };
+            let h = &mut self.hdrs[i].msg_hdr;
+            h.msg_name = (&mut self.addrs[i] as *mut libc::sockaddr_storage).cast();
+            h.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+            h.msg_iov = &mut self.iovecs[i];
+            h.msg_iovlen = 1;
+            h.msg_control = ptr::null_mut();
+            h.msg_controllen = 0;
+            h.msg_flags = 0;
+            self.hdrs[i].msg_len = 0;
+        }
+    }
+}
+
+impl Tx {
+    fn new() -> Self {
+        let iov = libc::iovec {
+            iov_base: ptr::null_mut(),
+            iov_len: 0,
+        };
+        // SAFETY: all-zero is a valid mmsghdr (null pointers, zero lengths).
+        let hdr: libc::mmsghdr = unsafe { std::mem::zeroed() };
+        Self {
+            addrs: vec![sockaddr_storage(); TX_BATCH].into_boxed_slice(),
+            iovecs: vec![iov; TX_BATCH].into_boxed_slice(),
+            hdrs: vec![hdr; TX_BATCH].into_boxed_slice(),
+            len: 0,
+        }
+    }
+
+    fn is_full(&self) -> bool {
+        self.len == TX_BATCH
+    }
+
+    /// Queues a copy of `data` for `dest`. The caller keeps `data` alive and unchanged until
+    /// the next `flush`.
+    fn push(&mut self, dest: &SocketAddr, data: *const u8, len: usize) {
+        debug_assert!(!self.is_full());
+        let i = self.len;
+        let namelen = to_sockaddr(dest, &mut self.addrs[i]);
+        self.iovecs[i] = libc::iovec {
+            iov_base: data as *mut libc::c_void,
+            iov_len: len,
+        };
+        let h = &mut self.hdrs[i].msg_hdr;
+        h.msg_name = (&mut self.addrs[i] as *mut libc::sockaddr_storage).cast();
+        h.msg_namelen = namelen;
+        h.msg_iov = &mut self.iovecs[i];
+        h.msg_iovlen = 1;
+        self.len += 1;
+    }
+
+    /// Sends everything queued. A message the kernel refuses is counted and skipped; the loop is
+    /// bounded by the number of queued messages.
+    fn flush(&mut self, fd: RawFd, io: &mut IoCounters) {
+        let mut at = 0;
+        while at < self.len {
+            io.syscalls += 1;
+            // SAFETY: hdrs[at..len] point at live addresses, iovecs and buffers (see `push`).
+            let n = unsafe {
+                libc::sendmmsg(
+                    fd,
+                    self.hdrs[at..].as_mut_ptr(),
+                    (self.len - at) as libc::c_uint,
+                    0,
+                )
+            };
+            if n < 0 {
+                if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                // The first message failed (an unreachable destination, say): skip it.
+                io.tx_errors += 1;
+                at += 1;
+                continue;
+            }
+            for h in &self.hdrs[at..at + n as usize] {
+                io.tx_packets += 1;
+                io.tx_bytes += u64::from(h.msg_len);
+            }
+            at += n as usize;
+        }
+        self.len = 0;
+    }
+}
+
+/// Runs one shard on `socket` until `ctx.stop` is set.
+pub fn run(engine: &mut Shard, socket: &UdpSocket, ctx: &ShardCtx) -> io::Result<()> {
+    let fd = socket.as_raw_fd();
+    let mut rx = Rx::new();
+    let mut tx = Tx::new();
+    let mut io = IoCounters::default();
+    let mut next_publish_us = 0;
+    while !ctx.stopping() {
+        let now = ctx.now();
+        let wait_ms = engine
+            .poll_timeout()
+            .saturating_sub(now.mono_us)
+            .div_ceil(1000)
+            .min(MAX_WAIT_MS);
+        let mut pfd = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        io.syscalls += 1;
+        // SAFETY: one live pollfd.
+        unsafe { libc::poll(&mut pfd, 1, wait_ms as libc::c_int) };
+        for _ in 0..MAX_BATCHES_PER_TURN {
+            let n = receive(fd, &mut rx, &mut io)?;
+            if n == 0 {
+                break;
+            }
+            process(engine, ctx, &mut rx, &mut tx, n, fd, &mut io);
+            tx.flush(fd, &mut io);
+            if n < RX_BATCH {
+                break;
+            }
+        }
+        let now = ctx.now();
+        if now.mono_us >= engine.poll_timeout() {
+            engine.handle_timeout(now);
+        }
+        if now.mono_us >= next_publish_us {
+            ctx.stats.publish(engine, &io);
+            next_publish_us = now.mono_us + PUBLISH_INTERVAL_US;
+        }
+    }
+    ctx.stats.publish(engine, &io);
+    Ok(())
+}
+
+/// One non-blocking recvmmsg; returns how many datagrams arrived.
+fn receive(fd: RawFd, rx: &mut Rx, io: &mut IoCounters) -> io::Result<usize> {
+    rx.arm();
+    loop {
+        io.syscalls += 1;
+        // SAFETY: the headers point into `rx`, which outlives the call.
+        let n = unsafe {
+            libc::recvmmsg(
+                fd,
+                rx.hdrs.as_mut_ptr(),
+                RX_BATCH as libc::c_uint,
+                libc::MSG_DONTWAIT,
+                ptr::null_mut(),
+            )
+        };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let err = io::Error::last_os_error();
+        match err.kind() {
+            io::ErrorKind::WouldBlock => return Ok(0),
+            io::ErrorKind::Interrupted => continue,
+            // ICMP errors queued on the socket surface here; they are not fatal.
+            io::ErrorKind::ConnectionRefused | io::ErrorKind::ConnectionReset => return Ok(0),
+            _ => return Err(err),
+        }
+    }
+}
+
+/// Runs the `n` received datagrams through the engine and queues what it decides.
+fn process(
+    engine: &mut Shard,
+    ctx: &ShardCtx,
+    rx: &mut Rx,
+    tx: &mut Tx,
+    n: usize,
+    fd: RawFd,
+    io: &mut IoCounters,
+) {
+    let now = ctx.now();
+    for i in 0..n {
+        let h = &rx.hdrs[i];
+        if h.msg_hdr.msg_flags & libc::MSG_TRUNC != 0 {
+            io.rx_truncated += 1;
+            continue;
+        }
+        let Some(src) = from_sockaddr(&rx.addrs[i]) else {
+            continue;
+        };
+        let len = h.msg_len as usize;
+        let data = &rx.bufs[i][..len];
+        match engine.handle_datagram(now, src, data, &mut rx.replies[i]) {
+            Verdict::Forward(dests) => {
+                for dest in dests {
+                    if tx.is_full() {
+                        tx.flush(fd, io);
+                    }
+                    tx.push(dest, data.as_ptr(), len);
+                }
+            }
+            Verdict::Reply(reply_len) => {
+                if tx.is_full() {
+                    tx.flush(fd, io);
+                }
+                tx.push(&src, rx.replies[i].as_ptr(), reply_len);
+            }
+            Verdict::Consumed | Verdict::Drop(_) => {}
+        }
+    }
+}

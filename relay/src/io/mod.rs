@@ -1,0 +1,177 @@
+//! I/O backends behind one driver contract. Each backend runs one shard's loop on the calling
+//! thread: receive a batch, hand every datagram to the engine, send what it decided, fire
+//! timers, publish counters, until the stop flag is set.
+//!
+//! - [`batch`]: poll(2) + recvmmsg/sendmmsg. Runs everywhere.
+//! - [`uring`]: io_uring with multishot receive into a provided-buffer ring.
+//!
+//! `unsafe` lives in this module tree only.
+
+pub mod batch;
+pub mod sys;
+pub mod uring;
+
+use crate::engine::{Now, Shard};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+/// Which backend a shard runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// io_uring.
+    Uring,
+    /// recvmmsg/sendmmsg.
+    Batch,
+}
+
+impl Backend {
+    /// The name used in flags, logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Uring => "uring",
+            Self::Batch => "batch",
+        }
+    }
+}
+
+/// Largest datagram the relay receives; longer ones are truncated by the kernel and dropped.
+pub const MAX_DATAGRAM: usize = 2048;
+/// Datagrams received per batch.
+pub const RX_BATCH: usize = 64;
+/// Copies queued per send batch (one sendmmsg or one submission).
+pub const TX_BATCH: usize = 1024;
+/// Receive batches per loop turn before timers and stop are checked again.
+pub const MAX_BATCHES_PER_TURN: usize = 16;
+/// Longest wait for input, so that stop requests and timers are noticed promptly.
+pub const MAX_WAIT_MS: u64 = 50;
+
+/// Driver-side counters that the engine cannot see.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct IoCounters {
+    /// Datagrams sent.
+    pub tx_packets: u64,
+    /// Bytes sent.
+    pub tx_bytes: u64,
+    /// Sends the kernel refused.
+    pub tx_errors: u64,
+    /// Datagrams dropped because they were longer than [`MAX_DATAGRAM`].
+    pub rx_truncated: u64,
+    /// System calls made by the loop.
+    pub syscalls: u64,
+}
+
+/// What a shard thread shares with the control thread: the stop flag and published counters.
+pub struct ShardCtx {
+    /// Index of the shard.
+    pub shard_idx: u16,
+    /// Set by the control thread to end the loop.
+    pub stop: Arc<AtomicBool>,
+    /// Snapshot of counters, written by the shard thread only.
+    pub stats: Arc<ShardStats>,
+    /// Monotonic origin of the engine's clock.
+    pub origin: Instant,
+}
+
+impl ShardCtx {
+    /// The engine's view of the current time.
+    #[inline]
+    pub fn now(&self) -> Now {
+        let unix_s = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        Now {
+            mono_us: self.origin.elapsed().as_micros() as u64,
+            unix_s,
+        }
+    }
+
+    /// Whether the loop should end.
+    #[inline]
+    pub fn stopping(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
+}
+
+/// Counters one shard publishes for the metrics endpoint. Written only by the shard thread,
+/// every [`PUBLISH_INTERVAL_US`] and at exit, never per packet; padded so that two shards'
+/// snapshots never share a cache line.
+#[repr(align(128))]
+#[derive(Default)]
+pub struct ShardStats {
+    /// Engine and driver counters, flattened; see [`ShardStats::FIELDS`].
+    values: [AtomicU64; ShardStats::FIELDS.len() + crate::engine::DropReason::ALL.len()],
+}
+
+/// How often a shard publishes its counters.
+pub const PUBLISH_INTERVAL_US: u64 = 100_000;
+
+impl ShardStats {
+    /// Names of the scalar counters, in storage order; drops by reason follow them.
+    pub const FIELDS: [&'static str; 12] = [
+        "rx_packets",
+        "rx_bytes",
+        "tx_packets",
+        "tx_bytes",
+        "tx_errors",
+        "rx_truncated",
+        "syscalls",
+        "stun_replies",
+        "bindings_expired",
+        "rtcp_consumed",
+        "rooms",
+        "participants",
+    ];
+
+    /// Publishes a snapshot.
+    pub fn publish(&self, engine: &Shard, io: &IoCounters) {
+        let c = engine.counters();
+        let scalars = [
+            c.rx_packets,
+            c.rx_bytes,
+            io.tx_packets,
+            io.tx_bytes,
+            io.tx_errors,
+            io.rx_truncated,
+            io.syscalls,
+            c.stun_replies,
+            c.bindings_expired,
+            c.rtcp_consumed,
+            engine.n_rooms() as u64,
+            engine.n_participants() as u64,
+        ];
+        for (slot, v) in self.values.iter().zip(scalars.iter().chain(c.drops.iter())) {
+            slot.store(*v, Ordering::Relaxed);
+        }
+    }
+
+    /// Publishes the engine's final counters, keeping the driver's last published ones.
+    pub fn publish_final(&self, engine: &Shard) {
+        let io = IoCounters {
+            tx_packets: self.get("tx_packets").unwrap_or(0),
+            tx_bytes: self.get("tx_bytes").unwrap_or(0),
+            tx_errors: self.get("tx_errors").unwrap_or(0),
+            rx_truncated: self.get("rx_truncated").unwrap_or(0),
+            syscalls: self.get("syscalls").unwrap_or(0),
+        };
+        self.publish(engine, &io);
+    }
+
+    /// The value of scalar counter `name`.
+    pub fn get(&self, name: &str) -> Option<u64> {
+        let i = Self::FIELDS.iter().position(|f| *f == name)?;
+        Some(self.values[i].load(Ordering::Relaxed))
+    }
+
+    /// Drops published for each reason, in `DropReason::ALL` order.
+    pub fn drops(&self) -> impl Iterator<Item = u64> + '_ {
+        self.values[Self::FIELDS.len()..]
+            .iter()
+            .map(|v| v.load(Ordering::Relaxed))
+    }
+}
+
+/// Probes whether io_uring can be used here; the error says why not.
+pub fn probe_uring() -> Result<(), String> {
+    uring::probe()
+}

@@ -1,0 +1,83 @@
+//! The control thread's Prometheus text endpoint: `/metrics` and `/health`.
+//! Off the packet path: it reads counters the shards publish every 100 ms.
+
+use crate::engine::DropReason;
+use crate::io::{Backend, ShardStats};
+use std::fmt::Write as _;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Renders every shard's counters in the Prometheus text format.
+pub fn render(stats: &[Arc<ShardStats>], backend: Backend) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "# TYPE relay_backend gauge");
+    let _ = writeln!(out, "relay_backend{{io=\"{}\"}} 1", backend.as_str());
+    for field in ShardStats::FIELDS {
+        let gauge = matches!(field, "rooms" | "participants");
+        let name = if gauge {
+            format!("relay_{field}")
+        } else {
+            format!("relay_{field}_total")
+        };
+        let _ = writeln!(
+            out,
+            "# TYPE {name} {}",
+            if gauge { "gauge" } else { "counter" }
+        );
+        for (i, s) in stats.iter().enumerate() {
+            let _ = writeln!(out, "{name}{{shard=\"{i}\"}} {}", s.get(field).unwrap_or(0));
+        }
+    }
+    let _ = writeln!(out, "# TYPE relay_drops_total counter");
+    for (i, s) in stats.iter().enumerate() {
+        for (reason, n) in DropReason::ALL.iter().zip(s.drops()) {
+            let _ = writeln!(
+                out,
+                "relay_drops_total{{shard=\"{i}\",reason=\"{}\"}} {n}",
+                reason.as_str()
+            );
+        }
+    }
+    out
+}
+
+/// Serves the endpoint on `listener` until the process ends. One request per connection, each
+/// bounded by a 2 s timeout, so a slow client cannot hold the thread.
+pub fn serve(listener: TcpListener, stats: Vec<Arc<ShardStats>>, backend: Backend) {
+    for conn in listener.incoming() {
+        let Ok(conn) = conn else { continue };
+        let _ = respond(conn, &stats, backend);
+    }
+}
+
+fn respond(
+    mut conn: TcpStream,
+    stats: &[Arc<ShardStats>],
+    backend: Backend,
+) -> std::io::Result<()> {
+    conn.set_read_timeout(Some(Duration::from_secs(2)))?;
+    conn.set_write_timeout(Some(Duration::from_secs(2)))?;
+    let mut req = [0u8; 1024];
+    let mut n = 0;
+    while n < req.len() && !req[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+        match conn.read(&mut req[n..])? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    let line = req[..n].split(|&b| b == b'\r').next().unwrap_or(&[]);
+    let (status, body) = if line.starts_with(b"GET /metrics") {
+        ("200 OK", render(stats, backend))
+    } else if line.starts_with(b"GET /health") {
+        ("200 OK", "ok\n".to_string())
+    } else {
+        ("404 Not Found", "not found\n".to_string())
+    };
+    write!(
+        conn,
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+}

@@ -1,0 +1,168 @@
+//! Thread-per-core runtime: one pinned thread per shard, each with its own UDP socket
+//! (`base_port + shard_idx`), its own engine and its own I/O backend instance.
+
+use crate::config::{Config, IoChoice};
+use crate::engine::{EngineConfig, Shard};
+use crate::io::{self, Backend, ShardCtx, ShardStats};
+use proto::token::TokenVerifier;
+use std::net::{SocketAddr, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+/// A running relay: its shard threads and what they share with the control thread.
+pub struct Relay {
+    /// The backend every shard runs.
+    pub backend: Backend,
+    /// Why that backend was chosen.
+    pub backend_reason: String,
+    /// Each shard's published counters.
+    pub stats: Vec<Arc<ShardStats>>,
+    /// Each shard's bound UDP address.
+    pub addrs: Vec<SocketAddr>,
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<std::io::Result<()>>>,
+}
+
+/// Chooses the backend: an explicit choice must work; `auto` takes `batch`, the faster one on
+/// our benchmark (perf/RESULTS.md), and says whether io_uring would have been available.
+pub fn choose_backend(choice: IoChoice) -> Result<(Backend, String), String> {
+    match choice {
+        IoChoice::Batch => Ok((Backend::Batch, "requested with --io batch".into())),
+        IoChoice::Uring => match io::probe_uring() {
+            Ok(()) => Ok((Backend::Uring, "requested with --io uring".into())),
+            Err(e) => Err(format!("--io uring: io_uring unavailable: {e}")),
+        },
+        IoChoice::Auto => {
+            let uring = match io::probe_uring() {
+                Ok(()) => "io_uring available".to_string(),
+                Err(e) => format!("io_uring unavailable: {e}"),
+            };
+            Ok((
+                Backend::Batch,
+                format!("auto: batch is the default backend ({uring})"),
+            ))
+        }
+    }
+}
+
+impl Relay {
+    /// Binds every shard's socket and starts the shard threads.
+    pub fn start(cfg: &Config) -> Result<Self, String> {
+        let (backend, backend_reason) = choose_backend(cfg.io)?;
+        let key_hex = cfg
+            .public_key
+            .as_deref()
+            .ok_or("no public key configured (public_key or --public-key)")?;
+        let key = proto::token::public_key_from_hex(key_hex)
+            .ok_or("public key is not 64 hex digits of a valid Ed25519 key")?;
+        let verifier = TokenVerifier::new(key, cfg.relay_id);
+        let n_shards = if cfg.shards == 0 {
+            io::sys::available_cpus()
+        } else {
+            cfg.shards
+        };
+        if n_shards > usize::from(u16::MAX) || usize::from(cfg.base_port) + n_shards > 65_536 {
+            return Err(format!(
+                "{n_shards} shards do not fit above port {}",
+                cfg.base_port
+            ));
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let origin = Instant::now();
+        let mut relay = Relay {
+            backend,
+            backend_reason,
+            stats: Vec::new(),
+            addrs: Vec::new(),
+            stop: stop.clone(),
+            threads: Vec::new(),
+        };
+        for shard_idx in 0..n_shards {
+            let port = cfg.base_port + shard_idx as u16;
+            let socket = bind(SocketAddr::new(cfg.bind, port), cfg.socket_buffer_bytes)?;
+            relay
+                .addrs
+                .push(socket.local_addr().map_err(|e| e.to_string())?);
+            let stats = Arc::new(ShardStats::default());
+            relay.stats.push(stats.clone());
+            let ctx = ShardCtx {
+                shard_idx: shard_idx as u16,
+                stop: stop.clone(),
+                stats,
+                origin,
+            };
+            let engine_cfg = cfg.engine();
+            let verifier = verifier.clone();
+            let pin = cfg.pin.then(|| shard_idx % io::sys::available_cpus());
+            let thread = std::thread::Builder::new()
+                .name(format!("shard-{shard_idx}"))
+                .spawn(move || run_shard(backend, engine_cfg, verifier, socket, ctx, pin))
+                .map_err(|e| format!("cannot spawn shard thread: {e}"))?;
+            relay.threads.push(thread);
+        }
+        Ok(relay)
+    }
+
+    /// Asks every shard to stop and waits for them. Returns the first shard error.
+    pub fn shutdown(self) -> Result<(), String> {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut result = Ok(());
+        for (i, t) in self.threads.into_iter().enumerate() {
+            let r = match t.join() {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(format!("shard {i}: {e}")),
+                Err(_) => Err(format!("shard {i} panicked")),
+            };
+            result = result.and(r);
+        }
+        result
+    }
+
+    /// Whether any shard thread has ended (which only happens on error or stop).
+    pub fn any_shard_finished(&self) -> bool {
+        self.threads.iter().any(JoinHandle::is_finished)
+    }
+}
+
+fn bind(addr: SocketAddr, buffer_bytes: usize) -> Result<UdpSocket, String> {
+    let socket = UdpSocket::bind(addr).map_err(|e| format!("cannot bind UDP {addr}: {e}"))?;
+    let fd = socket.as_raw_fd();
+    // Best effort: the kernel caps these at net.core.{r,w}mem_max (see `cargo xtask tune`).
+    for (opt, name) in [
+        (libc::SO_RCVBUF, "SO_RCVBUF"),
+        (libc::SO_SNDBUF, "SO_SNDBUF"),
+    ] {
+        if let Err(e) = io::sys::set_buffer(fd, opt, buffer_bytes) {
+            eprintln!("relay: warning: {name} on {addr}: {e}");
+        }
+    }
+    Ok(socket)
+}
+
+fn run_shard(
+    backend: Backend,
+    cfg: EngineConfig,
+    verifier: TokenVerifier,
+    socket: UdpSocket,
+    ctx: ShardCtx,
+    pin: Option<usize>,
+) -> std::io::Result<()> {
+    if let Some(cpu) = pin {
+        if let Err(e) = io::sys::pin_to_cpu(cpu) {
+            eprintln!(
+                "relay: warning: shard {} not pinned to CPU {cpu}: {e}",
+                ctx.shard_idx
+            );
+        }
+    }
+    let mut engine = Shard::new(cfg, ctx.shard_idx, verifier, ctx.now());
+    let result = match backend {
+        Backend::Batch => io::batch::run(&mut engine, &socket, &ctx),
+        Backend::Uring => io::uring::run(&mut engine, &socket, &ctx),
+    };
+    ctx.stats.publish_final(&engine);
+    result
+}
