@@ -1,0 +1,538 @@
+//! Integration tests against a real relay process on loopback, for both I/O backends.
+//!
+//! Each test starts `relay` with its own ports, drives it with real UDP sockets, and stops it
+//! with SIGTERM. Waits are bounded polls, never fixed sleeps standing in for a condition.
+
+use ed25519_dalek::SigningKey;
+use proto::stun::{self, Class, StunMessage};
+use proto::token::{Claims, Permissions, TokenKind};
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// Ports handed out to relays started by this test binary; tests run in parallel.
+static NEXT_PORT: AtomicU16 = AtomicU16::new(0);
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+struct RelayProc {
+    child: Child,
+    base_port: u16,
+    metrics: SocketAddr,
+    key: SigningKey,
+}
+
+impl RelayProc {
+    fn start(io: &str, shards: u16, extra: &[&str]) -> Self {
+        // Spread test binaries by pid so that two concurrent runs rarely collide.
+        let slot = NEXT_PORT.fetch_add(1, Ordering::Relaxed);
+        let base_port = 20_000 + (std::process::id() % 200) as u16 * 100 + slot * 4;
+        let key = SigningKey::from_bytes(&[42; 32]);
+        let mut child = Command::new(env!("CARGO_BIN_EXE_relay"))
+            .args([
+                "--io",
+                io,
+                "--bind",
+                "127.0.0.1",
+                "--no-pin",
+                "--metrics",
+                "127.0.0.1:0",
+            ])
+            .args([
+                "--shards",
+                &shards.to_string(),
+                "--base-port",
+                &base_port.to_string(),
+            ])
+            .args([
+                "--public-key",
+                &proto::token::hex(key.verifying_key().as_bytes()),
+            ])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("relay binary starts");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert!(
+            line.starts_with(&format!("ready io={io} ")),
+            "unexpected first line: {line:?}"
+        );
+        let metrics = line
+            .trim()
+            .rsplit("metrics=")
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        Self {
+            child,
+            base_port,
+            metrics,
+            key,
+        }
+    }
+
+    fn token(
+        &self,
+        shard: u16,
+        room: u64,
+        participant: u64,
+        perms: Permissions,
+        ttl_s: i64,
+    ) -> String {
+        Claims {
+            kind: TokenKind::Room,
+            permissions: perms,
+            relay_id: 0,
+            shard_idx: shard,
+            expires_at: (unix_now() as i64 + ttl_s) as u64,
+            scope_id: room,
+            participant_id: participant,
+        }
+        .sign_text(&self.key)
+    }
+
+    fn shard_addr(&self, shard: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.base_port + shard))
+    }
+
+    /// Fetches /metrics and returns `name{labels}` -> value.
+    fn metrics(&self) -> HashMap<String, u64> {
+        let mut s = TcpStream::connect(self.metrics).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let mut body = String::new();
+        s.read_to_string(&mut body).unwrap();
+        body.lines()
+            .filter(|l| !l.starts_with('#') && !l.starts_with("HTTP") && l.contains(' '))
+            .filter_map(|l| {
+                let (k, v) = l.rsplit_once(' ')?;
+                Some((k.to_string(), v.parse().ok()?))
+            })
+            .collect()
+    }
+
+    fn metric(&self, key: &str) -> u64 {
+        self.metrics().get(key).copied().unwrap_or(0)
+    }
+
+    /// Polls until metric `key` reaches `at_least` (counters are published every 100 ms).
+    fn wait_metric(&self, key: &str, at_least: u64) -> u64 {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let v = self.metric(key);
+            if v >= at_least || Instant::now() > deadline {
+                return v;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Sends SIGTERM and returns how long the process took to exit, and its status.
+    fn terminate(mut self) -> (Duration, std::process::ExitStatus) {
+        let t0 = Instant::now();
+        // SAFETY-free: kill(2) through the libc crate is not available here; use the CLI.
+        Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        let deadline = t0 + Duration::from_secs(10);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return (t0.elapsed(), status);
+            }
+            assert!(Instant::now() < deadline, "relay did not stop within 10 s");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+impl Drop for RelayProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct Client {
+    sock: UdpSocket,
+    relay: SocketAddr,
+    token: String,
+}
+
+impl Client {
+    fn new(relay: SocketAddr, token: String) -> Self {
+        let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        Self { sock, relay, token }
+    }
+
+    fn request(&self) -> Vec<u8> {
+        let mut buf = vec![0u8; 512];
+        let key = proto::token::stun_key(self.token.as_bytes());
+        let txid: [u8; 12] =
+            std::array::from_fn(|i| (i as u8) ^ (self.sock.local_addr().unwrap().port() as u8));
+        let n = stun::write_binding_request(&mut buf, &txid, self.token.as_bytes(), &key).unwrap();
+        buf.truncate(n);
+        buf
+    }
+
+    /// Sends a Binding request and returns the response class and error code.
+    fn bind(&self) -> (Class, Option<u16>, usize) {
+        let req = self.request();
+        for _ in 0..10 {
+            self.sock.send_to(&req, self.relay).unwrap();
+            let mut buf = [0u8; 1500];
+            if let Ok((n, _)) = self.sock.recv_from(&mut buf) {
+                let m = StunMessage::parse(&buf[..n]).expect("relay answers valid STUN");
+                if m.class() == Class::Success {
+                    assert_eq!(
+                        m.xor_mapped_address(),
+                        Some(self.sock.local_addr().unwrap())
+                    );
+                    let key = proto::token::stun_key(self.token.as_bytes());
+                    m.verify_integrity(&key).expect("response integrity");
+                }
+                return (m.class(), m.error_code().map(|(c, _)| c), n);
+            }
+        }
+        panic!("no STUN response from {}", self.relay);
+    }
+
+    fn join(relay: &RelayProc, shard: u16, room: u64, participant: u64) -> Self {
+        let token = relay.token(
+            shard,
+            room,
+            participant,
+            Permissions::PUBLISH | Permissions::SUBSCRIBE,
+            600,
+        );
+        let c = Self::new(relay.shard_addr(shard), token);
+        assert_eq!(c.bind().0, Class::Success);
+        c
+    }
+
+    fn send(&self, data: &[u8]) {
+        self.sock.send_to(data, self.relay).unwrap();
+    }
+
+    /// Receives until `quiet` passes with nothing arriving.
+    fn drain(&self, quiet: Duration) -> Vec<Vec<u8>> {
+        self.sock.set_read_timeout(Some(quiet)).unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 2048];
+        while let Ok((n, _)) = self.sock.recv_from(&mut buf) {
+            got.push(buf[..n].to_vec());
+        }
+        got
+    }
+}
+
+/// Runs `send` while every client in `receivers` drains its socket on its own thread, so that no
+/// socket buffer overflows; returns what each received.
+fn receive_during(receivers: &[&Client], send: impl FnOnce()) -> Vec<Vec<Vec<u8>>> {
+    std::thread::scope(|s| {
+        let handles: Vec<_> = receivers
+            .iter()
+            .map(|c| s.spawn(|| c.drain(QUIET)))
+            .collect();
+        send();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+fn rtp(ssrc: u32, seq: u16, len: usize) -> Vec<u8> {
+    let mut buf = vec![0u8; len];
+    let payload = vec![(seq & 0xff) as u8; len - 12];
+    let n = proto::rtp::write_packet(
+        &mut buf,
+        96,
+        seq,
+        u32::from(seq) * 960,
+        ssrc,
+        false,
+        &payload,
+    )
+    .unwrap();
+    buf.truncate(n);
+    buf
+}
+
+fn seqs(packets: &[Vec<u8>]) -> Vec<u16> {
+    packets
+        .iter()
+        .filter_map(|p| {
+            proto::rtp::RtpPacket::parse(p)
+                .ok()
+                .map(|r| r.sequence_number())
+        })
+        .collect()
+}
+
+const QUIET: Duration = Duration::from_millis(300);
+
+fn fanout_reaches_each_subscriber_once(io: &str) {
+    let relay = RelayProc::start(io, 2, &[]);
+    let publisher = Client::join(&relay, 0, 1, 1);
+    let subs: Vec<_> = (2..5).map(|p| Client::join(&relay, 0, 1, p)).collect();
+    let other_room = Client::join(&relay, 0, 2, 9);
+    const N: u16 = 1000;
+    let received = receive_during(&[&subs[0], &subs[1], &subs[2]], || {
+        for seq in 0..N {
+            publisher.send(&rtp(0xAAAA, seq, 200));
+            if seq % 100 == 99 {
+                // Stay under the default 5,000 packets/s participant limit.
+                std::thread::sleep(Duration::from_millis(25));
+            }
+        }
+    });
+    for packets in &received {
+        let got = seqs(packets);
+        assert_eq!(got.len(), usize::from(N), "every packet exactly once");
+        let mut sorted = got.clone();
+        sorted.sort_unstable();
+        sorted.dedup();
+        assert_eq!(sorted, (0..N).collect::<Vec<_>>());
+    }
+    assert!(
+        publisher.drain(QUIET).is_empty(),
+        "never back to the sender"
+    );
+    assert!(
+        other_room.drain(QUIET).is_empty(),
+        "never into another room"
+    );
+    assert_eq!(
+        relay.wait_metric("relay_tx_packets_total{shard=\"0\"}", 3 * u64::from(N) + 5),
+        3 * u64::from(N) + 5
+    );
+}
+
+fn rtcp_is_routed(io: &str) {
+    use proto::rtcp;
+    let relay = RelayProc::start(io, 1, &[]);
+    let publisher = Client::join(&relay, 0, 1, 1);
+    let subs: Vec<_> = (2..4).map(|p| Client::join(&relay, 0, 1, p)).collect();
+    publisher.send(&rtp(0xAAAA, 1, 100));
+    for s in &subs {
+        assert_eq!(s.drain(QUIET).len(), 1);
+    }
+    let mut buf = [0u8; 256];
+    let n = rtcp::write_sr(&mut buf, 0xAAAA, 1, 2, 3, 4).unwrap();
+    publisher.send(&buf[..n]);
+    for s in &subs {
+        let got = s.drain(QUIET);
+        assert_eq!(
+            got,
+            vec![buf[..n].to_vec()],
+            "the SR reaches every subscriber unchanged"
+        );
+    }
+    let n = rtcp::write_pli(&mut buf, 0xBBBB, 0xAAAA).unwrap();
+    subs[0].send(&buf[..n]);
+    assert_eq!(
+        publisher.drain(QUIET),
+        vec![buf[..n].to_vec()],
+        "PLI reaches the publisher"
+    );
+    let n = rtcp::write_nack(&mut buf, 0xBBBB, 0xAAAA, &[1, 2, 17]).unwrap();
+    subs[1].send(&buf[..n]);
+    assert_eq!(
+        publisher.drain(QUIET),
+        vec![buf[..n].to_vec()],
+        "NACK reaches the publisher"
+    );
+    assert!(
+        subs[0].drain(QUIET).is_empty(),
+        "feedback is not fanned out"
+    );
+}
+
+fn bad_sources_get_nothing(io: &str) {
+    let relay = RelayProc::start(io, 1, &[]);
+    let publisher = Client::join(&relay, 0, 1, 1);
+    let sub = Client::join(&relay, 0, 1, 2);
+    // An unbound source sending media and RTCP.
+    let stranger = Client::new(relay.shard_addr(0), String::new());
+    stranger.send(&rtp(0x5555, 1, 300));
+    stranger.send(&[
+        0x80, 200, 0, 6, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    ]);
+    // Forged, expired and other-room tokens.
+    let forged = Claims {
+        kind: TokenKind::Room,
+        permissions: Permissions::ALL,
+        relay_id: 0,
+        shard_idx: 0,
+        expires_at: unix_now() + 600,
+        scope_id: 1,
+        participant_id: 66,
+    }
+    .sign_text(&SigningKey::from_bytes(&[1; 32]));
+    let expired = relay.token(0, 1, 67, Permissions::ALL, -10);
+    for (token, code) in [(forged, 401), (expired, 401)] {
+        let c = Client::new(relay.shard_addr(0), token);
+        let req_len = c.request().len();
+        let (class, err, resp_len) = c.bind();
+        assert_eq!((class, err), (Class::Error, Some(code)));
+        assert!(
+            resp_len <= req_len,
+            "no amplification: {resp_len} > {req_len}"
+        );
+        c.send(&rtp(0x6666, 1, 300));
+    }
+    let other_room = Client::join(&relay, 0, 2, 68);
+    other_room.send(&rtp(0x7777, 1, 300));
+    assert!(
+        sub.drain(QUIET).is_empty(),
+        "nothing from bad sources reaches the room"
+    );
+    assert!(publisher.drain(QUIET).is_empty());
+    assert!(
+        stranger.drain(QUIET).is_empty(),
+        "the unbound source gets nothing back"
+    );
+    assert!(relay.wait_metric("relay_drops_total{shard=\"0\",reason=\"unbound\"}", 4) >= 4);
+    assert_eq!(
+        relay.metric("relay_drops_total{shard=\"0\",reason=\"bad_token\"}"),
+        1
+    );
+    assert_eq!(
+        relay.metric("relay_drops_total{shard=\"0\",reason=\"expired_token\"}"),
+        1
+    );
+}
+
+fn bindings_expire_and_shards_are_independent(io: &str) {
+    let relay = RelayProc::start(io, 2, &["--binding-ttl-ms", "400"]);
+    // Room 1 on shard 0, room 3 on shard 1; only room 3's participants keep refreshing.
+    let a = Client::join(&relay, 0, 1, 1);
+    let b = Client::join(&relay, 0, 1, 2);
+    let c = Client::join(&relay, 1, 3, 1);
+    let d = Client::join(&relay, 1, 3, 2);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while relay.metric("relay_bindings_expired_total{shard=\"0\"}") < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "bindings on shard 0 never expired"
+        );
+        assert_eq!(c.bind().0, Class::Success);
+        assert_eq!(d.bind().0, Class::Success);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    a.send(&rtp(1, 1, 100));
+    assert!(
+        b.drain(QUIET).is_empty(),
+        "expired binding forwards nothing"
+    );
+    assert_eq!(relay.metric("relay_participants{shard=\"0\"}"), 0);
+    assert_eq!(c.bind().0, Class::Success);
+    assert_eq!(d.bind().0, Class::Success);
+    c.send(&rtp(2, 1, 100));
+    assert_eq!(
+        seqs(&d.drain(QUIET)),
+        vec![1],
+        "the room on shard 1 kept working"
+    );
+    assert_eq!(relay.metric("relay_bindings_expired_total{shard=\"1\"}"), 0);
+}
+
+fn sigterm_stops_promptly(io: &str) {
+    let relay = RelayProc::start(io, 2, &[]);
+    let _p = Client::join(&relay, 0, 1, 1);
+    let (took, status) = relay.terminate();
+    assert!(status.success(), "clean exit, got {status}");
+    assert!(took < Duration::from_secs(2), "stopped in {took:?}");
+}
+
+fn garbage_spray_does_not_disturb_a_room(io: &str) {
+    let relay = RelayProc::start(io, 1, &[]);
+    let publisher = Client::join(&relay, 0, 1, 1);
+    let sub = Client::join(&relay, 0, 1, 2);
+    let sprayer = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let target = relay.shard_addr(0);
+    let valid = publisher.request();
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let mut rand = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    const N: u16 = 500;
+    let received = receive_during(&[&sub], || {
+        for seq in 0..N {
+            for _ in 0..4 {
+                let mut junk: Vec<u8> = match rand() % 3 {
+                    0 => (0..rand() % 1500).map(|_| rand() as u8).collect(),
+                    1 => valid[..(rand() as usize) % valid.len()].to_vec(),
+                    _ => rtp(rand() as u32, rand() as u16, 12 + (rand() % 200) as usize),
+                };
+                if let (Some(b), 0) = (junk.first_mut(), rand() % 2) {
+                    *b = [0, 1, 0x80, 0x90, 22][(rand() % 5) as usize];
+                }
+                sprayer.send_to(&junk, target).unwrap();
+            }
+            publisher.send(&rtp(0xAAAA, seq, 300));
+            if seq % 50 == 49 {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    });
+    let got = seqs(&received[0]);
+    assert_eq!(got.len(), usize::from(N), "the good room lost nothing");
+    // The sprayer only ever gets STUN errors, each no larger than what it sent.
+    sprayer.set_read_timeout(Some(QUIET)).unwrap();
+    let mut buf = [0u8; 2048];
+    while let Ok((n, _)) = sprayer.recv_from(&mut buf) {
+        let m = StunMessage::parse(&buf[..n]).expect("only STUN comes back");
+        assert_eq!(m.class(), Class::Error);
+    }
+    assert!(relay.wait_metric("relay_drops_total{shard=\"0\",reason=\"malformed\"}", 1) > 0);
+}
+
+macro_rules! for_backend {
+    ($backend:ident) => {
+        mod $backend {
+            #[test]
+            fn fanout_reaches_each_subscriber_once() {
+                super::fanout_reaches_each_subscriber_once(stringify!($backend));
+            }
+            #[test]
+            fn rtcp_is_routed() {
+                super::rtcp_is_routed(stringify!($backend));
+            }
+            #[test]
+            fn bad_sources_get_nothing() {
+                super::bad_sources_get_nothing(stringify!($backend));
+            }
+            #[test]
+            fn bindings_expire_and_shards_are_independent() {
+                super::bindings_expire_and_shards_are_independent(stringify!($backend));
+            }
+            #[test]
+            fn sigterm_stops_promptly() {
+                super::sigterm_stops_promptly(stringify!($backend));
+            }
+            #[test]
+            fn garbage_spray_does_not_disturb_a_room() {
+                super::garbage_spray_does_not_disturb_a_room(stringify!($backend));
+            }
+        }
+    };
+}
+
+for_backend!(batch);
