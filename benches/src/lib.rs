@@ -1,1 +1,91 @@
-//! Benchmarks live in `benches/`.
+//! Fixtures shared by the criterion benches (`benches/`) and the instruction-count binary
+//! (`src/bin/count_forward.rs`), so both measure exactly the same work.
+
+use ed25519_dalek::SigningKey;
+use proto::token::{Claims, Permissions, TokenKind, TokenVerifier};
+use relay::engine::{EngineConfig, Now, Shard, Verdict};
+use std::net::SocketAddr;
+
+/// A fixed key for benchmark tokens.
+pub fn key() -> SigningKey {
+    SigningKey::from_bytes(&[7; 32])
+}
+
+/// A fixed time.
+pub const NOW: Now = Now {
+    mono_us: 1_000_000,
+    unix_s: 1_700_000_000,
+};
+
+/// A token for `participant` in `room`, signed with [`key`].
+pub fn token(room: u64, participant: u64) -> String {
+    Claims {
+        kind: TokenKind::Room,
+        permissions: Permissions::PUBLISH | Permissions::SUBSCRIBE,
+        relay_id: 0,
+        shard_idx: 0,
+        expires_at: NOW.unix_s + 3600,
+        scope_id: room,
+        participant_id: participant,
+    }
+    .sign_text(&key())
+}
+
+/// A STUN Binding request carrying `token`.
+pub fn binding_request(token: &str) -> Vec<u8> {
+    let mut buf = vec![0u8; 512];
+    let k = proto::token::stun_key(token.as_bytes());
+    let n =
+        proto::stun::write_binding_request(&mut buf, &[5; 12], token.as_bytes(), &k).expect("fits");
+    buf.truncate(n);
+    buf
+}
+
+/// A shard with one room of one publisher and `n_subscribers` subscribers, plus `n_other_rooms`
+/// rooms of two participants each so that the address table is not trivially small. Returns
+/// the shard, the publisher's address and a 1200-byte RTP packet from it.
+pub fn room(n_subscribers: usize, n_other_rooms: usize) -> (Shard, SocketAddr, Vec<u8>) {
+    let cfg = EngineConfig {
+        max_participants_per_room: n_subscribers + 1,
+        participant_pps: 0,
+        participant_bps: 0,
+        new_binding_rate: 0,
+        ..EngineConfig::default()
+    };
+    let mut shard = Shard::new(cfg, 0, TokenVerifier::new(key().verifying_key(), 0), NOW);
+    let mut reply = [0u8; 512];
+    let mut bind = |shard: &mut Shard, port: u16, room: u64, participant: u64| {
+        let src = SocketAddr::from(([10, 0, (port >> 8) as u8, port as u8], port));
+        let req = binding_request(&token(room, participant));
+        match shard.handle_datagram(NOW, src, &req, &mut reply) {
+            Verdict::Reply(_) => src,
+            other => panic!("bind failed: {other:?}"),
+        }
+    };
+    let publisher = bind(&mut shard, 1000, 1, 1);
+    for i in 0..n_subscribers {
+        bind(&mut shard, 2000 + i as u16, 1, 2 + i as u64);
+    }
+    for r in 0..n_other_rooms {
+        bind(&mut shard, 10_000 + 2 * r as u16, 100 + r as u64, 1);
+        bind(&mut shard, 10_001 + 2 * r as u16, 100 + r as u64, 2);
+    }
+    let mut packet = vec![0u8; 1200];
+    proto::rtp::write_packet(&mut packet, 96, 1, 960, 0x1234_5678, false, &[0x5a; 1188])
+        .expect("fits");
+    // The first packet teaches the engine the SSRC; later ones take the steady-state path.
+    assert!(matches!(
+        shard.handle_datagram(NOW, publisher, &packet, &mut reply),
+        Verdict::Forward(_) | Verdict::Drop(_)
+    ));
+    (shard, publisher, packet)
+}
+
+/// One forwarding decision: returns the number of destinations.
+#[inline]
+pub fn forward_once(shard: &mut Shard, src: SocketAddr, packet: &[u8], reply: &mut [u8]) -> usize {
+    match shard.handle_datagram(NOW, src, packet, reply) {
+        Verdict::Forward(d) => d.len(),
+        _ => 0,
+    }
+}

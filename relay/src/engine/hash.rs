@@ -61,3 +61,24 @@ impl Hasher for FxHasher {
 
 /// `HashMap` with [`FxHasher`].
 pub type FxHashMap<K, V> = std::collections::HashMap<K, V, BuildHasherDefault<FxHasher>>;
+
+/// A transport address as a hash key: hashes as one or two machine words instead of the
+/// byte-by-byte walk of `SocketAddr`'s derived `Hash`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AddrKey(pub std::net::SocketAddr);
+
+impl std::hash::Hash for AddrKey {
+    #[inline]
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        match self.0 {
+            std::net::SocketAddr::V4(a) => {
+                state.write_u64((u64::from(a.ip().to_bits()) << 16) | u64::from(a.port()));
+            }
+            std::net::SocketAddr::V6(a) => {
+                let ip = a.ip().to_bits();
+                state.write_u64((ip >> 64) as u64 ^ u64::from(a.port()) << 48);
+                state.write_u64(ip as u64);
+            }
+        }
+    }
+}

@@ -22,7 +22,7 @@ pub use counters::{Counters, DropReason};
 pub use room::Subscription;
 pub use rtcp_route::{SUBSCRIBE_ALL, SUBSCRIBE_ONLY, SUBSCRIPTION_APP_NAME};
 
-use hash::FxHashMap;
+use hash::{AddrKey, FxHashMap};
 use limits::TokenBucket;
 use proto::demux::{classify, PacketKind};
 use proto::stun::{self, Class, StunMessage};
@@ -112,7 +112,7 @@ pub struct Shard {
     cfg: EngineConfig,
     shard_idx: u16,
     verifier: TokenVerifier,
-    bindings: FxHashMap<SocketAddr, BindingRef>,
+    bindings: FxHashMap<AddrKey, BindingRef>,
     rooms: Vec<Option<Room>>,
     free_rooms: Vec<u32>,
     room_by_id: FxHashMap<u64, u32>,
@@ -217,7 +217,7 @@ impl Shard {
     }
 
     fn lookup(&self, src: &SocketAddr) -> Option<BindingRef> {
-        self.bindings.get(src).copied()
+        self.bindings.get(&AddrKey(*src)).copied()
     }
 
     fn participant_mut(&mut self, b: BindingRef) -> &mut Participant {
@@ -399,9 +399,9 @@ impl Shard {
             p.permissions = claims.permissions;
             p.last_refresh_us = now.mono_us;
             room.rebuild_fanout();
-            self.bindings.remove(&old_addr);
+            self.bindings.remove(&AddrKey(old_addr));
             self.bindings.insert(
-                src,
+                AddrKey(src),
                 BindingRef {
                     room: room_slot,
                     participant: slot,
@@ -441,7 +441,7 @@ impl Shard {
         self.n_participants += 1;
         self.counters.bindings_created += 1;
         self.bindings.insert(
-            src,
+            AddrKey(src),
             BindingRef {
                 room: room_slot,
                 participant: slot,
@@ -486,7 +486,7 @@ impl Shard {
             .as_mut()
             .expect("invariant: bound room is live");
         if let Some(p) = room.remove(b.participant) {
-            self.bindings.remove(&p.addr);
+            self.bindings.remove(&AddrKey(p.addr));
             self.n_participants -= 1;
         }
         if room.is_empty() {
@@ -570,7 +570,7 @@ impl Shard {
                 .get(b.participant)
                 .expect("binding to a live participant");
             assert_eq!(
-                &p.addr, addr,
+                &p.addr, &addr.0,
                 "binding and participant agree on the address"
             );
             assert_eq!(self.room_by_id.get(&room.id), Some(&b.room));

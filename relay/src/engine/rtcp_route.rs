@@ -148,11 +148,13 @@ pub fn route(
 fn parse_subscription(subtype: u8, data: &[u8], max: usize) -> Result<Subscription, DropReason> {
     match subtype {
         SUBSCRIBE_ALL => Ok(Subscription::All),
-        SUBSCRIBE_ONLY if data.len() % 8 == 0 && data.len() / 8 <= max => Ok(Subscription::Only(
-            data.chunks_exact(8)
-                .map(|c| u64::from_be_bytes(c.try_into().expect("chunks_exact(8)")))
-                .collect(),
-        )),
+        SUBSCRIBE_ONLY if data.len().is_multiple_of(8) && data.len() / 8 <= max => {
+            Ok(Subscription::Only(
+                data.chunks_exact(8)
+                    .map(|c| u64::from_be_bytes(c.try_into().expect("chunks_exact(8)")))
+                    .collect(),
+            ))
+        }
         _ => Err(DropReason::Malformed),
     }
 }
