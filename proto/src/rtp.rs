@@ -163,8 +163,10 @@ impl<'a> Iterator for Extensions<'a> {
                 (first, usize::from(*rest.first()?), 2)
             } else {
                 let id = first >> 4;
-                if id == 15 {
-                    // RFC 8285 section 4.2: id 15 means stop processing.
+                if id == 15 || id == 0 {
+                    // RFC 8285 section 4.2: id 15 means stop processing; id 0 is reserved
+                    // for padding, which is a whole zero byte, so a 0 id with a non-zero
+                    // length is malformed.
                     self.data = &[];
                     return None;
                 }
@@ -235,6 +237,16 @@ mod tests {
         let ext: Vec<_> = p.extensions().collect();
         assert_eq!(ext, vec![(1, &[0x85][..]), (2, &[1, 2, 3][..])]);
         assert_eq!(p.extension_by_id(2), Some(&[1, 2, 3][..]));
+    }
+
+    #[test]
+    fn one_byte_id_zero_with_length_stops_extensions() {
+        // Found by fuzzing: 0x02 is id 0 with L=2 (3 bytes), which must not be yielded.
+        let mut pkt = vec![0x90, 96, 0, 1, 0, 0, 0, 2, 0, 0, 0, 3];
+        pkt.extend_from_slice(&[0xBE, 0xDE, 0, 2, 0x10, 0x85, 0x02, 1, 2, 3, 0, 0]);
+        let p = RtpPacket::parse(&pkt).unwrap();
+        assert_eq!(p.extensions().collect::<Vec<_>>(), vec![(1, &[0x85][..])]);
+        assert_eq!(p.extension_by_id(0), None);
     }
 
     #[test]
