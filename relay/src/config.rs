@@ -195,3 +195,19 @@ mod tests {
         assert!(Config::parse("[limits]\nnope = 1").is_err());
     }
 }
+
+#[cfg(test)]
+mod example_tests {
+    /// The example file shipped beside the crate parses and equals the built-in defaults.
+    #[test]
+    fn shipped_example_matches_defaults() {
+        let text = include_str!("../relay.toml");
+        let cfg = super::Config::parse(text).unwrap();
+        let def = super::Config::default();
+        assert_eq!(cfg.engine(), def.engine());
+        assert_eq!(
+            (cfg.io, cfg.shards, cfg.base_port, cfg.metrics),
+            (def.io, def.shards, def.base_port, def.metrics)
+        );
+    }
+}
