@@ -30,14 +30,18 @@ impl Flags {
         let mut out = Vec::new();
         let mut it = args.iter();
         while let Some(a) = it.next() {
-            let name = a.strip_prefix("--").with_context(|| format!("unexpected argument {a:?}"))?;
+            let name = a
+                .strip_prefix("--")
+                .with_context(|| format!("unexpected argument {a:?}"))?;
             if out.iter().any(|(n, _)| n == name) {
                 bail!("--{name} given twice");
             }
             if switches.contains(&name) {
                 out.push((name.to_string(), String::new()));
             } else if known.contains(&name) {
-                let v = it.next().with_context(|| format!("--{name} needs a value"))?;
+                let v = it
+                    .next()
+                    .with_context(|| format!("--{name} needs a value"))?;
                 out.push((name.to_string(), v.clone()));
             } else {
                 bail!("unknown flag --{name}");
@@ -47,23 +51,33 @@ impl Flags {
     }
 
     fn get(&self, name: &str) -> Option<&str> {
-        self.0.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+        self.0
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
     }
 
     fn num<T: std::str::FromStr>(&self, name: &str, default: Option<T>) -> Result<T> {
         match self.get(name) {
-            Some(v) => v.parse().ok().with_context(|| format!("--{name}: not a number: {v:?}")),
+            Some(v) => v
+                .parse()
+                .ok()
+                .with_context(|| format!("--{name}: not a number: {v:?}")),
             None => default.with_context(|| format!("--{name} is required")),
         }
     }
 
     fn key_path(&self) -> Result<PathBuf> {
-        Ok(PathBuf::from(self.get("key").context("--key FILE is required")?))
+        Ok(PathBuf::from(
+            self.get("key").context("--key FILE is required")?,
+        ))
     }
 }
 
 fn run(args: Vec<String>) -> Result<()> {
-    let (cmd, rest) = args.split_first().context("usage: ctl keygen|pubkey|token ... (see --help)")?;
+    let (cmd, rest) = args
+        .split_first()
+        .context("usage: ctl keygen|pubkey|token ... (see --help)")?;
     match cmd.as_str() {
         "keygen" => {
             let flags = Flags::parse(rest, &["key"], &[])?;
@@ -83,12 +97,24 @@ fn run(args: Vec<String>) -> Result<()> {
             println!("{}", proto::token::hex(key.verifying_key().as_bytes()));
         }
         "token" => {
-            let known = ["key", "room", "participant", "shard", "relay", "ttl", "perms"];
+            let known = [
+                "key",
+                "room",
+                "participant",
+                "shard",
+                "relay",
+                "ttl",
+                "perms",
+            ];
             let flags = Flags::parse(rest, &known, &["user"])?;
             let key = read_key(&flags.key_path()?)?;
             let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
             let claims = Claims {
-                kind: if flags.get("user").is_some() { TokenKind::User } else { TokenKind::Room },
+                kind: if flags.get("user").is_some() {
+                    TokenKind::User
+                } else {
+                    TokenKind::Room
+                },
                 permissions: parse_perms(flags.get("perms").unwrap_or("publish,subscribe"))?,
                 relay_id: flags.num("relay", Some(0))?,
                 shard_idx: flags.num("shard", Some(0))?,
@@ -105,20 +131,23 @@ fn run(args: Vec<String>) -> Result<()> {
 }
 
 fn parse_perms(list: &str) -> Result<Permissions> {
-    list.split(',').filter(|s| !s.is_empty()).try_fold(Permissions::default(), |acc, p| {
-        Ok(acc
-            | match p {
-                "publish" => Permissions::PUBLISH,
-                "subscribe" => Permissions::SUBSCRIBE,
-                "chat" => Permissions::CHAT,
-                "host" => Permissions::HOST,
-                other => bail!("unknown permission {other:?} (publish, subscribe, chat, host)"),
-            })
-    })
+    list.split(',')
+        .filter(|s| !s.is_empty())
+        .try_fold(Permissions::default(), |acc, p| {
+            Ok(acc
+                | match p {
+                    "publish" => Permissions::PUBLISH,
+                    "subscribe" => Permissions::SUBSCRIBE,
+                    "chat" => Permissions::CHAT,
+                    "host" => Permissions::HOST,
+                    other => bail!("unknown permission {other:?} (publish, subscribe, chat, host)"),
+                })
+        })
 }
 
 fn read_key(path: &Path) -> Result<SigningKey> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     proto::token::signing_key_from_hex(&text)
         .with_context(|| format!("{}: not a 64-hex-digit Ed25519 secret key", path.display()))
 }
@@ -142,7 +171,10 @@ mod tests {
 
     #[test]
     fn parses_permissions_and_rejects_unknown() {
-        assert_eq!(parse_perms("publish,subscribe").unwrap(), Permissions::PUBLISH | Permissions::SUBSCRIBE);
+        assert_eq!(
+            parse_perms("publish,subscribe").unwrap(),
+            Permissions::PUBLISH | Permissions::SUBSCRIBE
+        );
         assert!(parse_perms("fly").is_err());
     }
 
@@ -163,8 +195,21 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("k");
         let _ = std::fs::remove_file(&path);
-        run(vec!["keygen".into(), "--key".into(), path.display().to_string()]).unwrap();
-        assert!(run(vec!["keygen".into(), "--key".into(), path.display().to_string()]).is_err(), "no overwrite");
+        run(vec![
+            "keygen".into(),
+            "--key".into(),
+            path.display().to_string(),
+        ])
+        .unwrap();
+        assert!(
+            run(vec![
+                "keygen".into(),
+                "--key".into(),
+                path.display().to_string()
+            ])
+            .is_err(),
+            "no overwrite"
+        );
         let key = read_key(&path).unwrap();
         let v = proto::token::TokenVerifier::new(key.verifying_key(), 0);
         let claims = Claims {
@@ -176,7 +221,10 @@ mod tests {
             scope_id: 1,
             participant_id: 2,
         };
-        assert_eq!(v.verify_text(claims.sign_text(&key).as_bytes(), 0), Ok(claims));
+        assert_eq!(
+            v.verify_text(claims.sign_text(&key).as_bytes(), 0),
+            Ok(claims)
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -33,12 +33,18 @@ fn main() -> ExitCode {
 type Result<T = ()> = std::result::Result<T, String>;
 
 fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
 }
 
 fn run(cmd: &mut Command) -> Result {
     eprintln!("xtask: $ {cmd:?}");
-    let status = cmd.current_dir(root()).status().map_err(|e| format!("{cmd:?}: {e}"))?;
+    let status = cmd
+        .current_dir(root())
+        .status()
+        .map_err(|e| format!("{cmd:?}: {e}"))?;
     if status.success() {
         Ok(())
     } else {
@@ -57,12 +63,20 @@ fn missing_tools() -> Vec<(&'static str, &'static str)> {
     TOOLS
         .iter()
         .copied()
-        .filter(|(cmd, _)| !Command::new("sh").args(["-c", &format!("command -v {cmd}")]).output().is_ok_and(|o| o.status.success()))
+        .filter(|(cmd, _)| {
+            !Command::new("sh")
+                .args(["-c", &format!("command -v {cmd}")])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
         .collect()
 }
 
 fn is_root() -> bool {
-    Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.starts_with(b"0\n"))
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.starts_with(b"0\n"))
 }
 
 fn install_tools() -> Result {
@@ -72,23 +86,45 @@ fn install_tools() -> Result {
     }
     let pkgs: Vec<&str> = missing.iter().map(|(_, p)| *p).collect();
     if !is_root() {
-        return Err(format!("missing tools; install them with: sudo apt-get install -y {}", pkgs.join(" ")));
+        return Err(format!(
+            "missing tools; install them with: sudo apt-get install -y {}",
+            pkgs.join(" ")
+        ));
     }
     run(Command::new("apt-get").arg("update"))?;
-    run(Command::new("apt-get").args(["install", "-y", "--no-install-recommends"]).args(&pkgs))
+    run(Command::new("apt-get")
+        .args(["install", "-y", "--no-install-recommends"])
+        .args(&pkgs))
 }
 
 fn test(args: &[String]) -> Result {
     let quick = args.iter().any(|a| a == "--quick");
     install_tools()?;
     cargo(&["fmt", "--all", "--check"])?;
-    cargo(&["clippy", "--workspace", "--all-targets", "--release", "--", "-D", "warnings"])?;
+    cargo(&[
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--release",
+        "--",
+        "-D",
+        "warnings",
+    ])?;
     // One release build serves the unit tests, the integration tests (both backends) and perf.
     cargo(&["test", "--workspace", "--release"])?;
     if quick {
         return Ok(());
     }
-    cargo(&["bench", "-p", "benches", "--", "--warm-up-time", "0.2", "--measurement-time", "0.5"])?;
+    cargo(&[
+        "bench",
+        "-p",
+        "benches",
+        "--",
+        "--warm-up-time",
+        "0.2",
+        "--measurement-time",
+        "0.5",
+    ])?;
     callgrind()?;
     perf(&["run".into(), "--quick".into()])?;
     if root().join("fuzz/run.sh").exists() {
@@ -105,7 +141,14 @@ fn perf(args: &[String]) -> Result {
 
 /// Instructions per forwarding decision: the difference between N decisions and none, over N.
 fn callgrind() -> Result {
-    cargo(&["build", "--release", "-p", "benches", "--bin", "count_forward"])?;
+    cargo(&[
+        "build",
+        "--release",
+        "-p",
+        "benches",
+        "--bin",
+        "count_forward",
+    ])?;
     const N: u64 = 100_000;
     println!("| subscribers | instructions per decision | per egress copy |");
     println!("|---:|---:|---:|");
@@ -126,9 +169,21 @@ fn instructions(subs: u64, n: u64) -> Result<u64> {
         .output()
         .map_err(|e| format!("valgrind: {e} (apt-get install valgrind)"))?;
     if !out.status.success() {
-        return Err(format!("count_forward failed: {}", String::from_utf8_lossy(&out.stderr)));
+        return Err(format!(
+            "count_forward failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
     }
     let stderr = String::from_utf8_lossy(&out.stderr);
-    let line = stderr.lines().find(|l| l.contains("Collected :")).ok_or("no callgrind total")?;
-    line.rsplit(':').next().unwrap_or("").trim().replace(',', "").parse().map_err(|e| format!("callgrind total: {e}"))
+    let line = stderr
+        .lines()
+        .find(|l| l.contains("Collected :"))
+        .ok_or("no callgrind total")?;
+    line.rsplit(':')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .replace(',', "")
+        .parse()
+        .map_err(|e| format!("callgrind total: {e}"))
 }
