@@ -1,0 +1,342 @@
+//! Starting, pinning, observing and stopping a contender process: the relay with one of its
+//! backends, or one of the baselines (this same binary with a baseline subcommand).
+#![forbid(unsafe_code)]
+
+use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+use std::net::{SocketAddr, SocketAddrV4, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// How long a contender may take to print its ready line.
+const READY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a contender may take to exit after SIGTERM before it is killed.
+const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The four contenders of every run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// The relay with `--io uring`.
+    RelayUring,
+    /// The relay with `--io batch`.
+    RelayBatch,
+    /// The ideal batched forwarder baseline.
+    Ideal,
+    /// The tokio recv_from/send_to baseline.
+    Tokio,
+}
+
+impl Kind {
+    /// All contenders, in the order they run.
+    pub const ALL: [Kind; 4] = [Kind::RelayUring, Kind::RelayBatch, Kind::Ideal, Kind::Tokio];
+
+    /// Name used in tables, JSON and `--contenders`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::RelayUring => "relay/uring",
+            Kind::RelayBatch => "relay/batch",
+            Kind::Ideal => "ideal",
+            Kind::Tokio => "tokio",
+        }
+    }
+
+    /// Whether this is the real relay (joins by STUN, exposes metrics).
+    pub fn is_relay(self) -> bool {
+        matches!(self, Kind::RelayUring | Kind::RelayBatch)
+    }
+
+    /// Parses a name as printed by [`Kind::name`].
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.name() == s)
+    }
+}
+
+/// What is needed to start any contender.
+pub struct Launch<'a> {
+    /// The relay binary.
+    pub relay_bin: &'a Path,
+    /// Relay shards (one UDP port each).
+    pub relay_shards: u16,
+    /// Hex Ed25519 public key the relay verifies tokens with.
+    pub public_key_hex: &'a str,
+    /// Rooms file for the baselines.
+    pub rooms_file: &'a Path,
+    /// Where the contender's stderr goes.
+    pub stderr_file: PathBuf,
+    /// CPU the contender is confined to, if pinning.
+    pub cpu: Option<usize>,
+}
+
+/// A contender that printed its ready line.
+pub struct Running {
+    child: Child,
+    /// Its process id.
+    pub pid: u32,
+    /// The ready line it printed.
+    pub ready_line: String,
+    /// Address of shard 0 (relay) or of the forwarding socket (baselines).
+    pub base: SocketAddrV4,
+    /// Number of consecutive ports starting at `base` (relay shards; 1 for baselines).
+    pub n_shards: u16,
+    /// Prometheus endpoint, for the relay.
+    pub metrics: Option<SocketAddr>,
+}
+
+/// Starts `kind`. `Err` carries the reason it is unavailable.
+pub fn start(kind: Kind, l: &Launch) -> Result<Running, String> {
+    let mut cmd;
+    let mut metrics = None;
+    let mut base = SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, 0);
+    let mut n_shards = 1;
+    if kind.is_relay() {
+        let (port, m) = free_ports(l.relay_shards).map_err(|e| format!("finding ports: {e}"))?;
+        base.set_port(port);
+        n_shards = l.relay_shards;
+        metrics = Some(m);
+        cmd = Command::new(l.relay_bin);
+        let io = if kind == Kind::RelayUring {
+            "uring"
+        } else {
+            "batch"
+        };
+        cmd.args(["--io", io, "--shards", &l.relay_shards.to_string()])
+            .args(["--bind", "127.0.0.1", "--base-port", &port.to_string()])
+            .args([
+                "--metrics",
+                &m.to_string(),
+                "--public-key",
+                l.public_key_hex,
+            ]);
+    } else {
+        let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+        cmd = Command::new(exe);
+        let sub = if kind == Kind::Ideal {
+            "ideal-forwarder"
+        } else {
+            "tokio-relay"
+        };
+        cmd.args([sub, "--listen", "127.0.0.1:0", "--rooms"])
+            .arg(l.rooms_file);
+    }
+    let stderr = std::fs::File::create(&l.stderr_file).map_err(|e| e.to_string())?;
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(stderr)
+        .spawn()
+        .map_err(|e| format!("spawning {}: {e}", cmd.get_program().to_string_lossy()))?;
+    let mut running = Running {
+        pid: child.id(),
+        child,
+        ready_line: String::new(),
+        base,
+        n_shards,
+        metrics,
+    };
+    if let Some(cpu) = l.cpu {
+        let _ = crate::sys::pin(running.pid as i32, cpu);
+    }
+    running.await_ready(kind, &l.stderr_file)?;
+    if let Some(cpu) = l.cpu {
+        // The relay may pin its own shard threads; the harness's placement wins so that
+        // every contender gets the same single core.
+        pin_all_threads(running.pid, cpu);
+    }
+    Ok(running)
+}
+
+impl Running {
+    fn await_ready(&mut self, kind: Kind, stderr_file: &Path) -> Result<(), String> {
+        let stdout = self.child.stdout.take().expect("stdout was piped");
+        let (tx, rx) = mpsc::channel();
+        // Keeps reading after the ready line so the contender never blocks on a full pipe.
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) if line.starts_with("ready") => {
+                    self.ready_line = line;
+                    break;
+                }
+                Ok(_) => continue,
+                Err(e) => {
+                    let why = match e {
+                        mpsc::RecvTimeoutError::Timeout => "no ready line within 10 s".to_string(),
+                        mpsc::RecvTimeoutError::Disconnected => self.exit_reason(stderr_file),
+                    };
+                    self.stop();
+                    return Err(why);
+                }
+            }
+        }
+        if !kind.is_relay() {
+            self.base = parse_listen(&self.ready_line)
+                .ok_or_else(|| format!("unparseable ready line {:?}", self.ready_line))?;
+        }
+        Ok(())
+    }
+
+    fn exit_reason(&mut self, stderr_file: &Path) -> String {
+        let status = self
+            .child
+            .wait()
+            .map_or("unknown status".into(), |s| s.to_string());
+        let stderr = std::fs::read_to_string(stderr_file).unwrap_or_default();
+        let last = stderr
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("");
+        format!("exited ({status}) before ready: {}", last.trim())
+    }
+
+    /// Address of the shard that owns `room_id`.
+    pub fn target(&self, room_id: u64) -> SocketAddrV4 {
+        let shard = (room_id % u64::from(self.n_shards)) as u16;
+        SocketAddrV4::new(*self.base.ip(), self.base.port() + shard)
+    }
+
+    /// SIGTERM, then SIGKILL if it does not exit in time. Returns how it ended.
+    pub fn stop(&mut self) -> String {
+        let _ = crate::sys::kill(self.pid, libc::SIGTERM);
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.to_string();
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        "killed after SIGTERM timeout".into()
+    }
+}
+
+fn parse_listen(ready: &str) -> Option<SocketAddrV4> {
+    ready
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("listen="))?
+        .parse()
+        .ok()
+}
+
+/// Finds `n` consecutive free UDP ports on loopback and a free TCP port for metrics. They are
+/// released before the relay binds them; the race with other programs is accepted.
+fn free_ports(n: u16) -> std::io::Result<(u16, SocketAddr)> {
+    let metrics = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    for _ in 0..50 {
+        let first = std::net::UdpSocket::bind("127.0.0.1:0")?;
+        let p = first.local_addr()?.port();
+        if p.checked_add(n).is_none() {
+            continue;
+        }
+        let rest: Result<Vec<_>, _> = (1..n)
+            .map(|i| std::net::UdpSocket::bind(("127.0.0.1", p + i)))
+            .collect();
+        if rest.is_ok() {
+            return Ok((p, metrics));
+        }
+    }
+    Err(std::io::Error::other("no run of free ports"))
+}
+
+fn pin_all_threads(pid: u32, cpu: usize) {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return;
+    };
+    for tid in dir
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+    {
+        let _ = crate::sys::pin(tid, cpu);
+    }
+}
+
+/// User and system CPU time of a whole process (all its threads, live and exited), in clock
+/// ticks, from /proc/<pid>/stat.
+pub fn cpu_ticks(pid: u32) -> Option<(u64, u64)> {
+    parse_stat_times(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
+/// utime and stime are fields 14 and 15 of /proc/<pid>/stat (proc(5)); the command name in
+/// field 2 may contain spaces, so count from the last ')'.
+fn parse_stat_times(stat: &str) -> Option<(u64, u64)> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut f = rest.split_whitespace().skip(11);
+    Some((f.next()?.parse().ok()?, f.next()?.parse().ok()?))
+}
+
+/// Fetches the relay's Prometheus text.
+pub fn scrape(addr: SocketAddr) -> std::io::Result<String> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: relay\r\nConnection: close\r\n\r\n")?;
+    let mut body = String::new();
+    s.read_to_string(&mut body)?;
+    Ok(body
+        .split_once("\r\n\r\n")
+        .map_or(body.clone(), |(_, b)| b.to_string()))
+}
+
+/// Sum of every sample of metric `name` (all label sets) in Prometheus text.
+pub fn metric_sum(text: &str, name: &str) -> Option<f64> {
+    let mut found = None;
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some(rest) = line.strip_prefix(name) else {
+            continue;
+        };
+        if !(rest.starts_with('{') || rest.starts_with(' ')) {
+            continue; // a longer metric name sharing the prefix
+        }
+        let value = rest
+            .rsplit('}')
+            .next()
+            .unwrap_or(rest)
+            .split_whitespace()
+            .next();
+        if let Some(v) = value.and_then(|v| v.parse::<f64>().ok()) {
+            *found.get_or_insert(0.0) += v;
+        }
+    }
+    found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_proc_stat_with_spaces_in_the_name() {
+        let stat = "1234 (relay shard 0) S 1 1234 1234 0 -1 4194560 100 0 0 0 57 31 0 0 20 0 3";
+        assert_eq!(parse_stat_times(stat), Some((57, 31)));
+        assert_eq!(parse_stat_times("garbage"), None);
+    }
+
+    #[test]
+    fn sums_metrics_over_label_sets() {
+        let text = "# TYPE relay_tx_packets_total counter\n\
+            relay_tx_packets_total{shard=\"0\"} 10\n\
+            relay_tx_packets_total{shard=\"1\"} 5\n\
+            relay_tx_packets_total_extra 99\n\
+            relay_drops_total{shard=\"0\",reason=\"rate {x}\"} 2\n\
+            relay_up 1\n";
+        assert_eq!(metric_sum(text, "relay_tx_packets_total"), Some(15.0));
+        assert_eq!(metric_sum(text, "relay_drops_total"), Some(2.0));
+        assert_eq!(metric_sum(text, "relay_up"), Some(1.0));
+        assert_eq!(metric_sum(text, "relay_rx_packets_total"), None);
+    }
+
+    #[test]
+    fn reads_the_baseline_ready_line_and_names() {
+        let a = parse_listen("ready ideal-forwarder listen=127.0.0.1:4000 rooms=1");
+        assert_eq!(a, Some("127.0.0.1:4000".parse().unwrap()));
+        assert_eq!(Kind::parse("relay/batch"), Some(Kind::RelayBatch));
+        assert!(Kind::ALL.iter().all(|k| Kind::parse(k.name()) == Some(*k)));
+    }
+}

@@ -1,0 +1,606 @@
+//! `perf run`: every contender in the same invocation, each as its own child process pinned to
+//! one core, against the same load generator pinned to the other. For each contender and
+//! scenario it records egress rate, loss, duplicates, reordering, one-way latency, CPU time per
+//! egress packet (from /proc) and system calls per egress packet (from perf's tracepoint
+//! counter, outside the contender).
+#![forbid(unsafe_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ed25519_dalek::SigningKey;
+
+use crate::contender::{self, Kind, Launch, Running};
+use crate::loadgen::{self, Participant, StepOutcome, StepPlan};
+use crate::search::RateSearch;
+use crate::syscalls::SyscallCounter;
+use crate::topology::{write_rooms_file, Topology};
+
+/// Which workload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scenario {
+    /// 1 publisher -> 10 subscribers, 1200-byte packets, highest zero-loss rate.
+    Fanout,
+    /// 50 rooms x 4 participants, 160-byte packets at 50 packets/s each.
+    Rooms,
+}
+
+impl Scenario {
+    /// Name in tables and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Scenario::Fanout => "fanout",
+            Scenario::Rooms => "rooms",
+        }
+    }
+}
+
+/// What `perf run` was asked to do.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Scenarios, in order.
+    pub scenarios: Vec<Scenario>,
+    /// Tiny scale for CI.
+    pub quick: bool,
+    /// Repetitions of every (scenario, contender); tables show medians.
+    pub runs: usize,
+    /// Where the JSON goes.
+    pub out: PathBuf,
+    /// The relay binary.
+    pub relay_bin: PathBuf,
+    /// Shards the relay runs with.
+    pub relay_shards: u16,
+    /// Contenders, in the order they run.
+    pub contenders: Vec<Kind>,
+    /// (load-generator CPU, contender CPU), or `None` to leave placement to the scheduler.
+    pub cores: Option<(usize, usize)>,
+    /// Scheduling of the harness and, by inheritance, of the contenders.
+    pub priority: Priority,
+}
+
+/// How the measured processes are protected from other work on a shared machine, which would
+/// otherwise preempt them for whole time slices and show up as milliseconds of latency.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Priority {
+    /// SCHED_FIFO priority 10: wakes ahead of any normal task.
+    Realtime,
+    /// Nice -10: a larger share under the fair scheduler, no guarantee on wakeup.
+    Nice,
+    /// Leave scheduling alone.
+    Unchanged,
+}
+
+impl Priority {
+    /// Name on the command line and in the JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            Priority::Realtime => "rt",
+            Priority::Nice => "nice",
+            Priority::Unchanged => "none",
+        }
+    }
+
+    /// Applies it to the calling thread (and so to everything started afterwards).
+    fn apply(self) {
+        let result = match self {
+            Priority::Realtime => crate::sys::set_fifo(10),
+            Priority::Nice => crate::sys::set_nice(-10),
+            Priority::Unchanged => Ok(()),
+        };
+        if let Err(e) = result {
+            eprintln!("cannot apply --priority {}: {e}", self.name());
+        }
+    }
+}
+
+/// Sizes and durations of the workloads.
+#[derive(Clone, Debug)]
+struct Scale {
+    fanout_subscribers: usize,
+    fanout_packet_len: usize,
+    /// Publisher rates of the search; 0 steps means "measure at `search_start_pps`".
+    search_start_pps: u64,
+    search_max_pps: u64,
+    search_steps: usize,
+    search_step: Duration,
+    measure: Duration,
+    n_rooms: usize,
+    room_size: usize,
+    rooms_pps: f64,
+    rooms_packet_len: usize,
+    rooms_duration: Duration,
+    warmup: Duration,
+}
+
+impl Scale {
+    fn new(quick: bool) -> Self {
+        let full = Self {
+            fanout_subscribers: 10,
+            fanout_packet_len: 1200,
+            search_start_pps: 2_000,
+            search_max_pps: 200_000,
+            search_steps: 12,
+            search_step: Duration::from_secs(2),
+            measure: Duration::from_secs(5),
+            n_rooms: 50,
+            room_size: 4,
+            rooms_pps: 50.0,
+            rooms_packet_len: 160,
+            rooms_duration: Duration::from_secs(10),
+            warmup: Duration::from_millis(300),
+        };
+        if !quick {
+            return full;
+        }
+        Self {
+            search_steps: 0,
+            measure: Duration::from_millis(500),
+            n_rooms: 10,
+            rooms_duration: Duration::from_secs(1),
+            warmup: Duration::from_millis(100),
+            ..full
+        }
+    }
+}
+
+/// One measured step: named values, `None` where not measurable.
+#[derive(Clone, Debug)]
+pub struct Measurement {
+    /// `max`, `half` (fanout) or `load` (rooms).
+    pub label: &'static str,
+    /// Named values in a fixed order.
+    pub values: Vec<(&'static str, Option<f64>)>,
+}
+
+impl Measurement {
+    /// The value named `key`, if measured.
+    pub fn get(&self, key: &str) -> Option<f64> {
+        self.values
+            .iter()
+            .find(|(k, _)| *k == key)
+            .and_then(|(_, v)| *v)
+    }
+}
+
+/// How a contender's run went.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Status {
+    /// It ran and was measured.
+    Ran,
+    /// It could not start (for example its I/O backend is not available here).
+    Unavailable(String),
+    /// It started but the run broke.
+    Failed(String),
+}
+
+/// Everything recorded for one contender in one run of one scenario.
+#[derive(Clone, Debug)]
+pub struct ContenderRun {
+    /// Which contender.
+    pub kind: Kind,
+    /// How it went.
+    pub status: Status,
+    /// The ready line it printed.
+    pub ready_line: String,
+    /// Rate-search steps: (publisher pps, clean, lost).
+    pub search: Vec<(u64, bool, u64)>,
+    /// Measured steps.
+    pub measurements: Vec<Measurement>,
+}
+
+impl ContenderRun {
+    fn new(kind: Kind, status: Status) -> Self {
+        Self {
+            kind,
+            status,
+            ready_line: String::new(),
+            search: Vec::new(),
+            measurements: Vec::new(),
+        }
+    }
+
+    /// Whether it ran and every measurement delivered packets.
+    pub fn delivered(&self) -> bool {
+        self.status == Status::Ran
+            && !self.measurements.is_empty()
+            && self
+                .measurements
+                .iter()
+                .all(|m| m.get("delivered") > Some(0.0))
+    }
+}
+
+/// The results of a whole invocation.
+pub struct Outcome {
+    /// Per scenario, every contender run in order.
+    pub scenarios: Vec<(Scenario, Vec<ContenderRun>)>,
+    /// How system calls were counted, or why they were not.
+    pub syscall_method: String,
+}
+
+/// The running process being measured and its participants.
+struct Ctx<'a> {
+    pid: u32,
+    metrics: Option<SocketAddr>,
+    parts: &'a [Participant],
+    topo: &'a Topology,
+}
+
+/// Runs every scenario for every contender `cfg.runs` times, interleaving contenders within
+/// each run so that slow drift of the machine affects all of them alike.
+pub fn run(cfg: &Config) -> anyhow::Result<Outcome> {
+    let mut h = Harness::new(cfg)?;
+    let mut scenarios = Vec::new();
+    for &sc in &cfg.scenarios {
+        let mut runs = Vec::new();
+        let mut unavailable = Vec::new();
+        for r in 0..cfg.runs {
+            for &kind in &cfg.contenders {
+                if unavailable.contains(&kind) {
+                    continue; // its reason is already recorded; starting it again wastes time
+                }
+                eprintln!("[{} run {}/{}] {}", sc.name(), r + 1, cfg.runs, kind.name());
+                let cr = h.run_contender(kind, sc);
+                if let Status::Unavailable(why) | Status::Failed(why) = &cr.status {
+                    eprintln!("  {}: {why}", kind.name());
+                }
+                if matches!(cr.status, Status::Unavailable(_)) {
+                    unavailable.push(kind);
+                }
+                runs.push(cr);
+            }
+        }
+        print!(
+            "{}",
+            crate::report::scenario_markdown(sc, &cfg.contenders, &runs)
+        );
+        scenarios.push((sc, runs));
+    }
+    let _ = std::fs::remove_dir_all(&h.tmp);
+    Ok(Outcome {
+        scenarios,
+        syscall_method: h.syscall_method(),
+    })
+}
+
+struct Harness<'c> {
+    cfg: &'c Config,
+    scale: Scale,
+    counter: Result<SyscallCounter, String>,
+    key: SigningKey,
+    public_key_hex: String,
+    tmp: PathBuf,
+    step_id: u32,
+}
+
+impl<'c> Harness<'c> {
+    fn new(cfg: &'c Config) -> anyhow::Result<Self> {
+        cfg.priority.apply();
+        if let Some((loadgen_cpu, _)) = cfg.cores {
+            // Threads and children inherit this; contenders are moved to their own core.
+            crate::sys::pin(0, loadgen_cpu)?;
+        }
+        let tmp = std::env::temp_dir().join(format!("perf-harness-{}", std::process::id()));
+        std::fs::create_dir_all(&tmp)?;
+        let counter = SyscallCounter::probe();
+        if let Err(why) = &counter {
+            eprintln!("system calls will not be counted externally: {why}");
+        }
+        // A fixed key: these tokens only ever reach a relay started by this harness.
+        let key = SigningKey::from_bytes(&[0x5a; 32]);
+        let public_key_hex = proto::token::hex(key.verifying_key().as_bytes());
+        Ok(Self {
+            cfg,
+            scale: Scale::new(cfg.quick),
+            counter,
+            key,
+            public_key_hex,
+            tmp,
+            step_id: 0,
+        })
+    }
+
+    fn syscall_method(&self) -> String {
+        match &self.counter {
+            Ok(_) => "perf stat -e raw_syscalls:sys_enter -p PID (whole process)".into(),
+            Err(why) => format!("not counted: {why}"),
+        }
+    }
+
+    fn topology(&self, sc: Scenario) -> Topology {
+        match sc {
+            Scenario::Fanout => Topology::fanout(self.scale.fanout_subscribers),
+            Scenario::Rooms => Topology::rooms(self.scale.n_rooms, self.scale.room_size),
+        }
+    }
+
+    /// Starts `kind`, measures it under scenario `sc`, stops it.
+    fn run_contender(&mut self, kind: Kind, sc: Scenario) -> ContenderRun {
+        let topo = self.topology(sc);
+        let prepared = self.prepare(kind, &topo);
+        let (mut parts, mut running) = match prepared {
+            Ok(p) => p,
+            Err(status) => return ContenderRun::new(kind, status),
+        };
+        let mut cr = ContenderRun::new(kind, Status::Ran);
+        cr.ready_line = running.ready_line.clone();
+        if let Err(e) = self.drive(kind, sc, &topo, &mut parts, &running, &mut cr) {
+            cr.status = Status::Failed(format!("{e:#}"));
+        }
+        let exit = running.stop();
+        if !exit.contains("exit status: 0") && !exit.contains("signal: 15") {
+            eprintln!("  {} ended: {exit}", kind.name());
+        }
+        cr
+    }
+
+    /// Binds the participants, writes the rooms file and starts the contender.
+    fn prepare(&self, kind: Kind, topo: &Topology) -> Result<(Vec<Participant>, Running), Status> {
+        let failed = |e: anyhow::Error| Status::Failed(format!("{e:#}"));
+        let parts = loadgen::bind_participants(topo.members.len()).map_err(failed)?;
+        let rooms: Vec<_> = topo
+            .rooms
+            .iter()
+            .map(|r| r.iter().map(|&i| parts[i].addr).collect())
+            .collect();
+        let rooms_file = self.tmp.join("rooms.txt");
+        std::fs::write(&rooms_file, write_rooms_file(&rooms)).map_err(|e| failed(e.into()))?;
+        let launch = Launch {
+            relay_bin: &self.cfg.relay_bin,
+            relay_shards: self.cfg.relay_shards,
+            public_key_hex: &self.public_key_hex,
+            rooms_file: &rooms_file,
+            stderr_file: self
+                .tmp
+                .join(format!("{}.stderr", kind.name().replace('/', "-"))),
+            cpu: self.cfg.cores.map(|c| c.1),
+        };
+        let running = contender::start(kind, &launch).map_err(|why| {
+            if kind.is_relay() {
+                Status::Unavailable(why)
+            } else {
+                Status::Failed(why) // a baseline that cannot start is a bug, not a platform gap
+            }
+        })?;
+        Ok((parts, running))
+    }
+
+    fn drive(
+        &mut self,
+        kind: Kind,
+        sc: Scenario,
+        topo: &Topology,
+        parts: &mut [Participant],
+        running: &Running,
+        cr: &mut ContenderRun,
+    ) -> anyhow::Result<()> {
+        let room_of = |i: usize| topo.members[i].room_idx as u64 + 1;
+        loadgen::connect(parts, |i| running.target(room_of(i)))?;
+        if kind.is_relay() {
+            self.join(parts, topo, running.n_shards)?;
+        }
+        let ctx = Ctx {
+            pid: running.pid,
+            metrics: running.metrics,
+            parts,
+            topo,
+        };
+        let (rate, len) = match sc {
+            Scenario::Fanout => (1_000.0, self.scale.fanout_packet_len),
+            Scenario::Rooms => (self.scale.rooms_pps, self.scale.rooms_packet_len),
+        };
+        let warm = self.step(&ctx, rate, self.scale.warmup, len);
+        eprintln!("  warm-up: {}", progress(&warm));
+        match sc {
+            Scenario::Fanout => self.fanout(&ctx, cr),
+            Scenario::Rooms => {
+                let (pps, d) = (self.scale.rooms_pps, self.scale.rooms_duration);
+                let m = self.measure(&ctx, "load", pps, d, len, true).0;
+                cr.measurements.push(m);
+            }
+        }
+        Ok(())
+    }
+
+    /// Mints a token for every participant and binds it on the shard that owns its room.
+    fn join(
+        &self,
+        parts: &mut [Participant],
+        topo: &Topology,
+        n_shards: u16,
+    ) -> anyhow::Result<()> {
+        let now_s = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_secs();
+        for (i, p) in parts.iter_mut().enumerate() {
+            let room_id = topo.members[i].room_idx as u64 + 1;
+            let grant = crate::join::Grant {
+                room_id,
+                shard_idx: (room_id % u64::from(n_shards)) as u16,
+                participant_id: i as u64 + 1,
+                publishes: topo.members[i].publishes,
+            };
+            let creds = crate::join::mint(&self.key, grant, now_s);
+            crate::join::bind(&p.sock, &creds)?;
+            p.creds = Some(creds);
+        }
+        Ok(())
+    }
+
+    /// Searches the highest zero-loss rate, then measures at it and at half of it.
+    fn fanout(&mut self, ctx: &Ctx, cr: &mut ContenderRun) {
+        let s = self.scale.clone();
+        let len = s.fanout_packet_len;
+        let mut search =
+            RateSearch::new(s.search_start_pps, s.search_max_pps, 0.05, s.search_steps);
+        while let Some(pps) = search.poll_rate() {
+            let (m, clean) = self.measure(ctx, "search", pps as f64, s.search_step, len, false);
+            cr.search
+                .push((pps, clean, m.get("lost").unwrap_or(0.0) as u64));
+            search.handle_result(pps, clean);
+        }
+        // Without a search (quick) or without any clean step, measure at the start rate and
+        // let the loss column tell.
+        let rate = search.best_pps().unwrap_or(s.search_start_pps) as f64;
+        let (mut max, _) = self.measure(ctx, "max", rate, s.measure, len, true);
+        max.values
+            .push(("zero_loss_search_steps", Some(search.steps() as f64)));
+        max.values.push((
+            "zero_loss_found",
+            Some(f64::from(u8::from(search.best_pps().is_some()))),
+        ));
+        cr.measurements.push(max);
+        let half = self
+            .measure(ctx, "half", rate / 2.0, s.measure, len, true)
+            .0;
+        cr.measurements.push(half);
+    }
+
+    fn step(
+        &mut self,
+        ctx: &Ctx,
+        rate_pps: f64,
+        duration: Duration,
+        packet_len: usize,
+    ) -> StepOutcome {
+        self.step_id += 1;
+        let plan = StepPlan {
+            step_id: self.step_id,
+            rate_pps,
+            duration,
+            packet_len,
+        };
+        loadgen::run_step(ctx.parts, ctx.topo, plan)
+    }
+
+    /// One step with the contender's CPU time, system calls and (relay) counters sampled
+    /// around it. Returns the measurement and whether it was clean: no loss, no refused send,
+    /// and the load generator kept its schedule (so the rate was really offered).
+    fn measure(
+        &mut self,
+        ctx: &Ctx,
+        label: &'static str,
+        rate_pps: f64,
+        duration: Duration,
+        packet_len: usize,
+        count_syscalls: bool,
+    ) -> (Measurement, bool) {
+        let before = Sample::take(ctx.pid, ctx.metrics);
+        let window = match (&self.counter, count_syscalls) {
+            (Ok(c), true) => c
+                .start(ctx.pid, &self.tmp)
+                .map_err(|e| eprintln!("  perf stat: {e:#}"))
+                .ok(),
+            _ => None,
+        };
+        let out = self.step(ctx, rate_pps, duration, packet_len);
+        let syscalls =
+            window.and_then(|w| w.finish().map_err(|e| eprintln!("  perf stat: {e:#}")).ok());
+        let after = Sample::take(ctx.pid, ctx.metrics);
+        let on_schedule = out.send_duration_ns as f64 <= duration.as_nanos() as f64 * 1.1;
+        let clean = out.lost() == 0 && out.send_failures == 0 && on_schedule;
+        eprintln!("  {label} {rate_pps:.0} pps: {}", progress(&out));
+        let m = Measurement {
+            label,
+            values: values(rate_pps, &out, &before, &after, syscalls),
+        };
+        (m, clean)
+    }
+}
+
+fn progress(o: &StepOutcome) -> String {
+    let egress = o.delivered as f64 / (o.send_duration_ns.max(1) as f64 / 1e9);
+    let p99 = o.latency.summary().map_or(f64::NAN, |l| l.p99_us);
+    format!(
+        "delivered {}/{} lost {} dup {} reord {} misrouted {} egress {egress:.0} pps p99 {p99:.1} us",
+        o.delivered,
+        o.expected,
+        o.lost(),
+        o.duplicates,
+        o.reordered,
+        o.misrouted
+    )
+}
+
+/// Counters of the contender at one instant.
+struct Sample {
+    cpu_ticks: Option<(u64, u64)>,
+    relay_syscalls: Option<f64>,
+    relay_drops: Option<f64>,
+}
+
+impl Sample {
+    fn take(pid: u32, metrics: Option<SocketAddr>) -> Self {
+        let text = metrics.and_then(|m| contender::scrape(m).ok());
+        let metric = |name| text.as_deref().and_then(|t| contender::metric_sum(t, name));
+        Self {
+            cpu_ticks: contender::cpu_ticks(pid),
+            relay_syscalls: metric("relay_syscalls_total"),
+            relay_drops: metric("relay_drops_total"),
+        }
+    }
+}
+
+fn values(
+    rate_pps: f64,
+    o: &StepOutcome,
+    before: &Sample,
+    after: &Sample,
+    syscalls: Option<u64>,
+) -> Vec<(&'static str, Option<f64>)> {
+    let pkts = o.delivered.max(1) as f64;
+    let ns_per_tick = 1e9 / crate::sys::clock_ticks_per_s() as f64;
+    let cpu = before.cpu_ticks.zip(after.cpu_ticks);
+    let per_pkt = |d: u64| d as f64 * ns_per_tick / pkts;
+    let delta = |a: Option<f64>, b: Option<f64>| Some(b? - a?);
+    let lat = o.latency.summary();
+    vec![
+        ("rate_pps_per_publisher", Some(rate_pps)),
+        ("send_duration_s", Some(o.send_duration_ns as f64 / 1e9)),
+        ("sent", Some(o.sent.iter().sum::<u64>() as f64)),
+        ("expected", Some(o.expected as f64)),
+        ("delivered", Some(o.delivered as f64)),
+        ("lost", Some(o.lost() as f64)),
+        (
+            "loss_ratio",
+            Some(o.lost() as f64 / o.expected.max(1) as f64),
+        ),
+        ("duplicates", Some(o.duplicates as f64)),
+        ("reordered", Some(o.reordered as f64)),
+        ("misrouted", Some(o.misrouted as f64)),
+        ("stale_or_invalid", Some(o.stale_or_invalid as f64)),
+        ("send_failures", Some(o.send_failures as f64)),
+        (
+            "egress_pps",
+            Some(o.delivered as f64 / (o.send_duration_ns.max(1) as f64 / 1e9)),
+        ),
+        ("p50_us", lat.map(|l| l.p50_us)),
+        ("p99_us", lat.map(|l| l.p99_us)),
+        ("p999_us", lat.map(|l| l.p999_us)),
+        ("max_us", lat.map(|l| l.max_us)),
+        (
+            "user_ns_per_pkt",
+            cpu.map(|(b, a)| per_pkt(a.0.saturating_sub(b.0))),
+        ),
+        (
+            "sys_ns_per_pkt",
+            cpu.map(|(b, a)| per_pkt(a.1.saturating_sub(b.1))),
+        ),
+        ("syscalls_per_pkt", syscalls.map(|n| n as f64 / pkts)),
+        (
+            "self_reported_syscalls_per_pkt",
+            delta(before.relay_syscalls, after.relay_syscalls).map(|n| n / pkts),
+        ),
+        ("relay_drops", delta(before.relay_drops, after.relay_drops)),
+    ]
+}
+
+/// The relay binary next to this one (both live in target/<profile>/).
+pub fn default_relay_bin() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_path_buf))
+        .unwrap_or_default()
+        .join("relay")
+}
