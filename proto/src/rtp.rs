@@ -42,6 +42,7 @@ pub const RTP_HEADER_LEN: usize = 12;
 
 impl<'a> RtpPacket<'a> {
     /// Parses `buf`. Never panics.
+    #[inline]
     pub fn parse(buf: &'a [u8]) -> Result<Self, RtpError> {
         if buf.len() < RTP_HEADER_LEN {
             return Err(RtpError::Truncated);
@@ -98,6 +99,7 @@ impl<'a> RtpPacket<'a> {
         u32::from_be_bytes([self.buf[4], self.buf[5], self.buf[6], self.buf[7]])
     }
     /// Synchronisation source.
+    #[inline]
     pub fn ssrc(&self) -> u32 {
         u32::from_be_bytes([self.buf[8], self.buf[9], self.buf[10], self.buf[11]])
     }

@@ -536,3 +536,4 @@ macro_rules! for_backend {
 }
 
 for_backend!(batch);
+for_backend!(uring);

@@ -112,6 +112,13 @@ impl Counters {
         self.drops[reason as usize] += 1;
     }
 
+    /// Counts a drop and returns the verdict for it.
+    #[inline]
+    pub fn dropped_now<'s>(&mut self, reason: DropReason) -> super::Verdict<'s> {
+        self.drop(reason);
+        super::Verdict::Drop(reason)
+    }
+
     /// Drops counted under `reason`.
     pub fn dropped(&self, reason: DropReason) -> u64 {
         self.drops[reason as usize]

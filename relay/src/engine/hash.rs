@@ -62,23 +62,54 @@ impl Hasher for FxHasher {
 /// `HashMap` with [`FxHasher`].
 pub type FxHashMap<K, V> = std::collections::HashMap<K, V, BuildHasherDefault<FxHasher>>;
 
-/// A transport address as a hash key: hashes as one or two machine words instead of the
-/// byte-by-byte walk of `SocketAddr`'s derived `Hash`.
+/// A transport address as a hash key: two integers, so that hashing is one multiply and
+/// equality two compares, instead of the field-by-field walk of `SocketAddr`. The IPv6 flow
+/// label is not part of a peer's identity and is left out.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct AddrKey(pub std::net::SocketAddr);
+pub struct AddrKey {
+    /// IPv6 address bits; 0 for IPv4.
+    ip6: u128,
+    /// Family tag (bits 48..50), IPv4 address (16..48) or IPv6 scope id (16..48), port (0..16).
+    rest: u64,
+}
+
+impl AddrKey {
+    /// The key of `addr`.
+    #[inline]
+    pub fn new(addr: std::net::SocketAddr) -> Self {
+        match addr {
+            std::net::SocketAddr::V4(a) => Self {
+                ip6: 0,
+                rest: (1 << 48) | (u64::from(a.ip().to_bits()) << 16) | u64::from(a.port()),
+            },
+            std::net::SocketAddr::V6(a) => Self {
+                ip6: a.ip().to_bits(),
+                rest: (2 << 48) | (u64::from(a.scope_id()) << 16) | u64::from(a.port()),
+            },
+        }
+    }
+}
 
 impl std::hash::Hash for AddrKey {
     #[inline]
     fn hash<H: Hasher>(&self, state: &mut H) {
-        match self.0 {
-            std::net::SocketAddr::V4(a) => {
-                state.write_u64((u64::from(a.ip().to_bits()) << 16) | u64::from(a.port()));
-            }
-            std::net::SocketAddr::V6(a) => {
-                let ip = a.ip().to_bits();
-                state.write_u64((ip >> 64) as u64 ^ u64::from(a.port()) << 48);
-                state.write_u64(ip as u64);
-            }
-        }
+        state.write_u64(self.rest ^ (self.ip6 as u64) ^ ((self.ip6 >> 64) as u64).rotate_left(17));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::SocketAddr;
+
+    #[test]
+    fn keys_distinguish_families_ports_and_addresses() {
+        let k = |s: &str| AddrKey::new(s.parse::<SocketAddr>().unwrap());
+        assert_eq!(k("1.2.3.4:5"), k("1.2.3.4:5"));
+        assert_ne!(k("1.2.3.4:5"), k("1.2.3.4:6"));
+        assert_ne!(k("1.2.3.4:5"), k("1.2.3.5:5"));
+        assert_ne!(k("0.0.0.0:5"), k("[::]:5"));
+        assert_ne!(k("[::1]:5"), k("[::2]:5"));
+        assert_ne!(k("[fe80::1%1]:5"), k("[fe80::1%2]:5"));
     }
 }

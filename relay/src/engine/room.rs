@@ -141,6 +141,23 @@ impl Room {
         self.iter().find(|(_, p)| p.owns_ssrc(ssrc)).map(|(s, _)| s)
     }
 
+    /// Records `ssrc` as published by the participant in `slot`, unless another participant of
+    /// the room owns it or this one has used up its SSRCs. Runs once per new stream.
+    pub fn learn_ssrc(&mut self, slot: u16, ssrc: u32) -> bool {
+        if self.owner_of_ssrc(ssrc).is_some() {
+            return false;
+        }
+        let Some(p) = self.get_mut(slot) else {
+            return false;
+        };
+        if usize::from(p.n_ssrcs) == MAX_SSRCS {
+            return false;
+        }
+        p.ssrcs[usize::from(p.n_ssrcs)] = ssrc;
+        p.n_ssrcs += 1;
+        true
+    }
+
     /// Recomputes every publisher's destination list. O(n^2) in the room size, run only on
     /// membership and subscription changes, never per packet. Reuses each list's capacity.
     pub fn rebuild_fanout(&mut self) {
