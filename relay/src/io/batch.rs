@@ -1,8 +1,8 @@
-//! The `batch` backend: poll(2) + recvmmsg(2) + sendmmsg(2).
+//! The `batch` backend: recvmmsg(2) + sendmmsg(2), two system calls per loop turn.
 //!
-//! Per loop turn: wait for input (bounded by the next timer), then up to
-//! [`MAX_BATCHES_PER_TURN`] times receive up to [`RX_BATCH`] datagrams with one recvmmsg, run
-//! each through the engine, and send every copy it asks for with one sendmmsg per batch. A
+//! Per loop turn: the first recvmmsg blocks until a datagram arrives (MSG_WAITFORONE, bounded
+//! by a receive timeout); up to [`MAX_BATCHES_PER_TURN`] times it receives up to [`RX_BATCH`] datagrams with one recvmmsg,
+//! runs each through the engine, and sends every copy it asks for with one sendmmsg per batch. A
 //! fan-out to N subscribers queues N message headers that all point at the same received
 //! buffer: no copy per subscriber.
 
@@ -16,6 +16,7 @@ use std::io;
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::{AsRawFd, RawFd};
 use std::ptr;
+use std::time::Duration;
 
 /// Size of a STUN reply buffer; replies are never larger than their request.
 const REPLY_LEN: usize = 256;
@@ -143,27 +144,16 @@ impl Tx {
 /// Runs one shard on `socket` until `ctx.stop` is set.
 pub fn run(engine: &mut Shard, socket: &UdpSocket, ctx: &ShardCtx) -> io::Result<()> {
     let fd = socket.as_raw_fd();
+    // The first receive of a turn blocks (MSG_WAITFORONE) for at most this long, so that the
+    // stop flag and the engine's timers are looked at regularly without a poll(2) per turn.
+    socket.set_read_timeout(Some(Duration::from_millis(WAIT_MS)))?;
     let mut rx = Rx::new();
     let mut tx = Tx::new();
     let mut io = IoCounters::default();
     let mut next_publish_us = 0;
     while !ctx.stopping() {
-        let now = ctx.now();
-        let wait_ms = engine
-            .poll_timeout()
-            .saturating_sub(now.mono_us)
-            .div_ceil(1000)
-            .min(MAX_WAIT_MS);
-        let mut pfd = libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        io.syscalls += 1;
-        // SAFETY: one live pollfd.
-        unsafe { libc::poll(&mut pfd, 1, wait_ms as libc::c_int) };
-        for _ in 0..MAX_BATCHES_PER_TURN {
-            let n = receive(fd, &mut rx, &mut io)?;
+        for turn_batch in 0..MAX_BATCHES_PER_TURN {
+            let n = receive(fd, &mut rx, &mut io, turn_batch == 0)?;
             if n == 0 {
                 break;
             }
@@ -186,9 +176,19 @@ pub fn run(engine: &mut Shard, socket: &UdpSocket, ctx: &ShardCtx) -> io::Result
     Ok(())
 }
 
-/// One non-blocking recvmmsg; returns how many datagrams arrived.
-fn receive(fd: RawFd, rx: &mut Rx, io: &mut IoCounters) -> io::Result<usize> {
+/// Longest blocking wait in one receive. Engine timers (binding expiry sweeps) are coarse, so
+/// firing them up to this late is harmless; stop requests are noticed within it.
+const WAIT_MS: u64 = if MAX_WAIT_MS < 10 { MAX_WAIT_MS } else { 10 };
+
+/// One recvmmsg: blocking until the first datagram (bounded by the socket's receive timeout)
+/// when `wait`, else non-blocking. Returns how many datagrams arrived.
+fn receive(fd: RawFd, rx: &mut Rx, io: &mut IoCounters, wait: bool) -> io::Result<usize> {
     rx.arm();
+    let flags = if wait {
+        libc::MSG_WAITFORONE
+    } else {
+        libc::MSG_DONTWAIT
+    };
     loop {
         io.syscalls += 1;
         // SAFETY: the headers point into `rx`, which outlives the call.
@@ -197,7 +197,7 @@ fn receive(fd: RawFd, rx: &mut Rx, io: &mut IoCounters) -> io::Result<usize> {
                 fd,
                 rx.hdrs.as_mut_ptr(),
                 RX_BATCH as libc::c_uint,
-                libc::MSG_DONTWAIT,
+                flags,
                 ptr::null_mut(),
             )
         };
@@ -206,7 +206,8 @@ fn receive(fd: RawFd, rx: &mut Rx, io: &mut IoCounters) -> io::Result<usize> {
         }
         let err = io::Error::last_os_error();
         match err.kind() {
-            io::ErrorKind::WouldBlock => return Ok(0),
+            // Timeout of a blocking wait, or nothing queued for a non-blocking one.
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => return Ok(0),
             io::ErrorKind::Interrupted => continue,
             // ICMP errors queued on the socket surface here; they are not fatal.
             io::ErrorKind::ConnectionRefused | io::ErrorKind::ConnectionReset => return Ok(0),

@@ -2,7 +2,7 @@
 //! thread: receive a batch, hand every datagram to the engine, send what it decided, fire
 //! timers, publish counters, until the stop flag is set.
 //!
-//! - [`batch`]: poll(2) + recvmmsg/sendmmsg. Runs everywhere.
+//! - [`batch`]: recvmmsg/sendmmsg. Runs everywhere.
 //! - [`uring`]: io_uring with multishot receive into a provided-buffer ring.
 //!
 //! `unsafe` lives in this module tree only.
