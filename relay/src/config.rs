@@ -48,6 +48,12 @@ pub struct Flags {
     /// Binding TTL in milliseconds.
     #[arg(long)]
     pub binding_ttl_ms: Option<u64>,
+    /// ctl's address, `http://host:port`; without it the relay runs standalone.
+    #[arg(long)]
+    pub ctl: Option<String>,
+    /// Host name or address clients reach this relay at (reported to ctl).
+    #[arg(long)]
+    pub advertise_host: Option<String>,
     /// Do not pin shard threads to CPUs.
     #[arg(long)]
     pub no_pin: bool,
@@ -112,6 +118,14 @@ pub struct Config {
     pub pin: bool,
     /// Socket buffer sizes requested, bytes.
     pub socket_buffer_bytes: usize,
+    /// ctl's address, `http://host:port`; none to run standalone.
+    pub ctl: Option<String>,
+    /// Host clients reach this relay at; default: the bind address.
+    pub advertise_host: Option<String>,
+    /// NIC capacity reported to ctl, Gbit/s.
+    pub nic_gbps: f64,
+    /// Labels reported to ctl (region, rack, ...).
+    pub labels: std::collections::BTreeMap<String, String>,
     /// Limits.
     pub limits: Limits,
 }
@@ -129,6 +143,10 @@ impl Default for Config {
             binding_ttl_ms: 30_000,
             pin: true,
             socket_buffer_bytes: 8 << 20,
+            ctl: None,
+            advertise_host: None,
+            nic_gbps: 10.0,
+            labels: Default::default(),
             limits: Limits::default(),
         }
     }
@@ -154,6 +172,11 @@ impl Config {
         cfg.relay_id = flags.relay_id.unwrap_or(cfg.relay_id);
         cfg.binding_ttl_ms = flags.binding_ttl_ms.unwrap_or(cfg.binding_ttl_ms);
         cfg.pin &= !flags.no_pin;
+        cfg.ctl = flags.ctl.clone().or(cfg.ctl);
+        cfg.advertise_host = flags.advertise_host.clone().or(cfg.advertise_host);
+        if cfg.ctl.is_some() && cfg.relay_id == 0 {
+            return Err("a relay that talks to ctl needs a nonzero relay_id (--relay-id)".into());
+        }
         Ok(cfg)
     }
 

@@ -6,8 +6,10 @@
 //! - [`config`], [`metrics`], [`signals`]: the process around them.
 
 pub mod config;
+pub mod ctl_client;
 pub mod engine;
 pub mod io;
 pub mod metrics;
+pub mod ring;
 pub mod runtime;
 pub mod signals;

@@ -4,6 +4,47 @@ use clap::Parser;
 use relay::config::{Config, Flags};
 use relay::runtime::Relay;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Registers with ctl before the shards start; takes ctl's public key when none is configured.
+fn register_with_ctl(
+    cfg: &mut Config,
+    url: &str,
+) -> Result<(std::net::SocketAddr, relay::ctl_client::Identity), String> {
+    let addr = relay::ctl_client::parse_url(url)?;
+    let shards = if cfg.shards == 0 {
+        relay::io::sys::available_cpus()
+    } else {
+        cfg.shards
+    };
+    let identity = relay::ctl_client::Identity {
+        relay_id: cfg.relay_id,
+        host: cfg
+            .advertise_host
+            .clone()
+            .unwrap_or_else(|| cfg.bind.to_string()),
+        udp_base_port: cfg.base_port,
+        shards,
+        nic_gbps: cfg.nic_gbps,
+        labels: cfg.labels.clone(),
+    };
+    let reply =
+        relay::ctl_client::register(addr, &identity, Instant::now() + Duration::from_secs(30))?;
+    match &cfg.public_key {
+        Some(k) if !k.trim().eq_ignore_ascii_case(reply.public_key.trim()) => {
+            return Err("the configured public key differs from ctl's".into());
+        }
+        Some(_) => {}
+        None => cfg.public_key = Some(reply.public_key),
+    }
+    eprintln!(
+        "relay: registered with ctl at {addr} as relay {}",
+        cfg.relay_id
+    );
+    Ok((addr, identity))
+}
 
 fn main() -> ExitCode {
     let flags = Flags::parse();
@@ -17,7 +58,7 @@ fn main() -> ExitCode {
 }
 
 fn run(flags: &Flags) -> Result<(), String> {
-    let cfg = Config::load(flags)?;
+    let mut cfg = Config::load(flags)?;
     // Block the stop signals before any thread starts, so every thread inherits the mask and
     // only the main thread receives them, synchronously, in `wait_for_stop_signal`.
     let signals = relay::signals::block_stop_signals().map_err(|e| format!("sigprocmask: {e}"))?;
@@ -28,7 +69,25 @@ fn run(flags: &Flags) -> Result<(), String> {
         ),
         None => None,
     };
-    let relay = Relay::start(&cfg)?;
+    let ctl = match cfg.ctl.clone() {
+        Some(url) => Some(register_with_ctl(&mut cfg, &url)?),
+        None => None,
+    };
+    let mut relay = Relay::start(&cfg)?;
+    let stop_ctl = Arc::new(AtomicBool::new(false));
+    if let Some((addr, identity)) = ctl {
+        let ctl_loop = relay::ctl_client::CtlLoop {
+            ctl: addr,
+            identity,
+            stats: relay.stats.clone(),
+            commands: std::mem::take(&mut relay.commands),
+            stop: stop_ctl.clone(),
+        };
+        std::thread::Builder::new()
+            .name("ctl".into())
+            .spawn(move || ctl_loop.run())
+            .map_err(|e| e.to_string())?;
+    }
     eprintln!(
         "relay: backend {} ({})",
         relay.backend.as_str(),
@@ -57,6 +116,7 @@ fn run(flags: &Flags) -> Result<(), String> {
     );
     let signal = relay::signals::wait_for_stop_signal(&signals, || relay.any_shard_finished());
     eprintln!("relay: {signal}, stopping");
+    stop_ctl.store(true, Ordering::Relaxed);
     relay.shutdown()?;
     eprintln!("relay: stopped");
     Ok(())

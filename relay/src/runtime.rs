@@ -2,8 +2,9 @@
 //! (`base_port + shard_idx`), its own engine and its own I/O backend instance.
 
 use crate::config::{Config, IoChoice};
-use crate::engine::{EngineConfig, Shard};
+use crate::engine::{Command, EngineConfig, Shard};
 use crate::io::{self, Backend, ShardCtx, ShardStats};
+use crate::ring::{self, Producer};
 use proto::token::TokenVerifier;
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
@@ -22,9 +23,14 @@ pub struct Relay {
     pub stats: Vec<Arc<ShardStats>>,
     /// Each shard's bound UDP address.
     pub addrs: Vec<SocketAddr>,
+    /// Command rings to each shard, in shard order; taken by the control-plane client.
+    pub commands: Vec<Producer<Command>>,
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<std::io::Result<()>>>,
 }
+
+/// Commands queued per shard at most; a full ring makes the sender retry on its next round.
+pub const COMMAND_RING_CAPACITY: usize = 1024;
 
 /// Chooses the backend: an explicit choice must work; `auto` takes `batch`, the faster one on
 /// our benchmark (perf/RESULTS.md), and says whether io_uring would have been available.
@@ -77,6 +83,7 @@ impl Relay {
             backend_reason,
             stats: Vec::new(),
             addrs: Vec::new(),
+            commands: Vec::new(),
             stop: stop.clone(),
             threads: Vec::new(),
         };
@@ -88,12 +95,10 @@ impl Relay {
                 .push(socket.local_addr().map_err(|e| e.to_string())?);
             let stats = Arc::new(ShardStats::default());
             relay.stats.push(stats.clone());
-            let ctx = ShardCtx {
-                shard_idx: shard_idx as u16,
-                stop: stop.clone(),
-                stats,
-                origin,
-            };
+            let (producer, consumer) = ring::ring(COMMAND_RING_CAPACITY);
+            relay.commands.push(producer);
+            let ctx = ShardCtx::new(shard_idx as u16, stop.clone(), stats, origin)
+                .with_commands(consumer);
             let engine_cfg = cfg.engine();
             let verifier = verifier.clone();
             let pin = cfg.pin.then(|| shard_idx % io::sys::available_cpus());

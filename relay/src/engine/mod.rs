@@ -98,6 +98,25 @@ enum Decision {
     Drop(DropReason),
 }
 
+/// An instruction from the control plane (ctl, via the control thread).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Command {
+    /// Unbind a participant; it stops receiving and its packets are dropped as unbound.
+    RemoveParticipant {
+        /// Room id.
+        room: u64,
+        /// Participant id.
+        participant: u64,
+    },
+    /// Unbind every participant of a room.
+    CloseRoom {
+        /// Room id.
+        room: u64,
+    },
+    /// Refuse new rooms (existing rooms go on) while `true`.
+    SetDraining(bool),
+}
+
 /// Where a bound address lives: room slot and participant slot.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct BindingRef {
@@ -116,6 +135,7 @@ pub struct Shard {
     room_by_id: FxHashMap<u64, u32>,
     n_participants: usize,
     new_bindings: TokenBucket,
+    draining: bool,
     next_sweep_us: u64,
     /// Scratch destination list for RTCP feedback routing; capacity reserved up front.
     scratch: Vec<SocketAddr>,
@@ -139,6 +159,7 @@ impl Shard {
             room_by_id: FxHashMap::default(),
             n_participants: 0,
             new_bindings,
+            draining: false,
             counters: Counters::default(),
         }
     }
@@ -444,6 +465,9 @@ impl Shard {
         if self.room_by_id.len() >= self.cfg.max_rooms {
             return Err((DropReason::RoomLimit, 403, "Shard full"));
         }
+        if self.draining {
+            return Err((DropReason::RoomLimit, 403, "Draining"));
+        }
         let room = Room::new(id, self.cfg.max_participants_per_room);
         let slot = match self.free_rooms.pop() {
             Some(slot) => {
@@ -498,6 +522,37 @@ impl Shard {
                 true
             }
             None => false,
+        }
+    }
+
+    /// Removes every participant of room `room_id`. Returns how many were removed.
+    pub fn close_room(&mut self, room_id: u64) -> usize {
+        let Some(&room_slot) = self.room_by_id.get(&room_id) else {
+            return 0;
+        };
+        let room = self.rooms[room_slot as usize]
+            .as_ref()
+            .expect("indexed rooms are live");
+        let slots: Vec<u16> = room.iter().map(|(slot, _)| slot).collect();
+        for &slot in &slots {
+            self.unbind(BindingRef {
+                room: room_slot,
+                participant: slot,
+            });
+        }
+        slots.len()
+    }
+
+    /// Applies a control-plane command.
+    pub fn handle_command(&mut self, cmd: Command) {
+        match cmd {
+            Command::RemoveParticipant { room, participant } => {
+                self.remove_participant(room, participant);
+            }
+            Command::CloseRoom { room } => {
+                self.close_room(room);
+            }
+            Command::SetDraining(on) => self.draining = on,
         }
     }
 

@@ -405,3 +405,31 @@ fn random_datagrams_keep_invariants() {
     f.shard.check_invariants();
     assert!(f.shard.n_participants() >= 2);
 }
+
+#[test]
+fn commands_remove_close_and_drain() {
+    let mut f = Fixture::new(EngineConfig::default());
+    f.join(1, 10, 1);
+    f.join(2, 10, 2);
+    f.join(3, 10, 3);
+    f.join(4, 20, 1);
+    f.shard.handle_command(Command::RemoveParticipant {
+        room: 10,
+        participant: 3,
+    });
+    assert_eq!(f.send(addr(1), &rtp(1, 1)), Ok(vec![2]));
+    f.shard.handle_command(Command::CloseRoom { room: 10 });
+    assert_eq!(f.send(addr(1), &rtp(1, 2)), Err("unbound".into()));
+    assert_eq!((f.shard.n_rooms(), f.shard.n_participants()), (1, 1));
+    f.shard.handle_command(Command::SetDraining(true));
+    let t = f.token(30, 1, Permissions::ALL);
+    assert_eq!(
+        f.send(addr(5), &Fixture::request(&t)),
+        Err("error 403".into()),
+        "no new rooms"
+    );
+    f.join(6, 20, 2); // existing rooms still take participants
+    f.shard.handle_command(Command::SetDraining(false));
+    f.join(5, 30, 1);
+    f.shard.check_invariants();
+}

@@ -8,8 +8,7 @@
 
 use super::sys::{from_sockaddr, sockaddr_storage, to_sockaddr};
 use super::{
-    IoCounters, ShardCtx, MAX_BATCHES_PER_TURN, MAX_DATAGRAM, MAX_WAIT_MS, PUBLISH_INTERVAL_US,
-    RX_BATCH, TX_BATCH,
+    IoCounters, ShardCtx, MAX_BATCHES_PER_TURN, MAX_DATAGRAM, MAX_WAIT_MS, RX_BATCH, TX_BATCH,
 };
 use crate::engine::{Shard, Verdict};
 use std::io;
@@ -163,14 +162,7 @@ pub fn run(engine: &mut Shard, socket: &UdpSocket, ctx: &ShardCtx) -> io::Result
                 break;
             }
         }
-        let now = ctx.now();
-        if now.mono_us >= engine.poll_timeout() {
-            engine.handle_timeout(now);
-        }
-        if now.mono_us >= next_publish_us {
-            ctx.stats.publish(engine, &io);
-            next_publish_us = now.mono_us + PUBLISH_INTERVAL_US;
-        }
+        ctx.housekeeping(engine, &io, &mut next_publish_us);
     }
     ctx.stats.publish(engine, &io);
     Ok(())

@@ -11,7 +11,9 @@ pub mod batch;
 pub mod sys;
 pub mod uring;
 
-use crate::engine::{Now, Shard};
+use crate::engine::{Command, Now, Shard};
+use crate::ring::Consumer;
+use std::cell::RefCell;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -71,9 +73,56 @@ pub struct ShardCtx {
     pub stats: Arc<ShardStats>,
     /// Monotonic origin of the engine's clock.
     pub origin: Instant,
+    /// Commands from the control thread, if it sends any.
+    commands: Option<RefCell<Consumer<Command>>>,
 }
 
+/// Commands applied per loop turn at most; the rest wait for the next turn.
+pub const MAX_COMMANDS_PER_TURN: usize = 64;
+
 impl ShardCtx {
+    /// A context without a command channel.
+    pub fn new(
+        shard_idx: u16,
+        stop: Arc<AtomicBool>,
+        stats: Arc<ShardStats>,
+        origin: Instant,
+    ) -> Self {
+        Self {
+            shard_idx,
+            stop,
+            stats,
+            origin,
+            commands: None,
+        }
+    }
+
+    /// Adds the receiving end of the control thread's command ring.
+    pub fn with_commands(mut self, commands: Consumer<Command>) -> Self {
+        self.commands = Some(RefCell::new(commands));
+        self
+    }
+
+    /// Once per loop turn, after the datagrams: applies pending commands, fires the engine's
+    /// timers when due and publishes counters every [`PUBLISH_INTERVAL_US`].
+    pub fn housekeeping(&self, engine: &mut Shard, io: &IoCounters, next_publish_us: &mut u64) {
+        if let Some(commands) = &self.commands {
+            let mut commands = commands.borrow_mut();
+            for _ in 0..MAX_COMMANDS_PER_TURN {
+                let Some(cmd) = commands.pop() else { break };
+                engine.handle_command(cmd);
+            }
+        }
+        let now = self.now();
+        if now.mono_us >= engine.poll_timeout() {
+            engine.handle_timeout(now);
+        }
+        if now.mono_us >= *next_publish_us {
+            self.stats.publish(engine, io);
+            *next_publish_us = now.mono_us + PUBLISH_INTERVAL_US;
+        }
+    }
+
     /// The engine's view of the current time.
     #[inline]
     pub fn now(&self) -> Now {

@@ -22,8 +22,7 @@
 
 use super::sys::{from_sockaddr, sockaddr_storage, to_sockaddr};
 use super::{
-    IoCounters, ShardCtx, MAX_BATCHES_PER_TURN, MAX_DATAGRAM, MAX_WAIT_MS, PUBLISH_INTERVAL_US,
-    RX_BATCH, TX_BATCH,
+    IoCounters, ShardCtx, MAX_BATCHES_PER_TURN, MAX_DATAGRAM, MAX_WAIT_MS, RX_BATCH, TX_BATCH,
 };
 use crate::engine::{Now, Shard, Verdict};
 use io_uring::types::{CancelBuilder, Fd, RecvMsgOut, SubmitArgs, Timespec};
@@ -647,14 +646,8 @@ impl Driver {
                 return Err(e);
             }
             self.handle_queued(engine, ctx);
+            ctx.housekeeping(engine, &self.io, &mut next_publish_us);
             let now = ctx.now();
-            if now.mono_us >= engine.poll_timeout() {
-                engine.handle_timeout(now);
-            }
-            if now.mono_us >= next_publish_us {
-                ctx.stats.publish(engine, &self.io);
-                next_publish_us = now.mono_us + PUBLISH_INTERVAL_US;
-            }
             self.arm_recv();
             // Datagrams left over from a full turn: only submit, do not wait.
             let wait_us = if self.rx.is_empty() {
@@ -1076,12 +1069,7 @@ mod tests {
             let addr = socket.local_addr().expect("local addr");
             let stop = Arc::new(AtomicBool::new(false));
             let stats = Arc::new(ShardStats::default());
-            let ctx = ShardCtx {
-                shard_idx: 0,
-                stop: stop.clone(),
-                stats: stats.clone(),
-                origin: Instant::now(),
-            };
+            let ctx = ShardCtx::new(0, stop.clone(), stats.clone(), Instant::now());
             let thread = std::thread::spawn(move || {
                 let mut engine = Shard::new(EngineConfig::default(), 0, verifier, ctx.now());
                 run_with(&mut engine, &socket, &ctx, limits)

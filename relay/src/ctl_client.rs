@@ -1,0 +1,393 @@
+//! The relay's side of the relay <-> ctl contract (PROTOCOL.md section "Relay and ctl"):
+//! a heartbeat every second with capacity and load, and a long poll for commands, which are
+//! passed to the shards over their command rings. Runs on its own control thread with a tiny
+//! blocking HTTP/1.1 client (one request per connection), far from the packet path.
+
+use crate::engine::Command;
+use crate::io::ShardStats;
+use crate::ring::Producer;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Heartbeat period; ctl declares a relay dead after 3 s without one.
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
+/// Largest response body accepted from ctl.
+const MAX_RESPONSE_BYTES: usize = 1 << 20;
+
+/// What the relay tells ctl about itself.
+#[derive(Clone, Debug, Serialize)]
+pub struct Identity {
+    /// Nonzero relay id.
+    pub relay_id: u32,
+    /// Host clients should send media to.
+    pub host: String,
+    /// UDP port of shard 0.
+    pub udp_base_port: u16,
+    /// Number of shards.
+    pub shards: usize,
+    /// NIC capacity, Gbit/s.
+    pub nic_gbps: f64,
+    /// Free-form labels (region, rack).
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Serialize)]
+struct Heartbeat<'a> {
+    #[serde(flatten)]
+    identity: &'a Identity,
+    state: &'static str,
+    load: Vec<ShardLoad>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+struct ShardLoad {
+    shard: usize,
+    rooms: u64,
+    participants: u64,
+    rx_pps: f64,
+    tx_pps: f64,
+    rx_bps: f64,
+    tx_bps: f64,
+}
+
+/// ctl's answer to a heartbeat.
+#[derive(Clone, Debug, Deserialize)]
+pub struct HeartbeatReply {
+    /// ctl's Ed25519 public key, hex.
+    pub public_key: String,
+    /// Requested heartbeat period.
+    #[serde(default)]
+    pub heartbeat_ms: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Commands {
+    commands: Vec<WireCommand>,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum WireCommand {
+    RemoveParticipant { room: u64, participant: u64 },
+    CloseRoom { room: u64 },
+    Drain,
+    Undrain,
+}
+
+/// Resolves `http://host:port` (the only form accepted) to a socket address.
+pub fn parse_url(url: &str) -> Result<SocketAddr, String> {
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| format!("ctl URL must start with http://: {url}"))?;
+    let hostport = rest.trim_end_matches('/');
+    hostport
+        .to_socket_addrs()
+        .map_err(|e| format!("ctl URL {url}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("ctl URL {url}: no address"))
+}
+
+/// One HTTP request; returns the status code and body.
+fn request(
+    ctl: SocketAddr,
+    method: &str,
+    path: &str,
+    body: &[u8],
+    timeout: Duration,
+) -> Result<(u16, Vec<u8>), String> {
+    let mut s = TcpStream::connect_timeout(&ctl, Duration::from_secs(1))
+        .map_err(|e| format!("connect {ctl}: {e}"))?;
+    s.set_read_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
+    s.set_write_timeout(Some(Duration::from_secs(2)))
+        .map_err(|e| e.to_string())?;
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {ctl}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes())
+        .and_then(|()| s.write_all(body))
+        .map_err(|e| format!("send to {ctl}: {e}"))?;
+    let mut resp = Vec::new();
+    s.take(MAX_RESPONSE_BYTES as u64 + 4096)
+        .read_to_end(&mut resp)
+        .map_err(|e| format!("read from {ctl}: {e}"))?;
+    let split = resp
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or("malformed HTTP response")?;
+    let status_line = std::str::from_utf8(&resp[..split]).map_err(|_| "malformed HTTP response")?;
+    let status = status_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or("malformed HTTP status line")?;
+    Ok((status, resp[split + 4..].to_vec()))
+}
+
+fn heartbeat(
+    ctl: SocketAddr,
+    identity: &Identity,
+    draining: bool,
+    load: Vec<ShardLoad>,
+) -> Result<HeartbeatReply, String> {
+    let body = serde_json::to_vec(&Heartbeat {
+        identity,
+        state: if draining { "draining" } else { "serving" },
+        load,
+    })
+    .map_err(|e| e.to_string())?;
+    let (status, body) = request(
+        ctl,
+        "POST",
+        "/v1/relays/heartbeat",
+        &body,
+        Duration::from_secs(3),
+    )?;
+    if status != 200 {
+        return Err(format!(
+            "heartbeat: HTTP {status}: {}",
+            String::from_utf8_lossy(&body)
+        ));
+    }
+    serde_json::from_slice(&body).map_err(|e| format!("heartbeat reply: {e}"))
+}
+
+/// Registers with ctl (the first heartbeat) and returns its public key, retrying until
+/// `deadline`.
+pub fn register(
+    ctl: SocketAddr,
+    identity: &Identity,
+    deadline: Instant,
+) -> Result<HeartbeatReply, String> {
+    let zero_load = (0..identity.shards)
+        .map(|shard| ShardLoad {
+            shard,
+            ..ShardLoad::default()
+        })
+        .collect::<Vec<_>>();
+    loop {
+        match heartbeat(ctl, identity, false, zero_load.clone()) {
+            Ok(reply) => return Ok(reply),
+            Err(e) if Instant::now() >= deadline => {
+                return Err(format!("cannot register with ctl: {e}"))
+            }
+            Err(e) => {
+                eprintln!("relay: ctl not reachable yet ({e}); retrying");
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        }
+    }
+}
+
+/// The control-plane loop: heartbeats and command long-polls until `stop`.
+pub struct CtlLoop {
+    /// ctl's address.
+    pub ctl: SocketAddr,
+    /// What we report.
+    pub identity: Identity,
+    /// Each shard's published counters.
+    pub stats: Vec<Arc<ShardStats>>,
+    /// Each shard's command ring.
+    pub commands: Vec<Producer<Command>>,
+    /// Set when the process is stopping.
+    pub stop: Arc<AtomicBool>,
+}
+
+impl CtlLoop {
+    /// Runs until `stop` is set. Errors talking to ctl are logged and retried: the relay keeps
+    /// serving its rooms while ctl is away.
+    pub fn run(mut self) {
+        let mut draining = false;
+        let mut last = Snapshot::take(&self.stats);
+        let mut next_heartbeat = Instant::now();
+        while !self.stop.load(Ordering::Relaxed) {
+            if Instant::now() >= next_heartbeat {
+                let now = Snapshot::take(&self.stats);
+                let load = now.rates_since(&last);
+                last = now;
+                if let Err(e) = heartbeat(self.ctl, &self.identity, draining, load) {
+                    eprintln!("relay: {e}");
+                }
+                next_heartbeat += HEARTBEAT_INTERVAL;
+                if next_heartbeat < Instant::now() {
+                    next_heartbeat = Instant::now() + HEARTBEAT_INTERVAL;
+                }
+            }
+            let wait = next_heartbeat
+                .saturating_duration_since(Instant::now())
+                .min(Duration::from_millis(1000));
+            match self.poll_commands(wait) {
+                Ok(cmds) => {
+                    for c in cmds {
+                        draining = self.apply(c, draining);
+                    }
+                }
+                Err(e) => {
+                    eprintln!("relay: commands: {e}");
+                    std::thread::sleep(wait.min(Duration::from_millis(200)));
+                }
+            }
+        }
+    }
+
+    fn poll_commands(&self, wait: Duration) -> Result<Vec<WireCommand>, String> {
+        let path = format!(
+            "/v1/relays/{}/commands?wait_ms={}",
+            self.identity.relay_id,
+            wait.as_millis()
+        );
+        let (status, body) = request(self.ctl, "GET", &path, &[], wait + Duration::from_secs(2))?;
+        if status != 200 {
+            return Err(format!("HTTP {status}: {}", String::from_utf8_lossy(&body)));
+        }
+        Ok(serde_json::from_slice::<Commands>(&body)
+            .map_err(|e| format!("commands reply: {e}"))?
+            .commands)
+    }
+
+    /// Hands a command to every shard (a room's shard is not known here, and the others ignore
+    /// ids they do not host). Returns the new draining state.
+    fn apply(&mut self, c: WireCommand, draining: bool) -> bool {
+        let (cmd, draining) = match c {
+            WireCommand::RemoveParticipant { room, participant } => {
+                (Command::RemoveParticipant { room, participant }, draining)
+            }
+            WireCommand::CloseRoom { room } => (Command::CloseRoom { room }, draining),
+            WireCommand::Drain => (Command::SetDraining(true), true),
+            WireCommand::Undrain => (Command::SetDraining(false), false),
+        };
+        for (i, ring) in self.commands.iter_mut().enumerate() {
+            // The shard drains 64 commands per turn (every ~10 ms): a full ring is a burst far
+            // beyond what ctl sends; retry briefly, then report.
+            let mut pending = cmd;
+            let mut tries = 0;
+            while let Err(back) = ring.push(pending) {
+                pending = back;
+                tries += 1;
+                if tries == 100 {
+                    eprintln!("relay: shard {i} command ring full; dropped {cmd:?}");
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        draining
+    }
+}
+
+/// Counters at one instant, to turn into rates.
+struct Snapshot {
+    at: Instant,
+    shards: Vec<[u64; 6]>,
+}
+
+impl Snapshot {
+    fn take(stats: &[Arc<ShardStats>]) -> Self {
+        let get = |s: &ShardStats, f: &str| s.get(f).unwrap_or(0);
+        let shards = stats
+            .iter()
+            .map(|s| {
+                let s = &**s;
+                [
+                    get(s, "rx_packets"),
+                    get(s, "tx_packets"),
+                    get(s, "rx_bytes"),
+                    get(s, "tx_bytes"),
+                    get(s, "rooms"),
+                    get(s, "participants"),
+                ]
+            })
+            .collect();
+        Self {
+            at: Instant::now(),
+            shards,
+        }
+    }
+
+    fn rates_since(&self, before: &Snapshot) -> Vec<ShardLoad> {
+        let secs = self.at.duration_since(before.at).as_secs_f64().max(1e-3);
+        let rate = |now: u64, then: u64| now.saturating_sub(then) as f64 / secs;
+        self.shards
+            .iter()
+            .zip(&before.shards)
+            .enumerate()
+            .map(|(shard, (n, b))| ShardLoad {
+                shard,
+                rooms: n[4],
+                participants: n[5],
+                rx_pps: rate(n[0], b[0]),
+                tx_pps: rate(n[1], b[1]),
+                rx_bps: 8.0 * rate(n[2], b[2]),
+                tx_bps: 8.0 * rate(n[3], b[3]),
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_commands_and_urls() {
+        let c: Commands = serde_json::from_str(
+            r#"{"commands":[{"type":"remove_participant","room":1,"participant":2},{"type":"close_room","room":3},{"type":"drain"},{"type":"undrain"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            c.commands,
+            vec![
+                WireCommand::RemoveParticipant {
+                    room: 1,
+                    participant: 2
+                },
+                WireCommand::CloseRoom { room: 3 },
+                WireCommand::Drain,
+                WireCommand::Undrain
+            ]
+        );
+        assert!(serde_json::from_str::<Commands>(r#"{"commands":[{"type":"explode"}]}"#).is_err());
+        assert_eq!(
+            parse_url("http://127.0.0.1:7000").unwrap(),
+            "127.0.0.1:7000".parse().unwrap()
+        );
+        assert!(parse_url("https://x:1").is_err());
+    }
+
+    #[test]
+    fn heartbeat_body_matches_the_contract() {
+        let identity = Identity {
+            relay_id: 7,
+            host: "127.0.0.1".into(),
+            udp_base_port: 40000,
+            shards: 1,
+            nic_gbps: 25.0,
+            labels: BTreeMap::from([("region".into(), "local".into())]),
+        };
+        let hb = Heartbeat {
+            identity: &identity,
+            state: "serving",
+            load: vec![ShardLoad::default()],
+        };
+        let v: serde_json::Value = serde_json::to_value(&hb).unwrap();
+        for key in [
+            "relay_id",
+            "host",
+            "udp_base_port",
+            "shards",
+            "nic_gbps",
+            "labels",
+            "state",
+            "load",
+        ] {
+            assert!(v.get(key).is_some(), "missing {key}");
+        }
+        assert_eq!(v["load"][0]["rx_pps"], 0.0);
+    }
+}
