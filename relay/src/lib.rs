@@ -5,6 +5,7 @@
 //! - [`runtime`]: binds the shard sockets and starts the pinned shard threads.
 //! - [`config`], [`metrics`], [`signals`]: the process around them.
 
+pub mod chat;
 pub mod config;
 pub mod ctl_client;
 pub mod engine;

@@ -1,0 +1,1 @@
+//! The per-shard durable log (being written).
