@@ -28,8 +28,9 @@ pub enum Kind {
 }
 
 impl Kind {
-    /// All contenders, in the order they run.
-    pub const ALL: [Kind; 4] = [Kind::RelayUring, Kind::RelayBatch, Kind::Ideal, Kind::Tokio];
+    /// All contenders, in the order they run: the ideal forwarder first, because its
+    /// zero-loss rate sets the load at which every contender's latency is measured.
+    pub const ALL: [Kind; 4] = [Kind::Ideal, Kind::Tokio, Kind::RelayUring, Kind::RelayBatch];
 
     /// Name used in tables, JSON and `--contenders`.
     pub fn name(self) -> &'static str {
@@ -62,6 +63,8 @@ pub struct Launch<'a> {
     pub public_key_hex: &'a str,
     /// Rooms file for the baselines.
     pub rooms_file: &'a Path,
+    /// Relay configuration file (limits raised so they are never the bottleneck).
+    pub relay_config: &'a Path,
     /// Where the contender's stderr goes.
     pub stderr_file: PathBuf,
     /// CPU the contender is confined to, if pinning.
@@ -83,6 +86,14 @@ pub struct Running {
     pub metrics: Option<SocketAddr>,
 }
 
+/// Relay configuration for benchmarking: every per-participant limit stays in the packet path
+/// (its cost is measured) but is set far above the offered load, so a drop is a capacity
+/// limit and not policy.
+pub const RELAY_CONFIG: &str = "[limits]
+participant_pps = 10000000
+participant_bps = 100000000000
+";
+
 /// Starts `kind`. `Err` carries the reason it is unavailable.
 pub fn start(kind: Kind, l: &Launch) -> Result<Running, String> {
     let mut cmd;
@@ -95,6 +106,9 @@ pub fn start(kind: Kind, l: &Launch) -> Result<Running, String> {
         n_shards = l.relay_shards;
         metrics = Some(m);
         cmd = Command::new(l.relay_bin);
+        // --no-pin: the relay would pin shard i to CPU i, i.e. onto the load generator's core;
+        // the harness places every contender itself.
+        cmd.arg("--config").arg(l.relay_config).arg("--no-pin");
         let io = if kind == Kind::RelayUring {
             "uring"
         } else {
@@ -272,6 +286,18 @@ fn parse_stat_times(stat: &str) -> Option<(u64, u64)> {
     Some((f.next()?.parse().ok()?, f.next()?.parse().ok()?))
 }
 
+/// On-CPU time of every live thread of `pid` in ns, summed: the first field of
+/// /proc/<pid>/task/<tid>/schedstat, which the scheduler keeps exactly (no tick sampling). It
+/// cannot split user from system time, which is what the tick-based [`cpu_ticks`] is for.
+pub fn cpu_total_ns(pid: u32) -> Option<u64> {
+    let dir = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    let per_thread = dir.flatten().filter_map(|t| {
+        let text = std::fs::read_to_string(t.path().join("schedstat")).ok()?;
+        text.split_whitespace().next()?.parse::<u64>().ok()
+    });
+    Some(per_thread.sum())
+}
+
 /// Fetches the relay's Prometheus text.
 pub fn scrape(addr: SocketAddr) -> std::io::Result<String> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
@@ -316,6 +342,12 @@ mod tests {
         let stat = "1234 (relay shard 0) S 1 1234 1234 0 -1 4194560 100 0 0 0 57 31 0 0 20 0 3";
         assert_eq!(parse_stat_times(stat), Some((57, 31)));
         assert_eq!(parse_stat_times("garbage"), None);
+    }
+
+    #[test]
+    fn reads_this_process_cpu_time() {
+        assert!(cpu_total_ns(std::process::id()).is_some_and(|ns| ns > 0));
+        assert!(cpu_ticks(std::process::id()).is_some());
     }
 
     #[test]

@@ -13,8 +13,8 @@ use ed25519_dalek::SigningKey;
 
 use crate::contender::{self, Kind, Launch, Running};
 use crate::loadgen::{self, Participant, StepOutcome, StepPlan};
+use crate::perfctl::{Perf, Probe, Reading};
 use crate::search::RateSearch;
-use crate::syscalls::SyscallCounter;
 use crate::topology::{write_rooms_file, Topology};
 
 /// Which workload.
@@ -105,6 +105,8 @@ struct Scale {
     search_steps: usize,
     search_step: Duration,
     measure: Duration,
+    /// Measured attempts at (and 5% steps below) the search's best rate.
+    confirm_attempts: usize,
     n_rooms: usize,
     room_size: usize,
     rooms_pps: f64,
@@ -123,6 +125,7 @@ impl Scale {
             search_steps: 12,
             search_step: Duration::from_secs(2),
             measure: Duration::from_secs(5),
+            confirm_attempts: 4,
             n_rooms: 50,
             room_size: 4,
             rooms_pps: 50.0,
@@ -136,6 +139,7 @@ impl Scale {
         Self {
             search_steps: 0,
             measure: Duration::from_millis(500),
+            confirm_attempts: 1,
             n_rooms: 10,
             rooms_duration: Duration::from_secs(1),
             warmup: Duration::from_millis(100),
@@ -236,6 +240,7 @@ pub fn run(cfg: &Config) -> anyhow::Result<Outcome> {
         let mut runs = Vec::new();
         let mut unavailable = Vec::new();
         for r in 0..cfg.runs {
+            h.ideal_max_pps = None;
             for &kind in &cfg.contenders {
                 if unavailable.contains(&kind) {
                     continue; // its reason is already recorded; starting it again wastes time
@@ -267,11 +272,13 @@ pub fn run(cfg: &Config) -> anyhow::Result<Outcome> {
 struct Harness<'c> {
     cfg: &'c Config,
     scale: Scale,
-    counter: Result<SyscallCounter, String>,
+    perf: Result<Perf, String>,
     key: SigningKey,
     public_key_hex: String,
     tmp: PathBuf,
     step_id: u32,
+    /// The ideal forwarder's confirmed fanout rate in the current run.
+    ideal_max_pps: Option<f64>,
 }
 
 impl<'c> Harness<'c> {
@@ -283,9 +290,9 @@ impl<'c> Harness<'c> {
         }
         let tmp = std::env::temp_dir().join(format!("perf-harness-{}", std::process::id()));
         std::fs::create_dir_all(&tmp)?;
-        let counter = SyscallCounter::probe();
-        if let Err(why) = &counter {
-            eprintln!("system calls will not be counted externally: {why}");
+        let perf = Perf::probe();
+        if let Err(why) = &perf {
+            eprintln!("no system call counts or CPU samples: {why}");
         }
         // A fixed key: these tokens only ever reach a relay started by this harness.
         let key = SigningKey::from_bytes(&[0x5a; 32]);
@@ -293,16 +300,17 @@ impl<'c> Harness<'c> {
         Ok(Self {
             cfg,
             scale: Scale::new(cfg.quick),
-            counter,
+            perf,
             key,
             public_key_hex,
             tmp,
             step_id: 0,
+            ideal_max_pps: None,
         })
     }
 
     fn syscall_method(&self) -> String {
-        match &self.counter {
+        match &self.perf {
             Ok(_) => "perf stat -e raw_syscalls:sys_enter -p PID (whole process)".into(),
             Err(why) => format!("not counted: {why}"),
         }
@@ -346,11 +354,14 @@ impl<'c> Harness<'c> {
             .collect();
         let rooms_file = self.tmp.join("rooms.txt");
         std::fs::write(&rooms_file, write_rooms_file(&rooms)).map_err(|e| failed(e.into()))?;
+        let relay_config = self.tmp.join("relay.toml");
+        std::fs::write(&relay_config, contender::RELAY_CONFIG).map_err(|e| failed(e.into()))?;
         let launch = Launch {
             relay_bin: &self.cfg.relay_bin,
             relay_shards: self.cfg.relay_shards,
             public_key_hex: &self.public_key_hex,
             rooms_file: &rooms_file,
+            relay_config: &relay_config,
             stderr_file: self
                 .tmp
                 .join(format!("{}.stderr", kind.name().replace('/', "-"))),
@@ -393,7 +404,7 @@ impl<'c> Harness<'c> {
         let warm = self.step(&ctx, rate, self.scale.warmup, len);
         eprintln!("  warm-up: {}", progress(&warm));
         match sc {
-            Scenario::Fanout => self.fanout(&ctx, cr),
+            Scenario::Fanout => self.fanout(kind, &ctx, cr),
             Scenario::Rooms => {
                 let (pps, d) = (self.scale.rooms_pps, self.scale.rooms_duration);
                 let m = self.measure(&ctx, "load", pps, d, len, true).0;
@@ -428,33 +439,58 @@ impl<'c> Harness<'c> {
         Ok(())
     }
 
-    /// Searches the highest zero-loss rate, then measures at it and at half of it.
-    fn fanout(&mut self, ctx: &Ctx, cr: &mut ContenderRun) {
+    /// Searches the highest zero-loss rate, confirms it with a longer measured step, then
+    /// measures latency at half of the ideal forwarder's confirmed rate (the same offered load
+    /// for every contender; its own rate if the ideal forwarder has not run in this run).
+    fn fanout(&mut self, kind: Kind, ctx: &Ctx, cr: &mut ContenderRun) {
+        let best = self.search_zero_loss(ctx, cr);
+        let (mut max, rate) = self.confirm(ctx, best.unwrap_or(self.scale.search_start_pps));
+        max.values
+            .push(("search_found_zero_loss", Some(flag(best.is_some()))));
+        cr.measurements.push(max);
+        if kind == Kind::Ideal {
+            self.ideal_max_pps = Some(rate);
+        }
+        let base = self.ideal_max_pps.unwrap_or(rate);
+        let len = self.scale.fanout_packet_len;
+        let (mut half, _) = self.measure(ctx, "half", base / 2.0, self.scale.measure, len, true);
+        half.values
+            .push(("half_of_ideal", Some(flag(self.ideal_max_pps.is_some()))));
+        cr.measurements.push(half);
+    }
+
+    /// The bounded rate search, in short unobserved steps.
+    fn search_zero_loss(&mut self, ctx: &Ctx, cr: &mut ContenderRun) -> Option<u64> {
         let s = self.scale.clone();
-        let len = s.fanout_packet_len;
         let mut search =
             RateSearch::new(s.search_start_pps, s.search_max_pps, 0.05, s.search_steps);
         while let Some(pps) = search.poll_rate() {
+            let len = s.fanout_packet_len;
             let (m, clean) = self.measure(ctx, "search", pps as f64, s.search_step, len, false);
-            cr.search
-                .push((pps, clean, m.get("lost").unwrap_or(0.0) as u64));
+            let lost = m.get("lost").unwrap_or(0.0) as u64;
+            cr.search.push((pps, clean, lost));
             search.handle_result(pps, clean);
         }
-        // Without a search (quick) or without any clean step, measure at the start rate and
-        // let the loss column tell.
-        let rate = search.best_pps().unwrap_or(s.search_start_pps) as f64;
-        let (mut max, _) = self.measure(ctx, "max", rate, s.measure, len, true);
-        max.values
-            .push(("zero_loss_search_steps", Some(search.steps() as f64)));
-        max.values.push((
-            "zero_loss_found",
-            Some(f64::from(u8::from(search.best_pps().is_some()))),
-        ));
-        cr.measurements.push(max);
-        let half = self
-            .measure(ctx, "half", rate / 2.0, s.measure, len, true)
-            .0;
-        cr.measurements.push(half);
+        search.best_pps()
+    }
+
+    /// Measures at `best_pps` for the full duration; a short search step that ran clean can
+    /// still lose packets over a longer one, so on loss it steps down 5% at a time, a bounded
+    /// number of times. Returns the first clean measurement (or the last one) and its rate.
+    fn confirm(&mut self, ctx: &Ctx, best_pps: u64) -> (Measurement, f64) {
+        let len = self.scale.fanout_packet_len;
+        let mut rate = best_pps as f64;
+        let mut attempt = 1;
+        loop {
+            let (mut m, clean) = self.measure(ctx, "max", rate, self.scale.measure, len, true);
+            if clean || attempt >= self.scale.confirm_attempts {
+                m.values.push(("confirm_attempts", Some(attempt as f64)));
+                m.values.push(("zero_loss_confirmed", Some(flag(clean))));
+                return (m, rate);
+            }
+            rate = (rate * 0.95).floor();
+            attempt += 1;
+        }
     }
 
     fn step(
@@ -474,8 +510,8 @@ impl<'c> Harness<'c> {
         loadgen::run_step(ctx.parts, ctx.topo, plan)
     }
 
-    /// One step with the contender's CPU time, system calls and (relay) counters sampled
-    /// around it. Returns the measurement and whether it was clean: no loss, no refused send,
+    /// One step with the contender's CPU time and (relay) counters sampled around it, and with
+    /// `observe`, its system calls and CPU samples taken by perf during it. Returns the measurement and whether it was clean: no loss, no refused send,
     /// and the load generator kept its schedule (so the rate was really offered).
     fn measure(
         &mut self,
@@ -484,26 +520,31 @@ impl<'c> Harness<'c> {
         rate_pps: f64,
         duration: Duration,
         packet_len: usize,
-        count_syscalls: bool,
+        observe: bool,
     ) -> (Measurement, bool) {
         let before = Sample::take(ctx.pid, ctx.metrics);
-        let window = match (&self.counter, count_syscalls) {
-            (Ok(c), true) => c
-                .start(ctx.pid, &self.tmp)
-                .map_err(|e| eprintln!("  perf stat: {e:#}"))
-                .ok(),
-            _ => None,
+        let windows: Vec<_> = match (&self.perf, observe) {
+            (Ok(perf), true) => [Probe::Syscalls, Probe::CpuModes]
+                .into_iter()
+                .filter_map(|p| {
+                    let w = perf.start(p, ctx.pid, &self.tmp);
+                    w.map_err(|e| eprintln!("  perf {p:?}: {e:#}")).ok()
+                })
+                .collect(),
+            _ => Vec::new(),
         };
         let out = self.step(ctx, rate_pps, duration, packet_len);
-        let syscalls =
-            window.and_then(|w| w.finish().map_err(|e| eprintln!("  perf stat: {e:#}")).ok());
+        let readings: Vec<Reading> = windows
+            .into_iter()
+            .filter_map(|w| w.finish().map_err(|e| eprintln!("  perf: {e:#}")).ok())
+            .collect();
         let after = Sample::take(ctx.pid, ctx.metrics);
         let on_schedule = out.send_duration_ns as f64 <= duration.as_nanos() as f64 * 1.1;
         let clean = out.lost() == 0 && out.send_failures == 0 && on_schedule;
         eprintln!("  {label} {rate_pps:.0} pps: {}", progress(&out));
         let m = Measurement {
             label,
-            values: values(rate_pps, &out, &before, &after, syscalls),
+            values: values(rate_pps, &out, &before, &after, &readings),
         };
         (m, clean)
     }
@@ -526,6 +567,7 @@ fn progress(o: &StepOutcome) -> String {
 /// Counters of the contender at one instant.
 struct Sample {
     cpu_ticks: Option<(u64, u64)>,
+    cpu_total_ns: Option<u64>,
     relay_syscalls: Option<f64>,
     relay_drops: Option<f64>,
 }
@@ -536,6 +578,7 @@ impl Sample {
         let metric = |name| text.as_deref().and_then(|t| contender::metric_sum(t, name));
         Self {
             cpu_ticks: contender::cpu_ticks(pid),
+            cpu_total_ns: contender::cpu_total_ns(pid),
             relay_syscalls: metric("relay_syscalls_total"),
             relay_drops: metric("relay_drops_total"),
         }
@@ -547,15 +590,33 @@ fn values(
     o: &StepOutcome,
     before: &Sample,
     after: &Sample,
-    syscalls: Option<u64>,
+    readings: &[Reading],
 ) -> Vec<(&'static str, Option<f64>)> {
     let pkts = o.delivered.max(1) as f64;
     let ns_per_tick = 1e9 / crate::sys::clock_ticks_per_s() as f64;
-    let cpu = before.cpu_ticks.zip(after.cpu_ticks);
-    let per_pkt = |d: u64| d as f64 * ns_per_tick / pkts;
+    let ticks = before.cpu_ticks.zip(after.cpu_ticks);
+    let tick_ns = |f: fn((u64, u64)) -> u64| {
+        ticks.map(|(b, a)| f(a).saturating_sub(f(b)) as f64 * ns_per_tick / pkts)
+    };
+    let cpu_ns = delta_u64(before.cpu_total_ns, after.cpu_total_ns).map(|d| d as f64 / pkts);
+    let syscalls = readings.iter().find_map(|r| match r {
+        Reading::Syscalls(n) => Some(*n as f64 / pkts),
+        _ => None,
+    });
+    let samples = readings.iter().find_map(|r| match *r {
+        Reading::CpuModes { user, kernel } if user + kernel > 0 => Some((user, kernel)),
+        _ => None,
+    });
+    // The exact on-CPU total, split by the share of samples taken in each mode.
+    let share = |pick: fn((u64, u64)) -> u64| {
+        let (u, k) = samples?;
+        Some(cpu_ns? * pick((u, k)) as f64 / (u + k) as f64)
+    };
+    let user_ticks = tick_ns(|t| t.0);
+    let sys_ticks = tick_ns(|t| t.1);
     let delta = |a: Option<f64>, b: Option<f64>| Some(b? - a?);
     let lat = o.latency.summary();
-    vec![
+    let mut v = vec![
         ("rate_pps_per_publisher", Some(rate_pps)),
         ("send_duration_s", Some(o.send_duration_ns as f64 / 1e9)),
         ("sent", Some(o.sent.iter().sum::<u64>() as f64)),
@@ -579,21 +640,29 @@ fn values(
         ("p99_us", lat.map(|l| l.p99_us)),
         ("p999_us", lat.map(|l| l.p999_us)),
         ("max_us", lat.map(|l| l.max_us)),
-        (
-            "user_ns_per_pkt",
-            cpu.map(|(b, a)| per_pkt(a.0.saturating_sub(b.0))),
-        ),
-        (
-            "sys_ns_per_pkt",
-            cpu.map(|(b, a)| per_pkt(a.1.saturating_sub(b.1))),
-        ),
-        ("syscalls_per_pkt", syscalls.map(|n| n as f64 / pkts)),
-        (
-            "self_reported_syscalls_per_pkt",
-            delta(before.relay_syscalls, after.relay_syscalls).map(|n| n / pkts),
-        ),
-        ("relay_drops", delta(before.relay_drops, after.relay_drops)),
-    ]
+        ("cpu_ns_per_pkt", cpu_ns),
+        ("user_ns_per_pkt", share(|s| s.0).or(user_ticks)),
+        ("sys_ns_per_pkt", share(|s| s.1).or(sys_ticks)),
+        ("user_ns_per_pkt_ticks", user_ticks),
+        ("sys_ns_per_pkt_ticks", sys_ticks),
+        ("cpu_samples_user", samples.map(|s| s.0 as f64)),
+        ("cpu_samples_kernel", samples.map(|s| s.1 as f64)),
+        ("syscalls_per_pkt", syscalls),
+    ];
+    v.push((
+        "self_reported_syscalls_per_pkt",
+        delta(before.relay_syscalls, after.relay_syscalls).map(|n| n / pkts),
+    ));
+    v.push(("relay_drops", delta(before.relay_drops, after.relay_drops)));
+    v
+}
+
+fn flag(b: bool) -> f64 {
+    f64::from(u8::from(b))
+}
+
+fn delta_u64(before: Option<u64>, after: Option<u64>) -> Option<u64> {
+    Some(after?.saturating_sub(before?))
 }
 
 /// The relay binary next to this one (both live in target/<profile>/).

@@ -18,11 +18,11 @@ mod join;
 mod json;
 mod loadgen;
 mod payload;
+mod perfctl;
 mod report;
 mod search;
 mod stats;
 mod sys;
-mod syscalls;
 mod topology;
 
 use std::path::PathBuf;

@@ -1,8 +1,15 @@
-//! Counting a contender's system calls from outside, so that the count does not depend on the
-//! contender's honesty or on which runtime it uses: `perf stat -e raw_syscalls:sys_enter -p PID`
-//! (package linux-perf). Tracepoints work on these machines even though hardware counters do
-//! not. Counting starts disabled (`-D -1`) and is switched on and off through `--control`
-//! fifos; perf acknowledges each command, so the window is exact and known to be attached.
+//! Observing a contender from outside with Linux `perf` (package linux-perf), so that what is
+//! measured does not depend on the contender's honesty or on which runtime it uses:
+//!
+//! - **system calls**: `perf stat -e raw_syscalls:sys_enter -p PID`. Tracepoints work on these
+//!   machines even though hardware counters do not.
+//! - **user/kernel split of CPU time**: `perf record -e cpu-clock:u -e cpu-clock:k -c 250000
+//!   -p PID`, a 4 kHz sample of where the contender's threads are while they run. The kernel's
+//!   own utime/stime come from 250 Hz ticks reported in 10 ms units, too coarse for a user
+//!   share of 1%; these samples are 16 times denser and are counted exactly.
+//!
+//! Both start disabled (`-D -1`) and are switched on and off through `--control` fifos; perf
+//! acknowledges each command, so the window is exact and perf is known to be attached.
 #![forbid(unsafe_code)]
 
 use std::fs::{File, OpenOptions};
@@ -12,17 +19,42 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-const EVENT: &str = "raw_syscalls:sys_enter";
+const SYSCALL_EVENT: &str = "raw_syscalls:sys_enter";
+/// CPU-clock sampling period, ns of the contender's CPU time.
+const SAMPLE_PERIOD_NS: &str = "250000";
 /// How long perf may take to acknowledge a control command (it starts in well under 1 s).
-const ACK_TIMEOUT_MS: i32 = 5_000;
+const ACK_TIMEOUT_MS: u64 = 5_000;
+
+/// What a window measures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Probe {
+    /// System calls entered.
+    Syscalls,
+    /// CPU-clock samples in user and in kernel mode.
+    CpuModes,
+}
+
+/// What a window measured.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reading {
+    /// System calls entered.
+    Syscalls(u64),
+    /// Samples taken while the contender ran in user mode and in kernel mode.
+    CpuModes {
+        /// User-mode samples.
+        user: u64,
+        /// Kernel-mode samples (system calls, and interrupts taken while it ran).
+        kernel: u64,
+    },
+}
 
 /// A working `perf` executable.
 #[derive(Clone, Debug)]
-pub struct SyscallCounter {
-    perf: PathBuf,
+pub struct Perf {
+    exe: PathBuf,
 }
 
-impl SyscallCounter {
+impl Perf {
     /// Finds Linux `perf` on PATH (skipping this binary, which is also called `perf`) and checks
     /// that it can count the syscall tracepoint. `Err` says why not.
     pub fn probe() -> Result<Self, String> {
@@ -30,27 +62,36 @@ impl SyscallCounter {
             .ok()
             .and_then(|p| p.canonicalize().ok());
         let path = std::env::var_os("PATH").unwrap_or_default();
-        let perf = std::env::split_paths(&path)
+        let exe = std::env::split_paths(&path)
             .map(|d| d.join("perf"))
             .find(|p| p.is_file() && p.canonicalize().ok() != me)
             .ok_or("no `perf` on PATH (apt-get install linux-perf)")?;
-        let out = Command::new(&perf)
-            .args(["stat", "-x", ",", "-e", EVENT, "--", "true"])
+        let out = Command::new(&exe)
+            .args(["stat", "-x", ",", "-e", SYSCALL_EVENT, "--", "true"])
             .output()
             .map_err(|e| format!("running perf: {e}"))?;
         match parse_count(&String::from_utf8_lossy(&out.stderr)) {
-            Some(_) => Ok(Self { perf }),
+            Some(_) => Ok(Self { exe }),
             None => Err(format!(
-                "perf cannot count {EVENT}: {}",
+                "perf cannot count {SYSCALL_EVENT}: {}",
                 String::from_utf8_lossy(&out.stderr).trim()
             )),
         }
     }
 
-    /// Attaches to `pid` and starts counting; `dir` holds the control fifos.
-    pub fn start(&self, pid: u32, dir: &Path) -> anyhow::Result<SyscallWindow> {
-        let ctl_path = dir.join(format!("perf-ctl-{pid}"));
-        let ack_path = dir.join(format!("perf-ack-{pid}"));
+    /// Attaches to `pid` and starts measuring; `dir` holds the control fifos and data file.
+    pub fn start(&self, probe: Probe, pid: u32, dir: &Path) -> anyhow::Result<PerfWindow> {
+        let tag = format!(
+            "{}-{pid}",
+            if probe == Probe::Syscalls {
+                "stat"
+            } else {
+                "rec"
+            }
+        );
+        let ctl_path = dir.join(format!("perf-ctl-{tag}"));
+        let ack_path = dir.join(format!("perf-ack-{tag}"));
+        let data = dir.join(format!("perf-{tag}.data"));
         for p in [&ctl_path, &ack_path] {
             let _ = std::fs::remove_file(p);
             crate::sys::mkfifo(p)?;
@@ -59,51 +100,52 @@ impl SyscallCounter {
         let rw = |p: &Path| OpenOptions::new().read(true).write(true).open(p);
         let (ctl, ack) = (rw(&ctl_path)?, rw(&ack_path)?);
         let control = format!("fifo:{},{}", ctl_path.display(), ack_path.display());
-        let child = Command::new(&self.perf)
-            .args([
-                "stat",
-                "-x",
-                ",",
-                "-e",
-                EVENT,
-                "-D",
-                "-1",
-                "--control",
-                &control,
-            ])
-            .args(["-p", &pid.to_string()])
+        let mut cmd = Command::new(&self.exe);
+        match probe {
+            Probe::Syscalls => cmd.args(["stat", "-x", ",", "-e", SYSCALL_EVENT]),
+            Probe::CpuModes => cmd
+                .args(["record", "-q", "-e", "cpu-clock:u", "-e", "cpu-clock:k"])
+                .args(["-c", SAMPLE_PERIOD_NS, "-o"])
+                .arg(&data),
+        };
+        let child = cmd
+            .args(["-D", "-1", "--control", &control, "-p", &pid.to_string()])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()?;
-        let mut w = SyscallWindow {
+        let mut w = PerfWindow {
+            exe: self.exe.clone(),
+            probe,
             child,
             ctl,
             ack,
-            paths: [ctl_path, ack_path],
+            files: vec![ctl_path, ack_path, data],
         };
         if let Err(e) = w.command("enable") {
             let _ = w.child.kill();
             let _ = w.child.wait();
-            w.paths.iter().for_each(|p| drop(std::fs::remove_file(p)));
+            w.remove_files();
             return Err(e);
         }
         Ok(w)
     }
 }
 
-/// An attached, counting perf process.
-pub struct SyscallWindow {
+/// An attached, measuring perf process.
+pub struct PerfWindow {
+    exe: PathBuf,
+    probe: Probe,
     child: Child,
     ctl: File,
     ack: File,
-    paths: [PathBuf; 2],
+    files: Vec<PathBuf>,
 }
 
-impl SyscallWindow {
+impl PerfWindow {
     fn command(&mut self, cmd: &str) -> anyhow::Result<()> {
         self.ctl.write_all(format!("{cmd}\n").as_bytes())?;
-        let deadline = Instant::now() + Duration::from_millis(ACK_TIMEOUT_MS as u64);
+        let deadline = Instant::now() + Duration::from_millis(ACK_TIMEOUT_MS);
         let mut got = Vec::new();
         // perf writes "ack\n" followed by a NUL byte.
         while !got.windows(4).any(|w| w == b"ack\n") {
@@ -120,18 +162,48 @@ impl SyscallWindow {
         Ok(())
     }
 
-    /// Stops counting and returns the number of system calls entered in the window.
-    pub fn finish(mut self) -> anyhow::Result<u64> {
+    fn remove_files(&self) {
+        remove_files(&self.files);
+    }
+
+    /// Stops measuring and returns what was measured in the window.
+    pub fn finish(mut self) -> anyhow::Result<Reading> {
         let disabled = self.command("disable");
         crate::sys::kill(self.child.id(), libc::SIGINT)?;
         let out = self.child.wait_with_output()?;
-        for p in &self.paths {
-            let _ = std::fs::remove_file(p);
-        }
-        disabled?;
-        let text = String::from_utf8_lossy(&out.stderr);
-        parse_count(&text).ok_or_else(|| anyhow::anyhow!("no count in perf output: {text}"))
+        let reading = disabled.and_then(|()| match self.probe {
+            Probe::Syscalls => {
+                let text = String::from_utf8_lossy(&out.stderr);
+                let n = parse_count(&text)
+                    .ok_or_else(|| anyhow::anyhow!("no count in perf output: {text}"))?;
+                Ok(Reading::Syscalls(n))
+            }
+            Probe::CpuModes => count_samples(&self.exe, &self.files[2]),
+        });
+        remove_files(&self.files);
+        reading
     }
+}
+
+fn remove_files(files: &[PathBuf]) {
+    for p in files {
+        let _ = std::fs::remove_file(p);
+    }
+}
+
+/// Counts the samples of each event in a `perf record` data file.
+fn count_samples(exe: &Path, data: &Path) -> anyhow::Result<Reading> {
+    let out = Command::new(exe)
+        .args(["script", "-F", "event", "-i"])
+        .arg(data)
+        .stdin(Stdio::null())
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let n = |e: &str| text.lines().filter(|l| l.trim() == e).count() as u64;
+    Ok(Reading::CpuModes {
+        user: n("cpu-clock:u:"),
+        kernel: n("cpu-clock:k:"),
+    })
 }
 
 /// The count from `perf stat -x ,` output: the first field of the line naming the event.
@@ -139,7 +211,7 @@ impl SyscallWindow {
 fn parse_count(stderr: &str) -> Option<u64> {
     stderr
         .lines()
-        .find(|l| l.contains(EVENT))?
+        .find(|l| l.contains(SYSCALL_EVENT))?
         .split(',')
         .next()?
         .trim()

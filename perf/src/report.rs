@@ -42,6 +42,7 @@ impl Summary {
         let vals = self
             .runs
             .iter()
+            .filter(|r| r.status == Status::Ran)
             .flat_map(|r| r.measurements.iter())
             .filter(|m| m.label == label)
             .filter_map(|m| m.get(key));
@@ -72,14 +73,14 @@ pub fn scenario_markdown(sc: Scenario, order: &[Kind], runs: &[ContenderRun]) ->
 
 fn fanout_table(out: &mut String, sums: &[Summary]) {
     out.push_str("\n### fanout: 1 publisher -> 10 subscribers, 1200 B (medians)\n\n");
-    out.push_str("| contender | status | runs | zero-loss pub pps | egress pps | loss | dup | reord | user ns/pkt | sys ns/pkt | syscalls/pkt | p50 us @half | p99 us @half | p99.9 us @half |\n");
-    out.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+    out.push_str("| contender | status | runs | zero-loss pub pps | egress pps | loss | dup | reord | user ns/pkt | sys ns/pkt | cpu ns/pkt | syscalls/pkt | p50 us @half | p99 us @half | p99.9 us @half |\n");
+    out.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     for s in sums {
         let m = |k| s.median("max", k);
         let h = |k| s.median("half", k);
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             s.kind.name(),
             clean(&s.status),
             s.ran,
@@ -90,6 +91,7 @@ fn fanout_table(out: &mut String, sums: &[Summary]) {
             cell(m("reordered"), 0),
             cell(m("user_ns_per_pkt"), 0),
             cell(m("sys_ns_per_pkt"), 0),
+            cell(m("cpu_ns_per_pkt"), 0),
             cell(m("syscalls_per_pkt"), 4),
             cell(h("p50_us"), 1),
             cell(h("p99_us"), 1),
@@ -103,13 +105,13 @@ fn fanout_table(out: &mut String, sums: &[Summary]) {
 
 fn rooms_table(out: &mut String, sums: &[Summary]) {
     out.push_str("\n### rooms: rooms x 4, everyone publishes 160 B at 50 pps (medians)\n\n");
-    out.push_str("| contender | status | runs | egress pps | loss | dup | reord | user ns/pkt | sys ns/pkt | syscalls/pkt | p50 us | p99 us | p99.9 us |\n");
-    out.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+    out.push_str("| contender | status | runs | egress pps | loss | dup | reord | user ns/pkt | sys ns/pkt | cpu ns/pkt | syscalls/pkt | p50 us | p99 us | p99.9 us |\n");
+    out.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     for s in sums {
         let m = |k| s.median("load", k);
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             s.kind.name(),
             clean(&s.status),
             s.ran,
@@ -119,6 +121,7 @@ fn rooms_table(out: &mut String, sums: &[Summary]) {
             cell(m("reordered"), 0),
             cell(m("user_ns_per_pkt"), 0),
             cell(m("sys_ns_per_pkt"), 0),
+            cell(m("cpu_ns_per_pkt"), 0),
             cell(m("syscalls_per_pkt"), 4),
             cell(m("p50_us"), 1),
             cell(m("p99_us"), 1),
@@ -260,10 +263,61 @@ pub fn results_json(cfg: &Config, outcome: &Outcome, machine: Json, command: &st
         (
             "cpu_method",
             Json::str(
-                "utime/stime of /proc/<pid>/stat (whole process), before and after each step",
+                "cpu_ns: sum of /proc/<pid>/task/*/schedstat run time (exact); user/sys: that \
+                 total split by perf record cpu-clock:u/cpu-clock:k samples at 4 kHz, or \
+                 /proc/<pid>/stat utime/stime ticks without perf (*_ticks always recorded)",
             ),
         ),
         ("machine", machine),
         ("scenarios", Json::Arr(scenarios.collect())),
     ])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::harness::Measurement;
+
+    fn run(kind: Kind, status: Status, egress: f64, user: f64) -> ContenderRun {
+        ContenderRun {
+            kind,
+            status,
+            ready_line: String::new(),
+            search: Vec::new(),
+            measurements: vec![Measurement {
+                label: "load",
+                values: vec![
+                    ("egress_pps", Some(egress)),
+                    ("user_ns_per_pkt", Some(user)),
+                    ("syscalls_per_pkt", None),
+                ],
+            }],
+        }
+    }
+
+    #[test]
+    fn rooms_table_shows_medians_status_and_ratios() {
+        let runs = vec![
+            run(Kind::RelayBatch, Status::Ran, 100.0, 10.0),
+            run(Kind::Tokio, Status::Ran, 90.0, 40.0),
+            run(Kind::RelayBatch, Status::Ran, 300.0, 30.0),
+            run(Kind::Tokio, Status::Ran, 110.0, 40.0),
+            run(
+                Kind::RelayUring,
+                Status::Unavailable("no | uring".into()),
+                0.0,
+                0.0,
+            ),
+        ];
+        let order = [Kind::RelayUring, Kind::RelayBatch, Kind::Tokio];
+        let md = scenario_markdown(Scenario::Rooms, &order, &runs);
+        assert!(md.contains("| relay/batch | ok | 2 | 200 |"), "{md}");
+        assert!(md.contains("| tokio | ok | 2 | 100 |"), "{md}");
+        assert!(
+            md.contains("| relay/uring | unavailable (no / uring) | 0 | - |"),
+            "{md}"
+        );
+        assert!(md.contains("relay/batch: user CPU/pkt 0.50x tokio"), "{md}");
+        assert!(!md.contains("relay/uring: user"), "{md}");
+    }
 }

@@ -64,6 +64,7 @@ impl RateSearch {
     }
 
     /// Steps run so far.
+    #[cfg(test)]
     pub fn steps(&self) -> usize {
         self.steps
     }
