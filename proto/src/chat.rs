@@ -870,3 +870,67 @@ mod tests {
         );
     }
 }
+
+/// Placement of users and chats on the shards of one relay. Every party (relay shards, ctl,
+/// clients) computes these the same way: they are part of the protocol.
+pub mod ids {
+    /// The splitmix64 finaliser: a fixed, well-mixed 64-bit permutation.
+    pub const fn mix(mut x: u64) -> u64 {
+        x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        x ^ (x >> 31)
+    }
+
+    /// Maps a hash to `0..n` with its top 32 bits (multiply-shift; the low bits of `mix` of
+    /// small consecutive integers are not uniform enough for `%`).
+    const fn reduce(h: u64, n: u16) -> u16 {
+        (((h >> 32) * n as u64) >> 32) as u16
+    }
+
+    /// The shard of a relay with `n_shards` shards that is `user`'s chat home.
+    pub const fn home_shard(user: u64, n_shards: u16) -> u16 {
+        reduce(mix(user), n_shards)
+    }
+
+    /// The shard that owns (sequences and stores) `chat`.
+    pub const fn owner_shard(chat: u64, n_shards: u16) -> u16 {
+        reduce(mix(chat ^ 0x5bd1_e995_0000_0000), n_shards)
+    }
+
+    /// The id of the direct chat between two users: the same for both, top bit clear.
+    pub const fn direct_chat(a: u64, b: u64) -> u64 {
+        let (lo, hi) = if a < b { (a, b) } else { (b, a) };
+        (mix(lo) ^ mix(hi).rotate_left(23) ^ mix(hi ^ lo)) >> 1
+    }
+
+    /// The id of a group created by `creator` with message id `msg_id`: top bit set.
+    pub fn group_chat(creator: u64, msg_id: &super::MsgId) -> u64 {
+        let a = u64::from_le_bytes(msg_id[..8].try_into().expect("8 bytes"));
+        let b = u64::from_le_bytes(msg_id[8..].try_into().expect("8 bytes"));
+        (mix(creator) ^ mix(a).rotate_left(17) ^ mix(b).rotate_left(41)) | (1 << 63)
+    }
+
+    /// Whether `chat` is a group id.
+    pub const fn is_group(chat: u64) -> bool {
+        chat >> 63 == 1
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn ids_are_symmetric_and_separated() {
+            assert_eq!(direct_chat(3, 9), direct_chat(9, 3));
+            assert_ne!(direct_chat(3, 9), direct_chat(3, 10));
+            assert!(!is_group(direct_chat(1, 2)));
+            assert!(is_group(group_chat(1, &[5; 16])));
+            // Golden values: these place users and chats; changing them moves every home.
+            assert_eq!(mix(1), 6238072747940578789);
+            assert_eq!(
+                (0..8).map(|u| home_shard(u, 4)).collect::<Vec<_>>(),
+                vec![0, 1, 3, 0, 2, 2, 3, 0]
+            );
+        }
+    }
+}
