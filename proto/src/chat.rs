@@ -900,7 +900,8 @@ pub mod ids {
     /// The id of the direct chat between two users: the same for both, top bit clear.
     pub const fn direct_chat(a: u64, b: u64) -> u64 {
         let (lo, hi) = if a < b { (a, b) } else { (b, a) };
-        (mix(lo) ^ mix(hi).rotate_left(23) ^ mix(hi ^ lo)) >> 1
+        // Chained, not a symmetric XOR of per-user hashes: (1, 3) and (2, 3) must differ.
+        mix(lo ^ mix(hi ^ 0x2545_f491_4f6c_dd1d)) >> 1
     }
 
     /// The id of a group created by `creator` with message id `msg_id`: top bit set.
@@ -923,6 +924,13 @@ pub mod ids {
         fn ids_are_symmetric_and_separated() {
             assert_eq!(direct_chat(3, 9), direct_chat(9, 3));
             assert_ne!(direct_chat(3, 9), direct_chat(3, 10));
+            // Regression: a symmetric combination made (1, 3) and (2, 3) collide.
+            let mut seen = std::collections::HashSet::new();
+            for a in 0..200u64 {
+                for b in a + 1..200 {
+                    assert!(seen.insert(direct_chat(a, b)), "collision at ({a}, {b})");
+                }
+            }
             assert!(!is_group(direct_chat(1, 2)));
             assert!(is_group(group_chat(1, &[5; 16])));
             // Golden values: these place users and chats; changing them moves every home.

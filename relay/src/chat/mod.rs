@@ -1,5 +1,247 @@
-//! Chat on the relay: framed TCP sessions, per-chat ordering, receipts and the durable inbox.
+//! Chat on the relay: framed TCP sessions, per-chat ordering, receipts and the durable inbox
+//! (DESIGN.md section 5, PROTOCOL.md section 7).
+//!
+//! Every shard plays two roles. As a **home** ([`home`]) it holds the sessions of the users
+//! whose `home_shard` it is. As an **owner** ([`owner`]) it sequences and stores the chats whose
+//! `owner_shard` it is. The roles talk through [`msg::ShardMsg`]s: within a shard directly,
+//! across shards over bounded SPSC rings. [`ChatShard`] is the sans-IO engine a driver runs:
+//!
+//! 1. feed input: `handle_accept`, `handle_read`, `handle_closed`, `handle_shard_msg`,
+//!    `handle_timeout`;
+//! 2. if `has_records()`: append `take_records()` to the log, commit it (one fdatasync), and
+//!    call `handle_committed(lsns)`; mark `take_dead()` in the log;
+//! 3. deliver `take_outbox()` to the other shards' rings, write `output(conn)` for every
+//!    `take_dirty()` connection and close every `take_closing()` connection once flushed.
 //!
 //! - [`log`]: the per-shard append-only log with CRC per record and group commit.
+//! - [`records`]: what the owner role writes to it.
 
+pub mod home;
 pub mod log;
+pub mod msg;
+pub mod owner;
+pub mod records;
+
+use crate::engine::Now;
+use msg::{ConnId, ShardMsg};
+use proto::token::TokenVerifier;
+use std::collections::VecDeque;
+use std::net::IpAddr;
+
+/// Limits and timers of the chat engine.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChatConfig {
+    /// A connection must authenticate within this time.
+    pub hello_timeout_us: u64,
+    /// MSG frames a session may have unacknowledged before the backlog pauses.
+    pub window: u16,
+    /// Bytes queued to one session at most.
+    pub max_out_bytes: usize,
+    /// A session whose output makes no progress for this long is disconnected.
+    pub slow_reader_timeout_us: u64,
+    /// Requests per second per session.
+    pub msgs_per_s: u64,
+    /// Burst of requests per session.
+    pub msgs_burst: u64,
+    /// Stored entries per recipient at most (per owner shard).
+    pub max_pending_per_user: usize,
+    /// Members per group.
+    pub max_group_members: usize,
+    /// Connections per remote address.
+    pub max_conns_per_ip: u32,
+    /// Entries per backlog chunk.
+    pub backlog_chunk: usize,
+    /// Recent (sender, msg id) pairs remembered for deduplication beyond the stored entries.
+    pub dedup_capacity: usize,
+}
+
+impl Default for ChatConfig {
+    fn default() -> Self {
+        Self {
+            hello_timeout_us: 5_000_000,
+            window: 256,
+            max_out_bytes: 1 << 20,
+            slow_reader_timeout_us: 10_000_000,
+            msgs_per_s: 1_000,
+            msgs_burst: 2_000,
+            max_pending_per_user: 100_000,
+            max_group_members: 1_024,
+            max_conns_per_ip: 100_000,
+            backlog_chunk: 128,
+            dedup_capacity: 1 << 20,
+        }
+    }
+}
+
+/// The chat engine of one shard: home and owner roles and the messages between them.
+pub struct ChatShard {
+    shard: u16,
+    home: home::Home,
+    owner: owner::Owner,
+    local: VecDeque<ShardMsg>,
+    outbox: Vec<(u16, ShardMsg)>,
+}
+
+impl ChatShard {
+    /// The engine of shard `shard` of `n_shards`.
+    pub fn new(shard: u16, n_shards: u16, cfg: ChatConfig, verifier: TokenVerifier) -> Self {
+        Self {
+            shard,
+            home: home::Home::new(shard, n_shards, cfg.clone(), verifier),
+            owner: owner::Owner::new(shard, n_shards, cfg),
+            local: VecDeque::new(),
+            outbox: Vec::new(),
+        }
+    }
+
+    /// Moves what the roles produced to the local queue or the outbox, and runs the local queue
+    /// to completion (each step is bounded by the work one message causes).
+    fn pump(&mut self, now: Now) {
+        loop {
+            for (dest, m) in self.home.out.drain(..).chain(self.owner.out.drain(..)) {
+                if dest == self.shard {
+                    self.local.push_back(m);
+                } else {
+                    self.outbox.push((dest, m));
+                }
+            }
+            let Some(m) = self.local.pop_front() else {
+                break;
+            };
+            self.dispatch(m, now);
+        }
+    }
+
+    fn dispatch(&mut self, m: ShardMsg, now: Now) {
+        let now_ms = now.unix_s * 1000;
+        match m {
+            ShardMsg::Submit(_)
+            | ShardMsg::Ack { .. }
+            | ShardMsg::CreateGroup { .. }
+            | ShardMsg::ChangeMember { .. }
+            | ShardMsg::BacklogStart { .. }
+            | ShardMsg::BacklogMore { .. }
+            | ShardMsg::BacklogCancel { .. }
+            | ShardMsg::ListGroups { .. }
+            | ShardMsg::Typing { to: 0, .. } => self.owner.handle(m, now_ms),
+            _ => self.home.handle(m),
+        }
+    }
+
+    /// A new connection.
+    pub fn handle_accept(&mut self, now: Now, conn: ConnId, ip: IpAddr) -> bool {
+        let ok = self.home.accept(now, conn, ip);
+        self.pump(now);
+        ok
+    }
+
+    /// Bytes received; returns how many were consumed.
+    pub fn handle_read(&mut self, now: Now, conn: ConnId, data: &[u8]) -> usize {
+        let n = self.home.read(now, conn, data);
+        self.pump(now);
+        n
+    }
+
+    /// The connection is closed.
+    pub fn handle_closed(&mut self, now: Now, conn: ConnId) {
+        self.home.closed(conn);
+        self.pump(now);
+    }
+
+    /// A message from another shard.
+    pub fn handle_shard_msg(&mut self, now: Now, m: ShardMsg) {
+        self.dispatch(m, now);
+        self.pump(now);
+    }
+
+    /// Timers: HELLO deadlines and slow readers.
+    pub fn handle_timeout(&mut self, now: Now) {
+        self.home.timeout(now);
+        self.pump(now);
+    }
+
+    /// Whether records wait to be appended and committed.
+    pub fn has_records(&self) -> bool {
+        self.owner.has_records()
+    }
+
+    /// Records to append, in order; then commit and call [`ChatShard::handle_committed`].
+    pub fn take_records(&mut self) -> Vec<(u8, Vec<u8>)> {
+        self.owner.take_batch()
+    }
+
+    /// The records taken last are durable at these LSNs.
+    pub fn handle_committed(&mut self, now: Now, lsns: &[u64]) {
+        self.owner.handle_committed(lsns);
+        self.pump(now);
+    }
+
+    /// LSNs of records that became dead.
+    pub fn take_dead(&mut self) -> Vec<u64> {
+        std::mem::take(&mut self.owner.dead)
+    }
+
+    /// Messages for other shards.
+    pub fn take_outbox(&mut self) -> Vec<(u16, ShardMsg)> {
+        std::mem::take(&mut self.outbox)
+    }
+
+    /// Connections with output to write.
+    pub fn take_dirty(&mut self) -> Vec<ConnId> {
+        std::mem::take(&mut self.home.dirty)
+    }
+
+    /// Connections to close once flushed.
+    pub fn take_closing(&mut self) -> Vec<ConnId> {
+        std::mem::take(&mut self.home.closing)
+    }
+
+    /// Output queued for `conn`.
+    pub fn output(&self, conn: ConnId) -> &[u8] {
+        self.home.output(conn)
+    }
+
+    /// `n` bytes of `conn`'s output were written.
+    pub fn handle_written(&mut self, now: Now, conn: ConnId, n: usize) {
+        self.home.written(now, conn, n);
+        self.pump(now);
+    }
+
+    /// Replays one recovered log record.
+    pub fn replay(&mut self, lsn: u64, kind: u8, payload: &[u8]) -> Result<(), String> {
+        self.owner.replay(lsn, kind, payload)
+    }
+
+    /// Completes recovery.
+    pub fn finish_replay(&mut self) {
+        self.owner.finish_replay();
+    }
+
+    /// Writes fresh chat snapshots (so old segments can be compacted away).
+    pub fn checkpoint(&mut self) {
+        self.owner.checkpoint();
+    }
+
+    /// Stored entries not yet acknowledged by all their recipients.
+    pub fn n_pending(&self) -> usize {
+        self.owner.n_pending()
+    }
+
+    /// Open sessions.
+    pub fn n_sessions(&self) -> usize {
+        self.home.n_sessions()
+    }
+
+    /// Entries accepted.
+    pub fn n_accepted(&self) -> u64 {
+        self.owner.n_accepted
+    }
+
+    /// Home-role counters.
+    pub fn home_counters(&self) -> &home::HomeCounters {
+        &self.home.counters
+    }
+}
+
+#[cfg(test)]
+mod tests;

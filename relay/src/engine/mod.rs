@@ -14,7 +14,7 @@
 
 mod counters;
 mod hash;
-mod limits;
+pub(crate) mod limits;
 mod room;
 mod rtcp_route;
 

@@ -1,0 +1,627 @@
+//! The home role of a shard: the TCP sessions of the users homed here. It authenticates HELLO,
+//! decodes frames, routes requests to the owner shards of their chats, and writes what owners
+//! deliver into the sessions' bounded outbound buffers, with the backlog flow control.
+
+use super::msg::{ConnId, Origin, ShardMsg, Submit};
+use super::ChatConfig;
+use crate::engine::limits::TokenBucket;
+use crate::engine::Now;
+use proto::chat::{code, ids, kind, Encoder, Frame, MsgId};
+use proto::token::{TokenKind, TokenVerifier};
+use std::collections::{HashMap, VecDeque};
+use std::net::IpAddr;
+
+/// The stored backlog being streamed to a session.
+#[derive(Debug)]
+struct Backlog {
+    epoch: u64,
+    /// Per owner shard: has answered its last request.
+    answered: Vec<bool>,
+    /// Per owner shard: has more to send.
+    more: Vec<bool>,
+}
+
+#[derive(Debug)]
+struct Session {
+    ip: IpAddr,
+    user: Option<u64>,
+    epoch: u64,
+    opened_us: u64,
+    out: Vec<u8>,
+    /// When the outbound buffer last made progress while non-empty.
+    stalled_since_us: Option<u64>,
+    /// MSG frames sent and not yet acknowledged: (chat, seq).
+    inflight: VecDeque<(u64, u64)>,
+    backlog: Option<Backlog>,
+    /// Live deliveries were dropped for lack of room: fetch the backlog again when drained.
+    resync: bool,
+    rate: TokenBucket,
+    closing: bool,
+}
+
+/// Counters of the home role.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HomeCounters {
+    /// Sessions accepted.
+    pub accepted: u64,
+    /// Sessions refused for the per-address cap.
+    pub refused_per_ip: u64,
+    /// Frames received.
+    pub frames_in: u64,
+    /// ERROR frames sent, by code (index = code).
+    pub errors: [u64; 16],
+    /// MSG frames queued to sessions.
+    pub delivered: u64,
+    /// Live deliveries dropped for a full outbound buffer (re-sent from the inbox later).
+    pub deferred: u64,
+}
+
+/// A GROUPS answer being assembled: owners still to answer, groups so far.
+type GroupList = (u16, Vec<(u64, Vec<u64>)>);
+
+/// The home role of one shard.
+pub struct Home {
+    shard: u16,
+    n_shards: u16,
+    cfg: ChatConfig,
+    verifier: TokenVerifier,
+    sessions: HashMap<ConnId, Session>,
+    users: HashMap<u64, ConnId>,
+    per_ip: HashMap<IpAddr, u32>,
+    next_epoch: u64,
+    /// Pending GROUPS answers: conn -> (owners still to answer, groups so far).
+    group_lists: HashMap<ConnId, GroupList>,
+    /// Messages to other shards (or this one).
+    pub out: Vec<(u16, ShardMsg)>,
+    /// Sessions with bytes to write.
+    pub dirty: Vec<ConnId>,
+    /// Sessions to close once their output is flushed.
+    pub closing: Vec<ConnId>,
+    /// Counters.
+    pub counters: HomeCounters,
+}
+
+impl Home {
+    /// An empty home role.
+    pub fn new(shard: u16, n_shards: u16, cfg: ChatConfig, verifier: TokenVerifier) -> Self {
+        Self {
+            shard,
+            n_shards,
+            cfg,
+            verifier,
+            sessions: HashMap::new(),
+            users: HashMap::new(),
+            per_ip: HashMap::new(),
+            next_epoch: 1,
+            group_lists: HashMap::new(),
+            out: Vec::new(),
+            dirty: Vec::new(),
+            closing: Vec::new(),
+            counters: HomeCounters::default(),
+        }
+    }
+
+    /// Open sessions.
+    pub fn n_sessions(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// A new connection from `ip`. Returns false (and queues an error and close) when the
+    /// address already has its maximum of connections.
+    pub fn accept(&mut self, now: Now, conn: ConnId, ip: IpAddr) -> bool {
+        let n = self.per_ip.entry(ip).or_default();
+        *n += 1;
+        let over = *n > self.cfg.max_conns_per_ip;
+        let s = Session {
+            ip,
+            user: None,
+            epoch: 0,
+            opened_us: now.mono_us,
+            out: Vec::new(),
+            stalled_since_us: None,
+            inflight: VecDeque::new(),
+            backlog: None,
+            resync: false,
+            rate: TokenBucket::new(self.cfg.msgs_per_s, self.cfg.msgs_burst, now.mono_us),
+            closing: false,
+        };
+        self.sessions.insert(conn, s);
+        if over {
+            self.counters.refused_per_ip += 1;
+            self.fatal(
+                conn,
+                code::TOO_MANY_CONNECTIONS,
+                "too many connections from this address",
+            );
+            return false;
+        }
+        self.counters.accepted += 1;
+        true
+    }
+
+    /// The connection is gone (closed by the peer or by us).
+    pub fn closed(&mut self, conn: ConnId) {
+        let Some(s) = self.sessions.remove(&conn) else {
+            return;
+        };
+        if let Some(n) = self.per_ip.get_mut(&s.ip) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_ip.remove(&s.ip);
+            }
+        }
+        self.group_lists.remove(&conn);
+        if let Some(user) = s.user {
+            if self.users.get(&user) == Some(&conn) {
+                self.users.remove(&user);
+                for shard in 0..self.n_shards {
+                    self.out.push((shard, ShardMsg::BacklogCancel { user }));
+                }
+            }
+        }
+    }
+
+    fn queue(&mut self, conn: ConnId, write: impl FnOnce(&mut Encoder<'_>)) {
+        if let Some(s) = self.sessions.get_mut(&conn) {
+            let was_empty = s.out.is_empty();
+            write(&mut Encoder::new(&mut s.out));
+            if was_empty {
+                self.dirty.push(conn);
+            }
+        }
+    }
+
+    fn error(&mut self, conn: ConnId, code: u16, msg_id: &MsgId, text: &str) {
+        self.counters.errors[usize::from(code).min(15)] += 1;
+        self.queue(conn, |e| e.error(code, msg_id, text));
+    }
+
+    /// Sends ERROR and closes the session once it is flushed; ignores further input.
+    fn fatal(&mut self, conn: ConnId, code: u16, text: &str) {
+        self.error(conn, code, &[0; 16], text);
+        if let Some(s) = self.sessions.get_mut(&conn) {
+            if !s.closing {
+                s.closing = true;
+                self.closing.push(conn);
+            }
+        }
+    }
+
+    /// Bytes received on `conn`: decodes and handles every whole frame. Returns how many bytes
+    /// were consumed; the driver keeps the rest for the next read.
+    pub fn read(&mut self, now: Now, conn: ConnId, data: &[u8]) -> usize {
+        let mut used = 0;
+        loop {
+            if self.sessions.get(&conn).is_none_or(|s| s.closing) {
+                return data.len();
+            }
+            match proto::chat::decode(&data[used..]) {
+                Ok(None) => return used,
+                Ok(Some((frame, n))) => {
+                    used += n;
+                    self.counters.frames_in += 1;
+                    self.frame(now, conn, frame);
+                }
+                Err(e) => {
+                    self.fatal(conn, e.code(), &e.to_string());
+                    return data.len();
+                }
+            }
+        }
+    }
+
+    fn frame(&mut self, now: Now, conn: ConnId, frame: Frame<'_>) {
+        let Some(user) = self.sessions.get(&conn).and_then(|s| s.user) else {
+            return match frame {
+                Frame::Hello { version, token } => self.hello(now, conn, version, token),
+                _ => self.fatal(conn, code::NOT_AUTHENTICATED, "HELLO first"),
+            };
+        };
+        let from = Origin {
+            user,
+            home: self.shard,
+            conn,
+        };
+        match frame {
+            Frame::Hello { .. } => self.fatal(conn, code::BAD_FRAME, "HELLO twice"),
+            Frame::Send {
+                msg_id,
+                chat_id,
+                to,
+                kind: k,
+                ref_id,
+                body,
+            } => {
+                if !self.take_rate(now, conn, &msg_id) {
+                    return;
+                }
+                if !kind::client_may_send(k)
+                    || (chat_id == 0) == (to == 0)
+                    || body.len() > proto::chat::MAX_BODY
+                {
+                    return self.error(conn, code::INVALID, &msg_id, "invalid kind, chat or body");
+                }
+                let chat = if chat_id == 0 {
+                    ids::direct_chat(user, to)
+                } else {
+                    chat_id
+                };
+                let s = Submit {
+                    from,
+                    msg_id,
+                    chat,
+                    to,
+                    kind: k,
+                    ref_id,
+                    body: body.to_vec(),
+                };
+                self.route_to_owner(chat, ShardMsg::Submit(Box::new(s)));
+            }
+            Frame::Ack { pairs } => {
+                for (chat, seq) in proto::chat::ack_pairs(pairs) {
+                    self.route_to_owner(chat, ShardMsg::Ack { user, chat, seq });
+                    if let Some(s) = self.sessions.get_mut(&conn) {
+                        s.inflight.retain(|&(c, q)| c != chat || q > seq);
+                    }
+                }
+                self.pull_backlog(conn);
+            }
+            Frame::GroupCreate { msg_id, members } => {
+                if !self.take_rate(now, conn, &msg_id) {
+                    return;
+                }
+                let chat = ids::group_chat(user, &msg_id);
+                let members = proto::chat::u64s(members).collect();
+                self.route_to_owner(
+                    chat,
+                    ShardMsg::CreateGroup {
+                        from,
+                        msg_id,
+                        chat,
+                        members,
+                    },
+                );
+            }
+            Frame::GroupAdd {
+                msg_id,
+                chat_id,
+                user: target,
+            }
+            | Frame::GroupRemove {
+                msg_id,
+                chat_id,
+                user: target,
+            } => {
+                let add = matches!(frame, Frame::GroupAdd { .. });
+                self.route_to_owner(
+                    chat_id,
+                    ShardMsg::ChangeMember {
+                        from,
+                        msg_id,
+                        chat: chat_id,
+                        target,
+                        add,
+                    },
+                );
+            }
+            Frame::GroupLeave { msg_id, chat_id } => {
+                self.route_to_owner(
+                    chat_id,
+                    ShardMsg::ChangeMember {
+                        from,
+                        msg_id,
+                        chat: chat_id,
+                        target: user,
+                        add: false,
+                    },
+                );
+            }
+            Frame::GroupList => {
+                if self
+                    .group_lists
+                    .insert(conn, (self.n_shards, Vec::new()))
+                    .is_none()
+                {
+                    for shard in 0..self.n_shards {
+                        self.out.push((shard, ShardMsg::ListGroups { from }));
+                    }
+                }
+            }
+            Frame::Typing { chat_id, user: to } => {
+                if chat_id != 0 && ids::is_group(chat_id) {
+                    self.route_to_owner(
+                        chat_id,
+                        ShardMsg::Typing {
+                            from: user,
+                            chat: chat_id,
+                            to: 0,
+                        },
+                    );
+                } else if to != 0 {
+                    let chat = ids::direct_chat(user, to);
+                    self.out.push((
+                        ids::home_shard(to, self.n_shards),
+                        ShardMsg::Typing {
+                            from: user,
+                            chat,
+                            to,
+                        },
+                    ));
+                }
+            }
+            Frame::Ping { nonce } => self.queue(conn, |e| e.pong(nonce)),
+            _ => self.fatal(conn, code::UNKNOWN_TYPE, "not a client frame"),
+        }
+    }
+
+    fn take_rate(&mut self, now: Now, conn: ConnId, msg_id: &MsgId) -> bool {
+        let ok = self
+            .sessions
+            .get_mut(&conn)
+            .is_some_and(|s| s.rate.try_take(1, now.mono_us));
+        if !ok {
+            self.error(conn, code::RATE_LIMITED, msg_id, "slow down");
+        }
+        ok
+    }
+
+    fn route_to_owner(&mut self, chat: u64, msg: ShardMsg) {
+        self.out.push((ids::owner_shard(chat, self.n_shards), msg));
+    }
+
+    fn hello(&mut self, now: Now, conn: ConnId, version: u16, token: &[u8]) {
+        if version != proto::chat::VERSION {
+            return self.fatal(conn, code::BAD_VERSION, "unsupported version");
+        }
+        let claims = match self.verifier.verify_text(token, now.unix_s) {
+            Ok(c) => c,
+            Err(e) => return self.fatal(conn, code::BAD_TOKEN, &e.to_string()),
+        };
+        let user = claims.participant_id;
+        let home_ok = claims.kind == TokenKind::User
+            && claims.scope_id == user
+            && claims.permissions.contains(proto::token::Permissions::CHAT)
+            && claims.shard_idx == self.shard
+            && ids::home_shard(user, self.n_shards) == self.shard;
+        if !home_ok {
+            return self.fatal(
+                conn,
+                code::BAD_TOKEN,
+                "token is not a chat token for this shard",
+            );
+        }
+        // One session per user: a new one replaces the old.
+        if let Some(old) = self.users.insert(user, conn) {
+            self.fatal(old, code::INVALID, "replaced by a new session");
+        }
+        let epoch = self.next_epoch;
+        self.next_epoch += 1;
+        let s = self
+            .sessions
+            .get_mut(&conn)
+            .expect("hello on a live session");
+        s.user = Some(user);
+        s.epoch = epoch;
+        let window = self.cfg.window;
+        self.queue(conn, |e| e.welcome(user, window));
+        self.start_backlog(conn);
+    }
+
+    fn start_backlog(&mut self, conn: ConnId) {
+        let epoch = self.next_epoch;
+        self.next_epoch += 1;
+        let n = usize::from(self.n_shards);
+        let Some(s) = self.sessions.get_mut(&conn) else {
+            return;
+        };
+        let Some(user) = s.user else { return };
+        s.epoch = epoch;
+        s.resync = false;
+        s.backlog = Some(Backlog {
+            epoch,
+            answered: vec![false; n],
+            more: vec![false; n],
+        });
+        for shard in 0..self.n_shards {
+            self.out.push((
+                shard,
+                ShardMsg::BacklogStart {
+                    user,
+                    epoch,
+                    home: self.shard,
+                },
+            ));
+        }
+    }
+
+    /// Asks owners with more backlog for their next chunk once the window has room.
+    fn pull_backlog(&mut self, conn: ConnId) {
+        let Some(s) = self.sessions.get_mut(&conn) else {
+            return;
+        };
+        let (Some(user), Some(b)) = (s.user, s.backlog.as_mut()) else {
+            return;
+        };
+        if s.inflight.len() > usize::from(self.cfg.window) / 2
+            || s.out.len() > self.cfg.max_out_bytes / 2
+        {
+            return;
+        }
+        for owner in 0..usize::from(self.n_shards) {
+            if b.answered[owner] && b.more[owner] {
+                b.answered[owner] = false;
+                self.out.push((
+                    owner as u16,
+                    ShardMsg::BacklogMore {
+                        user,
+                        epoch: b.epoch,
+                    },
+                ));
+            }
+        }
+    }
+
+    /// Handles a message addressed to the home role.
+    pub fn handle(&mut self, msg: ShardMsg) {
+        match msg {
+            ShardMsg::Sent {
+                to,
+                msg_id,
+                chat,
+                seq,
+            } => {
+                if self.is_current(to) {
+                    self.queue(to.conn, |e| e.sent(&msg_id, chat, seq));
+                }
+            }
+            ShardMsg::Failed {
+                to,
+                msg_id,
+                code,
+                text,
+            } => {
+                if self.is_current(to) {
+                    self.error(to.conn, code, &msg_id, text);
+                }
+            }
+            ShardMsg::Deliver {
+                user,
+                chat,
+                seq,
+                frame,
+                backlog,
+            } => self.deliver(user, chat, seq, &frame, backlog),
+            ShardMsg::BacklogChunk {
+                user,
+                epoch,
+                owner,
+                more,
+            } => self.backlog_chunk(user, epoch, owner, more),
+            ShardMsg::GroupsPart { to, groups } => {
+                let Some((left, acc)) = self.group_lists.get_mut(&to.conn) else {
+                    return;
+                };
+                acc.extend(groups);
+                *left -= 1;
+                if *left == 0 {
+                    let (_, acc) = self.group_lists.remove(&to.conn).expect("present above");
+                    self.queue(to.conn, |e| e.groups(&acc));
+                }
+            }
+            ShardMsg::Typing { from, chat, to } => {
+                if let Some(&conn) = self.users.get(&to) {
+                    let peer = if ids::is_group(chat) { chat } else { 0 };
+                    self.queue(conn, |e| e.typing(peer, from));
+                }
+            }
+            other => debug_assert!(false, "not a home message: {other:?}"),
+        }
+    }
+
+    fn is_current(&self, o: Origin) -> bool {
+        self.users.get(&o.user) == Some(&o.conn)
+    }
+
+    fn deliver(&mut self, user: u64, chat: u64, seq: u64, frame: &[u8], backlog: Option<u64>) {
+        let Some(&conn) = self.users.get(&user) else {
+            return;
+        };
+        let Some(s) = self.sessions.get_mut(&conn) else {
+            return;
+        };
+        if backlog.is_some_and(|e| e != s.epoch) || s.closing {
+            return;
+        }
+        // A live entry sent before this session's backlog request reached its owner: the
+        // owner's stream will carry it, in order. Delivering it now would put it ahead of
+        // older entries still to come from the stream.
+        let owner = usize::from(ids::owner_shard(chat, self.n_shards));
+        if backlog.is_none()
+            && s.backlog
+                .as_ref()
+                .is_some_and(|b| !b.answered[owner] || b.more[owner])
+        {
+            return;
+        }
+        if s.out.len() + frame.len() > self.cfg.max_out_bytes {
+            // The entry is safe in its owner's inbox; fetch it again once the reader catches up.
+            s.resync = true;
+            self.counters.deferred += 1;
+            return;
+        }
+        let was_empty = s.out.is_empty();
+        s.out.extend_from_slice(frame);
+        s.inflight.push_back((chat, seq));
+        // Bounded: entries the client never acknowledges only matter for the backlog window.
+        if s.inflight.len() > 4 * usize::from(self.cfg.window) {
+            s.inflight.pop_front();
+        }
+        self.counters.delivered += 1;
+        if was_empty {
+            self.dirty.push(conn);
+        }
+    }
+
+    fn backlog_chunk(&mut self, user: u64, epoch: u64, owner: u16, more: bool) {
+        let Some(&conn) = self.users.get(&user) else {
+            return;
+        };
+        let Some(s) = self.sessions.get_mut(&conn) else {
+            return;
+        };
+        let Some(b) = s.backlog.as_mut().filter(|b| b.epoch == epoch) else {
+            return;
+        };
+        b.answered[usize::from(owner)] = true;
+        b.more[usize::from(owner)] = more;
+        if b.answered.iter().all(|&a| a) && !b.more.iter().any(|&m| m) {
+            s.backlog = None;
+            self.queue(conn, |e| e.backlog_end());
+        } else {
+            self.pull_backlog(conn);
+        }
+    }
+
+    /// The bytes queued for `conn`.
+    pub fn output(&self, conn: ConnId) -> &[u8] {
+        self.sessions.get(&conn).map_or(&[], |s| &s.out)
+    }
+
+    /// The driver wrote `n` bytes of `conn`'s output.
+    pub fn written(&mut self, now: Now, conn: ConnId, n: usize) {
+        let Some(s) = self.sessions.get_mut(&conn) else {
+            return;
+        };
+        s.out.drain(..n.min(s.out.len()));
+        s.stalled_since_us = (!s.out.is_empty()).then_some(now.mono_us);
+        let resync = s.resync && s.backlog.is_none() && s.out.len() < self.cfg.max_out_bytes / 2;
+        if resync {
+            self.start_backlog(conn);
+        } else {
+            self.pull_backlog(conn);
+        }
+    }
+
+    /// Closes sessions that did not authenticate in time and readers that stopped reading.
+    pub fn timeout(&mut self, now: Now) {
+        let mut late = Vec::new();
+        for (&conn, s) in &mut self.sessions {
+            if s.closing {
+                continue;
+            }
+            if s.user.is_none()
+                && now.mono_us.saturating_sub(s.opened_us) >= self.cfg.hello_timeout_us
+            {
+                late.push((conn, code::HELLO_TIMEOUT, "no HELLO in time"));
+            } else if !s.out.is_empty() {
+                let since = *s.stalled_since_us.get_or_insert(now.mono_us);
+                if now.mono_us.saturating_sub(since) >= self.cfg.slow_reader_timeout_us {
+                    late.push((conn, code::SLOW_READER, "not reading"));
+                }
+            }
+        }
+        for (conn, code, text) in late {
+            self.fatal(conn, code, text);
+        }
+    }
+}

@@ -1,0 +1,844 @@
+//! The owner role of a shard: it sequences, stores and tracks the chats whose id maps to it
+//! (`proto::chat::ids::owner_shard`). Every entry gets the chat's next seq, is appended to the
+//! shard's log, and only once the log has committed it is the author told "sent" and the
+//! audience sent the entry. Acknowledgements are cumulative per (chat, member); an entry every
+//! member of its audience has acknowledged is dead and its log record can go.
+//!
+//! Sans-IO: outputs are drained by the engine ([`Owner::take_batch`], `out`).
+
+use super::msg::{Origin, ShardMsg, Submit};
+use super::records::{self, ChatRec, EntryRec, MemberRec, Rec};
+use super::ChatConfig;
+use proto::chat::{code, ids, kind, Encoder, Entry, MsgId};
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+/// What a log record belongs to, so that its LSN can be filed once known.
+#[derive(Clone, Copy, Debug)]
+enum RecOwner {
+    Entry { chat: u64, seq: u64 },
+    Chat { chat: u64 },
+    Ack,
+}
+
+#[derive(Debug)]
+struct Member {
+    user: u64,
+    joined_after: u64,
+    acked: u64,
+}
+
+#[derive(Debug)]
+struct Stored {
+    seq: u64,
+    sender: u64,
+    kind: u8,
+    frame: Arc<[u8]>,
+    /// Audience members that have not acknowledged it yet.
+    unacked: Vec<u64>,
+    lsn: Option<u64>,
+    committed: bool,
+}
+
+#[derive(Debug)]
+struct Chat {
+    group: bool,
+    creator: u64,
+    next_seq: u64,
+    members: Vec<Member>,
+    pending: VecDeque<Stored>,
+    state_lsn: Option<u64>,
+}
+
+impl Chat {
+    fn member(&self, user: u64) -> Option<&Member> {
+        self.members.iter().find(|m| m.user == user)
+    }
+    fn snapshot(&self, chat: u64) -> ChatRec {
+        ChatRec {
+            chat,
+            group: self.group,
+            creator: self.creator,
+            next_seq: self.next_seq,
+            members: self
+                .members
+                .iter()
+                .map(|m| MemberRec {
+                    user: m.user,
+                    joined_after: m.joined_after,
+                    acked: m.acked,
+                })
+                .collect(),
+        }
+    }
+}
+
+/// A backlog being streamed to a user's session.
+#[derive(Debug)]
+struct Stream {
+    epoch: u64,
+    home: u16,
+    /// Per chat, the last seq sent in this stream.
+    cursors: HashMap<u64, u64>,
+}
+
+/// The last batch taken for commit: what each record belongs to, and the actions waiting on it.
+type Committing = (Vec<RecOwner>, Vec<(u16, ShardMsg)>);
+
+/// The owner role of one shard.
+pub struct Owner {
+    shard: u16,
+    n_shards: u16,
+    cfg: ChatConfig,
+    chats: HashMap<u64, Chat>,
+    /// Chats owned here that each user belongs to.
+    member_of: HashMap<u64, Vec<u64>>,
+    dedup: HashMap<(u64, MsgId), (u64, u64)>,
+    dedup_order: VecDeque<(u64, MsgId)>,
+    pending_per_user: HashMap<u64, usize>,
+    streams: HashMap<u64, Stream>,
+    records: Vec<(u8, Vec<u8>, RecOwner)>,
+    after_commit: Vec<(u16, ShardMsg)>,
+    committing: Option<Committing>,
+    /// LSNs of records that became dead; the driver marks them in the log.
+    pub dead: Vec<u64>,
+    /// Messages to other shards (or this one) that need no durability.
+    pub out: Vec<(u16, ShardMsg)>,
+    /// Entries accepted (not counting duplicates).
+    pub n_accepted: u64,
+}
+
+impl Owner {
+    /// An empty owner for shard `shard` of `n_shards`.
+    pub fn new(shard: u16, n_shards: u16, cfg: ChatConfig) -> Self {
+        Self {
+            shard,
+            n_shards,
+            cfg,
+            chats: HashMap::new(),
+            member_of: HashMap::new(),
+            dedup: HashMap::new(),
+            dedup_order: VecDeque::new(),
+            pending_per_user: HashMap::new(),
+            streams: HashMap::new(),
+            records: Vec::new(),
+            after_commit: Vec::new(),
+            committing: None,
+            dead: Vec::new(),
+            out: Vec::new(),
+            n_accepted: 0,
+        }
+    }
+
+    fn home(&self, user: u64) -> u16 {
+        ids::home_shard(user, self.n_shards)
+    }
+
+    fn fail(&mut self, to: Origin, msg_id: MsgId, code: u16, text: &'static str) {
+        self.out.push((
+            to.home,
+            ShardMsg::Failed {
+                to,
+                msg_id,
+                code,
+                text,
+            },
+        ));
+    }
+
+    /// Handles one message addressed to the owner role.
+    pub fn handle(&mut self, msg: ShardMsg, now_ms: u64) {
+        match msg {
+            ShardMsg::Submit(s) => self.submit(*s, now_ms),
+            ShardMsg::Ack { user, chat, seq } => self.ack(user, chat, seq, now_ms),
+            ShardMsg::CreateGroup {
+                from,
+                msg_id,
+                chat,
+                members,
+            } => self.create_group(from, msg_id, chat, members, now_ms),
+            ShardMsg::ChangeMember {
+                from,
+                msg_id,
+                chat,
+                target,
+                add,
+            } => self.change_member(from, msg_id, chat, target, add, now_ms),
+            ShardMsg::BacklogStart { user, epoch, home } => {
+                self.streams.insert(
+                    user,
+                    Stream {
+                        epoch,
+                        home,
+                        cursors: HashMap::new(),
+                    },
+                );
+                self.stream_chunk(user, epoch);
+            }
+            ShardMsg::BacklogMore { user, epoch } => self.stream_chunk(user, epoch),
+            ShardMsg::BacklogCancel { user } => {
+                self.streams.remove(&user);
+            }
+            ShardMsg::ListGroups { from } => self.list_groups(from),
+            ShardMsg::Typing { from, chat, to: 0 } => self.typing(from, chat),
+            other => debug_assert!(false, "not an owner message: {other:?}"),
+        }
+    }
+
+    fn remember(&mut self, sender: u64, msg_id: MsgId, chat: u64, seq: u64) {
+        if self.dedup.insert((sender, msg_id), (chat, seq)).is_none() {
+            self.dedup_order.push_back((sender, msg_id));
+        }
+        while self.dedup_order.len() > self.cfg.dedup_capacity {
+            let old = self.dedup_order.pop_front().expect("longer than capacity");
+            self.dedup.remove(&old);
+        }
+    }
+
+    /// A retry of an accepted request is answered with its original outcome, and "sent" still
+    /// waits for durability if the original has not committed yet.
+    fn answer_duplicate(&mut self, from: Origin, msg_id: MsgId) -> bool {
+        let Some(&(chat, seq)) = self.dedup.get(&(from.user, msg_id)) else {
+            return false;
+        };
+        let committed = self
+            .chats
+            .get(&chat)
+            .is_none_or(|c| c.pending.iter().all(|s| s.seq != seq || s.committed));
+        let sent = ShardMsg::Sent {
+            to: from,
+            msg_id,
+            chat,
+            seq,
+        };
+        if committed {
+            self.out.push((from.home, sent));
+        } else {
+            self.after_commit.push((from.home, sent));
+        }
+        true
+    }
+
+    fn submit(&mut self, s: Submit, now_ms: u64) {
+        if self.answer_duplicate(s.from, s.msg_id) {
+            return;
+        }
+        if !ids::is_group(s.chat) && !self.chats.contains_key(&s.chat) {
+            if s.to == 0 || s.to == s.from.user || ids::direct_chat(s.from.user, s.to) != s.chat {
+                return self.fail(s.from, s.msg_id, code::INVALID, "bad direct chat");
+            }
+            self.open_direct(s.chat, s.from.user, s.to);
+        }
+        let Some(chat) = self.chats.get(&s.chat) else {
+            return self.fail(s.from, s.msg_id, code::UNKNOWN_CHAT, "unknown chat");
+        };
+        if chat.member(s.from.user).is_none() || (!chat.group && chat.member(s.to).is_none()) {
+            return self.fail(s.from, s.msg_id, code::NOT_MEMBER, "not a member");
+        }
+        let seq = chat.next_seq;
+        let audience: Vec<u64> = chat
+            .members
+            .iter()
+            .filter(|m| m.user != s.from.user && m.joined_after < seq)
+            .map(|m| m.user)
+            .collect();
+        if audience.iter().any(|u| {
+            self.pending_per_user.get(u).copied().unwrap_or(0) >= self.cfg.max_pending_per_user
+        }) {
+            return self.fail(s.from, s.msg_id, code::INBOX_FULL, "recipient inbox full");
+        }
+        let e = EntryRec {
+            chat: s.chat,
+            seq,
+            sender: s.from.user,
+            msg_id: s.msg_id,
+            kind: s.kind,
+            ref_id: s.ref_id,
+            ts_ms: now_ms,
+            audience,
+            body: s.body,
+        };
+        self.append_entry(e, Some(s.from));
+    }
+
+    /// Creates the direct chat between `a` and `b` and records it.
+    fn open_direct(&mut self, id: u64, a: u64, b: u64) {
+        let members = [a, b]
+            .map(|user| Member {
+                user,
+                joined_after: 0,
+                acked: 0,
+            })
+            .into();
+        let chat = Chat {
+            group: false,
+            creator: 0,
+            next_seq: 1,
+            members,
+            pending: VecDeque::new(),
+            state_lsn: None,
+        };
+        self.chats.insert(id, chat);
+        self.member_of.entry(a).or_default().push(id);
+        self.member_of.entry(b).or_default().push(id);
+        self.write_snapshot(id);
+    }
+
+    fn write_snapshot(&mut self, chat: u64) {
+        let c = self.chats.get(&chat).expect("snapshot of a live chat");
+        let payload = records::encode_chat(&c.snapshot(chat));
+        self.records
+            .push((records::CHAT, payload, RecOwner::Chat { chat }));
+    }
+
+    /// Sequences a new entry: stores it, appends its record, and queues "sent" for `from` and
+    /// delivery to its audience for when the record is durable.
+    fn append_entry(&mut self, e: EntryRec, from: Option<Origin>) {
+        let chat = self
+            .chats
+            .get_mut(&e.chat)
+            .expect("entries are appended to live chats");
+        debug_assert_eq!(e.seq, chat.next_seq);
+        chat.next_seq += 1;
+        let frame = encode_frame(&e);
+        for u in &e.audience {
+            *self.pending_per_user.entry(*u).or_default() += 1;
+        }
+        chat.pending.push_back(Stored {
+            seq: e.seq,
+            sender: e.sender,
+            kind: e.kind,
+            frame: frame.clone(),
+            unacked: e.audience.clone(),
+            lsn: None,
+            committed: false,
+        });
+        if let Some(from) = from {
+            self.after_commit.push((
+                from.home,
+                ShardMsg::Sent {
+                    to: from,
+                    msg_id: e.msg_id,
+                    chat: e.chat,
+                    seq: e.seq,
+                },
+            ));
+        }
+        for &user in &e.audience {
+            if !self.streams.contains_key(&user) {
+                let home = self.home(user);
+                let d = ShardMsg::Deliver {
+                    user,
+                    chat: e.chat,
+                    seq: e.seq,
+                    frame: frame.clone(),
+                    backlog: None,
+                };
+                self.after_commit.push((home, d));
+            }
+        }
+        self.remember(e.sender, e.msg_id, e.chat, e.seq);
+        self.n_accepted += 1;
+        let owner = RecOwner::Entry {
+            chat: e.chat,
+            seq: e.seq,
+        };
+        self.records
+            .push((records::ENTRY, records::encode_entry(&e), owner));
+    }
+
+    fn ack(&mut self, user: u64, chat_id: u64, seq: u64, now_ms: u64) {
+        let Some(chat) = self.chats.get_mut(&chat_id) else {
+            return;
+        };
+        let Some(m) = chat.members.iter_mut().find(|m| m.user == user) else {
+            return;
+        };
+        if seq <= m.acked {
+            return;
+        }
+        let seq = seq.min(chat.next_seq - 1);
+        let previous = m.acked;
+        m.acked = seq;
+        let mut senders: Vec<u64> = Vec::new();
+        for s in chat
+            .pending
+            .iter_mut()
+            .filter(|s| s.seq > previous && s.seq <= seq)
+        {
+            if let Some(i) = s.unacked.iter().position(|&u| u == user) {
+                s.unacked.swap_remove(i);
+                if let Some(n) = self.pending_per_user.get_mut(&user) {
+                    *n = n.saturating_sub(1);
+                }
+                if matches!(s.kind, kind::TEXT | kind::EDIT | kind::DELETE)
+                    && !senders.contains(&s.sender)
+                {
+                    senders.push(s.sender);
+                }
+            }
+        }
+        let dead = &mut self.dead;
+        chat.pending.retain(|s| {
+            let live = !s.unacked.is_empty() || !s.committed;
+            if !live {
+                dead.extend(s.lsn);
+            }
+            live
+        });
+        self.records.push((
+            records::ACK,
+            records::encode_ack(chat_id, user, seq),
+            RecOwner::Ack,
+        ));
+        // Receipts do not beget receipts: only messages, edits and deletes are acknowledged
+        // with a DELIVERED entry, one per acknowledgement batch, to their authors.
+        if !senders.is_empty() {
+            let e = EntryRec {
+                chat: chat_id,
+                seq: chat.next_seq,
+                sender: user,
+                msg_id: receipt_id(user, seq),
+                kind: kind::DELIVERED,
+                ref_id: [0; 16],
+                ts_ms: now_ms,
+                audience: senders,
+                body: seq.to_le_bytes().to_vec(),
+            };
+            self.append_entry(e, None);
+        }
+    }
+
+    fn create_group(
+        &mut self,
+        from: Origin,
+        msg_id: MsgId,
+        chat_id: u64,
+        members: Vec<u64>,
+        now_ms: u64,
+    ) {
+        if self.answer_duplicate(from, msg_id) {
+            return;
+        }
+        let mut all = vec![from.user];
+        for m in members {
+            if !all.contains(&m) && m != 0 {
+                all.push(m);
+            }
+        }
+        if all.len() > self.cfg.max_group_members
+            || self.chats.contains_key(&chat_id)
+            || !ids::is_group(chat_id)
+        {
+            return self.fail(from, msg_id, code::INVALID, "group too large or id in use");
+        }
+        let members = all
+            .iter()
+            .map(|&user| Member {
+                user,
+                joined_after: 0,
+                acked: 0,
+            })
+            .collect();
+        let chat = Chat {
+            group: true,
+            creator: from.user,
+            next_seq: 1,
+            members,
+            pending: VecDeque::new(),
+            state_lsn: None,
+        };
+        self.chats.insert(chat_id, chat);
+        for &u in &all {
+            self.member_of.entry(u).or_default().push(chat_id);
+        }
+        self.write_snapshot(chat_id);
+        let body: Vec<u8> = all.iter().flat_map(|u| u.to_le_bytes()).collect();
+        let audience = all[1..].to_vec();
+        let e = EntryRec {
+            chat: chat_id,
+            seq: 1,
+            sender: from.user,
+            msg_id,
+            kind: kind::GROUP_CREATED,
+            ref_id: [0; 16],
+            ts_ms: now_ms,
+            audience,
+            body,
+        };
+        self.append_entry(e, Some(from));
+    }
+
+    fn change_member(
+        &mut self,
+        from: Origin,
+        msg_id: MsgId,
+        chat_id: u64,
+        target: u64,
+        add: bool,
+        now_ms: u64,
+    ) {
+        if self.answer_duplicate(from, msg_id) {
+            return;
+        }
+        let Some(chat) = self.chats.get_mut(&chat_id).filter(|c| c.group) else {
+            return self.fail(from, msg_id, code::UNKNOWN_CHAT, "unknown group");
+        };
+        if chat.member(from.user).is_none() {
+            return self.fail(from, msg_id, code::NOT_MEMBER, "not a member");
+        }
+        let seq = chat.next_seq;
+        let present = chat.member(target).is_some();
+        let k = if add {
+            if present || target == 0 || chat.members.len() >= self.cfg.max_group_members {
+                return self.fail(
+                    from,
+                    msg_id,
+                    code::INVALID,
+                    "already a member or group full",
+                );
+            }
+            // The new member sees the announcement of its own arrival and everything after.
+            chat.members.push(Member {
+                user: target,
+                joined_after: seq - 1,
+                acked: seq - 1,
+            });
+            self.member_of.entry(target).or_default().push(chat_id);
+            kind::MEMBER_ADDED
+        } else {
+            if !present || (target != from.user && from.user != chat.creator) {
+                return self.fail(
+                    from,
+                    msg_id,
+                    code::NOT_MEMBER,
+                    "only the creator removes others",
+                );
+            }
+            chat.members.retain(|m| m.user != target);
+            if let Some(list) = self.member_of.get_mut(&target) {
+                list.retain(|&c| c != chat_id);
+            }
+            // A departed member no longer holds entries back.
+            let dead = &mut self.dead;
+            for s in chat.pending.iter_mut() {
+                if let Some(i) = s.unacked.iter().position(|&u| u == target) {
+                    s.unacked.swap_remove(i);
+                    if let Some(n) = self.pending_per_user.get_mut(&target) {
+                        *n = n.saturating_sub(1);
+                    }
+                }
+            }
+            chat.pending.retain(|s| {
+                let live = !s.unacked.is_empty() || !s.committed;
+                if !live {
+                    dead.extend(s.lsn);
+                }
+                live
+            });
+            kind::MEMBER_REMOVED
+        };
+        let audience: Vec<u64> = chat
+            .members
+            .iter()
+            .map(|m| m.user)
+            .filter(|&u| u != from.user)
+            .collect();
+        self.write_snapshot(chat_id);
+        let e = EntryRec {
+            chat: chat_id,
+            seq,
+            sender: from.user,
+            msg_id,
+            kind: k,
+            ref_id: [0; 16],
+            ts_ms: now_ms,
+            audience,
+            body: target.to_le_bytes().to_vec(),
+        };
+        self.append_entry(e, Some(from));
+    }
+
+    /// Sends the next chunk of `user`'s committed, unacknowledged entries (in seq order per
+    /// chat), then a BacklogChunk marker saying whether more remains.
+    fn stream_chunk(&mut self, user: u64, epoch: u64) {
+        let Some(stream) = self.streams.get_mut(&user).filter(|s| s.epoch == epoch) else {
+            return;
+        };
+        let mut budget = self.cfg.backlog_chunk;
+        let mut more = false;
+        for chat_id in self.member_of.get(&user).map(Vec::as_slice).unwrap_or(&[]) {
+            let Some(chat) = self.chats.get(chat_id) else {
+                continue;
+            };
+            let cursor = stream.cursors.entry(*chat_id).or_insert(0);
+            let from = *cursor;
+            for s in chat
+                .pending
+                .iter()
+                .filter(|s| s.seq > from && s.committed && s.unacked.contains(&user))
+            {
+                if budget == 0 {
+                    more = true;
+                    break;
+                }
+                budget -= 1;
+                *cursor = s.seq;
+                let d = ShardMsg::Deliver {
+                    user,
+                    chat: *chat_id,
+                    seq: s.seq,
+                    frame: s.frame.clone(),
+                    backlog: Some(epoch),
+                };
+                self.out.push((stream.home, d));
+            }
+            if more {
+                break;
+            }
+        }
+        let home = stream.home;
+        if !more {
+            // Caught up: entries committed from now on are delivered live.
+            self.streams.remove(&user);
+        }
+        self.out.push((
+            home,
+            ShardMsg::BacklogChunk {
+                user,
+                epoch,
+                owner: self.shard,
+                more,
+            },
+        ));
+    }
+
+    fn list_groups(&mut self, from: Origin) {
+        let groups = self
+            .member_of
+            .get(&from.user)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| {
+                let c = self.chats.get(id).filter(|c| c.group)?;
+                Some((*id, c.members.iter().map(|m| m.user).collect()))
+            })
+            .collect();
+        self.out
+            .push((from.home, ShardMsg::GroupsPart { to: from, groups }));
+    }
+
+    fn typing(&mut self, from: u64, chat_id: u64) {
+        let Some(chat) = self.chats.get(&chat_id) else {
+            return;
+        };
+        if chat.member(from).is_none() {
+            return;
+        }
+        for m in chat.members.iter().filter(|m| m.user != from) {
+            let home = ids::home_shard(m.user, self.n_shards);
+            self.out.push((
+                home,
+                ShardMsg::Typing {
+                    from,
+                    chat: chat_id,
+                    to: m.user,
+                },
+            ));
+        }
+    }
+
+    /// Moves the records produced so far out for appending. The actions that wait on them are
+    /// released by [`Owner::handle_committed`] once the driver has committed the log.
+    pub fn take_batch(&mut self) -> Vec<(u8, Vec<u8>)> {
+        debug_assert!(self.committing.is_none(), "one commit at a time");
+        let owners = self.records.iter().map(|r| r.2).collect();
+        let actions = std::mem::take(&mut self.after_commit);
+        self.committing = Some((owners, actions));
+        self.records.drain(..).map(|(k, p, _)| (k, p)).collect()
+    }
+
+    /// The records of the last batch are durable at these LSNs (same order): file the LSNs,
+    /// mark the entries committed and release "sent" and deliveries.
+    pub fn handle_committed(&mut self, lsns: &[u64]) {
+        let Some((owners, actions)) = self.committing.take() else {
+            return;
+        };
+        debug_assert_eq!(owners.len(), lsns.len());
+        for (owner, &lsn) in owners.iter().zip(lsns) {
+            match *owner {
+                RecOwner::Ack => self.dead.push(lsn),
+                RecOwner::Chat { chat } => {
+                    if let Some(c) = self.chats.get_mut(&chat) {
+                        if let Some(old) = c.state_lsn.replace(lsn) {
+                            self.dead.push(old);
+                        }
+                    }
+                }
+                RecOwner::Entry { chat, seq } => {
+                    if let Some(s) = self
+                        .chats
+                        .get_mut(&chat)
+                        .and_then(|c| c.pending.iter_mut().find(|s| s.seq == seq))
+                    {
+                        s.lsn = Some(lsn);
+                        s.committed = true;
+                        if s.unacked.is_empty() {
+                            self.dead.push(lsn);
+                        }
+                    }
+                }
+            }
+        }
+        for c in self.chats.values_mut() {
+            c.pending.retain(|s| !(s.committed && s.unacked.is_empty()));
+        }
+        // A user whose backlog is being streamed gets these entries from the stream, in order,
+        // now that they are committed.
+        let streams = &self.streams;
+        self.out.extend(actions.into_iter().filter(
+            |(_, a)| !matches!(a, ShardMsg::Deliver { user, .. } if streams.contains_key(user)),
+        ));
+    }
+
+    /// Whether records wait to be appended.
+    pub fn has_records(&self) -> bool {
+        !self.records.is_empty()
+    }
+
+    /// Writes a fresh snapshot of every chat so that old log segments holding only snapshots
+    /// can be deleted.
+    pub fn checkpoint(&mut self) {
+        let ids: Vec<u64> = self.chats.keys().copied().collect();
+        for id in ids {
+            self.write_snapshot(id);
+        }
+    }
+
+    /// Rebuilds state from one recovered record (in log order).
+    pub fn replay(&mut self, lsn: u64, kind: u8, payload: &[u8]) -> Result<(), String> {
+        match records::decode(kind, payload)
+            .ok_or_else(|| format!("undecodable chat record at lsn {lsn}"))?
+        {
+            Rec::Chat(c) => {
+                let old = self.chats.remove(&c.chat);
+                if let Some(old_lsn) = old.as_ref().and_then(|o| o.state_lsn) {
+                    self.dead.push(old_lsn);
+                }
+                for m in &c.members {
+                    let list = self.member_of.entry(m.user).or_default();
+                    if !list.contains(&c.chat) {
+                        list.push(c.chat);
+                    }
+                }
+                let members = c
+                    .members
+                    .iter()
+                    .map(|m| Member {
+                        user: m.user,
+                        joined_after: m.joined_after,
+                        acked: m.acked,
+                    })
+                    .collect();
+                let pending = old.map(|o| o.pending).unwrap_or_default();
+                let next_seq = c.next_seq.max(pending.back().map_or(1, |s| s.seq + 1));
+                self.chats.insert(
+                    c.chat,
+                    Chat {
+                        group: c.group,
+                        creator: c.creator,
+                        next_seq,
+                        members,
+                        pending,
+                        state_lsn: Some(lsn),
+                    },
+                );
+            }
+            Rec::Entry(e) => {
+                let Some(chat) = self.chats.get_mut(&e.chat) else {
+                    return Err(format!("entry for unknown chat {} at lsn {lsn}", e.chat));
+                };
+                chat.next_seq = chat.next_seq.max(e.seq + 1);
+                let frame = encode_frame(&e);
+                chat.pending.push_back(Stored {
+                    seq: e.seq,
+                    sender: e.sender,
+                    kind: e.kind,
+                    frame,
+                    unacked: e.audience.clone(),
+                    lsn: Some(lsn),
+                    committed: true,
+                });
+                self.remember(e.sender, e.msg_id, e.chat, e.seq);
+            }
+            Rec::Ack { chat, user, seq } => {
+                self.dead.push(lsn);
+                if let Some(m) = self
+                    .chats
+                    .get_mut(&chat)
+                    .and_then(|c| c.members.iter_mut().find(|m| m.user == user))
+                {
+                    m.acked = m.acked.max(seq);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Completes recovery: drops what members have acknowledged (or who left) and recounts the
+    /// inboxes.
+    pub fn finish_replay(&mut self) {
+        self.pending_per_user.clear();
+        for c in self.chats.values_mut() {
+            let acked: HashMap<u64, u64> = c.members.iter().map(|m| (m.user, m.acked)).collect();
+            for s in c.pending.iter_mut() {
+                s.unacked
+                    .retain(|u| acked.get(u).is_some_and(|&a| a < s.seq));
+                for u in &s.unacked {
+                    *self.pending_per_user.entry(*u).or_default() += 1;
+                }
+            }
+            let dead = &mut self.dead;
+            c.pending.retain(|s| {
+                if s.unacked.is_empty() {
+                    dead.extend(s.lsn);
+                }
+                !s.unacked.is_empty()
+            });
+        }
+    }
+
+    /// Entries stored and not yet acknowledged by every recipient.
+    pub fn n_pending(&self) -> usize {
+        self.chats.values().map(|c| c.pending.len()).sum()
+    }
+
+    /// Chats owned here.
+    pub fn n_chats(&self) -> usize {
+        self.chats.len()
+    }
+}
+
+/// The id of a relay-generated DELIVERED receipt: derived, so that a replayed ack makes the same.
+fn receipt_id(user: u64, seq: u64) -> MsgId {
+    let mut id = [0u8; 16];
+    id[..8].copy_from_slice(&user.to_le_bytes());
+    id[8..].copy_from_slice(&seq.to_le_bytes());
+    id[0] ^= 0xd1;
+    id
+}
+
+fn encode_frame(e: &EntryRec) -> Arc<[u8]> {
+    let mut buf = Vec::with_capacity(proto::chat::MSG_OVERHEAD + e.body.len());
+    Encoder::new(&mut buf).msg(&Entry {
+        chat_id: e.chat,
+        seq: e.seq,
+        sender: e.sender,
+        msg_id: e.msg_id,
+        kind: e.kind,
+        ref_id: e.ref_id,
+        ts_ms: e.ts_ms,
+        body: &e.body,
+    });
+    buf.into()
+}
