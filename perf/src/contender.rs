@@ -57,6 +57,8 @@ impl Kind {
 pub struct Launch<'a> {
     /// The relay binary.
     pub relay_bin: &'a Path,
+    /// This binary, which serves the baselines.
+    pub perf_bin: &'a Path,
     /// Relay shards (one UDP port each).
     pub relay_shards: u16,
     /// Hex Ed25519 public key the relay verifies tokens with.
@@ -123,8 +125,7 @@ pub fn start(kind: Kind, l: &Launch) -> Result<Running, String> {
                 l.public_key_hex,
             ]);
     } else {
-        let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-        cmd = Command::new(exe);
+        cmd = Command::new(l.perf_bin);
         let sub = if kind == Kind::Ideal {
             "ideal-forwarder"
         } else {
@@ -134,6 +135,7 @@ pub fn start(kind: Kind, l: &Launch) -> Result<Running, String> {
             .arg(l.rooms_file);
     }
     let stderr = std::fs::File::create(&l.stderr_file).map_err(|e| e.to_string())?;
+    crate::sys::die_with_parent(&mut cmd);
     let child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -298,6 +300,30 @@ pub fn cpu_total_ns(pid: u32) -> Option<u64> {
     Some(per_thread.sum())
 }
 
+/// Receive-buffer drops of every UDP socket, by local port, from /proc/net/udp: where a loss
+/// happened (the contender's socket overflowing, or a subscriber's).
+pub fn udp_drops_by_port() -> std::collections::HashMap<u16, u64> {
+    let text = std::fs::read_to_string("/proc/net/udp").unwrap_or_default();
+    parse_udp_drops(&text)
+}
+
+/// Parses /proc/net/udp: `local_address` is `HEXIP:HEXPORT`, `drops` is the last column.
+fn parse_udp_drops(text: &str) -> std::collections::HashMap<u16, u64> {
+    let mut out = std::collections::HashMap::new();
+    for line in text.lines().skip(1) {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let port = fields
+            .get(1)
+            .and_then(|a| a.split_once(':'))
+            .and_then(|(_, p)| u16::from_str_radix(p, 16).ok());
+        let drops = fields.last().and_then(|d| d.parse::<u64>().ok());
+        if let (Some(port), Some(drops)) = (port, drops) {
+            *out.entry(port).or_insert(0) += drops;
+        }
+    }
+    out
+}
+
 /// Fetches the relay's Prometheus text.
 pub fn scrape(addr: SocketAddr) -> std::io::Result<String> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
@@ -342,6 +368,17 @@ mod tests {
         let stat = "1234 (relay shard 0) S 1 1234 1234 0 -1 4194560 100 0 0 0 57 31 0 0 20 0 3";
         assert_eq!(parse_stat_times(stat), Some((57, 31)));
         assert_eq!(parse_stat_times("garbage"), None);
+    }
+
+    #[test]
+    fn parses_udp_drops_by_port() {
+        let text = "   sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode ref pointer drops\n\
+            4958: 0100007F:C36F 0100007F:898F 01 00000000:00001B00 00:00000000 00000000     0        0 67546 2 000000008a522242 7\n\
+            5586: 0100007F:85E3 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 67538 2 00000000c7bc852b 0\n";
+        let d = parse_udp_drops(text);
+        assert_eq!(d.get(&0xC36F), Some(&7));
+        assert_eq!(d.get(&0x85E3), Some(&0));
+        assert_eq!(d.len(), 2);
     }
 
     #[test]

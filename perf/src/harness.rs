@@ -223,9 +223,19 @@ pub struct Outcome {
     pub syscall_method: String,
 }
 
+/// An offered load: every publisher at `rate_pps` for `duration`.
+#[derive(Clone, Copy, Debug)]
+struct Load {
+    rate_pps: f64,
+    duration: Duration,
+    packet_len: usize,
+}
+
 /// The running process being measured and its participants.
 struct Ctx<'a> {
     pid: u32,
+    /// UDP ports the contender receives on.
+    contender_ports: std::ops::Range<u16>,
     metrics: Option<SocketAddr>,
     parts: &'a [Participant],
     topo: &'a Topology,
@@ -279,6 +289,10 @@ struct Harness<'c> {
     step_id: u32,
     /// The ideal forwarder's confirmed fanout rate in the current run.
     ideal_max_pps: Option<f64>,
+    /// Private copies of the relay binary and of this one (which serves the baselines), so
+    /// that a rebuild during the run (others work in the same tree) cannot mix versions.
+    relay_bin: PathBuf,
+    perf_bin: PathBuf,
 }
 
 impl<'c> Harness<'c> {
@@ -297,7 +311,11 @@ impl<'c> Harness<'c> {
         // A fixed key: these tokens only ever reach a relay started by this harness.
         let key = SigningKey::from_bytes(&[0x5a; 32]);
         let public_key_hex = proto::token::hex(key.verifying_key().as_bytes());
+        let relay_bin = snapshot(&cfg.relay_bin, &tmp.join("relay"));
+        let perf_bin = snapshot(&std::env::current_exe()?, &tmp.join("perf"));
         Ok(Self {
+            relay_bin,
+            perf_bin,
             cfg,
             scale: Scale::new(cfg.quick),
             perf,
@@ -357,7 +375,8 @@ impl<'c> Harness<'c> {
         let relay_config = self.tmp.join("relay.toml");
         std::fs::write(&relay_config, contender::RELAY_CONFIG).map_err(|e| failed(e.into()))?;
         let launch = Launch {
-            relay_bin: &self.cfg.relay_bin,
+            relay_bin: &self.relay_bin,
+            perf_bin: &self.perf_bin,
             relay_shards: self.cfg.relay_shards,
             public_key_hex: &self.public_key_hex,
             rooms_file: &rooms_file,
@@ -391,8 +410,10 @@ impl<'c> Harness<'c> {
         if kind.is_relay() {
             self.join(parts, topo, running.n_shards)?;
         }
+        let first = running.base.port();
         let ctx = Ctx {
             pid: running.pid,
+            contender_ports: first..first + running.n_shards,
             metrics: running.metrics,
             parts,
             topo,
@@ -401,14 +422,26 @@ impl<'c> Harness<'c> {
             Scenario::Fanout => (1_000.0, self.scale.fanout_packet_len),
             Scenario::Rooms => (self.scale.rooms_pps, self.scale.rooms_packet_len),
         };
-        let warm = self.step(&ctx, rate, self.scale.warmup, len);
+        let warm = self.step(
+            &ctx,
+            Load {
+                rate_pps: rate,
+                duration: self.scale.warmup,
+                packet_len: len,
+            },
+        );
         eprintln!("  warm-up: {}", progress(&warm));
         match sc {
             Scenario::Fanout => self.fanout(kind, &ctx, cr),
             Scenario::Rooms => {
-                let (pps, d) = (self.scale.rooms_pps, self.scale.rooms_duration);
-                let m = self.measure(&ctx, "load", pps, d, len, true).0;
+                let load = Load {
+                    rate_pps: self.scale.rooms_pps,
+                    duration: self.scale.rooms_duration,
+                    packet_len: len,
+                };
+                let m = self.measure(&ctx, "load", load, Some(Probe::Syscalls)).0;
                 cr.measurements.push(m);
+                self.sample_user_time(&ctx, "load", load, cr);
             }
         }
         Ok(())
@@ -448,15 +481,50 @@ impl<'c> Harness<'c> {
         max.values
             .push(("search_found_zero_loss", Some(flag(best.is_some()))));
         cr.measurements.push(max);
+        self.sample_user_time(ctx, "max", self.fanout_load(rate), cr);
         if kind == Kind::Ideal {
             self.ideal_max_pps = Some(rate);
         }
         let base = self.ideal_max_pps.unwrap_or(rate);
-        let len = self.scale.fanout_packet_len;
-        let (mut half, _) = self.measure(ctx, "half", base / 2.0, self.scale.measure, len, true);
+        let half_load = self.fanout_load(base / 2.0);
+        let (mut half, _) = self.measure(ctx, "half", half_load, Some(Probe::Syscalls));
         half.values
             .push(("half_of_ideal", Some(flag(self.ideal_max_pps.is_some()))));
         cr.measurements.push(half);
+    }
+
+    /// A fanout load at `rate_pps` for the measured duration.
+    fn fanout_load(&self, rate_pps: f64) -> Load {
+        Load {
+            rate_pps,
+            duration: self.scale.measure,
+            packet_len: self.scale.fanout_packet_len,
+        }
+    }
+
+    /// Repeats `load` with perf sampling the contender's user and kernel time, recorded as
+    /// `<label>_sampled`. A separate step, because the sampling itself costs the contender CPU
+    /// (about half again per packet at the rooms load, from scheduling the sampling timer on
+    /// every context switch), which must not leak into the exact CPU total, the latency or
+    /// the loss of the main step. User time is counted by the user-mode samples alone, which
+    /// that overhead (kernel-mode) does not inflate.
+    fn sample_user_time(
+        &mut self,
+        ctx: &Ctx,
+        label: &'static str,
+        load: Load,
+        cr: &mut ContenderRun,
+    ) {
+        if self.perf.is_err() {
+            return;
+        }
+        let label = if label == "max" {
+            "max_sampled"
+        } else {
+            "load_sampled"
+        };
+        let m = self.measure(ctx, label, load, Some(Probe::CpuModes)).0;
+        cr.measurements.push(m);
     }
 
     /// The bounded rate search, in short unobserved steps.
@@ -465,8 +533,12 @@ impl<'c> Harness<'c> {
         let mut search =
             RateSearch::new(s.search_start_pps, s.search_max_pps, 0.05, s.search_steps);
         while let Some(pps) = search.poll_rate() {
-            let len = s.fanout_packet_len;
-            let (m, clean) = self.measure(ctx, "search", pps as f64, s.search_step, len, false);
+            let load = Load {
+                rate_pps: pps as f64,
+                duration: s.search_step,
+                packet_len: s.fanout_packet_len,
+            };
+            let (m, clean) = self.measure(ctx, "search", load, None);
             let lost = m.get("lost").unwrap_or(0.0) as u64;
             cr.search.push((pps, clean, lost));
             search.handle_result(pps, clean);
@@ -478,11 +550,11 @@ impl<'c> Harness<'c> {
     /// still lose packets over a longer one, so on loss it steps down 5% at a time, a bounded
     /// number of times. Returns the first clean measurement (or the last one) and its rate.
     fn confirm(&mut self, ctx: &Ctx, best_pps: u64) -> (Measurement, f64) {
-        let len = self.scale.fanout_packet_len;
         let mut rate = best_pps as f64;
         let mut attempt = 1;
         loop {
-            let (mut m, clean) = self.measure(ctx, "max", rate, self.scale.measure, len, true);
+            let load = self.fanout_load(rate);
+            let (mut m, clean) = self.measure(ctx, "max", load, Some(Probe::Syscalls));
             if clean || attempt >= self.scale.confirm_attempts {
                 m.values.push(("confirm_attempts", Some(attempt as f64)));
                 m.values.push(("zero_loss_confirmed", Some(flag(clean))));
@@ -493,58 +565,45 @@ impl<'c> Harness<'c> {
         }
     }
 
-    fn step(
-        &mut self,
-        ctx: &Ctx,
-        rate_pps: f64,
-        duration: Duration,
-        packet_len: usize,
-    ) -> StepOutcome {
+    fn step(&mut self, ctx: &Ctx, load: Load) -> StepOutcome {
         self.step_id += 1;
         let plan = StepPlan {
             step_id: self.step_id,
-            rate_pps,
-            duration,
-            packet_len,
+            rate_pps: load.rate_pps,
+            duration: load.duration,
+            packet_len: load.packet_len,
         };
         loadgen::run_step(ctx.parts, ctx.topo, plan)
     }
 
-    /// One step with the contender's CPU time and (relay) counters sampled around it, and with
-    /// `observe`, its system calls and CPU samples taken by perf during it. Returns the measurement and whether it was clean: no loss, no refused send,
-    /// and the load generator kept its schedule (so the rate was really offered).
+    /// One step with the contender's CPU time, socket drops and (relay) counters sampled
+    /// around it, and with `probe`, perf attached during it. Returns the measurement and
+    /// whether it was clean: no loss, no refused send, and the load generator kept its
+    /// schedule (so the rate was really offered).
     fn measure(
         &mut self,
         ctx: &Ctx,
         label: &'static str,
-        rate_pps: f64,
-        duration: Duration,
-        packet_len: usize,
-        observe: bool,
+        load: Load,
+        probe: Option<Probe>,
     ) -> (Measurement, bool) {
-        let before = Sample::take(ctx.pid, ctx.metrics);
-        let windows: Vec<_> = match (&self.perf, observe) {
-            (Ok(perf), true) => [Probe::Syscalls, Probe::CpuModes]
-                .into_iter()
-                .filter_map(|p| {
-                    let w = perf.start(p, ctx.pid, &self.tmp);
-                    w.map_err(|e| eprintln!("  perf {p:?}: {e:#}")).ok()
-                })
-                .collect(),
-            _ => Vec::new(),
+        let before = Sample::take(ctx);
+        let window = match (&self.perf, probe) {
+            (Ok(perf), Some(p)) => perf
+                .start(p, ctx.pid, &self.tmp)
+                .map_err(|e| eprintln!("  perf {p:?}: {e:#}"))
+                .ok(),
+            _ => None,
         };
-        let out = self.step(ctx, rate_pps, duration, packet_len);
-        let readings: Vec<Reading> = windows
-            .into_iter()
-            .filter_map(|w| w.finish().map_err(|e| eprintln!("  perf: {e:#}")).ok())
-            .collect();
-        let after = Sample::take(ctx.pid, ctx.metrics);
-        let on_schedule = out.send_duration_ns as f64 <= duration.as_nanos() as f64 * 1.1;
+        let out = self.step(ctx, load);
+        let reading = window.and_then(|w| w.finish().map_err(|e| eprintln!("  perf: {e:#}")).ok());
+        let after = Sample::take(ctx);
+        let on_schedule = out.send_duration_ns as f64 <= load.duration.as_nanos() as f64 * 1.1;
         let clean = out.lost() == 0 && out.send_failures == 0 && on_schedule;
-        eprintln!("  {label} {rate_pps:.0} pps: {}", progress(&out));
+        eprintln!("  {label} {:.0} pps: {}", load.rate_pps, progress(&out));
         let m = Measurement {
             label,
-            values: values(rate_pps, &out, &before, &after, &readings),
+            values: values(load.rate_pps, &out, &before, &after, reading),
         };
         (m, clean)
     }
@@ -566,6 +625,9 @@ fn progress(o: &StepOutcome) -> String {
 
 /// Counters of the contender at one instant.
 struct Sample {
+    /// Receive-buffer drops at the contender's sockets and at the load generator's.
+    contender_udp_drops: u64,
+    loadgen_udp_drops: u64,
     cpu_ticks: Option<(u64, u64)>,
     cpu_total_ns: Option<u64>,
     relay_syscalls: Option<f64>,
@@ -573,10 +635,15 @@ struct Sample {
 }
 
 impl Sample {
-    fn take(pid: u32, metrics: Option<SocketAddr>) -> Self {
-        let text = metrics.and_then(|m| contender::scrape(m).ok());
+    fn take(ctx: &Ctx) -> Self {
+        let text = ctx.metrics.and_then(|m| contender::scrape(m).ok());
         let metric = |name| text.as_deref().and_then(|t| contender::metric_sum(t, name));
+        let drops = contender::udp_drops_by_port();
+        let sum = |ports: &mut dyn Iterator<Item = u16>| ports.filter_map(|p| drops.get(&p)).sum();
+        let pid = ctx.pid;
         Self {
+            contender_udp_drops: sum(&mut ctx.contender_ports.clone()),
+            loadgen_udp_drops: sum(&mut ctx.parts.iter().map(|p| p.addr.port())),
             cpu_ticks: contender::cpu_ticks(pid),
             cpu_total_ns: contender::cpu_total_ns(pid),
             relay_syscalls: metric("relay_syscalls_total"),
@@ -590,31 +657,9 @@ fn values(
     o: &StepOutcome,
     before: &Sample,
     after: &Sample,
-    readings: &[Reading],
+    reading: Option<Reading>,
 ) -> Vec<(&'static str, Option<f64>)> {
     let pkts = o.delivered.max(1) as f64;
-    let ns_per_tick = 1e9 / crate::sys::clock_ticks_per_s() as f64;
-    let ticks = before.cpu_ticks.zip(after.cpu_ticks);
-    let tick_ns = |f: fn((u64, u64)) -> u64| {
-        ticks.map(|(b, a)| f(a).saturating_sub(f(b)) as f64 * ns_per_tick / pkts)
-    };
-    let cpu_ns = delta_u64(before.cpu_total_ns, after.cpu_total_ns).map(|d| d as f64 / pkts);
-    let syscalls = readings.iter().find_map(|r| match r {
-        Reading::Syscalls(n) => Some(*n as f64 / pkts),
-        _ => None,
-    });
-    let samples = readings.iter().find_map(|r| match *r {
-        Reading::CpuModes { user, kernel } if user + kernel > 0 => Some((user, kernel)),
-        _ => None,
-    });
-    // The exact on-CPU total, split by the share of samples taken in each mode.
-    let share = |pick: fn((u64, u64)) -> u64| {
-        let (u, k) = samples?;
-        Some(cpu_ns? * pick((u, k)) as f64 / (u + k) as f64)
-    };
-    let user_ticks = tick_ns(|t| t.0);
-    let sys_ticks = tick_ns(|t| t.1);
-    let delta = |a: Option<f64>, b: Option<f64>| Some(b? - a?);
     let lat = o.latency.summary();
     let mut v = vec![
         ("rate_pps_per_publisher", Some(rate_pps)),
@@ -640,21 +685,65 @@ fn values(
         ("p99_us", lat.map(|l| l.p99_us)),
         ("p999_us", lat.map(|l| l.p999_us)),
         ("max_us", lat.map(|l| l.max_us)),
-        ("cpu_ns_per_pkt", cpu_ns),
-        ("user_ns_per_pkt", share(|s| s.0).or(user_ticks)),
-        ("sys_ns_per_pkt", share(|s| s.1).or(sys_ticks)),
-        ("user_ns_per_pkt_ticks", user_ticks),
-        ("sys_ns_per_pkt_ticks", sys_ticks),
-        ("cpu_samples_user", samples.map(|s| s.0 as f64)),
-        ("cpu_samples_kernel", samples.map(|s| s.1 as f64)),
-        ("syscalls_per_pkt", syscalls),
     ];
+    v.extend(cpu_values(pkts, before, after));
+    v.extend(perf_values(pkts, reading));
+    let delta = |a: Option<f64>, b: Option<f64>| Some(b? - a?);
     v.push((
         "self_reported_syscalls_per_pkt",
         delta(before.relay_syscalls, after.relay_syscalls).map(|n| n / pkts),
     ));
     v.push(("relay_drops", delta(before.relay_drops, after.relay_drops)));
+    let udp = |f: fn(&Sample) -> u64| Some(f(after).saturating_sub(f(before)) as f64);
+    v.push(("contender_socket_drops", udp(|s| s.contender_udp_drops)));
+    v.push(("loadgen_socket_drops", udp(|s| s.loadgen_udp_drops)));
     v
+}
+
+/// Exact CPU time (schedstat) and the kernel's tick-sampled user/system split, per packet.
+fn cpu_values(pkts: f64, before: &Sample, after: &Sample) -> Vec<(&'static str, Option<f64>)> {
+    let ns_per_tick = 1e9 / crate::sys::clock_ticks_per_s() as f64;
+    let ticks = before.cpu_ticks.zip(after.cpu_ticks);
+    let tick_ns = |f: fn((u64, u64)) -> u64| {
+        ticks.map(|(b, a)| f(a).saturating_sub(f(b)) as f64 * ns_per_tick / pkts)
+    };
+    let cpu_ns = delta_u64(before.cpu_total_ns, after.cpu_total_ns).map(|d| d as f64 / pkts);
+    vec![
+        ("cpu_ns_per_pkt", cpu_ns),
+        ("user_ns_per_pkt_ticks", tick_ns(|t| t.0)),
+        ("sys_ns_per_pkt_ticks", tick_ns(|t| t.1)),
+    ]
+}
+
+/// What perf measured, per packet: system calls, or user and kernel time from samples (each
+/// sample stands for one sampling period of the contender's CPU time).
+fn perf_values(pkts: f64, reading: Option<Reading>) -> Vec<(&'static str, Option<f64>)> {
+    let period_ns = crate::perfctl::SAMPLE_PERIOD_NS as f64;
+    match reading {
+        Some(Reading::Syscalls(n)) => vec![("syscalls_per_pkt", Some(n as f64 / pkts))],
+        Some(Reading::CpuModes { user, kernel }) => vec![
+            (
+                "user_ns_per_pkt_sampled",
+                Some(user as f64 * period_ns / pkts),
+            ),
+            (
+                "sys_ns_per_pkt_sampled",
+                Some(kernel as f64 * period_ns / pkts),
+            ),
+            ("cpu_samples_user", Some(user as f64)),
+            ("cpu_samples_kernel", Some(kernel as f64)),
+        ],
+        None => Vec::new(),
+    }
+}
+
+/// Copies `bin` to `copy`; on failure (for example no relay built) the original path is used
+/// and starting it reports why.
+fn snapshot(bin: &Path, copy: &Path) -> PathBuf {
+    match std::fs::copy(bin, copy) {
+        Ok(_) => copy.to_path_buf(),
+        Err(_) => bin.to_path_buf(),
+    }
 }
 
 fn flag(b: bool) -> f64 {

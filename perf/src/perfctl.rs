@@ -3,10 +3,12 @@
 //!
 //! - **system calls**: `perf stat -e raw_syscalls:sys_enter -p PID`. Tracepoints work on these
 //!   machines even though hardware counters do not.
-//! - **user/kernel split of CPU time**: `perf record -e cpu-clock:u -e cpu-clock:k -c 250000
-//!   -p PID`, a 4 kHz sample of where the contender's threads are while they run. The kernel's
-//!   own utime/stime come from 250 Hz ticks reported in 10 ms units, too coarse for a user
-//!   share of 1%; these samples are 16 times denser and are counted exactly.
+//! - **user-space CPU time**: `perf record -e cpu-clock:u -e cpu-clock:k -c 250000 -p PID`.
+//!   Each event's timer fires every 250 us of the contender's CPU time and records a sample
+//!   only in its own mode, so user-mode samples x 250 us estimate user time without bias. The
+//!   kernel's utime/stime come from 250 Hz ticks reported in 10 ms units, too coarse for a
+//!   user share of 1%. Sampling costs the contender CPU (timer reprogramming on every context
+//!   switch), so the harness samples in a step of its own, never in the one it times.
 //!
 //! Both start disabled (`-D -1`) and are switched on and off through `--control` fifos; perf
 //! acknowledges each command, so the window is exact and perf is known to be attached.
@@ -21,7 +23,7 @@ use std::time::{Duration, Instant};
 
 const SYSCALL_EVENT: &str = "raw_syscalls:sys_enter";
 /// CPU-clock sampling period, ns of the contender's CPU time.
-const SAMPLE_PERIOD_NS: &str = "250000";
+pub const SAMPLE_PERIOD_NS: u64 = 250_000;
 /// How long perf may take to acknowledge a control command (it starts in well under 1 s).
 const ACK_TIMEOUT_MS: u64 = 5_000;
 
@@ -105,9 +107,10 @@ impl Perf {
             Probe::Syscalls => cmd.args(["stat", "-x", ",", "-e", SYSCALL_EVENT]),
             Probe::CpuModes => cmd
                 .args(["record", "-q", "-e", "cpu-clock:u", "-e", "cpu-clock:k"])
-                .args(["-c", SAMPLE_PERIOD_NS, "-o"])
+                .args(["-c", &SAMPLE_PERIOD_NS.to_string(), "-o"])
                 .arg(&data),
         };
+        crate::sys::die_with_parent(&mut cmd);
         let child = cmd
             .args(["-D", "-1", "--control", &control, "-p", &pid.to_string()])
             .stdin(Stdio::null())

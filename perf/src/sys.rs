@@ -93,6 +93,20 @@ pub fn kill(pid: u32, sig: libc::c_int) -> io::Result<()> {
     check(unsafe { libc::kill(pid as libc::pid_t, sig) }).map(drop)
 }
 
+/// Makes the child that `cmd` will start receive SIGTERM when the thread that started it
+/// exits, so contenders and perf never outlive an interrupted harness.
+pub fn die_with_parent(cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt as _;
+    // SAFETY: the closure runs between fork and exec and only calls prctl, which is
+    // async-signal-safe and touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM, 0, 0, 0);
+            Ok(())
+        });
+    }
+}
+
 /// Sets the socket buffer sizes. With `force` (root only) it uses SO_RCVBUFFORCE so the load
 /// generator's own sockets are never the bottleneck; without, the kernel caps at rmem_max.
 pub fn set_socket_buffers(fd: RawFd, bytes: usize, force: bool) -> io::Result<()> {
