@@ -18,8 +18,11 @@
 //! `n_shards` times more nodes are ranked, which is what the benchmarks measure (8,192 nodes is,
 //! for instance, 1,024 relays of 8 shards). A two-level choice (relay, then shard) would cost
 //! `n_relays + n_shards_per_relay` hashes instead of `n_relays * n_shards`, but it is a tree, and a
-//! tree moves more keys than necessary when a node leaves (DESIGN.md section 6.3); the flat,
-//! pruned ranking meets the targets up to 8,192 nodes, so there is no tree.
+//! tree moves more keys than necessary when a node leaves (DESIGN.md section 6.3). The flat scan
+//! is pruned instead ([`Ranker::top_k`]: every node is hashed, but only a handful get the exact
+//! `ln`), with the same result as the unpruned one, and it stays within the 15 us target at 8,192
+//! nodes (`cargo bench -p benches --bench placement`), so there is no tree. At small sizes the
+//! cost is those few exact logarithms, which a tree would not remove.
 //!
 //! **The cross-machine, cross-version contract.** Every ctl replica must rank every key the same
 //! way, today and after an upgrade, or rooms move. The ranking depends only on: XXH3-64 (a fixed
