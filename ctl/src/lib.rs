@@ -7,3 +7,18 @@
 #![forbid(unsafe_code)]
 
 pub mod placement;
+
+// The daemon (see `core` for the state machine and `server` for its HTTP driver).
+pub mod api_types;
+pub mod client;
+pub mod commands;
+pub mod config;
+pub mod core;
+pub mod error;
+pub mod journal;
+pub mod keys;
+pub mod meetings;
+pub mod membership;
+pub mod metrics;
+pub mod server;
+pub mod views;

@@ -1,7 +1,10 @@
-//! `ctl`: the control daemon. This first cut holds the key material and mints join tokens, so
-//! that relays can be used and tested before placement and the meetings API exist.
+//! `ctl`: the control daemon and its command-line tools.
 //!
 //! ```text
+//! ctl serve [--config ctl.toml] [--listen ADDR] [--data-dir DIR] [--public-url URL]
+//!                                     run the daemon (prints `ready listen=ADDR` first)
+//! ctl relays | rooms | home USER | drain RELAY | undrain RELAY  [--ctl URL] [--json]
+//!                                     ask a running ctl (admin token: $CTL_ADMIN_TOKEN)
 //! ctl keygen --key ctl.key            create a key pair (secret seed, hex) and print the public key
 //! ctl pubkey --key ctl.key            print the public key (hex) relays need
 //! ctl token --key ctl.key --room R --participant P [--shard S] [--relay N] [--ttl SECONDS]
@@ -9,10 +12,13 @@
 //!                                     print a signed join token (base64url)
 //! ```
 
+mod admin;
+
 use anyhow::{bail, Context, Result};
-use ed25519_dalek::SigningKey;
+use ctl::config::Config;
+use ctl::keys;
 use proto::token::{Claims, Permissions, TokenKind};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 fn main() {
@@ -75,58 +81,86 @@ impl Flags {
 }
 
 fn run(args: Vec<String>) -> Result<()> {
-    let (cmd, rest) = args
-        .split_first()
-        .context("usage: ctl keygen|pubkey|token ... (see --help)")?;
+    let (cmd, rest) = args.split_first().context(
+        "usage: ctl serve|relays|rooms|home|drain|undrain|keygen|pubkey|token ... (see --help)",
+    )?;
     match cmd.as_str() {
+        "serve" => serve(rest)?,
+        "relays" | "rooms" | "home" | "drain" | "undrain" => admin::run(cmd, rest)?,
         "keygen" => {
             let flags = Flags::parse(rest, &["key"], &[])?;
-            let path = flags.key_path()?;
-            if path.exists() {
-                bail!("{} exists; refusing to overwrite a key", path.display());
-            }
-            let mut seed = [0u8; 32];
-            getrandom::getrandom(&mut seed).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
-            let key = SigningKey::from_bytes(&seed);
-            write_secret(&path, &proto::token::hex(&seed))?;
-            println!("{}", proto::token::hex(key.verifying_key().as_bytes()));
+            let key = keys::generate(&flags.key_path()?)?;
+            println!("{}", keys::public_hex(&key));
         }
         "pubkey" => {
             let flags = Flags::parse(rest, &["key"], &[])?;
-            let key = read_key(&flags.key_path()?)?;
-            println!("{}", proto::token::hex(key.verifying_key().as_bytes()));
+            println!("{}", keys::public_hex(&keys::read(&flags.key_path()?)?));
         }
-        "token" => {
-            let known = [
-                "key",
-                "room",
-                "participant",
-                "shard",
-                "relay",
-                "ttl",
-                "perms",
-            ];
-            let flags = Flags::parse(rest, &known, &["user"])?;
-            let key = read_key(&flags.key_path()?)?;
-            let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
-            let claims = Claims {
-                kind: if flags.get("user").is_some() {
-                    TokenKind::User
-                } else {
-                    TokenKind::Room
-                },
-                permissions: parse_perms(flags.get("perms").unwrap_or("publish,subscribe"))?,
-                relay_id: flags.num("relay", Some(0))?,
-                shard_idx: flags.num("shard", Some(0))?,
-                expires_at: now + flags.num::<u64>("ttl", Some(3600))?,
-                scope_id: flags.num("room", None)?,
-                participant_id: flags.num("participant", None)?,
-            };
-            println!("{}", claims.sign_text(&key));
-        }
+        "token" => token(rest)?,
         "-h" | "--help" | "help" => println!("{}", include_str!("usage.txt")),
         other => bail!("unknown command {other:?}; try `ctl --help`"),
     }
+    Ok(())
+}
+
+/// `ctl serve`: the configuration file, then flags over it.
+fn serve(args: &[String]) -> Result<()> {
+    let flags = Flags::parse(args, &["config", "listen", "data-dir", "public-url"], &[])?;
+    let mut cfg = match flags.get("config") {
+        Some(path) => {
+            let text =
+                std::fs::read_to_string(path).with_context(|| format!("cannot read {path}"))?;
+            Config::from_toml(&text).with_context(|| path.to_string())?
+        }
+        None => Config::default(),
+    };
+    if let Some(v) = flags.get("listen") {
+        cfg.listen = v
+            .parse()
+            .with_context(|| format!("--listen: not an address: {v:?}"))?;
+    }
+    if let Some(v) = flags.get("data-dir") {
+        cfg.data_dir = PathBuf::from(v);
+    }
+    if let Some(v) = flags.get("public-url") {
+        cfg.public_url = Some(v.to_string());
+    }
+    cfg.validate()?;
+    // ctl is not on the packet path: one thread serves every request.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")?;
+    rt.block_on(ctl::server::serve(cfg))
+}
+
+fn token(args: &[String]) -> Result<()> {
+    let known = [
+        "key",
+        "room",
+        "participant",
+        "shard",
+        "relay",
+        "ttl",
+        "perms",
+    ];
+    let flags = Flags::parse(args, &known, &["user"])?;
+    let key = keys::read(&flags.key_path()?)?;
+    let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
+    let claims = Claims {
+        kind: if flags.get("user").is_some() {
+            TokenKind::User
+        } else {
+            TokenKind::Room
+        },
+        permissions: parse_perms(flags.get("perms").unwrap_or("publish,subscribe"))?,
+        relay_id: flags.num("relay", Some(0))?,
+        shard_idx: flags.num("shard", Some(0))?,
+        expires_at: now + flags.num::<u64>("ttl", Some(3600))?,
+        scope_id: flags.num("room", None)?,
+        participant_id: flags.num("participant", None)?,
+    };
+    println!("{}", claims.sign_text(&key));
     Ok(())
 }
 
@@ -143,26 +177,6 @@ fn parse_perms(list: &str) -> Result<Permissions> {
                     other => bail!("unknown permission {other:?} (publish, subscribe, chat, host)"),
                 })
         })
-}
-
-fn read_key(path: &Path) -> Result<SigningKey> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    proto::token::signing_key_from_hex(&text)
-        .with_context(|| format!("{}: not a 64-hex-digit Ed25519 secret key", path.display()))
-}
-
-fn write_secret(path: &Path, hex: &str) -> Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("cannot create {}", path.display()))?;
-    writeln!(f, "{hex}")?;
-    Ok(())
 }
 
 #[cfg(test)]
@@ -210,7 +224,7 @@ mod tests {
             .is_err(),
             "no overwrite"
         );
-        let key = read_key(&path).unwrap();
+        let key = keys::read(&path).unwrap();
         let v = proto::token::TokenVerifier::new(key.verifying_key(), 0);
         let claims = Claims {
             kind: TokenKind::Room,

@@ -1,0 +1,121 @@
+//! `ctl serve` configuration: a TOML file (`--config ctl.toml`), then flags over it.
+#![forbid(unsafe_code)]
+
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// Everything `ctl serve` can be told. Every field has a default; see `ctl/ctl.toml`.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Address the HTTP API listens on (port 0: any free port, printed at start-up).
+    pub listen: SocketAddr,
+    /// Directory for the key pair and the journal; created if absent.
+    pub data_dir: PathBuf,
+    /// Base of join links, `{public_url}/j/{code}`; default `http://{listen}`.
+    pub public_url: Option<String>,
+    /// If set, the admin routes (relay list, rooms, drain, users' homes) require
+    /// `Authorization: Bearer <admin_token>`.
+    pub admin_token: Option<String>,
+    /// Lifetime of issued join tokens, seconds.
+    pub token_ttl_s: u64,
+    /// Heartbeat period relays are told to use, milliseconds.
+    pub heartbeat_ms: u64,
+    /// Silence after which a relay is dead, milliseconds.
+    pub dead_after_ms: u64,
+    /// Participants per meeting.
+    pub max_participants: usize,
+    /// Meetings in existence at once.
+    pub max_meetings: usize,
+    /// Largest request body accepted, bytes.
+    pub max_body_bytes: usize,
+    /// Candidates kept per placement (k >= 2).
+    pub placement_candidates: usize,
+    /// Bounded-load cap: no shard takes more than `load_cap` times the mean rooms per unit of
+    /// capacity.
+    pub load_cap: f64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            data_dir: PathBuf::from("ctl-data"),
+            public_url: None,
+            admin_token: None,
+            token_ttl_s: 3600,
+            heartbeat_ms: 1000,
+            dead_after_ms: 3000,
+            max_participants: 100,
+            max_meetings: 100_000,
+            max_body_bytes: 16 * 1024,
+            placement_candidates: 3,
+            load_cap: 1.25,
+        }
+    }
+}
+
+impl Config {
+    /// Parses a TOML file's text.
+    pub fn from_toml(text: &str) -> Result<Self> {
+        let cfg: Self = toml::from_str(text).context("invalid configuration")?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks ranges that the types do not.
+    pub fn validate(&self) -> Result<()> {
+        if self.token_ttl_s == 0 || self.token_ttl_s > 7 * 24 * 3600 {
+            bail!("token_ttl_s must be in 1..=604800");
+        }
+        if self.heartbeat_ms == 0 || self.dead_after_ms < 2 * self.heartbeat_ms {
+            bail!("dead_after_ms must be at least two heartbeats");
+        }
+        if self.max_participants == 0 || self.max_meetings == 0 {
+            bail!("max_participants and max_meetings must be positive");
+        }
+        if !(256..=1 << 20).contains(&self.max_body_bytes) {
+            bail!("max_body_bytes must be in 256..=1048576");
+        }
+        let cap_ok = self.load_cap.is_finite() && self.load_cap >= 1.0;
+        if self.placement_candidates < 2 || !cap_ok {
+            bail!("placement_candidates must be >= 2 and load_cap >= 1");
+        }
+        if matches!(&self.admin_token, Some(t) if t.len() < 16) {
+            bail!("admin_token must be at least 16 characters");
+        }
+        Ok(())
+    }
+
+    /// Base URL of join links.
+    pub fn public_url(&self) -> String {
+        match &self.public_url {
+            Some(u) => u.trim_end_matches('/').to_string(),
+            None => format!("http://{}", self.listen),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shipped_example_parses_to_the_defaults() {
+        let cfg = Config::from_toml(include_str!("../ctl.toml")).unwrap();
+        assert_eq!(cfg, Config::default());
+    }
+
+    #[test]
+    fn refuses_unknown_keys_and_bad_ranges() {
+        assert!(Config::from_toml("nope = 1").is_err());
+        assert!(Config::from_toml("token_ttl_s = 0").is_err());
+        assert!(Config::from_toml("admin_token = \"short\"").is_err());
+        let cfg =
+            Config::from_toml("listen = \"127.0.0.1:0\"\npublic_url = \"https://m.example/\"")
+                .unwrap();
+        assert_eq!(cfg.public_url(), "https://m.example");
+    }
+}

@@ -1,0 +1,842 @@
+//! The control state machine: membership, placement, meetings, tokens and command queues, with
+//! every change made durable in the journal before it is applied. No networking and no clock:
+//! each input carries a [`Now`]; the HTTP layer (`server`) holds one `Core` behind a mutex.
+//!
+//! Driver contract: after every call that may queue commands (`join`, `leave`, `remove`, `end`,
+//! `set_drain`, `tick`), drain [`Core::poll_woken`] and wake the long polls of those relays; call
+//! [`Core::tick`] at least every 500 ms.
+#![forbid(unsafe_code)]
+
+use crate::commands::{Command, Queues};
+use crate::config::Config;
+use crate::error::ApiError;
+use crate::journal::{Journal, JournalError};
+use crate::meetings::{Meeting, Meetings, Seeds, MAX_NAME_LEN};
+use crate::membership::{Heartbeat, HeartbeatError, HeartbeatOutcome, Membership, Relay};
+use crate::placement::{Key, Move, Node, NodeId, NodeState, Placement, Placer, PlacerConfig};
+use ed25519_dalek::SigningKey;
+use proto::token::{Claims, Permissions, TokenKind, TokenVerifier, TOKEN_TEXT_LEN};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+pub use crate::api_types::*;
+
+/// Per-shard weight ceiling, Gbit/s: one shard is one core, and one core forwards about this
+/// much. A relay's weight is its NIC spread over its shards, capped by what a core can do, so
+/// that neither a fat NIC on two cores nor many cores on a thin NIC looks bigger than it is.
+pub const SHARD_GBPS_MAX: f64 = 10.0;
+/// Relays dead this long are forgotten.
+const FORGET_AFTER: Duration = Duration::from_secs(600);
+/// Meeting creation retries on an id or code collision (each has probability below 2^-40).
+const CREATE_TRIES: usize = 8;
+
+/// The time of an input: monotonic for liveness, unix seconds for tokens and records.
+#[derive(Clone, Copy, Debug)]
+pub struct Now {
+    pub mono: Instant,
+    pub unix_s: u64,
+}
+
+impl Now {
+    /// The system clocks.
+    pub fn system() -> Self {
+        let unix_s = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        Self {
+            mono: Instant::now(),
+            unix_s,
+        }
+    }
+}
+
+/// What is placed: a meeting's room, or a user's chat home. Each has its own placer, because
+/// relays report rooms per shard but not users, and a load report must not erase the count of
+/// users placed since.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Scope {
+    Room,
+    User,
+}
+
+/// A (relay, shard) pair.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Slot {
+    pub relay_id: u32,
+    pub shard_idx: u16,
+}
+
+impl Slot {
+    fn of(node: NodeId) -> Self {
+        // Node ids are built from u32 relay ids (`node_id`), so the relay part fits.
+        Self {
+            relay_id: u32::try_from(node.relay_id()).expect("node ids hold u32 relay ids"),
+            shard_idx: node.shard_idx(),
+        }
+    }
+}
+
+/// A placement as stored and listed.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Placed {
+    pub scope: Scope,
+    pub id: u64,
+    pub relay_id: u32,
+    pub shard_idx: u16,
+    /// The top-k ranked slots when placed, best first.
+    pub candidates: Vec<Slot>,
+    pub placed_at: u64,
+}
+
+/// One journal record.
+///
+/// Externally tagged (`{"meeting": {...}}`): serde buffers internally tagged enums, and the
+/// buffer loses serde_json's reading of numeric map keys (participant ids) from strings.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum Record {
+    Meeting(Meeting),
+    MeetingEnded(u64),
+    Placed(Placed),
+    Released { scope: Scope, id: u64 },
+}
+
+/// Counters for `/metrics`.
+#[derive(Clone, Debug, Default)]
+pub struct Stats {
+    pub heartbeats: u64,
+    pub registrations: u64,
+    pub relay_deaths: u64,
+    pub meetings_created: u64,
+    pub meetings_ended: u64,
+    pub joins: u64,
+    pub leaves: u64,
+    pub removals: u64,
+    pub placements: u64,
+    pub moves: u64,
+    pub commands_queued: u64,
+    pub commands_delivered: u64,
+    pub journal_errors: u64,
+    pub compactions: u64,
+}
+
+/// Who is joining.
+enum Joiner {
+    Existing { participant: u64, host: bool },
+    New,
+}
+
+/// The control state.
+pub struct Core {
+    cfg: Config,
+    key: SigningKey,
+    verifier: TokenVerifier,
+    public_key_hex: String,
+    members: Membership,
+    rooms: Placer,
+    users: Placer,
+    placed: BTreeMap<(Scope, u64), Placed>,
+    /// The id of every placed key: the placer reports moves by key, a hash of the id.
+    ids: HashMap<(Scope, Key), u64>,
+    meetings: Meetings,
+    journal: Journal<Record>,
+    queues: Queues,
+    started: Instant,
+    /// Placements on relays not heard from since start are left alone until the grace ends.
+    swept_after_grace: bool,
+    pub stats: Stats,
+}
+
+fn node_id(relay_id: u32, shard_idx: u16) -> NodeId {
+    NodeId::shard(u64::from(relay_id), shard_idx)
+}
+
+fn key(id: u64) -> Key {
+    Key::from_u64(id)
+}
+
+fn shard_weight(relay: &Relay) -> f64 {
+    (relay.nic_gbps / f64::from(relay.shards)).min(SHARD_GBPS_MAX)
+}
+
+impl Core {
+    /// Opens the journal in `data_dir` and rebuilds the state from it.
+    pub fn open(
+        cfg: Config,
+        key: SigningKey,
+        data_dir: &Path,
+        now: Now,
+    ) -> Result<Self, JournalError> {
+        let (journal, records) = Journal::open(&data_dir.join("state.journal"))?;
+        let placer_cfg = PlacerConfig {
+            n_candidates: cfg.placement_candidates,
+            load_cap: cfg.load_cap,
+        };
+        // Config::validate checked the ranges Placer::new checks.
+        let placer = || Placer::new(placer_cfg).expect("validated placer config");
+        let dead_after = Duration::from_millis(cfg.dead_after_ms);
+        let mut core = Self {
+            verifier: TokenVerifier::new(key.verifying_key(), 0),
+            public_key_hex: crate::keys::public_hex(&key),
+            key,
+            members: Membership::new(dead_after, FORGET_AFTER),
+            rooms: placer(),
+            users: placer(),
+            placed: BTreeMap::new(),
+            ids: HashMap::new(),
+            meetings: Meetings::default(),
+            journal,
+            queues: Queues::default(),
+            started: now.mono,
+            swept_after_grace: false,
+            stats: Stats::default(),
+            cfg,
+        };
+        for r in records {
+            core.apply(r);
+        }
+        Ok(core)
+    }
+
+    fn apply(&mut self, r: Record) {
+        match r {
+            Record::Meeting(meeting) => self.meetings.insert(meeting),
+            Record::MeetingEnded(id) => {
+                self.meetings.remove(id);
+            }
+            Record::Placed(placed) => {
+                self.ids.insert((placed.scope, key(placed.id)), placed.id);
+                self.placed.insert((placed.scope, placed.id), placed);
+            }
+            Record::Released { scope, id } => {
+                self.ids.remove(&(scope, key(id)));
+                self.placed.remove(&(scope, id));
+            }
+        }
+    }
+
+    /// Makes `r` durable, then applies it. On a storage error nothing changes.
+    fn commit(&mut self, r: Record) -> Result<(), ApiError> {
+        if self.journal.append(&r).is_err() {
+            self.stats.journal_errors += 1;
+            return Err(ApiError::Storage);
+        }
+        self.apply(r);
+        Ok(())
+    }
+
+    /// Whether ctl is still within `dead_after` of its start, re-learning membership.
+    pub fn in_grace(&self, now: &Now) -> bool {
+        now.mono.saturating_duration_since(self.started) < self.dead_after()
+    }
+
+    fn dead_after(&self) -> Duration {
+        Duration::from_millis(self.cfg.dead_after_ms)
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    pub fn public_key_hex(&self) -> &str {
+        &self.public_key_hex
+    }
+
+    pub fn members(&self) -> &Membership {
+        &self.members
+    }
+
+    pub fn meetings(&self) -> &Meetings {
+        &self.meetings
+    }
+
+    pub fn queues(&self) -> &Queues {
+        &self.queues
+    }
+
+    /// Every placement, rooms first, by id.
+    pub fn placements(&self) -> impl Iterator<Item = &Placed> {
+        self.placed.values()
+    }
+
+    pub fn placement(&self, scope: Scope, id: u64) -> Option<&Placed> {
+        self.placed.get(&(scope, id))
+    }
+
+    /// The placer's load count of a slot (last report, corrected by placements since).
+    pub fn placer_load(&self, scope: Scope, slot: Slot) -> Option<u64> {
+        self.placer(scope)
+            .load(node_id(slot.relay_id, slot.shard_idx))
+    }
+
+    fn placer(&self, scope: Scope) -> &Placer {
+        match scope {
+            Scope::Room => &self.rooms,
+            Scope::User => &self.users,
+        }
+    }
+
+    fn placer_mut(&mut self, scope: Scope) -> &mut Placer {
+        match scope {
+            Scope::Room => &mut self.rooms,
+            Scope::User => &mut self.users,
+        }
+    }
+
+    /// The next relay with newly queued commands.
+    pub fn poll_woken(&mut self) -> Option<u32> {
+        self.queues.poll_woken()
+    }
+
+    /// Takes the commands waiting for `relay_id` (at most once).
+    pub fn take_commands(&mut self, relay_id: u32) -> Vec<Command> {
+        let cmds = self.queues.take(relay_id);
+        self.stats.commands_delivered += cmds.len() as u64;
+        cmds
+    }
+
+    fn send(&mut self, relay_id: u32, cmd: Command) {
+        self.stats.commands_queued += 1;
+        self.queues.push(relay_id, cmd);
+    }
+
+    /// Sends `cmd` to the relay hosting the meeting's room, if it is placed on a relay that is
+    /// not known to be dead.
+    fn send_to_room(&mut self, meeting_id: u64, cmd: Command) {
+        let Some(p) = self.placed.get(&(Scope::Room, meeting_id)) else {
+            return;
+        };
+        let relay_id = p.relay_id;
+        // Unknown (just restarted) counts as alive: it may be about to heartbeat.
+        let known_dead = self
+            .members
+            .get(relay_id)
+            .is_some_and(|r| !r.keeps_existing());
+        if !known_dead {
+            self.send(relay_id, cmd);
+        }
+    }
+}
+
+// Membership and placement upkeep.
+impl Core {
+    /// A relay's heartbeat: updates membership and the placers' nodes and loads.
+    pub fn handle_heartbeat(
+        &mut self,
+        now: &Now,
+        hb: Heartbeat,
+    ) -> Result<HeartbeatAnswer, ApiError> {
+        let relay_id = hb.relay_id;
+        let before = self
+            .members
+            .get(relay_id)
+            .filter(|r| !r.dead)
+            .map(|r| (r.shards, shard_weight(r), r.takes_new()));
+        let outcome = self
+            .members
+            .handle_heartbeat(now.mono, hb)
+            .map_err(|e| match e {
+                HeartbeatError::Invalid(why) => ApiError::Invalid(why.to_string()),
+                HeartbeatError::TooManyRelays => ApiError::TooManyRelays,
+            })?;
+        self.stats.heartbeats += 1;
+        if outcome != HeartbeatOutcome::Refreshed {
+            self.stats.registrations += 1;
+        }
+        self.sync_nodes(relay_id, before, now);
+        Ok(HeartbeatAnswer {
+            public_key: self.public_key_hex.clone(),
+            heartbeat_ms: self.cfg.heartbeat_ms,
+        })
+    }
+
+    /// Brings the placers' view of a relay's shards in line with membership. Rebuilding a
+    /// ranker costs O(n log n), so nodes are touched only when shards, weight or state change;
+    /// load reports are cheap and go in every time.
+    fn sync_nodes(&mut self, relay_id: u32, before: Option<(u16, f64, bool)>, now: &Now) {
+        let Some(relay) = self.members.get(relay_id) else {
+            return;
+        };
+        let now_shape = (relay.shards, shard_weight(relay), relay.takes_new());
+        let loads: Vec<u64> = (0..relay.shards)
+            .map(|s| u64::from(relay.shard_rooms(s)))
+            .collect();
+        if before != Some(now_shape) {
+            let (shards, weight, serving) = now_shape;
+            let state = if serving {
+                NodeState::Serving
+            } else {
+                NodeState::Draining
+            };
+            for shard_idx in 0..shards {
+                let node = Node {
+                    id: node_id(relay_id, shard_idx),
+                    weight,
+                    state,
+                };
+                // Weights were validated with the heartbeat: finite, positive, normal.
+                for scope in [Scope::Room, Scope::User] {
+                    let _ = self.placer_mut(scope).upsert_node(node);
+                }
+            }
+            let old_shards = before.map_or(0, |b| b.0);
+            for shard_idx in shards..old_shards {
+                self.remove_node(relay_id, shard_idx, now);
+            }
+        }
+        for (shard_idx, load) in (0u16..).zip(loads) {
+            let _ = self
+                .rooms
+                .handle_load_report(node_id(relay_id, shard_idx), load);
+        }
+    }
+
+    fn remove_node(&mut self, relay_id: u32, shard_idx: u16, now: &Now) {
+        for scope in [Scope::Room, Scope::User] {
+            if let Ok(moves) = self
+                .placer_mut(scope)
+                .remove_node(node_id(relay_id, shard_idx))
+            {
+                self.apply_moves(scope, &moves, now);
+            }
+        }
+    }
+
+    fn apply_moves(&mut self, scope: Scope, moves: &[Move], now: &Now) {
+        for m in moves {
+            let Some(&id) = self.ids.get(&(scope, m.key)) else {
+                continue;
+            };
+            let placement =
+                m.to.and_then(|_| self.placer(scope).placement(m.key).copied());
+            let record = match placement {
+                Some(p) => Record::Placed(placed(scope, id, &p, now)),
+                None => Record::Released { scope, id },
+            };
+            self.stats.moves += 1;
+            // A failed write leaves the old placement on record; the sweep retries it.
+            let _ = self.commit(record);
+        }
+    }
+
+    /// Periodic work: relay deaths (their rooms move to their next candidates), the sweep of
+    /// placements left on relays that never came back after a restart, journal compaction.
+    pub fn tick(&mut self, now: &Now) {
+        for relay_id in self.members.poll_deaths(now.mono) {
+            self.stats.relay_deaths += 1;
+            self.queues.clear(relay_id);
+            let shards = self.members.get(relay_id).map_or(0, |r| r.shards);
+            for shard_idx in 0..shards {
+                self.remove_node(relay_id, shard_idx, now);
+            }
+            self.sweep(now);
+        }
+        if !self.swept_after_grace && !self.in_grace(now) {
+            self.swept_after_grace = true;
+            self.sweep(now);
+        }
+        self.maybe_compact();
+    }
+
+    /// Re-places every placement whose relay is dead, gone, too small for its shard, or (after
+    /// the start-up grace) never heard from: the placer does not know placements restored from
+    /// the journal, so it cannot move them itself.
+    fn sweep(&mut self, now: &Now) {
+        let grace = self.in_grace(now);
+        let orphans: Vec<(Scope, u64)> = self
+            .placed
+            .values()
+            .filter(|p| match self.members.get(p.relay_id) {
+                Some(r) => !r.keeps_existing() || p.shard_idx >= r.shards,
+                None => !grace,
+            })
+            .map(|p| (p.scope, p.id))
+            .collect();
+        for (scope, id) in orphans {
+            let _ = self.replace(scope, id, now);
+        }
+    }
+
+    /// A new placement for (scope, id), made durable.
+    fn replace(&mut self, scope: Scope, id: u64, now: &Now) -> Result<Placed, ApiError> {
+        let k = key(id);
+        let p = self
+            .placer_mut(scope)
+            .place(k)
+            .map_err(|_| ApiError::NoRelay)?;
+        let placed = placed(scope, id, &p, now);
+        let moved = self.placed.contains_key(&(scope, id));
+        if let Err(e) = self.commit(Record::Placed(placed.clone())) {
+            self.placer_mut(scope).release(k);
+            return Err(e);
+        }
+        self.stats.placements += 1;
+        self.stats.moves += u64::from(moved);
+        Ok(placed)
+    }
+
+    /// Where (scope, id) lives: its sticky placement while its relay lives, else a new one.
+    fn locate(&mut self, scope: Scope, id: u64, now: &Now) -> Result<Placed, ApiError> {
+        if let Some(p) = self.placed.get(&(scope, id)) {
+            match self.members.get(p.relay_id) {
+                Some(r) if r.keeps_existing() && p.shard_idx < r.shards => return Ok(p.clone()),
+                // Just restarted: the relay may still be alive and about to heartbeat.
+                None if self.in_grace(now) => return Err(ApiError::NoRelay),
+                _ => {}
+            }
+        }
+        self.replace(scope, id, now)
+    }
+
+    fn release(&mut self, scope: Scope, id: u64) -> Result<(), ApiError> {
+        if self.placed.contains_key(&(scope, id)) {
+            self.commit(Record::Released { scope, id })?;
+        }
+        self.placer_mut(scope).release(key(id));
+        Ok(())
+    }
+
+    /// Drains a relay (or puts it back in service) on an operator's word.
+    pub fn set_drain(&mut self, relay_id: u32, drain: bool, now: &Now) -> Result<(), ApiError> {
+        let before = self
+            .members
+            .get(relay_id)
+            .filter(|r| !r.dead)
+            .map(|r| (r.shards, shard_weight(r), r.takes_new()));
+        if !self.members.set_drain(relay_id, drain) {
+            return Err(ApiError::UnknownRelay);
+        }
+        self.sync_nodes(relay_id, before, now);
+        self.send(
+            relay_id,
+            if drain {
+                Command::Drain
+            } else {
+                Command::Undrain
+            },
+        );
+        Ok(())
+    }
+
+    fn maybe_compact(&mut self) {
+        let live = self.meetings.len() + self.placed.len();
+        if self.journal.n_appended() <= 2 * live + 1024 {
+            return;
+        }
+        let records: Vec<Record> = self
+            .meetings
+            .iter()
+            .map(|m| Record::Meeting(m.clone()))
+            .chain(self.placed.values().map(|p| Record::Placed(p.clone())))
+            .collect();
+        match self.journal.compact(records.iter()) {
+            Ok(()) => self.stats.compactions += 1,
+            Err(_) => self.stats.journal_errors += 1,
+        }
+    }
+}
+
+fn placed(scope: Scope, id: u64, p: &Placement, now: &Now) -> Placed {
+    let slot = Slot::of(p.node);
+    Placed {
+        scope,
+        id,
+        relay_id: slot.relay_id,
+        shard_idx: slot.shard_idx,
+        candidates: p.candidates.iter().map(|&n| Slot::of(n)).collect(),
+        placed_at: now.unix_s,
+    }
+}
+
+// Meetings.
+impl Core {
+    /// Creates a meeting; its creator is the host, participant 1, and is admitted at once when
+    /// a relay is serving.
+    pub fn create_meeting(&mut self, now: &Now, req: CreateMeeting) -> Result<Created, ApiError> {
+        let title = bounded_name(req.title, "title")?;
+        let host_name = bounded_name(req.host_name, "host_name")?;
+        if self.meetings.len() >= self.cfg.max_meetings {
+            return Err(ApiError::TooManyMeetings);
+        }
+        let (id, secret) = self.insert_meeting(title, host_name, now)?;
+        self.stats.meetings_created += 1;
+        let m = self.meetings.get(id).expect("just inserted");
+        let code = m.display_code();
+        let join = match self.locate(Scope::Room, id, now) {
+            Ok(p) => Some(self.admission(id, 1, true, &p, now)),
+            Err(_) => None,
+        };
+        Ok(Created {
+            meeting_id: id,
+            code: code.clone(),
+            join_link: format!("{}/j/{code}", self.cfg.public_url()),
+            host_participant_id: 1,
+            host_secret: secret,
+            join,
+        })
+    }
+
+    fn insert_meeting(
+        &mut self,
+        title: String,
+        host: String,
+        now: &Now,
+    ) -> Result<(u64, String), ApiError> {
+        for _ in 0..CREATE_TRIES {
+            let seeds = Seeds::random().map_err(|_| ApiError::Storage)?;
+            let mut scratch = Meetings::default();
+            let Some((id, secret)) =
+                scratch.create(&seeds, title.clone(), host.clone(), now.unix_s)
+            else {
+                continue;
+            };
+            let m = scratch.remove(id).expect("just created");
+            if self.meetings.get(id).is_some() || self.meetings.by_code(&m.code).is_some() {
+                continue;
+            }
+            self.commit(Record::Meeting(m))?;
+            return Ok((id, secret));
+        }
+        Err(ApiError::Storage)
+    }
+
+    /// Joins the meeting with `req.code`: as the host with the host's credential in `auth`, as
+    /// the same participant again with a `rejoin_token`, else as a new participant.
+    pub fn join(
+        &mut self,
+        now: &Now,
+        req: JoinRequest,
+        auth: Option<&str>,
+    ) -> Result<Joined, ApiError> {
+        let name = bounded_name(req.name, "name")?;
+        let m = self
+            .meetings
+            .by_code(&req.code)
+            .ok_or(ApiError::UnknownMeeting)?;
+        let id = m.id;
+        let joiner = match auth {
+            Some(cred) => {
+                self.check_host(m, cred, now)?;
+                Joiner::Existing {
+                    participant: m.host_participant,
+                    host: true,
+                }
+            }
+            None => self.rejoiner(m, req.rejoin_token.as_deref(), now),
+        };
+        if matches!(joiner, Joiner::New) && m.participants.len() >= self.cfg.max_participants {
+            return Err(ApiError::MeetingFull);
+        }
+        let placed = self.locate(Scope::Room, id, now)?;
+        let (participant, host) = match joiner {
+            Joiner::Existing { participant, host } => (participant, host),
+            Joiner::New => (self.add_participant(id, name, now)?, false),
+        };
+        self.stats.joins += 1;
+        Ok(self.admission(id, participant, host, &placed, now))
+    }
+
+    fn rejoiner(&self, m: &Meeting, token: Option<&str>, now: &Now) -> Joiner {
+        let claims = token.and_then(|t| self.verifier.verify_text(t.as_bytes(), now.unix_s).ok());
+        match claims {
+            Some(c) if c.kind == TokenKind::Room && c.scope_id == m.id => {
+                match m.participants.get(&c.participant_id) {
+                    Some(p) => Joiner::Existing {
+                        participant: c.participant_id,
+                        host: p.host,
+                    },
+                    None => Joiner::New,
+                }
+            }
+            _ => Joiner::New,
+        }
+    }
+
+    fn add_participant(&mut self, id: u64, name: String, now: &Now) -> Result<u64, ApiError> {
+        let mut m = self
+            .meetings
+            .get(id)
+            .ok_or(ApiError::UnknownMeeting)?
+            .clone();
+        let participant = m.add_participant(name, false, now.unix_s);
+        self.commit(Record::Meeting(m))?;
+        Ok(participant)
+    }
+
+    /// The answer to a successful join: where to send media and the token to bind with.
+    fn admission(
+        &self,
+        meeting_id: u64,
+        participant: u64,
+        host: bool,
+        p: &Placed,
+        now: &Now,
+    ) -> Joined {
+        let mut permissions = Permissions::PUBLISH | Permissions::SUBSCRIBE | Permissions::CHAT;
+        if host {
+            permissions = permissions | Permissions::HOST;
+        }
+        let expires_at = now.unix_s + self.cfg.token_ttl_s;
+        let claims = Claims {
+            kind: TokenKind::Room,
+            permissions,
+            relay_id: p.relay_id,
+            shard_idx: p.shard_idx,
+            expires_at,
+            scope_id: meeting_id,
+            participant_id: participant,
+        };
+        let relay = self.members.get(p.relay_id);
+        let relay_host = relay.map_or_else(String::new, |r| r.host.clone());
+        let udp_port = relay.map_or(0, |r| r.udp_base_port.saturating_add(p.shard_idx));
+        Joined {
+            meeting_id,
+            participant_id: participant,
+            is_host: host,
+            relay_id: p.relay_id,
+            relay_host: relay_host.clone(),
+            udp_port,
+            shard_idx: p.shard_idx,
+            token: claims.sign_text(&self.key),
+            expires_at,
+            chat: ChatEndpoint {
+                host: relay_host,
+                port: relay.and_then(|r| r.chat_port),
+            },
+        }
+    }
+
+    /// Checks that `cred` is the meeting's host secret or a valid host token for it.
+    fn check_host(&self, m: &Meeting, cred: &str, now: &Now) -> Result<(), ApiError> {
+        if cred.len() != TOKEN_TEXT_LEN {
+            return if m.is_host_secret(cred) {
+                Ok(())
+            } else {
+                Err(ApiError::BadCredentials)
+            };
+        }
+        let c = self.verifier.verify_text(cred.as_bytes(), now.unix_s)?;
+        if c.kind != TokenKind::Room || c.scope_id != m.id {
+            return Err(ApiError::WrongMeeting);
+        }
+        if !c.permissions.contains(Permissions::HOST) || c.participant_id != m.host_participant {
+            return Err(ApiError::NotHost);
+        }
+        Ok(())
+    }
+
+    fn meeting(&self, id: u64) -> Result<&Meeting, ApiError> {
+        self.meetings.get(id).ok_or(ApiError::UnknownMeeting)
+    }
+
+    /// A participant leaves, authenticated by its own join token.
+    pub fn leave(
+        &mut self,
+        now: &Now,
+        meeting_id: u64,
+        auth: Option<&str>,
+    ) -> Result<u64, ApiError> {
+        let m = self.meeting(meeting_id)?;
+        let cred = auth.ok_or(ApiError::Unauthenticated)?;
+        let c = self.verifier.verify_text(cred.as_bytes(), now.unix_s)?;
+        if c.kind != TokenKind::Room || c.scope_id != meeting_id {
+            return Err(ApiError::WrongMeeting);
+        }
+        if !m.participants.contains_key(&c.participant_id) {
+            return Err(ApiError::UnknownParticipant);
+        }
+        self.drop_participant(meeting_id, c.participant_id)?;
+        self.stats.leaves += 1;
+        Ok(c.participant_id)
+    }
+
+    /// The host removes a participant; the relay is told to stop forwarding for it.
+    pub fn remove(
+        &mut self,
+        now: &Now,
+        meeting_id: u64,
+        participant: u64,
+        auth: Option<&str>,
+    ) -> Result<(), ApiError> {
+        let m = self.meeting(meeting_id)?;
+        self.check_host(m, auth.ok_or(ApiError::Unauthenticated)?, now)?;
+        if participant == m.host_participant {
+            return Err(ApiError::CannotRemoveHost);
+        }
+        if !m.participants.contains_key(&participant) {
+            return Err(ApiError::UnknownParticipant);
+        }
+        self.drop_participant(meeting_id, participant)?;
+        self.stats.removals += 1;
+        Ok(())
+    }
+
+    fn drop_participant(&mut self, meeting_id: u64, participant: u64) -> Result<(), ApiError> {
+        let mut m = self.meeting(meeting_id)?.clone();
+        m.participants.remove(&participant);
+        self.commit(Record::Meeting(m))?;
+        let cmd = Command::RemoveParticipant {
+            room: meeting_id,
+            participant,
+        };
+        self.send_to_room(meeting_id, cmd);
+        Ok(())
+    }
+
+    /// The host ends the meeting: the relay closes the room, the code stops working.
+    pub fn end(&mut self, now: &Now, meeting_id: u64, auth: Option<&str>) -> Result<(), ApiError> {
+        let m = self.meeting(meeting_id)?;
+        self.check_host(m, auth.ok_or(ApiError::Unauthenticated)?, now)?;
+        self.send_to_room(meeting_id, Command::CloseRoom { room: meeting_id });
+        self.commit(Record::MeetingEnded(meeting_id))?;
+        self.release(Scope::Room, meeting_id)?;
+        self.stats.meetings_ended += 1;
+        Ok(())
+    }
+
+    /// A user's chat home: its relay and shard (placed on first lookup, sticky after), and a
+    /// user token for it.
+    pub fn user_home(&mut self, now: &Now, user_id: u64) -> Result<UserHome, ApiError> {
+        if user_id == 0 {
+            return Err(ApiError::Invalid("user id must be nonzero".into()));
+        }
+        let p = self.locate(Scope::User, user_id, now)?;
+        let expires_at = now.unix_s + self.cfg.token_ttl_s;
+        let claims = Claims {
+            kind: TokenKind::User,
+            permissions: Permissions::CHAT,
+            relay_id: p.relay_id,
+            shard_idx: p.shard_idx,
+            expires_at,
+            scope_id: user_id,
+            participant_id: user_id,
+        };
+        let relay = self.members.get(p.relay_id);
+        Ok(UserHome {
+            user_id,
+            relay_id: p.relay_id,
+            host: relay.map_or_else(String::new, |r| r.host.clone()),
+            shard_idx: p.shard_idx,
+            chat_port: relay.and_then(|r| r.chat_port),
+            token: claims.sign_text(&self.key),
+            expires_at,
+        })
+    }
+}
+
+fn bounded_name(s: Option<String>, field: &str) -> Result<String, ApiError> {
+    let s = s.unwrap_or_default();
+    if s.len() > MAX_NAME_LEN || s.chars().any(char::is_control) {
+        return Err(ApiError::Invalid(format!(
+            "{field}: at most {MAX_NAME_LEN} bytes, no control characters"
+        )));
+    }
+    Ok(s)
+}
+
+#[cfg(test)]
+#[path = "core_tests.rs"]
+mod tests;

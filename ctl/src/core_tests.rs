@@ -1,0 +1,443 @@
+//! Tests of the control state machine in virtual time: no sockets, no sleeps.
+
+use super::*;
+use crate::membership::{Liveness, RelayState, ShardLoad};
+use std::path::PathBuf;
+
+struct Rig {
+    dir: PathBuf,
+    core: Core,
+    t0: Instant,
+    unix0: u64,
+}
+
+fn hb(relay_id: u32, shards: u16) -> Heartbeat {
+    Heartbeat {
+        relay_id,
+        host: format!("10.0.0.{relay_id}"),
+        udp_base_port: 40_000,
+        shards,
+        nic_gbps: 25.0,
+        labels: BTreeMap::new(),
+        state: RelayState::Serving,
+        load: vec![ShardLoad::default()],
+        chat_port: None,
+    }
+}
+
+impl Rig {
+    fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("ctl-core-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let t0 = Instant::now();
+        let unix0 = 1_700_000_000;
+        let core = Self::open_at(&dir, t0, unix0);
+        Self {
+            dir,
+            core,
+            t0,
+            unix0,
+        }
+    }
+
+    fn open_at(dir: &Path, t0: Instant, unix0: u64) -> Core {
+        let key = SigningKey::from_bytes(&[7; 32]);
+        let now = Now {
+            mono: t0,
+            unix_s: unix0,
+        };
+        Core::open(Config::default(), key, dir, now).unwrap()
+    }
+
+    /// Restarts the core on the same directory, `after_ms` later.
+    fn restart(&mut self, after_ms: u64) {
+        let now = self.at(after_ms);
+        self.core = Self::open_at(&self.dir, now.mono, now.unix_s);
+    }
+
+    fn at(&self, ms: u64) -> Now {
+        Now {
+            mono: self.t0 + Duration::from_millis(ms),
+            unix_s: self.unix0 + ms / 1000,
+        }
+    }
+
+    fn beat(&mut self, ms: u64, relays: &[u32]) {
+        let now = self.at(ms);
+        for &r in relays {
+            self.core.handle_heartbeat(&now, hb(r, 2)).unwrap();
+        }
+        self.core.tick(&now);
+    }
+
+    fn create(&mut self, ms: u64) -> Created {
+        let req = CreateMeeting::default();
+        self.core.create_meeting(&self.at(ms), req).unwrap()
+    }
+
+    fn join(&mut self, ms: u64, code: &str) -> Result<Joined, ApiError> {
+        let req = JoinRequest {
+            code: code.into(),
+            ..JoinRequest::default()
+        };
+        self.core.join(&self.at(ms), req, None)
+    }
+
+    fn verify(&self, token: &str, ms: u64) -> Claims {
+        let v = TokenVerifier::new(self.core.key.verifying_key(), 0);
+        v.verify_text(token.as_bytes(), self.at(ms).unix_s).unwrap()
+    }
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[test]
+fn create_then_join_places_on_a_live_relay_with_a_matching_token() {
+    let mut rig = Rig::new("join");
+    rig.beat(0, &[7]);
+    let c = rig.create(10);
+    let host = c.join.clone().expect("a relay is serving");
+    assert!(host.is_host);
+    let j = rig.join(20, &c.code).unwrap();
+    assert_eq!(
+        (j.relay_id, j.participant_id, j.meeting_id),
+        (7, 2, c.meeting_id)
+    );
+    assert_eq!(
+        (j.shard_idx, j.relay_host.as_str()),
+        (host.shard_idx, "10.0.0.7")
+    );
+    assert_eq!(j.udp_port, 40_000 + j.shard_idx);
+    let claims = rig.verify(&j.token, 20);
+    assert_eq!(claims.kind, TokenKind::Room);
+    assert_eq!((claims.scope_id, claims.participant_id), (c.meeting_id, 2));
+    assert_eq!((claims.relay_id, claims.shard_idx), (7, j.shard_idx));
+    assert!(!claims.permissions.contains(Permissions::HOST));
+    assert!(rig
+        .verify(&host.token, 20)
+        .permissions
+        .contains(Permissions::HOST));
+    assert_eq!(rig.join(30, "zzz-zzzz-zzz"), Err(ApiError::UnknownMeeting));
+}
+
+#[test]
+fn no_relay_means_no_placement_but_the_meeting_exists() {
+    let mut rig = Rig::new("norelay");
+    let c = rig.create(5_000);
+    assert!(c.join.is_none());
+    assert_eq!(rig.join(5_000, &c.code), Err(ApiError::NoRelay));
+    rig.beat(5_100, &[3]);
+    assert_eq!(rig.join(5_200, &c.code).unwrap().relay_id, 3);
+}
+
+#[test]
+fn a_dead_relays_rooms_move_to_live_ones_and_joins_follow() {
+    let mut rig = Rig::new("death");
+    rig.beat(0, &[1, 2, 3]);
+    let meetings: Vec<Created> = (0..30).map(|i| rig.create(i)).collect();
+    let on_1: Vec<&Created> = meetings
+        .iter()
+        .filter(|c| c.join.as_ref().unwrap().relay_id == 1)
+        .collect();
+    assert!(
+        !on_1.is_empty(),
+        "30 rooms over 3 relays put some on relay 1"
+    );
+    for ms in [1_000, 2_000, 2_900] {
+        rig.beat(ms, &[2, 3]);
+    }
+    assert_eq!(
+        rig.core.members().get(1).unwrap().liveness(),
+        Liveness::Serving
+    );
+    rig.beat(3_100, &[2, 3]);
+    assert_eq!(
+        rig.core.members().get(1).unwrap().liveness(),
+        Liveness::Dead
+    );
+    for c in &on_1 {
+        let p = rig
+            .core
+            .placement(Scope::Room, c.meeting_id)
+            .unwrap()
+            .clone();
+        assert_ne!(p.relay_id, 1, "moved off the dead relay");
+        assert_eq!(rig.join(3_200, &c.code).unwrap().relay_id, p.relay_id);
+    }
+    for c in meetings
+        .iter()
+        .filter(|c| c.join.as_ref().unwrap().relay_id != 1)
+    {
+        let p = rig.core.placement(Scope::Room, c.meeting_id).unwrap();
+        assert_eq!(p.relay_id, c.join.as_ref().unwrap().relay_id, "others stay");
+    }
+}
+
+#[test]
+fn draining_relays_get_nothing_new_and_keep_their_rooms() {
+    let mut rig = Rig::new("drain");
+    rig.beat(0, &[1, 2]);
+    let before: Vec<Created> = (0..10).map(|i| rig.create(i)).collect();
+    rig.core.set_drain(1, true, &rig.at(100)).unwrap();
+    assert_eq!(rig.core.take_commands(1), vec![Command::Drain]);
+    for i in 0..20 {
+        assert_eq!(rig.create(200 + i).join.unwrap().relay_id, 2);
+    }
+    for c in &before {
+        let was = c.join.as_ref().unwrap().relay_id;
+        assert_eq!(rig.join(300, &c.code).unwrap().relay_id, was);
+    }
+    assert_eq!(
+        rig.core.set_drain(9, true, &rig.at(300)),
+        Err(ApiError::UnknownRelay)
+    );
+    rig.core.set_drain(1, false, &rig.at(400)).unwrap();
+    assert_eq!(rig.core.take_commands(1), vec![Command::Undrain]);
+    assert!(rig.core.members().get(1).unwrap().takes_new());
+}
+
+#[test]
+fn host_removes_a_participant_and_the_relay_is_told() {
+    let mut rig = Rig::new("remove");
+    rig.beat(0, &[4]);
+    let c = rig.create(0);
+    let guest = rig.join(10, &c.code).unwrap();
+    let now = rig.at(20);
+    let id = c.meeting_id;
+    assert_eq!(
+        rig.core.remove(&now, id, 2, None),
+        Err(ApiError::Unauthenticated)
+    );
+    assert_eq!(
+        rig.core.remove(&now, id, 2, Some("00")),
+        Err(ApiError::BadCredentials)
+    );
+    assert_eq!(
+        rig.core.remove(&now, id, 1, Some(&guest.token)),
+        Err(ApiError::NotHost),
+        "a guest's valid token is not a host's"
+    );
+    assert_eq!(
+        rig.core.remove(&now, id, 1, Some(&c.host_secret)),
+        Err(ApiError::CannotRemoveHost)
+    );
+    assert_eq!(
+        rig.core.remove(&now, id, 9, Some(&c.host_secret)),
+        Err(ApiError::UnknownParticipant)
+    );
+    rig.core.remove(&now, id, 2, Some(&c.host_secret)).unwrap();
+    let cmds = rig.core.take_commands(4);
+    assert_eq!(
+        cmds,
+        vec![Command::RemoveParticipant {
+            room: id,
+            participant: 2
+        }]
+    );
+    assert_eq!(rig.core.poll_woken(), Some(4));
+    assert_eq!(
+        rig.core.leave(&now, id, Some(&guest.token)),
+        Err(ApiError::UnknownParticipant)
+    );
+}
+
+#[test]
+fn forged_expired_and_foreign_host_tokens_are_refused() {
+    let mut rig = Rig::new("forged");
+    rig.beat(0, &[4]);
+    let a = rig.create(0);
+    let b = rig.create(0);
+    let host_a = a.join.unwrap().token;
+    let now = rig.at(10);
+    let forged = Claims {
+        kind: TokenKind::Room,
+        permissions: Permissions::ALL,
+        relay_id: 4,
+        shard_idx: 0,
+        expires_at: u64::MAX,
+        scope_id: a.meeting_id,
+        participant_id: 1,
+    }
+    .sign_text(&SigningKey::from_bytes(&[8; 32]));
+    let id = a.meeting_id;
+    assert!(matches!(
+        rig.core.end(&now, id, Some(&forged)),
+        Err(ApiError::BadToken(_))
+    ));
+    assert_eq!(
+        rig.core.end(&now, b.meeting_id, Some(&host_a)),
+        Err(ApiError::WrongMeeting)
+    );
+    let late = rig.at(1000 * (Config::default().token_ttl_s + 1));
+    assert_eq!(
+        rig.core.end(&late, id, Some(&host_a)),
+        Err(ApiError::TokenExpired)
+    );
+    rig.core.end(&now, id, Some(&host_a)).unwrap();
+    assert_eq!(
+        rig.core.take_commands(4),
+        vec![Command::CloseRoom { room: id }]
+    );
+    assert_eq!(rig.join(20, &a.code), Err(ApiError::UnknownMeeting));
+    assert!(rig.core.placement(Scope::Room, id).is_none());
+}
+
+#[test]
+fn leave_with_own_token_and_rejoin_keeps_the_participant_id() {
+    let mut rig = Rig::new("leave");
+    rig.beat(0, &[5]);
+    let c = rig.create(0);
+    let g = rig.join(10, &c.code).unwrap();
+    let req = JoinRequest {
+        code: c.code.clone(),
+        name: None,
+        rejoin_token: Some(g.token.clone()),
+    };
+    let again = rig.core.join(&rig.at(20), req, None).unwrap();
+    assert_eq!(again.participant_id, g.participant_id);
+    let host = rig
+        .core
+        .join(
+            &rig.at(20),
+            JoinRequest {
+                code: c.code.clone(),
+                ..Default::default()
+            },
+            Some(&c.host_secret),
+        )
+        .unwrap();
+    assert!(host.is_host && host.participant_id == 1);
+    assert_eq!(
+        rig.core.leave(&rig.at(30), c.meeting_id, Some(&g.token)),
+        Ok(2)
+    );
+    assert_eq!(
+        rig.core.take_commands(5),
+        vec![Command::RemoveParticipant {
+            room: c.meeting_id,
+            participant: 2
+        }]
+    );
+}
+
+#[test]
+fn restart_keeps_meetings_placements_and_waits_for_heartbeats() {
+    let mut rig = Rig::new("restart");
+    rig.beat(0, &[1, 2]);
+    let c = rig.create(0);
+    let placed = c.join.as_ref().unwrap().relay_id;
+    rig.restart(10_000);
+    assert_eq!(rig.core.meetings().len(), 1);
+    assert_eq!(
+        rig.core
+            .placement(Scope::Room, c.meeting_id)
+            .unwrap()
+            .relay_id,
+        placed
+    );
+    assert_eq!(
+        rig.join(10_100, &c.code),
+        Err(ApiError::NoRelay),
+        "relays not re-learned yet"
+    );
+    rig.beat(10_500, &[1, 2]);
+    assert_eq!(
+        rig.join(10_600, &c.code).unwrap().relay_id,
+        placed,
+        "sticky across restarts"
+    );
+    assert!(rig
+        .core
+        .meetings()
+        .get(c.meeting_id)
+        .unwrap()
+        .is_host_secret(&c.host_secret));
+}
+
+#[test]
+fn after_a_restart_rooms_of_relays_that_never_return_move() {
+    let mut rig = Rig::new("gone");
+    rig.beat(0, &[1]);
+    let c = rig.create(0);
+    rig.restart(60_000);
+    rig.beat(60_100, &[2]);
+    assert_eq!(
+        rig.core
+            .placement(Scope::Room, c.meeting_id)
+            .unwrap()
+            .relay_id,
+        1,
+        "grace"
+    );
+    rig.beat(63_100, &[2]);
+    assert_eq!(
+        rig.core
+            .placement(Scope::Room, c.meeting_id)
+            .unwrap()
+            .relay_id,
+        2
+    );
+    assert_eq!(rig.join(63_200, &c.code).unwrap().relay_id, 2);
+}
+
+#[test]
+fn user_homes_are_sticky_and_tokens_are_user_kind() {
+    let mut rig = Rig::new("users");
+    rig.beat(0, &[1, 2, 3]);
+    let a = rig.core.user_home(&rig.at(0), 42).unwrap();
+    let b = rig.core.user_home(&rig.at(10), 42).unwrap();
+    assert_eq!((a.relay_id, a.shard_idx), (b.relay_id, b.shard_idx));
+    assert_eq!(a.chat_port, None);
+    let claims = rig.verify(&a.token, 0);
+    assert_eq!(
+        (claims.kind, claims.scope_id, claims.participant_id),
+        (TokenKind::User, 42, 42)
+    );
+    assert!(matches!(
+        rig.core.user_home(&rig.at(0), 0),
+        Err(ApiError::Invalid(_))
+    ));
+}
+
+#[test]
+fn meeting_limits_hold() {
+    let mut rig = Rig::new("limits");
+    rig.beat(0, &[1]);
+    let c = rig.create(0);
+    for _ in 1..Config::default().max_participants {
+        rig.join(10, &c.code).unwrap();
+    }
+    assert_eq!(rig.join(10, &c.code), Err(ApiError::MeetingFull));
+    let long = JoinRequest {
+        code: c.code.clone(),
+        name: Some("x".repeat(MAX_NAME_LEN + 1)),
+        rejoin_token: None,
+    };
+    assert!(matches!(
+        rig.core.join(&rig.at(10), long, None),
+        Err(ApiError::Invalid(_))
+    ));
+}
+
+#[test]
+fn the_journal_is_compacted_and_still_replays_the_same_state() {
+    let mut rig = Rig::new("compact");
+    rig.beat(0, &[1]);
+    let c = rig.create(0);
+    for _ in 0..1_100 {
+        let g = rig.join(10, &c.code).unwrap();
+        rig.core
+            .leave(&rig.at(10), c.meeting_id, Some(&g.token))
+            .unwrap();
+    }
+    rig.core.tick(&rig.at(20));
+    assert!(rig.core.stats.compactions >= 1);
+    let before = rig.core.meetings().get(c.meeting_id).cloned();
+    rig.restart(100);
+    assert_eq!(rig.core.meetings().get(c.meeting_id).cloned(), before);
+}

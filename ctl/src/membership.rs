@@ -1,0 +1,461 @@
+//! Relay membership: which relays are alive, what they can carry, how loaded they are, and
+//! whether they take new rooms. Pure state: every input carries `now`; nothing here reads a
+//! clock or performs I/O.
+//!
+//! A relay registers with its first heartbeat and is dead once `dead_after` (3 s) passes
+//! without one. Dead relays stay listed (state `dead`) until `forget_after` so that operators
+//! see them, then are forgotten.
+#![forbid(unsafe_code)]
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+/// Upper bounds on what a heartbeat may claim; anything beyond is refused as malformed.
+pub const MAX_SHARDS: u16 = 1024;
+const MAX_LABELS: usize = 32;
+const MAX_LABEL_LEN: usize = 64;
+const MAX_HOST_LEN: usize = 253;
+const MAX_NIC_GBPS: f64 = 10_000.0;
+const MIN_NIC_GBPS: f64 = 0.001;
+/// At most this many relays are tracked; a registration beyond it is refused.
+pub const MAX_RELAYS: usize = 16_384;
+
+/// What a relay says about itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RelayState {
+    /// Takes new rooms.
+    Serving,
+    /// Keeps its rooms until they end and takes nothing new.
+    Draining,
+}
+
+/// Load of one shard, as reported.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShardLoad {
+    pub shard: u16,
+    pub rooms: u32,
+    pub participants: u32,
+    pub rx_pps: f64,
+    pub tx_pps: f64,
+    pub rx_bps: f64,
+    pub tx_bps: f64,
+    /// Busy fraction of the shard's core, 0..=1, when the relay reports it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<f64>,
+}
+
+/// `POST /v1/relays/heartbeat` body.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Heartbeat {
+    pub relay_id: u32,
+    pub host: String,
+    pub udp_base_port: u16,
+    pub shards: u16,
+    pub nic_gbps: f64,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    pub state: RelayState,
+    #[serde(default)]
+    pub load: Vec<ShardLoad>,
+    /// TCP port of the relay's chat listener, once relays have one.
+    #[serde(default)]
+    pub chat_port: Option<u16>,
+}
+
+/// Why a heartbeat was refused. All are the relay's fault.
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub enum HeartbeatError {
+    /// A field is out of range; the string names it.
+    Invalid(&'static str),
+    /// The membership table is full.
+    TooManyRelays,
+}
+
+impl Heartbeat {
+    /// Checks every field against its bounds.
+    pub fn validate(&self) -> Result<(), HeartbeatError> {
+        use HeartbeatError::Invalid;
+        let ok_host = !self.host.is_empty()
+            && self.host.len() <= MAX_HOST_LEN
+            && self
+                .host
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b));
+        let last_port = u32::from(self.udp_base_port) + u32::from(self.shards);
+        let checks = [
+            (self.relay_id != 0, "relay_id must be nonzero"),
+            (ok_host, "host must be a host name or IP address"),
+            (self.udp_base_port != 0, "udp_base_port must be nonzero"),
+            (
+                (1..=MAX_SHARDS).contains(&self.shards),
+                "shards out of range",
+            ),
+            (last_port <= 65_536, "udp_base_port + shards exceeds 65535"),
+            (
+                (MIN_NIC_GBPS..=MAX_NIC_GBPS).contains(&self.nic_gbps),
+                "nic_gbps out of range",
+            ),
+            (self.labels_ok(), "too many or too long labels"),
+            (self.chat_port != Some(0), "chat_port must be nonzero"),
+            (
+                self.load.len() <= usize::from(self.shards),
+                "too many load entries",
+            ),
+        ];
+        for (ok, why) in checks {
+            if !ok {
+                return Err(Invalid(why));
+            }
+        }
+        self.load.iter().try_for_each(|l| self.check_load(l))
+    }
+
+    fn labels_ok(&self) -> bool {
+        self.labels.len() <= MAX_LABELS
+            && self
+                .labels
+                .iter()
+                .all(|(k, v)| !k.is_empty() && k.len() <= MAX_LABEL_LEN && v.len() <= MAX_LABEL_LEN)
+    }
+
+    fn check_load(&self, l: &ShardLoad) -> Result<(), HeartbeatError> {
+        let rates = [l.rx_pps, l.tx_pps, l.rx_bps, l.tx_bps];
+        if l.shard >= self.shards {
+            return Err(HeartbeatError::Invalid(
+                "load names a shard the relay lacks",
+            ));
+        }
+        if !rates.iter().all(|r| r.is_finite() && *r >= 0.0) {
+            return Err(HeartbeatError::Invalid(
+                "load rates must be finite and >= 0",
+            ));
+        }
+        match l.cpu {
+            Some(c) if !(0.0..=1.0).contains(&c) => {
+                Err(HeartbeatError::Invalid("cpu not in 0..=1"))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// One relay as ctl knows it.
+#[derive(Clone, Debug)]
+pub struct Relay {
+    pub id: u32,
+    pub host: String,
+    pub udp_base_port: u16,
+    pub shards: u16,
+    pub nic_gbps: f64,
+    pub labels: BTreeMap<String, String>,
+    pub chat_port: Option<u16>,
+    /// The state the relay last reported.
+    pub reported: RelayState,
+    /// An operator asked ctl to drain it (takes effect at once, before the relay confirms).
+    pub drain_requested: bool,
+    pub last_seen: Instant,
+    /// Set by [`Membership::poll_deaths`] once the relay has been silent for `dead_after`.
+    pub dead: bool,
+    /// Per shard, indexed by shard. (The placements ctl made since this report are counted by
+    /// the placer, which corrects stale reports with them.)
+    pub load: Vec<ShardLoad>,
+}
+
+/// A relay's state for display and for placement.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Liveness {
+    Serving,
+    Draining,
+    Dead,
+}
+
+impl Relay {
+    fn from_heartbeat(hb: Heartbeat, now: Instant) -> Self {
+        let mut relay = Self {
+            id: hb.relay_id,
+            host: String::new(),
+            udp_base_port: 0,
+            shards: 0,
+            nic_gbps: 0.0,
+            labels: BTreeMap::new(),
+            chat_port: None,
+            reported: hb.state,
+            drain_requested: false,
+            last_seen: now,
+            dead: false,
+            load: Vec::new(),
+        };
+        relay.update(hb, now);
+        relay
+    }
+
+    fn update(&mut self, hb: Heartbeat, now: Instant) {
+        self.load = (0..hb.shards)
+            .map(|shard| ShardLoad {
+                shard,
+                ..ShardLoad::default()
+            })
+            .collect();
+        for l in hb.load {
+            let idx = usize::from(l.shard);
+            self.load[idx] = l;
+        }
+        self.host = hb.host;
+        self.udp_base_port = hb.udp_base_port;
+        self.shards = hb.shards;
+        self.nic_gbps = hb.nic_gbps;
+        self.labels = hb.labels;
+        self.chat_port = hb.chat_port;
+        self.reported = hb.state;
+        self.last_seen = now;
+        self.dead = false;
+    }
+
+    /// Serving, draining (by its own word or an operator's) or dead.
+    pub fn liveness(&self) -> Liveness {
+        if self.dead {
+            Liveness::Dead
+        } else if self.reported == RelayState::Draining || self.drain_requested {
+            Liveness::Draining
+        } else {
+            Liveness::Serving
+        }
+    }
+
+    /// Whether new rooms and users may be placed here.
+    pub fn takes_new(&self) -> bool {
+        self.liveness() == Liveness::Serving
+    }
+
+    /// Whether rooms already placed here stay.
+    pub fn keeps_existing(&self) -> bool {
+        self.liveness() != Liveness::Dead
+    }
+
+    /// Reported rooms on `shard`.
+    pub fn shard_rooms(&self, shard: u16) -> u32 {
+        self.load.get(usize::from(shard)).map_or(0, |l| l.rooms)
+    }
+}
+
+/// What a heartbeat changed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HeartbeatOutcome {
+    /// First heartbeat from this relay id.
+    Registered,
+    /// A relay that was dead came back.
+    Revived,
+    /// A live relay refreshed its entry.
+    Refreshed,
+}
+
+/// The membership table.
+#[derive(Debug)]
+pub struct Membership {
+    relays: BTreeMap<u32, Relay>,
+    dead_after: Duration,
+    forget_after: Duration,
+}
+
+impl Membership {
+    pub fn new(dead_after: Duration, forget_after: Duration) -> Self {
+        Self {
+            relays: BTreeMap::new(),
+            dead_after,
+            forget_after,
+        }
+    }
+
+    /// Applies a heartbeat.
+    pub fn handle_heartbeat(
+        &mut self,
+        now: Instant,
+        hb: Heartbeat,
+    ) -> Result<HeartbeatOutcome, HeartbeatError> {
+        hb.validate()?;
+        if let Some(relay) = self.relays.get_mut(&hb.relay_id) {
+            let was_dead = relay.dead;
+            relay.update(hb, now);
+            return Ok(if was_dead {
+                HeartbeatOutcome::Revived
+            } else {
+                HeartbeatOutcome::Refreshed
+            });
+        }
+        if self.relays.len() >= MAX_RELAYS {
+            self.forget_old(now);
+            if self.relays.len() >= MAX_RELAYS {
+                return Err(HeartbeatError::TooManyRelays);
+            }
+        }
+        self.relays
+            .insert(hb.relay_id, Relay::from_heartbeat(hb, now));
+        Ok(HeartbeatOutcome::Registered)
+    }
+
+    /// Marks relays silent for `dead_after` as dead and returns the ids that died just now.
+    /// Also forgets relays dead for `forget_after`.
+    pub fn poll_deaths(&mut self, now: Instant) -> Vec<u32> {
+        let mut died = Vec::new();
+        for relay in self.relays.values_mut() {
+            if !relay.dead && now.saturating_duration_since(relay.last_seen) >= self.dead_after {
+                relay.dead = true;
+                died.push(relay.id);
+            }
+        }
+        self.forget_old(now);
+        died
+    }
+
+    fn forget_old(&mut self, now: Instant) {
+        let limit = self.dead_after + self.forget_after;
+        self.relays
+            .retain(|_, r| !r.dead || now.saturating_duration_since(r.last_seen) < limit);
+    }
+
+    /// Sets or clears the operator's drain flag; false if the relay is unknown.
+    pub fn set_drain(&mut self, relay_id: u32, drain: bool) -> bool {
+        match self.relays.get_mut(&relay_id) {
+            Some(r) => {
+                r.drain_requested = drain;
+                true
+            }
+            None => false,
+        }
+    }
+
+    pub fn get(&self, relay_id: u32) -> Option<&Relay> {
+        self.relays.get(&relay_id)
+    }
+
+    /// Every known relay, by id.
+    pub fn iter(&self) -> impl Iterator<Item = &Relay> {
+        self.relays.values()
+    }
+
+    /// Relays that take new placements, by id.
+    pub fn serving(&self) -> impl Iterator<Item = &Relay> {
+        self.relays.values().filter(|r| r.takes_new())
+    }
+
+    /// Number of relays not dead.
+    pub fn n_alive(&self) -> usize {
+        self.relays.values().filter(|r| !r.dead).count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn hb(id: u32) -> Heartbeat {
+        Heartbeat {
+            relay_id: id,
+            host: "127.0.0.1".into(),
+            udp_base_port: 40_000,
+            shards: 2,
+            nic_gbps: 25.0,
+            labels: BTreeMap::from([("region".into(), "local".into())]),
+            state: RelayState::Serving,
+            load: vec![ShardLoad {
+                shard: 1,
+                rooms: 3,
+                ..ShardLoad::default()
+            }],
+            chat_port: None,
+        }
+    }
+
+    fn table() -> Membership {
+        Membership::new(Duration::from_secs(3), Duration::from_secs(60))
+    }
+
+    #[test]
+    fn registers_refreshes_dies_and_revives() {
+        let t0 = Instant::now();
+        let mut m = table();
+        assert_eq!(
+            m.handle_heartbeat(t0, hb(7)),
+            Ok(HeartbeatOutcome::Registered)
+        );
+        let s = Duration::from_secs(1);
+        assert_eq!(
+            m.handle_heartbeat(t0 + s, hb(7)),
+            Ok(HeartbeatOutcome::Refreshed)
+        );
+        assert!(
+            m.poll_deaths(t0 + 3 * s).is_empty(),
+            "2 s of silence is not death"
+        );
+        assert_eq!(m.poll_deaths(t0 + 4 * s), vec![7]);
+        assert!(m.poll_deaths(t0 + 5 * s).is_empty(), "reported once");
+        assert_eq!(m.get(7).unwrap().liveness(), Liveness::Dead);
+        assert_eq!(
+            m.handle_heartbeat(t0 + 6 * s, hb(7)),
+            Ok(HeartbeatOutcome::Revived)
+        );
+        assert!(m.get(7).unwrap().takes_new());
+        m.poll_deaths(t0 + 100 * s);
+        assert!(m.get(7).is_none(), "forgotten after forget_after");
+    }
+
+    #[test]
+    fn draining_takes_nothing_new_but_keeps_rooms() {
+        let t0 = Instant::now();
+        let mut m = table();
+        let mut h = hb(1);
+        h.state = RelayState::Draining;
+        m.handle_heartbeat(t0, h).unwrap();
+        m.handle_heartbeat(t0, hb(2)).unwrap();
+        assert_eq!(m.serving().map(|r| r.id).collect::<Vec<_>>(), vec![2]);
+        assert!(m.get(1).unwrap().keeps_existing());
+        assert!(m.set_drain(2, true));
+        assert_eq!(m.serving().count(), 0);
+        assert!(!m.set_drain(3, true));
+    }
+
+    #[test]
+    fn load_report_replaces_the_previous_one() {
+        let t0 = Instant::now();
+        let mut m = table();
+        m.handle_heartbeat(t0, hb(1)).unwrap();
+        assert_eq!(m.get(1).unwrap().shard_rooms(1), 3);
+        let mut h = hb(1);
+        h.load.clear();
+        m.handle_heartbeat(t0, h).unwrap();
+        assert_eq!(
+            m.get(1).unwrap().shard_rooms(1),
+            0,
+            "absent entries are zero"
+        );
+    }
+
+    #[test]
+    fn refuses_out_of_range_heartbeats() {
+        let bad: [fn(&mut Heartbeat); 8] = [
+            |h| h.relay_id = 0,
+            |h| h.host = String::new(),
+            |h| h.host = "a b".into(),
+            |h| h.shards = 0,
+            |h| h.udp_base_port = 65_535,
+            |h| h.nic_gbps = f64::NAN,
+            |h| h.load[0].shard = 2,
+            |h| h.load[0].rx_pps = -1.0,
+        ];
+        for (i, f) in bad.iter().enumerate() {
+            let mut h = hb(1);
+            f(&mut h);
+            assert!(
+                matches!(h.validate(), Err(HeartbeatError::Invalid(_))),
+                "case {i}"
+            );
+        }
+        assert_eq!(hb(1).validate(), Ok(()));
+    }
+}

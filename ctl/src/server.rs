@@ -1,0 +1,586 @@
+//! The HTTP driver: axum routes over one [`Core`] behind a mutex, the relays' long polls, the
+//! periodic tick, and start-up (`ctl serve`).
+//!
+//! Every handler parses its input itself (path segments, query, JSON body) so that every
+//! refusal is an [`ApiError`] with a JSON body; axum's own rejections never reach a client.
+#![forbid(unsafe_code)]
+
+use crate::api_types::*;
+use crate::config::Config;
+use crate::core::{Core, Now};
+use crate::error::ApiError;
+use crate::membership::Heartbeat;
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, PathRejection};
+use axum::extract::{DefaultBodyLimit, Path, RawQuery, State};
+use axum::handler::Handler;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{on, MethodFilter};
+use axum::Router;
+use serde::{de::DeserializeOwned, Serialize};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+use tokio::sync::Notify;
+
+/// Longest long poll a relay may ask for.
+const MAX_WAIT_MS: u64 = 30_000;
+/// How often the state machine's periodic work runs.
+const TICK: Duration = Duration::from_millis(250);
+/// While membership is re-learned after a restart, a join whose room's relay has not yet
+/// heartbeated is retried this often, until the relay shows up or the grace ends.
+const GRACE_RETRY: Duration = Duration::from_millis(100);
+
+/// Shared state of the handlers.
+pub struct App {
+    core: Mutex<Core>,
+    /// One notifier per relay id with a poll in flight, woken when commands are queued.
+    wakers: Mutex<HashMap<u32, Arc<Notify>>>,
+    admin_token: Option<String>,
+    max_body_bytes: usize,
+}
+
+type Shared = Arc<App>;
+type Result<T> = std::result::Result<T, ApiError>;
+
+impl App {
+    pub fn new(core: Core) -> Shared {
+        let admin_token = core.config().admin_token.clone();
+        let max_body_bytes = core.config().max_body_bytes;
+        Arc::new(Self {
+            core: Mutex::new(core),
+            wakers: Mutex::new(HashMap::new()),
+            admin_token,
+            max_body_bytes,
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Core> {
+        // A panic while holding the lock is a bug in ctl; the state is still consistent at
+        // every await-free step, so keep serving rather than poison every later request.
+        self.core.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs `f` on the core, then wakes the long polls of relays that got commands.
+    pub fn with_core<T>(&self, f: impl FnOnce(&mut Core) -> T) -> T {
+        let (out, woken) = {
+            let mut core = self.lock();
+            let out = f(&mut core);
+            let woken: Vec<u32> = std::iter::from_fn(|| core.poll_woken()).collect();
+            (out, woken)
+        };
+        let wakers = self.wakers.lock().unwrap_or_else(|e| e.into_inner());
+        for relay_id in woken {
+            if let Some(n) = wakers.get(&relay_id) {
+                n.notify_waiters();
+            }
+        }
+        out
+    }
+
+    fn waker(&self, relay_id: u32) -> Arc<Notify> {
+        let mut wakers = self.wakers.lock().unwrap_or_else(|e| e.into_inner());
+        if wakers.len() > crate::membership::MAX_RELAYS {
+            wakers.retain(|_, n| Arc::strong_count(n) > 1);
+        }
+        wakers.entry(relay_id).or_default().clone()
+    }
+
+    fn check_admin(&self, headers: &HeaderMap) -> Result<()> {
+        let Some(want) = &self.admin_token else {
+            return Ok(());
+        };
+        let got = bearer(headers).ok_or(ApiError::Unauthenticated)?;
+        // Compare digests so that the comparison's timing says nothing about the token.
+        use sha2::{Digest, Sha256};
+        if Sha256::digest(got.as_bytes()) == Sha256::digest(want.as_bytes()) {
+            Ok(())
+        } else {
+            Err(ApiError::BadCredentials)
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.status()).unwrap_or(StatusCode::BAD_REQUEST);
+        let headers = [(header::CONTENT_TYPE, "application/json")];
+        (status, headers, self.body()).into_response()
+    }
+}
+
+fn json<T: Serialize>(status: StatusCode, body: &T) -> Response {
+    // Our response types are plain data; serializing them cannot fail.
+    let text = serde_json::to_string(body).expect("response bodies serialize");
+    (status, [(header::CONTENT_TYPE, "application/json")], text).into_response()
+}
+
+fn ok<T: Serialize>(r: Result<T>) -> Response {
+    match r {
+        Ok(body) => json(StatusCode::OK, &body),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// Parses a JSON body, mapping every failure (size, syntax, shape) to a 4xx.
+fn parse_body<T: DeserializeOwned>(
+    app: &App,
+    body: std::result::Result<Bytes, BytesRejection>,
+) -> Result<T> {
+    let bytes = body.map_err(|e| match e.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::BodyTooLarge(app.max_body_bytes),
+        _ => ApiError::BadRequest("unreadable request body".into()),
+    })?;
+    serde_json::from_slice(&bytes).map_err(|e| ApiError::BadJson(e.to_string()))
+}
+
+/// Like [`parse_body`], but an empty body means the type's default.
+fn parse_optional_body<T: DeserializeOwned + Default>(
+    app: &App,
+    body: std::result::Result<Bytes, BytesRejection>,
+) -> Result<T> {
+    match &body {
+        Ok(b) if b.iter().all(u8::is_ascii_whitespace) => Ok(T::default()),
+        _ => parse_body(app, body),
+    }
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    v.strip_prefix("Bearer ").map(str::trim)
+}
+
+fn id<T: std::str::FromStr>(segment: &str, what: &str) -> Result<T> {
+    segment
+        .parse()
+        .map_err(|_| ApiError::BadRequest(format!("{what} must be an unsigned integer")))
+}
+
+fn one_segment(p: std::result::Result<Path<String>, PathRejection>) -> Result<String> {
+    p.map(|Path(s)| s)
+        .map_err(|_| ApiError::BadRequest("bad path".into()))
+}
+
+fn two_segments(
+    p: std::result::Result<Path<(String, String)>, PathRejection>,
+) -> Result<(String, String)> {
+    p.map(|Path(s)| s)
+        .map_err(|_| ApiError::BadRequest("bad path".into()))
+}
+
+async fn heartbeat(
+    State(app): State<Shared>,
+    body: std::result::Result<Bytes, BytesRejection>,
+) -> Response {
+    let r = parse_body::<Heartbeat>(&app, body)
+        .and_then(|hb| app.with_core(|c| c.handle_heartbeat(&Now::system(), hb)));
+    ok(r)
+}
+
+/// `wait_ms` from the query string: default 1000, at most [`MAX_WAIT_MS`].
+fn wait_ms(query: Option<&str>) -> Result<u64> {
+    let mut wait = 1000;
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some(("wait_ms", v)) => wait = id::<u64>(v, "wait_ms")?.min(MAX_WAIT_MS),
+            _ => {
+                return Err(ApiError::BadRequest(format!(
+                    "unknown query parameter {pair:?}"
+                )))
+            }
+        }
+    }
+    Ok(wait)
+}
+
+async fn relay_commands(
+    State(app): State<Shared>,
+    path: std::result::Result<Path<String>, PathRejection>,
+    RawQuery(query): RawQuery,
+) -> Response {
+    let parsed = one_segment(path)
+        .and_then(|s| id::<u32>(&s, "relay id"))
+        .and_then(|r| Ok((r, wait_ms(query.as_deref())?)));
+    let (relay_id, wait) = match parsed {
+        Ok(v) => v,
+        Err(e) => return e.into_response(),
+    };
+    let waker = app.waker(relay_id);
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(wait);
+    loop {
+        // Registered before the queue is checked, so a wake in between is not lost.
+        let notified = waker.notified();
+        let commands = app.with_core(|c| c.take_commands(relay_id));
+        if !commands.is_empty() || tokio::time::timeout_at(deadline, notified).await.is_err() {
+            return json(StatusCode::OK, &CommandsAnswer { commands });
+        }
+    }
+}
+
+async fn create_meeting(
+    State(app): State<Shared>,
+    body: std::result::Result<Bytes, BytesRejection>,
+) -> Response {
+    let r = parse_optional_body::<CreateMeeting>(&app, body)
+        .and_then(|req| app.with_core(|c| c.create_meeting(&Now::system(), req)));
+    match r {
+        Ok(created) => json(StatusCode::CREATED, &created),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn join(
+    State(app): State<Shared>,
+    headers: HeaderMap,
+    body: std::result::Result<Bytes, BytesRejection>,
+) -> Response {
+    let req = match parse_body::<JoinRequest>(&app, body) {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
+    let auth = bearer(&headers);
+    loop {
+        let now = Now::system();
+        let (r, grace) = app.with_core(|c| (c.join(&now, req.clone(), auth), c.in_grace(&now)));
+        match r {
+            Err(ApiError::NoRelay) if grace => tokio::time::sleep(GRACE_RETRY).await,
+            r => return ok(r),
+        }
+    }
+}
+
+async fn leave(
+    State(app): State<Shared>,
+    headers: HeaderMap,
+    path: std::result::Result<Path<String>, PathRejection>,
+) -> Response {
+    let r = one_segment(path)
+        .and_then(|s| id::<u64>(&s, "meeting id"))
+        .and_then(|m| {
+            let p = app.with_core(|c| c.leave(&Now::system(), m, bearer(&headers)))?;
+            Ok(Done {
+                meeting_id: m,
+                participant_id: Some(p),
+                status: "left".into(),
+            })
+        });
+    ok(r)
+}
+
+async fn remove_participant(
+    State(app): State<Shared>,
+    headers: HeaderMap,
+    path: std::result::Result<Path<(String, String)>, PathRejection>,
+) -> Response {
+    let r = two_segments(path).and_then(|(m, p)| {
+        let (m, p) = (
+            id::<u64>(&m, "meeting id")?,
+            id::<u64>(&p, "participant id")?,
+        );
+        app.with_core(|c| c.remove(&Now::system(), m, p, bearer(&headers)))?;
+        Ok(Done {
+            meeting_id: m,
+            participant_id: Some(p),
+            status: "removed".into(),
+        })
+    });
+    ok(r)
+}
+
+async fn end_meeting(
+    State(app): State<Shared>,
+    headers: HeaderMap,
+    path: std::result::Result<Path<String>, PathRejection>,
+) -> Response {
+    let r = one_segment(path)
+        .and_then(|s| id::<u64>(&s, "meeting id"))
+        .and_then(|m| {
+            app.with_core(|c| c.end(&Now::system(), m, bearer(&headers)))?;
+            Ok(Done {
+                meeting_id: m,
+                participant_id: None,
+                status: "ended".into(),
+            })
+        });
+    ok(r)
+}
+
+async fn user_home(
+    State(app): State<Shared>,
+    headers: HeaderMap,
+    path: std::result::Result<Path<String>, PathRejection>,
+) -> Response {
+    let r = app.check_admin(&headers).and_then(|()| {
+        let user = id::<u64>(&one_segment(path)?, "user id")?;
+        app.with_core(|c| c.user_home(&Now::system(), user))
+    });
+    ok(r)
+}
+
+async fn list_relays(State(app): State<Shared>, headers: HeaderMap) -> Response {
+    ok(app
+        .check_admin(&headers)
+        .map(|()| app.with_core(|c| crate::views::relays(c, &Now::system()))))
+}
+
+async fn list_rooms(State(app): State<Shared>, headers: HeaderMap) -> Response {
+    ok(app
+        .check_admin(&headers)
+        .map(|()| app.with_core(|c| crate::views::rooms(c))))
+}
+
+async fn drain(
+    app: Shared,
+    headers: HeaderMap,
+    path: std::result::Result<Path<String>, PathRejection>,
+    on: bool,
+) -> Response {
+    let r = app.check_admin(&headers).and_then(|()| {
+        let relay_id = id::<u32>(&one_segment(path)?, "relay id")?;
+        app.with_core(|c| c.set_drain(relay_id, on, &Now::system()))?;
+        Ok(serde_json::json!({"relay_id": relay_id, "drain_requested": on}))
+    });
+    ok(r)
+}
+
+async fn drain_relay(
+    State(app): State<Shared>,
+    headers: HeaderMap,
+    path: std::result::Result<Path<String>, PathRejection>,
+) -> Response {
+    drain(app, headers, path, true).await
+}
+
+async fn undrain_relay(
+    State(app): State<Shared>,
+    headers: HeaderMap,
+    path: std::result::Result<Path<String>, PathRejection>,
+) -> Response {
+    drain(app, headers, path, false).await
+}
+
+async fn public_key(State(app): State<Shared>) -> Response {
+    let pk = app.with_core(|c| c.public_key_hex().to_string());
+    json(StatusCode::OK, &serde_json::json!({ "public_key": pk }))
+}
+
+async fn health(State(app): State<Shared>) -> Response {
+    let h = app.with_core(|c| {
+        let now = Now::system();
+        Health {
+            status: "ok".into(),
+            relays_alive: c.members().n_alive(),
+            meetings: c.meetings().len(),
+            relearning: c.in_grace(&now),
+        }
+    });
+    json(StatusCode::OK, &h)
+}
+
+async fn metrics(State(app): State<Shared>) -> Response {
+    let text = app.with_core(|c| crate::metrics::render(c, &Now::system()));
+    let ct = "text/plain; version=0.0.4; charset=utf-8";
+    (StatusCode::OK, [(header::CONTENT_TYPE, ct)], text).into_response()
+}
+
+/// Builds a router while recording every (method, path) it serves, so that a test can hold
+/// the OpenAPI description to exactly this list.
+struct Routes {
+    router: Router<Shared>,
+    list: Vec<(&'static str, &'static str)>,
+}
+
+impl Routes {
+    fn add<H, T>(mut self, method: &'static str, path: &'static str, handler: H) -> Self
+    where
+        H: Handler<T, Shared>,
+        T: 'static,
+    {
+        let filter = match method {
+            "GET" => MethodFilter::GET,
+            "POST" => MethodFilter::POST,
+            "DELETE" => MethodFilter::DELETE,
+            other => unreachable!("route table uses GET, POST, DELETE only, not {other}"),
+        };
+        self.list.push((method, path));
+        self.router = self.router.route(path, on(filter, handler));
+        self
+    }
+}
+
+/// The API: the router and the list of (method, path) it serves.
+pub fn router(app: Shared, max_body_bytes: usize) -> (Router, Vec<(&'static str, &'static str)>) {
+    let r = Routes {
+        router: Router::new(),
+        list: Vec::new(),
+    };
+    let r = r
+        .add("POST", "/v1/relays/heartbeat", heartbeat)
+        .add("GET", "/v1/relays/{relay_id}/commands", relay_commands)
+        .add("GET", "/v1/relays", list_relays)
+        .add("POST", "/v1/relays/{relay_id}/drain", drain_relay)
+        .add("POST", "/v1/relays/{relay_id}/undrain", undrain_relay)
+        .add("POST", "/v1/meetings", create_meeting)
+        .add("POST", "/v1/join", join)
+        .add("POST", "/v1/meetings/{meeting_id}/leave", leave)
+        .add(
+            "DELETE",
+            "/v1/meetings/{meeting_id}/participants/{participant_id}",
+            remove_participant,
+        )
+        .add("DELETE", "/v1/meetings/{meeting_id}", end_meeting)
+        .add("GET", "/v1/rooms", list_rooms)
+        .add("GET", "/v1/users/{user_id}/home", user_home)
+        .add("GET", "/v1/public-key", public_key)
+        .add("GET", "/health", health)
+        .add("GET", "/metrics", metrics);
+    let router = r
+        .router
+        .fallback(|| async { ApiError::NotFound })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .with_state(app);
+    (router, r.list)
+}
+
+/// Runs the periodic work until the process ends.
+async fn ticker(app: Shared) {
+    let mut every = tokio::time::interval(TICK);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        app.with_core(|c| c.tick(&Now::system()));
+    }
+}
+
+/// `ctl serve`: opens the data directory (creating the key pair on first start), binds, prints
+/// `ready listen=ADDR` as the first line of stdout, and serves until SIGINT or SIGTERM.
+pub async fn serve(cfg: Config) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use std::io::Write;
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&cfg.data_dir)
+        .with_context(|| format!("cannot create {}", cfg.data_dir.display()))?;
+    let key = crate::keys::load_or_create(&cfg.data_dir.join(crate::keys::KEY_FILE))?;
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", cfg.listen))?;
+    let addr = listener.local_addr()?;
+    let mut cfg = cfg;
+    cfg.listen = addr;
+    let max_body = cfg.max_body_bytes;
+    let data_dir = cfg.data_dir.clone();
+    let core = Core::open(cfg, key, &data_dir, Now::system())
+        .with_context(|| format!("cannot open the journal in {}", data_dir.display()))?;
+    let app = App::new(core);
+    let (router, _) = router(app.clone(), max_body);
+    tokio::spawn(ticker(app));
+    println!("ready listen={addr}");
+    std::io::stdout().flush()?;
+    axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .context("server failed")
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeSet;
+
+    /// (METHOD, path) pairs under `paths:` in the OpenAPI file.
+    fn openapi_routes(yaml: &str) -> BTreeSet<(String, String)> {
+        let mut out = BTreeSet::new();
+        let mut path = None;
+        let section = yaml
+            .split("\npaths:\n")
+            .nth(1)
+            .and_then(|s| s.split("\ncomponents:").next())
+            .expect("openapi.yaml has paths: then components:");
+        for line in section.lines() {
+            if let Some(p) = line.strip_prefix("  /").and_then(|l| l.strip_suffix(':')) {
+                path = Some(format!("/{p}"));
+            } else if let Some(m) = line.strip_prefix("    ").and_then(|l| l.strip_suffix(':')) {
+                if ["get", "post", "put", "delete", "patch"].contains(&m) {
+                    let p = path.clone().expect("a method under a path");
+                    out.insert((m.to_uppercase(), p));
+                }
+            }
+        }
+        out
+    }
+
+    fn served_routes() -> BTreeSet<(String, String)> {
+        let dir = std::env::temp_dir().join(format!("ctl-routes-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let key = ed25519_dalek::SigningKey::from_bytes(&[1; 32]);
+        let core = Core::open(Config::default(), key, &dir, Now::system()).unwrap();
+        let (_, list) = router(App::new(core), 1024);
+        std::fs::remove_dir_all(&dir).unwrap();
+        list.iter()
+            .map(|(m, p)| (m.to_string(), p.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn openapi_lists_exactly_the_served_routes() {
+        let served = served_routes();
+        let documented = openapi_routes(include_str!("../openapi.yaml"));
+        assert_eq!(served.len(), 15);
+        let missing: Vec<_> = served.difference(&documented).collect();
+        let extra: Vec<_> = documented.difference(&served).collect();
+        assert!(
+            missing.is_empty(),
+            "served but not in openapi.yaml: {missing:?}"
+        );
+        assert!(
+            extra.is_empty(),
+            "in openapi.yaml but not served: {extra:?}"
+        );
+    }
+
+    #[test]
+    fn api_md_documents_every_served_route() {
+        let md = include_str!("../API.md");
+        let headings: BTreeSet<(String, String)> = md
+            .lines()
+            .filter_map(|l| l.strip_prefix("### `"))
+            .filter_map(|l| l.strip_suffix('`'))
+            .filter_map(|l| l.split_once(' '))
+            .map(|(m, p)| (m.to_string(), p.to_string()))
+            .collect();
+        assert_eq!(
+            served_routes(),
+            headings,
+            "API.md `### `METHOD path`` headings"
+        );
+    }
+
+    #[test]
+    fn wait_ms_is_bounded_and_unknown_parameters_refused() {
+        assert_eq!(wait_ms(None), Ok(1000));
+        assert_eq!(wait_ms(Some("wait_ms=5")), Ok(5));
+        assert_eq!(wait_ms(Some("wait_ms=99999999")), Ok(MAX_WAIT_MS));
+        assert!(wait_ms(Some("wait_ms=-1")).is_err());
+        assert!(wait_ms(Some("x=1")).is_err());
+    }
+}
