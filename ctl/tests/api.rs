@@ -1,0 +1,903 @@
+//! The real `ctl` binary on loopback, driven over HTTP, with fake relays (heartbeat and
+//! command-poll threads written here against the relay <-> ctl contract).
+//!
+//! Waits are bounded polls against deadlines, never bare sleeps standing in for an event.
+
+use ctl::client::{self, Response};
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// A running ctl process; killed on drop.
+struct Ctl {
+    child: Child,
+    url: String,
+}
+
+impl Ctl {
+    fn start(dir: &Path) -> Self {
+        Self::start_with(dir, &[])
+    }
+
+    fn start_with(dir: &Path, extra: &[&str]) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_ctl"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(dir)
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn ctl");
+        let mut line = String::new();
+        let stdout = child.stdout.take().expect("piped stdout");
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("read ready line");
+        let addr = line
+            .trim()
+            .strip_prefix("ready listen=")
+            .unwrap_or_else(|| panic!("first line is `ready listen=ADDR`, got {line:?}"));
+        Self {
+            child,
+            url: format!("http://{addr}"),
+        }
+    }
+
+    fn call(&self, method: &str, path: &str, body: Option<&str>, auth: Option<&str>) -> Response {
+        let bearer = auth.map(|a| format!("Bearer {a}"));
+        let headers: Vec<(&str, &str)> = bearer
+            .iter()
+            .map(|b| ("Authorization", b.as_str()))
+            .collect();
+        client::request(
+            &self.url,
+            method,
+            path,
+            &headers,
+            body.map(str::as_bytes),
+            Duration::from_secs(10),
+        )
+        .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+    }
+
+    fn json(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+        auth: Option<&str>,
+    ) -> (u16, Value) {
+        let r = self.call(method, path, body, auth);
+        let v = serde_json::from_slice(&r.body)
+            .unwrap_or_else(|_| panic!("{method} {path}: not JSON: {}", r.text()));
+        (r.status, v)
+    }
+
+    fn create(&self) -> Value {
+        let (s, v) = self.json("POST", "/v1/meetings", Some(r#"{"title":"t"}"#), None);
+        assert_eq!(s, 201, "{v}");
+        v
+    }
+
+    fn join(&self, code: &str) -> (u16, Value) {
+        self.json(
+            "POST",
+            "/v1/join",
+            Some(&json!({"code": code}).to_string()),
+            None,
+        )
+    }
+
+    /// Kills the process at once (SIGKILL): durability must not depend on a clean exit.
+    fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Ctl {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("ctl-it-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A fake relay: heartbeats every 200 ms and long-polls its commands, until dropped or
+/// stopped. Commands arrive on `commands` with the instant they were received.
+struct FakeRelay {
+    id: u32,
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+    commands: Receiver<(Instant, Value)>,
+}
+
+fn heartbeat_body(id: u32, state: &str) -> String {
+    json!({"relay_id": id, "host": "127.0.0.1", "udp_base_port": 40000 + 10 * id, "shards": 2,
+           "nic_gbps": 25.0, "labels": {"region": "local"}, "state": state,
+           "load": [{"shard": 0, "rooms": 0, "participants": 0, "rx_pps": 0.0, "tx_pps": 0.0,
+                     "rx_bps": 0.0, "tx_bps": 0.0}]})
+    .to_string()
+}
+
+impl FakeRelay {
+    fn start(url: &str, id: u32) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (tx, commands) = mpsc::channel();
+        // Registered before returning, so that placement can use it at once.
+        let r = client::json(
+            url,
+            "POST",
+            "/v1/relays/heartbeat",
+            Some(&heartbeat_body(id, "serving")),
+        )
+        .unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+        let (u1, s1) = (url.to_string(), stop.clone());
+        let beat = std::thread::spawn(move || {
+            while !s1.load(Ordering::Relaxed) {
+                let _ = client::json(
+                    &u1,
+                    "POST",
+                    "/v1/relays/heartbeat",
+                    Some(&heartbeat_body(id, "serving")),
+                );
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        });
+        let (u2, s2) = (url.to_string(), stop.clone());
+        let poll = std::thread::spawn(move || {
+            let path = format!("/v1/relays/{id}/commands?wait_ms=300");
+            while !s2.load(Ordering::Relaxed) {
+                let Ok(r) = client::json(&u2, "GET", &path, None) else {
+                    std::thread::sleep(Duration::from_millis(50));
+                    continue;
+                };
+                let v: Value = serde_json::from_slice(&r.body).unwrap_or(Value::Null);
+                for c in v["commands"].as_array().into_iter().flatten() {
+                    let _ = tx.send((Instant::now(), c.clone()));
+                }
+            }
+        });
+        Self {
+            id,
+            stop,
+            threads: vec![beat, poll],
+            commands,
+        }
+    }
+
+    /// Stops heartbeating and polling, as a relay that died.
+    fn stop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+
+    /// The next command, waiting at most `within`.
+    fn next_command(&self, within: Duration) -> Option<(Instant, Value)> {
+        self.commands.recv_timeout(within).ok()
+    }
+}
+
+impl Drop for FakeRelay {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Creates meetings until one lands on `relay` (bounded).
+fn meeting_on(ctl: &Ctl, relay: u32) -> Value {
+    for _ in 0..200 {
+        let m = ctl.create();
+        if m["join"]["relay_id"] == relay {
+            return m;
+        }
+    }
+    panic!("200 meetings and none on relay {relay}");
+}
+
+#[test]
+fn meeting_lifecycle_create_join_leave_remove_end() {
+    let dir = temp_dir("lifecycle");
+    let ctl = Ctl::start(&dir);
+    let relay = FakeRelay::start(&ctl.url, 7);
+    let m = ctl.create();
+    let code = m["code"].as_str().unwrap();
+    let id = m["meeting_id"].as_u64().unwrap();
+    assert!(m["join_link"]
+        .as_str()
+        .unwrap()
+        .ends_with(&format!("/j/{code}")));
+    assert_eq!(m["join"]["relay_id"], 7);
+    assert_eq!(m["join"]["is_host"], true);
+    let secret = m["host_secret"].as_str().unwrap();
+
+    let (s, a) = ctl.join(code);
+    assert_eq!(s, 200, "{a}");
+    assert_eq!(
+        (a["relay_id"].as_u64(), a["relay_host"].as_str()),
+        (Some(7), Some("127.0.0.1"))
+    );
+    let shard = a["shard_idx"].as_u64().unwrap();
+    assert_eq!(a["udp_port"].as_u64(), Some(40_070 + shard));
+    assert_eq!(a["token"].as_str().unwrap().len(), 134);
+    assert_eq!(a["chat"]["port"], Value::Null);
+    let (_, b) = ctl.join(&code.to_uppercase().replace('-', ""));
+    assert_eq!(
+        b["participant_id"], 3,
+        "codes work without dashes, in any case"
+    );
+
+    // A leaves with its own token; the relay hears of it.
+    let a_token = a["token"].as_str().unwrap();
+    let (s, v) = ctl.json(
+        "POST",
+        &format!("/v1/meetings/{id}/leave"),
+        None,
+        Some(a_token),
+    );
+    assert_eq!((s, v["status"].as_str()), (200, Some("left")));
+    let (_, cmd) = relay
+        .next_command(Duration::from_secs(2))
+        .expect("remove for the leaver");
+    assert_eq!(
+        cmd,
+        json!({"type": "remove_participant", "room": id, "participant": 2})
+    );
+
+    // The host removes B: the command reaches the relay's long poll within 1 s.
+    let sent = Instant::now();
+    let (s, v) = ctl.json(
+        "DELETE",
+        &format!("/v1/meetings/{id}/participants/3"),
+        None,
+        Some(secret),
+    );
+    assert_eq!((s, v["status"].as_str()), (200, Some("removed")), "{v}");
+    let (at, cmd) = relay
+        .next_command(Duration::from_secs(1))
+        .expect("remove within 1 s");
+    assert_eq!(
+        cmd,
+        json!({"type": "remove_participant", "room": id, "participant": 3})
+    );
+    eprintln!("remove_participant reached the relay after {:?}", at - sent);
+    assert!(at - sent < Duration::from_secs(1));
+
+    // The host ends it with its token; close_room goes out; the code stops working.
+    let host_token = m["join"]["token"].as_str().unwrap();
+    let (s, v) = ctl.json(
+        "DELETE",
+        &format!("/v1/meetings/{id}"),
+        None,
+        Some(host_token),
+    );
+    assert_eq!((s, v["status"].as_str()), (200, Some("ended")));
+    let (_, cmd) = relay
+        .next_command(Duration::from_secs(1))
+        .expect("close_room");
+    assert_eq!(cmd, json!({"type": "close_room", "room": id}));
+    let (s, v) = ctl.join(code);
+    assert_eq!((s, v["code"].as_str()), (404, Some("unknown_meeting")));
+}
+
+#[test]
+fn a_silent_relay_is_dead_within_3s_and_joins_go_elsewhere() {
+    let dir = temp_dir("death");
+    let ctl = Ctl::start(&dir);
+    let mut r1 = FakeRelay::start(&ctl.url, 1);
+    let _r2 = FakeRelay::start(&ctl.url, 2);
+    let m = meeting_on(&ctl, 1);
+    let code = m["code"].as_str().unwrap();
+    r1.stop();
+    let silent_since = Instant::now();
+    let deadline = silent_since + Duration::from_millis(3_600);
+    let moved_at = loop {
+        let (s, j) = ctl.join(code);
+        assert_eq!(s, 200, "{j}");
+        if j["relay_id"] == 2 {
+            break Instant::now();
+        }
+        assert_eq!(j["relay_id"], r1.id, "either still on 1 or moved to 2");
+        assert!(
+            Instant::now() < deadline,
+            "still on the silent relay after 3.6 s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    eprintln!(
+        "room moved {:?} after the last heartbeat",
+        moved_at - silent_since
+    );
+    assert!(
+        moved_at - silent_since >= Duration::from_millis(2_500),
+        "not declared dead early"
+    );
+    let (_, relays) = ctl.json("GET", "/v1/relays", None, None);
+    let states: Vec<(u64, String)> = relays["relays"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["relay_id"].as_u64().unwrap(),
+                r["state"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(states, vec![(1, "dead".into()), (2, "serving".into())]);
+    for _ in 0..10 {
+        assert_eq!(
+            ctl.create()["join"]["relay_id"],
+            2,
+            "nothing new on a dead relay"
+        );
+    }
+}
+
+fn cli(ctl: &Ctl, args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_ctl"))
+        .args(args)
+        .args(["--ctl", &ctl.url])
+        .output()
+        .expect("run ctl");
+    assert!(
+        out.status.success(),
+        "ctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn draining_through_the_cli_stops_new_placements_and_keeps_rooms() {
+    let dir = temp_dir("drain");
+    let ctl = Ctl::start(&dir);
+    let r1 = FakeRelay::start(&ctl.url, 1);
+    let _r2 = FakeRelay::start(&ctl.url, 2);
+    let kept = meeting_on(&ctl, 1);
+    cli(&ctl, &["drain", "1"]);
+    let (_, cmd) = r1
+        .next_command(Duration::from_secs(1))
+        .expect("drain command");
+    assert_eq!(cmd, json!({"type": "drain"}));
+    for _ in 0..20 {
+        assert_eq!(ctl.create()["join"]["relay_id"], 2);
+    }
+    let (_, j) = ctl.join(kept["code"].as_str().unwrap());
+    assert_eq!(j["relay_id"], 1, "a draining relay keeps its rooms");
+    let relays = cli(&ctl, &["relays"]);
+    assert!(relays.lines().any(|l| l.contains("draining")), "{relays}");
+    let rooms = cli(&ctl, &["rooms"]);
+    let kept_id = kept["meeting_id"].to_string();
+    assert!(rooms.lines().count() > 21, "{rooms}");
+    assert!(
+        rooms.lines().any(|l| l.trim_start().starts_with(&kept_id)),
+        "{rooms}"
+    );
+    let home = cli(&ctl, &["home", "42"]);
+    assert!(home.starts_with("user 42 -> relay 2"), "{home}");
+    cli(&ctl, &["undrain", "1"]);
+    let (_, cmd) = r1
+        .next_command(Duration::from_secs(1))
+        .expect("undrain command");
+    assert_eq!(cmd, json!({"type": "undrain"}));
+}
+
+#[test]
+fn restart_keeps_meetings_placements_and_keys() {
+    let dir = temp_dir("restart");
+    let ctl = Ctl::start(&dir);
+    let _r1 = FakeRelay::start(&ctl.url, 1);
+    let _r2 = FakeRelay::start(&ctl.url, 2);
+    let m = ctl.create();
+    let (_, pk1) = ctl.json("GET", "/v1/public-key", None, None);
+    let (_, home1) = ctl.json("GET", "/v1/users/42/home", None, None);
+    ctl.kill();
+
+    let ctl = Ctl::start(&dir);
+    // The fake relays keep heartbeating to the old address; point new ones at the new ctl.
+    let _r1 = FakeRelay::start(&ctl.url, 1);
+    let _r2 = FakeRelay::start(&ctl.url, 2);
+    let (_, pk2) = ctl.json("GET", "/v1/public-key", None, None);
+    assert_eq!(pk1, pk2, "same key pair");
+    let (s, j) = ctl.join(m["code"].as_str().unwrap());
+    assert_eq!(s, 200, "{j}");
+    assert_eq!(j["relay_id"], m["join"]["relay_id"], "same placement");
+    assert_eq!(j["shard_idx"], m["join"]["shard_idx"]);
+    let (_, home2) = ctl.json("GET", "/v1/users/42/home", None, None);
+    assert_eq!(
+        (home1["relay_id"].clone(), home1["shard_idx"].clone()),
+        (home2["relay_id"].clone(), home2["shard_idx"].clone())
+    );
+    let id = m["meeting_id"].as_u64().unwrap();
+    let secret = m["host_secret"].as_str().unwrap();
+    let (s, _) = ctl.json("DELETE", &format!("/v1/meetings/{id}"), None, Some(secret));
+    assert_eq!(s, 200, "the host secret survives the restart");
+}
+
+#[test]
+fn a_restarted_ctl_relearns_membership_within_3s() {
+    let dir = temp_dir("relearn");
+    let ctl = Ctl::start(&dir);
+    drop(FakeRelay::start(&ctl.url, 1));
+    let m = ctl.create();
+    ctl.kill();
+    let ctl = Ctl::start(&dir);
+    let started = Instant::now();
+    let (_, h) = ctl.json("GET", "/health", None, None);
+    assert_eq!(h["relearning"], true);
+    // Relay 1 comes back 500 ms later: the join waits for it rather than failing or moving.
+    let url = ctl.url.clone();
+    let late = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(500));
+        FakeRelay::start(&url, 1)
+    });
+    let (s, j) = ctl.join(m["code"].as_str().unwrap());
+    assert_eq!((s, j["relay_id"].as_u64()), (200, Some(1)), "{j}");
+    assert!(started.elapsed() < Duration::from_secs(3));
+    let _r1 = late.join().unwrap();
+}
+
+/// (method, path, body, bearer credential, expected status, expected error code)
+type Case<'a> = (
+    &'a str,
+    String,
+    Option<String>,
+    Option<&'a str>,
+    u16,
+    &'a str,
+);
+
+#[test]
+fn bad_input_gets_a_clear_4xx_with_a_json_error() {
+    let dir = temp_dir("bad");
+    let ctl = Ctl::start(&dir);
+    let _relay = FakeRelay::start(&ctl.url, 7);
+    let m = ctl.create();
+    let id = m["meeting_id"].as_u64().unwrap();
+    let code = m["code"].as_str().unwrap();
+    let (_, guest) = ctl.join(code);
+    let guest_token = guest["token"].as_str().unwrap();
+    let other = ctl.create();
+    let other_host = other["join"]["token"].as_str().unwrap();
+    let forged = forged_host_token(id, &m["join"]["token"]);
+    let expired = expired_host_token(&dir, id);
+    let big = format!(r#"{{"code": "{}"}}"#, "a".repeat(20_000));
+    let remove = format!("/v1/meetings/{id}/participants/2");
+    let cases: Vec<Case> = vec![
+        (
+            "POST",
+            "/v1/join".into(),
+            Some("{\"code\":".into()),
+            None,
+            400,
+            "bad_json",
+        ),
+        (
+            "POST",
+            "/v1/join".into(),
+            Some("[1,2]".into()),
+            None,
+            400,
+            "bad_json",
+        ),
+        (
+            "POST",
+            "/v1/join".into(),
+            Some(r#"{"code":"x","admin":true}"#.into()),
+            None,
+            400,
+            "bad_json",
+        ),
+        (
+            "POST",
+            "/v1/join".into(),
+            Some(r#"{"code":"abc-defg-hjk"}"#.into()),
+            None,
+            404,
+            "unknown_meeting",
+        ),
+        (
+            "POST",
+            "/v1/join".into(),
+            Some(big),
+            None,
+            413,
+            "body_too_large",
+        ),
+        (
+            "POST",
+            "/v1/meetings".into(),
+            Some(r#"{"title":1}"#.into()),
+            None,
+            400,
+            "bad_json",
+        ),
+        (
+            "POST",
+            "/v1/relays/heartbeat".into(),
+            Some(heartbeat_body(0, "serving")),
+            None,
+            400,
+            "invalid",
+        ),
+        (
+            "POST",
+            "/v1/relays/heartbeat".into(),
+            Some(heartbeat_body(3, "sleeping")),
+            None,
+            400,
+            "bad_json",
+        ),
+        (
+            "GET",
+            "/v1/relays/x/commands".into(),
+            None,
+            None,
+            400,
+            "bad_request",
+        ),
+        (
+            "GET",
+            "/v1/relays/3/commands?wait=1".into(),
+            None,
+            None,
+            400,
+            "bad_request",
+        ),
+        (
+            "DELETE",
+            "/v1/meetings/123".into(),
+            None,
+            Some(m["host_secret"].as_str().unwrap()),
+            404,
+            "unknown_meeting",
+        ),
+        (
+            "DELETE",
+            "/v1/meetings/abc".into(),
+            None,
+            None,
+            400,
+            "bad_request",
+        ),
+        ("DELETE", remove.clone(), None, None, 401, "unauthenticated"),
+        (
+            "DELETE",
+            remove.clone(),
+            None,
+            Some("0000"),
+            401,
+            "bad_credentials",
+        ),
+        (
+            "DELETE",
+            remove.clone(),
+            None,
+            Some(&forged),
+            401,
+            "bad_token",
+        ),
+        (
+            "DELETE",
+            remove.clone(),
+            None,
+            Some(&expired),
+            401,
+            "token_expired",
+        ),
+        (
+            "DELETE",
+            remove.clone(),
+            None,
+            Some(guest_token),
+            403,
+            "not_host",
+        ),
+        (
+            "DELETE",
+            remove.clone(),
+            None,
+            Some(other_host),
+            403,
+            "wrong_meeting",
+        ),
+        (
+            "DELETE",
+            format!("/v1/meetings/{id}/participants/1"),
+            None,
+            Some(m["host_secret"].as_str().unwrap()),
+            400,
+            "cannot_remove_host",
+        ),
+        (
+            "DELETE",
+            format!("/v1/meetings/{id}/participants/99"),
+            None,
+            Some(m["host_secret"].as_str().unwrap()),
+            404,
+            "unknown_participant",
+        ),
+        (
+            "POST",
+            format!("/v1/meetings/{id}/leave"),
+            None,
+            Some(other_host),
+            403,
+            "wrong_meeting",
+        ),
+        (
+            "POST",
+            "/v1/relays/99/drain".into(),
+            None,
+            None,
+            404,
+            "unknown_relay",
+        ),
+        ("GET", "/v1/users/0/home".into(), None, None, 400, "invalid"),
+        (
+            "GET",
+            "/v1/users/-1/home".into(),
+            None,
+            None,
+            400,
+            "bad_request",
+        ),
+        (
+            "PUT",
+            "/v1/join".into(),
+            None,
+            None,
+            405,
+            "method_not_allowed",
+        ),
+        ("GET", "/v2/nothing".into(), None, None, 404, "not_found"),
+    ];
+    for (method, path, body, auth, status, code) in &cases {
+        let r = ctl.call(method, path, body.as_deref(), *auth);
+        let v: Value = serde_json::from_slice(&r.body)
+            .unwrap_or_else(|_| panic!("{method} {path}: body not JSON: {}", r.text()));
+        assert_eq!(
+            (r.status, v["code"].as_str()),
+            (*status, Some(*code)),
+            "{method} {path}: {v}"
+        );
+        assert!(
+            v["error"].as_str().is_some_and(|e| !e.is_empty()),
+            "{method} {path}: {v}"
+        );
+        assert_eq!(r.header("content-type"), Some("application/json"));
+    }
+    // Nothing above changed the meeting.
+    let (_, rooms) = ctl.json("GET", "/v1/rooms", None, None);
+    let room = rooms["rooms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["meeting_id"] == id)
+        .cloned();
+    assert_eq!(room.unwrap()["participants"], 2);
+}
+
+/// The host's token with its signature bytes flipped: well-formed, but not signed by ctl.
+fn forged_host_token(_meeting: u64, host_token: &Value) -> String {
+    let t = host_token.as_str().unwrap();
+    let mut chars: Vec<char> = t.chars().collect();
+    let i = chars.len() - 10;
+    chars[i] = if chars[i] == 'A' { 'B' } else { 'A' };
+    chars.into_iter().collect()
+}
+
+/// A host token for `meeting`, signed with ctl's own key, already expired.
+fn expired_host_token(dir: &Path, meeting: u64) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_ctl"))
+        .args(["token", "--key"])
+        .arg(dir.join("ctl.key"))
+        .args([
+            "--room",
+            &meeting.to_string(),
+            "--participant",
+            "1",
+            "--perms",
+            "publish,host",
+        ])
+        .args(["--ttl", "0"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    // `--ttl 0`: expires_at is the current second, and a token is invalid at its expiry.
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// xorshift64*: small, deterministic, replayable from its seed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+
+    fn pick<'a, T>(&mut self, v: &'a [T]) -> &'a T {
+        &v[self.below(v.len())]
+    }
+}
+
+/// One random mutation of a JSON text: a byte flip, a cut, an insertion of a random value or
+/// field, or a value swapped for one of another type.
+fn mutate(rng: &mut Rng, text: &str) -> Vec<u8> {
+    let mut b = text.as_bytes().to_vec();
+    if rng.below(4) == 0 {
+        return b; // unchanged: reach the handlers' logic, not only the parser
+    }
+    let junk: [&str; 12] = [
+        "null",
+        "-1",
+        "1e999",
+        "\"\"",
+        "[]",
+        "{}",
+        "18446744073709551616",
+        "\"\u{0}\"",
+        "\"zzz\":1,",
+        "\u{7f}",
+        "true",
+        "\"\\ud800\"",
+    ];
+    match rng.below(6) {
+        0 if !b.is_empty() => {
+            let i = rng.below(b.len());
+            b[i] ^= 1 << rng.below(8);
+        }
+        1 => b.truncate(rng.below(b.len() + 1)),
+        2 => {
+            let i = rng.below(b.len() + 1);
+            b.splice(i..i, rng.pick(&junk).bytes());
+        }
+        3 => {
+            let colon: Vec<usize> = (0..b.len()).filter(|&i| b[i] == b':').collect();
+            if let Some(&i) = colon.get(rng.below(colon.len().max(1))) {
+                let end = (i + 1..b.len())
+                    .find(|&j| b[j] == b',' || b[j] == b'}')
+                    .unwrap_or(b.len());
+                b.splice(i + 1..end, rng.pick(&junk).bytes());
+            }
+        }
+        4 => b = (0..rng.below(64)).map(|_| rng.next() as u8).collect(),
+        _ => {
+            let n = b.len() + rng.below(5000);
+            b.resize(n, b'[');
+        }
+    }
+    b
+}
+
+#[test]
+fn fuzzed_requests_to_every_route_never_get_a_5xx() {
+    let dir = temp_dir("fuzz");
+    let ctl = Ctl::start(&dir);
+    let _r1 = FakeRelay::start(&ctl.url, 1);
+    let _r2 = FakeRelay::start(&ctl.url, 2);
+    let m = ctl.create();
+    let id = m["meeting_id"].as_u64().unwrap().to_string();
+    let code = m["code"].as_str().unwrap().to_string();
+    let secret = m["host_secret"].as_str().unwrap().to_string();
+    let host_token = m["join"]["token"].as_str().unwrap().to_string();
+    let seed = std::env::var("CTL_FUZZ_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0x5eed_c0de_u64);
+    eprintln!("fuzz seed {seed} (CTL_FUZZ_SEED to replay)");
+    let mut rng = Rng(seed | 1);
+    let bodies = [
+        heartbeat_body(999, "serving"),
+        json!({"code": code, "name": "fuzz"}).to_string(),
+        json!({"code": code, "rejoin_token": host_token}).to_string(),
+        json!({"title": "t", "host_name": "h"}).to_string(),
+    ];
+    let ids = [
+        id.as_str(),
+        "0",
+        "1",
+        "999",
+        "18446744073709551616",
+        "-1",
+        "%00",
+        "x",
+        "1.5",
+    ];
+    let routes = [
+        ("POST", "/v1/relays/heartbeat"),
+        ("GET", "/v1/relays/{r}/commands?wait_ms=0"),
+        ("GET", "/v1/relays"),
+        ("POST", "/v1/relays/{r}/drain"),
+        ("POST", "/v1/relays/{r}/undrain"),
+        ("POST", "/v1/meetings"),
+        ("POST", "/v1/join"),
+        ("POST", "/v1/meetings/{m}/leave"),
+        ("DELETE", "/v1/meetings/{m}/participants/{p}"),
+        ("DELETE", "/v1/meetings/{m}"),
+        ("GET", "/v1/rooms"),
+        ("GET", "/v1/users/{p}/home"),
+        ("GET", "/v1/public-key"),
+        ("GET", "/health"),
+        ("GET", "/metrics"),
+        ("PATCH", "/v1/join"),
+    ];
+    let auths = [
+        None,
+        Some(secret.as_str()),
+        Some(host_token.as_str()),
+        Some("x"),
+        Some(""),
+    ];
+    let n = 1_500;
+    let mut by_status = std::collections::BTreeMap::new();
+    for i in 0..n {
+        let (method, template) = *rng.pick(&routes);
+        // Never drain the live relays 1 and 2: that would rightly make joins 503.
+        let relay = *rng.pick(&["999", "3", "x", "0", "4294967296"]);
+        let (meeting, participant) = (*rng.pick(&ids), *rng.pick(&ids));
+        let path = template
+            .replace("{r}", relay)
+            .replace("{m}", meeting)
+            .replace("{p}", participant);
+        let template_body = rng.pick(&bodies).clone();
+        let body = mutate(&mut rng, &template_body);
+        let auth = *rng.pick(&auths);
+        let bearer = auth.map(|a| format!("Bearer {a}"));
+        let headers: Vec<(&str, &str)> = bearer
+            .iter()
+            .map(|b| ("Authorization", b.as_str()))
+            .collect();
+        let r = client::request(
+            &ctl.url,
+            method,
+            &path,
+            &headers,
+            Some(&body),
+            Duration::from_secs(10),
+        )
+        .unwrap_or_else(|e| panic!("request {i} ({method} {path}) failed: {e}; ctl died?"));
+        assert!(
+            r.status < 500,
+            "request {i}: {method} {path} body {:?} -> {} {}",
+            String::from_utf8_lossy(&body),
+            r.status,
+            r.text()
+        );
+        if r.status >= 400 {
+            let v: Value = serde_json::from_slice(&r.body)
+                .unwrap_or_else(|_| panic!("request {i}: error body not JSON: {}", r.text()));
+            assert!(
+                v["code"].is_string() && v["error"].is_string(),
+                "request {i}: {v}"
+            );
+        }
+        *by_status.entry(r.status).or_insert(0) += 1;
+    }
+    eprintln!("{n} fuzzed requests by status: {by_status:?}");
+    let (s, _) = ctl.json("GET", "/health", None, None);
+    assert_eq!(s, 200, "still serving");
+}
