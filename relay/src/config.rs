@@ -54,6 +54,12 @@ pub struct Flags {
     /// Host name or address clients reach this relay at (reported to ctl).
     #[arg(long)]
     pub advertise_host: Option<String>,
+    /// TCP port of shard 0's chat listener; shard i listens on chat_port + i. Enables chat.
+    #[arg(long)]
+    pub chat_port: Option<u16>,
+    /// Directory of the chat logs (one subdirectory per shard).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
     /// Do not pin shard threads to CPUs.
     #[arg(long)]
     pub no_pin: bool,
@@ -94,6 +100,63 @@ impl Default for Limits {
     }
 }
 
+/// The `[chat]` table.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ChatSettings {
+    /// TCP port of shard 0; none disables chat.
+    pub port: Option<u16>,
+    /// Directory of the per-shard logs.
+    pub data_dir: PathBuf,
+    /// fdatasync on every commit (turning it off loses durability; for benchmarks only).
+    pub sync: bool,
+    /// Unacknowledged MSG frames per session before the backlog pauses.
+    pub window: u16,
+    /// Connections per remote address.
+    pub max_conns_per_ip: u32,
+    /// Seconds a connection has to authenticate.
+    pub hello_timeout_ms: u64,
+    /// A reader that makes no progress for this long is disconnected.
+    pub slow_reader_timeout_ms: u64,
+    /// Bytes queued to one session at most.
+    pub max_out_bytes: usize,
+    /// Requests per second per session.
+    pub msgs_per_s: u64,
+}
+
+impl Default for ChatSettings {
+    fn default() -> Self {
+        let c = crate::chat::ChatConfig::default();
+        Self {
+            port: None,
+            data_dir: PathBuf::from("relay-data"),
+            sync: true,
+            window: c.window,
+            max_conns_per_ip: c.max_conns_per_ip,
+            hello_timeout_ms: c.hello_timeout_us / 1000,
+            slow_reader_timeout_ms: c.slow_reader_timeout_us / 1000,
+            max_out_bytes: c.max_out_bytes,
+            msgs_per_s: c.msgs_per_s,
+        }
+    }
+}
+
+impl ChatSettings {
+    /// The chat engine's configuration.
+    pub fn engine(&self) -> crate::chat::ChatConfig {
+        crate::chat::ChatConfig {
+            window: self.window,
+            max_conns_per_ip: self.max_conns_per_ip,
+            hello_timeout_us: self.hello_timeout_ms.saturating_mul(1000),
+            slow_reader_timeout_us: self.slow_reader_timeout_ms.saturating_mul(1000),
+            max_out_bytes: self.max_out_bytes,
+            msgs_per_s: self.msgs_per_s,
+            msgs_burst: self.msgs_per_s.saturating_mul(2),
+            ..crate::chat::ChatConfig::default()
+        }
+    }
+}
+
 /// The whole configuration.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -126,6 +189,8 @@ pub struct Config {
     pub nic_gbps: f64,
     /// Labels reported to ctl (region, rack, ...).
     pub labels: std::collections::BTreeMap<String, String>,
+    /// Chat.
+    pub chat: ChatSettings,
     /// Limits.
     pub limits: Limits,
 }
@@ -147,6 +212,7 @@ impl Default for Config {
             advertise_host: None,
             nic_gbps: 10.0,
             labels: Default::default(),
+            chat: ChatSettings::default(),
             limits: Limits::default(),
         }
     }
@@ -173,6 +239,10 @@ impl Config {
         cfg.binding_ttl_ms = flags.binding_ttl_ms.unwrap_or(cfg.binding_ttl_ms);
         cfg.pin &= !flags.no_pin;
         cfg.ctl = flags.ctl.clone().or(cfg.ctl);
+        cfg.chat.port = flags.chat_port.or(cfg.chat.port);
+        if let Some(d) = &flags.data_dir {
+            cfg.chat.data_dir = d.clone();
+        }
         cfg.advertise_host = flags.advertise_host.clone().or(cfg.advertise_host);
         if cfg.ctl.is_some() && cfg.relay_id == 0 {
             return Err("a relay that talks to ctl needs a nonzero relay_id (--relay-id)".into());

@@ -109,8 +109,12 @@ fn run(flags: &Flags) -> Result<(), String> {
         relay.addrs[0].port(),
         relay.addrs[relay.addrs.len() - 1].port(),
     );
+    let chat = match cfg.chat.port {
+        Some(p) => format!(" chat={p}-{}", usize::from(p) + relay.addrs.len() - 1),
+        None => String::new(),
+    };
     println!(
-        "ready io={} shards={} ports={first}-{last} metrics={metrics}",
+        "ready io={} shards={} ports={first}-{last} metrics={metrics}{chat}",
         relay.backend.as_str(),
         relay.addrs.len()
     );

@@ -30,6 +30,22 @@ pub fn render(stats: &[Arc<ShardStats>], backend: Backend) -> String {
             let _ = writeln!(out, "{name}{{shard=\"{i}\"}} {}", s.get(field).unwrap_or(0));
         }
     }
+    for field in ShardStats::CHAT_FIELDS {
+        let gauge = matches!(field, "chat_sessions" | "chat_pending" | "chat_log_bytes");
+        let name = if gauge {
+            format!("relay_{field}")
+        } else {
+            format!("relay_{field}_total")
+        };
+        let _ = writeln!(
+            out,
+            "# TYPE {name} {}",
+            if gauge { "gauge" } else { "counter" }
+        );
+        for (i, s) in stats.iter().enumerate() {
+            let _ = writeln!(out, "{name}{{shard=\"{i}\"}} {}", s.get(field).unwrap_or(0));
+        }
+    }
     let _ = writeln!(out, "# TYPE relay_drops_total counter");
     for (i, s) in stats.iter().enumerate() {
         for (reason, n) in DropReason::ALL.iter().zip(s.drops()) {

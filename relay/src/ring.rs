@@ -94,6 +94,14 @@ impl<T: Send> Consumer<T> {
     }
 }
 
+impl<T: Send> Consumer<T> {
+    /// Whether a message is waiting (without taking it).
+    pub fn peek_nonempty(&self) -> bool {
+        let s = &*self.shared;
+        s.tail.0.load(Ordering::Relaxed) != s.head.0.load(Ordering::Acquire)
+    }
+}
+
 impl<T> Drop for Shared<T> {
     fn drop(&mut self) {
         let (mut tail, head) = (*self.tail.0.get_mut(), *self.head.0.get_mut());

@@ -76,6 +76,14 @@ impl Relay {
                 cfg.base_port
             ));
         }
+        if cfg.chat.port.is_some() && backend == Backend::Uring {
+            return Err("chat is served by the batch backend only for now (TCP on io_uring is not built yet): use --io batch or auto".into());
+        }
+        let mut mailboxes = match cfg.chat.port {
+            Some(_) => io::mailbox::mailboxes(n_shards).map_err(|e| format!("eventfd: {e}"))?,
+            None => Vec::new(),
+        }
+        .into_iter();
         let stop = Arc::new(AtomicBool::new(false));
         let origin = Instant::now();
         let mut relay = Relay {
@@ -99,12 +107,23 @@ impl Relay {
             relay.commands.push(producer);
             let ctx = ShardCtx::new(shard_idx as u16, stop.clone(), stats, origin)
                 .with_commands(consumer);
+            let chat = match cfg.chat.port {
+                Some(base) => Some(chat_parts(
+                    cfg,
+                    &verifier,
+                    base,
+                    shard_idx,
+                    n_shards,
+                    mailboxes.next().expect("one mailbox per shard"),
+                )?),
+                None => None,
+            };
             let engine_cfg = cfg.engine();
             let verifier = verifier.clone();
             let pin = cfg.pin.then(|| shard_idx % io::sys::available_cpus());
             let thread = std::thread::Builder::new()
                 .name(format!("shard-{shard_idx}"))
-                .spawn(move || run_shard(backend, engine_cfg, verifier, socket, ctx, pin))
+                .spawn(move || run_shard(backend, engine_cfg, verifier, socket, ctx, pin, chat))
                 .map_err(|e| format!("cannot spawn shard thread: {e}"))?;
             relay.threads.push(thread);
         }
@@ -132,6 +151,46 @@ impl Relay {
     }
 }
 
+/// Binds shard `shard_idx`'s chat listener and prepares its log directory.
+fn chat_parts(
+    cfg: &Config,
+    verifier: &TokenVerifier,
+    base: u16,
+    shard_idx: usize,
+    n_shards: usize,
+    mailbox: io::mailbox::Mailbox,
+) -> Result<io::batch::ChatParts, String> {
+    let port = usize::from(base) + shard_idx;
+    let port = u16::try_from(port).map_err(|_| format!("chat port {port} out of range"))?;
+    let addr = SocketAddr::new(cfg.bind, port);
+    let listener =
+        std::net::TcpListener::bind(addr).map_err(|e| format!("cannot bind TCP {addr}: {e}"))?;
+    let dir = cfg.chat.data_dir.join(format!("shard-{shard_idx}"));
+    std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let engine = crate::chat::ChatShard::new(
+        shard_idx as u16,
+        n_shards as u16,
+        cfg.chat.engine(),
+        verifier.clone(),
+    );
+    let sync = if cfg.chat.sync {
+        crate::chat::log::SyncMode::Data
+    } else {
+        crate::chat::log::SyncMode::None
+    };
+    let log = crate::chat::log::LogConfig {
+        sync,
+        ..Default::default()
+    };
+    Ok(io::batch::ChatParts {
+        engine,
+        dir,
+        log,
+        listener,
+        mailbox,
+    })
+}
+
 fn bind(addr: SocketAddr, buffer_bytes: usize) -> Result<UdpSocket, String> {
     let socket = UdpSocket::bind(addr).map_err(|e| format!("cannot bind UDP {addr}: {e}"))?;
     let fd = socket.as_raw_fd();
@@ -154,6 +213,7 @@ fn run_shard(
     socket: UdpSocket,
     ctx: ShardCtx,
     pin: Option<usize>,
+    chat: Option<io::batch::ChatParts>,
 ) -> std::io::Result<()> {
     if let Some(cpu) = pin {
         if let Err(e) = io::sys::pin_to_cpu(cpu) {
@@ -165,7 +225,7 @@ fn run_shard(
     }
     let mut engine = Shard::new(cfg, ctx.shard_idx, verifier, ctx.now());
     let result = match backend {
-        Backend::Batch => io::batch::run(&mut engine, &socket, &ctx),
+        Backend::Batch => io::batch::run(&mut engine, &socket, &ctx, chat),
         Backend::Uring => io::uring::run(&mut engine, &socket, &ctx),
     };
     ctx.stats.publish_final(&engine);

@@ -70,9 +70,8 @@ impl RelayProc {
             "unexpected first line: {line:?}"
         );
         let metrics = line
-            .trim()
-            .rsplit("metrics=")
-            .next()
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("metrics="))
             .unwrap()
             .parse()
             .unwrap();
@@ -138,6 +137,27 @@ impl RelayProc {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Polls until the sum over shards of gauge/counter `name` reaches `at_least`.
+    fn wait_metric_sum(&self, chat: &chat::ChatRelay, name: &str, at_least: u64) -> u64 {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let v = chat.total(name);
+            if v >= at_least || Instant::now() > deadline {
+                return v;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Kills the process with SIGKILL (no clean shutdown) and waits for it.
+    fn kill9(&mut self) {
+        Command::new("kill")
+            .args(["-KILL", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        let _ = self.child.wait();
     }
 
     /// Sends SIGTERM and returns how long the process took to exit, and its status.
@@ -535,6 +555,9 @@ macro_rules! for_backend {
         }
     };
 }
+
+#[path = "relay/chat.rs"]
+mod chat;
 
 for_backend!(batch);
 for_backend!(uring);

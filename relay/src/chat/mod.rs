@@ -16,6 +16,7 @@
 //! - [`log`]: the per-shard append-only log with CRC per record and group commit.
 //! - [`records`]: what the owner role writes to it.
 
+pub mod client;
 pub mod home;
 pub mod log;
 pub mod msg;

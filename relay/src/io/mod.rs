@@ -8,6 +8,8 @@
 //! `unsafe` lives in this module tree only.
 
 pub mod batch;
+pub mod chat_io;
+pub mod mailbox;
 pub mod sys;
 pub mod uring;
 
@@ -150,6 +152,8 @@ impl ShardCtx {
 pub struct ShardStats {
     /// Engine and driver counters, flattened; see [`ShardStats::FIELDS`].
     values: [AtomicU64; ShardStats::FIELDS.len() + crate::engine::DropReason::ALL.len()],
+    /// Chat counters; see [`ShardStats::CHAT_FIELDS`].
+    chat: [AtomicU64; ShardStats::CHAT_FIELDS.len()],
 }
 
 /// How often a shard publishes its counters.
@@ -171,6 +175,25 @@ impl ShardStats {
         "rooms",
         "participants",
     ];
+
+    /// Names of the chat counters, in storage order.
+    pub const CHAT_FIELDS: [&'static str; 8] = [
+        "chat_sessions",
+        "chat_pending",
+        "chat_accepted",
+        "chat_commits",
+        "chat_records",
+        "chat_log_bytes",
+        "chat_errors",
+        "chat_deferred",
+    ];
+
+    /// Publishes the chat counters, in [`ShardStats::CHAT_FIELDS`] order.
+    pub fn publish_chat(&self, values: [u64; 8]) {
+        for (slot, v) in self.chat.iter().zip(values) {
+            slot.store(v, Ordering::Relaxed);
+        }
+    }
 
     /// Publishes a snapshot.
     pub fn publish(&self, engine: &Shard, io: &IoCounters) {
@@ -208,6 +231,9 @@ impl ShardStats {
 
     /// The value of scalar counter `name`.
     pub fn get(&self, name: &str) -> Option<u64> {
+        if let Some(i) = Self::CHAT_FIELDS.iter().position(|f| *f == name) {
+            return Some(self.chat[i].load(Ordering::Relaxed));
+        }
         let i = Self::FIELDS.iter().position(|f| *f == name)?;
         Some(self.values[i].load(Ordering::Relaxed))
     }

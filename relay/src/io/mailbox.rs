@@ -1,0 +1,179 @@
+//! Cross-shard mailboxes: one bounded SPSC ring per (sender, receiver) pair of shards, and an
+//! eventfd per shard to wake it when it sleeps. A sender writes the eventfd only when the
+//! receiver has announced that it is about to sleep, so a busy receiver costs no syscalls.
+
+use crate::chat::msg::ShardMsg;
+use crate::ring::{self, Consumer, Producer};
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{fence, AtomicBool, Ordering};
+use std::sync::Arc;
+
+/// Messages per ring.
+pub const RING_CAPACITY: usize = 4096;
+/// Messages a shard takes from its rings per loop turn.
+pub const MAX_RECV_PER_TURN: usize = 4096;
+
+/// Wakes one shard.
+pub struct Waker {
+    fd: OwnedFd,
+    sleeping: AtomicBool,
+}
+
+impl Waker {
+    fn new() -> io::Result<Self> {
+        // SAFETY: eventfd returns a new descriptor or -1.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a fresh descriptor we own.
+        Ok(Self {
+            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+            sleeping: AtomicBool::new(false),
+        })
+    }
+
+    /// The descriptor the owning shard polls.
+    pub fn fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+
+    fn wake(&self) {
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a live u64 to our eventfd. A full counter (EAGAIN) means
+        // a wake-up is already pending, which is all we need.
+        unsafe { libc::write(self.fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+    }
+
+    /// Clears pending wake-ups.
+    pub fn drain(&self) {
+        let mut v: u64 = 0;
+        // SAFETY: reads 8 bytes into a live u64; EAGAIN when nothing is pending is fine.
+        unsafe { libc::read(self.fd.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
+    }
+}
+
+/// One shard's ends of every ring.
+pub struct Mailbox {
+    me: usize,
+    inbound: Vec<Option<Consumer<ShardMsg>>>,
+    outbound: Vec<Option<Producer<ShardMsg>>>,
+    /// Messages a full ring refused, retried first next turn, in order.
+    overflow: Vec<VecDeque<ShardMsg>>,
+    wakers: Arc<Vec<Waker>>,
+    to_wake: Vec<bool>,
+}
+
+/// Builds the mailboxes of `n` shards.
+pub fn mailboxes(n: usize) -> io::Result<Vec<Mailbox>> {
+    let wakers: Arc<Vec<Waker>> =
+        Arc::new((0..n).map(|_| Waker::new()).collect::<io::Result<_>>()?);
+    let mut boxes: Vec<Mailbox> = (0..n)
+        .map(|me| Mailbox {
+            me,
+            inbound: (0..n).map(|_| None).collect(),
+            outbound: (0..n).map(|_| None).collect(),
+            overflow: (0..n).map(|_| VecDeque::new()).collect(),
+            wakers: wakers.clone(),
+            to_wake: vec![false; n],
+        })
+        .collect();
+    for from in 0..n {
+        for to in 0..n {
+            if from != to {
+                let (p, c) = ring::ring(RING_CAPACITY);
+                boxes[from].outbound[to] = Some(p);
+                boxes[to].inbound[from] = Some(c);
+            }
+        }
+    }
+    Ok(boxes)
+}
+
+impl Mailbox {
+    /// This shard's waker.
+    pub fn waker(&self) -> &Waker {
+        &self.wakers[self.me]
+    }
+
+    /// Queues `m` for shard `to`. Never loses it: a full ring spills into a local queue that
+    /// is retried first; the caller stops reading clients while [`Mailbox::backlogged`].
+    pub fn send(&mut self, to: u16, m: ShardMsg) {
+        let to = usize::from(to);
+        if !self.overflow[to].is_empty() {
+            self.overflow[to].push_back(m);
+            return;
+        }
+        let ring = self.outbound[to]
+            .as_mut()
+            .expect("no ring to self: local messages stay local");
+        if let Err(m) = ring.push(m) {
+            self.overflow[to].push_back(m);
+        }
+        self.to_wake[to] = true;
+    }
+
+    /// Retries spilled messages and wakes every shard sent to since the last flush.
+    pub fn flush(&mut self) {
+        for to in 0..self.overflow.len() {
+            while let Some(m) = self.overflow[to].pop_front() {
+                let ring = self.outbound[to]
+                    .as_mut()
+                    .expect("overflow only for other shards");
+                if let Err(m) = ring.push(m) {
+                    self.overflow[to].push_front(m);
+                    break;
+                }
+                self.to_wake[to] = true;
+            }
+        }
+        // Pair with the receiver's fence in `prepare_sleep`: either it sees our messages or we
+        // see that it sleeps.
+        fence(Ordering::SeqCst);
+        for to in 0..self.to_wake.len() {
+            if std::mem::take(&mut self.to_wake[to])
+                && self.wakers[to].sleeping.load(Ordering::SeqCst)
+            {
+                self.wakers[to].wake();
+            }
+        }
+    }
+
+    /// Whether messages wait in the spill queues.
+    pub fn backlogged(&self) -> bool {
+        self.overflow.iter().any(|q| !q.is_empty())
+    }
+
+    /// Takes up to [`MAX_RECV_PER_TURN`] messages from the inbound rings.
+    pub fn receive(&mut self, mut handle: impl FnMut(ShardMsg)) -> usize {
+        let mut n = 0;
+        for c in self.inbound.iter_mut().flatten() {
+            while n < MAX_RECV_PER_TURN {
+                let Some(m) = c.pop() else { break };
+                handle(m);
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Announces that this shard is about to sleep; returns false (and cancels) when a
+    /// message is already waiting.
+    pub fn prepare_sleep(&mut self) -> bool {
+        let w = &self.wakers[self.me];
+        w.sleeping.store(true, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
+        if self.inbound.iter_mut().flatten().any(|c| c.peek_nonempty()) {
+            w.sleeping.store(false, Ordering::SeqCst);
+            return false;
+        }
+        true
+    }
+
+    /// Marks this shard awake.
+    pub fn woke(&self) {
+        self.wakers[self.me].sleeping.store(false, Ordering::SeqCst);
+    }
+}

@@ -1,0 +1,482 @@
+//! Chat against a real relay process on loopback (batch backend: TCP on io_uring is not built
+//! yet). Each test gets its own ports and a temporary data directory.
+
+use super::{unix_now, RelayProc};
+use proto::chat::{code, ids, kind};
+use proto::token::{Claims, Permissions, TokenKind};
+use relay::chat::client::{Client, Event, Message};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+const T: Duration = Duration::from_secs(5);
+const SHARDS: u16 = 2;
+
+pub(super) struct ChatRelay {
+    relay: RelayProc,
+    chat_port: u16,
+    dir: PathBuf,
+}
+
+impl ChatRelay {
+    fn start() -> Self {
+        let dir = std::env::temp_dir().join(format!(
+            "relay-chat-test-{}-{}",
+            std::process::id(),
+            super::NEXT_PORT.load(std::sync::atomic::Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        Self::start_in(dir, None)
+    }
+
+    fn start_in(dir: PathBuf, chat_port: Option<u16>) -> Self {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let chat_port = chat_port.unwrap_or_else(|| {
+            probe
+                .local_addr()
+                .unwrap()
+                .port()
+                .saturating_sub(SHARDS)
+                .max(1024)
+        });
+        drop(probe);
+        let relay = RelayProc::start(
+            "batch",
+            SHARDS,
+            &[
+                "--chat-port",
+                &chat_port.to_string(),
+                "--data-dir",
+                dir.to_str().unwrap(),
+            ],
+        );
+        Self {
+            relay,
+            chat_port,
+            dir,
+        }
+    }
+
+    fn token(&self, user: u64) -> String {
+        Claims {
+            kind: TokenKind::User,
+            permissions: Permissions::CHAT,
+            relay_id: 0,
+            shard_idx: ids::home_shard(user, SHARDS),
+            expires_at: unix_now() + 600,
+            scope_id: user,
+            participant_id: user,
+        }
+        .sign_text(&self.relay.key)
+    }
+
+    fn addr(&self, user: u64) -> SocketAddr {
+        SocketAddr::from((
+            [127, 0, 0, 1],
+            self.chat_port + ids::home_shard(user, SHARDS),
+        ))
+    }
+
+    fn connect(&self, user: u64) -> Client {
+        let mut c = Client::connect(self.addr(user), &self.token(user), T).expect("connect");
+        // Every session starts with its stored backlog, here empty.
+        match c.recv(T).unwrap() {
+            Some(Event::BacklogEnd) => c,
+            other => panic!("expected BACKLOG_END first, got {other:?}"),
+        }
+    }
+
+    pub(super) fn total(&self, metric: &str) -> u64 {
+        (0..SHARDS)
+            .map(|s| self.relay.metric(&format!("{metric}{{shard=\"{s}\"}}")))
+            .sum()
+    }
+}
+
+impl Drop for ChatRelay {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Receives events until `pred` has matched `n` of them or the deadline passes.
+fn collect(c: &mut Client, n: usize, pred: impl Fn(&Event) -> bool) -> Vec<Event> {
+    let deadline = Instant::now() + T;
+    let mut got = Vec::new();
+    while got.iter().filter(|e| pred(e)).count() < n && Instant::now() < deadline {
+        if let Some(e) = c.recv(Duration::from_millis(200)).unwrap() {
+            got.push(e);
+        }
+    }
+    got
+}
+
+fn messages(events: &[Event]) -> Vec<&Message> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Message(m) => Some(m),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Users homed on shard 0 and on shard 1.
+fn users_on_both_shards() -> (u64, u64) {
+    let a = (1..).find(|&u| ids::home_shard(u, SHARDS) == 0).unwrap();
+    let b = (1..).find(|&u| ids::home_shard(u, SHARDS) == 1).unwrap();
+    (a, b)
+}
+
+#[test]
+fn direct_chat_gets_sent_delivered_and_read_in_order_across_shards() {
+    let r = ChatRelay::start();
+    let (alice, bob) = users_on_both_shards();
+    let mut a = r.connect(alice);
+    let mut b = r.connect(bob);
+    let id = a.send_direct(bob, b"hello bob").unwrap();
+    let got = collect(&mut b, 1, |e| matches!(e, Event::Message(_)));
+    let m = messages(&got)[0].clone();
+    assert_eq!(
+        (m.sender, m.kind, m.body.as_slice(), m.msg_id),
+        (alice, kind::TEXT, &b"hello bob"[..], id)
+    );
+    b.ack_all().unwrap();
+    let read_id = b.send_direct(alice, &m.seq.to_le_bytes()).unwrap();
+    // Bob's READ receipt is an ordinary SEND of kind READ.
+    b.queue(|e| {
+        e.send(
+            &relay::chat::client::new_msg_id(),
+            0,
+            alice,
+            kind::READ,
+            &id,
+            &m.seq.to_le_bytes(),
+        )
+    });
+    b.flush().unwrap();
+    let events = collect(&mut a, 3, |e| {
+        matches!(e, Event::Sent { .. }) || matches!(e, Event::Message(m) if m.kind != kind::TEXT)
+    });
+    let order: Vec<&str> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Sent { msg_id, .. } if *msg_id == id => Some("sent"),
+            Event::Message(m) if m.kind == kind::DELIVERED => Some("delivered"),
+            Event::Message(m) if m.kind == kind::READ => Some("read"),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(order, vec!["sent", "delivered", "read"]);
+    assert!(messages(&events)
+        .iter()
+        .any(|m| m.msg_id == read_id && m.kind == kind::TEXT));
+}
+
+#[test]
+fn offline_recipient_gets_backlog_in_order_and_the_inbox_empties() {
+    let r = ChatRelay::start();
+    let (alice, bob) = users_on_both_shards();
+    let mut a = r.connect(alice);
+    const N: u64 = 500;
+    for i in 0..N {
+        a.send_direct(bob, &i.to_le_bytes()).unwrap();
+    }
+    let sent = collect(&mut a, N as usize, |e| matches!(e, Event::Sent { .. }));
+    assert_eq!(
+        sent.iter()
+            .filter(|e| matches!(e, Event::Sent { .. }))
+            .count(),
+        N as usize
+    );
+    assert!(r.relay.wait_metric_sum(&r, "relay_chat_pending", N) >= N);
+    let mut b = Client::connect(r.addr(bob), &r.token(bob), T).unwrap();
+    let mut bodies = Vec::new();
+    let deadline = Instant::now() + T;
+    let mut ended = false;
+    while !ended && Instant::now() < deadline {
+        match b.recv(Duration::from_millis(200)).unwrap() {
+            Some(Event::Message(m)) => {
+                bodies.push(u64::from_le_bytes(m.body[..8].try_into().unwrap()))
+            }
+            Some(Event::BacklogEnd) => ended = true,
+            Some(other) => panic!("unexpected {other:?}"),
+            None => b.ack_all().unwrap(),
+        }
+        if bodies.len().is_multiple_of(64) {
+            b.ack_all().unwrap();
+        }
+    }
+    assert!(ended, "end-of-backlog marker");
+    assert_eq!(
+        bodies,
+        (0..N).collect::<Vec<_>>(),
+        "the whole backlog, in order, once"
+    );
+    b.ack_all().unwrap();
+    // Alice acknowledges her DELIVERED receipts too; then nothing is stored.
+    let deadline = Instant::now() + T;
+    while r.total("relay_chat_pending") > 0 && Instant::now() < deadline {
+        while a.recv(Duration::from_millis(50)).unwrap().is_some() {}
+        a.ack_all().unwrap();
+        b.ack_all().unwrap();
+    }
+    assert_eq!(r.total("relay_chat_pending"), 0, "inbox empty");
+}
+
+#[test]
+fn group_of_five_member_added_later_sees_only_from_its_join() {
+    let r = ChatRelay::start();
+    let users: Vec<u64> = (100..105).collect();
+    let mut cs: Vec<Client> = users.iter().map(|&u| r.connect(u)).collect();
+    let create = relay::chat::client::new_msg_id();
+    cs[0].queue(|e| e.group_create(&create, &users[1..4]));
+    cs[0].flush().unwrap();
+    let got = collect(&mut cs[0], 1, |e| matches!(e, Event::Sent { .. }));
+    let Some(Event::Sent { chat: group, .. }) = got.last().cloned() else {
+        panic!("created: {got:?}")
+    };
+    cs[1]
+        .send_group(group, kind::TEXT, &[0; 16], b"before")
+        .unwrap();
+    collect(&mut cs[1], 1, |e| matches!(e, Event::Sent { .. }));
+    let add = relay::chat::client::new_msg_id();
+    cs[0].queue(|e| e.group_add(&add, group, users[4]));
+    cs[0].flush().unwrap();
+    collect(
+        &mut cs[0],
+        1,
+        |e| matches!(e, Event::Sent { msg_id, .. } if *msg_id == add),
+    );
+    cs[2]
+        .send_group(group, kind::TEXT, &[0; 16], b"after")
+        .unwrap();
+    let late = collect(&mut cs[4], 2, |e| matches!(e, Event::Message(_)));
+    let kinds: Vec<(u8, Vec<u8>)> = messages(&late)
+        .iter()
+        .map(|m| (m.kind, m.body.clone()))
+        .collect();
+    assert_eq!(
+        kinds,
+        vec![
+            (kind::MEMBER_ADDED, users[4].to_le_bytes().to_vec()),
+            (kind::TEXT, b"after".to_vec())
+        ]
+    );
+    let early = collect(&mut cs[3], 4, |e| matches!(e, Event::Message(_)));
+    let texts: Vec<&[u8]> = messages(&early)
+        .iter()
+        .filter(|m| m.kind == kind::TEXT)
+        .map(|m| m.body.as_slice())
+        .collect();
+    assert_eq!(texts, vec![&b"before"[..], &b"after"[..]]);
+}
+
+#[test]
+fn resent_id_is_delivered_once_and_edits_and_deletes_reach_every_member() {
+    let r = ChatRelay::start();
+    let users: Vec<u64> = (200..203).collect();
+    let mut cs: Vec<Client> = users.iter().map(|&u| r.connect(u)).collect();
+    let create = relay::chat::client::new_msg_id();
+    cs[0].queue(|e| e.group_create(&create, &users[1..]));
+    cs[0].flush().unwrap();
+    let got = collect(&mut cs[0], 1, |e| matches!(e, Event::Sent { .. }));
+    let Some(Event::Sent { chat: group, .. }) = got.last().cloned() else {
+        panic!()
+    };
+    let id = relay::chat::client::new_msg_id();
+    for _ in 0..3 {
+        cs[0].queue(|e| e.send(&id, group, 0, kind::TEXT, &[0; 16], b"once"));
+    }
+    cs[0].flush().unwrap();
+    let sents = collect(&mut cs[0], 3, |e| matches!(e, Event::Sent { .. }));
+    let seqs: Vec<u64> = sents
+        .iter()
+        .filter_map(|e| {
+            if let Event::Sent { seq, .. } = e {
+                Some(*seq)
+            } else {
+                None
+            }
+        })
+        .collect();
+    assert_eq!(seqs.len(), 3);
+    assert!(
+        seqs.iter().all(|&s| s == seqs[0]),
+        "every retry answered with the same seq: {seqs:?}"
+    );
+    cs[0].send_group(group, kind::EDIT, &id, b"edited").unwrap();
+    cs[0].send_group(group, kind::DELETE, &id, b"").unwrap();
+    for c in cs.iter_mut().skip(1) {
+        let got = collect(c, 4, |e| matches!(e, Event::Message(_)));
+        let k: Vec<u8> = messages(&got).iter().map(|m| m.kind).collect();
+        assert_eq!(
+            k,
+            vec![kind::GROUP_CREATED, kind::TEXT, kind::EDIT, kind::DELETE]
+        );
+    }
+}
+
+#[test]
+fn bad_input_gets_an_error_then_close_while_others_are_served() {
+    use std::io::{Read, Write};
+    let r = ChatRelay::start();
+    let (alice, _) = users_on_both_shards();
+    let mut a = r.connect(alice);
+    let addr = SocketAddr::from(([127, 0, 0, 1], r.chat_port));
+    let mut hello_other_shard = Vec::new();
+    let other = (1..).find(|&u| ids::home_shard(u, SHARDS) == 1).unwrap();
+    proto::chat::Encoder::new(&mut hello_other_shard).hello(r.token(other).as_bytes());
+    let cases: Vec<(&str, Vec<u8>, u16)> = vec![
+        (
+            "oversized",
+            ((proto::chat::MAX_FRAME + 1) as u32).to_le_bytes().to_vec(),
+            code::TOO_LARGE,
+        ),
+        ("unknown type", vec![1, 0, 0, 0, 0x7e], code::UNKNOWN_TYPE),
+        (
+            "garbage",
+            vec![3, 0, 0, 0, 0x0a, 0xde, 0xad],
+            code::BAD_FRAME,
+        ),
+        (
+            "before hello",
+            vec![9, 0, 0, 0, 0x0a, 1, 2, 3, 4, 5, 6, 7, 8],
+            code::NOT_AUTHENTICATED,
+        ),
+        (
+            "bad token",
+            {
+                let mut v = Vec::new();
+                proto::chat::Encoder::new(&mut v).hello(b"forged");
+                v
+            },
+            code::BAD_TOKEN,
+        ),
+        ("wrong shard", hello_other_shard, code::BAD_TOKEN),
+    ];
+    for (name, bytes, expected) in &cases {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(T)).unwrap();
+        s.write_all(bytes).unwrap();
+        let mut resp = Vec::new();
+        s.read_to_end(&mut resp)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let (frame, _) = proto::chat::decode(&resp)
+            .unwrap()
+            .unwrap_or_else(|| panic!("{name}: no frame"));
+        assert!(
+            matches!(frame, proto::chat::Frame::Error { code, .. } if code == *expected),
+            "{name}: {frame:?}"
+        );
+    }
+    // A connection that never says HELLO is closed too, after the deadline (5 s).
+    let mut a2 = r.connect((300..).find(|&u| ids::home_shard(u, SHARDS) == 0).unwrap());
+    a.send_direct(a2.user, b"still here").unwrap();
+    let got = collect(&mut a2, 1, |e| matches!(e, Event::Message(_)));
+    assert_eq!(messages(&got)[0].body, b"still here");
+    assert!(
+        r.relay
+            .wait_metric_sum(&r, "relay_chat_errors_total", cases.len() as u64)
+            >= cases.len() as u64
+    );
+}
+
+#[test]
+fn kill_9_under_load_loses_nothing_acknowledged_as_sent() {
+    use std::collections::{HashMap, HashSet};
+    let dir = std::env::temp_dir().join(format!("relay-chat-crash-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut r = ChatRelay::start_in(dir.clone(), None);
+    let chat_port = r.chat_port;
+    let pid = r.relay.child.id();
+    let senders: Vec<u64> = (400..404).collect();
+    let receivers: Vec<u64> = (500..504).collect();
+    // Senders stream messages without waiting; "sent" acknowledgements are collected until the
+    // relay is killed mid-stream.
+    let sent_ok: HashMap<u64, HashSet<u64>> = std::thread::scope(|s| {
+        let handles: Vec<_> = senders
+            .iter()
+            .zip(&receivers)
+            .map(|(&from, &to)| {
+                let r = &r;
+                s.spawn(move || {
+                    let mut c = r.connect(from);
+                    let mut ids = HashMap::new();
+                    let mut acked = HashSet::new();
+                    for i in 0..3000u64 {
+                        let id = c.send_direct(to, &i.to_le_bytes());
+                        let Ok(id) = id else { break };
+                        ids.insert(id, i);
+                        while let Ok(Some(Event::Sent { msg_id, .. })) = c.recv(Duration::ZERO) {
+                            acked.extend(ids.get(&msg_id).copied());
+                        }
+                    }
+                    loop {
+                        match c.recv(Duration::from_millis(500)) {
+                            Ok(Some(Event::Sent { msg_id, .. })) => {
+                                acked.extend(ids.get(&msg_id).copied())
+                            }
+                            Ok(Some(_)) => {}
+                            _ => break,
+                        }
+                    }
+                    (from, acked)
+                })
+            })
+            .collect();
+        // Let the load run, then kill the relay abruptly.
+        std::thread::sleep(Duration::from_millis(300));
+        std::process::Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status()
+            .unwrap();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    r.relay.kill9();
+    let total: usize = sent_ok.values().map(HashSet::len).sum();
+    assert!(
+        total > 100,
+        "some messages were acknowledged before the kill ({total})"
+    );
+    let r2 = ChatRelay::start_in(dir.clone(), Some(chat_port));
+    for (&from, &to) in senders.iter().zip(&receivers) {
+        let mut c = Client::connect(r2.addr(to), &r2.token(to), T).unwrap();
+        let mut got: Vec<u64> = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            match c.recv(Duration::from_millis(500)).unwrap() {
+                Some(Event::Message(m)) if m.sender == from && m.kind == kind::TEXT => {
+                    got.push(u64::from_le_bytes(m.body[..8].try_into().unwrap()));
+                }
+                Some(Event::BacklogEnd) => break,
+                Some(_) => {}
+                None => c.ack_all().unwrap(),
+            }
+            if got.len().is_multiple_of(100) {
+                c.ack_all().unwrap();
+            }
+            assert!(Instant::now() < deadline, "backlog did not end");
+        }
+        let mut sorted = got.clone();
+        sorted.sort_unstable();
+        assert_eq!(got, sorted, "per-chat order for {from} -> {to}");
+        let unique: HashSet<u64> = got.iter().copied().collect();
+        assert_eq!(unique.len(), got.len(), "exactly once for {from} -> {to}");
+        let missing: Vec<u64> = sent_ok[&from]
+            .iter()
+            .copied()
+            .filter(|i| !unique.contains(i))
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "{from} -> {to}: acknowledged but lost: {missing:?}"
+        );
+        eprintln!(
+            "crash test {from} -> {to}: {} acknowledged as sent, {} delivered after restart",
+            sent_ok[&from].len(),
+            got.len()
+        );
+    }
+    drop(r);
+}
