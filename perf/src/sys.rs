@@ -64,9 +64,11 @@ pub fn set_fifo(priority: i32) -> io::Result<()> {
     check(unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &p) }).map(drop)
 }
 
-/// Number of CPUs this process may run on.
+/// Number of CPUs online (not just those this process may run on: the harness pins itself).
 pub fn n_cpus() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
+    // SAFETY: sysconf has no memory effects.
+    let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    usize::try_from(n).unwrap_or(1).max(1)
 }
 
 /// Clock ticks per second, the unit of utime/stime in /proc/<pid>/stat.
