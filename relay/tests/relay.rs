@@ -558,6 +558,8 @@ macro_rules! for_backend {
 
 #[path = "relay/chat.rs"]
 mod chat;
+#[path = "relay/ctl_e2e.rs"]
+mod ctl_e2e;
 
 for_backend!(batch);
 for_backend!(uring);

@@ -1,0 +1,308 @@
+//! ctl and three relays as real processes on loopback: meetings through ctl's API, media
+//! through the relay ctl named, removal within 1 s, a relay killed with SIGKILL and its room
+//! re-placed within 5 s, and a ctl restart that keeps meetings and keys.
+
+use super::{rtp, seqs, Client};
+use serde_json::Value;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The ctl binary: beside the relay binary (`cargo test --workspace` builds both first); built
+/// on demand when this package's tests run alone.
+fn ctl_binary() -> PathBuf {
+    let relay = PathBuf::from(env!("CARGO_BIN_EXE_relay"));
+    let ctl = relay.with_file_name("ctl");
+    if !ctl.exists() {
+        let release = relay.parent().is_some_and(|d| d.ends_with("release"));
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "-p", "ctl"]);
+        if release {
+            cmd.arg("--release");
+        }
+        assert!(cmd.status().unwrap().success(), "building ctl");
+    }
+    ctl
+}
+
+struct Proc {
+    child: Child,
+    first_line: String,
+}
+
+impl Proc {
+    fn start(mut cmd: Command) -> Self {
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("starts");
+        let mut first_line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut first_line)
+            .unwrap();
+        assert!(
+            first_line.starts_with("ready "),
+            "unexpected first line {first_line:?}"
+        );
+        Self { child, first_line }
+    }
+
+    fn field(&self, name: &str) -> String {
+        self.first_line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{name}=")).map(str::to_string))
+            .unwrap_or_else(|| panic!("no {name} in {:?}", self.first_line))
+    }
+
+    fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+fn start_ctl(dir: &PathBuf, listen: &str) -> (Proc, SocketAddr) {
+    let mut cmd = Command::new(ctl_binary());
+    cmd.args([
+        "serve",
+        "--listen",
+        listen,
+        "--data-dir",
+        dir.to_str().unwrap(),
+    ]);
+    let p = Proc::start(cmd);
+    let addr = p.field("listen").parse().unwrap();
+    (p, addr)
+}
+
+fn start_relay(ctl: SocketAddr, id: u32, base_port: u16) -> Proc {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_relay"));
+    cmd.args([
+        "--io",
+        "batch",
+        "--shards",
+        "1",
+        "--no-pin",
+        "--metrics",
+        "127.0.0.1:0",
+    ])
+    .args([
+        "--base-port",
+        &base_port.to_string(),
+        "--relay-id",
+        &id.to_string(),
+    ])
+    .args(["--ctl", &format!("http://{ctl}")]);
+    Proc::start(cmd)
+}
+
+/// One HTTP request; returns status and JSON body.
+fn http(
+    ctl: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+    auth: Option<&str>,
+) -> (u16, Value) {
+    let mut s = TcpStream::connect(ctl).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let auth = auth
+        .map(|a| format!("Authorization: Bearer {a}\r\n"))
+        .unwrap_or_default();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: ctl\r\nContent-Type: application/json\r\n{auth}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let status = resp.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let json = resp.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    (status, serde_json::from_str(json).unwrap_or(Value::Null))
+}
+
+fn wait_until(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn join(ctl: SocketAddr, code: &str, name: &str) -> Value {
+    let (status, j) = http(
+        ctl,
+        "POST",
+        "/v1/join",
+        Some(&serde_json::json!({"code": code, "name": name})),
+        None,
+    );
+    assert_eq!(status, 200, "join: {j}");
+    j
+}
+
+/// A participant bound to the relay and port ctl named.
+fn bind(j: &Value) -> Client {
+    let addr: SocketAddr = format!("{}:{}", j["relay_host"].as_str().unwrap(), j["udp_port"])
+        .parse()
+        .unwrap();
+    let c = Client::new(addr, j["token"].as_str().unwrap().to_string());
+    assert_eq!(c.bind().0, proto::stun::Class::Success, "bound at {addr}");
+    c
+}
+
+#[test]
+fn ctl_places_meetings_on_live_relays_and_survives_failures() {
+    let dir = std::env::temp_dir().join(format!("relay-ctl-e2e-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let (mut ctl_proc, ctl) = start_ctl(&dir, "127.0.0.1:0");
+    let base = 30_000 + (std::process::id() % 500) as u16 * 20;
+    let mut relays: Vec<Option<Proc>> = (1..=3)
+        .map(|id| Some(start_relay(ctl, id, base + id as u16)))
+        .collect();
+    wait_until("3 relays alive", Duration::from_secs(5), || {
+        http(ctl, "GET", "/health", None, None).1["relays_alive"] == 3
+    });
+
+    // A meeting and four participants, all sent to the same relay and port.
+    let (status, m) = http(
+        ctl,
+        "POST",
+        "/v1/meetings",
+        Some(&serde_json::json!({"title": "e2e"})),
+        None,
+    );
+    assert_eq!(status, 201, "{m}");
+    let (meeting, code, secret) = (
+        m["meeting_id"].as_u64().unwrap(),
+        m["code"].as_str().unwrap().to_string(),
+        m["host_secret"].as_str().unwrap().to_string(),
+    );
+    let host = m["join"].clone();
+    let joins: Vec<Value> = (0..3).map(|i| join(ctl, &code, &format!("p{i}"))).collect();
+    let relay_id = host["relay_id"].as_u64().unwrap();
+    assert!(joins
+        .iter()
+        .all(|j| j["relay_id"] == host["relay_id"] && j["udp_port"] == host["udp_port"]));
+    let publisher = bind(&host);
+    let subs: Vec<Client> = joins.iter().map(bind).collect();
+    for seq in 0..50 {
+        publisher.send(&rtp(0xE2E, seq, 200));
+    }
+    for s in &subs {
+        assert_eq!(
+            seqs(&s.drain(Duration::from_millis(300))).len(),
+            50,
+            "media flows through the relay ctl named"
+        );
+    }
+
+    // Removal through the API stops forwarding within 1 s.
+    let victim = joins[0]["participant_id"].as_u64().unwrap();
+    let (status, r) = http(
+        ctl,
+        "DELETE",
+        &format!("/v1/meetings/{meeting}/participants/{victim}"),
+        None,
+        Some(&secret),
+    );
+    assert_eq!(status, 200, "{r}");
+    let removed_at = Instant::now();
+    let mut last_received = removed_at;
+    let mut seq = 100u16;
+    while removed_at.elapsed() < Duration::from_millis(1500) {
+        publisher.send(&rtp(0xE2E, seq, 200));
+        seq += 1;
+        if !seqs(&subs[0].drain(Duration::from_millis(10))).is_empty() {
+            last_received = Instant::now();
+        }
+    }
+    let stopped_after = last_received.duration_since(removed_at);
+    eprintln!("e2e: removed participant stopped receiving {stopped_after:?} after the API call");
+    assert!(
+        stopped_after < Duration::from_secs(1),
+        "forwarding stopped after {stopped_after:?}"
+    );
+    assert!(
+        !seqs(&subs[1].drain(Duration::from_millis(200))).is_empty(),
+        "the others still receive"
+    );
+
+    // SIGKILL the room's relay: within 5 s joins go to a live relay.
+    let killed_at = Instant::now();
+    relays[relay_id as usize - 1].take().unwrap().kill9();
+    let mut moved = Value::Null;
+    wait_until(
+        "the room re-placed on a live relay",
+        Duration::from_secs(5),
+        || {
+            let (status, j) = http(
+                ctl,
+                "POST",
+                "/v1/join",
+                Some(&serde_json::json!({"code": code, "name": "late"})),
+                None,
+            );
+            moved = j;
+            status == 200 && moved["relay_id"].as_u64().is_some_and(|r| r != relay_id)
+        },
+    );
+    eprintln!(
+        "e2e: room moved from relay {relay_id} to relay {} in {:?}",
+        moved["relay_id"],
+        killed_at.elapsed()
+    );
+    let late = bind(&moved);
+    let rejoined = http(
+        ctl,
+        "POST",
+        "/v1/join",
+        Some(&serde_json::json!({"code": code, "rejoin_token": host["token"]})),
+        None,
+    )
+    .1;
+    assert_eq!(rejoined["relay_id"], moved["relay_id"]);
+    let host_again = bind(&rejoined);
+    host_again.send(&rtp(0xE2F, 1, 100));
+    assert_eq!(
+        seqs(&late.drain(Duration::from_millis(300))),
+        vec![1],
+        "media flows on the new relay"
+    );
+
+    // Restart ctl on the same port and data: the meeting and the key survive.
+    let (_, key_before) = http(ctl, "GET", "/v1/public-key", None, None);
+    ctl_proc.kill9();
+    let (_ctl_proc2, ctl2) = start_ctl(&dir, &ctl.to_string());
+    assert_eq!(
+        http(ctl2, "GET", "/v1/public-key", None, None).1,
+        key_before,
+        "same key"
+    );
+    wait_until("relays re-learned", Duration::from_secs(5), || {
+        http(ctl2, "GET", "/health", None, None).1["relays_alive"] == 2
+    });
+    let after = join(ctl2, &code, "after-restart");
+    assert_eq!(
+        after["meeting_id"].as_u64(),
+        Some(meeting),
+        "the meeting survived"
+    );
+    assert_eq!(
+        after["relay_id"], moved["relay_id"],
+        "its placement survived"
+    );
+    drop(relays);
+    let _ = std::fs::remove_dir_all(&dir);
+}
