@@ -70,7 +70,7 @@ impl Drop for Proc {
     }
 }
 
-fn start_ctl(dir: &PathBuf, listen: &str) -> (Proc, SocketAddr) {
+fn start_ctl(dir: &std::path::Path, listen: &str) -> (Proc, SocketAddr) {
     let mut cmd = Command::new(ctl_binary());
     cmd.args([
         "serve",
