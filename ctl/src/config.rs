@@ -25,6 +25,9 @@ pub struct Config {
     pub heartbeat_ms: u64,
     /// Silence after which a relay is dead, milliseconds.
     pub dead_after_ms: u64,
+    /// A meeting nobody joined or rejoined for this long is ended, seconds (clients rejoin
+    /// before their token expires, so a live meeting is never idle for a token lifetime).
+    pub meeting_idle_s: u64,
     /// Participants per meeting.
     pub max_participants: usize,
     /// Meetings in existence at once.
@@ -48,6 +51,7 @@ impl Default for Config {
             token_ttl_s: 3600,
             heartbeat_ms: 1000,
             dead_after_ms: 3000,
+            meeting_idle_s: 86_400,
             max_participants: 100,
             max_meetings: 100_000,
             max_body_bytes: 16 * 1024,
@@ -69,6 +73,9 @@ impl Config {
     pub fn validate(&self) -> Result<()> {
         if self.token_ttl_s == 0 || self.token_ttl_s > 7 * 24 * 3600 {
             bail!("token_ttl_s must be in 1..=604800");
+        }
+        if self.meeting_idle_s < self.token_ttl_s {
+            bail!("meeting_idle_s must be at least token_ttl_s");
         }
         if self.heartbeat_ms == 0 || self.dead_after_ms < 2 * self.heartbeat_ms {
             bail!("dead_after_ms must be at least two heartbeats");

@@ -29,6 +29,10 @@ pub use crate::api_types::*;
 pub const SHARD_GBPS_MAX: f64 = 10.0;
 /// Relays dead this long are forgotten.
 const FORGET_AFTER: Duration = Duration::from_secs(600);
+/// How often idle meetings are looked for.
+const EXPIRY_SWEEP: Duration = Duration::from_secs(60);
+/// A rejoin refreshes a meeting's `last_active` on disk at most this often.
+const TOUCH_EVERY_S: u64 = 60;
 /// Meeting creation retries on an id or code collision (each has probability below 2^-40).
 const CREATE_TRIES: usize = 8;
 
@@ -112,6 +116,7 @@ pub struct Stats {
     pub relay_deaths: u64,
     pub meetings_created: u64,
     pub meetings_ended: u64,
+    pub meetings_expired: u64,
     pub joins: u64,
     pub leaves: u64,
     pub removals: u64,
@@ -147,6 +152,8 @@ pub struct Core {
     started: Instant,
     /// Placements on relays not heard from since start are left alone until the grace ends.
     swept_after_grace: bool,
+    /// When idle meetings are next looked for.
+    next_expiry_sweep: Instant,
     pub stats: Stats,
 }
 
@@ -192,6 +199,7 @@ impl Core {
             queues: Queues::default(),
             started: now.mono,
             swept_after_grace: false,
+            next_expiry_sweep: now.mono,
             stats: Stats::default(),
             cfg,
         };
@@ -438,7 +446,27 @@ impl Core {
             self.swept_after_grace = true;
             self.sweep(now);
         }
+        if now.mono >= self.next_expiry_sweep {
+            self.next_expiry_sweep = now.mono + EXPIRY_SWEEP;
+            self.expire_idle(now);
+        }
         self.maybe_compact();
+    }
+
+    /// Ends meetings nobody joined or rejoined for `meeting_idle_s`.
+    fn expire_idle(&mut self, now: &Now) {
+        let horizon = now.unix_s.saturating_sub(self.cfg.meeting_idle_s);
+        let idle: Vec<u64> = self
+            .meetings
+            .iter()
+            .filter(|m| m.last_active < horizon)
+            .map(|m| m.id)
+            .collect();
+        for id in idle {
+            if self.close_meeting(id).is_ok() {
+                self.stats.meetings_expired += 1;
+            }
+        }
     }
 
     /// Re-places every placement whose relay is dead, gone, too small for its shard, or (after
@@ -632,7 +660,10 @@ impl Core {
         }
         let placed = self.locate(Scope::Room, id, now)?;
         let (participant, host) = match joiner {
-            Joiner::Existing { participant, host } => (participant, host),
+            Joiner::Existing { participant, host } => {
+                self.touch(id, now)?;
+                (participant, host)
+            }
             Joiner::New => (self.add_participant(id, name, now)?, false),
         };
         self.stats.joins += 1;
@@ -653,6 +684,17 @@ impl Core {
             }
             _ => Joiner::New,
         }
+    }
+
+    /// Records that the meeting is in use (a rejoin), at most once a minute.
+    fn touch(&mut self, id: u64, now: &Now) -> Result<(), ApiError> {
+        let m = self.meeting(id)?;
+        if now.unix_s < m.last_active.saturating_add(TOUCH_EVERY_S) {
+            return Ok(());
+        }
+        let mut m = m.clone();
+        m.last_active = now.unix_s;
+        self.commit(Record::Meeting(m))
     }
 
     fn add_participant(&mut self, id: u64, name: String, now: &Now) -> Result<u64, ApiError> {
@@ -790,11 +832,16 @@ impl Core {
     pub fn end(&mut self, now: &Now, meeting_id: u64, auth: Option<&str>) -> Result<(), ApiError> {
         let m = self.meeting(meeting_id)?;
         self.check_host(m, auth.ok_or(ApiError::Unauthenticated)?, now)?;
-        self.send_to_room(meeting_id, Command::CloseRoom { room: meeting_id });
-        self.commit(Record::MeetingEnded(meeting_id))?;
-        self.release(Scope::Room, meeting_id)?;
+        self.close_meeting(meeting_id)?;
         self.stats.meetings_ended += 1;
         Ok(())
+    }
+
+    /// Forgets a meeting, its code and its placement; its relay closes the room.
+    fn close_meeting(&mut self, meeting_id: u64) -> Result<(), ApiError> {
+        self.commit(Record::MeetingEnded(meeting_id))?;
+        self.send_to_room(meeting_id, Command::CloseRoom { room: meeting_id });
+        self.release(Scope::Room, meeting_id)
     }
 
     /// A user's chat home: its relay and shard (placed on first lookup, sticky after), and a

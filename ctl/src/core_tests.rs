@@ -441,3 +441,39 @@ fn the_journal_is_compacted_and_still_replays_the_same_state() {
     rig.restart(100);
     assert_eq!(rig.core.meetings().get(c.meeting_id).cloned(), before);
 }
+
+#[test]
+fn idle_meetings_expire_and_rejoins_keep_them_alive() {
+    let mut rig = Rig::new("expiry");
+    rig.beat(0, &[1]);
+    let idle = rig.create(0);
+    let busy = rig.create(0);
+    let g = rig.join(0, &busy.code).unwrap();
+    let day_ms = 1000 * Config::default().meeting_idle_s;
+    // The busy meeting's guest rejoins (to renew its token) every half day.
+    let half = day_ms / 2;
+    for k in 1..=3 {
+        rig.beat(k * half, &[1]);
+        let req = JoinRequest {
+            code: busy.code.clone(),
+            name: None,
+            rejoin_token: Some(g.token.clone()),
+        };
+        let at = rig.at(k * half);
+        // Tokens last an hour; a fresh one from the host's secret stands in for the renewal.
+        let host = rig.core.join(&at, req, Some(&busy.host_secret)).unwrap();
+        assert!(host.is_host);
+    }
+    assert!(
+        rig.core.meetings().get(idle.meeting_id).is_none(),
+        "idle one expired"
+    );
+    assert_eq!(rig.core.stats.meetings_expired, 1);
+    assert!(
+        rig.core.meetings().get(busy.meeting_id).is_some(),
+        "busy one kept"
+    );
+    assert!(rig.core.take_commands(1).contains(&Command::CloseRoom {
+        room: idle.meeting_id
+    }));
+}

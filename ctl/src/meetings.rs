@@ -38,6 +38,9 @@ pub struct Meeting {
     pub host_participant: u64,
     pub next_participant: u64,
     pub participants: BTreeMap<u64, Participant>,
+    /// Unix seconds of the last join or rejoin; an idle meeting expires (`meeting_idle_s`).
+    #[serde(default)]
+    pub last_active: u64,
 }
 
 impl Meeting {
@@ -51,6 +54,7 @@ impl Meeting {
     pub fn add_participant(&mut self, name: String, host: bool, now_unix_s: u64) -> u64 {
         let id = self.next_participant;
         self.next_participant += 1;
+        self.last_active = self.last_active.max(now_unix_s);
         let p = Participant {
             name,
             host,
@@ -134,6 +138,7 @@ impl Meetings {
             host_participant: 1,
             next_participant: 1,
             participants: BTreeMap::new(),
+            last_active: now_unix_s,
         };
         m.add_participant(host_name, true, now_unix_s);
         self.insert(m);

@@ -50,6 +50,16 @@ impl Ctl {
     }
 
     fn call(&self, method: &str, path: &str, body: Option<&str>, auth: Option<&str>) -> Response {
+        self.call_bytes(method, path, body.map(str::as_bytes), auth)
+    }
+
+    fn call_bytes(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&[u8]>,
+        auth: Option<&str>,
+    ) -> Response {
         let bearer = auth.map(|a| format!("Bearer {a}"));
         let headers: Vec<(&str, &str)> = bearer
             .iter()
@@ -60,10 +70,10 @@ impl Ctl {
             method,
             path,
             &headers,
-            body.map(str::as_bytes),
+            body,
             Duration::from_secs(10),
         )
-        .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+        .unwrap_or_else(|e| panic!("{method} {path}: {e} (ctl died?)"))
     }
 
     fn json(
@@ -453,236 +463,140 @@ fn a_restarted_ctl_relearns_membership_within_3s() {
     let _r1 = late.join().unwrap();
 }
 
-/// (method, path, body, bearer credential, expected status, expected error code)
-type Case<'a> = (
-    &'a str,
-    String,
-    Option<String>,
-    Option<&'a str>,
-    u16,
-    &'a str,
-);
+/// (method, path, body, bearer credential)
+type Req<'a> = (&'a str, &'a str, Option<&'a str>, Option<&'a str>);
+
+fn post<'a>(path: &'a str, body: &'a str) -> Req<'a> {
+    ("POST", path, Some(body), None)
+}
+
+fn get(path: &str) -> Req<'_> {
+    ("GET", path, None, None)
+}
+
+fn del<'a>(path: &'a str, auth: Option<&'a str>) -> Req<'a> {
+    ("DELETE", path, None, auth)
+}
+
+/// Sends one bad request and checks the status, the error code and the JSON error body.
+fn refused(ctl: &Ctl, req: Req, status: u16, code: &str) {
+    let (method, path, body, auth) = req;
+    let r = ctl.call(method, path, body, auth);
+    let v: Value = serde_json::from_slice(&r.body)
+        .unwrap_or_else(|_| panic!("{method} {path}: body not JSON: {}", r.text()));
+    assert_eq!(
+        (r.status, v["code"].as_str()),
+        (status, Some(code)),
+        "{method} {path}: {v}"
+    );
+    assert!(
+        v["error"].as_str().is_some_and(|e| !e.is_empty()),
+        "{method} {path}: {v}"
+    );
+    assert_eq!(r.header("content-type"), Some("application/json"));
+}
 
 #[test]
-fn bad_input_gets_a_clear_4xx_with_a_json_error() {
-    let dir = temp_dir("bad");
+fn malformed_oversized_and_unknown_input_gets_a_clear_4xx() {
+    let dir = temp_dir("bad-input");
+    let ctl = Ctl::start(&dir);
+    let _relay = FakeRelay::start(&ctl.url, 7);
+    let big = format!(r#"{{"code": "{}"}}"#, "a".repeat(20_000));
+    let join = "/v1/join";
+    refused(&ctl, post(join, "{\"code\":"), 400, "bad_json");
+    refused(&ctl, post(join, "[1,2]"), 400, "bad_json");
+    refused(
+        &ctl,
+        post(join, r#"{"code":"x","admin":true}"#),
+        400,
+        "bad_json",
+    );
+    refused(
+        &ctl,
+        post(join, r#"{"code":"abc-defg-hjk"}"#),
+        404,
+        "unknown_meeting",
+    );
+    refused(&ctl, post(join, &big), 413, "body_too_large");
+    refused(
+        &ctl,
+        post("/v1/meetings", r#"{"title":1}"#),
+        400,
+        "bad_json",
+    );
+    let beat = "/v1/relays/heartbeat";
+    let (zero_id, bad_state) = (heartbeat_body(0, "serving"), heartbeat_body(3, "sleeping"));
+    refused(&ctl, post(beat, &zero_id), 400, "invalid");
+    refused(&ctl, post(beat, &bad_state), 400, "bad_json");
+    refused(&ctl, get("/v1/relays/x/commands"), 400, "bad_request");
+    refused(
+        &ctl,
+        get("/v1/relays/3/commands?wait=1"),
+        400,
+        "bad_request",
+    );
+    refused(&ctl, get("/v1/users/0/home"), 400, "invalid");
+    refused(&ctl, get("/v1/users/-1/home"), 400, "bad_request");
+    refused(&ctl, get("/v2/nothing"), 404, "not_found");
+    refused(&ctl, ("PUT", join, None, None), 405, "method_not_allowed");
+    refused(
+        &ctl,
+        ("DELETE", "/v1/meetings/abc", None, None),
+        400,
+        "bad_request",
+    );
+    refused(
+        &ctl,
+        ("POST", "/v1/relays/99/drain", None, None),
+        404,
+        "unknown_relay",
+    );
+}
+
+#[test]
+fn forged_expired_foreign_and_non_host_credentials_are_refused() {
+    let dir = temp_dir("bad-creds");
     let ctl = Ctl::start(&dir);
     let _relay = FakeRelay::start(&ctl.url, 7);
     let m = ctl.create();
     let id = m["meeting_id"].as_u64().unwrap();
-    let code = m["code"].as_str().unwrap();
-    let (_, guest) = ctl.join(code);
+    let secret = m["host_secret"].as_str().unwrap();
+    let (_, guest) = ctl.join(m["code"].as_str().unwrap());
     let guest_token = guest["token"].as_str().unwrap();
     let other = ctl.create();
     let other_host = other["join"]["token"].as_str().unwrap();
-    let forged = forged_host_token(id, &m["join"]["token"]);
+    let forged = forged_host_token(&m["join"]["token"]);
     let expired = expired_host_token(&dir, id);
-    let big = format!(r#"{{"code": "{}"}}"#, "a".repeat(20_000));
     let remove = format!("/v1/meetings/{id}/participants/2");
-    let cases: Vec<Case> = vec![
-        (
-            "POST",
-            "/v1/join".into(),
-            Some("{\"code\":".into()),
-            None,
-            400,
-            "bad_json",
-        ),
-        (
-            "POST",
-            "/v1/join".into(),
-            Some("[1,2]".into()),
-            None,
-            400,
-            "bad_json",
-        ),
-        (
-            "POST",
-            "/v1/join".into(),
-            Some(r#"{"code":"x","admin":true}"#.into()),
-            None,
-            400,
-            "bad_json",
-        ),
-        (
-            "POST",
-            "/v1/join".into(),
-            Some(r#"{"code":"abc-defg-hjk"}"#.into()),
-            None,
-            404,
-            "unknown_meeting",
-        ),
-        (
-            "POST",
-            "/v1/join".into(),
-            Some(big),
-            None,
-            413,
-            "body_too_large",
-        ),
-        (
-            "POST",
-            "/v1/meetings".into(),
-            Some(r#"{"title":1}"#.into()),
-            None,
-            400,
-            "bad_json",
-        ),
-        (
-            "POST",
-            "/v1/relays/heartbeat".into(),
-            Some(heartbeat_body(0, "serving")),
-            None,
-            400,
-            "invalid",
-        ),
-        (
-            "POST",
-            "/v1/relays/heartbeat".into(),
-            Some(heartbeat_body(3, "sleeping")),
-            None,
-            400,
-            "bad_json",
-        ),
-        (
-            "GET",
-            "/v1/relays/x/commands".into(),
-            None,
-            None,
-            400,
-            "bad_request",
-        ),
-        (
-            "GET",
-            "/v1/relays/3/commands?wait=1".into(),
-            None,
-            None,
-            400,
-            "bad_request",
-        ),
-        (
-            "DELETE",
-            "/v1/meetings/123".into(),
-            None,
-            Some(m["host_secret"].as_str().unwrap()),
-            404,
-            "unknown_meeting",
-        ),
-        (
-            "DELETE",
-            "/v1/meetings/abc".into(),
-            None,
-            None,
-            400,
-            "bad_request",
-        ),
-        ("DELETE", remove.clone(), None, None, 401, "unauthenticated"),
-        (
-            "DELETE",
-            remove.clone(),
-            None,
-            Some("0000"),
-            401,
-            "bad_credentials",
-        ),
-        (
-            "DELETE",
-            remove.clone(),
-            None,
-            Some(&forged),
-            401,
-            "bad_token",
-        ),
-        (
-            "DELETE",
-            remove.clone(),
-            None,
-            Some(&expired),
-            401,
-            "token_expired",
-        ),
-        (
-            "DELETE",
-            remove.clone(),
-            None,
-            Some(guest_token),
-            403,
-            "not_host",
-        ),
-        (
-            "DELETE",
-            remove.clone(),
-            None,
-            Some(other_host),
-            403,
-            "wrong_meeting",
-        ),
-        (
-            "DELETE",
-            format!("/v1/meetings/{id}/participants/1"),
-            None,
-            Some(m["host_secret"].as_str().unwrap()),
-            400,
-            "cannot_remove_host",
-        ),
-        (
-            "DELETE",
-            format!("/v1/meetings/{id}/participants/99"),
-            None,
-            Some(m["host_secret"].as_str().unwrap()),
-            404,
-            "unknown_participant",
-        ),
-        (
-            "POST",
-            format!("/v1/meetings/{id}/leave"),
-            None,
-            Some(other_host),
-            403,
-            "wrong_meeting",
-        ),
-        (
-            "POST",
-            "/v1/relays/99/drain".into(),
-            None,
-            None,
-            404,
-            "unknown_relay",
-        ),
-        ("GET", "/v1/users/0/home".into(), None, None, 400, "invalid"),
-        (
-            "GET",
-            "/v1/users/-1/home".into(),
-            None,
-            None,
-            400,
-            "bad_request",
-        ),
-        (
-            "PUT",
-            "/v1/join".into(),
-            None,
-            None,
-            405,
-            "method_not_allowed",
-        ),
-        ("GET", "/v2/nothing".into(), None, None, 404, "not_found"),
-    ];
-    for (method, path, body, auth, status, code) in &cases {
-        let r = ctl.call(method, path, body.as_deref(), *auth);
-        let v: Value = serde_json::from_slice(&r.body)
-            .unwrap_or_else(|_| panic!("{method} {path}: body not JSON: {}", r.text()));
-        assert_eq!(
-            (r.status, v["code"].as_str()),
-            (*status, Some(*code)),
-            "{method} {path}: {v}"
-        );
-        assert!(
-            v["error"].as_str().is_some_and(|e| !e.is_empty()),
-            "{method} {path}: {v}"
-        );
-        assert_eq!(r.header("content-type"), Some("application/json"));
-    }
+    refused(&ctl, del(&remove, None), 401, "unauthenticated");
+    refused(&ctl, del(&remove, Some("0000")), 401, "bad_credentials");
+    refused(&ctl, del(&remove, Some(&forged)), 401, "bad_token");
+    refused(&ctl, del(&remove, Some(&expired)), 401, "token_expired");
+    refused(&ctl, del(&remove, Some(guest_token)), 403, "not_host");
+    refused(&ctl, del(&remove, Some(other_host)), 403, "wrong_meeting");
+    let host = format!("/v1/meetings/{id}/participants/1");
+    refused(&ctl, del(&host, Some(secret)), 400, "cannot_remove_host");
+    let nobody = format!("/v1/meetings/{id}/participants/99");
+    refused(&ctl, del(&nobody, Some(secret)), 404, "unknown_participant");
+    refused(
+        &ctl,
+        del("/v1/meetings/123", Some(secret)),
+        404,
+        "unknown_meeting",
+    );
+    refused(
+        &ctl,
+        del(&format!("/v1/meetings/{id}"), Some(guest_token)),
+        403,
+        "not_host",
+    );
+    let leave = format!("/v1/meetings/{id}/leave");
+    refused(
+        &ctl,
+        ("POST", &leave, None, Some(other_host)),
+        403,
+        "wrong_meeting",
+    );
     // Nothing above changed the meeting.
     let (_, rooms) = ctl.json("GET", "/v1/rooms", None, None);
     let room = rooms["rooms"]
@@ -695,7 +609,7 @@ fn bad_input_gets_a_clear_4xx_with_a_json_error() {
 }
 
 /// The host's token with its signature bytes flipped: well-formed, but not signed by ctl.
-fn forged_host_token(_meeting: u64, host_token: &Value) -> String {
+fn forged_host_token(host_token: &Value) -> String {
     let t = host_token.as_str().unwrap();
     let mut chars: Vec<char> = t.chars().collect();
     let i = chars.len() - 10;
@@ -793,106 +707,116 @@ fn mutate(rng: &mut Rng, text: &str) -> Vec<u8> {
     b
 }
 
+/// Every route of the API (and one method it lacks), with placeholders for path segments.
+const FUZZ_ROUTES: [(&str, &str); 16] = [
+    ("POST", "/v1/relays/heartbeat"),
+    ("GET", "/v1/relays/{r}/commands?wait_ms=0"),
+    ("GET", "/v1/relays"),
+    ("POST", "/v1/relays/{r}/drain"),
+    ("POST", "/v1/relays/{r}/undrain"),
+    ("POST", "/v1/meetings"),
+    ("POST", "/v1/join"),
+    ("POST", "/v1/meetings/{m}/leave"),
+    ("DELETE", "/v1/meetings/{m}/participants/{p}"),
+    ("DELETE", "/v1/meetings/{m}"),
+    ("GET", "/v1/rooms"),
+    ("GET", "/v1/users/{p}/home"),
+    ("GET", "/v1/public-key"),
+    ("GET", "/health"),
+    ("GET", "/metrics"),
+    ("PATCH", "/v1/join"),
+];
+
+/// Valid inputs of one meeting, which the fuzzer picks from and mutates.
+struct FuzzInputs {
+    bodies: Vec<String>,
+    ids: Vec<String>,
+    auths: Vec<Option<String>>,
+}
+
+impl FuzzInputs {
+    fn of(m: &Value) -> Self {
+        let code = m["code"].as_str().unwrap();
+        let host_token = m["join"]["token"].as_str().unwrap().to_string();
+        let bodies = vec![
+            heartbeat_body(999, "serving"),
+            json!({"code": code, "name": "fuzz"}).to_string(),
+            json!({"code": code, "rejoin_token": host_token}).to_string(),
+            json!({"title": "t", "host_name": "h"}).to_string(),
+        ];
+        let mut ids: Vec<String> = [
+            "0",
+            "1",
+            "999",
+            "18446744073709551616",
+            "-1",
+            "%00",
+            "x",
+            "1.5",
+        ]
+        .map(String::from)
+        .to_vec();
+        ids.push(m["meeting_id"].to_string());
+        let secret = m["host_secret"].as_str().unwrap().to_string();
+        let auths = vec![
+            None,
+            Some(secret),
+            Some(host_token),
+            Some("x".into()),
+            Some(String::new()),
+        ];
+        Self { bodies, ids, auths }
+    }
+
+    /// One random request: method, path, body, bearer credential.
+    fn request(&self, rng: &mut Rng) -> (&'static str, String, Vec<u8>, Option<String>) {
+        let (method, template) = *rng.pick(&FUZZ_ROUTES);
+        // Never the live relays 1 and 2: draining them would rightly make joins 503.
+        let relay = *rng.pick(&["999", "3", "x", "0", "4294967296"]);
+        let path = template
+            .replace("{r}", relay)
+            .replace("{m}", rng.pick::<String>(&self.ids))
+            .replace("{p}", rng.pick::<String>(&self.ids));
+        let valid = rng.pick(&self.bodies).clone();
+        let body = mutate(rng, &valid);
+        (method, path, body, rng.pick(&self.auths).clone())
+    }
+}
+
 #[test]
 fn fuzzed_requests_to_every_route_never_get_a_5xx() {
     let dir = temp_dir("fuzz");
     let ctl = Ctl::start(&dir);
     let _r1 = FakeRelay::start(&ctl.url, 1);
     let _r2 = FakeRelay::start(&ctl.url, 2);
-    let m = ctl.create();
-    let id = m["meeting_id"].as_u64().unwrap().to_string();
-    let code = m["code"].as_str().unwrap().to_string();
-    let secret = m["host_secret"].as_str().unwrap().to_string();
-    let host_token = m["join"]["token"].as_str().unwrap().to_string();
+    let inputs = FuzzInputs::of(&ctl.create());
     let seed = std::env::var("CTL_FUZZ_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(0x5eed_c0de_u64);
     eprintln!("fuzz seed {seed} (CTL_FUZZ_SEED to replay)");
     let mut rng = Rng(seed | 1);
-    let bodies = [
-        heartbeat_body(999, "serving"),
-        json!({"code": code, "name": "fuzz"}).to_string(),
-        json!({"code": code, "rejoin_token": host_token}).to_string(),
-        json!({"title": "t", "host_name": "h"}).to_string(),
-    ];
-    let ids = [
-        id.as_str(),
-        "0",
-        "1",
-        "999",
-        "18446744073709551616",
-        "-1",
-        "%00",
-        "x",
-        "1.5",
-    ];
-    let routes = [
-        ("POST", "/v1/relays/heartbeat"),
-        ("GET", "/v1/relays/{r}/commands?wait_ms=0"),
-        ("GET", "/v1/relays"),
-        ("POST", "/v1/relays/{r}/drain"),
-        ("POST", "/v1/relays/{r}/undrain"),
-        ("POST", "/v1/meetings"),
-        ("POST", "/v1/join"),
-        ("POST", "/v1/meetings/{m}/leave"),
-        ("DELETE", "/v1/meetings/{m}/participants/{p}"),
-        ("DELETE", "/v1/meetings/{m}"),
-        ("GET", "/v1/rooms"),
-        ("GET", "/v1/users/{p}/home"),
-        ("GET", "/v1/public-key"),
-        ("GET", "/health"),
-        ("GET", "/metrics"),
-        ("PATCH", "/v1/join"),
-    ];
-    let auths = [
-        None,
-        Some(secret.as_str()),
-        Some(host_token.as_str()),
-        Some("x"),
-        Some(""),
-    ];
     let n = 1_500;
     let mut by_status = std::collections::BTreeMap::new();
     for i in 0..n {
-        let (method, template) = *rng.pick(&routes);
-        // Never drain the live relays 1 and 2: that would rightly make joins 503.
-        let relay = *rng.pick(&["999", "3", "x", "0", "4294967296"]);
-        let (meeting, participant) = (*rng.pick(&ids), *rng.pick(&ids));
-        let path = template
-            .replace("{r}", relay)
-            .replace("{m}", meeting)
-            .replace("{p}", participant);
-        let template_body = rng.pick(&bodies).clone();
-        let body = mutate(&mut rng, &template_body);
-        let auth = *rng.pick(&auths);
-        let bearer = auth.map(|a| format!("Bearer {a}"));
-        let headers: Vec<(&str, &str)> = bearer
-            .iter()
-            .map(|b| ("Authorization", b.as_str()))
-            .collect();
-        let r = client::request(
-            &ctl.url,
+        let (method, path, body, auth) = inputs.request(&mut rng);
+        let r = ctl.call(
             method,
             &path,
-            &headers,
-            Some(&body),
-            Duration::from_secs(10),
-        )
-        .unwrap_or_else(|e| panic!("request {i} ({method} {path}) failed: {e}; ctl died?"));
-        assert!(
-            r.status < 500,
-            "request {i}: {method} {path} body {:?} -> {} {}",
-            String::from_utf8_lossy(&body),
-            r.status,
-            r.text()
+            Some(&String::from_utf8_lossy(&body)),
+            auth.as_deref(),
         );
+        let what = format!(
+            "request {i}: {method} {path} {:?}",
+            String::from_utf8_lossy(&body)
+        );
+        assert!(r.status < 500, "{what} -> {} {}", r.status, r.text());
         if r.status >= 400 {
             let v: Value = serde_json::from_slice(&r.body)
-                .unwrap_or_else(|_| panic!("request {i}: error body not JSON: {}", r.text()));
+                .unwrap_or_else(|_| panic!("{what}: error body not JSON: {}", r.text()));
             assert!(
                 v["code"].is_string() && v["error"].is_string(),
-                "request {i}: {v}"
+                "{what}: {v}"
             );
         }
         *by_status.entry(r.status).or_insert(0) += 1;
