@@ -36,6 +36,7 @@ use json::Json;
 
 const USAGE: &str = "usage:
   perf run [--scenario fanout|rooms|all] [--quick] [--runs N] [--out FILE]
+           (default perf/results.json; target/perf-quick.json with --quick)
            [--contenders relay/uring,relay/batch,ideal,tokio] [--relay-bin PATH]
            [--relay-shards N] [--cores LOADGEN,CONTENDER|none] [--priority rt|nice|none]
   perf ideal-forwarder --listen ADDR --rooms FILE
@@ -127,7 +128,12 @@ fn config(f: &Flags) -> anyhow::Result<Config> {
         scenarios,
         quick: f.switch("--quick"),
         runs: f.number("--runs")?.unwrap_or(1).max(1),
-        out: PathBuf::from(f.value("--out").unwrap_or("perf/results.json")),
+        // A quick (CI) run must not overwrite the committed results of a full one.
+        out: PathBuf::from(f.value("--out").unwrap_or(if f.switch("--quick") {
+            "target/perf-quick.json"
+        } else {
+            "perf/results.json"
+        })),
         relay_bin: f
             .value("--relay-bin")
             .map_or_else(harness::default_relay_bin, PathBuf::from),
