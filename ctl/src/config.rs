@@ -87,8 +87,12 @@ impl Config {
             bail!("max_body_bytes must be in 256..=1048576");
         }
         let cap_ok = self.load_cap.is_finite() && self.load_cap >= 1.0;
-        if self.placement_candidates < 2 || !cap_ok {
-            bail!("placement_candidates must be >= 2 and load_cap >= 1");
+        let k_ok = (2..=crate::placement::MAX_K).contains(&self.placement_candidates);
+        if !k_ok || !cap_ok {
+            bail!(
+                "placement_candidates must be in 2..={} and load_cap >= 1",
+                crate::placement::MAX_K
+            );
         }
         if matches!(&self.admin_token, Some(t) if t.len() < 16) {
             bail!("admin_token must be at least 16 characters");
@@ -119,6 +123,8 @@ mod tests {
     fn refuses_unknown_keys_and_bad_ranges() {
         assert!(Config::from_toml("nope = 1").is_err());
         assert!(Config::from_toml("token_ttl_s = 0").is_err());
+        assert!(Config::from_toml("placement_candidates = 9").is_err());
+        assert!(Config::from_toml("load_cap = nan").is_err());
         assert!(Config::from_toml("admin_token = \"short\"").is_err());
         let cfg =
             Config::from_toml("listen = \"127.0.0.1:0\"\npublic_url = \"https://m.example/\"")

@@ -154,6 +154,8 @@ pub struct Core {
     swept_after_grace: bool,
     /// When idle meetings are next looked for.
     next_expiry_sweep: Instant,
+    /// Rooms moved off each relay while it was dead, to close there if it comes back.
+    evicted: BTreeMap<u32, Vec<u64>>,
     pub stats: Stats,
 }
 
@@ -200,6 +202,7 @@ impl Core {
             started: now.mono,
             swept_after_grace: false,
             next_expiry_sweep: now.mono,
+            evicted: BTreeMap::new(),
             stats: Stats::default(),
             cfg,
         };
@@ -353,6 +356,7 @@ impl Core {
         self.stats.heartbeats += 1;
         if outcome != HeartbeatOutcome::Refreshed {
             self.stats.registrations += 1;
+            self.close_evicted(relay_id);
         }
         self.sync_nodes(relay_id, before, now);
         Ok(HeartbeatAnswer {
@@ -425,6 +429,7 @@ impl Core {
                 None => Record::Released { scope, id },
             };
             self.stats.moves += 1;
+            self.note_eviction(scope, Slot::of(m.from).relay_id, id);
             // A failed write leaves the old placement on record; the sweep retries it.
             let _ = self.commit(record);
         }
@@ -433,15 +438,9 @@ impl Core {
     /// Periodic work: relay deaths (their rooms move to their next candidates), the sweep of
     /// placements left on relays that never came back after a restart, journal compaction.
     pub fn tick(&mut self, now: &Now) {
-        for relay_id in self.members.poll_deaths(now.mono) {
-            self.stats.relay_deaths += 1;
-            self.queues.clear(relay_id);
-            let shards = self.members.get(relay_id).map_or(0, |r| r.shards);
-            for shard_idx in 0..shards {
-                self.remove_node(relay_id, shard_idx, now);
-            }
-            self.sweep(now);
-        }
+        self.reap(now);
+        self.evicted
+            .retain(|relay_id, _| self.members.get(*relay_id).is_some());
         if !self.swept_after_grace && !self.in_grace(now) {
             self.swept_after_grace = true;
             self.sweep(now);
@@ -451,6 +450,42 @@ impl Core {
             self.expire_idle(now);
         }
         self.maybe_compact();
+    }
+
+    /// Declares relays silent for `dead_after` dead and moves their placements. Runs on every
+    /// tick and before every placement lookup, so that no join is sent to a relay that has
+    /// just crossed the line between two ticks.
+    fn reap(&mut self, now: &Now) {
+        for relay_id in self.members.poll_deaths(now.mono) {
+            self.stats.relay_deaths += 1;
+            self.queues.clear(relay_id);
+            let shards = self.members.get(relay_id).map_or(0, |r| r.shards);
+            for shard_idx in 0..shards {
+                self.remove_node(relay_id, shard_idx, now);
+            }
+            self.sweep(now);
+        }
+    }
+
+    /// Remembers that a room moved off `relay_id`, so that if the relay comes back (it was
+    /// cut off, not dead) it is told to close the room rather than keep half the meeting.
+    fn note_eviction(&mut self, scope: Scope, relay_id: u32, id: u64) {
+        if scope == Scope::Room {
+            self.evicted.entry(relay_id).or_default().push(id);
+        }
+    }
+
+    /// A relay came back: close the rooms that moved away while it was gone.
+    fn close_evicted(&mut self, relay_id: u32) {
+        for room in self.evicted.remove(&relay_id).unwrap_or_default() {
+            let back = self
+                .placed
+                .get(&(Scope::Room, room))
+                .is_some_and(|p| p.relay_id == relay_id);
+            if !back {
+                self.send(relay_id, Command::CloseRoom { room });
+            }
+        }
     }
 
     /// Ends meetings nobody joined or rejoined for `meeting_idle_s`.
@@ -496,18 +531,22 @@ impl Core {
             .place(k)
             .map_err(|_| ApiError::NoRelay)?;
         let placed = placed(scope, id, &p, now);
-        let moved = self.placed.contains_key(&(scope, id));
+        let from = self.placed.get(&(scope, id)).map(|old| old.relay_id);
         if let Err(e) = self.commit(Record::Placed(placed.clone())) {
             self.placer_mut(scope).release(k);
             return Err(e);
         }
         self.stats.placements += 1;
-        self.stats.moves += u64::from(moved);
+        if let Some(relay_id) = from.filter(|&r| r != placed.relay_id) {
+            self.stats.moves += 1;
+            self.note_eviction(scope, relay_id, id);
+        }
         Ok(placed)
     }
 
     /// Where (scope, id) lives: its sticky placement while its relay lives, else a new one.
     fn locate(&mut self, scope: Scope, id: u64, now: &Now) -> Result<Placed, ApiError> {
+        self.reap(now);
         if let Some(p) = self.placed.get(&(scope, id)) {
             match self.members.get(p.relay_id) {
                 Some(r) if r.keeps_existing() && p.shard_idx < r.shards => return Ok(p.clone()),

@@ -477,3 +477,27 @@ fn idle_meetings_expire_and_rejoins_keep_them_alive() {
         room: idle.meeting_id
     }));
 }
+
+#[test]
+fn a_relay_that_comes_back_closes_the_rooms_that_moved_away() {
+    let mut rig = Rig::new("partition");
+    rig.beat(0, &[1, 2]);
+    let m = (0..50)
+        .map(|i| rig.create(i))
+        .find(|c| c.join.as_ref().unwrap().relay_id == 1)
+        .expect("some room on relay 1");
+    rig.beat(2_900, &[2]);
+    // No tick between: the join itself notices that relay 1 has been silent for 3 s.
+    assert_eq!(rig.join(3_000, &m.code).unwrap().relay_id, 2);
+    rig.beat(4_000, &[1, 2]);
+    let cmds = rig.core.take_commands(1);
+    assert!(
+        cmds.contains(&Command::CloseRoom { room: m.meeting_id }),
+        "{cmds:?}"
+    );
+    assert_eq!(
+        rig.join(4_100, &m.code).unwrap().relay_id,
+        2,
+        "the room stays moved"
+    );
+}
