@@ -122,7 +122,7 @@ fn fanout_table(out: &mut String, sums: &[Summary]) {
         );
     }
     out.push_str(
-        "\nconfirmed: runs whose 5 s step at the searched rate (or 5% steps below it) lost \
+        "\nconfirmed: runs whose measured step at the searched rate (or 5% steps below it) lost \
          nothing. egress, loss, CPU and syscalls at that rate; latency at half of the ideal \
          forwarder's. Each column is a median over runs on its own.\n",
     );
