@@ -32,9 +32,26 @@ struct RelayProc {
 
 impl RelayProc {
     fn start(io: &str, shards: u16, extra: &[&str]) -> Self {
-        // Spread test binaries by pid so that two concurrent runs rarely collide.
-        let slot = NEXT_PORT.fetch_add(1, Ordering::Relaxed);
-        let base_port = 20_000 + (std::process::id() % 200) as u16 * 100 + slot * 4;
+        Self::start_with(io, shards, |_| {
+            extra.iter().map(|s| s.to_string()).collect()
+        })
+    }
+
+    /// Starts a relay, retrying on other ports when it cannot bind (another process may hold
+    /// one). `extra` gives the extra flags for an attempt number.
+    fn start_with(io: &str, shards: u16, extra: impl Fn(u16) -> Vec<String>) -> Self {
+        for attempt in 0..5 {
+            if let Some(r) = Self::try_start(io, shards, &extra(attempt)) {
+                return r;
+            }
+        }
+        panic!("relay did not start in 5 attempts");
+    }
+
+    fn try_start(io: &str, shards: u16, extra: &[String]) -> Option<Self> {
+        // Ports below the ephemeral range, spread by pid so that concurrent runs rarely collide.
+        let slot = NEXT_PORT.fetch_add(1, Ordering::Relaxed) % 24;
+        let base_port = 10_000 + (std::process::id() % 100) as u16 * 100 + slot * 4;
         let key = SigningKey::from_bytes(&[42; 32]);
         let mut child = Command::new(env!("CARGO_BIN_EXE_relay"))
             .args([
@@ -65,6 +82,11 @@ impl RelayProc {
         BufReader::new(child.stdout.take().unwrap())
             .read_line(&mut line)
             .unwrap();
+        if line.is_empty() {
+            // It exited (a port in use): try elsewhere.
+            let _ = child.wait();
+            return None;
+        }
         assert!(
             line.starts_with(&format!("ready io={io} ")),
             "unexpected first line: {line:?}"
@@ -75,12 +97,12 @@ impl RelayProc {
             .unwrap()
             .parse()
             .unwrap();
-        Self {
+        Some(Self {
             child,
             base_port,
             metrics,
             key,
-        }
+        })
     }
 
     fn token(

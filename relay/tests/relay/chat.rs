@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 const T: Duration = Duration::from_secs(5);
 const SHARDS: u16 = 2;
 
+static CHAT_SLOT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+
 pub(super) struct ChatRelay {
     relay: RelayProc,
     chat_port: u16,
@@ -30,26 +32,26 @@ impl ChatRelay {
     }
 
     fn start_in(dir: PathBuf, chat_port: Option<u16>) -> Self {
-        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let chat_port = chat_port.unwrap_or_else(|| {
-            probe
-                .local_addr()
-                .unwrap()
-                .port()
-                .saturating_sub(SHARDS)
-                .max(1024)
+        // A fixed port when restarting on the same data; else one per attempt, below the
+        // ephemeral range and away from the UDP ports RelayProc hands out.
+        let pick = || {
+            chat_port.unwrap_or_else(|| {
+                let slot = CHAT_SLOT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 24;
+                20_000 + (std::process::id() % 100) as u16 * 100 + slot * 4
+            })
+        };
+        let chosen = std::sync::Mutex::new(0u16);
+        let relay = RelayProc::start_with("batch", SHARDS, |_| {
+            let port = pick();
+            *chosen.lock().unwrap() = port;
+            vec![
+                "--chat-port".into(),
+                port.to_string(),
+                "--data-dir".into(),
+                dir.to_str().unwrap().into(),
+            ]
         });
-        drop(probe);
-        let relay = RelayProc::start(
-            "batch",
-            SHARDS,
-            &[
-                "--chat-port",
-                &chat_port.to_string(),
-                "--data-dir",
-                dir.to_str().unwrap(),
-            ],
-        );
+        let chat_port = *chosen.lock().unwrap();
         Self {
             relay,
             chat_port,

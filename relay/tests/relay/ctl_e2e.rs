@@ -167,7 +167,7 @@ fn ctl_places_meetings_on_live_relays_and_survives_failures() {
     let dir = std::env::temp_dir().join(format!("relay-ctl-e2e-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let (mut ctl_proc, ctl) = start_ctl(&dir, "127.0.0.1:0");
-    let base = 30_000 + (std::process::id() % 500) as u16 * 20;
+    let base = 30_000 + (std::process::id() % 100) as u16 * 20;
     let mut relays: Vec<Option<Proc>> = (1..=3)
         .map(|id| Some(start_relay(ctl, id, base + id as u16)))
         .collect();
