@@ -1,0 +1,413 @@
+//! `chatperf`: the chat relay against NATS core and Redis pub/sub, and its memory per idle
+//! connection. Method and numbers: perf/CHAT_RESULTS.md.
+//!
+//! ```text
+//! chatperf run [--users N] [--seconds S] [--size B] [--window W] [--threads T]
+//!              [--shards N] [--io batch] [--relay-bin PATH] [--rate R] [--quick]
+//! chatperf idle-memory [--conns N] [--timeout-s S] [--sources K] [--relay-bin PATH]
+//! ```
+
+#[path = "../chatperf/idle.rs"]
+mod idle;
+#[path = "../chatperf/load.rs"]
+mod load;
+#[path = "../chatperf/servers.rs"]
+mod servers;
+#[path = "../chatperf/wire.rs"]
+mod wire;
+
+use anyhow::{bail, Context as _};
+use load::{LoadCfg, LoadResult, Target};
+use std::cell::Cell;
+use std::path::PathBuf;
+use std::time::Duration;
+
+const USAGE: &str = "usage:
+  chatperf run [--users N] [--seconds S] [--size B] [--window W] [--threads T]
+               [--shards N] [--io batch] [--relay-bin PATH] [--rate R] [--quick]
+  chatperf idle-memory [--conns N] [--timeout-s S] [--sources K] [--relay-bin PATH] [--io batch]";
+
+/// `--name value` flags.
+struct Flags(Vec<(String, Option<String>)>);
+
+impl Flags {
+    fn parse(args: &[String]) -> anyhow::Result<Self> {
+        let mut v = Vec::new();
+        let mut it = args.iter().peekable();
+        while let Some(a) = it.next() {
+            let Some(name) = a.strip_prefix("--") else {
+                bail!("unexpected argument {a:?}\n{USAGE}");
+            };
+            let value = match it.peek() {
+                Some(n) if !n.starts_with("--") => it.next().cloned(),
+                _ => None,
+            };
+            v.push((name.to_string(), value));
+        }
+        Ok(Self(v))
+    }
+
+    fn has(&self, name: &str) -> bool {
+        self.0.iter().any(|(n, _)| n == name)
+    }
+
+    fn get<T: std::str::FromStr>(&self, name: &str, default: T) -> anyhow::Result<T> {
+        match self.0.iter().rev().find(|(n, _)| n == name) {
+            None => Ok(default),
+            Some((_, None)) => bail!("--{name} needs a value"),
+            Some((_, Some(v))) => v
+                .parse()
+                .map_err(|_| anyhow::anyhow!("bad value {v:?} for --{name}")),
+        }
+    }
+
+    fn check(&self, known: &[&str]) -> anyhow::Result<()> {
+        for (n, _) in &self.0 {
+            if !known.contains(&n.as_str()) {
+                bail!("unknown flag --{n}\n{USAGE}");
+            }
+        }
+        Ok(())
+    }
+}
+
+fn relay_bin(flags: &Flags) -> anyhow::Result<PathBuf> {
+    let p: String = flags.get("relay-bin", String::new())?;
+    let p = if p.is_empty() {
+        std::env::current_exe()?
+            .parent()
+            .context("exe directory")?
+            .join("relay")
+    } else {
+        PathBuf::from(p)
+    };
+    if !p.is_file() {
+        bail!(
+            "relay binary {} not found (cargo build --release -p relay, or --relay-bin)",
+            p.display()
+        );
+    }
+    Ok(p)
+}
+
+struct Row {
+    name: String,
+    persist: &'static str,
+    offered: Option<f64>,
+    result: Result<LoadResult, String>,
+    rec_per_sync: Option<f64>,
+}
+
+fn fmt_rate(r: f64) -> String {
+    if r >= 1e6 {
+        format!("{:.2}M", r / 1e6)
+    } else if r >= 1e3 {
+        format!("{:.1}k", r / 1e3)
+    } else {
+        format!("{r:.0}")
+    }
+}
+
+fn print_table(rows: &[Row]) {
+    println!(
+        "{:<26} {:<12} {:>9} {:>12} {:>9} {:>9} {:>9} {:>9} {:>7}",
+        "contender",
+        "persistence",
+        "offered/s",
+        "delivered/s",
+        "p50 us",
+        "p99 us",
+        "max us",
+        "rec/sync",
+        "errors"
+    );
+    for r in rows {
+        let offered = r.offered.map_or("max".into(), fmt_rate);
+        match &r.result {
+            Ok(res) => {
+                let (p50, p99, max) = wire::percentiles_us(&res.hist);
+                println!(
+                    "{:<26} {:<12} {:>9} {:>12} {:>9.0} {:>9.0} {:>9.0} {:>9} {:>7}",
+                    r.name,
+                    r.persist,
+                    offered,
+                    fmt_rate(res.rate),
+                    p50,
+                    p99,
+                    max,
+                    r.rec_per_sync.map_or("-".into(), |x| format!("{x:.1}")),
+                    res.errors
+                );
+            }
+            Err(e) => println!(
+                "{:<26} {:<12} {:>9} unavailable: {e}",
+                r.name, r.persist, offered
+            ),
+        }
+    }
+}
+
+fn relay_row(
+    bin: &std::path::Path,
+    io: &str,
+    shards: u16,
+    cfg: LoadCfg,
+    base: u64,
+    name: &str,
+) -> Row {
+    let offered = cfg.rate_per_pair.map(|r| r * cfg.pairs as f64);
+    let mut rec_per_sync = None;
+    let result = (|| -> anyhow::Result<LoadResult> {
+        // The per-session request limit (default 1,000/s) is an abuse guard, not a capacity
+        // limit; it is raised so that it does not cap a benchmark sender. Durability stays on.
+        let relay = servers::Relay::start(bin, io, shards, "sync = true\nmsgs_per_s = 1000000")?;
+        let target = Target::Relay {
+            chat_port: relay.chat_port,
+            shards: relay.shards,
+            key: Box::new(relay.key.clone()),
+            base,
+        };
+        let before = Cell::new((0u64, 0u64));
+        let after = Cell::new((0u64, 0u64));
+        let res = load::run(
+            &target,
+            cfg,
+            || before.set(relay.records_commits().unwrap_or_default()),
+            || after.set(relay.records_commits().unwrap_or_default()),
+        )?;
+        let (r0, c0) = before.get();
+        let (r1, c1) = after.get();
+        if c1 > c0 {
+            rec_per_sync = Some((r1 - r0) as f64 / (c1 - c0) as f64);
+        }
+        Ok(res)
+    })()
+    .map_err(|e| format!("{e:#}"));
+    Row {
+        name: name.into(),
+        persist: "fdatasync",
+        offered,
+        result,
+        rec_per_sync,
+    }
+}
+
+fn pubsub_row(which: &str, cfg: LoadCfg, name: &str) -> Row {
+    let offered = cfg.rate_per_pair.map(|r| r * cfg.pairs as f64);
+    let result = (|| -> anyhow::Result<LoadResult> {
+        let bin_name = if which == "nats" {
+            "nats-server"
+        } else {
+            "redis-server"
+        };
+        let bin = servers::find_bin(bin_name)
+            .with_context(|| format!("{bin_name} not installed (apt-get install -y {bin_name})"))?;
+        let server = if which == "nats" {
+            servers::PubSub::nats(&bin)?
+        } else {
+            servers::PubSub::redis(&bin)?
+        };
+        let target = if which == "nats" {
+            Target::Nats(server.port)
+        } else {
+            Target::Redis(server.port)
+        };
+        let res = load::run(&target, cfg, || {}, || {})?;
+        drop(server);
+        Ok(res)
+    })()
+    .map_err(|e| format!("{e:#}"));
+    Row {
+        name: name.into(),
+        persist: "none",
+        offered,
+        result,
+        rec_per_sync: None,
+    }
+}
+
+fn cmd_run(flags: &Flags) -> anyhow::Result<bool> {
+    flags.check(&[
+        "users",
+        "seconds",
+        "size",
+        "window",
+        "threads",
+        "shards",
+        "io",
+        "relay-bin",
+        "quick",
+        "rate",
+    ])?;
+    let quick = flags.has("quick");
+    let users: usize = flags.get("users", if quick { 8 } else { 200 })?;
+    let seconds: f64 = flags.get("seconds", if quick { 1.0 } else { 5.0 })?;
+    let size: usize = flags.get("size", 100)?;
+    let window: usize = flags.get("window", 32)?;
+    let threads: usize = flags.get("threads", 2)?;
+    let shards: u16 = flags.get("shards", 2)?;
+    let io: String = flags.get("io", "batch".to_string())?;
+    if users < 2 || size < 16 || window == 0 || seconds <= 0.0 || seconds > 600.0 {
+        bail!("need --users >= 2, --size >= 16, --window >= 1, 0 < --seconds <= 600");
+    }
+    let bin = relay_bin(flags)?;
+    let cfg = LoadCfg {
+        pairs: users / 2,
+        window,
+        size,
+        warmup: Duration::from_secs_f64(if quick { 0.3 } else { 1.0 }),
+        measure: Duration::from_secs_f64(seconds),
+        rate_per_pair: None,
+        threads,
+    };
+    println!(
+        "chatperf run: {} users ({} sender->receiver pairs, 1:1), {size}-byte bodies, at most \
+         {window} in flight per sender, {threads} client threads, {:.1} s warm-up + {seconds} s \
+         measured per contender; relay: io={io}, {shards} shards, [chat] sync = true",
+        cfg.pairs * 2,
+        cfg.pairs,
+        cfg.warmup.as_secs_f64()
+    );
+    let mut rows = vec![relay_row(&bin, &io, shards, cfg, 0, "relay chat (max)")];
+    rows.push(pubsub_row("nats", cfg, "nats-server core (max)"));
+    rows.push(pubsub_row("redis", cfg, "redis pub/sub (max)"));
+    let relay_max = rows[0].result.as_ref().map_or(0.0, |r| r.rate);
+    // `--rate R` replaces "half of the relay's maximum" by R messages/s in total.
+    let paced: f64 = flags.get("rate", relay_max / 2.0)?;
+    if paced > 0.0 {
+        let half = LoadCfg {
+            rate_per_pair: Some(paced / cfg.pairs as f64),
+            ..cfg
+        };
+        rows.push(relay_row(
+            &bin,
+            &io,
+            shards,
+            half,
+            1 << 40,
+            if flags.has("rate") {
+                "relay chat (--rate)"
+            } else {
+                "relay chat (half load)"
+            },
+        ));
+        rows.push(pubsub_row("nats", half, "nats-server (same rate)"));
+        rows.push(pubsub_row("redis", half, "redis pub/sub (same rate)"));
+    }
+    println!();
+    print_table(&rows);
+    println!();
+    let rate = |i: usize| rows[i].result.as_ref().map(|r| r.rate).unwrap_or(0.0);
+    for (i, name) in [(1, "NATS core"), (2, "Redis pub/sub")] {
+        if rate(i) > 0.0 {
+            println!("relay / {name} throughput: {:.2}x", rate(0) / rate(i));
+        }
+    }
+    if rate(1) > 0.0 {
+        let ratio = rate(0) / rate(1);
+        println!(
+            "target throughput >= 1.0x NATS core with durability on: {} ({ratio:.2}x)",
+            if ratio >= 1.0 { "met" } else { "NOT met" }
+        );
+    }
+    if let (Some(Ok(h)), false) = (rows.get(3).map(|r| r.result.as_ref()), flags.has("rate")) {
+        let (_, p99, _) = wire::percentiles_us(&h.hist);
+        println!(
+            "target p99 <= 2 ms at half of the maximum load: {} (p99 {:.0} us)",
+            if p99 <= 2000.0 { "met" } else { "NOT met" },
+            p99
+        );
+    }
+    for r in &rows {
+        if let Ok(res) = &r.result {
+            if let Some(e) = &res.first_error {
+                println!("{}: first error: {e}", r.name);
+            }
+        }
+    }
+    println!(
+        "note: NATS core and Redis pub/sub do not persist (at-most-once, a message is lost if \
+         its subscriber is away); the relay answers SENT only after fdatasync and keeps each \
+         message until the recipient acknowledges it (every message also makes a DELIVERED \
+         receipt for its sender). Latency is send-to-deliver, from a timestamp in the body \
+         (the intended send time when paced)."
+    );
+    let ok = rows[0].result.as_ref().is_ok_and(|r| r.delivered > 0);
+    if !ok {
+        println!("FAIL: the relay contender delivered no messages");
+    }
+    Ok(ok)
+}
+
+fn cmd_idle(flags: &Flags) -> anyhow::Result<bool> {
+    flags.check(&[
+        "conns",
+        "timeout-s",
+        "sources",
+        "relay-bin",
+        "io",
+        "concurrency",
+    ])?;
+    let cfg = idle::IdleCfg {
+        conns: flags.get("conns", 50_000)?,
+        relay_bin: relay_bin(flags)?,
+        io: flags.get("io", "batch".to_string())?,
+        timeout: Duration::from_secs(flags.get("timeout-s", 180)?),
+        concurrency: flags.get("concurrency", 128)?,
+        sources: flags.get("sources", 8)?,
+    };
+    idle::run(&cfg)
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("run") => Flags::parse(&args[1..]).and_then(|f| cmd_run(&f)),
+        Some("idle-memory") => Flags::parse(&args[1..]).and_then(|f| cmd_idle(&f)),
+        Some("-h" | "--help" | "help") => {
+            println!("{USAGE}");
+            Ok(true)
+        }
+        _ => {
+            eprintln!("{USAGE}");
+            std::process::exit(2);
+        }
+    };
+    match result {
+        Ok(true) => {}
+        Ok(false) => std::process::exit(1),
+        Err(e) => {
+            eprintln!("chatperf: {e:#}");
+            std::process::exit(1);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_parse_values_and_switches() {
+        let args: Vec<String> = ["--users", "10", "--quick", "--seconds", "2.5"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let f = Flags::parse(&args).unwrap();
+        assert!(f.has("quick"));
+        assert_eq!(f.get("users", 0usize).unwrap(), 10);
+        assert_eq!(f.get("seconds", 0.0f64).unwrap(), 2.5);
+        assert_eq!(f.get("size", 100usize).unwrap(), 100);
+        assert!(f.get::<usize>("quick", 0).is_err());
+        assert!(f.check(&["users", "quick", "seconds"]).is_ok());
+        assert!(f.check(&["users"]).is_err());
+        assert!(Flags::parse(&["x".to_string()]).is_err());
+    }
+
+    #[test]
+    fn rates_format_compactly() {
+        assert_eq!(fmt_rate(950.0), "950");
+        assert_eq!(fmt_rate(12_345.0), "12.3k");
+        assert_eq!(fmt_rate(2_500_000.0), "2.50M");
+    }
+}

@@ -1,0 +1,269 @@
+//! Servers the harness starts: the relay with chat, nats-server and redis-server. Each is
+//! owned by a guard that kills it (and removes its temporary directory) when dropped, also on
+//! an error path.
+
+use super::wire;
+use anyhow::{bail, Context as _};
+use ed25519_dalek::SigningKey;
+use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+static NEXT_DIR: AtomicU32 = AtomicU32::new(0);
+
+/// A fresh temporary directory for one server.
+pub fn temp_dir(tag: &str) -> anyhow::Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!(
+        "chatperf-{}-{tag}-{}",
+        std::process::id(),
+        NEXT_DIR.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    Ok(dir)
+}
+
+/// `n` consecutive free loopback TCP ports (and, with `udp`, UDP ports too).
+pub fn free_ports(n: u16, udp: bool) -> anyhow::Result<u16> {
+    for _ in 0..200 {
+        let probe = TcpListener::bind("127.0.0.1:0")?;
+        let p = probe.local_addr()?.port();
+        drop(probe);
+        if p.checked_add(n).is_none() {
+            continue;
+        }
+        let ok = (p..p + n).all(|q| {
+            let t = TcpListener::bind(("127.0.0.1", q)).is_ok();
+            let u = !udp || UdpSocket::bind(("127.0.0.1", q)).is_ok();
+            t && u
+        });
+        if ok {
+            return Ok(p);
+        }
+    }
+    bail!("no {n} consecutive free loopback ports")
+}
+
+/// A child process killed on drop.
+pub struct Proc {
+    child: Child,
+    dir: PathBuf,
+    log: PathBuf,
+}
+
+impl Proc {
+    /// The child's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The last lines of the child's stderr (for error messages).
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(8)..].join("\n")
+    }
+
+    /// Fails if the child has exited.
+    pub fn check_alive(&mut self) -> anyhow::Result<()> {
+        if let Some(status) = self.child.try_wait()? {
+            bail!("exited with {status}; log:\n{}", self.log_tail());
+        }
+        Ok(())
+    }
+
+    fn spawn(mut cmd: Command, dir: PathBuf, stdout: Stdio) -> anyhow::Result<Self> {
+        let log = dir.join("stderr.log");
+        let err = std::fs::File::create(&log)?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(err)
+            .spawn()
+            .with_context(|| format!("starting {:?}", cmd.get_program()))?;
+        Ok(Self { child, dir, log })
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A relay with chat enabled, on a temporary data directory.
+pub struct Relay {
+    /// The process.
+    pub proc: Proc,
+    /// Chat port of shard 0.
+    pub chat_port: u16,
+    /// Shards.
+    pub shards: u16,
+    /// Prometheus endpoint.
+    pub metrics: SocketAddr,
+    /// The key tokens are signed with.
+    pub key: SigningKey,
+}
+
+impl Relay {
+    /// Starts `bin` with `shards` shards and the `[chat]` settings of `chat_toml` and waits for
+    /// its `ready` line.
+    pub fn start(bin: &Path, io: &str, shards: u16, chat_toml: &str) -> anyhow::Result<Self> {
+        let dir = temp_dir("relay")?;
+        let cfg = dir.join("relay.toml");
+        std::fs::write(&cfg, format!("[chat]\n{chat_toml}\n"))?;
+        let key = SigningKey::from_bytes(&[42; 32]);
+        let chat_port = free_ports(shards, false)?;
+        let base_port = free_ports(shards, true)?;
+        let mut cmd = Command::new(bin);
+        cmd.args(["--config", cfg.to_str().context("utf-8 path")?])
+            .args(["--io", io, "--shards", &shards.to_string()])
+            .args(["--bind", "127.0.0.1", "--base-port", &base_port.to_string()])
+            .args(["--chat-port", &chat_port.to_string()])
+            .args([
+                "--data-dir",
+                dir.join("data").to_str().context("utf-8 path")?,
+            ])
+            .args([
+                "--public-key",
+                &proto::token::hex(key.verifying_key().as_bytes()),
+            ])
+            .args(["--metrics", "127.0.0.1:0", "--no-pin"]);
+        let mut proc = Proc::spawn(cmd, dir, Stdio::piped())?;
+        let stdout = proc.child.stdout.take().context("relay stdout")?;
+        let mut reader = BufReader::new(stdout);
+        let mut line = String::new();
+        reader.read_line(&mut line)?;
+        // Keep draining stdout so that later prints never block or fail.
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut reader, &mut std::io::sink());
+        });
+        let Some((metrics, port)) = wire::ready_fields(&line) else {
+            bail!(
+                "relay did not print a ready line with chat (got {line:?}); log:\n{}",
+                proc.log_tail()
+            );
+        };
+        if port != chat_port {
+            bail!("relay chat port {port}, asked {chat_port}");
+        }
+        Ok(Self {
+            proc,
+            chat_port,
+            shards,
+            metrics,
+            key,
+        })
+    }
+
+    /// The chat address of `user`'s home shard.
+    pub fn addr(&self, user: u64) -> SocketAddr {
+        let shard = proto::chat::ids::home_shard(user, self.shards);
+        SocketAddr::from(([127, 0, 0, 1], self.chat_port + shard))
+    }
+
+    /// The Prometheus text.
+    pub fn metrics_text(&self) -> anyhow::Result<String> {
+        let mut s = TcpStream::connect_timeout(&self.metrics, Duration::from_secs(2))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
+        let mut body = String::new();
+        s.read_to_string(&mut body)?;
+        Ok(body)
+    }
+
+    /// `relay_chat_records_total` and `relay_chat_commits_total`, summed over shards.
+    pub fn records_commits(&self) -> anyhow::Result<(u64, u64)> {
+        let t = self.metrics_text()?;
+        Ok((
+            wire::metric_sum(&t, "relay_chat_records_total"),
+            wire::metric_sum(&t, "relay_chat_commits_total"),
+        ))
+    }
+
+    /// The relay's resident set, bytes.
+    pub fn rss(&self) -> anyhow::Result<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.proc.pid()))?;
+        wire::vm_rss(&status).context("no VmRSS")
+    }
+}
+
+/// A chat token for `user` on a relay of `shards` shards.
+pub fn token(key: &SigningKey, user: u64, shards: u16) -> String {
+    use proto::token::{Claims, Permissions, TokenKind};
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    Claims {
+        kind: TokenKind::User,
+        permissions: Permissions::CHAT,
+        relay_id: 0,
+        shard_idx: proto::chat::ids::home_shard(user, shards),
+        expires_at: now + 3600,
+        scope_id: user,
+        participant_id: user,
+    }
+    .sign_text(key)
+}
+
+/// Finds `name` in PATH, /usr/sbin or /usr/bin.
+pub fn find_bin(name: &str) -> Option<PathBuf> {
+    let path = std::env::var("PATH").unwrap_or_default();
+    let found = path
+        .split(':')
+        .chain(["/usr/sbin", "/usr/bin", "/usr/local/bin"])
+        .map(|d| Path::new(d).join(name))
+        .find(|p| p.is_file());
+    found
+}
+
+/// A pub/sub server (NATS or Redis) on a loopback port.
+pub struct PubSub {
+    /// The process (killed on drop).
+    _proc: Proc,
+    /// Its port.
+    pub port: u16,
+}
+
+impl PubSub {
+    /// `nats-server -a 127.0.0.1 -p PORT`.
+    pub fn nats(bin: &Path) -> anyhow::Result<Self> {
+        let port = free_ports(1, false)?;
+        let mut cmd = Command::new(bin);
+        cmd.args(["-a", "127.0.0.1", "-p", &port.to_string()]);
+        Self::wait(Proc::spawn(cmd, temp_dir("nats")?, Stdio::null())?, port)
+    }
+
+    /// `redis-server --port PORT --save '' --appendonly no`.
+    pub fn redis(bin: &Path) -> anyhow::Result<Self> {
+        let port = free_ports(1, false)?;
+        let dir = temp_dir("redis")?;
+        let mut cmd = Command::new(bin);
+        cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .args(["--dir", dir.to_str().context("utf-8 path")?]);
+        Self::wait(Proc::spawn(cmd, dir, Stdio::null())?, port)
+    }
+
+    fn wait(mut proc: Proc, port: u16) -> anyhow::Result<Self> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            proc.check_alive()?;
+            if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return Ok(Self { _proc: proc, port });
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "not listening on {port} after 10 s; log:\n{}",
+                    proc.log_tail()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
