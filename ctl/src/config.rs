@@ -34,6 +34,8 @@ pub struct Config {
     pub max_meetings: usize,
     /// Largest request body accepted, bytes.
     pub max_body_bytes: usize,
+    /// Open HTTP connections at once; more wait in the listen backlog.
+    pub max_connections: usize,
     /// Candidates kept per placement (k >= 2).
     pub placement_candidates: usize,
     /// Bounded-load cap: no shard takes more than `load_cap` times the mean rooms per unit of
@@ -55,6 +57,7 @@ impl Default for Config {
             max_participants: 100,
             max_meetings: 100_000,
             max_body_bytes: 16 * 1024,
+            max_connections: 1024,
             placement_candidates: 3,
             load_cap: 1.25,
         }
@@ -82,6 +85,9 @@ impl Config {
         }
         if self.max_participants == 0 || self.max_meetings == 0 {
             bail!("max_participants and max_meetings must be positive");
+        }
+        if !(1..=65_536).contains(&self.max_connections) {
+            bail!("max_connections must be in 1..=65536");
         }
         if !(256..=1 << 20).contains(&self.max_body_bytes) {
             bail!("max_body_bytes must be in 256..=1048576");

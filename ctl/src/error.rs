@@ -44,6 +44,8 @@ pub enum ApiError {
     TooManyRelays,
     /// The store could not make a change durable; nothing was changed.
     Storage,
+    /// The request (its body, usually) took longer than the request deadline.
+    Timeout,
 }
 
 impl ApiError {
@@ -56,6 +58,7 @@ impl ApiError {
             WrongMeeting | NotHost => 403,
             UnknownMeeting | UnknownParticipant | UnknownRelay | NotFound => 404,
             MethodNotAllowed => 405,
+            Timeout => 408,
             MeetingFull | TooManyMeetings => 409,
             BodyTooLarge(_) => 413,
             NoRelay | TooManyRelays | Storage => 503,
@@ -87,6 +90,7 @@ impl ApiError {
             NoRelay => "no_relay",
             TooManyRelays => "too_many_relays",
             Storage => "storage",
+            Timeout => "timeout",
         }
     }
 
@@ -129,6 +133,7 @@ impl fmt::Display for ApiError {
             NoRelay => f.write_str("no relay is serving; retry shortly"),
             TooManyRelays => f.write_str("relay table full"),
             Storage => f.write_str("could not store the change; retry shortly"),
+            Timeout => f.write_str("request took too long"),
         }
     }
 }

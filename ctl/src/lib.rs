@@ -17,6 +17,7 @@ pub mod core;
 pub mod error;
 pub mod journal;
 pub mod keys;
+pub mod listener;
 pub mod meetings;
 pub mod membership;
 pub mod metrics;

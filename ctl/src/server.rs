@@ -440,6 +440,7 @@ pub fn router(app: Shared, max_body_bytes: usize) -> (Router, Vec<(&'static str,
         .fallback(|| async { ApiError::NotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(max_body_bytes))
+        .layer(axum::middleware::from_fn(crate::listener::request_deadline))
         .with_state(app);
     (router, r.list)
 }
@@ -472,7 +473,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     let mut cfg = cfg;
     cfg.listen = addr;
-    let max_body = cfg.max_body_bytes;
+    let (max_body, max_connections) = (cfg.max_body_bytes, cfg.max_connections);
     let data_dir = cfg.data_dir.clone();
     let core = Core::open(cfg, key, &data_dir, Now::system())
         .with_context(|| format!("cannot open the journal in {}", data_dir.display()))?;
@@ -481,10 +482,8 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     tokio::spawn(ticker(app));
     println!("ready listen={addr}");
     std::io::stdout().flush()?;
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .context("server failed")
+    crate::listener::serve(listener, router, max_connections, shutdown_signal()).await;
+    Ok(())
 }
 
 async fn shutdown_signal() {
