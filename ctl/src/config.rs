@@ -36,6 +36,8 @@ pub struct Config {
     pub max_body_bytes: usize,
     /// Open HTTP connections at once; more wait in the listen backlog.
     pub max_connections: usize,
+    /// Joins with an unknown code allowed per client address per minute (0: no limit).
+    pub join_failures_per_minute: u32,
     /// Candidates kept per placement (k >= 2).
     pub placement_candidates: usize,
     /// Bounded-load cap: no shard takes more than `load_cap` times the mean rooms per unit of
@@ -58,6 +60,7 @@ impl Default for Config {
             max_meetings: 100_000,
             max_body_bytes: 16 * 1024,
             max_connections: 1024,
+            join_failures_per_minute: 30,
             placement_candidates: 3,
             load_cap: 1.25,
         }

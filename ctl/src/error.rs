@@ -46,6 +46,8 @@ pub enum ApiError {
     Storage,
     /// The request (its body, usually) took longer than the request deadline.
     Timeout,
+    /// Too many failed join-code lookups from this address; retry in a minute.
+    TooManyRequests,
 }
 
 impl ApiError {
@@ -60,6 +62,7 @@ impl ApiError {
             MethodNotAllowed => 405,
             Timeout => 408,
             MeetingFull | TooManyMeetings => 409,
+            TooManyRequests => 429,
             BodyTooLarge(_) => 413,
             NoRelay | TooManyRelays | Storage => 503,
         }
@@ -91,6 +94,7 @@ impl ApiError {
             TooManyRelays => "too_many_relays",
             Storage => "storage",
             Timeout => "timeout",
+            TooManyRequests => "too_many_requests",
         }
     }
 
@@ -134,6 +138,9 @@ impl fmt::Display for ApiError {
             TooManyRelays => f.write_str("relay table full"),
             Storage => f.write_str("could not store the change; retry shortly"),
             Timeout => f.write_str("request took too long"),
+            TooManyRequests => {
+                f.write_str("too many unknown join codes from this address; retry in a minute")
+            }
         }
     }
 }

@@ -15,6 +15,7 @@ pub mod commands;
 pub mod config;
 pub mod core;
 pub mod error;
+pub mod guard;
 pub mod journal;
 pub mod keys;
 pub mod listener;

@@ -4,9 +4,11 @@
 #![forbid(unsafe_code)]
 
 use crate::error::ApiError;
+use crate::server::Peer;
 use axum::extract::Request;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use axum::Extension;
 use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
@@ -51,8 +53,8 @@ pub async fn serve(
             a = listener.accept() => a,
             () = &mut shutdown => break,
         };
-        let stream = match accepted {
-            Ok((stream, _peer)) => stream,
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
             Err(_) => {
                 // Out of file descriptors or a connection reset before accept: back off a
                 // little rather than spin.
@@ -60,7 +62,8 @@ pub async fn serve(
                 continue;
             }
         };
-        let service = TowerToHyperService::new(router.clone());
+        let per_conn = router.clone().layer(Extension(Peer(peer.ip())));
+        let service = TowerToHyperService::new(per_conn);
         tokio::spawn(async move {
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())

@@ -9,6 +9,7 @@ use crate::api_types::*;
 use crate::config::Config;
 use crate::core::{Core, Now};
 use crate::error::ApiError;
+use crate::guard::JoinGuard;
 use crate::membership::Heartbeat;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection};
@@ -17,6 +18,7 @@ use axum::handler::Handler;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{on, MethodFilter};
+use axum::Extension;
 use axum::Router;
 use serde::{de::DeserializeOwned, Serialize};
 use std::collections::HashMap;
@@ -39,7 +41,12 @@ pub struct App {
     wakers: Mutex<HashMap<u32, Arc<Notify>>>,
     admin_token: Option<String>,
     max_body_bytes: usize,
+    join_guard: Mutex<JoinGuard>,
 }
+
+/// The client's address, attached to each request by the accept loop.
+#[derive(Clone, Copy, Debug)]
+pub struct Peer(pub std::net::IpAddr);
 
 type Shared = Arc<App>;
 type Result<T> = std::result::Result<T, ApiError>;
@@ -48,11 +55,13 @@ impl App {
     pub fn new(core: Core) -> Shared {
         let admin_token = core.config().admin_token.clone();
         let max_body_bytes = core.config().max_body_bytes;
+        let join_guard = Mutex::new(JoinGuard::new(core.config().join_failures_per_minute));
         Arc::new(Self {
             core: Mutex::new(core),
             wakers: Mutex::new(HashMap::new()),
             admin_token,
             max_body_bytes,
+            join_guard,
         })
     }
 
@@ -232,6 +241,7 @@ async fn create_meeting(
 
 async fn join(
     State(app): State<Shared>,
+    peer: Option<Extension<Peer>>,
     headers: HeaderMap,
     body: std::result::Result<Bytes, BytesRejection>,
 ) -> Response {
@@ -239,13 +249,26 @@ async fn join(
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };
-    let auth = bearer(&headers);
+    let peer = peer.map(|Extension(Peer(ip))| ip);
+    let guard = || app.join_guard.lock().unwrap_or_else(|e| e.into_inner());
+    if peer.is_some_and(|ip| !guard().allows(ip, std::time::Instant::now())) {
+        return ApiError::TooManyRequests.into_response();
+    }
+    let r = join_in_grace(&app, req, bearer(&headers)).await;
+    if let (Some(ip), Err(ApiError::UnknownMeeting)) = (peer, &r) {
+        guard().handle_failure(ip, std::time::Instant::now());
+    }
+    ok(r)
+}
+
+/// Joins; while membership is re-learned after a restart, waits for the room's relay.
+async fn join_in_grace(app: &App, req: JoinRequest, auth: Option<&str>) -> Result<Joined> {
     loop {
         let now = Now::system();
         let (r, grace) = app.with_core(|c| (c.join(&now, req.clone(), auth), c.in_grace(&now)));
         match r {
             Err(ApiError::NoRelay) if grace => tokio::time::sleep(GRACE_RETRY).await,
-            r => return ok(r),
+            r => return r,
         }
     }
 }

@@ -25,6 +25,13 @@ impl Ctl {
         Self::start_with(dir, &[])
     }
 
+    /// Starts ctl with `config` (TOML text) as its configuration file.
+    fn start_configured(dir: &Path, config: &str) -> Self {
+        let path = dir.join("ctl.toml");
+        std::fs::write(&path, config).unwrap();
+        Self::start_with(dir, &["--config", path.to_str().unwrap()])
+    }
+
     fn start_with(dir: &Path, extra: &[&str]) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_ctl"))
             .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
@@ -554,6 +561,24 @@ fn malformed_oversized_and_unknown_input_gets_a_clear_4xx() {
 }
 
 #[test]
+fn guessing_join_codes_is_rate_limited_per_address() {
+    let dir = temp_dir("guess");
+    let ctl = Ctl::start_configured(&dir, "join_failures_per_minute = 3");
+    let _relay = FakeRelay::start(&ctl.url, 7);
+    let m = ctl.create();
+    for guess in ["abc-defg-hjk", "bcd-efgh-jkm", "cde-fghj-kmn"] {
+        refused(
+            &ctl,
+            post("/v1/join", &json!({"code": guess}).to_string()),
+            404,
+            "unknown_meeting",
+        );
+    }
+    let right = json!({"code": m["code"]}).to_string();
+    refused(&ctl, post("/v1/join", &right), 429, "too_many_requests");
+}
+
+#[test]
 fn forged_expired_foreign_and_non_host_credentials_are_refused() {
     let dir = temp_dir("bad-creds");
     let ctl = Ctl::start(&dir);
@@ -786,7 +811,8 @@ impl FuzzInputs {
 #[test]
 fn fuzzed_requests_to_every_route_never_get_a_5xx() {
     let dir = temp_dir("fuzz");
-    let ctl = Ctl::start(&dir);
+    // No limit on unknown join codes: mutated codes would otherwise lock the fuzzer out.
+    let ctl = Ctl::start_configured(&dir, "join_failures_per_minute = 0");
     let _r1 = FakeRelay::start(&ctl.url, 1);
     let _r2 = FakeRelay::start(&ctl.url, 2);
     let inputs = FuzzInputs::of(&ctl.create());
