@@ -62,6 +62,9 @@ pub struct LoadResult {
     pub rate: f64,
     /// Send-to-deliver latency, ns, of those messages.
     pub hist: Histogram<u64>,
+    /// Paced runs: how late each send was against its schedule, ns (timer resolution, or a
+    /// full window when the server falls behind).
+    pub lag: Histogram<u64>,
     /// Error replies or broken connections.
     pub errors: u64,
     /// The first error seen.
@@ -317,6 +320,7 @@ async fn redis_login(
 struct PairStats {
     delivered: u64,
     hist: Histogram<u64>,
+    lag: Histogram<u64>,
     errors: u64,
     first_error: Option<String>,
 }
@@ -346,6 +350,7 @@ async fn run_pair(
     let mut st = PairStats {
         delivered: 0,
         hist: wire::new_hist(),
+        lag: wire::new_hist(),
         errors: 0,
         first_error: None,
     };
@@ -395,9 +400,13 @@ async fn pair_loop(
             let t = match interval {
                 Some(_) if next_due > now => break,
                 Some(i) => {
-                    let t = next_due;
+                    if now >= clock.warm_end {
+                        let _ = st
+                            .lag
+                            .record(clock.ns(now).saturating_sub(clock.ns(next_due)).max(1));
+                    }
                     next_due += i;
-                    t
+                    now
                 }
                 None => now,
             };
@@ -657,6 +666,7 @@ pub fn run(
         delivered: 0,
         rate: 0.0,
         hist: wire::new_hist(),
+        lag: wire::new_hist(),
         errors: 0,
         first_error: None,
     };
@@ -670,6 +680,7 @@ pub fn run(
                 for p in stats {
                     res.delivered += p.delivered;
                     res.hist.add(&p.hist).context("merging histograms")?;
+                    res.lag.add(&p.lag).context("merging histograms")?;
                     res.errors += p.errors;
                     if res.first_error.is_none() {
                         res.first_error = p.first_error;
