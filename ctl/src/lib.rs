@@ -3,6 +3,12 @@
 //!
 //! - [`placement`]: on which relay shard every room and every user's chat home lives (weighted
 //!   rendezvous hashing with static capacity weights, load handled after ranking).
+//! - [`core`]: the control state machine (membership, placements, meetings, tokens, command
+//!   queues), driven with explicit time; [`membership`], [`meetings`], [`commands`] and
+//!   [`journal`] (the fsync'd store) are its parts.
+//! - [`server`] and [`listener`]: the HTTP driver (axum routes over hyper, one `Core` behind a
+//!   mutex, relays' long polls, the periodic tick); [`api_types`] and [`error`] are the wire.
+//! - [`client`]: the std-only HTTP client of the admin subcommands and the tests.
 
 #![forbid(unsafe_code)]
 

@@ -35,7 +35,7 @@ pub async fn request_deadline(req: Request, next: Next) -> Response {
 }
 
 /// Serves `router` on `listener`, at most `max_connections` at once, until `shutdown`
-/// resolves; then stops accepting and gives open connections [`DRAIN_TIMEOUT`].
+/// resolves; then stops accepting and gives open connections two seconds.
 pub async fn serve(
     listener: TcpListener,
     router: Router,

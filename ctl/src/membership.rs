@@ -85,7 +85,9 @@ impl Heartbeat {
             && self
                 .host
                 .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b));
+                .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b))
+            // Clients are sent to this host: a wildcard address reaches nobody.
+            && !["0.0.0.0", "::", "[::]"].contains(&self.host.as_str());
         let last_port = u32::from(self.udp_base_port) + u32::from(self.shards);
         let checks = [
             (self.relay_id != 0, "relay_id must be nonzero"),
@@ -438,8 +440,9 @@ mod tests {
 
     #[test]
     fn refuses_out_of_range_heartbeats() {
-        let bad: [fn(&mut Heartbeat); 8] = [
+        let bad: [fn(&mut Heartbeat); 9] = [
             |h| h.relay_id = 0,
+            |h| h.host = "0.0.0.0".into(),
             |h| h.host = String::new(),
             |h| h.host = "a b".into(),
             |h| h.shards = 0,
