@@ -146,6 +146,10 @@ pub struct Core {
     placed: BTreeMap<(Scope, u64), Placed>,
     /// The id of every placed key: the placer reports moves by key, a hash of the id.
     ids: HashMap<(Scope, Key), u64>,
+    /// Placements on record per (scope, relay, shard). Relays report no user load, so this is
+    /// the users placer's load report; it also counts placements restored from the journal,
+    /// which the placer (fresh at every start) does not know.
+    per_slot: HashMap<(Scope, u32, u16), u64>,
     meetings: Meetings,
     journal: Journal<Record>,
     queues: Queues,
@@ -196,6 +200,7 @@ impl Core {
             users: placer(),
             placed: BTreeMap::new(),
             ids: HashMap::new(),
+            per_slot: HashMap::new(),
             meetings: Meetings::default(),
             journal,
             queues: Queues::default(),
@@ -220,13 +225,27 @@ impl Core {
             }
             Record::Placed(placed) => {
                 self.ids.insert((placed.scope, key(placed.id)), placed.id);
-                self.placed.insert((placed.scope, placed.id), placed);
+                self.count_slot(&placed, 1);
+                let old = self.placed.insert((placed.scope, placed.id), placed);
+                if let Some(old) = old {
+                    self.count_slot(&old, -1);
+                }
             }
             Record::Released { scope, id } => {
                 self.ids.remove(&(scope, key(id)));
-                self.placed.remove(&(scope, id));
+                if let Some(old) = self.placed.remove(&(scope, id)) {
+                    self.count_slot(&old, -1);
+                }
             }
         }
+    }
+
+    fn count_slot(&mut self, p: &Placed, delta: i64) {
+        let n = self
+            .per_slot
+            .entry((p.scope, p.relay_id, p.shard_idx))
+            .or_default();
+        *n = n.saturating_add_signed(delta);
     }
 
     /// Makes `r` durable, then applies it. On a storage error nothing changes.
@@ -399,10 +418,13 @@ impl Core {
                 self.remove_node(relay_id, shard_idx, now);
             }
         }
-        for (shard_idx, load) in (0u16..).zip(loads) {
+        for (shard_idx, rooms) in (0u16..).zip(loads) {
+            let node = node_id(relay_id, shard_idx);
+            let _ = self.rooms.handle_load_report(node, rooms);
+            let users = self.per_slot.get(&(Scope::User, relay_id, shard_idx));
             let _ = self
-                .rooms
-                .handle_load_report(node_id(relay_id, shard_idx), load);
+                .users
+                .handle_load_report(node, users.copied().unwrap_or(0));
         }
     }
 

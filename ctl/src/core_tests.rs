@@ -501,3 +501,39 @@ fn a_relay_that_comes_back_closes_the_rooms_that_moved_away() {
         "the room stays moved"
     );
 }
+
+#[test]
+fn user_load_is_counted_from_the_record_across_restarts() {
+    let mut rig = Rig::new("userload");
+    rig.beat(0, &[1, 2]);
+    for user in 1..=40 {
+        rig.core.user_home(&rig.at(0), user).unwrap();
+    }
+    let on = |core: &Core, relay: u32| {
+        (0..2u16)
+            .map(|s| {
+                core.placer_load(
+                    Scope::User,
+                    Slot {
+                        relay_id: relay,
+                        shard_idx: s,
+                    },
+                )
+                .unwrap()
+            })
+            .sum::<u64>()
+    };
+    rig.beat(100, &[1, 2]);
+    assert_eq!(
+        on(&rig.core, 1) + on(&rig.core, 2),
+        40,
+        "a heartbeat keeps the count"
+    );
+    rig.restart(1_000);
+    rig.beat(1_100, &[1, 2]);
+    assert_eq!(
+        on(&rig.core, 1) + on(&rig.core, 2),
+        40,
+        "restored placements count"
+    );
+}
