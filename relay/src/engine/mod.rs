@@ -117,6 +117,13 @@ pub enum Command {
     SetDraining(bool),
 }
 
+/// Removed participants and closed rooms remembered at most (their tokens stay refused until
+/// they expire).
+pub const MAX_REMOVED: usize = 65_536;
+
+/// Stand-in participant id for "every participant of the room".
+const WHOLE_ROOM: u64 = u64::MAX;
+
 /// Where a bound address lives: room slot and participant slot.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct BindingRef {
@@ -136,6 +143,9 @@ pub struct Shard {
     n_participants: usize,
     new_bindings: TokenBucket,
     draining: bool,
+    /// Participants removed by the control plane (participant `u64::MAX`: a closed room), with
+    /// the unix time until which their tokens stay refused. Bounded by [`MAX_REMOVED`].
+    removed: FxHashMap<(u64, u64), u64>,
     next_sweep_us: u64,
     /// Scratch destination list for RTCP feedback routing; capacity reserved up front.
     scratch: Vec<SocketAddr>,
@@ -160,6 +170,7 @@ impl Shard {
             n_participants: 0,
             new_bindings,
             draining: false,
+            removed: FxHashMap::default(),
             counters: Counters::default(),
         }
     }
@@ -376,6 +387,15 @@ impl Shard {
         if claims.kind != TokenKind::Room || claims.shard_idx != self.shard_idx {
             return Err((DropReason::WrongScope, 403, "Wrong shard"));
         }
+        let refused_until = |pid| {
+            self.removed
+                .get(&(claims.scope_id, pid))
+                .copied()
+                .unwrap_or(0)
+        };
+        if refused_until(claims.participant_id).max(refused_until(WHOLE_ROOM)) > now.unix_s {
+            return Err((DropReason::NotPermitted, 403, "Removed"));
+        }
         self.attach(now, src, &claims, key)?;
         Ok(key)
     }
@@ -543,13 +563,39 @@ impl Shard {
         slots.len()
     }
 
+    /// The latest token expiry among the room's participants (or of one participant), if the
+    /// room lives here: how long a removed token must stay refused.
+    fn token_expiry(&self, room_id: u64, participant: Option<u64>) -> Option<u64> {
+        let room = self.rooms[*self.room_by_id.get(&room_id)? as usize].as_ref()?;
+        room.iter()
+            .filter(|(_, p)| participant.is_none_or(|id| p.id == id))
+            .map(|(_, p)| p.expires_at)
+            .max()
+    }
+
+    fn remember_removed(&mut self, room: u64, participant: u64, until: u64) {
+        if self.removed.len() >= MAX_REMOVED {
+            // Full of live entries: the oldest grants are the least useful to keep.
+            if let Some((&k, _)) = self.removed.iter().min_by_key(|(_, &u)| u) {
+                self.removed.remove(&k);
+            }
+        }
+        self.removed.insert((room, participant), until);
+    }
+
     /// Applies a control-plane command.
     pub fn handle_command(&mut self, cmd: Command) {
         match cmd {
             Command::RemoveParticipant { room, participant } => {
+                if let Some(until) = self.token_expiry(room, Some(participant)) {
+                    self.remember_removed(room, participant, until);
+                }
                 self.remove_participant(room, participant);
             }
             Command::CloseRoom { room } => {
+                if let Some(until) = self.token_expiry(room, None) {
+                    self.remember_removed(room, WHOLE_ROOM, until);
+                }
                 self.close_room(room);
             }
             Command::SetDraining(on) => self.draining = on,
@@ -583,6 +629,7 @@ impl Shard {
             return;
         }
         self.next_sweep_us = now.mono_us + sweep_interval_us(&self.cfg);
+        self.removed.retain(|_, until| *until > now.unix_s);
         let ttl = self.cfg.binding_ttl_us;
         let mut expired = Vec::new();
         for (&addr, &b) in &self.bindings {

@@ -433,3 +433,35 @@ fn commands_remove_close_and_drain() {
     f.join(5, 30, 1);
     f.shard.check_invariants();
 }
+
+#[test]
+fn removed_participants_and_closed_rooms_cannot_bind_again_with_their_tokens() {
+    let mut f = Fixture::new(EngineConfig::default());
+    f.join(1, 10, 1);
+    f.join(2, 10, 2);
+    f.join(3, 20, 1);
+    let t2 = f.token(10, 2, Permissions::PUBLISH | Permissions::SUBSCRIBE);
+    f.shard.handle_command(Command::RemoveParticipant {
+        room: 10,
+        participant: 2,
+    });
+    assert_eq!(
+        f.send(addr(2), &Fixture::request(&t2)),
+        Err("error 403".into()),
+        "no way back in"
+    );
+    assert_eq!(f.send(addr(1), &rtp(1, 1)), Err("no_route".into()));
+    f.shard.handle_command(Command::CloseRoom { room: 20 });
+    let t = f.token(20, 5, Permissions::ALL);
+    assert_eq!(
+        f.send(addr(5), &Fixture::request(&t)),
+        Err("error 403".into()),
+        "a closed room stays closed"
+    );
+    // Once the refused tokens would have expired anyway, the ids are free again.
+    f.now.unix_s += 61;
+    f.now.mono_us += 1_000_000;
+    f.shard.handle_timeout(f.now);
+    f.join(2, 10, 2);
+    f.shard.check_invariants();
+}
