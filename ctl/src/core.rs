@@ -912,23 +912,30 @@ impl Core {
             return Err(ApiError::Invalid("user id must be nonzero".into()));
         }
         let p = self.locate(Scope::User, user_id, now)?;
+        let relay = self.members.get(p.relay_id);
+        // Placement picks the relay; inside it the user's home shard is fixed by the chat
+        // protocol (PROTOCOL.md section 7.6), which the relay checks against the token.
+        let shard_idx = relay.map_or(p.shard_idx, |r| {
+            proto::chat::ids::home_shard(user_id, r.shards)
+        });
         let expires_at = now.unix_s + self.cfg.token_ttl_s;
         let claims = Claims {
             kind: TokenKind::User,
             permissions: Permissions::CHAT,
             relay_id: p.relay_id,
-            shard_idx: p.shard_idx,
+            shard_idx,
             expires_at,
             scope_id: user_id,
             participant_id: user_id,
         };
-        let relay = self.members.get(p.relay_id);
         Ok(UserHome {
             user_id,
             relay_id: p.relay_id,
             host: relay.map_or_else(String::new, |r| r.host.clone()),
-            shard_idx: p.shard_idx,
-            chat_port: relay.and_then(|r| r.chat_port),
+            shard_idx,
+            chat_port: relay
+                .and_then(|r| r.chat_port)
+                .and_then(|base| base.checked_add(shard_idx)),
             token: claims.sign_text(&self.key),
             expires_at,
         })

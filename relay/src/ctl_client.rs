@@ -34,6 +34,9 @@ pub struct Identity {
     pub nic_gbps: f64,
     /// Free-form labels (region, rack).
     pub labels: BTreeMap<String, String>,
+    /// TCP port of shard 0's chat listener, when chat is on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub chat_port: Option<u16>,
 }
 
 #[derive(Serialize)]
@@ -369,6 +372,7 @@ mod tests {
             shards: 1,
             nic_gbps: 25.0,
             labels: BTreeMap::from([("region".into(), "local".into())]),
+            chat_port: Some(41000),
         };
         let hb = Heartbeat {
             identity: &identity,

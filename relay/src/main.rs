@@ -29,6 +29,7 @@ fn register_with_ctl(
         shards,
         nic_gbps: cfg.nic_gbps,
         labels: cfg.labels.clone(),
+        chat_port: cfg.chat.port,
     };
     let reply =
         relay::ctl_client::register(addr, &identity, Instant::now() + Duration::from_secs(30))?;

@@ -306,3 +306,61 @@ fn ctl_places_meetings_on_live_relays_and_survives_failures() {
     drop(relays);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A user's chat home looked up through ctl leads to a working chat session on the relay.
+#[test]
+fn chat_homes_from_ctl_work_on_the_relay() {
+    use relay::chat::client::{Client as ChatClient, Event};
+    let dir = std::env::temp_dir().join(format!("relay-ctl-chat-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let (_ctl_proc, ctl) = start_ctl(&dir.join("ctl"), "127.0.0.1:0");
+    let base = 32_000 + (std::process::id() % 100) as u16 * 10;
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_relay"));
+    cmd.args([
+        "--io",
+        "batch",
+        "--shards",
+        "2",
+        "--no-pin",
+        "--metrics",
+        "127.0.0.1:0",
+    ])
+    .args(["--base-port", &base.to_string(), "--relay-id", "9"])
+    .args([
+        "--chat-port",
+        &(base + 4).to_string(),
+        "--data-dir",
+        dir.join("relay").to_str().unwrap(),
+    ])
+    .args(["--ctl", &format!("http://{ctl}")]);
+    let _relay = Proc::start(cmd);
+    wait_until("relay alive", Duration::from_secs(5), || {
+        http(ctl, "GET", "/health", None, None).1["relays_alive"] == 1
+    });
+    let home = |user: u64| {
+        let (status, h) = http(ctl, "GET", &format!("/v1/users/{user}/home"), None, None);
+        assert_eq!(status, 200, "{h}");
+        assert_eq!(
+            h["shard_idx"].as_u64(),
+            Some(u64::from(proto::chat::ids::home_shard(user, 2)))
+        );
+        let addr: SocketAddr = format!("{}:{}", h["host"].as_str().unwrap(), h["chat_port"])
+            .parse()
+            .unwrap();
+        ChatClient::connect(addr, h["token"].as_str().unwrap(), Duration::from_secs(5))
+            .expect("chat session")
+    };
+    let (a, b) = (11u64, 12u64);
+    let mut ca = home(a);
+    let mut cb = home(b);
+    ca.send_direct(b, b"via ctl").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut got = None;
+    while got.is_none() && Instant::now() < deadline {
+        if let Some(Event::Message(m)) = cb.recv(Duration::from_millis(200)).unwrap() {
+            got = Some(m.body);
+        }
+    }
+    assert_eq!(got.as_deref(), Some(&b"via ctl"[..]));
+    let _ = std::fs::remove_dir_all(&dir);
+}
