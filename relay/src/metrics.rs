@@ -14,38 +14,18 @@ pub fn render(stats: &[Arc<ShardStats>], backend: Backend) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "# TYPE relay_backend gauge");
     let _ = writeln!(out, "relay_backend{{io=\"{}\"}} 1", backend.as_str());
-    for field in ShardStats::FIELDS {
-        let gauge = matches!(field, "rooms" | "participants");
-        let name = if gauge {
-            format!("relay_{field}")
-        } else {
-            format!("relay_{field}_total")
-        };
-        let _ = writeln!(
-            out,
-            "# TYPE {name} {}",
-            if gauge { "gauge" } else { "counter" }
-        );
-        for (i, s) in stats.iter().enumerate() {
-            let _ = writeln!(out, "{name}{{shard=\"{i}\"}} {}", s.get(field).unwrap_or(0));
-        }
-    }
-    for field in ShardStats::CHAT_FIELDS {
-        let gauge = matches!(field, "chat_sessions" | "chat_pending" | "chat_log_bytes");
-        let name = if gauge {
-            format!("relay_{field}")
-        } else {
-            format!("relay_{field}_total")
-        };
-        let _ = writeln!(
-            out,
-            "# TYPE {name} {}",
-            if gauge { "gauge" } else { "counter" }
-        );
-        for (i, s) in stats.iter().enumerate() {
-            let _ = writeln!(out, "{name}{{shard=\"{i}\"}} {}", s.get(field).unwrap_or(0));
-        }
-    }
+    family(
+        &mut out,
+        stats,
+        &ShardStats::FIELDS,
+        &["rooms", "participants"],
+    );
+    family(
+        &mut out,
+        stats,
+        &ShardStats::CHAT_FIELDS,
+        &["chat_sessions", "chat_pending", "chat_log_bytes"],
+    );
     let _ = writeln!(out, "# TYPE relay_drops_total counter");
     for (i, s) in stats.iter().enumerate() {
         for (reason, n) in DropReason::ALL.iter().zip(s.drops()) {
@@ -57,6 +37,22 @@ pub fn render(stats: &[Arc<ShardStats>], backend: Backend) -> String {
         }
     }
     out
+}
+
+/// One metric per field, one sample per shard; `gauges` are the fields that are not counters.
+fn family(out: &mut String, stats: &[Arc<ShardStats>], fields: &[&str], gauges: &[&str]) {
+    for field in fields {
+        let gauge = gauges.contains(field);
+        let (name, kind) = if gauge {
+            (format!("relay_{field}"), "gauge")
+        } else {
+            (format!("relay_{field}_total"), "counter")
+        };
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+        for (i, s) in stats.iter().enumerate() {
+            let _ = writeln!(out, "{name}{{shard=\"{i}\"}} {}", s.get(field).unwrap_or(0));
+        }
+    }
 }
 
 /// Serves the endpoint on `listener` until the process ends. One request per connection, each

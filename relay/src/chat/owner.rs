@@ -73,6 +73,18 @@ impl Chat {
     }
 }
 
+/// Removes the committed entries that every recipient has acknowledged and hands their LSNs to
+/// `dead`. Uncommitted entries stay: their LSN is not known yet, and "sent" still waits on them.
+fn drop_settled(pending: &mut VecDeque<Stored>, dead: &mut Vec<u64>) {
+    pending.retain(|s| {
+        let settled = s.committed && s.unacked.is_empty();
+        if settled {
+            dead.extend(s.lsn);
+        }
+        !settled
+    });
+}
+
 /// A backlog being streamed to a user's session.
 #[derive(Debug)]
 struct Stream {
@@ -378,14 +390,7 @@ impl Owner {
                 }
             }
         }
-        let dead = &mut self.dead;
-        chat.pending.retain(|s| {
-            let live = !s.unacked.is_empty() || !s.committed;
-            if !live {
-                dead.extend(s.lsn);
-            }
-            live
-        });
+        drop_settled(&mut chat.pending, &mut self.dead);
         self.records.push((
             records::ACK,
             records::encode_ack(chat_id, user, seq),
@@ -520,7 +525,6 @@ impl Owner {
                 list.retain(|&c| c != chat_id);
             }
             // A departed member no longer holds entries back.
-            let dead = &mut self.dead;
             for s in chat.pending.iter_mut() {
                 if let Some(i) = s.unacked.iter().position(|&u| u == target) {
                     s.unacked.swap_remove(i);
@@ -529,13 +533,7 @@ impl Owner {
                     }
                 }
             }
-            chat.pending.retain(|s| {
-                let live = !s.unacked.is_empty() || !s.committed;
-                if !live {
-                    dead.extend(s.lsn);
-                }
-                live
-            });
+            drop_settled(&mut chat.pending, &mut self.dead);
             kind::MEMBER_REMOVED
         };
         let audience: Vec<u64> = chat
@@ -665,6 +663,7 @@ impl Owner {
             return;
         };
         debug_assert_eq!(owners.len(), lsns.len());
+        let mut touched: Vec<u64> = Vec::new();
         for (owner, &lsn) in owners.iter().zip(lsns) {
             match *owner {
                 RecOwner::Ack => self.dead.push(lsn),
@@ -676,22 +675,28 @@ impl Owner {
                     }
                 }
                 RecOwner::Entry { chat, seq } => {
-                    if let Some(s) = self
-                        .chats
-                        .get_mut(&chat)
-                        .and_then(|c| c.pending.iter_mut().find(|s| s.seq == seq))
-                    {
-                        s.lsn = Some(lsn);
-                        s.committed = true;
-                        if s.unacked.is_empty() {
-                            self.dead.push(lsn);
+                    let Some(c) = self.chats.get_mut(&chat) else {
+                        continue;
+                    };
+                    // Pending entries are kept in seq order.
+                    if let Ok(i) = c.pending.binary_search_by_key(&seq, |s| s.seq) {
+                        c.pending[i].lsn = Some(lsn);
+                        c.pending[i].committed = true;
+                        if touched.last() != Some(&chat) {
+                            touched.push(chat);
                         }
                     }
                 }
             }
         }
-        for c in self.chats.values_mut() {
-            c.pending.retain(|s| !(s.committed && s.unacked.is_empty()));
+        // Entries acknowledged before their commit can go now; only the chats of this batch
+        // can hold such entries.
+        touched.sort_unstable();
+        touched.dedup();
+        for chat in touched {
+            if let Some(c) = self.chats.get_mut(&chat) {
+                drop_settled(&mut c.pending, &mut self.dead);
+            }
         }
         // A user whose backlog is being streamed gets these entries from the stream, in order,
         // now that they are committed.
@@ -798,13 +803,7 @@ impl Owner {
                     *self.pending_per_user.entry(*u).or_default() += 1;
                 }
             }
-            let dead = &mut self.dead;
-            c.pending.retain(|s| {
-                if s.unacked.is_empty() {
-                    dead.extend(s.lsn);
-                }
-                !s.unacked.is_empty()
-            });
+            drop_settled(&mut c.pending, &mut self.dead);
         }
     }
 

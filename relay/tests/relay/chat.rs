@@ -372,7 +372,7 @@ fn bad_input_gets_an_error_then_close_while_others_are_served() {
             "{name}: {frame:?}"
         );
     }
-    // A connection that never says HELLO is closed too, after the deadline (5 s).
+    // The shard keeps serving the others (the HELLO deadline is covered by the engine tests).
     let mut a2 = r.connect((300..).find(|&u| ids::home_shard(u, SHARDS) == 0).unwrap());
     a.send_direct(a2.user, b"still here").unwrap();
     let got = collect(&mut a2, 1, |e| matches!(e, Event::Message(_)));
