@@ -159,7 +159,7 @@ fn chat_parts(
     shard_idx: usize,
     n_shards: usize,
     mailbox: io::mailbox::Mailbox,
-) -> Result<io::batch::ChatParts, String> {
+) -> Result<io::chat_io::ChatParts, String> {
     let port = usize::from(base) + shard_idx;
     let port = u16::try_from(port).map_err(|_| format!("chat port {port} out of range"))?;
     let addr = SocketAddr::new(cfg.bind, port);
@@ -182,7 +182,7 @@ fn chat_parts(
         sync,
         ..Default::default()
     };
-    Ok(io::batch::ChatParts {
+    Ok(io::chat_io::ChatParts {
         engine,
         dir,
         log,
@@ -213,7 +213,7 @@ fn run_shard(
     socket: UdpSocket,
     ctx: ShardCtx,
     pin: Option<usize>,
-    chat: Option<io::batch::ChatParts>,
+    chat: Option<io::chat_io::ChatParts>,
 ) -> std::io::Result<()> {
     if let Some(cpu) = pin {
         if let Err(e) = io::sys::pin_to_cpu(cpu) {

@@ -6,6 +6,7 @@
 //! fan-out to N subscribers queues N message headers that all point at the same received
 //! buffer: no copy per subscriber.
 
+use super::chat_io::ChatParts;
 use super::sys::{from_sockaddr, sockaddr_storage, to_sockaddr};
 use super::{
     IoCounters, ShardCtx, MAX_BATCHES_PER_TURN, MAX_DATAGRAM, MAX_WAIT_MS, RX_BATCH, TX_BATCH,
@@ -176,20 +177,6 @@ pub fn run(
     Ok(())
 }
 
-/// What a shard needs to serve chat besides its UDP socket.
-pub struct ChatParts {
-    /// The chat engine.
-    pub engine: crate::chat::ChatShard,
-    /// The shard's log directory.
-    pub dir: std::path::PathBuf,
-    /// Log settings.
-    pub log: crate::chat::log::LogConfig,
-    /// The shard's TCP listener.
-    pub listener: std::net::TcpListener,
-    /// The shard's mailbox.
-    pub mailbox: super::mailbox::Mailbox,
-}
-
 /// epoll tag of the UDP socket.
 const TAG_UDP: u64 = 0;
 
@@ -219,14 +206,7 @@ fn run_with_chat(
     if unsafe { libc::epoll_ctl(epfd, libc::EPOLL_CTL_ADD, fd, &mut ev) } < 0 {
         return Err(io::Error::last_os_error());
     }
-    let mut chat = super::chat_io::ChatIo::new(
-        parts.engine,
-        &parts.dir,
-        parts.log,
-        parts.listener,
-        parts.mailbox,
-        epfd,
-    )?;
+    let mut chat = super::chat_epoll::EpollChat::new(parts, epfd)?;
     let mut rx = Rx::new();
     let mut tx = Tx::new();
     let mut io = IoCounters::default();

@@ -1,40 +1,55 @@
-//! The chat side of a shard's loop for the `batch` backend: a non-blocking TCP listener and
-//! connections on the shard's epoll, the shard's log with group commit, and the cross-shard
-//! mailbox. The protocol logic is in [`crate::chat::ChatShard`]; this file only moves bytes.
+//! The backend-neutral half of a shard's chat I/O: the engine, the log with its group commit,
+//! the cross-shard mailbox, connection ids, the read-buffer handling, the limits and the
+//! counters. The two backends add only their readiness or completion plumbing: `chat_epoll`
+//! (readiness on the `batch` backend's epoll) and `chat_uring` (completions on the `uring`
+//! backend's ring). The protocol logic is in [`crate::chat::ChatShard`]; this file only moves
+//! bytes and records.
 //!
-//! Per loop turn (after the epoll wait): accept, read, hand bytes to the engine; take messages
-//! from the other shards; append the engine's records and commit them with one fdatasync; then
-//! send what the engine released: "sent" acknowledgements and deliveries (never before the
-//! commit), ring messages, and socket writes.
+//! Per loop turn a backend: hands received bytes to [`ChatCore::feed`] (or
+//! [`ChatCore::input`]) and accepted or closed connections to [`ChatCore::accept`] and
+//! [`ChatCore::closed`]; then calls [`ChatCore::end_turn`], which takes messages from the other
+//! shards, appends the engine's records and commits them with one fdatasync, and passes on the
+//! engine's ring messages; then writes the output of every [`ChatCore::take_dirty`] connection
+//! (never before that commit: "sent" and deliveries are released by it) and closes every
+//! [`ChatCore::take_closing`] connection once its output is flushed.
 
 use super::mailbox::Mailbox;
-use crate::chat::log::{Log, Lsn};
+use crate::chat::log::{Log, LogConfig, Lsn};
 use crate::chat::msg::ConnId;
 use crate::chat::ChatShard;
 use crate::engine::Now;
-use std::collections::HashMap;
-use std::io::{self, Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::os::fd::{AsRawFd, RawFd};
+use std::io;
+use std::net::{IpAddr, TcpListener};
+use std::path::PathBuf;
 
-/// epoll tags below this are the shard's own descriptors; connections use their id.
-pub const FIRST_CONN_ID: u64 = 16;
-/// Largest read buffer per connection: a whole frame and a bit.
-const MAX_INBUF: usize = proto::chat::MAX_FRAME + proto::chat::LEN_BYTES + 4096;
-/// Connections accepted per loop turn at most.
-const MAX_ACCEPTS_PER_TURN: usize = 256;
+/// Connection ids start here (epoll tags and io_uring user data below it are the shard's own).
+pub const FIRST_CONN_ID: ConnId = 16;
+/// Largest read buffer per connection: a whole frame and a bit. The engine consumes every whole
+/// frame, so what stays between reads is less than one frame.
+pub const MAX_INBUF: usize = proto::chat::MAX_FRAME + proto::chat::LEN_BYTES + 4096;
+/// Connections accepted per loop turn at most (batch; the uring backend accepts as completions
+/// arrive, bounded by [`MAX_CONNS`]).
+pub const MAX_ACCEPTS_PER_TURN: usize = 256;
+/// Open connections per shard at most; further ones are accepted and closed at once. The engine's
+/// per-address cap (`max_conns_per_ip`) applies below this.
+pub const MAX_CONNS: usize = 1 << 17;
 /// How often timers, compaction and checkpoints run.
 const HOUSEKEEPING_US: u64 = 100_000;
 /// A checkpoint (fresh chat snapshots) is written when the log spans this many segments.
 const CHECKPOINT_SEGMENTS: usize = 3;
 
-struct Conn {
-    stream: TcpStream,
-    inbuf: Vec<u8>,
-    /// EPOLLOUT is registered.
-    want_write: bool,
-    /// Close once the output is flushed.
-    closing: bool,
+/// What a shard needs to serve chat besides its UDP socket.
+pub struct ChatParts {
+    /// The chat engine.
+    pub engine: ChatShard,
+    /// The shard's log directory.
+    pub dir: PathBuf,
+    /// Log settings.
+    pub log: LogConfig,
+    /// The shard's TCP listener.
+    pub listener: TcpListener,
+    /// The shard's mailbox.
+    pub mailbox: Mailbox,
 }
 
 /// Counters of the chat I/O.
@@ -48,217 +63,126 @@ pub struct ChatIoCounters {
     pub accepted: u64,
     /// Connections closed.
     pub closed: u64,
+    /// Connections closed at once because the shard had [`MAX_CONNS`] open.
+    pub refused: u64,
 }
 
-/// One shard's chat I/O.
-pub struct ChatIo {
+/// The engine, the log and the mailbox of one shard, and the bookkeeping both backends share.
+pub struct ChatCore {
     engine: ChatShard,
     log: Log,
-    listener: TcpListener,
     mailbox: Mailbox,
-    conns: HashMap<ConnId, Conn>,
     next_id: ConnId,
-    epfd: RawFd,
+    n_conns: usize,
     next_housekeeping_us: u64,
     /// Counters.
     pub counters: ChatIoCounters,
 }
 
-/// epoll tag of the listener.
-pub const TAG_LISTENER: u64 = 1;
-/// epoll tag of the shard's waker.
-pub const TAG_WAKER: u64 = 2;
-
-fn epoll_ctl(epfd: RawFd, op: libc::c_int, fd: RawFd, events: u32, tag: u64) -> io::Result<()> {
-    let mut ev = libc::epoll_event { events, u64: tag };
-    // SAFETY: a live epoll_event for the duration of the call.
-    if unsafe { libc::epoll_ctl(epfd, op, fd, &mut ev) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-impl ChatIo {
-    /// Opens the shard's log in `dir`, replays it into `engine` and registers the listener and
-    /// waker on `epfd`.
-    pub fn new(
-        mut engine: ChatShard,
-        dir: &std::path::Path,
-        log_cfg: crate::chat::log::LogConfig,
-        listener: TcpListener,
-        mailbox: Mailbox,
-        epfd: RawFd,
-    ) -> io::Result<Self> {
-        let (log, records) = Log::open(dir, log_cfg)?;
+impl ChatCore {
+    /// Opens the shard's log, replays it into the engine, and returns the core and the
+    /// listener for the backend to serve.
+    pub fn open(parts: ChatParts) -> io::Result<(Self, TcpListener)> {
+        let ChatParts {
+            mut engine,
+            dir,
+            log,
+            listener,
+            mailbox,
+        } = parts;
+        let (mut log, records) = Log::open(&dir, log)?;
         for r in &records {
             engine
                 .replay(r.lsn.0, r.kind, &r.payload)
                 .map_err(io::Error::other)?;
         }
         engine.finish_replay();
-        let mut log = log;
         for lsn in engine.take_dead() {
             log.mark_dead(Lsn(lsn));
         }
-        listener.set_nonblocking(true)?;
-        epoll_ctl(
-            epfd,
-            libc::EPOLL_CTL_ADD,
-            listener.as_raw_fd(),
-            libc::EPOLLIN as u32,
-            TAG_LISTENER,
-        )?;
-        epoll_ctl(
-            epfd,
-            libc::EPOLL_CTL_ADD,
-            mailbox.waker().fd(),
-            libc::EPOLLIN as u32,
-            TAG_WAKER,
-        )?;
-        Ok(Self {
+        let core = Self {
             engine,
             log,
-            listener,
             mailbox,
-            conns: HashMap::new(),
             next_id: FIRST_CONN_ID,
-            epfd,
+            n_conns: 0,
             next_housekeeping_us: 0,
             counters: ChatIoCounters::default(),
-        })
-    }
-
-    /// Handles one epoll event tagged for chat.
-    pub fn handle_event(&mut self, now: Now, tag: u64, events: u32) {
-        match tag {
-            TAG_LISTENER => self.accept(now),
-            TAG_WAKER => self.mailbox.waker().drain(),
-            id => {
-                if events
-                    & (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLHUP | libc::EPOLLERR) as u32
-                    != 0
-                {
-                    self.read(now, id);
-                }
-                if events & libc::EPOLLOUT as u32 != 0 {
-                    self.write(now, id);
-                }
-            }
-        }
-    }
-
-    fn accept(&mut self, now: Now) {
-        for _ in 0..MAX_ACCEPTS_PER_TURN {
-            let (stream, peer) = match self.listener.accept() {
-                Ok(s) => s,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(_) => return,
-            };
-            if stream.set_nonblocking(true).is_err() {
-                continue;
-            }
-            let _ = stream.set_nodelay(true);
-            let id = self.next_id;
-            self.next_id += 1;
-            let fd = stream.as_raw_fd();
-            let events = (libc::EPOLLIN | libc::EPOLLRDHUP) as u32;
-            if epoll_ctl(self.epfd, libc::EPOLL_CTL_ADD, fd, events, id).is_err() {
-                continue;
-            }
-            self.conns.insert(
-                id,
-                Conn {
-                    stream,
-                    inbuf: Vec::new(),
-                    want_write: false,
-                    closing: false,
-                },
-            );
-            self.counters.accepted += 1;
-            self.engine.handle_accept(now, id, peer.ip());
-        }
-    }
-
-    fn read(&mut self, now: Now, id: ConnId) {
-        // Reading stops while cross-shard messages are spilling: that is the backpressure.
-        if self.mailbox.backlogged() {
-            return;
-        }
-        let Some(c) = self.conns.get_mut(&id) else {
-            return;
         };
-        let mut buf = [0u8; 16 * 1024];
-        loop {
-            if c.inbuf.len() >= MAX_INBUF {
-                break;
-            }
-            let room = buf.len().min(MAX_INBUF - c.inbuf.len());
-            match c.stream.read(&mut buf[..room]) {
-                Ok(0) => return self.close(now, id),
-                Ok(n) => c.inbuf.extend_from_slice(&buf[..n]),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => return self.close(now, id),
-            }
-        }
-        let used = self.engine.handle_read(now, id, &c.inbuf);
-        if let Some(c) = self.conns.get_mut(&id) {
-            c.inbuf.drain(..used);
-        }
+        Ok((core, listener))
     }
 
-    fn write(&mut self, now: Now, id: ConnId) {
-        let Some(c) = self.conns.get_mut(&id) else {
-            return;
-        };
-        let out = self.engine.output(id);
-        let mut written = 0;
-        while written < out.len() {
-            match c.stream.write(&out[written..]) {
-                Ok(0) => break,
-                Ok(n) => written += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(_) => {
-                    self.engine.handle_written(now, id, written);
-                    return self.close(now, id);
-                }
-            }
-        }
-        let left = out.len() - written;
-        self.engine.handle_written(now, id, written);
-        let c = self.conns.get_mut(&id).expect("checked above");
-        if left == 0 && c.closing {
-            return self.close(now, id);
-        }
-        let want = left > 0;
-        if want != c.want_write {
-            c.want_write = want;
-            let mut events = (libc::EPOLLIN | libc::EPOLLRDHUP) as u32;
-            if want {
-                events |= libc::EPOLLOUT as u32;
-            }
-            let _ = epoll_ctl(
-                self.epfd,
-                libc::EPOLL_CTL_MOD,
-                c.stream.as_raw_fd(),
-                events,
-                id,
-            );
-        }
+    /// Whether the shard has room for another connection. When it has not, the backend closes
+    /// the new socket and calls [`ChatCore::refused`].
+    pub fn has_room(&self) -> bool {
+        self.n_conns < MAX_CONNS
     }
 
-    fn close(&mut self, now: Now, id: ConnId) {
-        if let Some(c) = self.conns.remove(&id) {
-            let _ = epoll_ctl(self.epfd, libc::EPOLL_CTL_DEL, c.stream.as_raw_fd(), 0, id);
-            self.counters.closed += 1;
-            self.engine.handle_closed(now, id);
-        }
+    /// Counts a connection closed at once for [`MAX_CONNS`].
+    pub fn refused(&mut self) {
+        self.counters.refused += 1;
     }
 
-    /// The end of a loop turn: cross-shard input, group commit, then everything the commit
-    /// released. Returns an error only when the log fails (the shard must stop: acknowledging
-    /// without durability is not an option).
+    /// A new connection from `ip`: returns its id. The engine may already have queued an
+    /// error and a close for it (the per-address cap).
+    pub fn accept(&mut self, now: Now, ip: IpAddr) -> ConnId {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.n_conns += 1;
+        self.counters.accepted += 1;
+        self.engine.handle_accept(now, id, ip);
+        id
+    }
+
+    /// Hands `inbuf` to the engine and keeps what it did not consume (less than one frame).
+    pub fn input(&mut self, now: Now, id: ConnId, inbuf: &mut Vec<u8>) {
+        let used = self.engine.handle_read(now, id, inbuf);
+        inbuf.drain(..used);
+    }
+
+    /// `data` arrived on `id`, after what `inbuf` holds. When `inbuf` is empty the engine reads
+    /// `data` in place and only an incomplete frame is copied. Returns false when the bytes
+    /// would exceed [`MAX_INBUF`] (which a correct engine never lets happen): close then.
+    pub fn feed(&mut self, now: Now, id: ConnId, inbuf: &mut Vec<u8>, data: &[u8]) -> bool {
+        if inbuf.is_empty() {
+            let used = self.engine.handle_read(now, id, data);
+            inbuf.extend_from_slice(&data[used.min(data.len())..]);
+        } else {
+            if inbuf.len() + data.len() > MAX_INBUF {
+                return false;
+            }
+            inbuf.extend_from_slice(data);
+            self.input(now, id, inbuf);
+        }
+        inbuf.len() <= MAX_INBUF
+    }
+
+    /// Output queued for `id`.
+    pub fn output(&self, id: ConnId) -> &[u8] {
+        self.engine.output(id)
+    }
+
+    /// `n` bytes of `id`'s output were written.
+    pub fn written(&mut self, now: Now, id: ConnId, n: usize) {
+        self.engine.handle_written(now, id, n);
+    }
+
+    /// `id` is closed (by the peer or by us); the backend forgets it.
+    pub fn closed(&mut self, now: Now, id: ConnId) {
+        self.n_conns -= 1;
+        self.counters.closed += 1;
+        self.engine.handle_closed(now, id);
+    }
+
+    /// Whether reading clients must pause: cross-shard messages are spilling.
+    pub fn reading_paused(&self) -> bool {
+        self.mailbox.backlogged()
+    }
+
+    /// The end of a loop turn: cross-shard input, timers, group commit, and the messages the
+    /// commit released to other shards. The backend then writes [`ChatCore::take_dirty`] and
+    /// [`ChatCore::take_closing`]. Returns an error only when the log fails (the shard must
+    /// stop: acknowledging without durability is not an option).
     pub fn end_turn(&mut self, now: Now) -> io::Result<()> {
         let engine = &mut self.engine;
         self.mailbox.receive(|m| engine.handle_shard_msg(now, m));
@@ -289,20 +213,30 @@ impl ChatIo {
             self.mailbox.send(to, m);
         }
         self.mailbox.flush();
-        for id in self.engine.take_dirty() {
-            self.write(now, id);
-        }
-        for id in self.engine.take_closing() {
-            if let Some(c) = self.conns.get_mut(&id) {
-                c.closing = true;
-            }
-            self.write(now, id);
-        }
         Ok(())
     }
 
-    /// Prepares to block in epoll: false when there is already work, so the wait must not
-    /// block.
+    /// Connections with output to write.
+    pub fn take_dirty(&mut self) -> Vec<ConnId> {
+        self.engine.take_dirty()
+    }
+
+    /// Connections to close once their output is flushed.
+    pub fn take_closing(&mut self) -> Vec<ConnId> {
+        self.engine.take_closing()
+    }
+
+    /// The descriptor that wakes this shard when another one sends to it.
+    pub fn waker_fd(&self) -> std::os::fd::RawFd {
+        self.mailbox.waker().fd()
+    }
+
+    /// Clears pending wake-ups.
+    pub fn drain_waker(&self) {
+        self.mailbox.waker().drain();
+    }
+
+    /// Prepares to block: false when there is already work, so the wait must not block.
     pub fn prepare_sleep(&mut self) -> bool {
         !self.engine.has_records() && !self.mailbox.backlogged() && self.mailbox.prepare_sleep()
     }
@@ -325,15 +259,5 @@ impl ChatIo {
             h.errors.iter().sum(),
             h.deferred,
         ]
-    }
-
-    /// Open connections.
-    pub fn n_conns(&self) -> usize {
-        self.conns.len()
-    }
-
-    /// The engine, for counters.
-    pub fn engine(&self) -> &ChatShard {
-        &self.engine
     }
 }

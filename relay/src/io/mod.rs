@@ -8,6 +8,7 @@
 //! `unsafe` lives in this module tree only.
 
 pub mod batch;
+pub mod chat_epoll;
 pub mod chat_io;
 pub mod mailbox;
 pub mod sys;

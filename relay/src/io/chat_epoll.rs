@@ -1,0 +1,230 @@
+//! Chat plumbing of the `batch` backend: a non-blocking TCP listener and connections on the
+//! shard's epoll, read and written when ready. Everything else (engine, log, mailbox, limits,
+//! counters) is [`ChatCore`]'s.
+
+use super::chat_io::{ChatCore, ChatParts, MAX_ACCEPTS_PER_TURN, MAX_INBUF};
+use crate::chat::msg::ConnId;
+use crate::engine::Now;
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, RawFd};
+
+/// epoll tag of the listener.
+pub const TAG_LISTENER: u64 = 1;
+/// epoll tag of the shard's waker.
+pub const TAG_WAKER: u64 = 2;
+
+struct Conn {
+    stream: TcpStream,
+    inbuf: Vec<u8>,
+    /// EPOLLOUT is registered.
+    want_write: bool,
+    /// Close once the output is flushed.
+    closing: bool,
+}
+
+/// One shard's chat on epoll.
+pub struct EpollChat {
+    core: ChatCore,
+    listener: TcpListener,
+    conns: HashMap<ConnId, Conn>,
+    epfd: RawFd,
+}
+
+fn epoll_ctl(epfd: RawFd, op: libc::c_int, fd: RawFd, events: u32, tag: u64) -> io::Result<()> {
+    let mut ev = libc::epoll_event { events, u64: tag };
+    // SAFETY: a live epoll_event for the duration of the call.
+    if unsafe { libc::epoll_ctl(epfd, op, fd, &mut ev) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+impl EpollChat {
+    /// Opens the shard's log (replaying it into the engine) and registers the listener and the
+    /// waker on `epfd`.
+    pub fn new(parts: ChatParts, epfd: RawFd) -> io::Result<Self> {
+        let (core, listener) = ChatCore::open(parts)?;
+        listener.set_nonblocking(true)?;
+        let events = libc::EPOLLIN as u32;
+        epoll_ctl(
+            epfd,
+            libc::EPOLL_CTL_ADD,
+            listener.as_raw_fd(),
+            events,
+            TAG_LISTENER,
+        )?;
+        epoll_ctl(
+            epfd,
+            libc::EPOLL_CTL_ADD,
+            core.waker_fd(),
+            events,
+            TAG_WAKER,
+        )?;
+        Ok(Self {
+            core,
+            listener,
+            conns: HashMap::new(),
+            epfd,
+        })
+    }
+
+    /// Handles one epoll event tagged for chat.
+    pub fn handle_event(&mut self, now: Now, tag: u64, events: u32) {
+        match tag {
+            TAG_LISTENER => self.accept(now),
+            TAG_WAKER => self.core.drain_waker(),
+            id => {
+                if events
+                    & (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLHUP | libc::EPOLLERR) as u32
+                    != 0
+                {
+                    self.read(now, id);
+                }
+                if events & libc::EPOLLOUT as u32 != 0 {
+                    self.write(now, id);
+                }
+            }
+        }
+    }
+
+    fn accept(&mut self, now: Now) {
+        for _ in 0..MAX_ACCEPTS_PER_TURN {
+            let (stream, peer) = match self.listener.accept() {
+                Ok(s) => s,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(_) => return,
+            };
+            if !self.core.has_room() {
+                self.core.refused();
+                continue;
+            }
+            if stream.set_nonblocking(true).is_err() {
+                continue;
+            }
+            let _ = stream.set_nodelay(true);
+            let fd = stream.as_raw_fd();
+            let id = self.core.accept(now, peer.ip());
+            let events = (libc::EPOLLIN | libc::EPOLLRDHUP) as u32;
+            if epoll_ctl(self.epfd, libc::EPOLL_CTL_ADD, fd, events, id).is_err() {
+                self.core.closed(now, id);
+                continue;
+            }
+            self.conns.insert(
+                id,
+                Conn {
+                    stream,
+                    inbuf: Vec::new(),
+                    want_write: false,
+                    closing: false,
+                },
+            );
+        }
+    }
+
+    fn read(&mut self, now: Now, id: ConnId) {
+        // Reading stops while cross-shard messages are spilling: that is the backpressure.
+        if self.core.reading_paused() {
+            return;
+        }
+        let Some(c) = self.conns.get_mut(&id) else {
+            return;
+        };
+        let mut buf = [0u8; 16 * 1024];
+        loop {
+            if c.inbuf.len() >= MAX_INBUF {
+                break;
+            }
+            let room = buf.len().min(MAX_INBUF - c.inbuf.len());
+            match c.stream.read(&mut buf[..room]) {
+                Ok(0) => return self.close(now, id),
+                Ok(n) => c.inbuf.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => return self.close(now, id),
+            }
+        }
+        self.core.input(now, id, &mut c.inbuf);
+    }
+
+    fn write(&mut self, now: Now, id: ConnId) {
+        let Some(c) = self.conns.get_mut(&id) else {
+            return;
+        };
+        let out = self.core.output(id);
+        let mut written = 0;
+        while written < out.len() {
+            match c.stream.write(&out[written..]) {
+                Ok(0) => break,
+                Ok(n) => written += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(_) => {
+                    self.core.written(now, id, written);
+                    return self.close(now, id);
+                }
+            }
+        }
+        let left = out.len() - written;
+        self.core.written(now, id, written);
+        let c = self.conns.get_mut(&id).expect("checked above");
+        if left == 0 && c.closing {
+            return self.close(now, id);
+        }
+        let want = left > 0;
+        if want != c.want_write {
+            c.want_write = want;
+            let mut events = (libc::EPOLLIN | libc::EPOLLRDHUP) as u32;
+            if want {
+                events |= libc::EPOLLOUT as u32;
+            }
+            let _ = epoll_ctl(
+                self.epfd,
+                libc::EPOLL_CTL_MOD,
+                c.stream.as_raw_fd(),
+                events,
+                id,
+            );
+        }
+    }
+
+    fn close(&mut self, now: Now, id: ConnId) {
+        if let Some(c) = self.conns.remove(&id) {
+            let _ = epoll_ctl(self.epfd, libc::EPOLL_CTL_DEL, c.stream.as_raw_fd(), 0, id);
+            self.core.closed(now, id);
+        }
+    }
+
+    /// The end of a loop turn: the core's cross-shard input and group commit, then everything
+    /// the commit released written to the sockets.
+    pub fn end_turn(&mut self, now: Now) -> io::Result<()> {
+        self.core.end_turn(now)?;
+        for id in self.core.take_dirty() {
+            self.write(now, id);
+        }
+        for id in self.core.take_closing() {
+            if let Some(c) = self.conns.get_mut(&id) {
+                c.closing = true;
+            }
+            self.write(now, id);
+        }
+        Ok(())
+    }
+
+    /// Prepares to block in epoll: false when there is already work, so the wait must not
+    /// block.
+    pub fn prepare_sleep(&mut self) -> bool {
+        self.core.prepare_sleep()
+    }
+
+    /// After the wait.
+    pub fn woke(&self) {
+        self.core.woke();
+    }
+
+    /// The values of [`super::ShardStats::CHAT_FIELDS`].
+    pub fn stats(&self) -> [u64; 8] {
+        self.core.stats()
+    }
+}
