@@ -1,12 +1,16 @@
 //! `cargo xtask <verb>`: the one entry point for people. Standard library only, so it compiles
 //! in seconds.
 //!
+//! - `demo [--duration S] [--rooms N] [--participants N] [--keep-running]`: the local demo,
+//!   ctl and a relay with simulated participants and a summary table (demo/).
+//! - `up [--relays N] [--shards N]`: ctl and N relays on loopback until Ctrl-C.
 //! - `test [--quick]`: format check, clippy (warnings denied), every unit and integration test
 //!   (both I/O backends), a short fuzz smoke run, benches and the perf harness at a tiny scale.
 //! - `callgrind`: user-space instructions per forwarding decision, counted with valgrind.
 //! - `bench`: the criterion benches. `perf [ARGS]`: the end-to-end harness.
 
 mod checks;
+mod demo;
 
 use std::path::PathBuf;
 use std::process::{Command, ExitCode};
@@ -16,12 +20,14 @@ use checks::{callgrind, perf, test};
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
+        Some("demo") => demo::demo(&args[1..]),
+        Some("up") => demo::up(&args[1..]),
         Some("test") => test(&args[1..]),
         Some("callgrind") => callgrind(),
         Some("bench") => cargo(&["bench", "-p", "benches"]),
         Some("perf") => perf(&args[1..]),
         _ => {
-            eprintln!("usage: cargo xtask test [--quick] | callgrind | bench | perf [ARGS]");
+            eprintln!("usage: cargo xtask demo [ARGS] | up [ARGS] | test [--quick] | callgrind | bench | perf [ARGS]");
             Err("unknown or missing verb".into())
         }
     };

@@ -1,0 +1,467 @@
+//! `demo`: the project's main job on one machine, as `cargo xtask demo` runs it. It starts the
+//! real ctl and one relay (one shard per core) on loopback with a temporary data directory,
+//! creates meetings and group chats through ctl, runs simulated participants (audio and video
+//! RTP, chat with receipts), prints a summary table, stops everything and removes its files.
+//! It exits non-zero when a check fails. `demo up` starts ctl and N relays for trying things
+//! by hand and stops them on Ctrl-C.
+
+mod chat;
+mod http;
+mod media;
+mod netns;
+mod procs;
+mod progress;
+
+use procs::{Proc, TempDir};
+use std::net::SocketAddr;
+use std::process::{Command, ExitCode};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Set by SIGINT or SIGTERM: everything winds down and cleans up.
+pub static STOP: AtomicBool = AtomicBool::new(false);
+
+/// The largest media loss the demo accepts on loopback, in percent. Loopback drops nothing
+/// unless a socket buffer overflows, which a demo-sized load should never cause.
+const MAX_LOSS_PERCENT: f64 = 0.5;
+
+const USAGE: &str = "\
+usage: demo [run] [--duration SECONDS] [--rooms N] [--participants N] [--messages-per-s R]
+            [--keep-running]
+       demo up [--relays N] [--shards N] [--no-netns]
+
+  run (default)        ctl + one relay on loopback, N rooms of M participants sending audio and
+                       video and chatting in one group per room; prints a summary and exits
+                       non-zero if a check failed (defaults: 10 s, 2 rooms, 4 participants,
+                       2 messages/s per participant)
+  --keep-running       after the summary keep ctl and the relay up until Ctrl-C
+  up                   ctl + N relays (default 2, 1 shard each) for trying things by hand;
+                       as root each relay gets its own network namespace (--no-netns: all on
+                       loopback); prints how to connect; Ctrl-C stops everything";
+
+struct RunArgs {
+    duration: Duration,
+    rooms: usize,
+    participants: usize,
+    per_second: f64,
+    keep_running: bool,
+}
+
+fn main() -> ExitCode {
+    install_signal_handlers();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("up") => parse_up(&args[1..]).and_then(|(relays, shards, ns)| up(relays, shards, ns)),
+        Some("-h" | "--help") => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Some("run") => parse_run(&args[1..]).and_then(run),
+        _ => parse_run(&args).and_then(run),
+    };
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => {
+            eprintln!("demo: a check failed (see the summary)");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("demo: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn value<T: std::str::FromStr>(args: &[String], i: usize, name: &str) -> Result<T, String> {
+    args.get(i + 1)
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| format!("{name} needs a valid value\n{USAGE}"))
+}
+
+fn parse_run(args: &[String]) -> Result<RunArgs, String> {
+    let mut a = RunArgs {
+        duration: Duration::from_secs(10),
+        rooms: 2,
+        participants: 4,
+        per_second: 2.0,
+        keep_running: false,
+    };
+    let mut i = 0;
+    while i < args.len() {
+        match args[i].as_str() {
+            "--duration" => a.duration = Duration::from_secs_f64(value(args, i, "--duration")?),
+            "--rooms" => a.rooms = value(args, i, "--rooms")?,
+            "--participants" => a.participants = value(args, i, "--participants")?,
+            "--messages-per-s" => a.per_second = value(args, i, "--messages-per-s")?,
+            "--keep-running" => {
+                a.keep_running = true;
+                i += 1;
+                continue;
+            }
+            other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
+        }
+        i += 2;
+    }
+    if !(1..=50).contains(&a.rooms) || !(2..=32).contains(&a.participants) {
+        return Err("--rooms must be 1..=50 and --participants 2..=32".into());
+    }
+    if a.duration < Duration::from_secs(1) || a.duration > Duration::from_secs(3600) {
+        return Err("--duration must be between 1 and 3600 seconds".into());
+    }
+    if !(0.1..=50.0).contains(&a.per_second) {
+        return Err("--messages-per-s must be between 0.1 and 50".into());
+    }
+    Ok(a)
+}
+
+fn parse_up(args: &[String]) -> Result<(usize, usize, bool), String> {
+    let (mut relays, mut shards) = (2usize, 1usize);
+    let mut use_netns = netns::available();
+    let mut i = 0;
+    while i < args.len() {
+        match args[i].as_str() {
+            "--no-netns" => {
+                use_netns = false;
+                i += 1;
+                continue;
+            }
+            "--relays" => relays = value(args, i, "--relays")?,
+            "--shards" => shards = value(args, i, "--shards")?,
+            other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
+        }
+        i += 2;
+    }
+    if !(1..=16).contains(&relays) || !(1..=64).contains(&shards) {
+        return Err("--relays must be 1..=16 and --shards 1..=64".into());
+    }
+    Ok((relays, shards, use_netns))
+}
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::Relaxed);
+}
+
+fn install_signal_handlers() {
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        unsafe { libc::signal(sig, on_signal as *const () as libc::sighandler_t) };
+    }
+}
+
+fn start_ctl(dir: &TempDir, ip: &str) -> Result<(Proc, SocketAddr), String> {
+    let mut cmd = Command::new(procs::binary("ctl")?);
+    cmd.args(["serve", "--listen", &format!("{ip}:0"), "--data-dir"])
+        .arg(dir.0.join("ctl"));
+    let p = Proc::start("ctl", cmd, &dir.0.join("ctl.log"))?;
+    let addr = procs::addr(&p, "listen")?;
+    Ok((p, addr))
+}
+
+/// Starts relay `id` against ctl with `shards` shards (0: one per core), chat enabled, on free
+/// ports; retries on a port race.
+fn start_relay(
+    dir: &TempDir,
+    ctl: SocketAddr,
+    id: u32,
+    shards: usize,
+    ns: Option<&netns::Netns>,
+) -> Result<Proc, String> {
+    let n = if shards == 0 {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    } else {
+        shards
+    };
+    let mut last = String::new();
+    for _ in 0..3 {
+        let relay = procs::binary("relay")?;
+        // A fresh namespace has every port free; on loopback look for free ones.
+        let (mut cmd, ip, (base, chat)) = match ns {
+            Some(ns) => (
+                ns.command(&relay),
+                ns.ns_ip.as_str(),
+                (40_000, 40_000 + n as u16),
+            ),
+            None => (
+                Command::new(&relay),
+                "127.0.0.1",
+                procs::free_ports("127.0.0.1", n as u16)?,
+            ),
+        };
+        cmd.args([
+            "--ctl",
+            &format!("http://{ctl}"),
+            "--relay-id",
+            &id.to_string(),
+        ])
+        .args(["--bind", ip, "--advertise-host", ip])
+        .args(["--shards", &n.to_string(), "--base-port", &base.to_string()])
+        .args([
+            "--chat-port",
+            &chat.to_string(),
+            "--metrics",
+            &format!("{ip}:0"),
+        ])
+        .arg("--data-dir")
+        .arg(dir.0.join(format!("relay{id}")));
+        match Proc::start(
+            &format!("relay {id}"),
+            cmd,
+            &dir.0.join(format!("relay{id}.log")),
+        ) {
+            Ok(p) => return Ok(p),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
+fn wait_relays(ctl: SocketAddr, n: u64) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, h) = http::call(ctl, "GET", "/health", None)?;
+        if h["relays_alive"].as_u64() >= Some(n) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "ctl sees {} of {n} relays after 10 s: {h}",
+                h["relays_alive"]
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn run(a: RunArgs) -> Result<bool, String> {
+    let dir = TempDir::new()?;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    eprintln!(
+        "demo: ctl and one relay ({cores} shards) on loopback; {} rooms × {} participants for {:?}; data in {}",
+        a.rooms,
+        a.participants,
+        a.duration,
+        dir.0.display()
+    );
+    let (mut ctl_proc, ctl) = start_ctl(&dir, "127.0.0.1")?;
+    let mut relay = start_relay(&dir, ctl, 1, 0, None)?;
+    let metrics = procs::addr(&relay, "metrics")?;
+    wait_relays(ctl, 1)?;
+    eprintln!("demo: ctl at http://{ctl}; relay: {}", relay.ready_line());
+
+    let admissions = media::join_rooms(ctl, a.rooms, a.participants)?;
+    let sockets: Vec<Vec<_>> = admissions
+        .iter()
+        .map(|room| room.iter().map(media::connect).collect::<Result<_, _>>())
+        .collect::<Result<_, _>>()?;
+    let members: Vec<Vec<u64>> = (0..a.rooms)
+        .map(|r| {
+            (0..a.participants)
+                .map(|p| 1_000 * (r as u64 + 1) + p as u64)
+                .collect()
+        })
+        .collect();
+    let homes: Vec<Vec<chat::Home>> = members
+        .iter()
+        .map(|m| chat::homes(ctl, m))
+        .collect::<Result<_, _>>()?;
+
+    let media_live = Arc::new(media::Live::default());
+    let chat_live = Arc::new(chat::Live::default());
+    let rooms: Vec<chat::Room> = (0..a.rooms)
+        .map(|_| chat::Room::new(a.participants))
+        .collect();
+    let tx_before = http::metric_sum(metrics, "relay_tx_packets_total")?;
+    let epoch = Instant::now();
+    let until = epoch + a.duration;
+    let expected_copies = (a.rooms * a.participants * (a.participants - 1)) as f64
+        * a.per_second
+        * a.duration.as_secs_f64();
+    let (media_out, chat_out, (tx_after, tx_at)) = std::thread::scope(|s| {
+        let media: Vec<Vec<_>> = sockets
+            .iter()
+            .enumerate()
+            .map(|(r, room)| {
+                room.iter()
+                    .enumerate()
+                    .map(|(p, sock)| {
+                        let live = &media_live;
+                        s.spawn(move || media::participant(r, p, sock, epoch, until, live))
+                    })
+                    .collect()
+            })
+            .collect();
+        let chats: Vec<Vec<_>> = homes
+            .iter()
+            .enumerate()
+            .map(|(r, hs)| {
+                hs.iter()
+                    .enumerate()
+                    .map(|(me, h)| {
+                        let (live, room, m) = (&chat_live, &rooms[r], &members[r]);
+                        s.spawn(move || chat::user(me, h, m, room, a.per_second, until, live))
+                    })
+                    .collect()
+            })
+            .collect();
+        let bar = progress::Bars::new(a.duration, expected_copies);
+        // The relay's counter at the last sample taken while publishers were sending.
+        let (mut tx_after, mut tx_at) = (tx_before, Duration::ZERO);
+        while !media.iter().flatten().all(|h| h.is_finished())
+            || !chats.iter().flatten().all(|h| h.is_finished())
+        {
+            std::thread::sleep(Duration::from_millis(200));
+            if Instant::now() <= until {
+                if let Ok(tx) = http::metric_sum(metrics, "relay_tx_packets_total") {
+                    (tx_after, tx_at) = (tx, epoch.elapsed());
+                }
+            }
+            bar.draw(
+                epoch.elapsed(),
+                &media_live,
+                &chat_live,
+                &tx_before,
+                &tx_after,
+            );
+        }
+        bar.finish();
+        (join_all(media), join_all(chats), (tx_after, tx_at))
+    });
+    let (media_out, chat_out) = (media_out?, chat_out?);
+    let tx_total = http::metric_sum(metrics, "relay_tx_packets_total")?;
+    let records = http::metric_sum(metrics, "relay_chat_records_total")?;
+    let commits = http::metric_sum(metrics, "relay_chat_commits_total")?;
+    let m = media::totals(&media_out);
+    let c = chat::totals(&chat_out);
+    let forwarded = tx_after.saturating_sub(tx_before);
+    let summary = progress::Summary {
+        rooms: a.rooms,
+        participants: a.participants,
+        forwarded_per_s: forwarded as f64 / tx_at.as_secs_f64().max(0.001),
+        forwarded_total: tx_total.saturating_sub(tx_before),
+        media: &m,
+        chat: &c,
+        records_per_commit: if commits == 0 {
+            0.0
+        } else {
+            records as f64 / commits as f64
+        },
+        max_loss_percent: MAX_LOSS_PERCENT,
+    };
+    let ok = summary.print();
+    let interrupted = STOP.load(Ordering::Relaxed);
+    if interrupted {
+        eprintln!("demo: interrupted; the numbers above cover only part of the run");
+    }
+
+    if a.keep_running && !interrupted {
+        println!(
+            "\nStill running (Ctrl-C stops everything and removes {}):",
+            dir.0.display()
+        );
+        print_how_to_connect(ctl, &[&relay]);
+        while !STOP.load(Ordering::Relaxed) && relay.alive() && ctl_proc.alive() {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    let relay_clean = relay.stop();
+    let ctl_clean = ctl_proc.stop();
+    if !relay_clean || !ctl_clean {
+        eprintln!(
+            "demo: unclean stop (relay {relay_clean}, ctl {ctl_clean}); relay log:\n{}",
+            relay.log_tail(20)
+        );
+    }
+    drop(dir);
+    eprintln!("demo: stopped ctl and the relay, removed the temporary directory");
+    Ok(ok && relay_clean && ctl_clean && !interrupted)
+}
+
+/// Joins every thread of every room; a panic or an error of any is the run's error.
+fn join_all<T>(
+    hs: Vec<Vec<std::thread::ScopedJoinHandle<'_, Result<T, String>>>>,
+) -> Result<Vec<Vec<T>>, String> {
+    hs.into_iter()
+        .map(|room| {
+            room.into_iter()
+                .map(|h| {
+                    h.join()
+                        .map_err(|_| "a simulated participant panicked".to_string())?
+                })
+                .collect()
+        })
+        .collect()
+}
+
+fn print_how_to_connect(ctl: SocketAddr, relays: &[&Proc]) {
+    println!("  ctl:     http://{ctl}   (API: ctl/API.md; admin: CTL_URL=http://{ctl} target/release/ctl relays)");
+    for r in relays {
+        println!("  relay:   {}", r.ready_line());
+    }
+    println!("  meeting: curl -s -XPOST http://{ctl}/v1/meetings");
+    println!("  join:    curl -s -XPOST http://{ctl}/v1/join -d '{{\"code\": \"<code>\"}}'");
+    println!("  chat:    curl -s http://{ctl}/v1/users/42/home   (host, chat_port, token; PROTOCOL.md §7)");
+    println!("  drain:   CTL_URL=http://{ctl} target/release/ctl drain <relay id>");
+}
+
+fn up(relays: usize, shards: usize, use_netns: bool) -> Result<bool, String> {
+    let dir = TempDir::new()?;
+    let namespaces: Vec<netns::Netns> = if use_netns {
+        (1..=relays as u32)
+            .map(netns::Netns::create)
+            .collect::<Result<_, _>>()?
+    } else {
+        Vec::new()
+    };
+    // With namespaces ctl listens on relay 1's gateway, which every namespace routes to.
+    let ctl_ip = namespaces
+        .first()
+        .map_or("127.0.0.1", |n| n.host_ip.as_str());
+    let (mut ctl_proc, ctl) = start_ctl(&dir, ctl_ip)?;
+    let mut procs = Vec::new();
+    for id in 1..=relays as u32 {
+        procs.push(start_relay(
+            &dir,
+            ctl,
+            id,
+            shards,
+            namespaces.get(id as usize - 1),
+        )?);
+    }
+    wait_relays(ctl, relays as u64)?;
+    match namespaces.is_empty() {
+        true => println!(
+            "up: ctl and {relays} relays on loopback; data in {}",
+            dir.0.display()
+        ),
+        false => {
+            let names: Vec<&str> = namespaces.iter().map(|n| n.name()).collect();
+            println!(
+                "up: ctl and {relays} relays, each in its own network namespace ({}); data in {}",
+                names.join(", "),
+                dir.0.display()
+            );
+        }
+    }
+    print_how_to_connect(ctl, &procs.iter().collect::<Vec<_>>());
+    println!("Ctrl-C stops everything.");
+    while !STOP.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(200));
+        for (i, p) in procs.iter_mut().enumerate() {
+            if !p.alive() {
+                eprintln!("up: relay {} exited; its log:\n{}", i + 1, p.log_tail(20));
+                STOP.store(true, Ordering::Relaxed);
+            }
+        }
+        if !ctl_proc.alive() {
+            eprintln!("up: ctl exited; its log:\n{}", ctl_proc.log_tail(20));
+            STOP.store(true, Ordering::Relaxed);
+        }
+    }
+    let clean = procs.iter_mut().map(Proc::stop).fold(true, |a, b| a & b) & ctl_proc.stop();
+    drop(procs);
+    drop(namespaces);
+    drop(dir);
+    println!("up: stopped; temporary files removed");
+    Ok(clean)
+}

@@ -1,0 +1,377 @@
+//! Simulated conference participants: each joins through ctl, binds its UDP socket to the
+//! relay with STUN, publishes an audio stream (50 packets/s of 160 bytes) and a video stream
+//! (30 frames/s of 3 packets of 1,000 bytes), and receives everyone else's. Every packet carries
+//! its send time and its index, so receivers measure latency on one clock and count each
+//! (stream, index) once: loss is what publishers sent times the room's other participants, less
+//! what arrived.
+
+use crate::http;
+use crate::STOP;
+use hdrhistogram::Histogram;
+use serde_json::{json, Value};
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const AUDIO_INTERVAL: Duration = Duration::from_millis(20);
+const AUDIO_BYTES: usize = 160;
+const VIDEO_FRAME_INTERVAL: Duration = Duration::from_micros(33_333);
+const VIDEO_PACKETS_PER_FRAME: u64 = 3;
+const VIDEO_BYTES: usize = 1_000;
+/// How long receivers keep listening after the publishers stop.
+const GRACE: Duration = Duration::from_millis(500);
+/// Streams per participant: audio and video.
+const STREAMS: u32 = 2;
+
+/// A participant's admission, from ctl.
+pub struct Admission {
+    pub relay: SocketAddr,
+    pub token: String,
+    pub participant_id: u64,
+}
+
+/// Counters the progress line reads while the run goes on.
+#[derive(Default)]
+pub struct Live {
+    pub sent: AtomicU64,
+    pub received: AtomicU64,
+}
+
+/// What one participant saw.
+pub struct Outcome {
+    /// Packets it published, per stream (audio, video).
+    pub sent: [u64; STREAMS as usize],
+    /// Distinct packets it received, per publisher ssrc.
+    pub received: Vec<(u32, u64)>,
+    pub duplicates: u64,
+    pub latency_us: Histogram<u64>,
+}
+
+/// Creates `rooms` meetings through ctl and admits `participants` to each (the creator is the
+/// first). Returns the admissions per room.
+pub fn join_rooms(
+    ctl: SocketAddr,
+    rooms: usize,
+    participants: usize,
+) -> Result<Vec<Vec<Admission>>, String> {
+    let mut out = Vec::new();
+    for r in 0..rooms {
+        let m = http::expect(
+            ctl,
+            "POST",
+            "/v1/meetings",
+            Some(&json!({"title": format!("demo room {r}"), "host_name": "p0"})),
+            201,
+        )?;
+        let code = m["code"]
+            .as_str()
+            .ok_or("meeting without a code")?
+            .to_string();
+        let mut joins = vec![m["join"].clone()];
+        for p in 1..participants {
+            joins.push(http::expect(
+                ctl,
+                "POST",
+                "/v1/join",
+                Some(&json!({"code": code, "name": format!("p{p}")})),
+                200,
+            )?);
+        }
+        out.push(joins.iter().map(admission).collect::<Result<_, _>>()?);
+    }
+    Ok(out)
+}
+
+fn admission(j: &Value) -> Result<Admission, String> {
+    let relay = format!(
+        "{}:{}",
+        j["relay_host"].as_str().unwrap_or("?"),
+        j["udp_port"]
+    )
+    .parse()
+    .map_err(|_| format!("ctl's join answer names no relay: {j}"))?;
+    Ok(Admission {
+        relay,
+        token: j["token"].as_str().ok_or("join without token")?.to_string(),
+        participant_id: j["participant_id"].as_u64().ok_or("join without id")?,
+    })
+}
+
+/// The ssrc of stream `s` of participant `p` in room `r`: unique across the demo.
+fn ssrc(room: usize, p: usize, s: u32) -> u32 {
+    0x1000_0000 | ((room as u32) << 12) | ((p as u32) << 2) | s
+}
+
+/// Binds `sock` to the relay with a STUN Binding request carrying the token; a bounded number
+/// of attempts.
+fn bind(sock: &UdpSocket, a: &Admission) -> Result<(), String> {
+    let key = proto::token::stun_key(a.token.as_bytes());
+    let mut req = [0u8; 512];
+    let mut resp = [0u8; 2048];
+    for attempt in 0..10u32 {
+        let mut txid = [0u8; 12];
+        txid[..8].copy_from_slice(&a.participant_id.to_le_bytes());
+        txid[8..].copy_from_slice(&attempt.to_le_bytes());
+        let n = proto::stun::write_binding_request(&mut req, &txid, a.token.as_bytes(), &key)
+            .map_err(|e| format!("binding request: {e:?}"))?;
+        sock.send(&req[..n]).map_err(|e| format!("bind: {e}"))?;
+        sock.set_read_timeout(Some(Duration::from_millis(300)))
+            .map_err(|e| e.to_string())?;
+        while let Ok(m) = sock.recv(&mut resp) {
+            if let Ok(msg) = proto::stun::StunMessage::parse(&resp[..m]) {
+                if msg.transaction_id() == &txid {
+                    if msg.class() == proto::stun::Class::Success {
+                        return Ok(());
+                    }
+                    return Err(format!(
+                        "participant {}: the relay refused the binding: {:?}",
+                        a.participant_id,
+                        msg.error_code()
+                            .map(|(c, r)| (c, String::from_utf8_lossy(r).into_owned()))
+                    ));
+                }
+            }
+        }
+    }
+    Err(format!(
+        "participant {}: no STUN answer from {}",
+        a.participant_id, a.relay
+    ))
+}
+
+/// Distinct indices seen, as a growable bitset.
+#[derive(Default)]
+struct Seen(Vec<u64>);
+
+impl Seen {
+    /// Marks `i`; false if it was already marked.
+    fn insert(&mut self, i: u64) -> bool {
+        let (w, b) = ((i / 64) as usize, i % 64);
+        if w >= self.0.len() {
+            self.0.resize(w + 1, 0);
+        }
+        let fresh = self.0[w] & (1 << b) == 0;
+        self.0[w] |= 1 << b;
+        fresh
+    }
+}
+
+/// A socket bound to the relay for `a`. Everyone binds before anyone publishes, so that no
+/// packet is sent to a room whose members are not all there yet.
+pub fn connect(a: &Admission) -> Result<UdpSocket, String> {
+    let sock = UdpSocket::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    sock.connect(a.relay).map_err(|e| e.to_string())?;
+    bind(&sock, a)?;
+    Ok(sock)
+}
+
+/// Runs participant `p` of room `room` on its bound socket until `until` plus the grace
+/// period.
+pub fn participant(
+    room: usize,
+    p: usize,
+    sock: &UdpSocket,
+    epoch: Instant,
+    until: Instant,
+    live: &Arc<Live>,
+) -> Result<Outcome, String> {
+    let mut out = Outcome {
+        sent: [0; STREAMS as usize],
+        received: Vec::new(),
+        duplicates: 0,
+        latency_us: Histogram::new_with_bounds(1, 60_000_000, 3).map_err(|e| e.to_string())?,
+    };
+    let mut seen: Vec<(u32, Seen)> = Vec::new();
+    let mut buf = [0u8; 2048];
+    let mut pkt = [0u8; 1200];
+    let mut payload = [0u8; VIDEO_BYTES];
+    let start = Instant::now();
+    let (mut next_audio, mut next_video) = (start, start + Duration::from_millis(p as u64 % 20));
+    let end = until + GRACE;
+    loop {
+        let now = Instant::now();
+        if now >= end || STOP.load(Ordering::Relaxed) {
+            break;
+        }
+        let sending = now < until;
+        if sending && now >= next_audio {
+            send(
+                sock,
+                &mut pkt,
+                &mut payload[..AUDIO_BYTES],
+                ssrc(room, p, 0),
+                out.sent[0],
+                epoch,
+            )?;
+            out.sent[0] += 1;
+            live.sent.fetch_add(1, Ordering::Relaxed);
+            next_audio += AUDIO_INTERVAL;
+        }
+        if sending && now >= next_video {
+            for _ in 0..VIDEO_PACKETS_PER_FRAME {
+                send(
+                    sock,
+                    &mut pkt,
+                    &mut payload,
+                    ssrc(room, p, 1),
+                    out.sent[1],
+                    epoch,
+                )?;
+                out.sent[1] += 1;
+            }
+            live.sent
+                .fetch_add(VIDEO_PACKETS_PER_FRAME, Ordering::Relaxed);
+            next_video += VIDEO_FRAME_INTERVAL;
+        }
+        let wake = if sending {
+            next_audio.min(next_video)
+        } else {
+            end
+        };
+        let wait = wake
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_micros(200));
+        sock.set_read_timeout(Some(wait))
+            .map_err(|e| e.to_string())?;
+        // Everything that is queued, then back to sending.
+        while let Ok(n) = sock.recv(&mut buf) {
+            let Ok(rtp) = proto::rtp::RtpPacket::parse(&buf[..n]) else {
+                continue; // STUN answers, RTCP
+            };
+            let body = rtp.payload();
+            if body.len() < 16 {
+                continue;
+            }
+            let sent_ns = u64::from_le_bytes(body[..8].try_into().expect("8 bytes"));
+            let index = u64::from_le_bytes(body[8..16].try_into().expect("8 bytes"));
+            let now_ns = epoch.elapsed().as_nanos() as u64;
+            let _ = out
+                .latency_us
+                .record((now_ns.saturating_sub(sent_ns) / 1_000).max(1));
+            let s = match seen.iter().position(|(x, _)| *x == rtp.ssrc()) {
+                Some(i) => i,
+                None => {
+                    seen.push((rtp.ssrc(), Seen::default()));
+                    seen.len() - 1
+                }
+            };
+            if seen[s].1.insert(index) {
+                live.received.fetch_add(1, Ordering::Relaxed);
+                match out.received.iter_mut().find(|(x, _)| *x == rtp.ssrc()) {
+                    Some((_, c)) => *c += 1,
+                    None => out.received.push((rtp.ssrc(), 1)),
+                }
+            } else {
+                out.duplicates += 1;
+            }
+            sock.set_read_timeout(Some(Duration::from_micros(1)))
+                .map_err(|e| e.to_string())?;
+            if Instant::now() >= wake {
+                break;
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn send(
+    sock: &UdpSocket,
+    pkt: &mut [u8],
+    payload: &mut [u8],
+    ssrc: u32,
+    index: u64,
+    epoch: Instant,
+) -> Result<(), String> {
+    payload[..8].copy_from_slice(&(epoch.elapsed().as_nanos() as u64).to_le_bytes());
+    payload[8..16].copy_from_slice(&index.to_le_bytes());
+    let pt = if ssrc & 1 == 0 { 111 } else { 96 };
+    let n = proto::rtp::write_packet(
+        pkt,
+        pt,
+        index as u16,
+        (index * 960) as u32,
+        ssrc,
+        false,
+        payload,
+    )
+    .ok_or("RTP packet does not fit")?;
+    match sock.send(&pkt[..n]) {
+        Ok(_) => Ok(()),
+        // A full socket buffer drops the packet; it shows as loss, as it would in service.
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(()),
+        Err(e) => Err(format!("sending media: {e}")),
+    }
+}
+
+/// Media totals over every participant of every room.
+pub struct Totals {
+    pub sent: u64,
+    pub expected: u64,
+    pub received: u64,
+    pub duplicates: u64,
+    pub silent_receivers: usize,
+    pub latency_us: Histogram<u64>,
+}
+
+/// Loss accounting: each packet a participant published should reach the room's others once.
+pub fn totals(rooms: &[Vec<Outcome>]) -> Totals {
+    let mut t = Totals {
+        sent: 0,
+        expected: 0,
+        received: 0,
+        duplicates: 0,
+        silent_receivers: 0,
+        latency_us: Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid bounds"),
+    };
+    for room in rooms {
+        let others = room.len().saturating_sub(1) as u64;
+        for o in room {
+            let sent: u64 = o.sent.iter().sum();
+            t.sent += sent;
+            t.expected += sent * others;
+            t.received += o.received.iter().map(|(_, c)| c).sum::<u64>();
+            t.duplicates += o.duplicates;
+            if others > 0 && o.received.is_empty() {
+                t.silent_receivers += 1;
+            }
+            let _ = t.latency_us.add(&o.latency_us);
+        }
+    }
+    t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn outcome(sent: [u64; 2], received: &[(u32, u64)]) -> Outcome {
+        Outcome {
+            sent,
+            received: received.to_vec(),
+            duplicates: 0,
+            latency_us: Histogram::new_with_bounds(1, 60_000_000, 3).unwrap(),
+        }
+    }
+
+    #[test]
+    fn expected_is_what_each_published_times_the_others() {
+        // Three participants, each publishing 10 + 20; participant 2 missed 5 packets of 0's.
+        let room = vec![
+            outcome([10, 20], &[(2, 30), (3, 30)]),
+            outcome([10, 20], &[(1, 30), (3, 30)]),
+            outcome([10, 20], &[(1, 25), (2, 30)]),
+        ];
+        let t = totals(&[room]);
+        assert_eq!((t.sent, t.expected, t.received), (90, 180, 175));
+        assert_eq!(t.silent_receivers, 0);
+        let deaf = vec![outcome([1, 0], &[]), outcome([1, 0], &[(1, 1)])];
+        assert_eq!(totals(&[deaf]).silent_receivers, 1);
+    }
+
+    #[test]
+    fn seen_counts_each_index_once() {
+        let mut s = Seen::default();
+        assert!(s.insert(0) && s.insert(1000) && !s.insert(1000) && s.insert(63));
+    }
+}

@@ -1,0 +1,35 @@
+//! `demo` and `up`: build the release binaries, then hand over to the `demo` binary, which
+//! runs ctl and relays as real processes (see demo/src/main.rs).
+
+use std::process::Command;
+
+use crate::{cargo, root, run, Result};
+
+fn build() -> Result {
+    cargo(&[
+        "build",
+        "--release",
+        "-p",
+        "relay",
+        "-p",
+        "ctl",
+        "-p",
+        "demo",
+    ])
+}
+
+/// `cargo xtask demo [ARGS]`: the local demo with a summary table; fails if a check failed.
+pub fn demo(args: &[String]) -> Result {
+    build()?;
+    run(Command::new(root().join("target/release/demo"))
+        .arg("run")
+        .args(args))
+}
+
+/// `cargo xtask up [--relays N] [--shards N]`: ctl and N relays until Ctrl-C.
+pub fn up(args: &[String]) -> Result {
+    build()?;
+    run(Command::new(root().join("target/release/demo"))
+        .arg("up")
+        .args(args))
+}
