@@ -6,7 +6,13 @@ use std::process::Command;
 use crate::{cargo, root, run, Result};
 
 /// Tools the test suite needs that a fresh machine may lack: (command, Debian package).
-const TOOLS: [(&str, &str); 1] = [("valgrind", "valgrind")];
+/// sshd, ssh and ssh-keygen: the deploy integration test (xtask/tests/deploy.rs).
+const TOOLS: [(&str, &str); 4] = [
+    ("valgrind", "valgrind"),
+    ("/usr/sbin/sshd", "openssh-server"),
+    ("ssh", "openssh-client"),
+    ("ssh-keygen", "openssh-client"),
+];
 
 fn missing_tools() -> Vec<(&'static str, &'static str)> {
     TOOLS
@@ -33,7 +39,8 @@ fn install_tools() -> Result {
     if missing.is_empty() {
         return Ok(());
     }
-    let pkgs: Vec<&str> = missing.iter().map(|(_, p)| *p).collect();
+    let mut pkgs: Vec<&str> = missing.iter().map(|(_, p)| *p).collect();
+    pkgs.dedup();
     if !is_root() {
         return Err(format!(
             "missing tools; install them with: sudo apt-get install -y {}",

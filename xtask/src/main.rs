@@ -8,9 +8,16 @@
 //!   (both I/O backends), a short fuzz smoke run, benches and the perf harness at a tiny scale.
 //! - `callgrind`: user-space instructions per forwarding decision, counted with valgrind.
 //! - `bench`: the criterion benches. `perf [ARGS]`: the end-to-end harness.
+//! - `dist`: the release tarball; `deploy --inventory FILE`: install it over ssh and roll the
+//!   relays one at a time; `tune --check | --apply`: host tuning (README.md, section Deploy).
 
 mod checks;
 mod demo;
+mod deploy;
+mod dist;
+mod inventory;
+mod ssh;
+mod tune;
 
 use std::path::PathBuf;
 use std::process::{Command, ExitCode};
@@ -22,6 +29,9 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("demo") => demo::demo(&args[1..]),
         Some("up") => demo::up(&args[1..]),
+        Some("dist") => dist::dist(&args[1..]),
+        Some("deploy") => deploy::deploy(&args[1..]),
+        Some("tune") => tune::tune(&args[1..]),
         Some("test") => test(&args[1..]),
         Some("callgrind") => callgrind(),
         Some("bench") => cargo(&["bench", "-p", "benches"]),
