@@ -64,6 +64,8 @@ pub struct Outcome {
     /// (author, message id) of every text received.
     pub received: HashSet<(u64, MsgId)>,
     pub duplicates: u64,
+    /// Other members this user's presence watch reported online at some point.
+    pub seen_online: HashSet<u64>,
 }
 
 /// Each user's home through ctl (`GET /v1/users/{id}/home`), waiting for the relay to report
@@ -119,6 +121,13 @@ pub fn user(
         user: home.user,
         ..Outcome::default()
     };
+    // Everyone watches the others' presence: each shows up online once it connects.
+    let others_ids: Vec<u64> = members
+        .iter()
+        .copied()
+        .filter(|&u| u != home.user)
+        .collect();
+    c.watch_presence(&others_ids).map_err(io)?;
     if me == 0 {
         let id = relay::chat::client::new_msg_id();
         c.queue(|e| e.group_create(&id, &members[1..]));
@@ -133,10 +142,14 @@ pub fn user(
         if Instant::now() > wait_deadline || STOP.load(Ordering::Relaxed) {
             return Err(format!("user {}: the group was never created", home.user));
         }
-        if let Some(Event::Sent { chat, .. }) = c.recv(Duration::from_millis(20)).map_err(io)? {
-            if me == 0 {
+        match c.recv(Duration::from_millis(20)).map_err(io)? {
+            Some(Event::Sent { chat, .. }) if me == 0 => {
                 let _ = room.group.set(chat);
             }
+            Some(Event::Presence { user, online: true }) => {
+                out.seen_online.insert(user);
+            }
+            _ => {}
         }
     };
     let others = members.len() - 1;
@@ -213,6 +226,9 @@ pub fn user(
                 }
                 _ => {}
             },
+            Some(Event::Presence { user, online: true }) => {
+                out.seen_online.insert(user);
+            }
             Some(Event::Error { code, text, .. }) => {
                 return Err(format!("user {}: relay error {code}: {text}", home.user));
             }
@@ -236,6 +252,7 @@ pub fn user(
         out.delivered = n_delivered;
         out.read = n_read;
         let settled = now >= until
+            && out.seen_online.len() == others
             && mine.values().all(Option::is_some)
             && out.delivered == mine.len()
             && out.read == mine.len()
@@ -270,6 +287,9 @@ pub struct Totals {
     pub duplicates: u64,
     pub delivered: usize,
     pub read: usize,
+    /// Users whose presence watch saw every other member of the room online.
+    pub presence_complete: usize,
+    pub users: usize,
 }
 
 /// Checks every acknowledged message against every other member's received set.
@@ -282,6 +302,10 @@ pub fn totals(rooms: &[Vec<Outcome>]) -> Totals {
             t.delivered += author.delivered;
             t.read += author.read;
             t.duplicates += author.duplicates;
+            t.users += 1;
+            if author.seen_online.len() + 1 == room.len() {
+                t.presence_complete += 1;
+            }
             for reader in room.iter().filter(|r| r.user != author.user) {
                 for id in &author.sent {
                     t.expected += 1;

@@ -160,6 +160,10 @@ impl Summary<'_> {
                 format!("{} of {}", c.read, c.sent),
             ),
             ("chat messages lost", c.lost.to_string()),
+            (
+                "users who saw all members online",
+                format!("{} of {}", c.presence_complete, c.users),
+            ),
             ("chat duplicates", c.duplicates.to_string()),
             (
                 "chat log records per fdatasync",
@@ -194,6 +198,10 @@ impl Summary<'_> {
                 c.delivered == c.sent,
             ),
             ("every message has READ receipts", c.read == c.sent),
+            (
+                "presence: everyone saw everyone online",
+                c.presence_complete == c.users,
+            ),
         ];
         println!();
         let mut ok = true;

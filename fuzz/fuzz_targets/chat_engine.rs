@@ -33,7 +33,7 @@ fuzz_target!(|data: &[u8]| {
         let peer = u64::from(it.next().unwrap_or(0) % 6) + 1;
         let mut id = [0u8; 16];
         id[0] = it.next().unwrap_or(0);
-        match op % 10 {
+        match op % 11 {
             0 => {
                 shards[shard].handle_accept(now, conn, [127, 0, 0, 1].into());
             }
@@ -52,7 +52,8 @@ fuzz_target!(|data: &[u8]| {
                 now.mono_us += u64::from(id[0]) * 100_000;
                 shards.iter_mut().for_each(|s| s.handle_timeout(now));
             }
-            _ => e.group_list(),
+            9 => e.group_list(),
+            _ => e.presence_watch(&[peer, u64::from(id[0] % 8)]),
         }
         if !frame.is_empty() {
             shards[shard].handle_read(now, conn, &frame);

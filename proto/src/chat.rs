@@ -37,6 +37,8 @@ pub mod ty {
     pub const TYPING: u8 = 0x09;
     /// C->R: keepalive.
     pub const PING: u8 = 0x0A;
+    /// C->R: replace the set of users whose presence this session watches.
+    pub const PRESENCE_WATCH: u8 = 0x0B;
     /// R->C: authenticated.
     pub const WELCOME: u8 = 0x81;
     /// R->C: a message is durable ("sent", one tick).
@@ -49,9 +51,14 @@ pub mod ty {
     pub const ERROR: u8 = 0x85;
     /// R->C: the answer to GROUP_LIST.
     pub const GROUPS: u8 = 0x86;
+    /// R->C: a watched user is online or offline (ephemeral).
+    pub const PRESENCE: u8 = 0x87;
     /// R->C: keepalive answer.
     pub const PONG: u8 = 0x8A;
 }
+
+/// Users one session may watch the presence of at most.
+pub const MAX_PRESENCE_WATCH: usize = 256;
 
 /// Entry kinds carried by SEND and MSG.
 pub mod kind {
@@ -244,6 +251,19 @@ pub enum Frame<'a> {
         /// Echoed in PONG.
         nonce: u64,
     },
+    /// The users (u64 LE each, at most [`MAX_PRESENCE_WATCH`]) whose presence to watch; replaces
+    /// the previous set; empty stops watching.
+    PresenceWatch {
+        /// Raw user ids; iterate with [`u64s`].
+        users: &'a [u8],
+    },
+    /// A watched user's presence.
+    Presence {
+        /// User.
+        user: u64,
+        /// Whether it has a session now.
+        online: bool,
+    },
     /// Authenticated.
     Welcome {
         /// Version.
@@ -420,6 +440,23 @@ fn parse_body(t: u8, payload: &[u8]) -> Result<Frame<'_>, FrameError> {
                 Frame::Pong { nonce }
             }
         }
+        ty::PRESENCE_WATCH => {
+            let users = r.rest();
+            if !users.len().is_multiple_of(8) || users.len() / 8 > MAX_PRESENCE_WATCH {
+                return Err(bad);
+            }
+            Frame::PresenceWatch { users }
+        }
+        ty::PRESENCE => {
+            let user = r.u64().ok_or(bad)?;
+            let online = match r.u8().ok_or(bad)? {
+                0 => false,
+                1 => true,
+                _ => return Err(bad),
+            };
+            r.end().ok_or(bad)?;
+            Frame::Presence { user, online }
+        }
         ty::WELCOME => {
             let f = Frame::Welcome {
                 version: r.u16().ok_or(bad)?,
@@ -575,6 +612,15 @@ impl<'b> Encoder<'b> {
         let raw: Vec<u8> = members.iter().flat_map(|m| m.to_le_bytes()).collect();
         self.frame(ty::GROUP_CREATE, &[msg_id, &raw]);
     }
+    /// PRESENCE_WATCH: the callers bound `users` to [`MAX_PRESENCE_WATCH`].
+    pub fn presence_watch(&mut self, users: &[u64]) {
+        let raw: Vec<u8> = users.iter().flat_map(|u| u.to_le_bytes()).collect();
+        self.frame(ty::PRESENCE_WATCH, &[&raw]);
+    }
+    /// PRESENCE.
+    pub fn presence(&mut self, user: u64, online: bool) {
+        self.frame(ty::PRESENCE, &[&user.to_le_bytes(), &[u8::from(online)]]);
+    }
     /// GROUP_ADD.
     pub fn group_add(&mut self, msg_id: &MsgId, chat_id: u64, user: u64) {
         self.frame(
@@ -724,6 +770,20 @@ mod tests {
                 },
             ),
             (Box::new(|e| e.ping(77)), Frame::Ping { nonce: 77 }),
+            (
+                Box::new(|e| e.presence(9, true)),
+                Frame::Presence {
+                    user: 9,
+                    online: true,
+                },
+            ),
+            (
+                Box::new(|e| e.presence(9, false)),
+                Frame::Presence {
+                    user: 9,
+                    online: false,
+                },
+            ),
             (Box::new(|e| e.pong(78)), Frame::Pong { nonce: 78 }),
             (
                 Box::new(|e| e.welcome(42, 64)),
@@ -798,6 +858,7 @@ mod tests {
         e.ack(&[(1, 2), (3, 4)]);
         e.group_create(&[1; 16], &[10, 11]);
         e.groups(&[(5, vec![1, 2]), (6, vec![])]);
+        e.presence_watch(&[7, 8]);
         let (f, n) = decode(&buf).unwrap().unwrap();
         let Frame::Ack { pairs } = f else { panic!() };
         assert_eq!(ack_pairs(pairs).collect::<Vec<_>>(), vec![(1, 2), (3, 4)]);
@@ -806,8 +867,13 @@ mod tests {
             panic!()
         };
         assert_eq!(u64s(members).collect::<Vec<_>>(), vec![10, 11]);
-        let (f, _) = decode(&buf[n + m..]).unwrap().unwrap();
+        let (f, k) = decode(&buf[n + m..]).unwrap().unwrap();
         let Frame::Groups { raw } = f else { panic!() };
+        let (f, _) = decode(&buf[n + m + k..]).unwrap().unwrap();
+        let Frame::PresenceWatch { users } = f else {
+            panic!()
+        };
+        assert_eq!(u64s(users).collect::<Vec<_>>(), vec![7, 8]);
         let g: Vec<_> = groups(raw)
             .map(|g| g.map(|(c, m)| (c, u64s(m).collect::<Vec<_>>())))
             .collect();
@@ -838,6 +904,21 @@ mod tests {
             decode(&[5, 0, 0, 0, ty::HELLO, 1, 0, 9, 0]),
             Err(FrameError::Malformed(ty::HELLO))
         );
+        // PRESENCE: the state is 0 or 1; PRESENCE_WATCH: whole ids, at most 256 of them.
+        let mut p = vec![10, 0, 0, 0, ty::PRESENCE, 1, 0, 0, 0, 0, 0, 0, 0, 2];
+        assert_eq!(decode(&p), Err(FrameError::Malformed(ty::PRESENCE)));
+        p[13] = 1;
+        assert!(decode(&p).unwrap().is_some());
+        assert_eq!(
+            decode(&[4, 0, 0, 0, ty::PRESENCE_WATCH, 1, 2, 3]),
+            Err(FrameError::Malformed(ty::PRESENCE_WATCH))
+        );
+        let mut many = Vec::new();
+        Encoder::new(&mut many).presence_watch(&[1; MAX_PRESENCE_WATCH + 1]);
+        assert_eq!(
+            decode(&many),
+            Err(FrameError::Malformed(ty::PRESENCE_WATCH))
+        );
     }
 
     /// The hex examples of PROTOCOL.md section 7 decode as documented.
@@ -852,6 +933,18 @@ mod tests {
         assert_eq!(
             one(&bytes("09000000 0a 2a00000000000000")),
             Frame::Ping { nonce: 42 }
+        );
+        let watch = bytes("11000000 0b 0700000000000000 0800000000000000");
+        let Frame::PresenceWatch { users } = one(&watch) else {
+            panic!()
+        };
+        assert_eq!(u64s(users).collect::<Vec<_>>(), vec![7, 8]);
+        assert_eq!(
+            one(&bytes("0a000000 87 0700000000000000 01")),
+            Frame::Presence {
+                user: 7,
+                online: true
+            }
         );
         let send = bytes(
             "34000000 02 0102030405060708090a0b0c0d0e0f10 0000000000000000 0700000000000000 00 \

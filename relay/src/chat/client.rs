@@ -64,6 +64,13 @@ pub enum Event {
         /// Typist.
         from: u64,
     },
+    /// A watched user came online or went offline (see [`Client::watch_presence`]).
+    Presence {
+        /// User.
+        user: u64,
+        /// Whether it has a session.
+        online: bool,
+    },
     /// PING answer.
     Pong,
 }
@@ -172,6 +179,19 @@ impl Client {
         self.queue(|e| e.send(&id, chat_id, 0, kind, ref_id, body));
         self.flush()?;
         Ok(id)
+    }
+
+    /// Watches the presence of `users` (replacing the previous set): the relay answers with
+    /// each one's current state, then reports every change.
+    pub fn watch_presence(&mut self, users: &[u64]) -> io::Result<()> {
+        if users.len() > chat::MAX_PRESENCE_WATCH {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "too many users to watch",
+            ));
+        }
+        self.queue(|e| e.presence_watch(users));
+        self.flush()
     }
 
     /// Acknowledges every chat up to the highest seq seen.
@@ -300,6 +320,7 @@ impl Client {
                 from: user,
             },
             Frame::Pong { .. } => Event::Pong,
+            Frame::Presence { user, online } => Event::Presence { user, online },
             other => Event::Error {
                 code: 0,
                 msg_id: [0; 16],

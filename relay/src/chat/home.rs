@@ -37,7 +37,12 @@ struct Session {
     resync: bool,
     rate: TokenBucket,
     closing: bool,
+    /// Users whose presence this session watches (at most `MAX_PRESENCE_WATCH`).
+    watching: Vec<u64>,
 }
+
+/// Watchers one user may have at most; further watches are answered once and not kept.
+pub const MAX_WATCHERS_PER_USER: usize = 4096;
 
 /// Counters of the home role.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -71,6 +76,8 @@ pub struct Home {
     next_epoch: u64,
     /// Pending GROUPS answers: conn -> (owners still to answer, groups so far).
     group_lists: HashMap<ConnId, GroupList>,
+    /// Users homed here -> who watches their presence, and the watchers' home shards.
+    watchers: HashMap<u64, Vec<(u64, u16)>>,
     /// Messages to other shards (or this one).
     pub out: Vec<(u16, ShardMsg)>,
     /// Sessions with bytes to write.
@@ -94,6 +101,7 @@ impl Home {
             per_ip: HashMap::new(),
             next_epoch: 1,
             group_lists: HashMap::new(),
+            watchers: HashMap::new(),
             out: Vec::new(),
             dirty: Vec::new(),
             closing: Vec::new(),
@@ -104,6 +112,11 @@ impl Home {
     /// Open sessions.
     pub fn n_sessions(&self) -> usize {
         self.sessions.len()
+    }
+
+    /// (watched user, watcher) pairs kept on this shard.
+    pub fn n_watch_entries(&self) -> usize {
+        self.watchers.values().map(Vec::len).sum()
     }
 
     /// A new connection from `ip`. Returns false (and queues an error and close) when the
@@ -124,6 +137,7 @@ impl Home {
             resync: false,
             rate: TokenBucket::new(self.cfg.msgs_per_s, self.cfg.msgs_burst, now.mono_us),
             closing: false,
+            watching: Vec::new(),
         };
         self.sessions.insert(conn, s);
         if over {
@@ -157,7 +171,73 @@ impl Home {
                 for shard in 0..self.n_shards {
                     self.out.push((shard, ShardMsg::BacklogCancel { user }));
                 }
+                for &target in &s.watching {
+                    self.send_watch(user, target, false);
+                }
+                self.announce(user, false);
             }
+        }
+    }
+
+    fn send_watch(&mut self, watcher: u64, target: u64, watch: bool) {
+        self.out.push((
+            ids::home_shard(target, self.n_shards),
+            ShardMsg::PresenceWatch {
+                watcher,
+                watcher_home: self.shard,
+                target,
+                watch,
+            },
+        ));
+    }
+
+    /// Tells everyone watching `user` (homed here) that it came online or went offline.
+    fn announce(&mut self, user: u64, online: bool) {
+        if let Some(ws) = self.watchers.get(&user) {
+            for &(to, home) in ws {
+                self.out
+                    .push((home, ShardMsg::Presence { to, user, online }));
+            }
+        }
+    }
+
+    /// A session's new watch list: unwatch what left it, watch what joined it.
+    fn presence_watch(&mut self, conn: ConnId, user: u64, users: &[u8]) {
+        let mut new: Vec<u64> = proto::chat::u64s(users).filter(|&u| u != 0).collect();
+        new.sort_unstable();
+        new.dedup();
+        let Some(s) = self.sessions.get_mut(&conn) else {
+            return;
+        };
+        let old = std::mem::replace(&mut s.watching, new.clone());
+        for &t in old.iter().filter(|t| new.binary_search(t).is_err()) {
+            self.send_watch(user, t, false);
+        }
+        for &t in new.iter().filter(|t| old.binary_search(t).is_err()) {
+            self.send_watch(user, t, true);
+        }
+    }
+
+    /// A watch request for `target`, homed here: (un)register it and answer with the state.
+    fn watch(&mut self, watcher: u64, watcher_home: u16, target: u64, watch: bool) {
+        let ws = self.watchers.entry(target).or_default();
+        ws.retain(|&(w, _)| w != watcher);
+        if watch {
+            if ws.len() < MAX_WATCHERS_PER_USER {
+                ws.push((watcher, watcher_home));
+            }
+            let online = self.users.contains_key(&target);
+            self.out.push((
+                watcher_home,
+                ShardMsg::Presence {
+                    to: watcher,
+                    user: target,
+                    online,
+                },
+            ));
+        }
+        if ws.is_empty() {
+            self.watchers.remove(&target);
         }
     }
 
@@ -350,6 +430,11 @@ impl Home {
                 }
             }
             Frame::Ping { nonce } => self.queue(conn, |e| e.pong(nonce)),
+            Frame::PresenceWatch { users } => {
+                if self.take_rate(now, conn, &[0; 16]) {
+                    self.presence_watch(conn, user, users);
+                }
+            }
             _ => self.fatal(conn, code::UNKNOWN_TYPE, "not a client frame"),
         }
     }
@@ -390,9 +475,21 @@ impl Home {
                 "token is not a chat token for this shard",
             );
         }
-        // One session per user: a new one replaces the old.
-        if let Some(old) = self.users.insert(user, conn) {
-            self.fatal(old, code::INVALID, "replaced by a new session");
+        // One session per user: a new one replaces the old (and the user stays online).
+        match self.users.insert(user, conn) {
+            Some(old) => {
+                // The old session's watches go with it.
+                let watched = self
+                    .sessions
+                    .get_mut(&old)
+                    .map(|s| std::mem::take(&mut s.watching))
+                    .unwrap_or_default();
+                for t in watched {
+                    self.send_watch(user, t, false);
+                }
+                self.fatal(old, code::INVALID, "replaced by a new session");
+            }
+            None => self.announce(user, true),
         }
         let epoch = self.next_epoch;
         self.next_epoch += 1;
@@ -512,6 +609,24 @@ impl Home {
                 if let Some(&conn) = self.users.get(&to) {
                     let peer = if ids::is_group(chat) { chat } else { 0 };
                     self.queue(conn, |e| e.typing(peer, from));
+                }
+            }
+            ShardMsg::PresenceWatch {
+                watcher,
+                watcher_home,
+                target,
+                watch,
+            } => self.watch(watcher, watcher_home, target, watch),
+            ShardMsg::Presence { to, user, online } => {
+                // Only to a session that still watches `user` (an unwatch may be in flight).
+                if let Some(&conn) = self.users.get(&to) {
+                    if self
+                        .sessions
+                        .get(&conn)
+                        .is_some_and(|s| s.watching.binary_search(&user).is_ok())
+                    {
+                        self.queue(conn, |e| e.presence(user, online));
+                    }
                 }
             }
             other => debug_assert!(false, "not a home message: {other:?}"),

@@ -228,6 +228,11 @@ impl ChatShard {
         self.owner.n_pending()
     }
 
+    /// Presence watches kept for users homed here.
+    pub fn home_watch_entries(&self) -> usize {
+        self.home.n_watch_entries()
+    }
+
     /// Open sessions.
     pub fn n_sessions(&self) -> usize {
         self.home.n_sessions()

@@ -81,6 +81,26 @@ pub enum ShardMsg {
         /// Recipient (direct), or 0 for every member of the group.
         to: u64,
     },
+    /// Home (watcher's) -> home (target's): start or stop telling `watcher` about `target`.
+    PresenceWatch {
+        /// The watching user and its home shard.
+        watcher: u64,
+        /// The watcher's home shard.
+        watcher_home: u16,
+        /// The watched user (homed on the receiving shard).
+        target: u64,
+        /// Start (true) or stop.
+        watch: bool,
+    },
+    /// Home (target's) -> home (watcher's): `user` is online or offline now.
+    Presence {
+        /// The watcher to tell.
+        to: u64,
+        /// The watched user.
+        user: u64,
+        /// Whether it has a session.
+        online: bool,
+    },
     /// Owner -> home: the entry is durable.
     Sent {
         /// Requesting user, its home and session.

@@ -40,6 +40,10 @@ enum Got {
         from: u64,
     },
     Pong,
+    Presence {
+        user: u64,
+        online: bool,
+    },
 }
 
 fn own(f: Frame<'_>) -> Got {
@@ -75,6 +79,7 @@ fn own(f: Frame<'_>) -> Got {
             from: user,
         },
         Frame::Pong { .. } => Got::Pong,
+        Frame::Presence { user, online } => Got::Presence { user, online },
         other => panic!("unexpected frame to a client: {other:?}"),
     }
 }
@@ -302,6 +307,13 @@ impl Sim {
             let pairs: Vec<(u64, u64)> = last.into_iter().collect();
             self.send(user, |e| e.ack(&pairs));
         }
+    }
+
+    /// The peer closes `user`'s connection.
+    fn disconnect(&mut self, user: u64) {
+        let c = self.clients.remove(&user).unwrap();
+        self.shards[usize::from(c.shard)].handle_closed(self.now, c.conn);
+        self.run();
     }
 
     fn pending(&self) -> usize {
@@ -596,6 +608,74 @@ fn bad_input_gets_an_error_then_close_and_others_are_unaffected() {
         vec![Got::Pong],
         "the shard still serves others"
     );
+}
+
+/// Only the PRESENCE frames of what a client received.
+fn presence(got: Vec<Got>) -> Vec<Got> {
+    got.into_iter()
+        .filter(|g| matches!(g, Got::Presence { .. }))
+        .collect()
+}
+
+#[test]
+fn presence_reaches_watchers_across_shards_and_stops_when_unwatched() {
+    let mut sim = Sim::new(ChatConfig::default());
+    let (a, b, c) = users();
+    sim.connect(a);
+    // Watching an offline user answers "offline" at once; the watcher's own state is not
+    // reported to itself, and unknown ids (0) are ignored.
+    sim.send(a, |e| e.presence_watch(&[b, c, 0]));
+    let mut got = presence(sim.take(a));
+    got.sort_by_key(|g| format!("{g:?}"));
+    let mut want = vec![
+        Got::Presence {
+            user: b,
+            online: false,
+        },
+        Got::Presence {
+            user: c,
+            online: false,
+        },
+    ];
+    want.sort_by_key(|g| format!("{g:?}"));
+    assert_eq!(got, want);
+    // b comes online, then c; a hears both, on its own (different) home shard.
+    sim.connect(b);
+    sim.connect(c);
+    assert_eq!(
+        presence(sim.take(a)),
+        vec![
+            Got::Presence {
+                user: b,
+                online: true
+            },
+            Got::Presence {
+                user: c,
+                online: true
+            },
+        ]
+    );
+    // A new session of b replaces the old one: b stays online, nobody hears a change.
+    sim.connect(b);
+    assert_eq!(presence(sim.take(a)), vec![]);
+    sim.disconnect(b);
+    assert_eq!(
+        presence(sim.take(a)),
+        vec![Got::Presence {
+            user: b,
+            online: false
+        }]
+    );
+    // a narrows its watch to b (already watched: no new answer); c's departure is no longer
+    // reported.
+    sim.send(a, |e| e.presence_watch(&[b]));
+    assert_eq!(presence(sim.take(a)), vec![]);
+    sim.disconnect(c);
+    assert_eq!(presence(sim.take(a)), vec![]);
+    // When a leaves, its watches go with it: nothing is kept for it on b's home.
+    sim.disconnect(a);
+    let kept: usize = sim.shards.iter().map(|s| s.home_watch_entries()).sum();
+    assert_eq!(kept, 0, "watch entries left after the watcher left");
 }
 
 #[test]
