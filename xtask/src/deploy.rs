@@ -140,6 +140,19 @@ fn preflight(inv: &Inventory) -> Result<Vec<HostState>> {
         )),
         Err(e) => errors.push(format!("ctl is unreachable: {e}")),
     }
+    if errors.is_empty() {
+        // Drains go through the admin API: a wrong or missing admin token fails here, not
+        // half-way through the roll.
+        match admin(&inv.deploy, "GET", "/v1/relays") {
+            Ok(r) if r.status == 200 => {}
+            Ok(r) => errors.push(format!(
+                "ctl refused its admin API ({}): {} (ctl_admin_token in [deploy])",
+                r.status,
+                r.body.trim()
+            )),
+            Err(e) => errors.push(e),
+        }
+    }
     let results: Vec<Result<HostState>> = std::thread::scope(|s| {
         let handles: Vec<_> = inv
             .hosts
@@ -254,7 +267,8 @@ fn install(d: &Deploy, h: &Host, tarball: &std::path::Path, version: &str) -> Re
                  echo 'warning: some sysctls were not applied (cargo xtask tune --check)' >&2\n"
             )
         }
-        Service::Pidfile => String::new(),
+        // systemd creates /var/lib/relay itself (StateDirectory, owned by the dynamic user).
+        Service::Pidfile => "mkdir -p \"$R/var/lib/relay\"\n".into(),
     };
     let script = format!(
         r#"R={root}
@@ -270,7 +284,7 @@ else
     mv ".tmp-$V" "$V"
 fi
 rm -f ".upload-$V.tar.gz"
-mkdir -p "$R/etc/relay" "$R/etc/systemd/system" "$R/etc/sysctl.d" "$R/var/lib/relay"
+mkdir -p "$R/etc/relay" "$R/etc/systemd/system" "$R/etc/sysctl.d"
 for f in relay.toml ctl.toml; do
     [ -e "$R/etc/relay/$f" ] || cp "$V/etc/relay/$f" "$R/etc/relay/$f"
 done
@@ -280,7 +294,25 @@ cp "$V/etc/sysctl.d/60-relay.conf" "$R/etc/sysctl.d/"
         root = sh_quote(h.root.trim_end_matches('/')),
         v = sh_quote(version),
     );
-    ssh::run(d, h, &script).map(drop)
+    ssh::run(d, h, &script)?;
+    // The host's tuning, as a warning: the release's own xtask reads the host's /proc and /sys.
+    let tune = format!(
+        "{} tune --check 2>&1 | tail -n 1 || true",
+        sh_quote(&h.path(&format!("/opt/relay/releases/{version}/bin/xtask")))
+    );
+    match ssh::run(d, h, &tune) {
+        Ok(out) if out.contains("differ") => println!(
+            "deploy: {}: host tuning: {}; see `/opt/relay/current/bin/xtask tune --check` there",
+            h.name,
+            out.trim()
+                .trim_start_matches("xtask: error: ")
+                .split(" (")
+                .next()
+                .unwrap_or_default()
+        ),
+        _ => {}
+    }
+    Ok(())
 }
 
 /// The relay's command line on this host (the unit's and relay-service's `$RELAY_ARGS`).
@@ -474,10 +506,9 @@ fi
             Ok(_) => match relay_view(d, h.relay_id) {
                 Ok(Some(v))
                     if v.get("state").as_str() != Some("dead")
-                        && v.get("last_seen_ms").as_u64().is_some_and(|ms| {
-                            Duration::from_millis(ms)
-                                < started.elapsed().max(Duration::from_secs(1))
-                        }) =>
+                        && v.get("last_seen_ms")
+                            .as_u64()
+                            .is_some_and(|ms| Duration::from_millis(ms) < started.elapsed()) =>
                 {
                     println!(
                         "deploy: {}: healthy after {:.1} s",

@@ -803,6 +803,31 @@ fn bad_inventories_change_nothing_on_any_host() {
             "{what}: host a changed"
         );
     }
+    // A dry run of the good inventory pre-flights and changes nothing either.
+    std::fs::write(&inv, &good).unwrap();
+    let (ok, out, err) = xtask(
+        &[
+            "deploy",
+            "--dry-run",
+            "--inventory",
+            inv.to_str().unwrap(),
+            "--tarball",
+        ]
+        .into_iter()
+        .chain([tarball.to_str().unwrap()])
+        .collect::<Vec<_>>(),
+        Duration::from_secs(60),
+    );
+    assert!(ok, "dry run: {err}");
+    assert!(
+        out.contains("deploy: a: current none, relay stopped"),
+        "{out}"
+    );
+    assert_eq!(
+        snapshot(&lab.dir.join("root-a")),
+        before,
+        "dry run: host a changed"
+    );
     // Line numbers point at the problem.
     std::fs::write(&inv, &cases[0].1).unwrap();
     let (_, _, err) = deploy(&inv, &tarball);
