@@ -76,9 +76,6 @@ impl Relay {
                 cfg.base_port
             ));
         }
-        if cfg.chat.port.is_some() && backend == Backend::Uring {
-            return Err("chat is served by the batch backend only for now (TCP on io_uring is not built yet): use --io batch or auto".into());
-        }
         let mut mailboxes = match cfg.chat.port {
             Some(_) => io::mailbox::mailboxes(n_shards).map_err(|e| format!("eventfd: {e}"))?,
             None => Vec::new(),
@@ -226,7 +223,7 @@ fn run_shard(
     let mut engine = Shard::new(cfg, ctx.shard_idx, verifier, ctx.now());
     let result = match backend {
         Backend::Batch => io::batch::run(&mut engine, &socket, &ctx, chat),
-        Backend::Uring => io::uring::run(&mut engine, &socket, &ctx),
+        Backend::Uring => io::uring::run(&mut engine, &socket, &ctx, chat),
     };
     ctx.stats.publish_final(&engine);
     result

@@ -1,5 +1,6 @@
-//! Chat against a real relay process on loopback (batch backend: TCP on io_uring is not built
-//! yet). Each test gets its own ports and a temporary data directory.
+//! Chat against a real relay process on loopback, on both I/O backends: every scenario runs
+//! as `chat::batch::*` and `chat::uring::*`. Each test gets its own ports and a temporary data
+//! directory.
 
 use super::{unix_now, RelayProc};
 use proto::chat::{code, ids, kind};
@@ -13,6 +14,16 @@ const T: Duration = Duration::from_secs(5);
 const SHARDS: u16 = 2;
 
 static CHAT_SLOT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+/// Data directories handed out to the tests of this binary; they run in parallel.
+static DIR_SEQ: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+
+/// A fresh temporary directory, unique to this test process and call.
+fn temp_dir(what: &str, io: &str) -> PathBuf {
+    let seq = DIR_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("relay-{what}-{io}-{}-{seq}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
 
 pub(super) struct ChatRelay {
     relay: RelayProc,
@@ -21,17 +32,11 @@ pub(super) struct ChatRelay {
 }
 
 impl ChatRelay {
-    fn start() -> Self {
-        let dir = std::env::temp_dir().join(format!(
-            "relay-chat-test-{}-{}",
-            std::process::id(),
-            super::NEXT_PORT.load(std::sync::atomic::Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        Self::start_in(dir, None)
+    fn start(io: &str) -> Self {
+        Self::start_in(io, temp_dir("chat-test", io), None)
     }
 
-    fn start_in(dir: PathBuf, chat_port: Option<u16>) -> Self {
+    fn start_in(io: &str, dir: PathBuf, chat_port: Option<u16>) -> Self {
         // A fixed port when restarting on the same data; else one per attempt, below the
         // ephemeral range and away from the UDP ports RelayProc hands out.
         let pick = || {
@@ -41,7 +46,7 @@ impl ChatRelay {
             })
         };
         let chosen = std::sync::Mutex::new(0u16);
-        let relay = RelayProc::start_with("batch", SHARDS, |_| {
+        let relay = RelayProc::start_with(io, SHARDS, |_| {
             let port = pick();
             *chosen.lock().unwrap() = port;
             vec![
@@ -130,9 +135,8 @@ fn users_on_both_shards() -> (u64, u64) {
     (a, b)
 }
 
-#[test]
-fn direct_chat_gets_sent_delivered_and_read_in_order_across_shards() {
-    let r = ChatRelay::start();
+fn direct_chat_gets_sent_delivered_and_read_in_order_across_shards(io: &str) {
+    let r = ChatRelay::start(io);
     let (alice, bob) = users_on_both_shards();
     let mut a = r.connect(alice);
     let mut b = r.connect(bob);
@@ -175,9 +179,8 @@ fn direct_chat_gets_sent_delivered_and_read_in_order_across_shards() {
         .any(|m| m.msg_id == read_id && m.kind == kind::TEXT));
 }
 
-#[test]
-fn offline_recipient_gets_backlog_in_order_and_the_inbox_empties() {
-    let r = ChatRelay::start();
+fn offline_recipient_gets_backlog_in_order_and_the_inbox_empties(io: &str) {
+    let r = ChatRelay::start(io);
     let (alice, bob) = users_on_both_shards();
     let mut a = r.connect(alice);
     const N: u64 = 500;
@@ -226,9 +229,8 @@ fn offline_recipient_gets_backlog_in_order_and_the_inbox_empties() {
     assert_eq!(r.total("relay_chat_pending"), 0, "inbox empty");
 }
 
-#[test]
-fn group_of_five_member_added_later_sees_only_from_its_join() {
-    let r = ChatRelay::start();
+fn group_of_five_member_added_later_sees_only_from_its_join(io: &str) {
+    let r = ChatRelay::start(io);
     let users: Vec<u64> = (100..105).collect();
     let mut cs: Vec<Client> = users.iter().map(|&u| r.connect(u)).collect();
     let create = relay::chat::client::new_msg_id();
@@ -274,9 +276,8 @@ fn group_of_five_member_added_later_sees_only_from_its_join() {
     assert_eq!(texts, vec![&b"before"[..], &b"after"[..]]);
 }
 
-#[test]
-fn resent_id_is_delivered_once_and_edits_and_deletes_reach_every_member() {
-    let r = ChatRelay::start();
+fn resent_id_is_delivered_once_and_edits_and_deletes_reach_every_member(io: &str) {
+    let r = ChatRelay::start(io);
     let users: Vec<u64> = (200..203).collect();
     let mut cs: Vec<Client> = users.iter().map(|&u| r.connect(u)).collect();
     let create = relay::chat::client::new_msg_id();
@@ -319,10 +320,9 @@ fn resent_id_is_delivered_once_and_edits_and_deletes_reach_every_member() {
     }
 }
 
-#[test]
-fn bad_input_gets_an_error_then_close_while_others_are_served() {
+fn bad_input_gets_an_error_then_close_while_others_are_served(io: &str) {
     use std::io::{Read, Write};
-    let r = ChatRelay::start();
+    let r = ChatRelay::start(io);
     let (alice, _) = users_on_both_shards();
     let mut a = r.connect(alice);
     let addr = SocketAddr::from(([127, 0, 0, 1], r.chat_port));
@@ -384,12 +384,10 @@ fn bad_input_gets_an_error_then_close_while_others_are_served() {
     );
 }
 
-#[test]
-fn kill_9_under_load_loses_nothing_acknowledged_as_sent() {
+fn kill_9_under_load_loses_nothing_acknowledged_as_sent(io: &str) {
     use std::collections::{HashMap, HashSet};
-    let dir = std::env::temp_dir().join(format!("relay-chat-crash-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let mut r = ChatRelay::start_in(dir.clone(), None);
+    let dir = temp_dir("chat-crash", io);
+    let mut r = ChatRelay::start_in(io, dir.clone(), None);
     let chat_port = r.chat_port;
     let pid = r.relay.child.id();
     let senders: Vec<u64> = (400..404).collect();
@@ -441,7 +439,7 @@ fn kill_9_under_load_loses_nothing_acknowledged_as_sent() {
         total > 100,
         "some messages were acknowledged before the kill ({total})"
     );
-    let r2 = ChatRelay::start_in(dir.clone(), Some(chat_port));
+    let r2 = ChatRelay::start_in(io, dir.clone(), Some(chat_port));
     for (&from, &to) in senders.iter().zip(&receivers) {
         let mut c = Client::connect(r2.addr(to), &r2.token(to), T).unwrap();
         let mut got: Vec<u64> = Vec::new();
@@ -482,3 +480,48 @@ fn kill_9_under_load_loses_nothing_acknowledged_as_sent() {
     }
     drop(r);
 }
+
+/// Every chat scenario, on one backend.
+macro_rules! chat_for_backend {
+    ($backend:ident) => {
+        mod $backend {
+            #[test]
+            fn direct_chat_gets_sent_delivered_and_read_in_order_across_shards() {
+                super::direct_chat_gets_sent_delivered_and_read_in_order_across_shards(stringify!(
+                    $backend
+                ));
+            }
+            #[test]
+            fn offline_recipient_gets_backlog_in_order_and_the_inbox_empties() {
+                super::offline_recipient_gets_backlog_in_order_and_the_inbox_empties(stringify!(
+                    $backend
+                ));
+            }
+            #[test]
+            fn group_of_five_member_added_later_sees_only_from_its_join() {
+                super::group_of_five_member_added_later_sees_only_from_its_join(stringify!(
+                    $backend
+                ));
+            }
+            #[test]
+            fn resent_id_is_delivered_once_and_edits_and_deletes_reach_every_member() {
+                super::resent_id_is_delivered_once_and_edits_and_deletes_reach_every_member(
+                    stringify!($backend),
+                );
+            }
+            #[test]
+            fn bad_input_gets_an_error_then_close_while_others_are_served() {
+                super::bad_input_gets_an_error_then_close_while_others_are_served(stringify!(
+                    $backend
+                ));
+            }
+            #[test]
+            fn kill_9_under_load_loses_nothing_acknowledged_as_sent() {
+                super::kill_9_under_load_loses_nothing_acknowledged_as_sent(stringify!($backend));
+            }
+        }
+    };
+}
+
+chat_for_backend!(batch);
+chat_for_backend!(uring);

@@ -1,0 +1,675 @@
+//! Chat on the `uring` backend, in the shard's one ring beside the media: a multishot accept on
+//! the listener, a multishot receive per connection into chat's own provided-buffer ring (buffer
+//! group [`CHAT_BGID`], separate from the datagrams' group 0), at most one send (or one wait for
+//! room to send) in flight per connection, and a multishot poll on the shard's waker eventfd.
+//! Everything else (engine, log and group commit, mailbox, limits, counters) is
+//! [`ChatCore`]'s, shared with the `batch` backend.
+//!
+//! Completions are handled as they are reaped ([`UringChat::handle_cqe`]): received buffers
+//! are queued in arrival order (with the end of each stream after its last bytes), sends and
+//! polls finish. Once per loop turn, after the datagrams, [`UringChat::turn`] hands the queued
+//! bytes to the engine (unless cross-shard messages are spilling: then they wait, the buffer
+//! ring runs dry and the receives end with ENOBUFS until reading resumes), runs the core's end
+//! of turn (one fdatasync for the records the turn accepted, before any "sent" or delivery is
+//! written), and queues the SQEs the connections need: receive re-arms, sends, cancels.
+//!
+//! Ownership. A received buffer belongs to the driver from its completion until the engine has
+//! read it. A send's bytes are copied out of the engine's output (which may grow and move) into
+//! the connection's own buffer, which the kernel owns until the send completes; only then does
+//! the engine learn how much was written. A closed connection stays in the table, its
+//! operations cancelled, until its receive and its send have both completed; only then is its
+//! socket closed and its buffer freed, so a descriptor is never reused under an operation.
+//!
+//! Bounds. Connections: [`MAX_CONNS`] open, plus closed ones whose cancels are in flight.
+//! Received entries: one per buffer plus one end per connection. The to-do queue holds each
+//! connection once. Chat never takes the SQ entries the media path may need
+//! ([`super::MEDIA_SQ`]): when the rest is full it submits early, and what still does not fit
+//! waits in the to-do queue. The CQ has room for one completion per chat buffer and
+//! [`CHAT_CQ`] beyond; a burst of per-connection completions past that (mass disconnects)
+//! waits in the kernel's overflow list (IORING_FEAT_NODROP, required) until the next enter.
+
+use super::{
+    BufRing, MEDIA_SQ, UD_ACCEPT, UD_CHAT_CANCEL, UD_CHAT_POLL, UD_CHAT_RECV, UD_CHAT_SEND,
+    UD_KIND, UD_WAKE,
+};
+use crate::chat::msg::ConnId;
+use crate::engine::Now;
+use crate::io::chat_io::{ChatCore, ChatIoCounters, ChatParts, MAX_CONNS};
+use crate::io::IoCounters;
+use io_uring::types::Fd;
+use io_uring::{cqueue, opcode, squeue, IoUring};
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::net::{TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+/// Chat's receive buffers per shard (a power of two): 2 MiB with [`CHAT_BUF_LEN`].
+pub(super) const CHAT_BUF_COUNT: u16 = 512;
+/// Size of one receive buffer; a frame longer than this arrives in several.
+const CHAT_BUF_LEN: usize = 4096;
+/// Buffer group of chat's receive buffers (the datagrams use group 0).
+const CHAT_BGID: u16 = 1;
+/// Bytes one send carries at most; the rest of the output follows when it completes.
+const SEND_CHUNK: usize = 64 * 1024;
+/// Idle send buffers kept for reuse; the others are freed.
+const SPARE_SEND_BUFS: usize = 64;
+/// SQ entries chat can always use beside the media path's.
+pub(super) const CHAT_SQ_MIN: usize = 256;
+/// CQ entries reserved for chat: one per receive buffer, and room for per-connection
+/// completions (accepts, sends, ends of receives).
+pub(super) const CHAT_CQ: usize = CHAT_BUF_COUNT as usize + 512;
+
+const _: () = assert!(CHAT_BUF_COUNT.is_power_of_two());
+const _: () = assert!(
+    MAX_CONNS as u64 <= !UD_KIND,
+    "connection ids fit under the kind"
+);
+
+/// Counters of this plumbing (logged at exit and tested; not published).
+#[derive(Clone, Copy, Debug, Default)]
+pub(super) struct ChatUringStats {
+    /// Multishot receives that ended because chat's buffer ring ran dry (then re-armed).
+    pub rx_nobufs: u64,
+    /// Receives armed.
+    pub recv_arms: u64,
+    /// Times the multishot accept was armed.
+    pub accept_arms: u64,
+    /// Accepts that failed (EMFILE and the like).
+    pub accept_errors: u64,
+    /// Sends that found no room (EAGAIN or nothing written) and waited for POLLOUT.
+    pub send_waits: u64,
+    /// Times chat found its share of the SQ full and submitted early.
+    pub sq_full: u64,
+}
+
+/// Chat's end state, for the exit log and tests.
+#[derive(Clone, Copy, Debug)]
+#[cfg_attr(not(test), allow(dead_code))]
+pub(super) struct ChatReport {
+    pub stats: ChatUringStats,
+    pub counters: ChatIoCounters,
+    /// Chat buffers out of the ring at exit: 0 once drained.
+    pub bufs_outstanding: usize,
+    /// Operations still in flight at exit: 0 once drained.
+    pub ops_in_flight: usize,
+}
+
+struct Conn {
+    stream: TcpStream,
+    inbuf: Vec<u8>,
+    /// The bytes of the send in flight: the kernel reads them until the send completes.
+    out: Vec<u8>,
+    recv_armed: bool,
+    /// user_data of the send or POLLOUT wait in flight (at most one).
+    send_ud: Option<u64>,
+    want_recv: bool,
+    want_send: bool,
+    /// The last send found no room: wait for POLLOUT before the next.
+    wait_writable: bool,
+    /// Close once the output is flushed.
+    closing: bool,
+    /// Closed for the engine; waits for its operations to end.
+    dead: bool,
+    recv_cancelled: bool,
+    send_cancelled: bool,
+    /// In the to-do queue.
+    queued: bool,
+}
+
+/// Bytes or an end of stream, in arrival order.
+enum Received {
+    Data { id: ConnId, bid: u16, len: u32 },
+    End { id: ConnId },
+}
+
+/// What [`UringChat::service`] left to do.
+enum Service {
+    Done,
+    /// A receive waits for buffers or for reading to resume.
+    Wait,
+    /// The SQ had no room.
+    SqFull,
+}
+
+/// One shard's chat on io_uring.
+pub(super) struct UringChat {
+    core: ChatCore,
+    listener: TcpListener,
+    bufs: BufRing,
+    conns: HashMap<ConnId, Conn>,
+    received: VecDeque<Received>,
+    todo: VecDeque<ConnId>,
+    accept_armed: bool,
+    wake_armed: bool,
+    /// Receives and sends in flight over all connections.
+    n_ops: usize,
+    spare: Vec<Vec<u8>>,
+    now: Now,
+    stopping: bool,
+    stats: ChatUringStats,
+}
+
+impl UringChat {
+    /// Opens the shard's log (replaying it into the engine) and registers chat's buffer ring
+    /// with `n_bufs` buffers on `ring`.
+    pub(super) fn new(parts: ChatParts, ring: &IoUring, n_bufs: u16) -> io::Result<Self> {
+        if !ring.params().is_feature_nodrop() {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "kernel lacks IORING_FEAT_NODROP (chat on io_uring needs Linux 5.5+)",
+            ));
+        }
+        let (core, listener) = ChatCore::open(parts)?;
+        // Blocking: io_uring then waits for readiness itself instead of failing with EAGAIN.
+        listener.set_nonblocking(false)?;
+        let bufs = BufRing::new(n_bufs, CHAT_BUF_LEN, CHAT_BGID)?;
+        bufs.register(ring)
+            .map_err(|e| io::Error::new(e.kind(), super::explain_register(&e)))?;
+        Ok(Self {
+            core,
+            listener,
+            bufs,
+            conns: HashMap::new(),
+            received: VecDeque::with_capacity(usize::from(n_bufs)),
+            todo: VecDeque::new(),
+            accept_armed: false,
+            wake_armed: false,
+            n_ops: 0,
+            spare: Vec::new(),
+            now: Now {
+                mono_us: 0,
+                unix_s: 0,
+            },
+            stopping: false,
+            stats: ChatUringStats::default(),
+        })
+    }
+
+    /// The time completions are handled at, until the next call.
+    pub(super) fn set_now(&mut self, now: Now) {
+        self.now = now;
+    }
+
+    /// Handles one of chat's completions.
+    pub(super) fn handle_cqe(&mut self, ud: u64, res: i32, flags: u32) {
+        let id = ud & !UD_KIND;
+        match ud & UD_KIND {
+            UD_ACCEPT => self.accepted(res, flags),
+            UD_WAKE => {
+                if res >= 0 {
+                    self.core.drain_waker();
+                }
+                if !cqueue::more(flags) {
+                    self.wake_armed = false;
+                }
+            }
+            UD_CHAT_RECV => self.received(id, res, flags),
+            UD_CHAT_SEND => self.sent(id, res),
+            UD_CHAT_POLL => self.writable(id, res),
+            // A cancel's own result (done, or already finished) needs nothing.
+            _ => debug_assert_eq!(ud & UD_KIND, UD_CHAT_CANCEL),
+        }
+    }
+
+    fn accepted(&mut self, res: i32, flags: u32) {
+        if !cqueue::more(flags) {
+            self.accept_armed = false;
+        }
+        if res < 0 {
+            if res != -libc::ECANCELED {
+                self.stats.accept_errors += 1;
+            }
+            return;
+        }
+        // SAFETY: a successful accept returns a new descriptor that nothing else owns.
+        let stream = TcpStream::from(unsafe { OwnedFd::from_raw_fd(res) });
+        if self.stopping {
+            return;
+        }
+        if !self.core.has_room() {
+            self.core.refused();
+            return;
+        }
+        let Ok(peer) = stream.peer_addr() else {
+            return;
+        };
+        let _ = stream.set_nodelay(true);
+        let id = self.core.accept(self.now, peer.ip());
+        let conn = Conn {
+            stream,
+            inbuf: Vec::new(),
+            out: Vec::new(),
+            recv_armed: false,
+            send_ud: None,
+            want_recv: true,
+            want_send: false,
+            wait_writable: false,
+            closing: false,
+            dead: false,
+            recv_cancelled: false,
+            send_cancelled: false,
+            queued: false,
+        };
+        self.conns.insert(id, conn);
+        self.enqueue(id);
+    }
+
+    fn received(&mut self, id: ConnId, res: i32, flags: u32) {
+        let more = cqueue::more(flags);
+        let bid = cqueue::buffer_select(flags);
+        if let Some(bid) = bid {
+            self.bufs.take(bid);
+        }
+        let Some(c) = self.conns.get_mut(&id) else {
+            // Not reached: a connection stays in the table until its receive has ended.
+            if let Some(bid) = bid {
+                self.bufs.put(bid);
+            }
+            return;
+        };
+        if !more {
+            c.recv_armed = false;
+            self.n_ops -= 1;
+        }
+        match bid {
+            Some(bid) if res > 0 && !c.dead && !self.stopping => {
+                self.received.push_back(Received::Data {
+                    id,
+                    bid,
+                    len: res as u32,
+                });
+            }
+            Some(bid) => self.bufs.put(bid),
+            None => {}
+        }
+        if more || self.stopping {
+            return;
+        }
+        if c.dead {
+            return self.maybe_finalize(id);
+        }
+        match res {
+            // The buffer ring ran dry: re-armed once buffers are back. A multishot receive
+            // may also end after data (the kernel's choice): re-armed as well.
+            r if r == -libc::ENOBUFS || r > 0 => {
+                if r < 0 {
+                    self.stats.rx_nobufs += 1;
+                }
+                c.want_recv = true;
+                self.enqueue(id);
+            }
+            // End of stream or an error: closed after the bytes before it.
+            _ => self.received.push_back(Received::End { id }),
+        }
+    }
+
+    fn sent(&mut self, id: ConnId, res: i32) {
+        let Some(c) = self.conns.get_mut(&id) else {
+            return;
+        };
+        c.send_ud = None;
+        self.n_ops -= 1;
+        if c.dead {
+            return self.maybe_finalize(id);
+        }
+        if self.stopping {
+            return;
+        }
+        match res {
+            n if n > 0 => {
+                self.core.written(self.now, id, n as usize);
+                if self.core.output(id).is_empty() {
+                    // Idle: the buffer goes back to the spares (or is freed).
+                    let out = std::mem::take(&mut c.out);
+                    if self.spare.len() < SPARE_SEND_BUFS {
+                        self.spare.push(out);
+                    }
+                }
+            }
+            0 => c.wait_writable = true,
+            e if e == -libc::EAGAIN || e == -libc::EINTR => {
+                c.wait_writable = e == -libc::EAGAIN;
+            }
+            _ => return self.close(id),
+        }
+        if c.wait_writable {
+            self.stats.send_waits += 1;
+        }
+        c.want_send = true;
+        self.enqueue(id);
+    }
+
+    fn writable(&mut self, id: ConnId, res: i32) {
+        let Some(c) = self.conns.get_mut(&id) else {
+            return;
+        };
+        c.send_ud = None;
+        c.wait_writable = false;
+        self.n_ops -= 1;
+        if c.dead {
+            return self.maybe_finalize(id);
+        }
+        if self.stopping {
+            return;
+        }
+        // Errors on the socket (POLLERR, POLLHUP) show in the send that follows.
+        if res < 0 {
+            return self.close(id);
+        }
+        c.want_send = true;
+        self.enqueue(id);
+    }
+
+    fn enqueue(&mut self, id: ConnId) {
+        if let Some(c) = self.conns.get_mut(&id) {
+            if !c.queued {
+                c.queued = true;
+                self.todo.push_back(id);
+            }
+        }
+    }
+
+    /// Closes `id` for the engine; its operations are cancelled and its socket closed once
+    /// they have ended.
+    fn close(&mut self, id: ConnId) {
+        let Some(c) = self.conns.get_mut(&id) else {
+            return;
+        };
+        if c.dead {
+            return;
+        }
+        c.dead = true;
+        self.core.closed(self.now, id);
+        self.enqueue(id);
+    }
+
+    /// Drops a closed connection whose operations have all ended.
+    fn maybe_finalize(&mut self, id: ConnId) {
+        let done = self
+            .conns
+            .get(&id)
+            .is_some_and(|c| c.dead && !c.recv_armed && c.send_ud.is_none());
+        if done {
+            let c = self.conns.remove(&id).expect("checked above");
+            if self.spare.len() < SPARE_SEND_BUFS && c.out.capacity() > 0 {
+                self.spare.push(c.out);
+            }
+        }
+    }
+
+    /// One loop turn's chat work after the completions: see the module documentation. Returns
+    /// whether work is left that must not wait for a completion (the SQ was full).
+    pub(super) fn turn(
+        &mut self,
+        ring: &mut IoUring,
+        now: Now,
+        io: &mut IoCounters,
+    ) -> io::Result<bool> {
+        self.now = now;
+        if !self.core.reading_paused() {
+            self.handle_received(now);
+        }
+        self.core.end_turn(now)?;
+        for id in self.core.take_dirty() {
+            if let Some(c) = self.conns.get_mut(&id) {
+                c.want_send = true;
+                self.enqueue(id);
+            }
+        }
+        for id in self.core.take_closing() {
+            if let Some(c) = self.conns.get_mut(&id) {
+                c.closing = true;
+                c.want_send = true;
+                self.enqueue(id);
+            }
+        }
+        // Publish the buffers the engine is done with before receives are re-armed.
+        self.bufs.sync();
+        Ok(!self.submit(ring, io))
+    }
+
+    /// Hands the received bytes to the engine, in order, and closes streams that ended.
+    fn handle_received(&mut self, now: Now) {
+        while let Some(r) = self.received.pop_front() {
+            match r {
+                Received::Data { id, bid, len } => {
+                    // SAFETY: the completion's reference keeps `bid` out of the ring until the
+                    // `put` below, so the kernel does not write it; the kernel filled `len` ≤
+                    // CHAT_BUF_LEN bytes of it, and the mapping lives as long as `self`.
+                    let data =
+                        unsafe { std::slice::from_raw_parts(self.bufs.buf_ptr(bid), len as usize) };
+                    let ok = match self.conns.get_mut(&id) {
+                        Some(c) if !c.dead => self.core.feed(now, id, &mut c.inbuf, data),
+                        _ => true,
+                    };
+                    self.bufs.put(bid);
+                    if !ok {
+                        self.close(id);
+                    }
+                }
+                Received::End { id } => self.close(id),
+            }
+        }
+    }
+
+    /// Queues what the connections in the to-do queue need, and the accept and the waker's
+    /// poll if they are not armed. Returns false when the SQ had no room for everything.
+    fn submit(&mut self, ring: &mut IoUring, io: &mut IoCounters) -> bool {
+        let mut room = true;
+        for _ in 0..self.todo.len() {
+            let Some(id) = self.todo.pop_front() else {
+                break;
+            };
+            let Some(c) = self.conns.get_mut(&id) else {
+                continue;
+            };
+            c.queued = false;
+            match self.service(ring, io, id) {
+                Service::Done => {}
+                Service::Wait => self.enqueue(id),
+                Service::SqFull => {
+                    self.enqueue(id);
+                    room = false;
+                    break;
+                }
+            }
+        }
+        if !self.accept_armed {
+            let sqe = opcode::AcceptMulti::new(Fd(self.listener.as_raw_fd()))
+                .flags(libc::SOCK_CLOEXEC)
+                .build()
+                .user_data(UD_ACCEPT);
+            if self.push(ring, io, &sqe) {
+                self.accept_armed = true;
+                self.stats.accept_arms += 1;
+            } else {
+                room = false;
+            }
+        }
+        if !self.wake_armed {
+            let sqe = opcode::PollAdd::new(Fd(self.core.waker_fd()), libc::POLLIN as u32)
+                .multi(true)
+                .build()
+                .user_data(UD_WAKE);
+            if self.push(ring, io, &sqe) {
+                self.wake_armed = true;
+            } else {
+                room = false;
+            }
+        }
+        room
+    }
+
+    /// Queues the operations connection `id` needs.
+    fn service(&mut self, ring: &mut IoUring, io: &mut IoCounters, id: ConnId) -> Service {
+        let paused = self.core.reading_paused();
+        let free = self.bufs.n_held < usize::from(self.bufs.n);
+        let Some(c) = self.conns.get_mut(&id) else {
+            return Service::Done;
+        };
+        let fd = Fd(c.stream.as_raw_fd());
+        if c.dead {
+            let recv = (c.recv_armed && !c.recv_cancelled).then_some(UD_CHAT_RECV | id);
+            let send = c.send_ud.filter(|_| !c.send_cancelled);
+            for target in [recv, send].into_iter().flatten() {
+                let sqe = opcode::AsyncCancel::new(target)
+                    .build()
+                    .user_data(UD_CHAT_CANCEL | id);
+                if !self.push(ring, io, &sqe) {
+                    return Service::SqFull;
+                }
+                let c = self.conns.get_mut(&id).expect("checked above");
+                if target & UD_KIND == UD_CHAT_RECV {
+                    c.recv_cancelled = true;
+                } else {
+                    c.send_cancelled = true;
+                }
+            }
+            self.maybe_finalize(id);
+            return Service::Done;
+        }
+        let mut wait = false;
+        if c.want_recv && !c.recv_armed {
+            if paused || !free {
+                wait = true;
+            } else {
+                let sqe = opcode::RecvMulti::new(fd, CHAT_BGID)
+                    .build()
+                    .user_data(UD_CHAT_RECV | id);
+                if !self.push(ring, io, &sqe) {
+                    return Service::SqFull;
+                }
+                let c = self.conns.get_mut(&id).expect("checked above");
+                c.recv_armed = true;
+                c.want_recv = false;
+                self.n_ops += 1;
+                self.stats.recv_arms += 1;
+            }
+        }
+        let c = self.conns.get_mut(&id).expect("checked above");
+        if c.want_send && c.send_ud.is_none() && !self.start_send(ring, io, id) {
+            return Service::SqFull;
+        }
+        if wait {
+            Service::Wait
+        } else {
+            Service::Done
+        }
+    }
+
+    /// Queues a send of the start of `id`'s output, or a wait for room to send after a send
+    /// that found none; closes a closing connection whose output is flushed. Returns false when
+    /// the SQ had no room.
+    fn start_send(&mut self, ring: &mut IoUring, io: &mut IoCounters, id: ConnId) -> bool {
+        let Some(c) = self.conns.get_mut(&id) else {
+            return true;
+        };
+        let fd = Fd(c.stream.as_raw_fd());
+        let (sqe, ud) = if c.wait_writable {
+            let ud = UD_CHAT_POLL | id;
+            let sqe = opcode::PollAdd::new(fd, libc::POLLOUT as u32).build();
+            (sqe.user_data(ud), ud)
+        } else {
+            let out = self.core.output(id);
+            if out.is_empty() {
+                c.want_send = false;
+                if c.closing {
+                    self.close(id);
+                }
+                return true;
+            }
+            let n = out.len().min(SEND_CHUNK);
+            if c.out.capacity() == 0 {
+                c.out = self.spare.pop().unwrap_or_default();
+            }
+            c.out.clear();
+            c.out.extend_from_slice(&out[..n]);
+            let ud = UD_CHAT_SEND | id;
+            let sqe = opcode::Send::new(fd, c.out.as_ptr(), n as u32).build();
+            (sqe.user_data(ud), ud)
+        };
+        if !self.push(ring, io, &sqe) {
+            return false;
+        }
+        let c = self.conns.get_mut(&id).expect("checked above");
+        c.want_send = false;
+        c.send_ud = Some(ud);
+        self.n_ops += 1;
+        true
+    }
+
+    /// Queues one SQE in chat's share of the SQ, submitting early once when that share is full.
+    fn push(&mut self, ring: &mut IoUring, io: &mut IoCounters, sqe: &squeue::Entry) -> bool {
+        for attempt in 0..2 {
+            let mut sq = ring.submission();
+            if sq.len() + MEDIA_SQ < sq.capacity() {
+                // SAFETY: every chat SQE points at memory that outlives its operation: a
+                // connection's send buffer (kept, with the connection, until the send's
+                // completion), chat's buffer ring (registered for the driver's lifetime, which
+                // drains every operation before freeing it), or nothing.
+                return unsafe { sq.push(sqe) }.is_ok();
+            }
+            drop(sq);
+            if attempt == 0 {
+                self.stats.sq_full += 1;
+                io.syscalls += 1;
+                if ring.submit().is_err() {
+                    return false;
+                }
+            }
+        }
+        false
+    }
+
+    /// Prepares to block: false when there is already work, so the wait must not block.
+    pub(super) fn prepare_sleep(&mut self) -> bool {
+        self.core.prepare_sleep()
+    }
+
+    /// After the wait.
+    pub(super) fn woke(&self) {
+        self.core.woke();
+    }
+
+    /// The values of [`crate::io::ShardStats::CHAT_FIELDS`].
+    pub(super) fn stats(&self) -> [u64; 8] {
+        self.core.stats()
+    }
+
+    /// The shard is stopping: completions from now on only release what they held.
+    pub(super) fn stopping(&mut self) {
+        self.stopping = true;
+    }
+
+    /// Returns the buffers of bytes not handed to the engine (at exit).
+    pub(super) fn drop_received(&mut self) {
+        while let Some(r) = self.received.pop_front() {
+            if let Received::Data { bid, .. } = r {
+                self.bufs.put(bid);
+            }
+        }
+    }
+
+    /// Whether no chat operation is in flight.
+    pub(super) fn idle(&self) -> bool {
+        !self.accept_armed && !self.wake_armed && self.n_ops == 0
+    }
+
+    /// Closes every socket and unregisters the buffer ring, once [`UringChat::idle`].
+    pub(super) fn close_all(&mut self, ring: &IoUring) {
+        self.conns.clear();
+        let _ = ring.submitter().unregister_buf_ring(CHAT_BGID);
+    }
+
+    /// The end state.
+    pub(super) fn report(&self) -> ChatReport {
+        ChatReport {
+            stats: self.stats,
+            counters: self.core.counters,
+            bufs_outstanding: self.bufs.n_held,
+            ops_in_flight: self.n_ops
+                + usize::from(self.accept_armed)
+                + usize::from(self.wake_armed),
+        }
+    }
+}
