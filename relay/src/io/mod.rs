@@ -2,8 +2,12 @@
 //! thread: receive a batch, hand every datagram to the engine, send what it decided, fire
 //! timers, publish counters, until the stop flag is set.
 //!
-//! - [`batch`]: recvmmsg/sendmmsg. Runs everywhere.
-//! - [`uring`]: io_uring with multishot receive into a provided-buffer ring.
+//! - [`batch`]: recvmmsg/sendmmsg. Runs everywhere. Chat: [`chat_epoll`].
+//! - [`uring`]: io_uring with multishot receive into a provided-buffer ring. Chat runs in the
+//!   same ring (`chat_uring.rs`, a private module of `uring`).
+//!
+//! Both backends' chat plumbing shares [`chat_io::ChatCore`]; [`mailbox`] carries messages
+//! between shards.
 //!
 //! `unsafe` lives in this module tree only.
 

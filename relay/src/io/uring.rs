@@ -18,7 +18,11 @@
 //!
 //! Sizes are fixed at start-up and tied together by compile-time assertions so that the
 //! submission queue can hold every slot's SQE and the completion queue every completion that
-//! can be outstanding: the CQ never overflows.
+//! the media path can have outstanding.
+//!
+//! When the shard serves chat, the same ring carries its TCP operations (`chat_uring.rs`):
+//! their completions are handed over in `Driver::reap`, and their work runs once per turn
+//! after the datagrams. Chat never uses the SQ entries reserved for the media path.
 
 use super::chat_io::ChatParts;
 use super::sys::{from_sockaddr, sockaddr_storage, to_sockaddr};
