@@ -13,6 +13,10 @@
 //!    fresh heartbeat in ctl's relay list), undrain. On a failure: point `current` back, restore
 //!    `relay.env`, restart, undrain, stop and exit non-zero; later hosts are not touched.
 //!
+//! A rollback restores `current` and `relay.env`; the units, the sysctl drop-in and the
+//! unpacked releases installed in step 3 stay (they are shared by releases). Run one deploy at
+//! a time per inventory: hosts are not locked.
+//!
 //! Host layout under the host's `root` (`/` on real hosts): `opt/relay/releases/V/`,
 //! `opt/relay/current -> releases/V`, `etc/relay/{relay.toml,ctl.toml,relay.env}`,
 //! `etc/systemd/system/{relay,ctl}.service`, `etc/sysctl.d/60-relay.conf`, `var/lib/relay/`
@@ -186,6 +190,20 @@ fn preflight(inv: &Inventory) -> Result<Vec<HostState>> {
 }
 
 fn preflight_host(d: &Deploy, h: &Host) -> Result<HostState> {
+    let script = preflight_script(h);
+    let out = ssh::run(d, h, &script)?;
+    let mut st = HostState::default();
+    for line in out.lines() {
+        if let Some(c) = line.strip_prefix("current=") {
+            st.previous = (!c.is_empty()).then(|| c.to_string());
+        }
+        st.running |= line == "running=1";
+    }
+    Ok(st)
+}
+
+/// Reads a host without changing it: `current=<release>` and `running=1`.
+fn preflight_script(h: &Host) -> String {
     let root = sh_quote(&h.root);
     let tools = match h.service {
         Service::Systemd => "tar gzip systemctl",
@@ -199,7 +217,7 @@ fn preflight_host(d: &Deploy, h: &Host) -> Result<HostState> {
             r = sh_quote(h.root.trim_end_matches('/'))
         ),
     };
-    let script = format!(
+    format!(
         r#"R={root}
 [ -d "$R" ] || {{ echo "root $R does not exist" >&2; exit 3; }}
 [ -w "$R" ] || {{ echo "root $R is not writable" >&2; exit 3; }}
@@ -208,16 +226,7 @@ cur=$(readlink "$R/opt/relay/current" 2>/dev/null || true)
 echo "current=${{cur#releases/}}"
 if {running}; then echo running=1; fi
 "#
-    );
-    let out = ssh::run(d, h, &script)?;
-    let mut st = HostState::default();
-    for line in out.lines() {
-        if let Some(c) = line.strip_prefix("current=") {
-            st.previous = (!c.is_empty()).then(|| c.to_string());
-        }
-        st.running |= line == "running=1";
-    }
-    Ok(st)
+    )
 }
 
 /// Uploads and unpacks the release on every host; installs configuration, units and sysctl.
@@ -250,6 +259,29 @@ fn install(d: &Deploy, h: &Host, tarball: &std::path::Path, version: &str) -> Re
     ssh::run(d, h, &format!("mkdir -p {}", sh_quote(&releases)))?;
     let upload = format!("{releases}/.upload-{version}.tar.gz");
     ssh::upload(d, h, tarball, &upload)?;
+    ssh::run(d, h, &install_script(h, version))?;
+    // The host's tuning, as a warning: the release's own xtask reads the host's /proc and /sys.
+    let tune = format!(
+        "{} tune --check 2>&1 | tail -n 1 || true",
+        sh_quote(&h.path(&format!("/opt/relay/releases/{version}/bin/xtask")))
+    );
+    match ssh::run(d, h, &tune) {
+        Ok(out) if out.contains("differ") => println!(
+            "deploy: {}: host tuning: {}; see `/opt/relay/current/bin/xtask tune --check` there",
+            h.name,
+            out.trim()
+                .trim_start_matches("xtask: error: ")
+                .split(" (")
+                .next()
+                .unwrap_or_default()
+        ),
+        _ => {}
+    }
+    Ok(())
+}
+
+/// Unpacks the uploaded release and installs configuration (when absent), units and sysctl.
+fn install_script(h: &Host, version: &str) -> String {
     let systemd = match h.service {
         Service::Systemd => {
             let affinity = match &h.cpu_affinity {
@@ -270,7 +302,7 @@ fn install(d: &Deploy, h: &Host, tarball: &std::path::Path, version: &str) -> Re
         // systemd creates /var/lib/relay itself (StateDirectory, owned by the dynamic user).
         Service::Pidfile => "mkdir -p \"$R/var/lib/relay\"\n".into(),
     };
-    let script = format!(
+    format!(
         r#"R={root}
 V={v}
 cd "$R/opt/relay/releases"
@@ -293,26 +325,7 @@ cp "$V/etc/sysctl.d/60-relay.conf" "$R/etc/sysctl.d/"
 {systemd}"#,
         root = sh_quote(h.root.trim_end_matches('/')),
         v = sh_quote(version),
-    );
-    ssh::run(d, h, &script)?;
-    // The host's tuning, as a warning: the release's own xtask reads the host's /proc and /sys.
-    let tune = format!(
-        "{} tune --check 2>&1 | tail -n 1 || true",
-        sh_quote(&h.path(&format!("/opt/relay/releases/{version}/bin/xtask")))
-    );
-    match ssh::run(d, h, &tune) {
-        Ok(out) if out.contains("differ") => println!(
-            "deploy: {}: host tuning: {}; see `/opt/relay/current/bin/xtask tune --check` there",
-            h.name,
-            out.trim()
-                .trim_start_matches("xtask: error: ")
-                .split(" (")
-                .next()
-                .unwrap_or_default()
-        ),
-        _ => {}
-    }
-    Ok(())
+    )
 }
 
 /// The relay's command line on this host (the unit's and relay-service's `$RELAY_ARGS`).
@@ -347,6 +360,13 @@ pub fn relay_args(d: &Deploy, h: &Host) -> Vec<String> {
 
 fn service_cmd(h: &Host, action: &str) -> String {
     match h.service {
+        // A relay that kept failing may have hit the unit's start limit; a restart (also the
+        // rollback's) must not be refused for that.
+        Service::Systemd if action == "restart" => {
+            "systemctl reset-failed relay.service 2>/dev/null || true\n\
+             systemctl restart relay.service"
+                .into()
+        }
         Service::Systemd => format!("systemctl {action} relay.service"),
         Service::Pidfile => {
             let r = sh_quote(h.root.trim_end_matches('/'));
@@ -361,13 +381,22 @@ fn roll(d: &Deploy, h: &Host, st: &HostState, version: &str) -> Result {
     if st.running {
         drain(d, h)?;
     }
+    ssh::run(d, h, &switch_script(d, h, version))?;
+    healthy(d, h)?;
+    undrain(d, h)?;
+    println!("deploy: {}: {version} is serving", h.name);
+    Ok(())
+}
+
+/// Writes relay.env (keeping the previous one), switches `current` and restarts.
+fn switch_script(d: &Deploy, h: &Host, version: &str) -> String {
     let env = format!(
         "# Written by `cargo xtask deploy` from the inventory (host {:?}); edit relay.toml for\n\
          # anything else. The flags override relay.toml.\nRELAY_ARGS=\"{}\"\n",
         h.name,
         relay_args(d, h).join(" ")
     );
-    let script = format!(
+    format!(
         r#"R={root}
 cd "$R/etc/relay"
 if [ -f relay.env ]; then cp -p relay.env relay.env.prev; else rm -f relay.env.prev; fi
@@ -381,18 +410,22 @@ mv -T "$R/opt/relay/current.new" "$R/opt/relay/current"
         env = sh_quote(&env),
         target = sh_quote(&format!("releases/{version}")),
         restart = service_cmd(h, "restart"),
-    );
-    ssh::run(d, h, &script)?;
-    healthy(d, h)?;
-    undrain(d, h)?;
-    println!("deploy: {}: {version} is serving", h.name);
-    Ok(())
+    )
 }
 
 /// Puts the previous release back (or stops the relay when there was none).
 fn rollback(d: &Deploy, h: &Host, st: &HostState) -> Result {
     eprintln!("deploy: {}: rolling back", h.name);
-    let script = match &st.previous {
+    ssh::run(d, h, &rollback_script(h, st.previous.as_deref()))?;
+    if st.previous.is_some() {
+        healthy(d, h)?;
+    }
+    undrain(d, h)
+}
+
+/// Points `current` back at `previous` and restarts, or stops the relay when there is none.
+fn rollback_script(h: &Host, previous: Option<&str>) -> String {
+    match previous {
         Some(prev) => format!(
             r#"R={root}
 cd "$R/etc/relay"
@@ -406,12 +439,7 @@ mv -T "$R/opt/relay/current.new" "$R/opt/relay/current"
             restart = service_cmd(h, "restart"),
         ),
         None => service_cmd(h, "stop"),
-    };
-    ssh::run(d, h, &script)?;
-    if st.previous.is_some() {
-        healthy(d, h)?;
     }
-    undrain(d, h)
 }
 
 fn admin(d: &Deploy, method: &str, path: &str) -> Result<ssh::Response> {
@@ -479,25 +507,7 @@ fn undrain(d: &Deploy, h: &Host) -> Result {
 /// Waits until the relay is up on the host (`/health` on its metrics address) and ctl has a
 /// fresh heartbeat from it.
 fn healthy(d: &Deploy, h: &Host) -> Result {
-    let (ip, port) = h
-        .metrics
-        .rsplit_once(':')
-        .expect("validated as a socket address");
-    let ip = ip.trim_start_matches('[').trim_end_matches(']');
-    let ip = if ip == "0.0.0.0" { "127.0.0.1" } else { ip };
-    let check = format!(
-        r#"{status} >/dev/null
-if command -v curl >/dev/null 2>&1; then
-    curl -fsS -m 2 http://{ip}:{port}/health
-else
-    timeout 3 bash -c 'exec 3<>/dev/tcp/{ip}/{port}; printf "GET /health HTTP/1.0\r\n\r\n" >&3; cat <&3' | grep -qx ok
-fi
-"#,
-        status = match h.service {
-            Service::Systemd => "systemctl is-active relay.service".to_string(),
-            Service::Pidfile => service_cmd(h, "status"),
-        },
-    );
+    let check = health_script(h);
     let started = Instant::now();
     let deadline = started + Duration::from_secs(d.health_timeout_s);
     let mut last = String::new();
@@ -540,9 +550,45 @@ fi
     ))
 }
 
+/// Succeeds when the relay runs and answers `/health` on its metrics address (curl, else bash).
+fn health_script(h: &Host) -> String {
+    let (ip, port) = h
+        .metrics
+        .rsplit_once(':')
+        .expect("validated as a socket address");
+    let ip = ip.trim_start_matches('[').trim_end_matches(']');
+    let ip = match ip {
+        "0.0.0.0" => "127.0.0.1",
+        "::" => "::1",
+        ip => ip,
+    };
+    let url_host = if ip.contains(':') {
+        format!("[{ip}]")
+    } else {
+        ip.to_string()
+    };
+    format!(
+        r#"{status} >/dev/null
+if command -v curl >/dev/null 2>&1; then
+    curl -fsS -m 2 http://{url_host}:{port}/health
+else
+    timeout 3 bash -c 'exec 3<>/dev/tcp/{ip}/{port}; printf "GET /health HTTP/1.0\r\n\r\n" >&3; cat <&3' | grep -qx ok
+fi
+"#,
+        status = match h.service {
+            Service::Systemd => "systemctl is-active relay.service".to_string(),
+            Service::Pidfile => service_cmd(h, "status"),
+        },
+    )
+}
+
 /// Keeps the newest `keep_releases` releases plus the current and previous ones.
 fn prune(d: &Deploy, h: &Host, st: &HostState) -> Result {
-    let script = format!(
+    ssh::run(d, h, &prune_script(d, h, st)).map(drop)
+}
+
+fn prune_script(d: &Deploy, h: &Host, st: &HostState) -> String {
+    format!(
         r#"cd {releases}
 cur=$(readlink ../current); cur=${{cur#releases/}}
 n=0
@@ -554,13 +600,71 @@ done
         releases = sh_quote(&h.path("/opt/relay/releases")),
         keep = d.keep_releases,
         prev = sh_quote(st.previous.as_deref().unwrap_or("")),
-    );
-    ssh::run(d, h, &script).map(drop)
+    )
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every remote script parses (`sh -n`) for both service managers; the systemd ones are
+    /// never run by the integration test, which has no systemd.
+    #[test]
+    fn remote_scripts_are_valid_sh() {
+        let inv = Inventory::parse(
+            r#"[deploy]
+ctl = "http://10.0.0.1:8080"
+[[host]]
+name = "a"
+address = "10.0.0.11"
+relay_id = 1
+cpu_affinity = "2-7"
+[[host]]
+name = "b"
+address = "10.0.0.12"
+relay_id = 2
+service = "pidfile"
+root = "/srv/b"
+metrics = "0.0.0.0:9100"
+"#,
+        )
+        .unwrap();
+        let st = HostState {
+            previous: Some("v0".into()),
+            running: true,
+        };
+        for h in &inv.hosts {
+            let scripts = [
+                preflight_script(h),
+                install_script(h, "v1"),
+                switch_script(&inv.deploy, h, "v1"),
+                rollback_script(h, Some("v0")),
+                rollback_script(h, None),
+                health_script(h),
+                prune_script(&inv.deploy, h, &st),
+            ];
+            for script in scripts {
+                let out = std::process::Command::new("sh")
+                    .args(["-n", "-c", &script])
+                    .output()
+                    .unwrap();
+                assert!(
+                    out.status.success(),
+                    "{}: {}\n{script}",
+                    h.name,
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+        }
+        let a = install_script(&inv.hosts[0], "v1");
+        assert!(
+            a.contains("CPUAffinity=%s") && a.contains("systemctl enable --quiet relay.service")
+        );
+        assert!(health_script(&inv.hosts[1]).contains("http://127.0.0.1:9100/health"));
+        let mut v6 = inv.hosts[1].clone();
+        v6.metrics = "[::]:9100".into();
+        assert!(health_script(&v6).contains("http://[::1]:9100/health"));
+    }
 
     #[test]
     fn relay_args_follow_the_inventory() {

@@ -783,8 +783,8 @@ fn bad_inventories_change_nothing_on_any_host() {
         ),
         (
             "unreachable host",
-            format!("{good}{}", second_host("b", p + 11, 2)),
-            format!("b: cannot reach root@127.0.0.1:{} over ssh", p + 11),
+            format!("{good}{}", second_host("b", p + 5, 2)),
+            format!("b: cannot reach root@127.0.0.1:{} over ssh", p + 5),
         ),
     ];
     let inv = lab.dir.join("bad.toml");
