@@ -69,9 +69,10 @@ fn run_with_input(d: &Deploy, h: &Host, script: &str, input: Option<&Path>) -> R
         w.write_all(script.as_bytes())
             .map_err(|e| format!("{}: writing the script to ssh: {e}", h.name))?;
     }
-    let out = child
-        .wait_with_output()
-        .map_err(|e| format!("{}: ssh: {e}", h.name))?;
+    // A remote command that hangs must not hang the deploy: an upload gets 10 minutes, any
+    // other step (a stop is bounded by its own 20 s timeout) 3 minutes.
+    let limit = Duration::from_secs(if input.is_some() { 600 } else { 180 });
+    let out = wait_bounded(child, limit).map_err(|e| format!("{}: ssh: {e}", h.name))?;
     let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
     match out.status.code() {
         Some(0) => Ok(String::from_utf8_lossy(&out.stdout).into_owned()),
@@ -102,6 +103,37 @@ fn run_with_input(d: &Deploy, h: &Host, script: &str, input: Option<&Path>) -> R
             ))
         }
     }
+}
+
+/// Waits for a child whose stdout and stderr are piped, killing it after `limit`.
+fn wait_bounded(mut child: std::process::Child, limit: Duration) -> Result<std::process::Output> {
+    fn drain(r: Option<impl Read + Send + 'static>) -> std::thread::JoinHandle<Vec<u8>> {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut r) = r {
+                let _ = r.read_to_end(&mut buf);
+            }
+            buf
+        })
+    }
+    let (out, err) = (drain(child.stdout.take()), drain(child.stderr.take()));
+    let deadline = std::time::Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!("no answer within {} s; killed", limit.as_secs()));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Ok(std::process::Output {
+        status,
+        stdout: out.join().unwrap_or_default(),
+        stderr: err.join().unwrap_or_default(),
+    })
 }
 
 /// An HTTP answer.
