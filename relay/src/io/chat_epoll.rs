@@ -203,11 +203,14 @@ impl EpollChat {
         for id in self.core.take_dirty() {
             self.write(now, id);
         }
-        for id in self.core.take_closing() {
+        for id in self.core.take_closing(now) {
             if let Some(c) = self.conns.get_mut(&id) {
                 c.closing = true;
             }
             self.write(now, id);
+        }
+        for id in self.core.take_overdue(now) {
+            self.close(now, id);
         }
         Ok(())
     }

@@ -11,13 +11,15 @@
 //! shards, appends the engine's records and commits them with one fdatasync, and passes on the
 //! engine's ring messages; then writes the output of every [`ChatCore::take_dirty`] connection
 //! (never before that commit: "sent" and deliveries are released by it) and closes every
-//! [`ChatCore::take_closing`] connection once its output is flushed.
+//! [`ChatCore::take_closing`] connection once its output is flushed, or when
+//! [`ChatCore::take_overdue`] says it had [`CLOSE_FLUSH_US`] to do so.
 
 use super::mailbox::Mailbox;
 use crate::chat::log::{Log, LogConfig, Lsn};
 use crate::chat::msg::ConnId;
 use crate::chat::ChatShard;
 use crate::engine::Now;
+use std::collections::VecDeque;
 use std::io;
 use std::net::{IpAddr, TcpListener};
 use std::path::PathBuf;
@@ -33,6 +35,9 @@ pub const MAX_ACCEPTS_PER_TURN: usize = 256;
 /// Open connections per shard at most; further ones are accepted and closed at once. The engine's
 /// per-address cap (`max_conns_per_ip`) applies below this.
 pub const MAX_CONNS: usize = 1 << 17;
+/// How long a connection the engine closes may take to flush its last output (an ERROR frame);
+/// then it is closed anyway, so that a peer that stops reading cannot hold it open.
+pub const CLOSE_FLUSH_US: u64 = 5_000_000;
 /// How often timers, compaction and checkpoints run.
 const HOUSEKEEPING_US: u64 = 100_000;
 /// A checkpoint (fresh chat snapshots) is written when the log spans this many segments.
@@ -75,6 +80,10 @@ pub struct ChatCore {
     next_id: ConnId,
     n_conns: usize,
     next_housekeeping_us: u64,
+    /// Connections the engine closes, with the time by which they must be gone, in that
+    /// order; at most [`MAX_CONNS`] (ids are never reused, so entries of connections that
+    /// closed in time are harmless until they expire).
+    flush_deadlines: VecDeque<(ConnId, u64)>,
     /// Counters.
     pub counters: ChatIoCounters,
 }
@@ -107,6 +116,7 @@ impl ChatCore {
             next_id: FIRST_CONN_ID,
             n_conns: 0,
             next_housekeeping_us: 0,
+            flush_deadlines: VecDeque::new(),
             counters: ChatIoCounters::default(),
         };
         Ok((core, listener))
@@ -221,9 +231,29 @@ impl ChatCore {
         self.engine.take_dirty()
     }
 
-    /// Connections to close once their output is flushed.
-    pub fn take_closing(&mut self) -> Vec<ConnId> {
-        self.engine.take_closing()
+    /// Connections to close once their output is flushed; [`ChatCore::take_overdue`] names
+    /// them again if that takes longer than [`CLOSE_FLUSH_US`].
+    pub fn take_closing(&mut self, now: Now) -> Vec<ConnId> {
+        let ids = self.engine.take_closing();
+        for &id in &ids {
+            self.flush_deadlines
+                .push_back((id, now.mono_us + CLOSE_FLUSH_US));
+        }
+        ids
+    }
+
+    /// Closing connections whose time to flush is up (or the oldest ones, beyond
+    /// [`MAX_CONNS`] entries): the backend closes those still open.
+    pub fn take_overdue(&mut self, now: Now) -> Vec<ConnId> {
+        let mut due = Vec::new();
+        while let Some(&(id, at)) = self.flush_deadlines.front() {
+            if at > now.mono_us && self.flush_deadlines.len() <= MAX_CONNS {
+                break;
+            }
+            self.flush_deadlines.pop_front();
+            due.push(id);
+        }
+        due
     }
 
     /// The descriptor that wakes this shard when another one sends to it.

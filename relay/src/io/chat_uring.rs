@@ -267,8 +267,8 @@ impl UringChat {
             }
             return;
         };
-        if !more {
-            c.recv_armed = false;
+        // One terminal completion per armed receive (checked, not assumed).
+        if !more && std::mem::take(&mut c.recv_armed) {
             self.n_ops -= 1;
         }
         match bid {
@@ -307,8 +307,9 @@ impl UringChat {
         let Some(c) = self.conns.get_mut(&id) else {
             return;
         };
-        c.send_ud = None;
-        self.n_ops -= 1;
+        if c.send_ud.take().is_some() {
+            self.n_ops -= 1;
+        }
         if c.dead {
             return self.maybe_finalize(id);
         }
@@ -343,9 +344,10 @@ impl UringChat {
         let Some(c) = self.conns.get_mut(&id) else {
             return;
         };
-        c.send_ud = None;
         c.wait_writable = false;
-        self.n_ops -= 1;
+        if c.send_ud.take().is_some() {
+            self.n_ops -= 1;
+        }
         if c.dead {
             return self.maybe_finalize(id);
         }
@@ -416,12 +418,16 @@ impl UringChat {
                 self.enqueue(id);
             }
         }
-        for id in self.core.take_closing() {
+        for id in self.core.take_closing(now) {
             if let Some(c) = self.conns.get_mut(&id) {
                 c.closing = true;
                 c.want_send = true;
                 self.enqueue(id);
             }
+        }
+        // A closing peer that does not read: its send in flight is cancelled.
+        for id in self.core.take_overdue(now) {
+            self.close(id);
         }
         // Publish the buffers the engine is done with before receives are re-armed.
         self.bufs.sync();

@@ -1346,7 +1346,7 @@ mod tests {
     }
 
     impl ChatHarness {
-        fn start(limits: Limits, tag: &str) -> Option<Self> {
+        fn start(limits: Limits, tag: &str, cfg: crate::chat::ChatConfig) -> Option<Self> {
             if let Err(e) = probe() {
                 eprintln!("skipping: io_uring unavailable: {e}");
                 return None;
@@ -1365,7 +1365,7 @@ mod tests {
                 .pop()
                 .expect("one mailbox");
             let parts = ChatParts {
-                engine: crate::chat::ChatShard::new(0, 1, Default::default(), verifier.clone()),
+                engine: crate::chat::ChatShard::new(0, 1, cfg, verifier.clone()),
                 dir: dir.clone(),
                 log: crate::chat::log::LogConfig {
                     sync: crate::chat::log::SyncMode::None,
@@ -1391,8 +1391,8 @@ mod tests {
             })
         }
 
-        fn connect(&self, user: u64) -> crate::chat::client::Client {
-            let token = Claims {
+        fn token(&self, user: u64) -> String {
+            Claims {
                 kind: TokenKind::User,
                 permissions: Permissions::CHAT,
                 relay_id: 0,
@@ -1401,7 +1401,11 @@ mod tests {
                 scope_id: user,
                 participant_id: user,
             }
-            .sign_text(&self.key);
+            .sign_text(&self.key)
+        }
+
+        fn connect(&self, user: u64) -> crate::chat::client::Client {
+            let token = self.token(user);
             crate::chat::client::Client::connect(self.addr, &token, Duration::from_secs(5))
                 .expect("chat session")
         }
@@ -1425,7 +1429,7 @@ mod tests {
             chat_bufs: 2,
             ..LIMITS
         };
-        let Some(h) = ChatHarness::start(limits, "tiny") else {
+        let Some(h) = ChatHarness::start(limits, "tiny", Default::default()) else {
             return;
         };
         let (alice, bob) = (1, 2);
@@ -1485,6 +1489,61 @@ mod tests {
         assert!(chat.stats.rx_nobufs > 0, "{report:?}");
         assert!(chat.stats.recv_arms > chat.stats.rx_nobufs, "{report:?}");
         assert_eq!(chat.counters.accepted, 4, "{report:?}");
+    }
+
+    /// A recipient that stops reading: the engine gives up on it (slow reader) and closes it,
+    /// but its output cannot be flushed, so after the flush deadline the send in flight is
+    /// cancelled and the connection closed anyway; every operation is back at exit.
+    #[test]
+    fn a_closing_peer_that_does_not_read_is_closed_at_the_flush_deadline() {
+        use std::io::{Read, Write};
+        let cfg = crate::chat::ChatConfig {
+            max_out_bytes: 64 << 10,
+            slow_reader_timeout_us: 200_000,
+            ..Default::default()
+        };
+        let Some(h) = ChatHarness::start(LIMITS, "stall", cfg) else {
+            return;
+        };
+        let mut a = h.connect(1);
+        let mut bob = std::net::TcpStream::connect(h.addr).expect("connect");
+        let mut hello = Vec::new();
+        proto::chat::Encoder::new(&mut hello).hello(h.token(2).as_bytes());
+        bob.write_all(&hello).expect("hello");
+        bob.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let mut welcome = [0u8; 16];
+        let n = bob.read(&mut welcome).expect("WELCOME");
+        assert!(n > 0);
+        let small: libc::c_int = 4096;
+        // SAFETY: setsockopt reads one c_int from a live local; the descriptor is bob's.
+        unsafe {
+            libc::setsockopt(
+                bob.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUF,
+                (&small as *const libc::c_int).cast(),
+                size_of::<libc::c_int>() as libc::socklen_t,
+            );
+        }
+        // 12 MB for bob, more than the loopback socket buffers hold while he does not read.
+        let body = vec![7u8; 60_000];
+        for _ in 0..200 {
+            a.send_direct(2, &body).expect("send");
+        }
+        let t0 = Instant::now();
+        let deadline = t0 + Duration::from_micros(super::super::chat_io::CLOSE_FLUSH_US * 3);
+        while h.stats.get("chat_sessions") != Some(1) {
+            assert!(Instant::now() < deadline, "bob's session was never closed");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let report = h.stop();
+        let chat = report.chat.expect("chat report");
+        assert!(report.drained, "{report:?}");
+        assert_eq!(chat.ops_in_flight, 0, "{report:?}");
+        assert_eq!(chat.bufs_outstanding, 0, "{report:?}");
+        assert_eq!(chat.counters.closed, 1, "{report:?}");
+        drop(bob);
     }
 
     #[test]

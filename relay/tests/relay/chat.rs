@@ -36,7 +36,21 @@ impl ChatRelay {
         Self::start_in(io, temp_dir("chat-test", io), None)
     }
 
+    /// A relay whose configuration file (in its data directory) is `toml`.
+    fn start_with_config(io: &str, toml: &str) -> Self {
+        let dir = temp_dir("chat-test", io);
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = dir.join("relay.toml");
+        std::fs::write(&config, toml).unwrap();
+        let extra = ["--config".to_string(), config.to_str().unwrap().to_string()];
+        Self::start_with(io, dir, None, &extra)
+    }
+
     fn start_in(io: &str, dir: PathBuf, chat_port: Option<u16>) -> Self {
+        Self::start_with(io, dir, chat_port, &[])
+    }
+
+    fn start_with(io: &str, dir: PathBuf, chat_port: Option<u16>, extra: &[String]) -> Self {
         // A fixed port when restarting on the same data; else one per attempt, below the
         // ephemeral range and away from the UDP ports RelayProc hands out.
         let pick = || {
@@ -49,12 +63,14 @@ impl ChatRelay {
         let relay = RelayProc::start_with(io, SHARDS, |_| {
             let port = pick();
             *chosen.lock().unwrap() = port;
-            vec![
+            let mut args = vec![
                 "--chat-port".into(),
                 port.to_string(),
                 "--data-dir".into(),
                 dir.to_str().unwrap().into(),
-            ]
+            ];
+            args.extend_from_slice(extra);
+            args
         });
         let chat_port = *chosen.lock().unwrap();
         Self {
@@ -384,6 +400,54 @@ fn bad_input_gets_an_error_then_close_while_others_are_served(io: &str) {
     );
 }
 
+/// A connection that never says HELLO and a recipient that stops reading are both closed (the
+/// latter within the flush deadline after the engine gives up on it), while others are served.
+fn silent_and_stalled_peers_are_closed(io: &str) {
+    use std::io::{Read, Write};
+    let r = ChatRelay::start_with_config(
+        io,
+        "[chat]\nhello_timeout_ms = 300\nslow_reader_timeout_ms = 200\nmax_out_bytes = 65536\n",
+    );
+    let (alice, bob) = users_on_both_shards();
+    // Silent: HELLO_TIMEOUT, then the relay closes.
+    let mut silent = std::net::TcpStream::connect(r.addr(alice)).unwrap();
+    silent.set_read_timeout(Some(T)).unwrap();
+    let mut resp = Vec::new();
+    silent.read_to_end(&mut resp).unwrap();
+    let (frame, _) = proto::chat::decode(&resp).unwrap().expect("an ERROR frame");
+    assert!(
+        matches!(frame, proto::chat::Frame::Error { code, .. } if code == code::HELLO_TIMEOUT),
+        "{frame:?}"
+    );
+    // Stalled: bob authenticates, then never reads while 12 MB are sent to him, more than the
+    // loopback socket buffers hold.
+    let mut a = r.connect(alice);
+    let mut b = std::net::TcpStream::connect(r.addr(bob)).unwrap();
+    let mut hello = Vec::new();
+    proto::chat::Encoder::new(&mut hello).hello(r.token(bob).as_bytes());
+    b.write_all(&hello).unwrap();
+    assert!(r.relay.wait_metric_sum(&r, "relay_chat_sessions", 2) >= 2);
+    let body = vec![7u8; 60_000];
+    for _ in 0..200 {
+        a.send_direct(bob, &body).unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while r.total("relay_chat_sessions") != 1 {
+        assert!(
+            Instant::now() < deadline,
+            "the stalled reader was never closed"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Alice is still served.
+    let mut a2 = r.connect((300..).find(|&u| ids::home_shard(u, SHARDS) == 0).unwrap());
+    a.send_direct(a2.user, b"still here").unwrap();
+    let got = collect(&mut a2, 1, |e| matches!(e, Event::Message(_)));
+    assert_eq!(messages(&got)[0].body, b"still here");
+    assert!(r.relay.wait_metric_sum(&r, "relay_chat_errors_total", 2) >= 2);
+    drop(b);
+}
+
 fn kill_9_under_load_loses_nothing_acknowledged_as_sent(io: &str) {
     use std::collections::{HashMap, HashSet};
     let dir = temp_dir("chat-crash", io);
@@ -514,6 +578,10 @@ macro_rules! chat_for_backend {
                 super::bad_input_gets_an_error_then_close_while_others_are_served(stringify!(
                     $backend
                 ));
+            }
+            #[test]
+            fn silent_and_stalled_peers_are_closed() {
+                super::silent_and_stalled_peers_are_closed(stringify!($backend));
             }
             #[test]
             fn kill_9_under_load_loses_nothing_acknowledged_as_sent() {
