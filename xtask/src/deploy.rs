@@ -13,7 +13,10 @@
 //!    fresh heartbeat in ctl's relay list), undrain. On a failure: point `current` back, restore
 //!    `relay.env`, restart, undrain, stop and exit non-zero; later hosts are not touched.
 //!
-//! A rollback restores `current` and `relay.env`; the units, the sysctl drop-in and the
+//! ctl's host (`ctl = true`) is rolled first: its ctl is restarted and must answer `/health`
+//! before its relay restarts; pre-flight accepts a silent ctl when the inventory deploys it.
+//!
+//! A rollback restores `current` and `relay.env` (and `ctl.env`); the units, the sysctl drop-in and the
 //! unpacked releases installed in step 3 stay (they are shared by releases). Run one deploy at
 //! a time per inventory: hosts are not locked.
 //!
@@ -74,7 +77,10 @@ pub fn deploy(args: &[String]) -> Result {
     let o = options(args)?;
     let shown = o.inventory.display();
     let text = std::fs::read_to_string(&o.inventory).map_err(|e| format!("{shown}: {e}"))?;
-    let inv = Inventory::parse(&text).map_err(|e| format!("{shown}: {e}; nothing was changed"))?;
+    let mut inv =
+        Inventory::parse(&text).map_err(|e| format!("{shown}: {e}; nothing was changed"))?;
+    // ctl's host goes first: the other relays' drains and health checks need the new ctl.
+    inv.hosts.sort_by_key(|h| !h.ctl);
     let tarball = match &o.tarball {
         Some(t) => t.clone(),
         None => dist::build_tarball(
@@ -113,7 +119,7 @@ pub fn deploy(args: &[String]) -> Result {
             let back = rollback(&inv.deploy, h, s);
             let back = match (&s.previous, back) {
                 (Some(p), Ok(())) => format!("rolled back to {p}, which is healthy"),
-                (None, Ok(())) => "no previous release: relay stopped".into(),
+                (None, Ok(())) => "no previous release: stopped".into(),
                 (_, Err(b)) => format!("ROLLBACK FAILED: {b}"),
             };
             return Err(format!(
@@ -136,15 +142,21 @@ pub fn deploy(args: &[String]) -> Result {
 /// Checks ctl and every host (in parallel) without changing anything.
 fn preflight(inv: &Inventory) -> Result<Vec<HostState>> {
     let mut errors = Vec::new();
-    match ssh::http(&inv.deploy.ctl, "GET", "/health", None) {
-        Ok(r) if r.status == 200 => {}
-        Ok(r) => errors.push(format!(
+    let ctl_host = inv.hosts.iter().find(|h| h.ctl);
+    let mut ctl_up = false;
+    match (ssh::http(&inv.deploy.ctl, "GET", "/health", None), ctl_host) {
+        (Ok(r), _) if r.status == 200 => ctl_up = true,
+        (Ok(r), None) => errors.push(format!(
             "ctl {}: /health answered {}",
             inv.deploy.ctl, r.status
         )),
-        Err(e) => errors.push(format!("ctl is unreachable: {e}")),
+        (Err(e), None) => errors.push(format!("ctl is unreachable: {e}")),
+        (_, Some(h)) => println!(
+            "deploy: ctl is not answering at {}; host {} will (re)start it first",
+            inv.deploy.ctl, h.name
+        ),
     }
-    if errors.is_empty() {
+    if ctl_up {
         // Drains go through the admin API: a wrong or missing admin token fails here, not
         // half-way through the roll.
         match admin(&inv.deploy, "GET", "/v1/relays") {
@@ -293,8 +305,13 @@ fn install_script(h: &Host, version: &str) -> String {
                 ),
                 None => "rm -f /etc/systemd/system/relay.service.d/10-deploy.conf\n".into(),
             };
+            let units = if h.ctl {
+                "relay.service ctl.service"
+            } else {
+                "relay.service"
+            };
             format!(
-                "{affinity}systemctl daemon-reload\nsystemctl enable --quiet relay.service\n\
+                "{affinity}systemctl daemon-reload\nsystemctl enable --quiet {units}\n\
                  sysctl -q -p /etc/sysctl.d/60-relay.conf || \
                  echo 'warning: some sysctls were not applied (cargo xtask tune --check)' >&2\n"
             )
@@ -358,19 +375,18 @@ pub fn relay_args(d: &Deploy, h: &Host) -> Vec<String> {
     a
 }
 
-fn service_cmd(h: &Host, action: &str) -> String {
+fn service_cmd(h: &Host, action: &str, name: &str) -> String {
     match h.service {
-        // A relay that kept failing may have hit the unit's start limit; a restart (also the
+        // A unit that kept failing may have hit its start limit; a restart (also the
         // rollback's) must not be refused for that.
-        Service::Systemd if action == "restart" => {
-            "systemctl reset-failed relay.service 2>/dev/null || true\n\
-             systemctl restart relay.service"
-                .into()
-        }
-        Service::Systemd => format!("systemctl {action} relay.service"),
+        Service::Systemd if action == "restart" => format!(
+            "systemctl reset-failed {name}.service 2>/dev/null || true\n\
+             systemctl restart {name}.service"
+        ),
+        Service::Systemd => format!("systemctl {action} {name}.service"),
         Service::Pidfile => {
             let r = sh_quote(h.root.trim_end_matches('/'));
-            format!("{r}/opt/relay/current/libexec/relay-service {r} {action} relay")
+            format!("{r}/opt/relay/current/libexec/relay-service {r} {action} {name}")
         }
     }
 }
@@ -382,63 +398,116 @@ fn roll(d: &Deploy, h: &Host, st: &HostState, version: &str) -> Result {
         drain(d, h)?;
     }
     ssh::run(d, h, &switch_script(d, h, version))?;
-    healthy(d, h)?;
-    undrain(d, h)?;
+    restart_and_check(d, h)?;
     println!("deploy: {}: {version} is serving", h.name);
     Ok(())
 }
 
-/// Writes relay.env (keeping the previous one), switches `current` and restarts.
-fn switch_script(d: &Deploy, h: &Host, version: &str) -> String {
-    let env = format!(
-        "# Written by `cargo xtask deploy` from the inventory (host {:?}); edit relay.toml for\n\
-         # anything else. The flags override relay.toml.\nRELAY_ARGS=\"{}\"\n",
-        h.name,
-        relay_args(d, h).join(" ")
-    );
-    format!(
-        r#"R={root}
-cd "$R/etc/relay"
-if [ -f relay.env ]; then cp -p relay.env relay.env.prev; else rm -f relay.env.prev; fi
-printf '%s' {env} > relay.env.new
-mv relay.env.new relay.env
-ln -sfn {target} "$R/opt/relay/current.new"
-mv -T "$R/opt/relay/current.new" "$R/opt/relay/current"
-{restart}
-"#,
-        root = sh_quote(h.root.trim_end_matches('/')),
-        env = sh_quote(&env),
-        target = sh_quote(&format!("releases/{version}")),
-        restart = service_cmd(h, "restart"),
-    )
-}
-
-/// Puts the previous release back (or stops the relay when there was none).
-fn rollback(d: &Deploy, h: &Host, st: &HostState) -> Result {
-    eprintln!("deploy: {}: rolling back", h.name);
-    ssh::run(d, h, &rollback_script(h, st.previous.as_deref()))?;
-    if st.previous.is_some() {
-        healthy(d, h)?;
+/// Restarts ctl (on its host) and waits for its API, then the relay and waits for its health;
+/// undrains it.
+fn restart_and_check(d: &Deploy, h: &Host) -> Result {
+    if h.ctl {
+        ssh::run(d, h, &service_cmd(h, "restart", "ctl"))?;
+        ctl_healthy(d)?;
     }
+    ssh::run(d, h, &service_cmd(h, "restart", "relay"))?;
+    healthy(d, h)?;
     undrain(d, h)
 }
 
-/// Points `current` back at `previous` and restarts, or stops the relay when there is none.
+/// Writes relay.env (and ctl.env on ctl's host), keeping the previous ones, and switches
+/// `current` to the release.
+fn switch_script(d: &Deploy, h: &Host, version: &str) -> String {
+    let mut envs = vec![(
+        "relay.env",
+        format!(
+            "# Written by `cargo xtask deploy` from the inventory (host {:?}); edit relay.toml \
+             for\n# anything else. The flags override relay.toml.\nRELAY_ARGS=\"{}\"\n",
+            h.name,
+            relay_args(d, h).join(" ")
+        ),
+    )];
+    if h.ctl {
+        envs.push((
+            "ctl.env",
+            format!(
+                "# Written by `cargo xtask deploy` (ctl_listen in the inventory); edit ctl.toml \
+                 for\n# anything else.\nCTL_ARGS=\"--listen {} --data-dir {}\"\n",
+                d.ctl_listen,
+                h.path("/var/lib/relay-ctl")
+            ),
+        ));
+    }
+    let mut script = format!(
+        "R={}\ncd \"$R/etc/relay\"\n",
+        sh_quote(h.root.trim_end_matches('/'))
+    );
+    for (file, text) in envs {
+        script += &format!(
+            "if [ -f {file} ]; then cp -p {file} {file}.prev; else rm -f {file}.prev; fi\n\
+             printf '%s' {} > {file}.new\nmv {file}.new {file}\n",
+            sh_quote(&text)
+        );
+    }
+    script
+        + &format!(
+            "ln -sfn {} \"$R/opt/relay/current.new\"\n\
+             mv -T \"$R/opt/relay/current.new\" \"$R/opt/relay/current\"\n",
+            sh_quote(&format!("releases/{version}"))
+        )
+}
+
+/// Puts the previous release back (or stops the services when there was none).
+fn rollback(d: &Deploy, h: &Host, st: &HostState) -> Result {
+    eprintln!("deploy: {}: rolling back", h.name);
+    ssh::run(d, h, &rollback_script(h, st.previous.as_deref()))?;
+    match st.previous {
+        Some(_) => restart_and_check(d, h),
+        None => undrain(d, h).or(Ok(())),
+    }
+}
+
+/// Points `current` back at `previous` with the previous env files, or stops the services
+/// when there is no previous release.
 fn rollback_script(h: &Host, previous: Option<&str>) -> String {
     match previous {
         Some(prev) => format!(
             r#"R={root}
 cd "$R/etc/relay"
-if [ -f relay.env.prev ]; then mv relay.env.prev relay.env; fi
+for f in relay.env ctl.env; do
+    if [ -f "$f.prev" ]; then mv "$f.prev" "$f"; fi
+done
 ln -sfn {target} "$R/opt/relay/current.new"
 mv -T "$R/opt/relay/current.new" "$R/opt/relay/current"
-{restart}
 "#,
             root = sh_quote(h.root.trim_end_matches('/')),
             target = sh_quote(&format!("releases/{prev}")),
-            restart = service_cmd(h, "restart"),
         ),
-        None => service_cmd(h, "stop"),
+        None if h.ctl => format!(
+            "{}\n{}\n",
+            service_cmd(h, "stop", "relay"),
+            service_cmd(h, "stop", "ctl")
+        ),
+        None => service_cmd(h, "stop", "relay"),
+    }
+}
+
+/// Waits until ctl answers `/health`.
+fn ctl_healthy(d: &Deploy) -> Result {
+    let deadline = Instant::now() + Duration::from_secs(d.health_timeout_s);
+    loop {
+        let last = match ssh::http(&d.ctl, "GET", "/health", None) {
+            Ok(r) if r.status == 200 => return Ok(()),
+            Ok(r) => format!("/health answered {}", r.status),
+            Err(e) => e,
+        };
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "ctl not healthy within health_timeout_s = {}: {last}",
+                d.health_timeout_s
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(200));
     }
 }
 
@@ -465,7 +534,13 @@ fn relay_view(d: &Deploy, id: u32) -> Result<Option<Json>> {
 
 /// Asks ctl to stop placing on the relay and waits for its rooms to end (bounded).
 fn drain(d: &Deploy, h: &Host) -> Result {
-    let r = admin(d, "POST", &format!("/v1/relays/{}/drain", h.relay_id))?;
+    let r = match admin(d, "POST", &format!("/v1/relays/{}/drain", h.relay_id)) {
+        Err(e) if h.ctl => {
+            println!("deploy: {}: no drain, ctl is down ({e})", h.name);
+            return Ok(());
+        }
+        r => r?,
+    };
     match r.status {
         200 => {}
         404 => {
@@ -577,7 +652,7 @@ fi
 "#,
         status = match h.service {
             Service::Systemd => "systemctl is-active relay.service".to_string(),
-            Service::Pidfile => service_cmd(h, "status"),
+            Service::Pidfile => service_cmd(h, "status", "relay"),
         },
     )
 }
@@ -619,6 +694,7 @@ name = "a"
 address = "10.0.0.11"
 relay_id = 1
 cpu_affinity = "2-7"
+ctl = true
 [[host]]
 name = "b"
 address = "10.0.0.12"
@@ -656,9 +732,13 @@ metrics = "0.0.0.0:9100"
                 );
             }
         }
+        let sw = switch_script(&inv.deploy, &inv.hosts[0], "v1");
+        assert!(sw.contains("CTL_ARGS=\"--listen 10.0.0.1:8080 --data-dir /var/lib/relay-ctl\""));
+        assert!(!switch_script(&inv.deploy, &inv.hosts[1], "v1").contains("ctl.env"));
         let a = install_script(&inv.hosts[0], "v1");
         assert!(
-            a.contains("CPUAffinity=%s") && a.contains("systemctl enable --quiet relay.service")
+            a.contains("CPUAffinity=%s")
+                && a.contains("systemctl enable --quiet relay.service ctl.service")
         );
         assert!(health_script(&inv.hosts[1]).contains("http://127.0.0.1:9100/health"));
         let mut v6 = inv.hosts[1].clone();
@@ -690,7 +770,7 @@ extra_args = ["--io", "batch"]
              /srv/a/var/lib/relay/chat --chat-port 41000 --io batch"
         );
         assert_eq!(
-            service_cmd(&inv.hosts[0], "restart"),
+            service_cmd(&inv.hosts[0], "restart", "relay"),
             "'/srv/a'/opt/relay/current/libexec/relay-service '/srv/a' restart relay"
         );
     }

@@ -208,6 +208,8 @@ pub enum Service {
 pub struct Deploy {
     pub ctl: String,
     pub ctl_admin_token: Option<String>,
+    /// Where a deployed ctl listens (`--listen`); default: the host and port of `ctl`.
+    pub ctl_listen: String,
     pub identity_file: Option<String>,
     pub known_hosts: Option<String>,
     pub connect_timeout_s: u64,
@@ -234,6 +236,8 @@ pub struct Host {
     pub shards: Option<u32>,
     pub cpu_affinity: Option<String>,
     pub extra_args: Vec<String>,
+    /// This host also runs ctl (at most one host); deploy rolls it first.
+    pub ctl: bool,
     /// Line of the host's `[[host]]` header.
     pub line: usize,
 }
@@ -254,6 +258,7 @@ pub struct Inventory {
 const DEPLOY_FIELDS: &[(&str, bool)] = &[
     ("ctl", true),
     ("ctl_admin_token", false),
+    ("ctl_listen", false),
     ("ssh_user", false),
     ("ssh_port", false),
     ("identity_file", false),
@@ -282,6 +287,7 @@ const HOST_FIELDS: &[(&str, bool)] = &[
     ("shards", false),
     ("cpu_affinity", false),
     ("extra_args", false),
+    ("ctl", false),
 ];
 
 /// A table's fields after checking names, presence and types.
@@ -346,6 +352,14 @@ impl<'a> Fields<'a> {
                 )),
             },
             Some((v, line)) => Err(self.type_err(key, "an integer", v, *line)),
+        }
+    }
+
+    fn bool(&self, key: &str) -> Result<bool, String> {
+        match self.map.get(key) {
+            None => Ok(false),
+            Some((Value::Bool(b), _)) => Ok(*b),
+            Some((v, line)) => Err(self.type_err(key, "a boolean", v, *line)),
         }
     }
 
@@ -417,6 +431,10 @@ impl Inventory {
         let deploy = Deploy {
             ctl: ctl.trim_end_matches('/').to_string(),
             ctl_admin_token: d.str("ctl_admin_token")?,
+            ctl_listen: match d.str("ctl_listen")? {
+                Some(l) => l,
+                None => ctl["http://".len()..].trim_end_matches('/').to_string(),
+            },
             identity_file: d.str("identity_file")?,
             known_hosts: d.str("known_hosts")?,
             connect_timeout_s: d.int("connect_timeout_s", 600)?.unwrap_or(5).max(1),
@@ -457,6 +475,7 @@ impl Inventory {
                 metrics: f.str("metrics")?.unwrap_or_else(|| "127.0.0.1:9100".into()),
                 shards: f.int("shards", 1024)?.map(|s| s as u32),
                 cpu_affinity: f.str("cpu_affinity")?,
+                ctl: f.bool("ctl")?,
                 extra_args: f.strs("extra_args")?,
                 line: t.line,
             };
@@ -481,7 +500,19 @@ impl Inventory {
                     t.line, host.name, prev.name, prev.line, host.address, host.ssh_port, host.root
                 ));
             }
+            if let Some(prev) = hosts.iter().find(|h| h.ctl && host.ctl) {
+                return Err(format!(
+                    "line {}: ctl = true on host {:?} and on host {:?} (line {}): one ctl per inventory",
+                    f.line_of("ctl"),
+                    host.name,
+                    prev.name,
+                    prev.line
+                ));
+            }
             hosts.push(host);
+        }
+        if hosts.iter().any(|h| h.ctl) && !is_shell_safe(&deploy.ctl_listen) {
+            return Err("ctl_listen may hold only letters, digits and -_.:/,=@+%[]".into());
         }
         Ok(Self { deploy, hosts })
     }
@@ -504,11 +535,7 @@ fn check_host(h: &Host, f: &Fields) -> Result<(), String> {
     if h.cpu_affinity.is_some() && h.service != Service::Systemd {
         return bad("cpu_affinity", "is applied through systemd only");
     }
-    let shell_safe = |s: &str| {
-        !s.is_empty()
-            && s.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"-_.:/,=@+%".contains(&b))
-    };
+    let shell_safe = is_shell_safe;
     for (key, v) in [
         ("name", &h.name),
         ("address", &h.address),
@@ -529,14 +556,28 @@ fn check_host(h: &Host, f: &Fields) -> Result<(), String> {
     Ok(())
 }
 
+/// Values that go into remote command lines unquoted (relay.env) must not need quoting.
+fn is_shell_safe(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:/,=@+%[]".contains(&b))
+}
+
 /// The inventory as a one-line-per-host summary (for the deploy plan).
 pub fn summary(inv: &Inventory) -> String {
     let mut s = String::new();
     for h in &inv.hosts {
         let _ = writeln!(
             s,
-            "  {} ({}@{}:{}, root {}, relay {}, {:?})",
-            h.name, h.ssh_user, h.address, h.ssh_port, h.root, h.relay_id, h.service
+            "  {} ({}@{}:{}, root {}, relay {}{}, {:?})",
+            h.name,
+            h.ssh_user,
+            h.address,
+            h.ssh_port,
+            h.root,
+            h.relay_id,
+            if h.ctl { " and ctl" } else { "" },
+            h.service
         );
     }
     s
@@ -576,6 +617,8 @@ ssh_port = 2222
         assert_eq!(inv.hosts[1].ssh_port, 2222);
         assert_eq!(inv.hosts[0].service, Service::Systemd);
         assert_eq!(inv.hosts[1].path("/etc/relay"), "/etc/relay");
+        assert_eq!(inv.deploy.ctl_listen, "10.0.0.1:8080");
+        assert!(!inv.hosts[0].ctl);
     }
 
     #[test]
@@ -630,6 +673,15 @@ ssh_port = 2222
         assert!(err(&GOOD.replace("\"10.0.0.11\"", "\"10.0.0.11")).contains("unterminated"));
         let e = err(&GOOD.replace("relay_id = 2", "relay_id = 2\nroot = \"/tmp/x\""));
         assert!(e.contains("needs root = \"/\""), "{e}");
+        let e = err(&GOOD
+            .replace("relay_id = 1\n", "relay_id = 1\nctl = true\n")
+            .replace("relay_id = 2\n", "relay_id = 2\nctl = true\n"));
+        assert!(e.contains("one ctl per inventory"), "{e}");
+        let e = err(&GOOD.replace("relay_id = 1\n", "relay_id = 1\nctl = \"yes\"\n"));
+        assert!(
+            e.contains("\"ctl\" in [[host]] at line 7 must be a boolean"),
+            "{e}"
+        );
         let e = err(&GOOD.replace("\"batch\"", "\"batch; rm -rf /\""));
         assert!(e.contains("extra_args"), "{e}");
     }

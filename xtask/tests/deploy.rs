@@ -5,7 +5,7 @@
 //!
 //! Needs `/usr/sbin/sshd`, `ssh` and `ssh-keygen` (Debian: openssh-server, openssh-client;
 //! `cargo xtask test` installs them as root). Runs as root (sshd's privilege separation).
-//! Ports: 36000 + (pid % 100) * 20 and the 20 above, apart from the relay tests' ranges.
+//! Ports: 36000 + (pid % 100) * 30 and the 30 above, apart from the relay tests' ranges.
 
 use serde_json::Value;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -37,7 +37,7 @@ fn require_openssh() {
 }
 
 fn base_port() -> u16 {
-    36_000 + (std::process::id() % 100) as u16 * 20
+    36_000 + (std::process::id() % 100) as u16 * 30
 }
 
 fn workspace() -> PathBuf {
@@ -219,8 +219,11 @@ impl Lab {
 impl Drop for Lab {
     fn drop(&mut self) {
         for root in &self.roots {
-            if let Ok(pid) = std::fs::read_to_string(root.join("run/relay/relay.pid")) {
-                let _ = Command::new("kill").args(["-KILL", pid.trim()]).status();
+            for name in ["relay", "ctl"] {
+                if let Ok(pid) = std::fs::read_to_string(root.join(format!("run/relay/{name}.pid")))
+                {
+                    let _ = Command::new("kill").args(["-KILL", pid.trim()]).status();
+                }
             }
         }
         for c in &mut self.children {
@@ -897,4 +900,52 @@ fn shipped_units_and_configuration_are_valid() {
         out.status.success() && msg.trim().is_empty(),
         "systemd-analyze verify: {msg}"
     );
+}
+
+/// ctl deployed on a host of the inventory: started before its relay on the first deploy,
+/// restarted first on the next one, and its meetings survive (journal under the host root).
+#[test]
+fn ctl_on_a_host_is_deployed_and_rolled_first() {
+    require_openssh();
+    let mut lab = Lab::new("ctl");
+    lab.keys();
+    let p = base_port() + 20;
+    let root = lab.sshd("c", p);
+    let t1 = dist(&lab, "c1");
+    let ctl: SocketAddr = ([127, 0, 0, 1], p + 5).into();
+    let inv = inventory(&lab, ctl, &[("c", p, p + 1)], "");
+    let text = std::fs::read_to_string(&inv)
+        .unwrap()
+        .replace("relay_id = 1\n", "relay_id = 1\nctl = true\n");
+    std::fs::write(&inv, text).unwrap();
+
+    let (ok, out, err) = deploy(&inv, &t1);
+    assert!(ok, "first deploy: {err}");
+    assert!(out.contains("ctl is not answering"), "{out}");
+    assert!(root.join("etc/relay/ctl.env").is_file());
+    assert!(
+        root.join("var/lib/relay-ctl/ctl.key").is_file(),
+        "ctl's state under the root"
+    );
+    let (status, m) = http(ctl, "POST", "/v1/meetings", None);
+    assert_eq!(status, 201, "{m}");
+    let ctl_pid = std::fs::read_to_string(root.join("run/relay/ctl.pid")).unwrap();
+
+    let t2 = repack(&lab, &t1, "c2", "true");
+    let (ok, out, err) = deploy(&inv, &t2);
+    assert!(ok, "second deploy: {err}");
+    assert!(out.contains("c2 is live on every host"), "{out}");
+    assert_ne!(
+        std::fs::read_to_string(root.join("run/relay/ctl.pid")).unwrap(),
+        ctl_pid,
+        "ctl restarted"
+    );
+    let (status, j) = http(
+        ctl,
+        "POST",
+        "/v1/join",
+        Some(&serde_json::json!({"code": m["code"], "name": "after"})),
+    );
+    assert_eq!(status, 200, "the meeting survived ctl's restart: {j}");
+    assert_eq!(j["relay_id"], 1);
 }
