@@ -76,6 +76,34 @@ use std::io::{self, Read};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+/// The fdatasync (and directory fsync) half of a pipelined commit, runnable on any thread; see
+/// [`Log::start_commit`]. It holds its own descriptors, so segments deleted meanwhile do not
+/// matter to it.
+#[derive(Debug)]
+pub struct SyncJob {
+    file: Option<File>,
+    dir: Option<File>,
+    upto: u64,
+}
+
+impl SyncJob {
+    /// Makes the job's records durable.
+    pub fn run(&self) -> io::Result<()> {
+        if let Some(f) = &self.file {
+            f.sync_data()?;
+        }
+        if let Some(d) = &self.dir {
+            d.sync_all()?;
+        }
+        Ok(())
+    }
+
+    /// The highest Lsn the job covers.
+    pub fn upto(&self) -> Lsn {
+        Lsn(self.upto)
+    }
+}
+
 /// How `commit` makes data durable.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum SyncMode {
@@ -269,6 +297,8 @@ pub struct Log {
     buf: Vec<u8>,
     /// Records appended since the last commit (buffered or spilled).
     n_uncommitted: u64,
+    /// Records written by [`Log::start_commit`] whose [`SyncJob`] has not finished yet.
+    n_in_flight: u64,
     /// `file` has written bytes not yet covered by an fdatasync.
     unsynced: bool,
     /// A segment file was created since the last directory fsync.
@@ -328,6 +358,7 @@ impl Log {
             committed_lsn: next_lsn - 1,
             buf: Vec::with_capacity(64 << 10),
             n_uncommitted: 0,
+            n_in_flight: 0,
             unsynced: true,
             dir_dirty: true,
             disk_bytes,
@@ -386,6 +417,9 @@ impl Log {
     /// if no record was ever appended). With nothing pending it does no I/O.
     pub fn commit(&mut self) -> io::Result<Option<Lsn>> {
         self.check_usable()?;
+        if self.n_in_flight > 0 {
+            return Err(io::Error::other("a pipelined commit is in flight"));
+        }
         if self.n_uncommitted > 0 {
             let done = self
                 .write_out()
@@ -398,6 +432,68 @@ impl Log {
             self.committed_lsn = self.next_lsn - 1;
         }
         Ok((self.committed_lsn > 0).then_some(Lsn(self.committed_lsn)))
+    }
+
+    /// The first half of a pipelined group commit: writes everything appended since the last
+    /// commit, like [`Log::commit`], but leaves the fdatasync to the returned [`SyncJob`],
+    /// which may run on another thread while this one goes on appending. The records are
+    /// durable only once [`Log::finish_commit`] accepts the job's result. One job at a time:
+    /// `None` when nothing is pending; an error while a job is in flight.
+    pub fn start_commit(&mut self) -> io::Result<Option<SyncJob>> {
+        self.check_usable()?;
+        if self.n_in_flight > 0 {
+            return Err(io::Error::other("a commit is already in flight"));
+        }
+        if self.n_uncommitted == 0 {
+            return Ok(None);
+        }
+        let written = self.write_out();
+        self.poison_on_error(written)?;
+        let sync = self.cfg.sync == SyncMode::Data;
+        let file = if sync && self.unsynced {
+            let f = self.file.try_clone();
+            Some(self.poison_on_error(f)?)
+        } else {
+            None
+        };
+        let dir = if sync && self.dir_dirty {
+            let f = self.dir_file.try_clone();
+            Some(self.poison_on_error(f)?)
+        } else {
+            None
+        };
+        self.unsynced = false;
+        self.dir_dirty = false;
+        self.n_in_flight = self.n_uncommitted;
+        self.n_uncommitted = 0;
+        Ok(Some(SyncJob {
+            file,
+            dir,
+            upto: self.next_lsn - 1,
+        }))
+    }
+
+    /// The second half: `result` is what [`SyncJob::run`] returned. On success the job's
+    /// records are durable and their highest Lsn is returned; on failure the log is poisoned.
+    pub fn finish_commit(&mut self, job: &SyncJob, result: io::Result<()>) -> io::Result<Lsn> {
+        self.poison_on_error(result)?;
+        self.check_usable()?;
+        if job.file.is_some() {
+            self.stats.n_syncs += 1;
+        }
+        if job.dir.is_some() {
+            self.stats.n_dir_syncs += 1;
+        }
+        self.stats.n_commits += 1;
+        self.stats.n_committed += self.n_in_flight;
+        self.n_in_flight = 0;
+        self.committed_lsn = job.upto;
+        Ok(Lsn(job.upto))
+    }
+
+    /// Whether a [`SyncJob`] is in flight.
+    pub fn commit_in_flight(&self) -> bool {
+        self.n_in_flight > 0
     }
 
     /// Whether there are appended records not yet committed.
@@ -490,7 +586,7 @@ impl Log {
         }
         let full = seg.bytes >= self.cfg.segment_bytes;
         let far_over = seg.bytes >= self.cfg.segment_bytes.saturating_mul(2);
-        (full && self.n_uncommitted == 0) || far_over
+        (full && self.n_uncommitted == 0 && self.n_in_flight == 0) || far_over
     }
 
     /// Writes the buffer to the trailing segments, creating their files as needed. Does not
@@ -542,7 +638,9 @@ impl Log {
     }
 
     fn sync_file(&mut self) -> io::Result<()> {
-        if self.unsynced && self.cfg.sync == SyncMode::Data {
+        // Bytes a pipelined job has not synced yet count too: a forced roll must not create a
+        // newer file before the older one is durable (the write-order invariant).
+        if (self.unsynced || self.n_in_flight > 0) && self.cfg.sync == SyncMode::Data {
             self.file.sync_data()?;
             self.stats.n_syncs += 1;
         }
@@ -568,7 +666,8 @@ impl Log {
         let roll_active = self.segments.len() == 1
             && only.n_records > 0
             && only.fully_dead()
-            && self.n_uncommitted == 0;
+            && self.n_uncommitted == 0
+            && self.n_in_flight == 0;
         if roll_active {
             // The fresh segment carries the Lsn numbering; it must be durable (data and
             // directory entry) before the last file that records the numbering goes away.
@@ -1030,6 +1129,82 @@ mod tests {
         drop(log);
         let (_, recs) = Log::open(&tmp.0, cfg(4096)).unwrap();
         assert_eq!(recs, expected);
+    }
+
+    /// Pipelined commits: appends go on while a job is in flight; jobs run on another thread;
+    /// segments roll across them; everything recovers in order.
+    #[test]
+    fn pipelined_commits_recover_everything_in_order() {
+        let tmp = TempDir::new("pipelined");
+        let data = LogConfig {
+            sync: SyncMode::Data,
+            ..cfg(4096)
+        };
+        let (mut log, _) = Log::open(&tmp.0, data).unwrap();
+        let mut expected = Vec::new();
+        let mut job: Option<SyncJob> = None;
+        let mut committed = Vec::new();
+        for n in 1..=3000u64 {
+            let (kind, payload) = rec(n);
+            let lsn = log.append(kind, &payload).unwrap();
+            expected.push(Record { lsn, kind, payload });
+            if n % 7 == 0 {
+                // Finish the job in flight (run on another thread), then start the next.
+                if let Some(j) = job.take() {
+                    let (j, r) = std::thread::spawn(move || {
+                        let r = j.run();
+                        (j, r)
+                    })
+                    .join()
+                    .unwrap();
+                    committed.push(log.finish_commit(&j, r).unwrap());
+                    assert!(!log.commit_in_flight());
+                }
+                job = log.start_commit().unwrap();
+                assert!(log.commit_in_flight());
+                assert!(log.start_commit().is_err(), "one job at a time");
+                assert!(log.commit().is_err(), "no plain commit over a job");
+            }
+        }
+        let j = job.take().unwrap();
+        let r = j.run();
+        committed.push(log.finish_commit(&j, r).unwrap());
+        assert!(committed.windows(2).all(|w| w[0] < w[1]), "in Lsn order");
+        assert_eq!(committed.last(), Some(&Lsn(2996)));
+        assert_eq!(
+            log.commit().unwrap(),
+            Some(Lsn(3000)),
+            "the tail after the last job"
+        );
+        assert!(log.n_segments() > 20, "{} segments", log.n_segments());
+        let st = log.stats();
+        assert_eq!(st.n_committed, 3000);
+        assert!(st.n_syncs >= 428, "one fdatasync per job: {}", st.n_syncs);
+        drop(log);
+        let (_, recs) = Log::open(&tmp.0, data).unwrap();
+        assert_eq!(recs, expected);
+    }
+
+    /// Records written by a job that never finished are not committed: a crash there may keep
+    /// or lose them, but never the ones committed before.
+    #[test]
+    fn an_unfinished_job_commits_nothing() {
+        let tmp = TempDir::new("unfinished");
+        let (mut log, _) = Log::open(&tmp.0, cfg(1 << 20)).unwrap();
+        for n in 1..=10 {
+            let (k, p) = rec(n);
+            log.append(k, &p).unwrap();
+        }
+        assert_eq!(log.commit().unwrap(), Some(Lsn(10)));
+        let (k, p) = rec(11);
+        log.append(k, &p).unwrap();
+        let job = log.start_commit().unwrap().expect("a record is pending");
+        assert_eq!(job.upto(), Lsn(11));
+        // Not finished: the committed Lsn is still 10 and the log refuses a second job.
+        assert!(log.start_commit().is_err());
+        let failed = log.finish_commit(&job, Err(io::Error::other("disk gone")));
+        assert!(failed.is_err());
+        assert!(log.append(1, b"x").is_err(), "poisoned after a failed sync");
     }
 
     #[test]

@@ -21,6 +21,7 @@ pub mod home;
 pub mod log;
 pub mod msg;
 pub mod owner;
+pub mod pipeline;
 pub mod records;
 
 use crate::engine::Now;
