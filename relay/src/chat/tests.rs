@@ -114,6 +114,9 @@ struct Client {
     closed: bool,
 }
 
+/// A record as the engine hands it over: kind and payload.
+type Rec = (u8, Vec<u8>);
+
 struct Sim {
     now: Now,
     shards: Vec<ChatShard>,
@@ -127,7 +130,7 @@ struct Sim {
     pipelined: bool,
     pipes: Vec<super::pipeline::CommitPipeline>,
     /// Per shard: the records of the batch in flight (written, not yet durable).
-    flying: Vec<Vec<(u64, (u8, Vec<u8>))>>,
+    flying: Vec<Vec<(u64, Rec)>>,
 }
 
 impl Sim {
