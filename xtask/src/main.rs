@@ -37,7 +37,10 @@ fn main() -> ExitCode {
         Some("bench") => cargo(&["bench", "-p", "benches"]),
         Some("perf") => perf(&args[1..]),
         _ => {
-            eprintln!("usage: cargo xtask demo [ARGS] | up [ARGS] | test [--quick] | callgrind | bench | perf [ARGS]");
+            eprintln!(
+                "usage: cargo xtask demo [ARGS] | up [ARGS] | test [--quick] | callgrind | bench \
+                 | perf [ARGS] | dist | deploy --inventory FILE | tune --check|--apply"
+            );
             Err("unknown or missing verb".into())
         }
     };
