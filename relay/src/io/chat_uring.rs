@@ -145,13 +145,20 @@ pub(super) struct UringChat {
     spare: Vec<Vec<u8>>,
     now: Now,
     stopping: bool,
+    /// Flags of every send (MSG_DONTWAIT in tests only).
+    send_flags: i32,
     stats: ChatUringStats,
 }
 
 impl UringChat {
     /// Opens the shard's log (replaying it into the engine) and registers chat's buffer ring
     /// with `n_bufs` buffers on `ring`.
-    pub(super) fn new(parts: ChatParts, ring: &IoUring, n_bufs: u16) -> io::Result<Self> {
+    pub(super) fn new(
+        parts: ChatParts,
+        ring: &IoUring,
+        n_bufs: u16,
+        send_dontwait: bool,
+    ) -> io::Result<Self> {
         if !ring.params().is_feature_nodrop() {
             return Err(io::Error::new(
                 io::ErrorKind::Unsupported,
@@ -180,6 +187,7 @@ impl UringChat {
                 unix_s: 0,
             },
             stopping: false,
+            send_flags: if send_dontwait { libc::MSG_DONTWAIT } else { 0 },
             stats: ChatUringStats::default(),
         })
     }
@@ -591,7 +599,9 @@ impl UringChat {
             c.out.clear();
             c.out.extend_from_slice(&out[..n]);
             let ud = UD_CHAT_SEND | id;
-            let sqe = opcode::Send::new(fd, c.out.as_ptr(), n as u32).build();
+            let sqe = opcode::Send::new(fd, c.out.as_ptr(), n as u32)
+                .flags(self.send_flags)
+                .build();
             (sqe.user_data(ud), ud)
         };
         if !self.push(ring, io, &sqe) {

@@ -112,6 +112,9 @@ struct Limits {
     reply_slots: usize,
     /// Chat's receive buffers.
     chat_bufs: u16,
+    /// Chat sends with MSG_DONTWAIT, so that a full socket fails them with EAGAIN (tests: the
+    /// wait for POLLOUT); by default io_uring waits for room itself.
+    chat_send_dontwait: bool,
 }
 
 const LIMITS: Limits = Limits {
@@ -119,6 +122,7 @@ const LIMITS: Limits = Limits {
     tx_slots: TX_BATCH,
     reply_slots: REPLY_SLOTS,
     chat_bufs: chat_uring::CHAT_BUF_COUNT,
+    chat_send_dontwait: false,
 };
 
 /// Driver-side counters specific to this backend (not published; logged and tested).
@@ -663,7 +667,12 @@ impl Driver {
         bufs.register(&ring)
             .map_err(|e| io::Error::new(e.kind(), explain_register(&e)))?;
         let chat = match chat {
-            Some(parts) => Some(UringChat::new(parts, &ring, limits.chat_bufs)?),
+            Some(parts) => Some(UringChat::new(
+                parts,
+                &ring,
+                limits.chat_bufs,
+                limits.chat_send_dontwait,
+            )?),
             None => None,
         };
         Ok(Self {
@@ -1327,6 +1336,7 @@ mod tests {
             tx_slots: 2,
             reply_slots: 1,
             chat_bufs: 2,
+            chat_send_dontwait: false,
         };
         if let Some(report) = fan_out(limits) {
             assert!(report.stats.reclaims > 0, "{report:?}");
@@ -1424,12 +1434,27 @@ mod tests {
     /// back at exit.
     #[test]
     fn tiny_chat_buffer_ring_runs_dry_and_recovers() {
-        use crate::chat::client::Event;
         let limits = Limits {
             chat_bufs: 2,
             ..LIMITS
         };
-        let Some(h) = ChatHarness::start(limits, "tiny", Default::default()) else {
+        tiny_chat(limits, "tiny");
+    }
+
+    /// The same with sends that may fail with EAGAIN and wait for POLLOUT.
+    #[test]
+    fn tiny_chat_buffer_ring_with_nonblocking_sends() {
+        let limits = Limits {
+            chat_bufs: 2,
+            chat_send_dontwait: true,
+            ..LIMITS
+        };
+        tiny_chat(limits, "tiny-dontwait");
+    }
+
+    fn tiny_chat(limits: Limits, tag: &str) {
+        use crate::chat::client::Event;
+        let Some(h) = ChatHarness::start(limits, tag, Default::default()) else {
             return;
         };
         let (alice, bob) = (1, 2);
@@ -1496,15 +1521,31 @@ mod tests {
     /// cancelled and the connection closed anyway; every operation is back at exit.
     #[test]
     fn a_closing_peer_that_does_not_read_is_closed_at_the_flush_deadline() {
+        closing_peer_that_does_not_read(LIMITS, "stall");
+    }
+
+    /// The same with sends that fail with EAGAIN on a full socket: the connection waits for
+    /// POLLOUT, and that wait is what the flush deadline cancels.
+    #[test]
+    fn a_full_socket_waits_for_pollout_and_the_wait_is_cancelled_at_the_deadline() {
+        let limits = Limits {
+            chat_send_dontwait: true,
+            ..LIMITS
+        };
+        if let Some(report) = closing_peer_that_does_not_read(limits, "pollout") {
+            let chat = report.chat.expect("chat report");
+            assert!(chat.stats.send_waits > 0, "{report:?}");
+        }
+    }
+
+    fn closing_peer_that_does_not_read(limits: Limits, tag: &str) -> Option<Report> {
         use std::io::{Read, Write};
         let cfg = crate::chat::ChatConfig {
             max_out_bytes: 64 << 10,
             slow_reader_timeout_us: 200_000,
             ..Default::default()
         };
-        let Some(h) = ChatHarness::start(LIMITS, "stall", cfg) else {
-            return;
-        };
+        let h = ChatHarness::start(limits, tag, cfg)?;
         let mut a = h.connect(1);
         let mut bob = std::net::TcpStream::connect(h.addr).expect("connect");
         let mut hello = Vec::new();
@@ -1544,6 +1585,7 @@ mod tests {
         assert_eq!(chat.bufs_outstanding, 0, "{report:?}");
         assert_eq!(chat.counters.closed, 1, "{report:?}");
         drop(bob);
+        Some(report)
     }
 
     #[test]
