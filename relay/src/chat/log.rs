@@ -98,6 +98,12 @@ impl SyncJob {
         Ok(())
     }
 
+    /// Whether running it does any I/O (false with [`SyncMode::None`], or when the data was
+    /// already synced by a forced roll).
+    pub fn needs_sync(&self) -> bool {
+        self.file.is_some() || self.dir.is_some()
+    }
+
     /// The highest Lsn the job covers.
     pub fn upto(&self) -> Lsn {
         Lsn(self.upto)

@@ -224,6 +224,11 @@ impl ChatShard {
         self.owner.checkpoint();
     }
 
+    /// This shard's index.
+    pub fn shard(&self) -> u16 {
+        self.shard
+    }
+
     /// Stored entries not yet acknowledged by all their recipients.
     pub fn n_pending(&self) -> usize {
         self.owner.n_pending()

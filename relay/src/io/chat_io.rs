@@ -8,15 +8,19 @@
 //! Per loop turn a backend: hands received bytes to [`ChatCore::feed`] (or
 //! [`ChatCore::input`]) and accepted or closed connections to [`ChatCore::accept`] and
 //! [`ChatCore::closed`]; then calls [`ChatCore::end_turn`], which takes messages from the other
-//! shards, appends the engine's records and commits them with one fdatasync, and passes on the
-//! engine's ring messages; then writes the output of every [`ChatCore::take_dirty`] connection
-//! (never before that commit: "sent" and deliveries are released by it) and closes every
+//! shards, collects the batch whose fdatasync the shard's sync thread ([`Syncer`]) finished
+//! and releases what it held, appends the engine's new records and hands their fdatasync to
+//! that thread (one batch in flight: a pipelined group commit), and passes on the engine's ring
+//! messages; then writes the output of every [`ChatCore::take_dirty`] connection (never before
+//! the commit that covers it: "sent" and deliveries are released by it) and closes every
 //! [`ChatCore::take_closing`] connection once its output is flushed, or when
 //! [`ChatCore::take_overdue`] says it had [`CLOSE_FLUSH_US`] to do so.
 
 use super::mailbox::Mailbox;
+use super::syncer::Syncer;
 use crate::chat::log::{Log, LogConfig, Lsn};
 use crate::chat::msg::ConnId;
+use crate::chat::pipeline::CommitPipeline;
 use crate::chat::ChatShard;
 use crate::engine::Now;
 use std::collections::VecDeque;
@@ -84,6 +88,9 @@ pub struct ChatCore {
     /// order; at most [`MAX_CONNS`] (ids are never reused, so entries of connections that
     /// closed in time are harmless until they expire).
     flush_deadlines: VecDeque<(ConnId, u64)>,
+    /// The thread that runs the log's fdatasync, and the batch it is making durable.
+    syncer: Syncer,
+    pipeline: CommitPipeline,
     /// Counters.
     pub counters: ChatIoCounters,
 }
@@ -109,9 +116,12 @@ impl ChatCore {
         for lsn in engine.take_dead() {
             log.mark_dead(Lsn(lsn));
         }
+        let syncer = Syncer::spawn(engine.shard(), mailbox.waker().fd())?;
         let core = Self {
             engine,
             log,
+            syncer,
+            pipeline: CommitPipeline::new(),
             mailbox,
             next_id: FIRST_CONN_ID,
             n_conns: 0,
@@ -203,20 +213,39 @@ impl ChatCore {
                 self.engine.checkpoint();
             }
         }
-        if self.engine.has_records() {
+        // A finished sync releases its batch: "sent", deliveries, then its dead marks.
+        let mut compact = false;
+        if let Some((job, result)) = self.syncer.try_finished()? {
+            compact |= self.finish_batch(now, &job, result)?;
+        }
+        let waiting = self.engine.has_records();
+        let dead = self.engine.take_dead();
+        for lsn in self.pipeline.dead(dead, waiting) {
+            self.log.mark_dead(Lsn(lsn));
+            compact = true;
+        }
+        // The next batch goes to the disk while the shard serves on: one sync in flight.
+        if waiting && !self.pipeline.in_flight() {
             let records = self.engine.take_records();
             let mut lsns = Vec::with_capacity(records.len());
             for (kind, payload) in &records {
                 lsns.push(self.log.append(*kind, payload)?.0);
             }
-            self.log.commit()?;
-            self.counters.commits += 1;
             self.counters.records += records.len() as u64;
-            self.engine.handle_committed(now, &lsns);
+            let job = self
+                .log
+                .start_commit()?
+                .expect("records were just appended");
+            self.pipeline.started(lsns);
+            if job.needs_sync() {
+                self.syncer.submit(job)?;
+            } else {
+                // Nothing to wait for (no sync configured): finish in this turn.
+                let result = job.run();
+                compact |= self.finish_batch(now, &job, result)?;
+            }
         }
-        let dead = self.engine.take_dead();
-        if !dead.is_empty() {
-            dead.into_iter().for_each(|l| self.log.mark_dead(Lsn(l)));
+        if compact {
             self.log.compact()?;
         }
         for (to, m) in self.engine.take_outbox() {
@@ -224,6 +253,28 @@ impl ChatCore {
         }
         self.mailbox.flush();
         Ok(())
+    }
+
+    /// The batch in flight is durable (or its sync failed: then the log is poisoned and the
+    /// error stops the shard). Returns whether dead marks were applied.
+    fn finish_batch(
+        &mut self,
+        now: Now,
+        job: &crate::chat::log::SyncJob,
+        result: io::Result<()>,
+    ) -> io::Result<bool> {
+        self.log.finish_commit(job, result)?;
+        let (lsns, dead) = self
+            .pipeline
+            .finished()
+            .expect("a finished job has its batch in flight");
+        self.counters.commits += 1;
+        self.engine.handle_committed(now, &lsns);
+        let any = !dead.is_empty();
+        for lsn in dead {
+            self.log.mark_dead(Lsn(lsn));
+        }
+        Ok(any)
     }
 
     /// Connections with output to write.

@@ -15,6 +15,7 @@ pub mod batch;
 pub mod chat_epoll;
 pub mod chat_io;
 pub mod mailbox;
+pub mod syncer;
 pub mod sys;
 pub mod uring;
 
