@@ -183,6 +183,7 @@ fn chat_parts(
         engine,
         dir,
         log,
+        sync_thread: cfg.chat.sync_thread,
         listener,
         mailbox,
     })

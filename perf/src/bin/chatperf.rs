@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! chatperf run [--users N] [--seconds S] [--size B] [--window W] [--threads T]
-//!              [--shards N] [--io batch] [--relay-bin PATH] [--rate R] [--quick]
+//!              [--shards N] [--io batch] [--relay-bin PATH] [--rate R] [--sync-thread] [--quick]
 //! chatperf idle-memory [--conns N] [--timeout-s S] [--sources K] [--relay-bin PATH]
 //! ```
 
@@ -24,7 +24,7 @@ use std::time::Duration;
 
 const USAGE: &str = "usage:
   chatperf run [--users N] [--seconds S] [--size B] [--window W] [--threads T]
-               [--shards N] [--io batch] [--relay-bin PATH] [--rate R] [--quick]
+               [--shards N] [--io batch] [--relay-bin PATH] [--rate R] [--sync-thread] [--quick]
   chatperf idle-memory [--conns N] [--timeout-s S] [--sources K] [--relay-bin PATH] [--io batch]";
 
 /// `--name value` flags.
@@ -157,6 +157,7 @@ fn print_table(rows: &[Row]) {
 fn relay_row(
     bin: &std::path::Path,
     io: &str,
+    chat_toml: &str,
     shards: u16,
     cfg: LoadCfg,
     base: u64,
@@ -165,9 +166,7 @@ fn relay_row(
     let offered = cfg.rate_per_pair.map(|r| r * cfg.pairs as f64);
     let mut rec_per_sync = None;
     let result = (|| -> anyhow::Result<LoadResult> {
-        // The per-session request limit (default 1,000/s) is an abuse guard, not a capacity
-        // limit; it is raised so that it does not cap a benchmark sender. Durability stays on.
-        let relay = servers::Relay::start(bin, io, shards, "sync = true\nmsgs_per_s = 1000000")?;
+        let relay = servers::Relay::start(bin, io, shards, chat_toml)?;
         let target = Target::Relay {
             chat_port: relay.chat_port,
             shards: relay.shards,
@@ -273,6 +272,10 @@ fn cmd_run(flags: &Flags) -> anyhow::Result<bool> {
     let threads: usize = flags.get("threads", 2)?;
     let shards: u16 = flags.get("shards", 2)?;
     let io: String = flags.get("io", "batch".to_string())?;
+    // The per-session request limit (default 1,000/s) is an abuse guard, not a capacity limit;
+    // it is raised so that it does not cap a benchmark sender. Durability stays on.
+    let sync_thread = flags.has("sync-thread");
+    let chat_toml = format!("sync = true\nmsgs_per_s = 1000000\nsync_thread = {sync_thread}");
     if users < 2 || size < 16 || window == 0 || seconds <= 0.0 || seconds > 600.0 {
         bail!("need --users >= 2, --size >= 16, --window >= 1, 0 < --seconds <= 600");
     }
@@ -289,7 +292,8 @@ fn cmd_run(flags: &Flags) -> anyhow::Result<bool> {
     println!(
         "chatperf run: {} users ({} sender->receiver pairs, 1:1), {size}-byte bodies, at most \
          {window} in flight per sender, {threads} client threads, {:.1} s warm-up + {seconds} s \
-         measured per contender; relay: io={io}, {shards} shards, [chat] sync = true",
+         measured per contender; relay: io={io}, {shards} shards, [chat] sync = true, \
+         sync_thread = {sync_thread}",
         cfg.pairs * 2,
         cfg.pairs,
         cfg.warmup.as_secs_f64()
@@ -301,7 +305,15 @@ fn cmd_run(flags: &Flags) -> anyhow::Result<bool> {
         ),
         Err(e) => println!("fdatasync probe failed: {e:#}"),
     }
-    let mut rows = vec![relay_row(&bin, &io, shards, cfg, 0, "relay chat (max)")];
+    let mut rows = vec![relay_row(
+        &bin,
+        &io,
+        &chat_toml,
+        shards,
+        cfg,
+        0,
+        "relay chat (max)",
+    )];
     rows.push(pubsub_row("nats", cfg, "nats-server core (max)"));
     rows.push(pubsub_row("redis", cfg, "redis pub/sub (max)"));
     let relay_max = rows[0].result.as_ref().map_or(0.0, |r| r.rate);
@@ -315,6 +327,7 @@ fn cmd_run(flags: &Flags) -> anyhow::Result<bool> {
         rows.push(relay_row(
             &bin,
             &io,
+            &chat_toml,
             shards,
             half,
             1 << 40,

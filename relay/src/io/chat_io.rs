@@ -8,11 +8,12 @@
 //! Per loop turn a backend: hands received bytes to [`ChatCore::feed`] (or
 //! [`ChatCore::input`]) and accepted or closed connections to [`ChatCore::accept`] and
 //! [`ChatCore::closed`]; then calls [`ChatCore::end_turn`], which takes messages from the other
-//! shards, collects the batch whose fdatasync the shard's sync thread ([`Syncer`]) finished
-//! and releases what it held, appends the engine's new records and hands their fdatasync to
-//! that thread (one batch in flight: a pipelined group commit), and passes on the engine's ring
-//! messages; then writes the output of every [`ChatCore::take_dirty`] connection (never before
-//! the commit that covers it: "sent" and deliveries are released by it) and closes every
+//! shards, appends the engine's records and commits them with one fdatasync (inline by
+//! default; with `[chat] sync_thread` the fdatasync runs on the shard's [`Syncer`] thread while
+//! the shard serves on, one batch in flight, and a later turn releases the batch), and passes
+//! on the engine's ring messages; then writes the output of every [`ChatCore::take_dirty`]
+//! connection (never before the commit that covers it: "sent" and deliveries are released by
+//! it) and closes every
 //! [`ChatCore::take_closing`] connection once its output is flushed, or when
 //! [`ChatCore::take_overdue`] says it had [`CLOSE_FLUSH_US`] to do so.
 
@@ -55,6 +56,8 @@ pub struct ChatParts {
     pub dir: PathBuf,
     /// Log settings.
     pub log: LogConfig,
+    /// fdatasync on a sync thread (pipelined) rather than inline; see `[chat] sync_thread`.
+    pub sync_thread: bool,
     /// The shard's TCP listener.
     pub listener: TcpListener,
     /// The shard's mailbox.
@@ -88,8 +91,9 @@ pub struct ChatCore {
     /// order; at most [`MAX_CONNS`] (ids are never reused, so entries of connections that
     /// closed in time are harmless until they expire).
     flush_deadlines: VecDeque<(ConnId, u64)>,
-    /// The thread that runs the log's fdatasync, and the batch it is making durable.
-    syncer: Syncer,
+    /// The thread that runs the log's fdatasync (if `[chat] sync_thread`), and the batch it
+    /// is making durable.
+    syncer: Option<Syncer>,
     pipeline: CommitPipeline,
     /// Counters.
     pub counters: ChatIoCounters,
@@ -103,6 +107,7 @@ impl ChatCore {
             mut engine,
             dir,
             log,
+            sync_thread,
             listener,
             mailbox,
         } = parts;
@@ -116,7 +121,10 @@ impl ChatCore {
         for lsn in engine.take_dead() {
             log.mark_dead(Lsn(lsn));
         }
-        let syncer = Syncer::spawn(engine.shard(), mailbox.waker().fd())?;
+        let syncer = match sync_thread {
+            true => Some(Syncer::spawn(engine.shard(), mailbox.waker().fd())?),
+            false => None,
+        };
         let core = Self {
             engine,
             log,
@@ -215,7 +223,11 @@ impl ChatCore {
         }
         // A finished sync releases its batch: "sent", deliveries, then its dead marks.
         let mut compact = false;
-        if let Some((job, result)) = self.syncer.try_finished()? {
+        let finished = match &self.syncer {
+            Some(s) => s.try_finished()?,
+            None => None,
+        };
+        if let Some((job, result)) = finished {
             compact |= self.finish_batch(now, &job, result)?;
         }
         let waiting = self.engine.has_records();
@@ -237,12 +249,13 @@ impl ChatCore {
                 .start_commit()?
                 .expect("records were just appended");
             self.pipeline.started(lsns);
-            if job.needs_sync() {
-                self.syncer.submit(job)?;
-            } else {
-                // Nothing to wait for (no sync configured): finish in this turn.
-                let result = job.run();
-                compact |= self.finish_batch(now, &job, result)?;
+            match &self.syncer {
+                Some(s) if job.needs_sync() => s.submit(job)?,
+                // Inline: the turn's one fdatasync, then the batch is released at once.
+                _ => {
+                    let result = job.run();
+                    compact |= self.finish_batch(now, &job, result)?;
+                }
             }
         }
         if compact {

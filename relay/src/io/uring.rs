@@ -1381,6 +1381,7 @@ mod tests {
                     sync: crate::chat::log::SyncMode::None,
                     ..Default::default()
                 },
+                sync_thread: false,
                 listener,
                 mailbox,
             };

@@ -448,10 +448,19 @@ fn silent_and_stalled_peers_are_closed(io: &str) {
     drop(b);
 }
 
-fn kill_9_under_load_loses_nothing_acknowledged_as_sent(io: &str) {
+/// With `sync_thread`, the relay runs each commit's fdatasync on its sync thread (pipelined
+/// commits, `[chat] sync_thread = true`); the guarantee must not change.
+fn kill_9_under_load_loses_nothing_acknowledged_as_sent(io: &str, sync_thread: bool) {
     use std::collections::{HashMap, HashSet};
     let dir = temp_dir("chat-crash", io);
-    let mut r = ChatRelay::start_in(io, dir.clone(), None);
+    let mut extra = Vec::new();
+    if sync_thread {
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = dir.join("relay.toml");
+        std::fs::write(&config, "[chat]\nsync_thread = true\n").unwrap();
+        extra = vec!["--config".to_string(), config.to_str().unwrap().to_string()];
+    }
+    let mut r = ChatRelay::start_with(io, dir.clone(), None, &extra);
     let chat_port = r.chat_port;
     let pid = r.relay.child.id();
     let senders: Vec<u64> = (400..404).collect();
@@ -503,7 +512,7 @@ fn kill_9_under_load_loses_nothing_acknowledged_as_sent(io: &str) {
         total > 100,
         "some messages were acknowledged before the kill ({total})"
     );
-    let r2 = ChatRelay::start_in(io, dir.clone(), Some(chat_port));
+    let r2 = ChatRelay::start_with(io, dir.clone(), Some(chat_port), &extra);
     for (&from, &to) in senders.iter().zip(&receivers) {
         let mut c = Client::connect(r2.addr(to), &r2.token(to), T).unwrap();
         let mut got: Vec<u64> = Vec::new();
@@ -585,7 +594,17 @@ macro_rules! chat_for_backend {
             }
             #[test]
             fn kill_9_under_load_loses_nothing_acknowledged_as_sent() {
-                super::kill_9_under_load_loses_nothing_acknowledged_as_sent(stringify!($backend));
+                super::kill_9_under_load_loses_nothing_acknowledged_as_sent(
+                    stringify!($backend),
+                    false,
+                );
+            }
+            #[test]
+            fn kill_9_with_the_sync_thread_loses_nothing_acknowledged_as_sent() {
+                super::kill_9_under_load_loses_nothing_acknowledged_as_sent(
+                    stringify!($backend),
+                    true,
+                );
             }
         }
     };
