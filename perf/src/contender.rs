@@ -108,7 +108,7 @@ pub fn start(kind: Kind, l: &Launch) -> Result<Running, String> {
         n_shards = l.relay_shards;
         metrics = Some(m);
         cmd = Command::new(l.relay_bin);
-        // --no-pin: the relay would pin shard i to CPU i, i.e. onto the load generator's core;
+        // --no-pin: the relay would pin shard i to the i-th allowed CPU, i.e. onto the load generator's core;
         // the harness places every contender itself.
         cmd.arg("--config").arg(l.relay_config).arg("--no-pin");
         let io = if kind == Kind::RelayUring {

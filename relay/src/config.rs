@@ -182,7 +182,7 @@ pub struct Config {
     pub relay_id: u32,
     /// Binding TTL, ms.
     pub binding_ttl_ms: u64,
-    /// Pin shard i to CPU i (modulo the CPUs available).
+    /// Pin shard i to the i-th CPU of the process's affinity mask (modulo their number).
     pub pin: bool,
     /// Socket buffer sizes requested, bytes.
     pub socket_buffer_bytes: usize,

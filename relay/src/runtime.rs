@@ -83,6 +83,7 @@ impl Relay {
         .into_iter();
         let stop = Arc::new(AtomicBool::new(false));
         let origin = Instant::now();
+        let allowed = io::sys::allowed_cpus();
         let mut relay = Relay {
             backend,
             backend_reason,
@@ -117,7 +118,8 @@ impl Relay {
             };
             let engine_cfg = cfg.engine();
             let verifier = verifier.clone();
-            let pin = cfg.pin.then(|| shard_idx % io::sys::available_cpus());
+            // Within the CPUs the process may use (systemd's CPUAffinity=, taskset).
+            let pin = cfg.pin.then(|| allowed[shard_idx % allowed.len()]);
             let thread = std::thread::Builder::new()
                 .name(format!("shard-{shard_idx}"))
                 .spawn(move || run_shard(backend, engine_cfg, verifier, socket, ctx, pin, chat))

@@ -263,6 +263,7 @@ fn cmd_run(flags: &Flags) -> anyhow::Result<bool> {
         "relay-bin",
         "quick",
         "rate",
+        "sync-thread",
     ])?;
     let quick = flags.has("quick");
     let users: usize = flags.get("users", if quick { 8 } else { 200 })?;

@@ -119,6 +119,28 @@ pub fn pin_to_cpu(cpu: usize) -> io::Result<()> {
     Ok(())
 }
 
+/// The CPUs this thread may run on (its affinity mask, e.g. systemd's `CPUAffinity=`), in
+/// order; shard i is pinned to the i-th of them. Falls back to `0..available_cpus()` if the
+/// mask cannot be read.
+pub fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: cpu_set_t is a plain bit array that sched_getaffinity fills; CPU_ISSET reads it.
+    let cpus: Vec<usize> = unsafe {
+        let mut set: libc::cpu_set_t = zeroed();
+        if libc::sched_getaffinity(0, size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            Vec::new()
+        } else {
+            (0..libc::CPU_SETSIZE as usize)
+                .filter(|&c| libc::CPU_ISSET(c, &set))
+                .collect()
+        }
+    };
+    if cpus.is_empty() {
+        (0..available_cpus()).collect()
+    } else {
+        cpus
+    }
+}
+
 /// Number of CPUs this process may run on.
 pub fn available_cpus() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
@@ -127,6 +149,18 @@ pub fn available_cpus() -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn allowed_cpus_are_the_affinity_mask() {
+        let cpus = allowed_cpus();
+        assert!(!cpus.is_empty());
+        assert!(cpus.windows(2).all(|w| w[0] < w[1]), "in order, no repeats");
+        assert_eq!(
+            cpus.len(),
+            available_cpus(),
+            "what the runtime sizes shards by"
+        );
+    }
 
     #[test]
     fn sockaddr_round_trips() {
