@@ -22,6 +22,7 @@ mod perfctl;
 mod report;
 mod search;
 mod stats;
+mod svg;
 mod sys;
 mod topology;
 
@@ -94,6 +95,10 @@ fn run(f: &Flags) -> anyhow::Result<bool> {
     std::fs::write(&cfg.out, format!("{json}\n"))
         .with_context(|| format!("writing {}", cfg.out.display()))?;
     eprintln!("wrote {}", cfg.out.display());
+    let picture = cfg.out.with_extension("svg");
+    std::fs::write(&picture, svg::chart(&outcome, &command))
+        .with_context(|| format!("writing {}", picture.display()))?;
+    eprintln!("wrote {}", picture.display());
     // Pass only if every contender that ran delivered packets in every measurement; a relay
     // backend that is unavailable on this machine is reported, not failed.
     let ok = outcome

@@ -71,16 +71,7 @@ pub fn test(args: &[String]) -> Result {
     if quick {
         return Ok(());
     }
-    cargo(&[
-        "bench",
-        "-p",
-        "benches",
-        "--",
-        "--warm-up-time",
-        "0.2",
-        "--measurement-time",
-        "0.5",
-    ])?;
+    bench(&["--warm-up-time", "0.2", "--measurement-time", "0.5"].map(String::from))?;
     callgrind()?;
     perf(&["run".into(), "--quick".into()])?;
     if root().join("fuzz/run.sh").exists() {
@@ -142,4 +133,102 @@ fn instructions(subs: u64, n: u64) -> Result<u64> {
         .replace(',', "")
         .parse()
         .map_err(|e| format!("callgrind total: {e}"))
+}
+
+/// `cargo xtask bench [CRITERION ARGS]`: the criterion benches, then one table of every
+/// benchmark's median (from criterion's `estimates.json`) in `target/criterion/SUMMARY.md`.
+pub fn bench(args: &[String]) -> Result {
+    let mut cmd: Vec<&str> = vec!["bench", "-p", "benches"];
+    if !args.is_empty() {
+        cmd.push("--");
+        cmd.extend(args.iter().map(String::as_str));
+    }
+    cargo(&cmd)?;
+    let dir = root().join("target/criterion");
+    let mut rows = Vec::new();
+    collect_estimates(&dir, &dir, &mut rows);
+    rows.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut md = String::from("| benchmark | median | 95% interval |\n|---|---:|---:|\n");
+    for (name, median, lo, hi) in &rows {
+        md.push_str(&format!(
+            "| {name} | {} | {} - {} |\n",
+            duration(*median),
+            duration(*lo),
+            duration(*hi)
+        ));
+    }
+    let out = dir.join("SUMMARY.md");
+    std::fs::write(&out, &md).map_err(|e| format!("{}: {e}", out.display()))?;
+    print!("{md}");
+    eprintln!("xtask: wrote {}", out.display());
+    Ok(())
+}
+
+/// Every `<bench>/new/estimates.json` under `dir`: (name, median, low, high) in ns.
+fn collect_estimates(
+    base: &std::path::Path,
+    dir: &std::path::Path,
+    out: &mut Vec<(String, f64, f64, f64)>,
+) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let p = e.path();
+        if p.is_dir() && p.file_name().is_some_and(|n| n != "report") {
+            let est = p.join("new/estimates.json");
+            if let Ok(text) = std::fs::read_to_string(&est) {
+                if let Some((m, lo, hi)) = median_of(&text) {
+                    let name = p
+                        .strip_prefix(base)
+                        .map_or_else(|_| p.display().to_string(), |r| r.display().to_string());
+                    out.push((name, m, lo, hi));
+                }
+            } else {
+                collect_estimates(base, &p, out);
+            }
+        }
+    }
+}
+
+/// The median's point estimate and confidence bounds from criterion's estimates.json (a
+/// fixed layout: `"median":{"confidence_interval":{...,"lower_bound":L,"upper_bound":U},
+/// "point_estimate":P,...}`), read without a JSON library.
+fn median_of(json: &str) -> Option<(f64, f64, f64)> {
+    let m = &json[json.find("\"median\":")?..];
+    let num = |key: &str| -> Option<f64> {
+        let rest = &m[m.find(key)? + key.len()..];
+        let end = rest.find([',', '}'])?;
+        rest[..end].trim().parse().ok()
+    };
+    Some((
+        num("\"point_estimate\":")?,
+        num("\"lower_bound\":")?,
+        num("\"upper_bound\":")?,
+    ))
+}
+
+/// Nanoseconds in the unit that reads best.
+fn duration(ns: f64) -> String {
+    if ns >= 1e6 {
+        format!("{:.2} ms", ns / 1e6)
+    } else if ns >= 1e3 {
+        format!("{:.2} us", ns / 1e3)
+    } else {
+        format!("{ns:.1} ns")
+    }
+}
+
+#[cfg(test)]
+mod bench_tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_median_of_a_criterion_estimate() {
+        let json = r#"{"mean":{"confidence_interval":{"confidence_level":0.95,"lower_bound":1.0,"upper_bound":2.0},"point_estimate":1.5,"standard_error":0.1},"median":{"confidence_interval":{"confidence_level":0.95,"lower_bound":444.4,"upper_bound":445.3},"point_estimate":444.8,"standard_error":0.2}}"#;
+        assert_eq!(median_of(json), Some((444.8, 444.4, 445.3)));
+        assert_eq!(median_of("{}"), None);
+        assert_eq!(duration(444.8), "444.8 ns");
+        assert_eq!(duration(40_100.0), "40.10 us");
+    }
 }

@@ -7,7 +7,8 @@
 //! - `test [--quick]`: format check, clippy (warnings denied), every unit and integration test
 //!   (both I/O backends), a short fuzz smoke run, benches and the perf harness at a tiny scale.
 //! - `callgrind`: user-space instructions per forwarding decision, counted with valgrind.
-//! - `bench`: the criterion benches. `perf [ARGS]`: the end-to-end harness.
+//! - `bench`: the criterion benches and a table of their medians (target/criterion/SUMMARY.md).
+//!   `perf [ARGS]`: the end-to-end harness (JSON and an SVG chart beside it).
 //! - `dist`: the release tarball; `deploy --inventory FILE`: install it over ssh and roll the
 //!   relays one at a time; `tune --check | --apply`: host tuning (README.md, section Deploy).
 
@@ -34,7 +35,7 @@ fn main() -> ExitCode {
         Some("tune") => tune::tune(&args[1..]),
         Some("test") => test(&args[1..]),
         Some("callgrind") => callgrind(),
-        Some("bench") => cargo(&["bench", "-p", "benches"]),
+        Some("bench") => checks::bench(&args[1..]),
         Some("perf") => perf(&args[1..]),
         _ => {
             eprintln!(
