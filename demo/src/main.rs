@@ -286,7 +286,8 @@ fn run(a: RunArgs) -> Result<bool, String> {
                     .enumerate()
                     .map(|(p, sock)| {
                         let live = &media_live;
-                        s.spawn(move || media::participant(r, p, sock, epoch, until, live))
+                        let members = room.len();
+                        s.spawn(move || media::participant(r, p, members, sock, epoch, until, live))
                     })
                     .collect()
             })

@@ -39,12 +39,15 @@ pub struct Live {
 }
 
 /// What one participant saw.
+#[derive(Debug)]
 pub struct Outcome {
     /// Packets it published, per stream (audio, video).
     pub sent: [u64; STREAMS as usize],
     /// Distinct packets it received, per publisher ssrc.
     pub received: Vec<(u32, u64)>,
     pub duplicates: u64,
+    /// RTP packets that were not from another member of this room (its own, another room's).
+    pub misrouted: u64,
     pub latency_us: Histogram<u64>,
 }
 
@@ -101,6 +104,17 @@ fn admission(j: &Value) -> Result<Admission, String> {
 /// The ssrc of stream `s` of participant `p` in room `r`: unique across the demo.
 fn ssrc(room: usize, p: usize, s: u32) -> u32 {
     0x1000_0000 | ((room as u32) << 12) | ((p as u32) << 2) | s
+}
+
+/// Whether `x` is a stream of another participant of `room` (which has `members`), i.e. what
+/// participant `me` of it should receive.
+fn from_room_peer(x: u32, room: usize, me: usize, members: usize) -> bool {
+    let (r, p, s) = (
+        ((x >> 12) & 0xffff) as usize,
+        ((x >> 2) & 0x3ff) as usize,
+        x & 3,
+    );
+    x & 0xf000_0000 == 0x1000_0000 && r == room && p != me && p < members && s < STREAMS
 }
 
 /// Binds `sock` to the relay with a STUN Binding request carrying the token; a bounded number
@@ -171,6 +185,7 @@ pub fn connect(a: &Admission) -> Result<UdpSocket, String> {
 pub fn participant(
     room: usize,
     p: usize,
+    members: usize,
     sock: &UdpSocket,
     epoch: Instant,
     until: Instant,
@@ -180,6 +195,7 @@ pub fn participant(
         sent: [0; STREAMS as usize],
         received: Vec::new(),
         duplicates: 0,
+        misrouted: 0,
         latency_us: Histogram::new_with_bounds(1, 60_000_000, 3).map_err(|e| e.to_string())?,
     };
     let mut seen: Vec<(u32, Seen)> = Vec::new();
@@ -240,7 +256,8 @@ pub fn participant(
                 continue; // STUN answers, RTCP
             };
             let body = rtp.payload();
-            if body.len() < 16 {
+            if body.len() < 16 || !from_room_peer(rtp.ssrc(), room, p, members) {
+                out.misrouted += 1;
                 continue;
             }
             let sent_ns = u64::from_le_bytes(body[..8].try_into().expect("8 bytes"));
@@ -310,6 +327,7 @@ pub struct Totals {
     pub expected: u64,
     pub received: u64,
     pub duplicates: u64,
+    pub misrouted: u64,
     pub silent_receivers: usize,
     pub latency_us: Histogram<u64>,
 }
@@ -321,6 +339,7 @@ pub fn totals(rooms: &[Vec<Outcome>]) -> Totals {
         expected: 0,
         received: 0,
         duplicates: 0,
+        misrouted: 0,
         silent_receivers: 0,
         latency_us: Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid bounds"),
     };
@@ -332,6 +351,7 @@ pub fn totals(rooms: &[Vec<Outcome>]) -> Totals {
             t.expected += sent * others;
             t.received += o.received.iter().map(|(_, c)| c).sum::<u64>();
             t.duplicates += o.duplicates;
+            t.misrouted += o.misrouted;
             if others > 0 && o.received.is_empty() {
                 t.silent_receivers += 1;
             }
@@ -350,8 +370,19 @@ mod tests {
             sent,
             received: received.to_vec(),
             duplicates: 0,
+            misrouted: 0,
             latency_us: Histogram::new_with_bounds(1, 60_000_000, 3).unwrap(),
         }
+    }
+
+    #[test]
+    fn only_other_members_of_the_room_count() {
+        let x = ssrc(3, 2, 1);
+        assert!(from_room_peer(x, 3, 0, 4));
+        assert!(!from_room_peer(x, 3, 2, 4), "its own stream");
+        assert!(!from_room_peer(x, 4, 0, 4), "another room's");
+        assert!(!from_room_peer(x, 3, 0, 2), "not a member");
+        assert!(!from_room_peer(0xdead_beef, 3, 0, 4));
     }
 
     #[test]

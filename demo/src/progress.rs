@@ -135,6 +135,10 @@ impl Summary<'_> {
             ("media loss", format!("{loss:.3} % ({lost_pkts} packets)")),
             ("media duplicates", m.duplicates.to_string()),
             (
+                "media packets from outside the room",
+                m.misrouted.to_string(),
+            ),
+            (
                 "latency p50 / p99 / p99.9",
                 format!(
                     "{} / {} / {}",
@@ -187,6 +191,10 @@ impl Summary<'_> {
             ),
             ("media loss within the bound", loss <= self.max_loss_percent),
             ("no media duplicates", m.duplicates == 0),
+            (
+                "no media from outside the room (or echoed)",
+                m.misrouted == 0,
+            ),
             (
                 "every chat message was acknowledged as sent",
                 c.unacknowledged == 0 && c.sent > 0,

@@ -4,21 +4,38 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-/// The demo needs the ctl and relay binaries beside it; `cargo test --workspace` builds them,
-/// and this builds them when the demo's tests run alone.
+/// The newest modification time of any file under `dir`.
+fn newest(dir: &std::path::Path) -> std::time::SystemTime {
+    let mut t = std::time::UNIX_EPOCH;
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        let m = if p.is_dir() {
+            newest(&p)
+        } else {
+            e.metadata().and_then(|m| m.modified()).unwrap_or(t)
+        };
+        t = t.max(m);
+    }
+    t
+}
+
+/// The demo runs the ctl and relay binaries beside it. `cargo test --workspace` builds them;
+/// a test of the demo alone must not run them stale (it cannot build them itself: cargo holds
+/// the build lock while tests run), so it refuses with the command to run.
 fn demo() -> Command {
     let demo = PathBuf::from(env!("CARGO_BIN_EXE_demo"));
     let dir = demo.parent().expect("a directory").to_path_buf();
-    if !dir.join("relay").exists() || !dir.join("ctl").exists() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut cmd = Command::new(cargo);
-        cmd.args(["build", "-p", "relay", "-p", "ctl"]);
-        if dir.ends_with("release") {
-            cmd.arg("--release");
-        }
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    for (bin, srcs) in [
+        ("relay", &["relay/src", "proto/src"][..]),
+        ("ctl", &["ctl/src", "proto/src"][..]),
+    ] {
+        let built = std::fs::metadata(dir.join(bin)).and_then(|m| m.modified());
+        let source = srcs.iter().map(|s| newest(&root.join(s))).max().unwrap();
         assert!(
-            cmd.status().expect("cargo").success(),
-            "building relay and ctl"
+            built.as_ref().is_ok_and(|b| *b >= source),
+            "{bin} is missing or older than its sources; run `cargo build --release -p relay -p ctl` \
+             (or `cargo test --workspace --release`) first"
         );
     }
     Command::new(demo)

@@ -202,13 +202,26 @@ impl Home {
     }
 
     /// A session's new watch list: unwatch what left it, watch what joined it.
-    fn presence_watch(&mut self, conn: ConnId, user: u64, users: &[u8]) {
+    /// Costs one request plus one per 16 users added or removed, so that alternating large
+    /// sets cannot turn one request into hundreds of cross-shard messages.
+    fn presence_watch(&mut self, now: Now, conn: ConnId, user: u64, users: &[u8]) {
         let mut new: Vec<u64> = proto::chat::u64s(users).filter(|&u| u != 0).collect();
         new.sort_unstable();
         new.dedup();
         let Some(s) = self.sessions.get_mut(&conn) else {
             return;
         };
+        let changed = new
+            .iter()
+            .filter(|t| s.watching.binary_search(t).is_err())
+            .count()
+            + s.watching
+                .iter()
+                .filter(|t| new.binary_search(t).is_err())
+                .count();
+        if !s.rate.try_take(1 + changed as u64 / 16, now.mono_us) {
+            return self.error(conn, code::RATE_LIMITED, &[0; 16], "slow down");
+        }
         let old = std::mem::replace(&mut s.watching, new.clone());
         for &t in old.iter().filter(|t| new.binary_search(t).is_err()) {
             self.send_watch(user, t, false);
@@ -430,11 +443,7 @@ impl Home {
                 }
             }
             Frame::Ping { nonce } => self.queue(conn, |e| e.pong(nonce)),
-            Frame::PresenceWatch { users } => {
-                if self.take_rate(now, conn, &[0; 16]) {
-                    self.presence_watch(conn, user, users);
-                }
-            }
+            Frame::PresenceWatch { users } => self.presence_watch(now, conn, user, users),
             _ => self.fatal(conn, code::UNKNOWN_TYPE, "not a client frame"),
         }
     }

@@ -305,6 +305,8 @@ pub struct Log {
     n_uncommitted: u64,
     /// Records written by [`Log::start_commit`] whose [`SyncJob`] has not finished yet.
     n_in_flight: u64,
+    /// The job in flight carries the directory fsync (a segment file was created).
+    dir_sync_in_flight: bool,
     /// `file` has written bytes not yet covered by an fdatasync.
     unsynced: bool,
     /// A segment file was created since the last directory fsync.
@@ -365,6 +367,7 @@ impl Log {
             buf: Vec::with_capacity(64 << 10),
             n_uncommitted: 0,
             n_in_flight: 0,
+            dir_sync_in_flight: false,
             unsynced: true,
             dir_dirty: true,
             disk_bytes,
@@ -470,6 +473,7 @@ impl Log {
         };
         self.unsynced = false;
         self.dir_dirty = false;
+        self.dir_sync_in_flight = dir.is_some();
         self.n_in_flight = self.n_uncommitted;
         self.n_uncommitted = 0;
         Ok(Some(SyncJob {
@@ -493,6 +497,7 @@ impl Log {
         self.stats.n_commits += 1;
         self.stats.n_committed += self.n_in_flight;
         self.n_in_flight = 0;
+        self.dir_sync_in_flight = false;
         self.committed_lsn = job.upto;
         Ok(Lsn(job.upto))
     }
@@ -655,7 +660,9 @@ impl Log {
     }
 
     fn sync_dir(&mut self) -> io::Result<()> {
-        if self.dir_dirty && self.cfg.sync == SyncMode::Data {
+        // A directory fsync still to come from the job in flight counts too: deleting an old
+        // segment must not become durable before the new segment's directory entry.
+        if (self.dir_dirty || self.dir_sync_in_flight) && self.cfg.sync == SyncMode::Data {
             self.dir_file.sync_all()?;
             self.stats.n_dir_syncs += 1;
         }

@@ -223,8 +223,17 @@ impl Owner {
             chat,
             seq,
         };
+        let in_flight = self.committing.as_mut().filter(|(owners, _)| {
+            owners
+                .iter()
+                .any(|o| matches!(*o, RecOwner::Entry { chat: c, seq: s } if c == chat && s == seq))
+        });
         if committed {
             self.out.push((from.home, sent));
+        } else if let Some((_, actions)) = in_flight {
+            // The original is in the batch being synced: answer with that batch (a retry makes
+            // no record, so nothing else would start a commit that releases it).
+            actions.push((from.home, sent));
         } else {
             self.after_commit.push((from.home, sent));
         }
@@ -336,18 +345,19 @@ impl Owner {
                 },
             ));
         }
+        // Queued for everyone: `handle_committed` drops it for a user whose backlog stream
+        // is still running then (the stream carries the entry once committed); a stream that
+        // ends before the commit cannot carry it, and then this live delivery does.
         for &user in &e.audience {
-            if !self.streams.contains_key(&user) {
-                let home = self.home(user);
-                let d = ShardMsg::Deliver {
-                    user,
-                    chat: e.chat,
-                    seq: e.seq,
-                    frame: frame.clone(),
-                    backlog: None,
-                };
-                self.after_commit.push((home, d));
-            }
+            let home = self.home(user);
+            let d = ShardMsg::Deliver {
+                user,
+                chat: e.chat,
+                seq: e.seq,
+                frame: frame.clone(),
+                backlog: None,
+            };
+            self.after_commit.push((home, d));
         }
         self.remember(e.sender, e.msg_id, e.chat, e.seq);
         self.n_accepted += 1;

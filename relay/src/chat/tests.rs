@@ -739,6 +739,69 @@ fn presence_reaches_watchers_across_shards_and_stops_when_unwatched() {
     assert_eq!(kept, 0, "watch entries left after the watcher left");
 }
 
+/// With pipelined commits, a SEND retried while its original is in the batch being synced is
+/// answered when that batch is durable, even though the retry makes no record of its own.
+#[test]
+fn a_retry_while_the_original_is_in_flight_gets_its_sent() {
+    let mut sim = Sim::new(ChatConfig::default());
+    sim.pipelined = true;
+    let (a, b, _) = users();
+    sim.connect(a);
+    sim.connect(b);
+    sim.take(a);
+    let owner = usize::from(ids::owner_shard(ids::direct_chat(a, b), N_SHARDS));
+    let send = |sim: &mut Sim| {
+        let c = &sim.clients[&a];
+        let (shard, conn) = (usize::from(c.shard), c.conn);
+        let mut buf = Vec::new();
+        Encoder::new(&mut buf).send(&id(7), 0, b, kind::TEXT, &[0; 16], b"once");
+        sim.shards[shard].handle_read(sim.now, conn, &buf);
+    };
+    send(&mut sim);
+    // Pass by pass until the owner's batch holding the entry is in flight.
+    let mut passes = 0;
+    while !sim.pipes[owner].in_flight() {
+        sim.run_passes(true, 1);
+        passes += 1;
+        assert!(passes < 20, "the entry never went in flight");
+    }
+    send(&mut sim);
+    sim.run();
+    let sent: Vec<_> = sim
+        .take(a)
+        .into_iter()
+        .filter(|g| matches!(g, Got::Sent { .. }))
+        .collect();
+    assert_eq!(
+        sent.len(),
+        2,
+        "the original and the retry are both answered: {sent:?}"
+    );
+    assert_eq!(sent[0], sent[1], "with the same chat and seq");
+}
+
+/// Alternating large watch sets cost tokens in proportion to the change: the session is
+/// rate-limited long before it can flood the shards with watch messages.
+#[test]
+fn presence_watch_churn_is_rate_limited() {
+    let mut sim = Sim::new(ChatConfig::default());
+    let (a, _, _) = users();
+    sim.connect(a);
+    sim.take(a);
+    let set = |k: u64| -> Vec<u64> { (0..256).map(|i| 10_000 + k * 1_000 + i).collect() };
+    let mut limited = false;
+    for round in 0..200u64 {
+        let users = set(round % 2);
+        sim.send(a, |e| e.presence_watch(&users));
+        if sim.take(a).contains(&Got::Error(code::RATE_LIMITED)) {
+            limited = true;
+            assert!(round > 10, "a few large changes are allowed ({round})");
+            break;
+        }
+    }
+    assert!(limited, "200 alternations of 256 users were never limited");
+}
+
 #[test]
 fn silent_connections_are_closed_after_the_hello_deadline() {
     let mut sim = Sim::new(ChatConfig::default());

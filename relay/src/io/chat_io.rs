@@ -331,8 +331,11 @@ impl ChatCore {
     }
 
     /// Prepares to block: false when there is already work, so the wait must not block.
+    /// Records waiting while a batch is in flight are no reason to stay awake: they go with
+    /// the next batch, and the sync thread wakes the shard when the one in flight is done.
     pub fn prepare_sleep(&mut self) -> bool {
-        !self.engine.has_records() && !self.mailbox.backlogged() && self.mailbox.prepare_sleep()
+        let commit_due = self.engine.has_records() && !self.pipeline.in_flight();
+        !commit_due && !self.mailbox.backlogged() && self.mailbox.prepare_sleep()
     }
 
     /// After the wait.

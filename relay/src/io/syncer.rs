@@ -36,6 +36,9 @@ impl Syncer {
         let thread = std::thread::Builder::new()
             .name(format!("sync-{shard}"))
             .spawn(move || {
+                // Spawned from the pinned shard thread: take the whole process's CPUs instead,
+                // so that the fdatasync never queues behind its own shard.
+                let _ = super::sys::pin_to_cpus(&super::sys::process_cpus());
                 for job in job_rx {
                     let r = job.run();
                     if done_tx.send((job, r)).is_err() {
