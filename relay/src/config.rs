@@ -111,8 +111,8 @@ pub struct ChatSettings {
     /// fdatasync on every commit (turning it off loses durability; for benchmarks only).
     pub sync: bool,
     /// Run each commit's fdatasync on a per-shard sync thread while the shard serves on
-    /// (pipelined), instead of inline at the end of the loop turn. Off by default: it measured
-    /// a few percent more throughput and worse latency at low load (perf/CHAT_RESULTS.md).
+    /// (pipelined; the default, which measured more throughput and lower latency), instead of
+    /// inline at the end of the loop turn (perf/CHAT_RESULTS.md).
     pub sync_thread: bool,
     /// Unacknowledged MSG frames per session before the backlog pauses.
     pub window: u16,
@@ -135,7 +135,7 @@ impl Default for ChatSettings {
             port: None,
             data_dir: PathBuf::from("relay-data"),
             sync: true,
-            sync_thread: false,
+            sync_thread: true,
             window: c.window,
             max_conns_per_ip: c.max_conns_per_ip,
             hello_timeout_ms: c.hello_timeout_us / 1000,

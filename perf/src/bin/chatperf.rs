@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! chatperf run [--users N] [--seconds S] [--size B] [--window W] [--threads T]
-//!              [--shards N] [--io batch] [--relay-bin PATH] [--rate R] [--sync-thread] [--quick]
+//!              [--shards N] [--io batch] [--relay-bin PATH] [--rate R] [--inline-sync] [--quick]
 //! chatperf idle-memory [--conns N] [--timeout-s S] [--sources K] [--relay-bin PATH]
 //! ```
 
@@ -24,7 +24,7 @@ use std::time::Duration;
 
 const USAGE: &str = "usage:
   chatperf run [--users N] [--seconds S] [--size B] [--window W] [--threads T]
-               [--shards N] [--io batch] [--relay-bin PATH] [--rate R] [--sync-thread] [--quick]
+               [--shards N] [--io batch] [--relay-bin PATH] [--rate R] [--inline-sync] [--quick]
   chatperf idle-memory [--conns N] [--timeout-s S] [--sources K] [--relay-bin PATH] [--io batch]";
 
 /// `--name value` flags.
@@ -263,7 +263,7 @@ fn cmd_run(flags: &Flags) -> anyhow::Result<bool> {
         "relay-bin",
         "quick",
         "rate",
-        "sync-thread",
+        "inline-sync",
     ])?;
     let quick = flags.has("quick");
     let users: usize = flags.get("users", if quick { 8 } else { 200 })?;
@@ -275,7 +275,7 @@ fn cmd_run(flags: &Flags) -> anyhow::Result<bool> {
     let io: String = flags.get("io", "batch".to_string())?;
     // The per-session request limit (default 1,000/s) is an abuse guard, not a capacity limit;
     // it is raised so that it does not cap a benchmark sender. Durability stays on.
-    let sync_thread = flags.has("sync-thread");
+    let sync_thread = !flags.has("inline-sync");
     let chat_toml = format!("sync = true\nmsgs_per_s = 1000000\nsync_thread = {sync_thread}");
     if users < 2 || size < 16 || window == 0 || seconds <= 0.0 || seconds > 600.0 {
         bail!("need --users >= 2, --size >= 16, --window >= 1, 0 < --seconds <= 600");

@@ -8,9 +8,9 @@
 //! Per loop turn a backend: hands received bytes to [`ChatCore::feed`] (or
 //! [`ChatCore::input`]) and accepted or closed connections to [`ChatCore::accept`] and
 //! [`ChatCore::closed`]; then calls [`ChatCore::end_turn`], which takes messages from the other
-//! shards, appends the engine's records and commits them with one fdatasync (inline by
-//! default; with `[chat] sync_thread` the fdatasync runs on the shard's [`Syncer`] thread while
-//! the shard serves on, one batch in flight, and a later turn releases the batch), and passes
+//! shards, appends the engine's records and commits them with one fdatasync (by default on the
+//! shard's [`Syncer`] thread while the shard serves on, one batch in flight, released by a later
+//! turn; with `[chat] sync_thread = false` inline, released in the same turn), and passes
 //! on the engine's ring messages; then writes the output of every [`ChatCore::take_dirty`]
 //! connection (never before the commit that covers it: "sent" and deliveries are released by
 //! it) and closes every
@@ -56,7 +56,8 @@ pub struct ChatParts {
     pub dir: PathBuf,
     /// Log settings.
     pub log: LogConfig,
-    /// fdatasync on a sync thread (pipelined) rather than inline; see `[chat] sync_thread`.
+    /// fdatasync on a sync thread (pipelined, the default) rather than inline; see
+    /// `[chat] sync_thread`.
     pub sync_thread: bool,
     /// The shard's TCP listener.
     pub listener: TcpListener,

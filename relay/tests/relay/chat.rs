@@ -448,18 +448,15 @@ fn silent_and_stalled_peers_are_closed(io: &str) {
     drop(b);
 }
 
-/// With `sync_thread`, the relay runs each commit's fdatasync on its sync thread (pipelined
-/// commits, `[chat] sync_thread = true`); the guarantee must not change.
+/// Both commit modes: `[chat] sync_thread = true` (fdatasync on the sync thread, pipelined,
+/// the default) and `false` (inline per loop turn); the guarantee must not change.
 fn kill_9_under_load_loses_nothing_acknowledged_as_sent(io: &str, sync_thread: bool) {
     use std::collections::{HashMap, HashSet};
     let dir = temp_dir("chat-crash", io);
-    let mut extra = Vec::new();
-    if sync_thread {
-        std::fs::create_dir_all(&dir).unwrap();
-        let config = dir.join("relay.toml");
-        std::fs::write(&config, "[chat]\nsync_thread = true\n").unwrap();
-        extra = vec!["--config".to_string(), config.to_str().unwrap().to_string()];
-    }
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("relay.toml");
+    std::fs::write(&config, format!("[chat]\nsync_thread = {sync_thread}\n")).unwrap();
+    let extra = vec!["--config".to_string(), config.to_str().unwrap().to_string()];
     let mut r = ChatRelay::start_with(io, dir.clone(), None, &extra);
     let chat_port = r.chat_port;
     let pid = r.relay.child.id();
@@ -593,7 +590,7 @@ macro_rules! chat_for_backend {
                 super::silent_and_stalled_peers_are_closed(stringify!($backend));
             }
             #[test]
-            fn kill_9_under_load_loses_nothing_acknowledged_as_sent() {
+            fn kill_9_with_inline_commits_loses_nothing_acknowledged_as_sent() {
                 super::kill_9_under_load_loses_nothing_acknowledged_as_sent(
                     stringify!($backend),
                     false,
