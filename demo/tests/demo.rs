@@ -91,3 +91,78 @@ fn bad_arguments_are_refused_with_a_message() {
         assert!(stderr.contains("demo: error:"), "{args:?}: {stderr}");
     }
 }
+
+/// `up` starts ctl and the relays, prints how to connect, and on SIGINT stops them all and
+/// removes its files (and its network namespaces, which it creates when run as root).
+#[test]
+fn up_serves_until_interrupted_then_cleans_up() {
+    use std::io::{BufRead, BufReader};
+    let mut child = demo()
+        .args(["up", "--relays", "2"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("demo up starts");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        let done = line.contains("Ctrl-C stops everything");
+        seen.push(line);
+        if done {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no ready message: {seen:?}"
+        );
+    }
+    let text = seen.join("\n");
+    assert_eq!(text.matches("relay:   ready ").count(), 2, "{text}");
+    let ctl = text
+        .split("ctl:     http://")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .expect("ctl's address")
+        .to_string();
+    let dir = text
+        .split("data in ")
+        .nth(1)
+        .and_then(|r| r.lines().next())
+        .expect("the data directory")
+        .trim()
+        .to_string();
+    let namespaces: Vec<String> = text
+        .split_once("own network namespace (")
+        .map(|(_, r)| r.split(')').next().unwrap_or(""))
+        .map(|l| l.split(", ").map(String::from).collect())
+        .unwrap_or_default();
+    // ctl answers and counts both relays alive.
+    let mut s = std::net::TcpStream::connect(&ctl).expect("ctl reachable");
+    use std::io::{Read, Write};
+    write!(
+        s,
+        "GET /health HTTP/1.1\r\nHost: ctl\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut health = String::new();
+    s.read_to_string(&mut health).unwrap();
+    assert!(health.contains("\"relays_alive\":2"), "{health}");
+    // Ctrl-C, as a person would stop it.
+    let killed = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(killed.success());
+    let status = child.wait().unwrap();
+    assert!(status.success(), "up exited with {status}");
+    assert!(!std::path::Path::new(&dir).exists(), "{dir} left behind");
+    let left = Command::new("ip").args(["netns", "list"]).output();
+    if let Ok(out) = left {
+        let list = String::from_utf8_lossy(&out.stdout);
+        for ns in &namespaces {
+            assert!(!list.contains(ns.as_str()), "namespace {ns} left behind");
+        }
+    }
+}
