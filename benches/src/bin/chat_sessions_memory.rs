@@ -1,0 +1,148 @@
+//! Heap bytes per idle authenticated chat session at up to 50,000 sessions, in one process
+//! and without sockets: the issue's 50,000-connection memory measurement cannot run on a
+//! machine whose descriptor limit is 20,000 (see perf/CHAT_RESULTS.md), so this counts, with a
+//! counting allocator, what the relay's user space holds per session: the engine's session
+//! (home role, backlog bookkeeping), `ChatCore`'s, and a backend table entry shaped like
+//! `chat_epoll`'s (descriptor, empty read buffer, flags). It leaves out the kernel (socket
+//! buffers) and the allocator's own overhead, which the RSS measurement of
+//! `chatperf idle-memory` includes.
+//!
+//! ```text
+//! target/release/chat_sessions_memory 50000
+//! ```
+
+use relay::chat::{ChatConfig, ChatShard};
+use relay::engine::Now;
+use relay::io::chat_io::{ChatCore, ChatParts};
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+struct Counting;
+
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+
+// SAFETY: forwards to the system allocator and only counts.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        LIVE.fetch_add(l.size(), Ordering::Relaxed);
+        // SAFETY: the caller's contract is the system allocator's.
+        unsafe { System.alloc(l) }
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        LIVE.fetch_sub(l.size(), Ordering::Relaxed);
+        // SAFETY: as above.
+        unsafe { System.dealloc(p, l) }
+    }
+    unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
+        LIVE.fetch_add(new, Ordering::Relaxed);
+        LIVE.fetch_sub(l.size(), Ordering::Relaxed);
+        // SAFETY: as above.
+        unsafe { System.realloc(p, l, new) }
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
+/// What `chat_epoll` keeps per connection, with the descriptor as an integer.
+#[allow(dead_code)]
+struct ConnSlot {
+    fd: i32,
+    inbuf: Vec<u8>,
+    want_write: bool,
+    closing: bool,
+}
+
+fn main() {
+    let n: usize = std::env::args()
+        .nth(1)
+        .map_or(50_000, |a| a.parse().expect("a number of sessions"));
+    let key = ed25519_dalek::SigningKey::from_bytes(&[5; 32]);
+    let verifier = proto::token::TokenVerifier::new(key.verifying_key(), 0);
+    let dir = std::env::temp_dir().join(format!("chat-sessions-memory-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let now = Now {
+        mono_us: 1_000_000,
+        unix_s: 1_700_000_000,
+    };
+    // Tokens first: they are the clients' memory, not the relay's.
+    let hellos: Vec<Vec<u8>> = (1..=n as u64)
+        .map(|user| {
+            let token = proto::token::Claims {
+                kind: proto::token::TokenKind::User,
+                permissions: proto::token::Permissions::CHAT,
+                relay_id: 0,
+                shard_idx: 0,
+                expires_at: now.unix_s + 3600,
+                scope_id: user,
+                participant_id: user,
+            }
+            .sign_text(&key);
+            let mut f = Vec::new();
+            proto::chat::Encoder::new(&mut f).hello(token.as_bytes());
+            f
+        })
+        .collect();
+    let parts = ChatParts {
+        engine: ChatShard::new(0, 1, ChatConfig::default(), verifier),
+        dir: dir.clone(),
+        log: relay::chat::log::LogConfig::default(),
+        sync_thread: false,
+        listener: std::net::TcpListener::bind("127.0.0.1:0").expect("listener"),
+        mailbox: relay::io::mailbox::mailboxes(1)
+            .expect("eventfd")
+            .pop()
+            .expect("one"),
+    };
+    let (mut core, _listener) = ChatCore::open(parts).expect("chat core");
+    let mut table: HashMap<u64, ConnSlot> = HashMap::new();
+    let ip = std::net::IpAddr::from([127, 0, 0, 1]);
+    let base = LIVE.load(Ordering::Relaxed);
+    println!("| sessions | heap bytes | bytes per session | marginal bytes per session |");
+    println!("|---:|---:|---:|---:|");
+    let mut last = (0usize, base);
+    for (i, hello) in hellos.iter().enumerate() {
+        let id = core.accept(now, ip);
+        let mut slot = ConnSlot {
+            fd: i as i32,
+            inbuf: Vec::new(),
+            want_write: false,
+            closing: false,
+        };
+        assert!(core.feed(now, id, &mut slot.inbuf, hello));
+        table.insert(id, slot);
+        // A turn per 256 sessions, as a loaded shard would: the backlog round trip, then
+        // WELCOME and BACKLOG_END written out.
+        if (i + 1) % 256 == 0 || i + 1 == n {
+            core.end_turn(now).expect("turn");
+            core.end_turn(now).expect("turn");
+            for id in core.take_dirty() {
+                let len = core.output(id).len();
+                core.written(now, id, len);
+            }
+        }
+        let k = i + 1;
+        if k == n / 5 || k == n / 2 || k == n {
+            let live = LIVE.load(Ordering::Relaxed);
+            println!(
+                "| {k} | {} | {:.0} | {:.0} |",
+                live - base,
+                (live - base) as f64 / k as f64,
+                (live - last.1) as f64 / (k - last.0) as f64
+            );
+            last = (k, live);
+        }
+    }
+    let (stats, closing) = (core.stats(), core.take_closing(now).len());
+    assert_eq!(closing, 0, "no session refused ({stats:?})");
+    // `stats()` is in ShardStats::CHAT_FIELDS order: sessions first.
+    assert_eq!(stats[0], n as u64, "every session open ({stats:?})");
+    assert_eq!(
+        stats[6], 0,
+        "no ERROR frame: every HELLO was accepted ({stats:?})"
+    );
+    drop(core);
+    let _ = std::fs::remove_dir_all(&dir);
+}
