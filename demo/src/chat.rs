@@ -198,7 +198,12 @@ pub fn user(
         let wait = wake
             .saturating_duration_since(Instant::now())
             .max(Duration::from_millis(1));
-        match c.recv(wait).map_err(io)? {
+        let event = c.recv(wait).map_err(io)?;
+        // Only "sent", DELIVERED and READ change the receipt counts below.
+        let receipts_changed = matches!(&event, Some(Event::Sent { .. }))
+            || matches!(&event, Some(Event::Message(m))
+                if m.chat == group && matches!(m.kind, kind::DELIVERED | kind::READ));
+        match event {
             Some(Event::Sent { msg_id, seq, .. }) => {
                 if let Some(slot) = mine.get_mut(&msg_id) {
                     if slot.is_none() {
@@ -234,23 +239,30 @@ pub fn user(
             }
             _ => {}
         }
-        let covered = |upto: &HashMap<u64, u64>, seq: u64| {
-            members
-                .iter()
-                .filter(|&&u| u != home.user)
-                .all(|u| upto.get(u).is_some_and(|&s| s >= seq))
-        };
-        let seqs = || mine.values().filter_map(|s| *s);
-        let (n_delivered, n_read) = (
-            seqs().filter(|&s| covered(&delivered_upto, s)).count(),
-            seqs().filter(|&s| covered(&read_upto, s)).count(),
-        );
-        if n_read > out.read {
-            live.read
-                .fetch_add((n_read - out.read) as u64, Ordering::Relaxed);
+        if receipts_changed {
+            // Receipts are cumulative: a message is covered when every other member's highest
+            // receipt reached its seq.
+            let floor = |upto: &HashMap<u64, u64>| {
+                members
+                    .iter()
+                    .filter(|&&u| u != home.user)
+                    .map(|u| upto.get(u).copied().unwrap_or(0))
+                    .min()
+                    .unwrap_or(u64::MAX)
+            };
+            let (d, r) = (floor(&delivered_upto), floor(&read_upto));
+            let seqs = || mine.values().filter_map(|s| *s);
+            let (n_delivered, n_read) = (
+                seqs().filter(|&s| s <= d).count(),
+                seqs().filter(|&s| s <= r).count(),
+            );
+            if n_read > out.read {
+                live.read
+                    .fetch_add((n_read - out.read) as u64, Ordering::Relaxed);
+            }
+            out.delivered = n_delivered;
+            out.read = n_read;
         }
-        out.delivered = n_delivered;
-        out.read = n_read;
         let settled = now >= until
             && out.seen_online.len() == others
             && mine.values().all(Option::is_some)

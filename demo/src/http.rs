@@ -1,8 +1,9 @@
-//! One JSON request to ctl over a fresh TCP connection (HTTP/1.1, `Connection: close`).
+//! ctl's API and the relay's metrics through ctl's own HTTP client (`ctl::client`), with the
+//! answers the demo needs: JSON values and summed Prometheus samples.
 
+use ctl::client;
 use serde_json::Value;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::time::Duration;
 
 /// `method path` with an optional JSON body; the status and the JSON answer (`Null` if none).
@@ -12,27 +13,13 @@ pub fn call(
     path: &str,
     body: Option<&Value>,
 ) -> Result<(u16, Value), String> {
-    let fail = |e: std::io::Error| format!("ctl {method} {path}: {e}");
-    let mut s = TcpStream::connect_timeout(&ctl, Duration::from_secs(2)).map_err(fail)?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))
-        .map_err(fail)?;
-    let body = body.map(Value::to_string).unwrap_or_default();
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: ctl\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .map_err(fail)?;
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).map_err(fail)?;
-    let status = resp
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| format!("ctl {method} {path}: not an HTTP answer"))?;
-    let json = resp.split_once("\r\n\r\n").map_or("", |(_, b)| b);
-    Ok((status, serde_json::from_str(json).unwrap_or(Value::Null)))
+    let body = body.map(Value::to_string);
+    let r = client::json(&format!("http://{ctl}"), method, path, body.as_deref())
+        .map_err(|e| format!("ctl {method} {path}: {e}"))?;
+    Ok((
+        r.status,
+        serde_json::from_slice(&r.body).unwrap_or(Value::Null),
+    ))
 }
 
 /// Like [`call`], but anything other than `want` is an error carrying ctl's answer.
@@ -53,18 +40,16 @@ pub fn expect(
 
 /// The sum of every sample of metric `name` on a Prometheus text endpoint.
 pub fn metric_sum(addr: SocketAddr, name: &str) -> Result<u64, String> {
-    let fail = |e: std::io::Error| format!("metrics {addr}: {e}");
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map_err(fail)?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))
-        .map_err(fail)?;
-    write!(
-        s,
-        "GET /metrics HTTP/1.1\r\nHost: relay\r\nConnection: close\r\n\r\n"
+    let r = client::request(
+        &format!("http://{addr}"),
+        "GET",
+        "/metrics",
+        &[],
+        None,
+        Duration::from_secs(5),
     )
-    .map_err(fail)?;
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).map_err(fail)?;
-    Ok(resp
+    .map_err(|e| format!("metrics {addr}: {e}"))?;
+    Ok(r.text()
         .lines()
         .filter(|l| {
             l.strip_prefix(name)

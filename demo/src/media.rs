@@ -198,7 +198,7 @@ pub fn participant(
         misrouted: 0,
         latency_us: Histogram::new_with_bounds(1, 60_000_000, 3).map_err(|e| e.to_string())?,
     };
-    let mut seen: Vec<(u32, Seen)> = Vec::new();
+    let mut seen: Vec<(u32, Seen, u64)> = Vec::new();
     let mut buf = [0u8; 2048];
     let mut pkt = [0u8; 1200];
     let mut payload = [0u8; VIDEO_BYTES];
@@ -250,8 +250,15 @@ pub fn participant(
             .max(Duration::from_micros(200));
         sock.set_read_timeout(Some(wait))
             .map_err(|e| e.to_string())?;
-        // Everything that is queued, then back to sending.
+        // Wait for the first datagram, then take what is queued without waiting (one switch to
+        // non-blocking per wake-up, not a timeout per packet), then back to sending.
+        let mut draining = false;
         while let Ok(n) = sock.recv(&mut buf) {
+            if !draining {
+                sock.set_nonblocking(true).map_err(|e| e.to_string())?;
+                draining = true;
+            }
+            let now = Instant::now();
             let Ok(rtp) = proto::rtp::RtpPacket::parse(&buf[..n]) else {
                 continue; // STUN answers, RTCP
             };
@@ -262,33 +269,32 @@ pub fn participant(
             }
             let sent_ns = u64::from_le_bytes(body[..8].try_into().expect("8 bytes"));
             let index = u64::from_le_bytes(body[8..16].try_into().expect("8 bytes"));
-            let now_ns = epoch.elapsed().as_nanos() as u64;
+            let now_ns = now.duration_since(epoch).as_nanos() as u64;
             let _ = out
                 .latency_us
                 .record((now_ns.saturating_sub(sent_ns) / 1_000).max(1));
-            let s = match seen.iter().position(|(x, _)| *x == rtp.ssrc()) {
+            let s = match seen.iter().position(|(x, _, _)| *x == rtp.ssrc()) {
                 Some(i) => i,
                 None => {
-                    seen.push((rtp.ssrc(), Seen::default()));
+                    seen.push((rtp.ssrc(), Seen::default(), 0));
                     seen.len() - 1
                 }
             };
             if seen[s].1.insert(index) {
+                seen[s].2 += 1;
                 live.received.fetch_add(1, Ordering::Relaxed);
-                match out.received.iter_mut().find(|(x, _)| *x == rtp.ssrc()) {
-                    Some((_, c)) => *c += 1,
-                    None => out.received.push((rtp.ssrc(), 1)),
-                }
             } else {
                 out.duplicates += 1;
             }
-            sock.set_read_timeout(Some(Duration::from_micros(1)))
-                .map_err(|e| e.to_string())?;
-            if Instant::now() >= wake {
+            if now >= wake {
                 break;
             }
         }
+        if draining {
+            sock.set_nonblocking(false).map_err(|e| e.to_string())?;
+        }
     }
+    out.received = seen.iter().map(|&(x, _, n)| (x, n)).collect();
     Ok(out)
 }
 

@@ -83,7 +83,7 @@ impl Relay {
         .into_iter();
         let stop = Arc::new(AtomicBool::new(false));
         let origin = Instant::now();
-        let allowed = io::sys::allowed_cpus();
+        let allowed = io::sys::process_cpus();
         let mut relay = Relay {
             backend,
             backend_reason,
@@ -216,7 +216,7 @@ fn run_shard(
     chat: Option<io::chat_io::ChatParts>,
 ) -> std::io::Result<()> {
     if let Some(cpu) = pin {
-        if let Err(e) = io::sys::pin_to_cpu(cpu) {
+        if let Err(e) = io::sys::pin_to_cpus(&[cpu]) {
             eprintln!(
                 "relay: warning: shard {} not pinned to CPU {cpu}: {e}",
                 ctx.shard_idx

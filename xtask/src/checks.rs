@@ -3,7 +3,7 @@
 
 use std::process::Command;
 
-use crate::{cargo, root, run, Result};
+use crate::{build_release, cargo, root, run, Result};
 
 /// Tools the test suite needs that a fresh machine may lack: (command, Debian package).
 /// sshd, ssh and ssh-keygen: the deploy integration test (xtask/tests/deploy.rs).
@@ -81,7 +81,7 @@ pub fn test(args: &[String]) -> Result {
 }
 
 pub fn perf(args: &[String]) -> Result {
-    cargo(&["build", "--release", "-p", "relay", "-p", "perf"])?;
+    build_release(&["relay", "perf"])?;
     let mut cmd = Command::new(root().join("target/release/perf"));
     run(cmd.args(args))
 }

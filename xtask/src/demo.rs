@@ -3,19 +3,10 @@
 
 use std::process::Command;
 
-use crate::{cargo, root, run, Result};
+use crate::{build_release, root, run, Result};
 
 fn build() -> Result {
-    cargo(&[
-        "build",
-        "--release",
-        "-p",
-        "relay",
-        "-p",
-        "ctl",
-        "-p",
-        "demo",
-    ])
+    build_release(&["relay", "ctl", "demo"])
 }
 
 /// `cargo xtask demo [ARGS]`: the local demo with a summary table; fails if a check failed.

@@ -17,7 +17,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::{cargo, root, Result};
+use crate::{build_release, root, Result};
 
 /// Static assets from the workspace's `dist/` directory: (source, path in the release, mode).
 const ASSETS: &[(&str, &str, u32)] = &[
@@ -80,16 +80,7 @@ pub fn check_version(v: &str) -> Result {
 pub fn build_tarball(version: &str, out: &Path, build: bool) -> Result<PathBuf> {
     check_version(version)?;
     if build {
-        cargo(&[
-            "build",
-            "--release",
-            "-p",
-            "relay",
-            "-p",
-            "ctl",
-            "-p",
-            "xtask",
-        ])?;
+        build_release(&["relay", "ctl", "xtask"])?;
     }
     let name = format!("relay-{version}");
     let stage = out.join(&name);

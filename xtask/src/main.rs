@@ -79,3 +79,12 @@ pub fn run(cmd: &mut Command) -> Result {
 pub fn cargo(args: &[&str]) -> Result {
     run(Command::new(env!("CARGO")).args(args))
 }
+
+/// `cargo build --release -p P ...` for each of `packages`.
+pub fn build_release(packages: &[&str]) -> Result {
+    let mut args = vec!["build", "--release"];
+    for p in packages {
+        args.extend(["-p", p]);
+    }
+    cargo(&args)
+}

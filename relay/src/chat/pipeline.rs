@@ -63,8 +63,9 @@ impl CommitPipeline {
         self.in_flight.take().map(|f| (f.lsns, f.dead))
     }
 
-    /// Marks held for later (tests and counters).
-    pub fn held_dead(&self) -> usize {
+    /// Marks held for later.
+    #[cfg(test)]
+    fn held_dead(&self) -> usize {
         self.next_dead.len() + self.in_flight.as_ref().map_or(0, |f| f.dead.len())
     }
 }

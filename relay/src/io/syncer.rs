@@ -75,11 +75,6 @@ impl Syncer {
             Err(TryRecvError::Disconnected) => Err(io::Error::other("the sync thread is gone")),
         }
     }
-
-    /// Waits for the job in flight (at shutdown).
-    pub fn wait_finished(&self) -> Option<Finished> {
-        self.done.recv().ok()
-    }
 }
 
 impl Drop for Syncer {

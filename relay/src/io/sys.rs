@@ -106,23 +106,12 @@ pub fn set_buffer(fd: RawFd, opt: libc::c_int, bytes: usize) -> io::Result<usize
     Ok(got as usize)
 }
 
-/// Pins the calling thread to `cpu`.
-pub fn pin_to_cpu(cpu: usize) -> io::Result<()> {
-    // SAFETY: cpu_set_t is a plain bit array; CPU_SET writes inside it.
-    unsafe {
-        let mut set: libc::cpu_set_t = zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        if libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) != 0 {
-            return Err(io::Error::last_os_error());
-        }
-    }
-    Ok(())
-}
-
-/// The CPUs the process's main thread may run on (the process's mask, e.g. systemd's
-/// `CPUAffinity=`, before any shard pinned itself).
+/// The CPUs the process may run on: its main thread's affinity mask (e.g. systemd's
+/// `CPUAffinity=`, taskset), which no shard changes, in order; shard i is pinned to the i-th.
+/// Falls back to `0..available_cpus()` if the mask cannot be read.
 pub fn process_cpus() -> Vec<usize> {
-    // SAFETY: as in `allowed_cpus`, for the main thread (tid = pid).
+    // SAFETY: cpu_set_t is a plain bit array that sched_getaffinity fills for the main thread
+    // (tid = pid); CPU_ISSET reads it.
     let cpus: Vec<usize> = unsafe {
         let mut set: libc::cpu_set_t = zeroed();
         if libc::sched_getaffinity(libc::getpid(), size_of::<libc::cpu_set_t>(), &mut set) != 0 {
@@ -134,7 +123,7 @@ pub fn process_cpus() -> Vec<usize> {
         }
     };
     if cpus.is_empty() {
-        allowed_cpus()
+        (0..available_cpus()).collect()
     } else {
         cpus
     }
@@ -158,28 +147,6 @@ pub fn pin_to_cpus(cpus: &[usize]) -> io::Result<()> {
     Ok(())
 }
 
-/// The CPUs this thread may run on (its affinity mask, e.g. systemd's `CPUAffinity=`), in
-/// order; shard i is pinned to the i-th of them. Falls back to `0..available_cpus()` if the
-/// mask cannot be read.
-pub fn allowed_cpus() -> Vec<usize> {
-    // SAFETY: cpu_set_t is a plain bit array that sched_getaffinity fills; CPU_ISSET reads it.
-    let cpus: Vec<usize> = unsafe {
-        let mut set: libc::cpu_set_t = zeroed();
-        if libc::sched_getaffinity(0, size_of::<libc::cpu_set_t>(), &mut set) != 0 {
-            Vec::new()
-        } else {
-            (0..libc::CPU_SETSIZE as usize)
-                .filter(|&c| libc::CPU_ISSET(c, &set))
-                .collect()
-        }
-    };
-    if cpus.is_empty() {
-        (0..available_cpus()).collect()
-    } else {
-        cpus
-    }
-}
-
 /// Number of CPUs this process may run on.
 pub fn available_cpus() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
@@ -190,13 +157,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn allowed_cpus_are_the_affinity_mask() {
-        let cpus = allowed_cpus();
+    fn process_cpus_are_the_affinity_mask() {
+        let cpus = process_cpus();
         assert!(!cpus.is_empty());
         assert!(cpus.windows(2).all(|w| w[0] < w[1]), "in order, no repeats");
         // available_parallelism also applies cgroup CPU quotas, so it may be smaller.
         assert!(available_cpus() <= cpus.len());
-        assert!(!process_cpus().is_empty());
     }
 
     #[test]
