@@ -2,13 +2,14 @@
 //! decodes frames, routes requests to the owner shards of their chats, and writes what owners
 //! deliver into the sessions' bounded outbound buffers, with the backlog flow control.
 
+use super::map::Map;
 use super::msg::{ConnId, Origin, ShardMsg, Submit};
 use super::ChatConfig;
 use crate::engine::limits::TokenBucket;
 use crate::engine::Now;
 use proto::chat::{code, ids, kind, Encoder, Frame, MsgId};
 use proto::token::{TokenKind, TokenVerifier};
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::net::IpAddr;
 
 /// The stored backlog being streamed to a session.
@@ -70,14 +71,14 @@ pub struct Home {
     n_shards: u16,
     cfg: ChatConfig,
     verifier: TokenVerifier,
-    sessions: HashMap<ConnId, Session>,
-    users: HashMap<u64, ConnId>,
-    per_ip: HashMap<IpAddr, u32>,
+    sessions: Map<ConnId, Session>,
+    users: Map<u64, ConnId>,
+    per_ip: Map<IpAddr, u32>,
     next_epoch: u64,
     /// Pending GROUPS answers: conn -> (owners still to answer, groups so far).
-    group_lists: HashMap<ConnId, GroupList>,
+    group_lists: Map<ConnId, GroupList>,
     /// Users homed here -> who watches their presence, and the watchers' home shards.
-    watchers: HashMap<u64, Vec<(u64, u16)>>,
+    watchers: Map<u64, Vec<(u64, u16)>>,
     /// Messages to other shards (or this one).
     pub out: Vec<(u16, ShardMsg)>,
     /// Sessions with bytes to write.
@@ -96,12 +97,12 @@ impl Home {
             n_shards,
             cfg,
             verifier,
-            sessions: HashMap::new(),
-            users: HashMap::new(),
-            per_ip: HashMap::new(),
+            sessions: Map::default(),
+            users: Map::default(),
+            per_ip: Map::default(),
             next_epoch: 1,
-            group_lists: HashMap::new(),
-            watchers: HashMap::new(),
+            group_lists: Map::default(),
+            watchers: Map::default(),
             out: Vec::new(),
             dirty: Vec::new(),
             closing: Vec::new(),

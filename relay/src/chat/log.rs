@@ -69,6 +69,7 @@
 
 #![deny(unsafe_code)]
 
+use super::crc32c::crc32c_update;
 use std::collections::VecDeque;
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
@@ -949,64 +950,6 @@ fn recover_segment(
     Ok((seg, torn))
 }
 
-/// CRC-32C (Castagnoli, reflected polynomial 0x82F63B78), the checksum of iSCSI and ext4
-/// metadata: better error detection than CRC-32 (IEEE) at these lengths. Slicing-by-8 in
-/// plain Rust (no new dependency and no `unsafe` intrinsics): measured here at about 1.2 GB/s
-/// and 53 ns per 113-byte record header+payload, small beside a 147 us fdatasync.
-static CRC32C_TABLES: [[u32; 256]; 8] = crc32c_tables();
-
-const fn crc32c_tables() -> [[u32; 256]; 8] {
-    let mut t = [[0u32; 256]; 8];
-    let mut i = 0;
-    while i < 256 {
-        let mut c = i as u32;
-        let mut k = 0;
-        while k < 8 {
-            c = if c & 1 != 0 {
-                (c >> 1) ^ 0x82F6_3B78
-            } else {
-                c >> 1
-            };
-            k += 1;
-        }
-        t[0][i] = c;
-        i += 1;
-    }
-    let mut i = 0;
-    while i < 256 {
-        let mut s = 1;
-        while s < 8 {
-            let prev = t[s - 1][i];
-            t[s][i] = (prev >> 8) ^ t[0][(prev & 0xff) as usize];
-            s += 1;
-        }
-        i += 1;
-    }
-    t
-}
-
-/// Advances a CRC-32C register (start with `!0`, finish with `!`) over `data`.
-fn crc32c_update(mut crc: u32, data: &[u8]) -> u32 {
-    let t = &CRC32C_TABLES;
-    let mut chunks = data.chunks_exact(8);
-    for c in &mut chunks {
-        let lo = u32::from_le_bytes([c[0], c[1], c[2], c[3]]) ^ crc;
-        let hi = u32::from_le_bytes([c[4], c[5], c[6], c[7]]);
-        crc = t[7][(lo & 0xff) as usize]
-            ^ t[6][((lo >> 8) & 0xff) as usize]
-            ^ t[5][((lo >> 16) & 0xff) as usize]
-            ^ t[4][(lo >> 24) as usize]
-            ^ t[3][(hi & 0xff) as usize]
-            ^ t[2][((hi >> 8) & 0xff) as usize]
-            ^ t[1][((hi >> 16) & 0xff) as usize]
-            ^ t[0][(hi >> 24) as usize];
-    }
-    for &b in chunks.remainder() {
-        crc = (crc >> 8) ^ t[0][((crc ^ b as u32) & 0xff) as usize];
-    }
-    crc
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1091,21 +1034,6 @@ mod tests {
         let inner = e.get_ref().expect("carries a LogCorruption");
         assert!(inner.downcast_ref::<LogCorruption>().is_some());
         e.to_string()
-    }
-
-    #[test]
-    fn crc32c_check_value() {
-        // The standard check value of CRC-32C over "123456789".
-        assert_eq!(!crc32c_update(!0, b"123456789"), 0xE306_9283);
-        // Slicing and bytewise paths agree on every split.
-        let data: Vec<u8> = (0..100u8).collect();
-        let whole = crc32c_update(!0, &data);
-        for cut in 0..data.len() {
-            assert_eq!(
-                crc32c_update(crc32c_update(!0, &data[..cut]), &data[cut..]),
-                whole
-            );
-        }
     }
 
     #[test]

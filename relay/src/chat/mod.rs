@@ -17,8 +17,10 @@
 //! - [`records`]: what the owner role writes to it.
 
 pub mod client;
+mod crc32c;
 pub mod home;
 pub mod log;
+pub mod map;
 pub mod msg;
 pub mod owner;
 pub mod pipeline;

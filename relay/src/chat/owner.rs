@@ -6,11 +6,12 @@
 //!
 //! Sans-IO: outputs are drained by the engine ([`Owner::take_batch`], `out`).
 
+use super::map::Map;
 use super::msg::{Origin, ShardMsg, Submit};
 use super::records::{self, ChatRec, EntryRec, MemberRec, Rec};
 use super::ChatConfig;
 use proto::chat::{code, ids, kind, Encoder, Entry, MsgId};
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 /// What a log record belongs to, so that its LSN can be filed once known.
@@ -91,7 +92,7 @@ struct Stream {
     epoch: u64,
     home: u16,
     /// Per chat, the last seq sent in this stream.
-    cursors: HashMap<u64, u64>,
+    cursors: Map<u64, u64>,
 }
 
 /// The last batch taken for commit: what each record belongs to, and the actions waiting on it.
@@ -102,13 +103,13 @@ pub struct Owner {
     shard: u16,
     n_shards: u16,
     cfg: ChatConfig,
-    chats: HashMap<u64, Chat>,
+    chats: Map<u64, Chat>,
     /// Chats owned here that each user belongs to.
-    member_of: HashMap<u64, Vec<u64>>,
-    dedup: HashMap<(u64, MsgId), (u64, u64)>,
+    member_of: Map<u64, Vec<u64>>,
+    dedup: Map<(u64, MsgId), (u64, u64)>,
     dedup_order: VecDeque<(u64, MsgId)>,
-    pending_per_user: HashMap<u64, usize>,
-    streams: HashMap<u64, Stream>,
+    pending_per_user: Map<u64, usize>,
+    streams: Map<u64, Stream>,
     records: Vec<(u8, Vec<u8>, RecOwner)>,
     after_commit: Vec<(u16, ShardMsg)>,
     committing: Option<Committing>,
@@ -127,12 +128,12 @@ impl Owner {
             shard,
             n_shards,
             cfg,
-            chats: HashMap::new(),
-            member_of: HashMap::new(),
-            dedup: HashMap::new(),
+            chats: Map::default(),
+            member_of: Map::default(),
+            dedup: Map::default(),
             dedup_order: VecDeque::new(),
-            pending_per_user: HashMap::new(),
-            streams: HashMap::new(),
+            pending_per_user: Map::default(),
+            streams: Map::default(),
             records: Vec::new(),
             after_commit: Vec::new(),
             committing: None,
@@ -182,7 +183,7 @@ impl Owner {
                     Stream {
                         epoch,
                         home,
-                        cursors: HashMap::new(),
+                        cursors: Map::default(),
                     },
                 );
                 self.stream_chunk(user, epoch);
@@ -805,7 +806,7 @@ impl Owner {
     pub fn finish_replay(&mut self) {
         self.pending_per_user.clear();
         for c in self.chats.values_mut() {
-            let acked: HashMap<u64, u64> = c.members.iter().map(|m| (m.user, m.acked)).collect();
+            let acked: Map<u64, u64> = c.members.iter().map(|m| (m.user, m.acked)).collect();
             for s in c.pending.iter_mut() {
                 s.unacked
                     .retain(|u| acked.get(u).is_some_and(|&a| a < s.seq));

@@ -3,9 +3,10 @@
 //! counters) is [`ChatCore`]'s.
 
 use super::chat_io::{ChatCore, ChatParts, MAX_ACCEPTS_PER_TURN, MAX_INBUF};
+use crate::chat::map::Map;
 use crate::chat::msg::ConnId;
 use crate::engine::Now;
-use std::collections::HashMap;
+
 use std::io::{self, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, RawFd};
@@ -28,7 +29,7 @@ struct Conn {
 pub struct EpollChat {
     core: ChatCore,
     listener: TcpListener,
-    conns: HashMap<ConnId, Conn>,
+    conns: Map<ConnId, Conn>,
     epfd: RawFd,
 }
 
@@ -65,7 +66,7 @@ impl EpollChat {
         Ok(Self {
             core,
             listener,
-            conns: HashMap::new(),
+            conns: Map::default(),
             epfd,
         })
     }
@@ -139,7 +140,15 @@ impl EpollChat {
             let room = buf.len().min(MAX_INBUF - c.inbuf.len());
             match c.stream.read(&mut buf[..room]) {
                 Ok(0) => return self.close(now, id),
-                Ok(n) => c.inbuf.extend_from_slice(&buf[..n]),
+                Ok(n) => {
+                    c.inbuf.extend_from_slice(&buf[..n]);
+                    // A short read drained the socket: the epoll registration is level
+                    // triggered, so data that arrives later is reported again, and a read
+                    // that would only return EAGAIN is saved.
+                    if n < room {
+                        break;
+                    }
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(_) => return self.close(now, id),

@@ -32,13 +32,14 @@ use super::{
     BufRing, MEDIA_SQ, UD_ACCEPT, UD_CHAT_CANCEL, UD_CHAT_POLL, UD_CHAT_RECV, UD_CHAT_SEND,
     UD_KIND, UD_WAKE,
 };
+use crate::chat::map::Map;
 use crate::chat::msg::ConnId;
 use crate::engine::Now;
 use crate::io::chat_io::{ChatCore, ChatIoCounters, ChatParts, MAX_CONNS};
 use crate::io::IoCounters;
 use io_uring::types::Fd;
 use io_uring::{cqueue, opcode, squeue, IoUring};
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::io;
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -135,7 +136,7 @@ pub(super) struct UringChat {
     core: ChatCore,
     listener: TcpListener,
     bufs: BufRing,
-    conns: HashMap<ConnId, Conn>,
+    conns: Map<ConnId, Conn>,
     received: VecDeque<Received>,
     todo: VecDeque<ConnId>,
     accept_armed: bool,
@@ -175,7 +176,7 @@ impl UringChat {
             core,
             listener,
             bufs,
-            conns: HashMap::new(),
+            conns: Map::default(),
             received: VecDeque::with_capacity(usize::from(n_bufs)),
             todo: VecDeque::new(),
             accept_armed: false,
