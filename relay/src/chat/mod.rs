@@ -55,7 +55,8 @@ pub struct ChatConfig {
     pub max_conns_per_ip: u32,
     /// Entries per backlog chunk.
     pub backlog_chunk: usize,
-    /// Recent (sender, msg id) pairs remembered for deduplication beyond the stored entries.
+    /// Accepted requests whose (sender, msg id) an owner shard remembers at least, to answer
+    /// a retry with the original SENT; it remembers at most twice as many.
     pub dedup_capacity: usize,
 }
 
@@ -72,7 +73,9 @@ impl Default for ChatConfig {
             max_group_members: 1_024,
             max_conns_per_ip: 100_000,
             backlog_chunk: 128,
-            dedup_capacity: 1 << 20,
+            // The most a table of 2^20 buckets holds (7/8 of them): two generations of
+            // about 40 MiB each at most per owner shard.
+            dedup_capacity: 7 << 17,
         }
     }
 }
@@ -170,7 +173,7 @@ impl ChatShard {
     }
 
     /// Records to append, in order; then commit and call [`ChatShard::handle_committed`].
-    pub fn take_records(&mut self) -> Vec<(u8, Vec<u8>)> {
+    pub fn take_records(&mut self) -> records::Batch {
         self.owner.take_batch()
     }
 

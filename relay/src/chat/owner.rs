@@ -86,6 +86,42 @@ fn drop_settled(pending: &mut VecDeque<Stored>, dead: &mut Vec<u64>) {
     });
 }
 
+/// The (sender, msg id) pairs of recently accepted requests, with the (chat, seq) they got.
+///
+/// Two generations instead of one map and a FIFO of its keys: a request that is not a retry
+/// (nearly all of them) costs two probes that miss, and eviction is a `clear` of the older
+/// generation once the newer holds `generation` keys, instead of a hash removal (a cache miss
+/// in a table this size) and a queue entry per request. At least the last `generation`
+/// accepted requests are remembered, and at most twice as many.
+struct Dedup {
+    newer: Map<(u64, MsgId), (u64, u64)>,
+    older: Map<(u64, MsgId), (u64, u64)>,
+    generation: usize,
+}
+
+impl Dedup {
+    fn new(generation: usize) -> Self {
+        Self {
+            newer: Map::default(),
+            older: Map::default(),
+            generation: generation.max(1),
+        }
+    }
+
+    fn get(&self, key: &(u64, MsgId)) -> Option<(u64, u64)> {
+        self.newer.get(key).or_else(|| self.older.get(key)).copied()
+    }
+
+    fn insert(&mut self, key: (u64, MsgId), at: (u64, u64)) {
+        if self.newer.len() >= self.generation {
+            // The cleared table keeps its buckets for the next generation.
+            self.older.clear();
+            std::mem::swap(&mut self.newer, &mut self.older);
+        }
+        self.newer.insert(key, at);
+    }
+}
+
 /// A backlog being streamed to a user's session.
 #[derive(Debug)]
 struct Stream {
@@ -106,11 +142,14 @@ pub struct Owner {
     chats: Map<u64, Chat>,
     /// Chats owned here that each user belongs to.
     member_of: Map<u64, Vec<u64>>,
-    dedup: Map<(u64, MsgId), (u64, u64)>,
-    dedup_order: VecDeque<(u64, MsgId)>,
+    dedup: Dedup,
     pending_per_user: Map<u64, usize>,
     streams: Map<u64, Stream>,
-    records: Vec<(u8, Vec<u8>, RecOwner)>,
+    /// Records to append, and what each belongs to.
+    records: records::Batch,
+    rec_owners: Vec<RecOwner>,
+    /// Where MSG frames are encoded before they are shared.
+    scratch: Vec<u8>,
     after_commit: Vec<(u16, ShardMsg)>,
     committing: Option<Committing>,
     /// LSNs of records that became dead; the driver marks them in the log.
@@ -127,24 +166,21 @@ impl Owner {
         Self {
             shard,
             n_shards,
+            dedup: Dedup::new(cfg.dedup_capacity),
             cfg,
             chats: Map::default(),
             member_of: Map::default(),
-            dedup: Map::default(),
-            dedup_order: VecDeque::new(),
             pending_per_user: Map::default(),
             streams: Map::default(),
-            records: Vec::new(),
+            records: records::Batch::default(),
+            rec_owners: Vec::new(),
+            scratch: Vec::new(),
             after_commit: Vec::new(),
             committing: None,
             dead: Vec::new(),
             out: Vec::new(),
             n_accepted: 0,
         }
-    }
-
-    fn home(&self, user: u64) -> u16 {
-        ids::home_shard(user, self.n_shards)
     }
 
     fn fail(&mut self, to: Origin, msg_id: MsgId, code: u16, text: &'static str) {
@@ -199,19 +235,13 @@ impl Owner {
     }
 
     fn remember(&mut self, sender: u64, msg_id: MsgId, chat: u64, seq: u64) {
-        if self.dedup.insert((sender, msg_id), (chat, seq)).is_none() {
-            self.dedup_order.push_back((sender, msg_id));
-        }
-        while self.dedup_order.len() > self.cfg.dedup_capacity {
-            let old = self.dedup_order.pop_front().expect("longer than capacity");
-            self.dedup.remove(&old);
-        }
+        self.dedup.insert((sender, msg_id), (chat, seq));
     }
 
     /// A retry of an accepted request is answered with its original outcome, and "sent" still
     /// waits for durability if the original has not committed yet.
     fn answer_duplicate(&mut self, from: Origin, msg_id: MsgId) -> bool {
-        let Some(&(chat, seq)) = self.dedup.get(&(from.user, msg_id)) else {
+        let Some((chat, seq)) = self.dedup.get(&(from.user, msg_id)) else {
             return false;
         };
         let committed = self
@@ -308,9 +338,10 @@ impl Owner {
 
     fn write_snapshot(&mut self, chat: u64) {
         let c = self.chats.get(&chat).expect("snapshot of a live chat");
-        let payload = records::encode_chat(&c.snapshot(chat));
+        let snapshot = c.snapshot(chat);
         self.records
-            .push((records::CHAT, payload, RecOwner::Chat { chat }));
+            .push(records::CHAT, |out| records::encode_chat(out, &snapshot));
+        self.rec_owners.push(RecOwner::Chat { chat });
     }
 
     /// Sequences a new entry: stores it, appends its record, and queues "sent" for `from` and
@@ -322,19 +353,10 @@ impl Owner {
             .expect("entries are appended to live chats");
         debug_assert_eq!(e.seq, chat.next_seq);
         chat.next_seq += 1;
-        let frame = encode_frame(&e);
+        let frame = encode_frame(&mut self.scratch, &e);
         for u in &e.audience {
             *self.pending_per_user.entry(*u).or_default() += 1;
         }
-        chat.pending.push_back(Stored {
-            seq: e.seq,
-            sender: e.sender,
-            kind: e.kind,
-            frame: frame.clone(),
-            unacked: e.audience.clone(),
-            lsn: None,
-            committed: false,
-        });
         if let Some(from) = from {
             self.after_commit.push((
                 from.home,
@@ -350,7 +372,7 @@ impl Owner {
         // is still running then (the stream carries the entry once committed); a stream that
         // ends before the commit cannot carry it, and then this live delivery does.
         for &user in &e.audience {
-            let home = self.home(user);
+            let home = ids::home_shard(user, self.n_shards);
             let d = ShardMsg::Deliver {
                 user,
                 chat: e.chat,
@@ -360,14 +382,23 @@ impl Owner {
             };
             self.after_commit.push((home, d));
         }
-        self.remember(e.sender, e.msg_id, e.chat, e.seq);
+        self.dedup.insert((e.sender, e.msg_id), (e.chat, e.seq));
         self.n_accepted += 1;
-        let owner = RecOwner::Entry {
+        self.records
+            .push(records::ENTRY, |out| records::encode_entry(out, &e));
+        self.rec_owners.push(RecOwner::Entry {
             chat: e.chat,
             seq: e.seq,
-        };
-        self.records
-            .push((records::ENTRY, records::encode_entry(&e), owner));
+        });
+        chat.pending.push_back(Stored {
+            seq: e.seq,
+            sender: e.sender,
+            kind: e.kind,
+            frame,
+            unacked: e.audience,
+            lsn: None,
+            committed: false,
+        });
     }
 
     fn ack(&mut self, user: u64, chat_id: u64, seq: u64, now_ms: u64) {
@@ -402,11 +433,10 @@ impl Owner {
             }
         }
         drop_settled(&mut chat.pending, &mut self.dead);
-        self.records.push((
-            records::ACK,
-            records::encode_ack(chat_id, user, seq),
-            RecOwner::Ack,
-        ));
+        self.records.push(records::ACK, |out| {
+            records::encode_ack(out, chat_id, user, seq)
+        });
+        self.rec_owners.push(RecOwner::Ack);
         // Receipts do not beget receipts: only messages, edits and deletes are acknowledged
         // with a DELIVERED entry, one per acknowledgement batch, to their authors.
         if !senders.is_empty() {
@@ -659,12 +689,13 @@ impl Owner {
 
     /// Moves the records produced so far out for appending. The actions that wait on them are
     /// released by [`Owner::handle_committed`] once the driver has committed the log.
-    pub fn take_batch(&mut self) -> Vec<(u8, Vec<u8>)> {
+    pub fn take_batch(&mut self) -> records::Batch {
         debug_assert!(self.committing.is_none(), "one commit at a time");
-        let owners = self.records.iter().map(|r| r.2).collect();
+        let owners = std::mem::take(&mut self.rec_owners);
         let actions = std::mem::take(&mut self.after_commit);
         self.committing = Some((owners, actions));
-        self.records.drain(..).map(|(k, p, _)| (k, p)).collect()
+        let next = self.records.empty_like();
+        std::mem::replace(&mut self.records, next)
     }
 
     /// The records of the last batch are durable at these LSNs (same order): file the LSNs,
@@ -775,7 +806,7 @@ impl Owner {
                     return Err(format!("entry for unknown chat {} at lsn {lsn}", e.chat));
                 };
                 chat.next_seq = chat.next_seq.max(e.seq + 1);
-                let frame = encode_frame(&e);
+                let frame = encode_frame(&mut self.scratch, &e);
                 chat.pending.push_back(Stored {
                     seq: e.seq,
                     sender: e.sender,
@@ -838,9 +869,10 @@ fn receipt_id(user: u64, seq: u64) -> MsgId {
     id
 }
 
-fn encode_frame(e: &EntryRec) -> Arc<[u8]> {
-    let mut buf = Vec::with_capacity(proto::chat::MSG_OVERHEAD + e.body.len());
-    Encoder::new(&mut buf).msg(&Entry {
+/// The MSG frame of `e`, encoded in `scratch` and copied once into its shared allocation.
+fn encode_frame(scratch: &mut Vec<u8>, e: &EntryRec) -> Arc<[u8]> {
+    scratch.clear();
+    Encoder::new(scratch).msg(&Entry {
         chat_id: e.chat,
         seq: e.seq,
         sender: e.sender,
@@ -850,5 +882,34 @@ fn encode_frame(e: &EntryRec) -> Arc<[u8]> {
         ts_ms: e.ts_ms,
         body: &e.body,
     });
-    buf.into()
+    Arc::from(&scratch[..])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(i: u64) -> (u64, MsgId) {
+        let mut id = [0u8; 16];
+        id[..8].copy_from_slice(&i.to_le_bytes());
+        (7, id)
+    }
+
+    #[test]
+    fn dedup_remembers_at_least_one_generation_and_at_most_two() {
+        let mut d = Dedup::new(100);
+        for i in 0..250 {
+            d.insert(key(i), (1, i + 1));
+            // The last 100 are always there, with what they were given.
+            for j in i.saturating_sub(99)..=i {
+                assert_eq!(d.get(&key(j)), Some((1, j + 1)), "{j} after inserting {i}");
+            }
+        }
+        // 250 inserted: generations [200, 250) and [100, 200); the oldest 100 are forgotten.
+        assert_eq!(d.get(&key(99)), None);
+        assert_eq!(d.get(&key(100)), Some((1, 101)));
+        assert_eq!(d.newer.len() + d.older.len(), 150);
+        // Another sender with the same id is another request.
+        assert_eq!(d.get(&(8, key(249).1)), None);
+    }
 }

@@ -90,45 +90,85 @@ fn put(out: &mut Vec<u8>, v: u64) {
     out.extend_from_slice(&v.to_le_bytes());
 }
 
-/// Encodes an entry record's payload.
-pub fn encode_entry(e: &EntryRec) -> Vec<u8> {
-    let mut out = Vec::with_capacity(75 + 8 * e.audience.len() + e.body.len());
-    put(&mut out, e.chat);
-    put(&mut out, e.seq);
-    put(&mut out, e.sender);
+/// Appends an entry record's payload to `out`.
+pub fn encode_entry(out: &mut Vec<u8>, e: &EntryRec) {
+    out.reserve(75 + 8 * e.audience.len() + e.body.len());
+    put(out, e.chat);
+    put(out, e.seq);
+    put(out, e.sender);
     out.extend_from_slice(&e.msg_id);
     out.push(e.kind);
     out.extend_from_slice(&e.ref_id);
-    put(&mut out, e.ts_ms);
+    put(out, e.ts_ms);
     out.extend_from_slice(&(e.audience.len() as u16).to_le_bytes());
-    e.audience.iter().for_each(|u| put(&mut out, *u));
+    e.audience.iter().for_each(|u| put(out, *u));
     out.extend_from_slice(&e.body);
-    out
 }
 
-/// Encodes an ack record's payload.
-pub fn encode_ack(chat: u64, user: u64, seq: u64) -> Vec<u8> {
-    let mut out = Vec::with_capacity(24);
-    put(&mut out, chat);
-    put(&mut out, user);
-    put(&mut out, seq);
-    out
+/// Appends an ack record's payload to `out`.
+pub fn encode_ack(out: &mut Vec<u8>, chat: u64, user: u64, seq: u64) {
+    put(out, chat);
+    put(out, user);
+    put(out, seq);
 }
 
-/// Encodes a chat snapshot's payload.
-pub fn encode_chat(c: &ChatRec) -> Vec<u8> {
-    let mut out = Vec::with_capacity(27 + 24 * c.members.len());
-    put(&mut out, c.chat);
+/// Appends a chat snapshot's payload to `out`.
+pub fn encode_chat(out: &mut Vec<u8>, c: &ChatRec) {
+    out.reserve(27 + 24 * c.members.len());
+    put(out, c.chat);
     out.push(u8::from(c.group));
-    put(&mut out, c.creator);
-    put(&mut out, c.next_seq);
+    put(out, c.creator);
+    put(out, c.next_seq);
     out.extend_from_slice(&(c.members.len() as u16).to_le_bytes());
     for m in &c.members {
-        put(&mut out, m.user);
-        put(&mut out, m.joined_after);
-        put(&mut out, m.acked);
+        put(out, m.user);
+        put(out, m.joined_after);
+        put(out, m.acked);
     }
-    out
+}
+
+/// Records waiting to be appended to the log, in order: their payloads back to back in one
+/// buffer, so that producing a record allocates nothing once the buffer has grown.
+#[derive(Debug, Default)]
+pub struct Batch {
+    buf: Vec<u8>,
+    /// Kind and end offset in `buf` of each record.
+    ends: Vec<(u8, usize)>,
+}
+
+impl Batch {
+    /// Appends a record of `kind` whose payload `encode` writes.
+    pub fn push(&mut self, kind: u8, encode: impl FnOnce(&mut Vec<u8>)) {
+        encode(&mut self.buf);
+        self.ends.push((kind, self.buf.len()));
+    }
+
+    /// Records in the batch.
+    pub fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    /// Whether the batch holds no record.
+    pub fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
+
+    /// Kind and payload of each record, in order.
+    pub fn iter(&self) -> impl Iterator<Item = (u8, &[u8])> + '_ {
+        let starts = std::iter::once(0).chain(self.ends.iter().map(|&(_, end)| end));
+        self.ends
+            .iter()
+            .zip(starts)
+            .map(|(&(kind, end), start)| (kind, &self.buf[start..end]))
+    }
+
+    /// An empty batch with room for as much as this one holds.
+    pub fn empty_like(&self) -> Self {
+        Self {
+            buf: Vec::with_capacity(self.buf.len()),
+            ends: Vec::with_capacity(self.ends.len()),
+        }
+    }
 }
 
 struct R<'a>(&'a [u8]);
@@ -231,9 +271,14 @@ mod tests {
             audience: vec![6, 7],
             body: b"hello".to_vec(),
         };
-        assert_eq!(decode(ENTRY, &encode_entry(&e)), Some(Rec::Entry(e)));
+        let mut b = Batch::default();
+        b.push(ENTRY, |out| encode_entry(out, &e));
+        b.push(ACK, |out| encode_ack(out, 1, 2, 3));
+        assert_eq!(b.len(), 2);
+        let recs: Vec<(u8, &[u8])> = b.iter().collect();
+        assert_eq!(decode(recs[0].0, recs[0].1), Some(Rec::Entry(e)));
         assert_eq!(
-            decode(ACK, &encode_ack(1, 2, 3)),
+            decode(recs[1].0, recs[1].1),
             Some(Rec::Ack {
                 chat: 1,
                 user: 2,
@@ -251,7 +296,9 @@ mod tests {
                 acked: 4,
             }],
         };
-        assert_eq!(decode(CHAT, &encode_chat(&c)), Some(Rec::Chat(c)));
+        let mut out = Vec::new();
+        encode_chat(&mut out, &c);
+        assert_eq!(decode(CHAT, &out), Some(Rec::Chat(c)));
         assert_eq!(decode(ACK, &[1, 2]), None);
         assert_eq!(decode(9, &[]), None);
     }

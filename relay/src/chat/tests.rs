@@ -265,8 +265,9 @@ impl Sim {
                     let log = &mut self.logs[i];
                     let lsns: Vec<u64> = self.shards[i]
                         .take_records()
-                        .into_iter()
-                        .map(|r| {
+                        .iter()
+                        .map(|(kind, payload)| {
+                            let r = (kind, payload.to_vec());
                             let lsn = log.next_lsn;
                             log.next_lsn += 1;
                             log.durable.insert(lsn, r);
@@ -333,7 +334,8 @@ impl Sim {
         }
         let log = &mut self.logs[i];
         let mut lsns = Vec::new();
-        for r in self.shards[i].take_records() {
+        for (kind, payload) in self.shards[i].take_records().iter() {
+            let r = (kind, payload.to_vec());
             let lsn = log.next_lsn;
             log.next_lsn += 1;
             self.flying[i].push((lsn, r));

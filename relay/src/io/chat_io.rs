@@ -241,8 +241,8 @@ impl ChatCore {
         if waiting && !self.pipeline.in_flight() {
             let records = self.engine.take_records();
             let mut lsns = Vec::with_capacity(records.len());
-            for (kind, payload) in &records {
-                lsns.push(self.log.append(*kind, payload)?.0);
+            for (kind, payload) in records.iter() {
+                lsns.push(self.log.append(kind, payload)?.0);
             }
             self.counters.records += records.len() as u64;
             let job = self
