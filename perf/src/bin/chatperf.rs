@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! chatperf run [--users N] [--seconds S] [--size B] [--window W] [--threads T]
-//!              [--shards N] [--io batch] [--relay-bin PATH] [--rate R] [--inline-sync] [--quick]
+//!              [--shards N] [--io batch] [--relay-bin PATH] [--rate R] [--inline-sync] [--no-sync] [--quick]
 //! chatperf idle-memory [--conns N] [--timeout-s S] [--sources K] [--relay-bin PATH]
 //! ```
 
@@ -24,7 +24,7 @@ use std::time::Duration;
 
 const USAGE: &str = "usage:
   chatperf run [--users N] [--seconds S] [--size B] [--window W] [--threads T]
-               [--shards N] [--io batch] [--relay-bin PATH] [--rate R] [--inline-sync] [--quick]
+               [--shards N] [--io batch] [--relay-bin PATH] [--rate R] [--inline-sync] [--no-sync] [--quick]
   chatperf idle-memory [--conns N] [--timeout-s S] [--sources K] [--relay-bin PATH] [--io batch]";
 
 /// `--name value` flags.
@@ -191,7 +191,11 @@ fn relay_row(
     .map_err(|e| format!("{e:#}"));
     Row {
         name: name.into(),
-        persist: "fdatasync",
+        persist: if chat_toml.starts_with("sync = false") {
+            "write only"
+        } else {
+            "fdatasync"
+        },
         offered,
         result,
         rec_per_sync,
@@ -264,6 +268,7 @@ fn cmd_run(flags: &Flags) -> anyhow::Result<bool> {
         "quick",
         "rate",
         "inline-sync",
+        "no-sync",
     ])?;
     let quick = flags.has("quick");
     let users: usize = flags.get("users", if quick { 8 } else { 200 })?;
@@ -276,7 +281,11 @@ fn cmd_run(flags: &Flags) -> anyhow::Result<bool> {
     // The per-session request limit (default 1,000/s) is an abuse guard, not a capacity limit;
     // it is raised so that it does not cap a benchmark sender. Durability stays on.
     let sync_thread = !flags.has("inline-sync");
-    let chat_toml = format!("sync = true\nmsgs_per_s = 1000000\nsync_thread = {sync_thread}");
+    // `--no-sync` (a diagnosis: what the relay costs without the disk) writes the log but
+    // never fdatasyncs it, so SENT no longer means durable.
+    let sync = !flags.has("no-sync");
+    let chat_toml =
+        format!("sync = {sync}\nmsgs_per_s = 1000000\nsync_thread = {sync_thread}");
     if users < 2 || size < 16 || window == 0 || seconds <= 0.0 || seconds > 600.0 {
         bail!("need --users >= 2, --size >= 16, --window >= 1, 0 < --seconds <= 600");
     }
@@ -293,7 +302,7 @@ fn cmd_run(flags: &Flags) -> anyhow::Result<bool> {
     println!(
         "chatperf run: {} users ({} sender->receiver pairs, 1:1), {size}-byte bodies, at most \
          {window} in flight per sender, {threads} client threads, {:.1} s warm-up + {seconds} s \
-         measured per contender; relay: io={io}, {shards} shards, [chat] sync = true, \
+         measured per contender; relay: io={io}, {shards} shards, [chat] sync = {sync}, \
          sync_thread = {sync_thread}",
         cfg.pairs * 2,
         cfg.pairs,
