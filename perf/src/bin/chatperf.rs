@@ -5,6 +5,7 @@
 //! chatperf run [--users N] [--seconds S] [--size B] [--window W] [--threads T]
 //!              [--shards N] [--io batch] [--relay-bin PATH] [--rate R] [--inline-sync] [--no-sync] [--quick]
 //! chatperf idle-memory [--conns N] [--timeout-s S] [--sources K] [--relay-bin PATH]
+//! chatperf fsync [--writers N] [--size B] [--syncs N]
 //! ```
 
 #[path = "../chatperf/idle.rs"]
@@ -25,7 +26,8 @@ use std::time::Duration;
 const USAGE: &str = "usage:
   chatperf run [--users N] [--seconds S] [--size B] [--window W] [--threads T]
                [--shards N] [--io batch] [--relay-bin PATH] [--rate R] [--inline-sync] [--no-sync] [--quick]
-  chatperf idle-memory [--conns N] [--timeout-s S] [--sources K] [--relay-bin PATH] [--io batch]";
+  chatperf idle-memory [--conns N] [--timeout-s S] [--sources K] [--relay-bin PATH] [--io batch]
+  chatperf fsync [--writers N] [--size B] [--syncs N]";
 
 /// `--name value` flags.
 struct Flags(Vec<(String, Option<String>)>);
@@ -284,8 +286,7 @@ fn cmd_run(flags: &Flags) -> anyhow::Result<bool> {
     // `--no-sync` (a diagnosis: what the relay costs without the disk) writes the log but
     // never fdatasyncs it, so SENT no longer means durable.
     let sync = !flags.has("no-sync");
-    let chat_toml =
-        format!("sync = {sync}\nmsgs_per_s = 1000000\nsync_thread = {sync_thread}");
+    let chat_toml = format!("sync = {sync}\nmsgs_per_s = 1000000\nsync_thread = {sync_thread}");
     if users < 2 || size < 16 || window == 0 || seconds <= 0.0 || seconds > 600.0 {
         bail!("need --users >= 2, --size >= 16, --window >= 1, 0 < --seconds <= 600");
     }
@@ -416,11 +417,92 @@ fn cmd_idle(flags: &Flags) -> anyhow::Result<bool> {
     idle::run(&cfg)
 }
 
+/// `chatperf fsync`: what one `pwrite` + `fdatasync` costs when it appends to a file (the size
+/// and block map change: an ext4 journal commit) against when it overwrites blocks written
+/// before (a data flush only), with `--writers` files synced concurrently, as the shards do.
+/// The premise of the log's segment recycling (`relay/src/chat/log.rs`).
+fn cmd_fsync(flags: &Flags) -> anyhow::Result<bool> {
+    use std::os::unix::fs::FileExt as _;
+    flags.check(&["writers", "size", "syncs"])?;
+    let writers: usize = flags.get("writers", 2)?;
+    let size: usize = flags.get("size", 32 << 10)?;
+    let syncs: usize = flags.get("syncs", 500)?;
+    if writers == 0 || writers > 64 || size == 0 || size > 16 << 20 || syncs == 0 || syncs > 100_000
+    {
+        bail!("need 1 <= --writers <= 64, 1 <= --size <= 16 MiB, 1 <= --syncs <= 100000");
+    }
+    let dir = servers::temp_dir("fsync")?;
+    println!(
+        "chatperf fsync: {writers} writers at once, each {syncs} x (pwrite {size} B + fdatasync) \
+         in its own file in {}",
+        std::env::temp_dir().display()
+    );
+    for round in 0..2 {
+        for overwrite in [false, true] {
+            let results: Vec<anyhow::Result<(hdrhistogram::Histogram<u64>, f64)>> =
+                std::thread::scope(|s| {
+                    let handles: Vec<_> = (0..writers)
+                        .map(|w| {
+                            let path = dir.join(format!("w{w}"));
+                            s.spawn(
+                                move || -> anyhow::Result<(hdrhistogram::Histogram<u64>, f64)> {
+                                    let f = std::fs::File::create(&path)?;
+                                    let block = vec![7u8; size];
+                                    if overwrite {
+                                        // Written (not only allocated) blocks, made durable first.
+                                        let zeros = vec![0u8; size];
+                                        for i in 0..syncs {
+                                            f.write_all_at(&zeros, (i * size) as u64)?;
+                                        }
+                                        f.sync_all()?;
+                                    }
+                                    let mut h = wire::new_hist();
+                                    let start = std::time::Instant::now();
+                                    for i in 0..syncs {
+                                        let t = std::time::Instant::now();
+                                        f.write_all_at(&block, (i * size) as u64)?;
+                                        f.sync_data()?;
+                                        let _ = h.record((t.elapsed().as_nanos() as u64).max(1));
+                                    }
+                                    let per_s = syncs as f64 / start.elapsed().as_secs_f64();
+                                    drop(f);
+                                    std::fs::remove_file(&path)?;
+                                    Ok((h, per_s))
+                                },
+                            )
+                        })
+                        .collect();
+                    handles
+                        .into_iter()
+                        .map(|h| h.join().expect("a probe thread panicked"))
+                        .collect()
+                });
+            let mut all = wire::new_hist();
+            let mut per_s = Vec::new();
+            for r in results {
+                let (h, rate) = r?;
+                all.add(&h).context("merging histograms")?;
+                per_s.push(format!("{rate:.0}"));
+            }
+            let (p50, p99, _) = wire::percentiles_us(&all);
+            println!(
+                "round {}: {:<9} p50 {p50:>5.0} us  p99 {p99:>5.0} us  syncs/s per writer: {}",
+                round + 1,
+                if overwrite { "overwrite" } else { "append" },
+                per_s.join(", ")
+            );
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(true)
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("run") => Flags::parse(&args[1..]).and_then(|f| cmd_run(&f)),
         Some("idle-memory") => Flags::parse(&args[1..]).and_then(|f| cmd_idle(&f)),
+        Some("fsync") => Flags::parse(&args[1..]).and_then(|f| cmd_fsync(&f)),
         Some("-h" | "--help" | "help") => {
             println!("{USAGE}");
             Ok(true)

@@ -682,8 +682,8 @@ impl Log {
     ///
     /// A recycled file's blocks are allocated and written already, so appending into it
     /// changes no file metadata and each fdatasync is a data flush without an ext4 journal
-    /// commit (the reason PostgreSQL recycles its WAL segments): measured here at 210 against
-    /// 300 us per fdatasync with two shards syncing (`perf/CHAT_RESULTS.md`). Its old records
+    /// commit (the reason PostgreSQL recycles its WAL segments): p50 183 against 342 us per
+    /// 32 KiB fdatasync with two writers here (`chatperf fsync`, perf/CHAT_RESULTS.md). Its old records
     /// after the new ones fail their CRC (the Lsn is part of it), which recovery reads as the
     /// torn tail. The header is written and synced before the rename, so a file that carries
     /// a segment's name always has that segment's header.
