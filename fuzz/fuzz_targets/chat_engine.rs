@@ -68,8 +68,15 @@ fuzz_target!(|data: &[u8]| {
                     shards[i].handle_committed(now, &lsns);
                 }
                 shards[i].take_dead();
+                // Each destination's messages together, in order, as the driver hands a ring's.
+                let mut by_dest: Vec<Vec<_>> = (0..N).map(|_| Vec::new()).collect();
                 for (to, m) in shards[i].take_outbox() {
-                    shards[usize::from(to)].handle_shard_msg(now, m);
+                    by_dest[usize::from(to)].push(m);
+                }
+                for (to, msgs) in by_dest.into_iter().enumerate() {
+                    if !msgs.is_empty() {
+                        shards[to].handle_shard_msgs(now, msgs);
+                    }
                 }
                 for c in shards[i].take_dirty() {
                     let out = shards[i].output(c).to_vec();

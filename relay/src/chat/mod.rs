@@ -6,7 +6,7 @@
 //! `owner_shard` it is. The roles talk through [`msg::ShardMsg`]s: within a shard directly,
 //! across shards over bounded SPSC rings. [`ChatShard`] is the sans-IO engine a driver runs:
 //!
-//! 1. feed input: `handle_accept`, `handle_read`, `handle_closed`, `handle_shard_msg`,
+//! 1. feed input: `handle_accept`, `handle_read`, `handle_closed`, `handle_shard_msgs`,
 //!    `handle_timeout`;
 //! 2. if `has_records()`: append `take_records()` to the log, commit it (one fdatasync), and
 //!    call `handle_committed(lsns)`; mark `take_dead()` in the log;
@@ -18,6 +18,7 @@
 
 pub mod client;
 mod crc32c;
+mod dedup;
 pub mod home;
 pub mod log;
 pub mod map;
@@ -55,8 +56,8 @@ pub struct ChatConfig {
     pub max_conns_per_ip: u32,
     /// Entries per backlog chunk.
     pub backlog_chunk: usize,
-    /// Accepted requests whose (sender, msg id) an owner shard remembers at least, to answer
-    /// a retry with the original SENT; it remembers at most twice as many.
+    /// Accepted requests whose (sender, msg id) an owner shard remembers (the last ones), to
+    /// answer a retry with the original SENT.
     pub dedup_capacity: usize,
 }
 
@@ -73,9 +74,9 @@ impl Default for ChatConfig {
             max_group_members: 1_024,
             max_conns_per_ip: 100_000,
             backlog_chunk: 128,
-            // The most a table of 2^20 buckets holds (7/8 of them): two generations of
-            // about 40 MiB each at most per owner shard.
-            dedup_capacity: 7 << 17,
+            // 40 MiB of entries and 32 MiB of index per owner shard, once that many
+            // requests have passed.
+            dedup_capacity: 1 << 20,
         }
     }
 }
@@ -115,6 +116,9 @@ impl ChatShard {
             let Some(m) = self.local.pop_front() else {
                 break;
             };
+            if let Some(next) = self.local.front() {
+                self.owner.prefetch(next);
+            }
             self.dispatch(m, now);
         }
     }
@@ -155,9 +159,11 @@ impl ChatShard {
         self.pump(now);
     }
 
-    /// A message from another shard.
-    pub fn handle_shard_msg(&mut self, now: Now, m: ShardMsg) {
-        self.dispatch(m, now);
+    /// Messages from other shards, each ring's in its order: queued first and then handled
+    /// together, so that handling one can warm the cache for the next (`Owner::prefetch`).
+    /// At most `msgs.len()` more queued messages.
+    pub fn handle_shard_msgs(&mut self, now: Now, msgs: impl IntoIterator<Item = ShardMsg>) {
+        self.local.extend(msgs);
         self.pump(now);
     }
 
@@ -252,6 +258,11 @@ impl ChatShard {
     /// Entries accepted.
     pub fn n_accepted(&self) -> u64 {
         self.owner.n_accepted
+    }
+
+    /// Request ids the deduplication index forgot before their time (see `dedup`).
+    pub fn n_dedup_early_evictions(&self) -> u64 {
+        self.owner.n_dedup_early_evictions()
     }
 
     /// Home-role counters.

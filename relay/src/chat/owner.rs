@@ -6,6 +6,7 @@
 //!
 //! Sans-IO: outputs are drained by the engine ([`Owner::take_batch`], `out`).
 
+use super::dedup::Dedup;
 use super::map::Map;
 use super::msg::{Origin, ShardMsg, Submit};
 use super::records::{self, ChatRec, EntryRec, MemberRec, Rec};
@@ -86,42 +87,6 @@ fn drop_settled(pending: &mut VecDeque<Stored>, dead: &mut Vec<u64>) {
     });
 }
 
-/// The (sender, msg id) pairs of recently accepted requests, with the (chat, seq) they got.
-///
-/// Two generations instead of one map and a FIFO of its keys: a request that is not a retry
-/// (nearly all of them) costs two probes that miss, and eviction is a `clear` of the older
-/// generation once the newer holds `generation` keys, instead of a hash removal (a cache miss
-/// in a table this size) and a queue entry per request. At least the last `generation`
-/// accepted requests are remembered, and at most twice as many.
-struct Dedup {
-    newer: Map<(u64, MsgId), (u64, u64)>,
-    older: Map<(u64, MsgId), (u64, u64)>,
-    generation: usize,
-}
-
-impl Dedup {
-    fn new(generation: usize) -> Self {
-        Self {
-            newer: Map::default(),
-            older: Map::default(),
-            generation: generation.max(1),
-        }
-    }
-
-    fn get(&self, key: &(u64, MsgId)) -> Option<(u64, u64)> {
-        self.newer.get(key).or_else(|| self.older.get(key)).copied()
-    }
-
-    fn insert(&mut self, key: (u64, MsgId), at: (u64, u64)) {
-        if self.newer.len() >= self.generation {
-            // The cleared table keeps its buckets for the next generation.
-            self.older.clear();
-            std::mem::swap(&mut self.newer, &mut self.older);
-        }
-        self.newer.insert(key, at);
-    }
-}
-
 /// A backlog being streamed to a user's session.
 #[derive(Debug)]
 struct Stream {
@@ -195,6 +160,14 @@ impl Owner {
         ));
     }
 
+    /// Warms the cache for handling `msg` soon: the deduplication bucket of a SEND, which is
+    /// otherwise a cache miss on every new message.
+    pub fn prefetch(&self, msg: &ShardMsg) {
+        if let ShardMsg::Submit(s) = msg {
+            self.dedup.prefetch(s.from.user, &s.msg_id);
+        }
+    }
+
     /// Handles one message addressed to the owner role.
     pub fn handle(&mut self, msg: ShardMsg, now_ms: u64) {
         match msg {
@@ -235,13 +208,13 @@ impl Owner {
     }
 
     fn remember(&mut self, sender: u64, msg_id: MsgId, chat: u64, seq: u64) {
-        self.dedup.insert((sender, msg_id), (chat, seq));
+        self.dedup.insert(sender, msg_id, chat, seq);
     }
 
     /// A retry of an accepted request is answered with its original outcome, and "sent" still
     /// waits for durability if the original has not committed yet.
     fn answer_duplicate(&mut self, from: Origin, msg_id: MsgId) -> bool {
-        let Some((chat, seq)) = self.dedup.get(&(from.user, msg_id)) else {
+        let Some((chat, seq)) = self.dedup.get(from.user, &msg_id) else {
             return false;
         };
         let committed = self
@@ -382,7 +355,7 @@ impl Owner {
             };
             self.after_commit.push((home, d));
         }
-        self.dedup.insert((e.sender, e.msg_id), (e.chat, e.seq));
+        self.dedup.insert(e.sender, e.msg_id, e.chat, e.seq);
         self.n_accepted += 1;
         self.records
             .push(records::ENTRY, |out| records::encode_entry(out, &e));
@@ -854,6 +827,11 @@ impl Owner {
         self.chats.values().map(|c| c.pending.len()).sum()
     }
 
+    /// Request ids the deduplication index forgot before their time.
+    pub fn n_dedup_early_evictions(&self) -> u64 {
+        self.dedup.early_evictions()
+    }
+
     /// Chats owned here.
     pub fn n_chats(&self) -> usize {
         self.chats.len()
@@ -883,33 +861,4 @@ fn encode_frame(scratch: &mut Vec<u8>, e: &EntryRec) -> Arc<[u8]> {
         body: &e.body,
     });
     Arc::from(&scratch[..])
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn key(i: u64) -> (u64, MsgId) {
-        let mut id = [0u8; 16];
-        id[..8].copy_from_slice(&i.to_le_bytes());
-        (7, id)
-    }
-
-    #[test]
-    fn dedup_remembers_at_least_one_generation_and_at_most_two() {
-        let mut d = Dedup::new(100);
-        for i in 0..250 {
-            d.insert(key(i), (1, i + 1));
-            // The last 100 are always there, with what they were given.
-            for j in i.saturating_sub(99)..=i {
-                assert_eq!(d.get(&key(j)), Some((1, j + 1)), "{j} after inserting {i}");
-            }
-        }
-        // 250 inserted: generations [200, 250) and [100, 200); the oldest 100 are forgotten.
-        assert_eq!(d.get(&key(99)), None);
-        assert_eq!(d.get(&key(100)), Some((1, 101)));
-        assert_eq!(d.newer.len() + d.older.len(), 150);
-        // Another sender with the same id is another request.
-        assert_eq!(d.get(&(8, key(249).1)), None);
-    }
 }

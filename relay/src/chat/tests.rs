@@ -255,8 +255,10 @@ impl Sim {
         for _ in 0..passes {
             let mut moved = false;
             for i in 0..usize::from(N_SHARDS) {
-                while let Some(m) = self.rings[i].pop_front() {
-                    self.shards[i].handle_shard_msg(self.now, m);
+                if !self.rings[i].is_empty() {
+                    // As the driver does: the ring's messages together, in order.
+                    let msgs: Vec<ShardMsg> = self.rings[i].drain(..).collect();
+                    self.shards[i].handle_shard_msgs(self.now, msgs);
                     moved = true;
                 }
                 if commit && self.pipelined {

@@ -236,7 +236,7 @@ impl EpollChat {
     }
 
     /// The values of [`super::ShardStats::CHAT_FIELDS`].
-    pub fn stats(&self) -> [u64; 8] {
+    pub fn stats(&self) -> [u64; 9] {
         self.core.stats()
     }
 }

@@ -20,7 +20,7 @@
 use super::mailbox::Mailbox;
 use super::syncer::Syncer;
 use crate::chat::log::{Log, LogConfig, Lsn};
-use crate::chat::msg::ConnId;
+use crate::chat::msg::{ConnId, ShardMsg};
 use crate::chat::pipeline::CommitPipeline;
 use crate::chat::ChatShard;
 use crate::engine::Now;
@@ -96,6 +96,8 @@ pub struct ChatCore {
     /// is making durable.
     syncer: Option<Syncer>,
     pipeline: CommitPipeline,
+    /// Messages taken from the rings this turn (at most `MAX_RECV_PER_TURN`), reused.
+    received: Vec<ShardMsg>,
     /// Counters.
     pub counters: ChatIoCounters,
 }
@@ -136,6 +138,7 @@ impl ChatCore {
             n_conns: 0,
             next_housekeeping_us: 0,
             flush_deadlines: VecDeque::new(),
+            received: Vec::new(),
             counters: ChatIoCounters::default(),
         };
         Ok((core, listener))
@@ -213,8 +216,9 @@ impl ChatCore {
     /// [`ChatCore::take_closing`]. Returns an error only when the log fails (the shard must
     /// stop: acknowledging without durability is not an option).
     pub fn end_turn(&mut self, now: Now) -> io::Result<()> {
-        let engine = &mut self.engine;
-        self.mailbox.receive(|m| engine.handle_shard_msg(now, m));
+        let received = &mut self.received;
+        self.mailbox.receive(|m| received.push(m));
+        self.engine.handle_shard_msgs(now, self.received.drain(..));
         if now.mono_us >= self.next_housekeeping_us {
             self.next_housekeeping_us = now.mono_us + HOUSEKEEPING_US;
             self.engine.handle_timeout(now);
@@ -345,7 +349,7 @@ impl ChatCore {
     }
 
     /// The values of [`super::ShardStats::CHAT_FIELDS`].
-    pub fn stats(&self) -> [u64; 8] {
+    pub fn stats(&self) -> [u64; 9] {
         let h = self.engine.home_counters();
         [
             self.engine.n_sessions() as u64,
@@ -356,6 +360,7 @@ impl ChatCore {
             self.log.disk_bytes(),
             h.errors.iter().sum(),
             h.deferred,
+            self.engine.n_dedup_early_evictions(),
         ]
     }
 }

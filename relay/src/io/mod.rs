@@ -183,7 +183,7 @@ impl ShardStats {
     ];
 
     /// Names of the chat counters, in storage order.
-    pub const CHAT_FIELDS: [&'static str; 8] = [
+    pub const CHAT_FIELDS: [&'static str; 9] = [
         "chat_sessions",
         "chat_pending",
         "chat_accepted",
@@ -192,10 +192,11 @@ impl ShardStats {
         "chat_log_bytes",
         "chat_errors",
         "chat_deferred",
+        "chat_dedup_early_evictions",
     ];
 
     /// Publishes the chat counters, in [`ShardStats::CHAT_FIELDS`] order.
-    pub fn publish_chat(&self, values: [u64; 8]) {
+    pub fn publish_chat(&self, values: [u64; 9]) {
         for (slot, v) in self.chat.iter().zip(values) {
             slot.store(v, Ordering::Relaxed);
         }
