@@ -118,6 +118,8 @@ pub struct ChatSettings {
     pub window: u16,
     /// Connections per remote address.
     pub max_conns_per_ip: u32,
+    /// Open connections per shard (1 to 131,072); a further one gets ERROR 13 and is closed.
+    pub max_conns: usize,
     /// Seconds a connection has to authenticate.
     pub hello_timeout_ms: u64,
     /// A reader that makes no progress for this long is disconnected.
@@ -138,6 +140,7 @@ impl Default for ChatSettings {
             sync_thread: true,
             window: c.window,
             max_conns_per_ip: c.max_conns_per_ip,
+            max_conns: crate::io::chat_io::MAX_CONNS,
             hello_timeout_ms: c.hello_timeout_us / 1000,
             slow_reader_timeout_ms: c.slow_reader_timeout_us / 1000,
             max_out_bytes: c.max_out_bytes,
@@ -249,10 +252,20 @@ impl Config {
             cfg.chat.data_dir = d.clone();
         }
         cfg.advertise_host = flags.advertise_host.clone().or(cfg.advertise_host);
-        if cfg.ctl.is_some() && cfg.relay_id == 0 {
+        cfg.check()?;
+        Ok(cfg)
+    }
+
+    /// Rejects settings that parse but cannot work together.
+    pub fn check(&self) -> Result<(), String> {
+        let max = crate::io::chat_io::MAX_CONNS;
+        if self.chat.max_conns == 0 || self.chat.max_conns > max {
+            return Err(format!("[chat] max_conns must be between 1 and {max}"));
+        }
+        if self.ctl.is_some() && self.relay_id == 0 {
             return Err("a relay that talks to ctl needs a nonzero relay_id (--relay-id)".into());
         }
-        Ok(cfg)
+        Ok(())
     }
 
     /// Parses TOML; unknown fields are errors.
@@ -291,6 +304,17 @@ mod tests {
         assert_eq!(cfg.engine().max_participants_per_room, 8);
         assert!(Config::parse("bogus = 1").unwrap_err().contains("bogus"));
         assert!(Config::parse("[limits]\nnope = 1").is_err());
+    }
+
+    #[test]
+    fn chat_max_conns_is_bounded() {
+        let with = |n: u64| Config::parse(&format!("[chat]\nmax_conns = {n}")).unwrap();
+        assert!(with(5).check().is_ok());
+        assert!(with(131_072).check().is_ok());
+        for bad in [0, 131_073] {
+            let e = with(bad).check().unwrap_err();
+            assert!(e.contains("max_conns must be between 1 and 131072"), "{e}");
+        }
     }
 }
 

@@ -186,6 +186,7 @@ fn chat_parts(
         dir,
         log,
         sync_thread: cfg.chat.sync_thread,
+        max_conns: cfg.chat.max_conns,
         listener,
         mailbox,
     })

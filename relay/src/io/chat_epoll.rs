@@ -98,7 +98,7 @@ impl EpollChat {
                 Err(_) => return,
             };
             if !self.core.has_room() {
-                self.core.refused();
+                self.core.refuse(stream);
                 continue;
             }
             if stream.set_nonblocking(true).is_err() {
@@ -236,7 +236,7 @@ impl EpollChat {
     }
 
     /// The values of [`super::ShardStats::CHAT_FIELDS`].
-    pub fn stats(&self) -> [u64; 9] {
+    pub fn stats(&self) -> [u64; 10] {
         self.core.stats()
     }
 }

@@ -37,8 +37,9 @@ pub const MAX_INBUF: usize = proto::chat::MAX_FRAME + proto::chat::LEN_BYTES + 4
 /// Connections accepted per loop turn at most (batch; the uring backend accepts as completions
 /// arrive, bounded by [`MAX_CONNS`]).
 pub const MAX_ACCEPTS_PER_TURN: usize = 256;
-/// Open connections per shard at most; further ones are accepted and closed at once. The engine's
-/// per-address cap (`max_conns_per_ip`) applies below this.
+/// Open connections per shard at most (`[chat] max_conns` may set fewer); further ones are
+/// accepted, sent ERROR 13 and closed at once. The engine's per-address cap
+/// (`max_conns_per_ip`) applies below this.
 pub const MAX_CONNS: usize = 1 << 17;
 /// How long a connection the engine closes may take to flush its last output (an ERROR frame);
 /// then it is closed anyway, so that a peer that stops reading cannot hold it open.
@@ -59,6 +60,8 @@ pub struct ChatParts {
     /// fdatasync on a sync thread (pipelined, the default) rather than inline; see
     /// `[chat] sync_thread`.
     pub sync_thread: bool,
+    /// Open connections at most (at most [`MAX_CONNS`]); see `[chat] max_conns`.
+    pub max_conns: usize,
     /// The shard's TCP listener.
     pub listener: TcpListener,
     /// The shard's mailbox.
@@ -76,7 +79,7 @@ pub struct ChatIoCounters {
     pub accepted: u64,
     /// Connections closed.
     pub closed: u64,
-    /// Connections closed at once because the shard had [`MAX_CONNS`] open.
+    /// Connections closed at once because the shard had `max_conns` open.
     pub refused: u64,
 }
 
@@ -87,6 +90,7 @@ pub struct ChatCore {
     mailbox: Mailbox,
     next_id: ConnId,
     n_conns: usize,
+    max_conns: usize,
     next_housekeeping_us: u64,
     /// Connections the engine closes, with the time by which they must be gone, in that
     /// order; at most [`MAX_CONNS`] (ids are never reused, so entries of connections that
@@ -111,6 +115,7 @@ impl ChatCore {
             dir,
             log,
             sync_thread,
+            max_conns,
             listener,
             mailbox,
         } = parts;
@@ -136,6 +141,7 @@ impl ChatCore {
             mailbox,
             next_id: FIRST_CONN_ID,
             n_conns: 0,
+            max_conns: max_conns.clamp(1, MAX_CONNS),
             next_housekeeping_us: 0,
             flush_deadlines: VecDeque::new(),
             received: Vec::new(),
@@ -144,15 +150,27 @@ impl ChatCore {
         Ok((core, listener))
     }
 
-    /// Whether the shard has room for another connection. When it has not, the backend closes
-    /// the new socket and calls [`ChatCore::refused`].
+    /// Whether the shard has room for another connection. When it has not, the backend hands
+    /// the new socket to [`ChatCore::refuse`].
     pub fn has_room(&self) -> bool {
-        self.n_conns < MAX_CONNS
+        self.n_conns < self.max_conns
     }
 
-    /// Counts a connection closed at once for [`MAX_CONNS`].
-    pub fn refused(&mut self) {
+    /// Refuses a connection beyond `max_conns`: one ERROR 13 ("unavailable, retry") written
+    /// without waiting (a new socket's send buffer has room for it), then the socket is
+    /// dropped, which closes it. Counted.
+    pub fn refuse(&mut self, stream: std::net::TcpStream) {
+        use std::io::Write as _;
         self.counters.refused += 1;
+        let mut frame = Vec::with_capacity(64);
+        proto::chat::Encoder::new(&mut frame).error(
+            proto::chat::code::UNAVAILABLE,
+            &[0; 16],
+            "the shard is at its connection limit",
+        );
+        if stream.set_nonblocking(true).is_ok() {
+            let _ = (&stream).write(&frame);
+        }
     }
 
     /// A new connection from `ip`: returns its id. The engine may already have queued an
@@ -349,7 +367,7 @@ impl ChatCore {
     }
 
     /// The values of [`super::ShardStats::CHAT_FIELDS`].
-    pub fn stats(&self) -> [u64; 9] {
+    pub fn stats(&self) -> [u64; 10] {
         let h = self.engine.home_counters();
         [
             self.engine.n_sessions() as u64,
@@ -361,6 +379,7 @@ impl ChatCore {
             h.errors.iter().sum(),
             h.deferred,
             self.engine.n_dedup_early_evictions(),
+            self.counters.refused,
         ]
     }
 }

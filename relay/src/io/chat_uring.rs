@@ -235,7 +235,7 @@ impl UringChat {
             return;
         }
         if !self.core.has_room() {
-            self.core.refused();
+            self.core.refuse(stream);
             return;
         }
         let Ok(peer) = stream.peer_addr() else {
@@ -649,7 +649,7 @@ impl UringChat {
     }
 
     /// The values of [`crate::io::ShardStats::CHAT_FIELDS`].
-    pub(super) fn stats(&self) -> [u64; 9] {
+    pub(super) fn stats(&self) -> [u64; 10] {
         self.core.stats()
     }
 

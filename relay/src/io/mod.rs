@@ -183,7 +183,7 @@ impl ShardStats {
     ];
 
     /// Names of the chat counters, in storage order.
-    pub const CHAT_FIELDS: [&'static str; 9] = [
+    pub const CHAT_FIELDS: [&'static str; 10] = [
         "chat_sessions",
         "chat_pending",
         "chat_accepted",
@@ -193,10 +193,11 @@ impl ShardStats {
         "chat_errors",
         "chat_deferred",
         "chat_dedup_early_evictions",
+        "chat_refused",
     ];
 
     /// Publishes the chat counters, in [`ShardStats::CHAT_FIELDS`] order.
-    pub fn publish_chat(&self, values: [u64; 9]) {
+    pub fn publish_chat(&self, values: [u64; 10]) {
         for (slot, v) in self.chat.iter().zip(values) {
             slot.store(v, Ordering::Relaxed);
         }

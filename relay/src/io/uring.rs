@@ -1382,6 +1382,7 @@ mod tests {
                     ..Default::default()
                 },
                 sync_thread: false,
+                max_conns: crate::io::chat_io::MAX_CONNS,
                 listener,
                 mailbox,
             };

@@ -400,6 +400,52 @@ fn bad_input_gets_an_error_then_close_while_others_are_served(io: &str) {
     );
 }
 
+/// A shard at `[chat] max_conns` answers a further connection with ERROR 13 and closes it,
+/// counts it, and keeps serving the connections it has; once one closes, a new one is served.
+fn connections_beyond_max_conns_get_an_error_and_are_closed(io: &str) {
+    use std::io::Read;
+    let r = ChatRelay::start_with_config(io, "[chat]\nmax_conns = 2\n");
+    let on_shard_0: Vec<u64> = (1..)
+        .filter(|&u| ids::home_shard(u, SHARDS) == 0)
+        .take(3)
+        .collect();
+    let mut a = r.connect(on_shard_0[0]);
+    let b = r.connect(on_shard_0[1]);
+    let mut refused = std::net::TcpStream::connect(r.addr(on_shard_0[2])).unwrap();
+    refused.set_read_timeout(Some(T)).unwrap();
+    let mut resp = Vec::new();
+    refused.read_to_end(&mut resp).unwrap();
+    let (frame, n) = proto::chat::decode(&resp).unwrap().expect("an ERROR frame");
+    assert!(
+        matches!(frame, proto::chat::Frame::Error { code, .. } if code == code::UNAVAILABLE),
+        "{frame:?}"
+    );
+    assert_eq!(n, resp.len(), "the ERROR frame, then the close");
+    assert_eq!(
+        r.relay.wait_metric_sum(&r, "relay_chat_refused_total", 1),
+        1
+    );
+    // The two sessions it has are served.
+    a.send_direct(b.user, b"still here").unwrap();
+    let mut b = b;
+    let got = collect(&mut b, 1, |e| matches!(e, Event::Message(_)));
+    assert_eq!(messages(&got)[0].body, b"still here");
+    // A slot frees when a connection closes; the other shard has its own limit.
+    drop(a);
+    let deadline = Instant::now() + T;
+    while r.total("relay_chat_sessions") != 1 {
+        assert!(
+            Instant::now() < deadline,
+            "the closed session was never dropped"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut c = r.connect(on_shard_0[2]);
+    b.send_direct(c.user, b"room again").unwrap();
+    let got = collect(&mut c, 1, |e| matches!(e, Event::Message(_)));
+    assert_eq!(messages(&got)[0].body, b"room again");
+}
+
 /// A connection that never says HELLO and a recipient that stops reading are both closed (the
 /// latter within the flush deadline after the engine gives up on it), while others are served.
 fn silent_and_stalled_peers_are_closed(io: &str) {
@@ -582,6 +628,12 @@ macro_rules! chat_for_backend {
             #[test]
             fn bad_input_gets_an_error_then_close_while_others_are_served() {
                 super::bad_input_gets_an_error_then_close_while_others_are_served(stringify!(
+                    $backend
+                ));
+            }
+            #[test]
+            fn connections_beyond_max_conns_get_an_error_and_are_closed() {
+                super::connections_beyond_max_conns_get_an_error_and_are_closed(stringify!(
                     $backend
                 ));
             }
