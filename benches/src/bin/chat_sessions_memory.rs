@@ -90,6 +90,7 @@ fn main() {
         dir: dir.clone(),
         log: relay::chat::log::LogConfig::default(),
         sync_thread: false,
+        max_conns: relay::io::chat_io::MAX_CONNS,
         listener: std::net::TcpListener::bind("127.0.0.1:0").expect("listener"),
         mailbox: relay::io::mailbox::mailboxes(1)
             .expect("eventfd")
