@@ -18,6 +18,9 @@
 //!   slot, which forgets that entry early and is counted in [`Dedup::early_evictions`]: 6 in
 //!   3,145,728 inserts (1.9 in 10^6) at the default capacity of 2^20, by the test
 //!   `early_evictions_at_the_default_capacity_are_rare`.
+//! - Growing re-places every live entry at once on the shard thread: the last doubling, at
+//!   2^19 entries, is a one-time stall of some tens of milliseconds during the first 2^20
+//!   requests (or the replay after a restart).
 
 use foldhash::fast::SeedableRandomState;
 use proto::chat::MsgId;

@@ -24,25 +24,28 @@
 //! ```text
 //! segment header (32 bytes):
 //!   0  magic      8 bytes  "RELAYLOG"
-//!   8  version    u32      1
+//!   8  version    u32      2 (1: written by earlier builds, salt 0)
 //!  12  first_lsn  u64      must equal the number in the file name
-//!  20  reserved   u32      0
-//!  24  reserved   u32      0
+//!  20  salt       u64      random, nonzero, per segment file (0 in version 1)
 //!  28  crc        u32      CRC-32C of bytes 0..28
 //! record (9-byte header, then the payload):
-//!   0  crc        u32      CRC-32C of lsn (u64) ++ len (u32) ++ kind (u8) ++ payload
+//!   0  crc        u32      CRC-32C of salt (u64; left out when 0) ++ lsn (u64) ++ len (u32)
+//!                          ++ kind (u8) ++ payload
 //!   4  len        u32      payload length in bytes
 //!   8  kind       u8       the caller's record type
 //!   9  payload    len bytes
 //! ```
 //!
 //! A dead segment that compaction removes is renamed to `recycled.spare` instead of deleted
-//! when no spare exists and it is full-size; the next roll rewrites its header, syncs it, and
-//! renames it to the new segment's name. Appends then overwrite allocated, written blocks, so
-//! an fdatasync flushes data without an ext4 journal commit. The old records behind the new
-//! ones fail their CRC (their Lsn differs) and are the newest segment's torn tail; a roll cuts
-//! the file back to its last record first, so no older segment has bytes after its records.
-//! The spare is one segment of disk space beyond `disk_bytes`.
+//! when no spare exists and it is full-size; the next roll makes that rename durable, rewrites
+//! the header (with a new salt), syncs it, and renames the file to the new segment's name.
+//! Appends then overwrite allocated, written blocks, so an fdatasync flushes data without an
+//! ext4 journal commit. The old bytes behind the new records are the newest segment's torn
+//! tail: an old record, or a record frame planted in an old message body, fails its CRC, which
+//! covers the new salt and the Lsn. A roll cuts the file back to its last record first, so no
+//! older segment has bytes after its records. Disk use beyond `disk_bytes`: the spare (one
+//! segment) and the stale tail of the active segment when it was recycled (at most one more);
+//! until then, acknowledged content stays readable in those bytes.
 //!
 //! Records never straddle segments. A segment is rolled (a new file started) at the first
 //! append after the commit that made the active segment reach `segment_bytes`, so a roll
@@ -230,7 +233,9 @@ impl fmt::Display for LogCorruption {
 impl std::error::Error for LogCorruption {}
 
 const MAGIC: &[u8; 8] = b"RELAYLOG";
-const VERSION: u32 = 1;
+/// Segments written by this build. Version 1 (no salt: reserved bytes zero, record CRCs without
+/// it) is still read, and appended to when it is the newest segment at open.
+const VERSION: u32 = 2;
 const SEGMENT_HEADER_LEN: u64 = 32;
 const RECORD_HEADER_LEN: usize = 9;
 /// `append` writes (without syncing) once this many bytes are buffered: the bound on the
@@ -260,6 +265,8 @@ struct Segment {
     bytes: u64,
     /// Bytes in the file.
     disk_bytes: u64,
+    /// Mixed into every record CRC of this segment (0: a version 1 segment, no salt).
+    salt: u64,
 }
 
 impl Segment {
@@ -271,6 +278,7 @@ impl Segment {
             dead: Vec::new(),
             bytes: SEGMENT_HEADER_LEN,
             disk_bytes: 0,
+            salt: fresh_salt(first_lsn),
         }
     }
 
@@ -363,8 +371,8 @@ impl Log {
                 .write(true)
                 .open(segment_path(dir, last.first_lsn))?,
             None => {
-                let file = create_segment_file(dir, 1)?;
                 let mut seg = Segment::new(1);
+                let file = create_segment_file(dir, 1, seg.salt)?;
                 seg.disk_bytes = SEGMENT_HEADER_LEN;
                 segments.push_back(seg);
                 file
@@ -426,11 +434,12 @@ impl Log {
             self.segments.push_back(Segment::new(self.next_lsn));
         }
         let lsn = self.next_lsn;
-        encode_record(&mut self.buf, lsn, kind, payload);
-        self.segments
+        let seg = self
+            .segments
             .back_mut()
-            .expect("a log always has at least one segment")
-            .push_record((RECORD_HEADER_LEN + payload.len()) as u64);
+            .expect("a log always has at least one segment");
+        encode_record(&mut self.buf, seg.salt, lsn, kind, payload);
+        seg.push_record((RECORD_HEADER_LEN + payload.len()) as u64);
         self.next_lsn += 1;
         self.n_uncommitted += 1;
         self.stats.n_appended += 1;
@@ -563,8 +572,10 @@ impl Log {
     /// tombstone in segment k, which refers to records in segments <= k, outlives them). If
     /// that leaves only the active segment and it is entirely dead, non-empty and fully
     /// committed, starts a fresh segment and deletes the old one too, so that a fully
-    /// acknowledged log takes only a segment header on disk. Returns the bytes of the deleted
-    /// files (the fresh segment's 32-byte header is not subtracted).
+    /// acknowledged log holds only a segment header (`disk_bytes`; the files may be larger:
+    /// the kept spare and a recycled file's stale tail, see the module documentation).
+    /// Returns the bytes of the segments deleted or kept as the spare (the fresh segment's
+    /// 32-byte header is not subtracted).
     pub fn compact(&mut self) -> io::Result<u64> {
         self.check_usable()?;
         let done = self.compact_inner();
@@ -638,8 +649,8 @@ impl Log {
             if !self.segments[i].on_disk() {
                 self.seal_active(i - 1)?;
                 self.sync_file()?;
-                let first_lsn = self.segments[i].first_lsn;
-                self.file = self.new_segment_file(first_lsn)?;
+                let (first_lsn, salt) = (self.segments[i].first_lsn, self.segments[i].salt);
+                self.file = self.new_segment_file(first_lsn, salt)?;
                 self.note_written(SEGMENT_HEADER_LEN);
                 self.stats.n_segments_created += 1;
                 self.segments[i].disk_bytes = SEGMENT_HEADER_LEN;
@@ -684,36 +695,46 @@ impl Log {
     /// changes no file metadata and each fdatasync is a data flush without an ext4 journal
     /// commit (the reason PostgreSQL recycles its WAL segments): p50 183 against 342 us per
     /// 32 KiB fdatasync with two writers here (`chatperf fsync`, perf/CHAT_RESULTS.md). Its old records
-    /// after the new ones fail their CRC (the Lsn is part of it), which recovery reads as the
-    /// torn tail. The header is written and synced before the rename, so a file that carries
-    /// a segment's name always has that segment's header.
-    fn new_segment_file(&mut self, first_lsn: u64) -> io::Result<File> {
+    /// after the new ones are the torn tail for recovery: each record's CRC covers the new
+    /// segment's random salt and its Lsn, so neither an old record nor a record frame a peer
+    /// planted inside an old message body can pass as one of the new segment's.
+    ///
+    /// Crash order: the rename that made the spare is made durable (directory fsync) before
+    /// the spare's first block is overwritten, and the new header is synced before the rename
+    /// that gives the file its new name; so after a power loss every segment name holds that
+    /// segment's own header.
+    fn new_segment_file(&mut self, first_lsn: u64, salt: u64) -> io::Result<File> {
         if std::mem::take(&mut self.has_spare) {
+            // The dead segment renamed to the spare may still have its old name on disk.
+            self.sync_dir()?;
             let spare = self.dir.join(SPARE_NAME);
-            let reused = (|| -> io::Result<File> {
-                let file = OpenOptions::new().write(true).open(&spare)?;
-                file.write_all_at(&segment_header(first_lsn), 0)?;
-                if self.cfg.sync == SyncMode::Data {
-                    file.sync_data()?;
-                    self.stats.n_syncs += 1;
-                }
-                fs::rename(&spare, segment_path(&self.dir, first_lsn))?;
-                Ok(file)
-            })();
-            match reused {
+            let opened = OpenOptions::new()
+                .write(true)
+                .open(&spare)
+                .and_then(|file| {
+                    file.write_all_at(&segment_header(first_lsn, salt), 0)?;
+                    Ok(file)
+                });
+            match opened {
                 Ok(file) => {
+                    // A failed sync poisons the log like any other (the caller's error path).
+                    if self.cfg.sync == SyncMode::Data {
+                        file.sync_data()?;
+                        self.stats.n_syncs += 1;
+                    }
+                    fs::rename(&spare, segment_path(&self.dir, first_lsn))?;
                     self.file_len = file.metadata()?.len();
                     self.stats.n_segments_recycled += 1;
                     return Ok(file);
                 }
-                // A spare that cannot be reused is only disk space: drop it, make a new file.
+                // A spare that cannot be opened or written is only disk space: drop it.
                 Err(_) => {
                     let _ = fs::remove_file(&spare);
                 }
             }
         }
         self.file_len = SEGMENT_HEADER_LEN;
-        create_segment_file(&self.dir, first_lsn)
+        create_segment_file(&self.dir, first_lsn, salt)
     }
 
     fn note_written(&mut self, n: u64) {
@@ -761,13 +782,13 @@ impl Log {
             let active = self.segments.len() - 1;
             self.seal_active(active)?;
             self.sync_file()?;
-            self.file = self.new_segment_file(self.next_lsn)?;
+            let mut seg = Segment::new(self.next_lsn);
+            self.file = self.new_segment_file(seg.first_lsn, seg.salt)?;
             self.note_written(SEGMENT_HEADER_LEN);
             self.stats.n_segments_created += 1;
             self.dir_dirty = true;
             self.sync_file()?;
             self.sync_dir()?;
-            let mut seg = Segment::new(self.next_lsn);
             seg.disk_bytes = SEGMENT_HEADER_LEN;
             self.segments.push_back(seg);
             self.disk_bytes += SEGMENT_HEADER_LEN;
@@ -796,6 +817,7 @@ impl Log {
             if !self.has_spare && front.disk_bytes >= self.cfg.segment_bytes {
                 fs::rename(&path, self.dir.join(SPARE_NAME))?;
                 self.has_spare = true;
+                self.dir_dirty = true;
             } else {
                 fs::remove_file(&path)?;
             }
@@ -843,9 +865,9 @@ fn replay(dir: &Path) -> io::Result<(VecDeque<Segment>, Vec<Record>, u64)> {
 }
 
 /// Appends one record frame to `buf`.
-fn encode_record(buf: &mut Vec<u8>, lsn: u64, kind: u8, payload: &[u8]) {
+fn encode_record(buf: &mut Vec<u8>, salt: u64, lsn: u64, kind: u8, payload: &[u8]) {
     let len = u32::try_from(payload.len()).expect("payload length checked against a u32 bound");
-    let crc = record_crc(lsn, len, kind, payload);
+    let crc = record_crc(salt, lsn, len, kind, payload);
     buf.reserve(RECORD_HEADER_LEN + payload.len());
     buf.extend_from_slice(&crc.to_le_bytes());
     buf.extend_from_slice(&len.to_le_bytes());
@@ -853,19 +875,40 @@ fn encode_record(buf: &mut Vec<u8>, lsn: u64, kind: u8, payload: &[u8]) {
     buf.extend_from_slice(payload);
 }
 
-fn record_crc(lsn: u64, len: u32, kind: u8, payload: &[u8]) -> u32 {
+/// CRC-32C of `salt ++ lsn ++ len ++ kind ++ payload`; a version 1 segment (salt 0) has no
+/// salt in it.
+fn record_crc(salt: u64, lsn: u64, len: u32, kind: u8, payload: &[u8]) -> u32 {
     let mut head = [0u8; 13];
     head[..8].copy_from_slice(&lsn.to_le_bytes());
     head[8..12].copy_from_slice(&len.to_le_bytes());
     head[12] = kind;
-    !crc32c_update(crc32c_update(!0, &head), payload)
+    let mut crc = !0;
+    if salt != 0 {
+        crc = crc32c_update(crc, &salt.to_le_bytes());
+    }
+    !crc32c_update(crc32c_update(crc, &head), payload)
 }
 
-fn segment_header(first_lsn: u64) -> [u8; SEGMENT_HEADER_LEN as usize] {
+/// A segment's salt: unpredictable to peers (std's per-process random SipHash keys over the
+/// first Lsn and the clock), never 0.
+fn fresh_salt(first_lsn: u64) -> u64 {
+    use std::hash::BuildHasher;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    std::collections::hash_map::RandomState::new()
+        .hash_one((first_lsn, now))
+        .max(1)
+}
+
+/// A segment header: version 2 with `salt`, or version 1 for salt 0 (only tests write those).
+fn segment_header(first_lsn: u64, salt: u64) -> [u8; SEGMENT_HEADER_LEN as usize] {
     let mut h = [0u8; SEGMENT_HEADER_LEN as usize];
+    let version: u32 = if salt == 0 { 1 } else { VERSION };
     h[..8].copy_from_slice(MAGIC);
-    h[8..12].copy_from_slice(&VERSION.to_le_bytes());
+    h[8..12].copy_from_slice(&version.to_le_bytes());
     h[12..20].copy_from_slice(&first_lsn.to_le_bytes());
+    h[20..28].copy_from_slice(&salt.to_le_bytes());
     let crc = !crc32c_update(!0, &h[..28]);
     h[28..32].copy_from_slice(&crc.to_le_bytes());
     h
@@ -876,12 +919,12 @@ fn segment_path(dir: &Path, first_lsn: u64) -> PathBuf {
 }
 
 /// Creates a segment file holding only its header. The caller syncs file and directory.
-fn create_segment_file(dir: &Path, first_lsn: u64) -> io::Result<File> {
+fn create_segment_file(dir: &Path, first_lsn: u64, salt: u64) -> io::Result<File> {
     let file = OpenOptions::new()
         .write(true)
         .create_new(true)
         .open(segment_path(dir, first_lsn))?;
-    file.write_all_at(&segment_header(first_lsn), 0)?;
+    file.write_all_at(&segment_header(first_lsn, salt), 0)?;
     Ok(file)
 }
 
@@ -923,32 +966,37 @@ struct Scan {
     defect: Option<String>,
 }
 
-/// Checks a segment header. `Ok(false)` means torn or missing (the data is shorter than a
-/// header, or the magic or CRC does not match); a well-formed header that disagrees with
-/// this code is an error in any segment.
-fn check_header(path: &Path, first_lsn: u64, data: &[u8]) -> io::Result<bool> {
+/// Checks a segment header and returns its salt (0 for version 1). `Ok(None)` means torn or
+/// missing (the data is shorter than a header, or the magic or CRC does not match); a
+/// well-formed header that disagrees with this code is an error in any segment.
+fn check_header(path: &Path, first_lsn: u64, data: &[u8]) -> io::Result<Option<u64>> {
     let Some(h) = data.get(..SEGMENT_HEADER_LEN as usize) else {
-        return Ok(false);
+        return Ok(None);
     };
     let crc = u32::from_le_bytes(h[28..32].try_into().expect("4-byte slice"));
     if &h[..8] != MAGIC || crc != !crc32c_update(!0, &h[..28]) {
-        return Ok(false);
+        return Ok(None);
     }
     let version = u32::from_le_bytes(h[8..12].try_into().expect("4-byte slice"));
     let lsn = u64::from_le_bytes(h[12..20].try_into().expect("8-byte slice"));
-    if version != VERSION {
-        let reason = format!("unsupported segment version {version} (this build reads {VERSION})");
+    let salt = u64::from_le_bytes(h[20..28].try_into().expect("8-byte slice"));
+    if version != 1 && version != VERSION {
+        let reason =
+            format!("unsupported segment version {version} (this build reads 1 and {VERSION})");
         return Err(corruption(path, 8, reason));
     }
-    if lsn != first_lsn || h[20..28] != [0u8; 8] {
-        let reason = format!("header says first Lsn {lsn} (or has reserved bits set)");
+    if lsn != first_lsn || (version == 1) != (salt == 0) {
+        let reason = format!(
+            "header says first Lsn {lsn}, version {version}, salt {salt:#x} (a version 1 \
+             header has salt 0, a version 2 header a nonzero one)"
+        );
         return Err(corruption(path, 12, reason));
     }
-    Ok(true)
+    Ok(Some(salt))
 }
 
 /// Reads records after the header until the data ends or a record is short or fails its CRC.
-fn scan_records(data: &[u8], first_lsn: u64, out: &mut Vec<Record>) -> Scan {
+fn scan_records(data: &[u8], first_lsn: u64, salt: u64, out: &mut Vec<Record>) -> Scan {
     let mut off = SEGMENT_HEADER_LEN as usize;
     let mut lsn = first_lsn;
     let defect = loop {
@@ -970,7 +1018,7 @@ fn scan_records(data: &[u8], first_lsn: u64, out: &mut Vec<Record>) -> Scan {
                 "record of {len} bytes runs past the end of the file"
             ));
         };
-        if record_crc(lsn, len, kind, payload) != crc {
+        if record_crc(salt, lsn, len, kind, payload) != crc {
             break Some(format!("record with Lsn {lsn} fails its CRC"));
         }
         out.push(Record {
@@ -999,21 +1047,22 @@ fn recover_segment(
     out: &mut Vec<Record>,
 ) -> io::Result<(Segment, u64)> {
     let mut seg = Segment::new(first_lsn);
-    if !check_header(path, first_lsn, data)? {
+    let Some(salt) = check_header(path, first_lsn, data)? else {
         if !newest {
             let reason = format!("torn or missing segment header ({} bytes)", data.len());
             return Err(corruption(path, 0, reason));
         }
         // A crash between creating the file and syncing its header: nothing in it was
-        // committed. Start it afresh.
+        // committed. Start it afresh (with the fresh salt of `seg`).
         let file = OpenOptions::new().write(true).truncate(true).open(path)?;
-        file.write_all_at(&segment_header(first_lsn), 0)?;
+        file.write_all_at(&segment_header(first_lsn, seg.salt), 0)?;
         file.sync_all()?;
         seg.disk_bytes = SEGMENT_HEADER_LEN;
         return Ok((seg, data.len() as u64));
-    }
+    };
+    seg.salt = salt;
     let n_before = out.len();
-    let scan = scan_records(data, first_lsn, out);
+    let scan = scan_records(data, first_lsn, salt, out);
     let mut torn = 0;
     if let Some(reason) = scan.defect {
         if !newest {
@@ -1293,7 +1342,7 @@ mod tests {
         let expected = write(&mut log, 1, 100, 10);
         drop(log);
         let next = segment_path(&tmp.0, 100);
-        let header = segment_header(100);
+        let header = segment_header(100, 7);
         // A crash right after creating the next segment: empty, partial header, garbage.
         for content in [&[][..], &header[..10], &header[..31], &[0u8; 4096][..]] {
             let t = tmp.copy("emptyseg-trial");
@@ -1452,7 +1501,10 @@ mod tests {
         // Every older segment, the recycled one too once rolled past, ends at its last record.
         for (first_lsn, path) in &now[..now.len() - 1] {
             let data = fs::read(path).unwrap();
-            let scan = scan_records(&data, *first_lsn, &mut Vec::new());
+            let salt = check_header(path, *first_lsn, &data)
+                .unwrap()
+                .expect("a header");
+            let scan = scan_records(&data, *first_lsn, salt, &mut Vec::new());
             assert_eq!(scan.defect, None, "{}", path.display());
             assert_eq!(scan.valid_len, data.len() as u64);
         }
@@ -1495,6 +1547,74 @@ mod tests {
             "the old records were cut"
         );
         assert_eq!(log.next_lsn(), Lsn(n));
+    }
+
+    #[test]
+    fn a_record_frame_planted_in_old_bytes_does_not_pass_without_the_segment_salt() {
+        // What a recycled segment's stale tail could hold: a complete record frame a peer put
+        // in a message body, placed where the next record would start, for the next Lsn.
+        let tmp = TempDir::new("planted");
+        let (mut log, _) = Log::open(&tmp.0, cfg(1 << 20)).unwrap();
+        let expected = write(&mut log, 1, 11, 5);
+        drop(log);
+        let (_, path) = seg_files(&tmp.0).pop().unwrap();
+        let intact = fs::read(&path).unwrap();
+        let salt = check_header(&path, 1, &intact).unwrap().expect("a header");
+        assert_ne!(salt, 0, "new segments are salted");
+        let forged = |with_salt: u64| {
+            let mut f = intact.clone();
+            encode_record(&mut f, with_salt, 11, 1, b"forged entry");
+            f
+        };
+        // Without the salt (the unsalted formula, or a guess) it is a torn tail, cut off.
+        for guess in [0, salt ^ 1, 0x5eed] {
+            let t = tmp.copy("planted-trial");
+            fs::write(t.0.join(path.file_name().unwrap()), forged(guess)).unwrap();
+            let (log, recs) = Log::open(&t.0, cfg(1 << 20)).unwrap();
+            assert_eq!(recs, expected, "salt guess {guess:#x}");
+            assert!(log.stats().torn_bytes_truncated > 0);
+        }
+        // With it, the same bytes are a record: the salt is what stops the forgery.
+        let t = tmp.copy("planted-control");
+        fs::write(t.0.join(path.file_name().unwrap()), forged(salt)).unwrap();
+        let (_, recs) = Log::open(&t.0, cfg(1 << 20)).unwrap();
+        assert_eq!(recs.len(), expected.len() + 1);
+    }
+
+    #[test]
+    fn version_1_segments_are_read_and_appended_to() {
+        // A log as the previous build wrote it: version 1 headers, no salt in the CRCs.
+        let tmp = TempDir::new("v1");
+        fs::create_dir_all(&tmp.0).unwrap();
+        let mut data = segment_header(1, 0).to_vec();
+        assert_eq!(u32::from_le_bytes(data[8..12].try_into().unwrap()), 1);
+        let mut expected = Vec::new();
+        for n in 1..=5 {
+            let (kind, payload) = rec(n);
+            encode_record(&mut data, 0, n, kind, &payload);
+            expected.push(Record {
+                lsn: Lsn(n),
+                kind,
+                payload,
+            });
+        }
+        fs::write(segment_path(&tmp.0, 1), &data).unwrap();
+        let (mut log, recs) = Log::open(&tmp.0, cfg(1024)).unwrap();
+        assert_eq!(recs, expected);
+        // Appends continue in the version 1 segment, then roll into salted ones.
+        expected.extend(write(&mut log, 6, 200, 4));
+        drop(log);
+        let files = seg_files(&tmp.0);
+        assert!(files.len() > 2);
+        let first = fs::read(&files[0].1).unwrap();
+        assert_eq!(check_header(&files[0].1, 1, &first).unwrap(), Some(0));
+        let last = fs::read(&files[files.len() - 1].1).unwrap();
+        assert_ne!(
+            check_header(&files[files.len() - 1].1, files[files.len() - 1].0, &last).unwrap(),
+            Some(0)
+        );
+        let (_, recs) = Log::open(&tmp.0, cfg(1024)).unwrap();
+        assert_eq!(recs, expected);
     }
 
     #[test]

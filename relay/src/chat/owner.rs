@@ -355,7 +355,11 @@ impl Owner {
             };
             self.after_commit.push((home, d));
         }
-        self.dedup.insert(e.sender, e.msg_id, e.chat, e.seq);
+        // Only client requests can be retried; the relay's own DELIVERED receipts are not
+        // remembered (they would take slots from requests).
+        if from.is_some() {
+            self.dedup.insert(e.sender, e.msg_id, e.chat, e.seq);
+        }
         self.n_accepted += 1;
         self.records
             .push(records::ENTRY, |out| records::encode_entry(out, &e));
@@ -789,7 +793,9 @@ impl Owner {
                     lsn: Some(lsn),
                     committed: true,
                 });
-                self.remember(e.sender, e.msg_id, e.chat, e.seq);
+                if e.kind != kind::DELIVERED {
+                    self.remember(e.sender, e.msg_id, e.chat, e.seq);
+                }
             }
             Rec::Ack { chat, user, seq } => {
                 self.dead.push(lsn);

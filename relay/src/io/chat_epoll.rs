@@ -98,7 +98,7 @@ impl EpollChat {
                 Err(_) => return,
             };
             if !self.core.has_room() {
-                self.core.refuse(stream);
+                self.core.refuse(now, stream);
                 continue;
             }
             if stream.set_nonblocking(true).is_err() {

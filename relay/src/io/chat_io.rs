@@ -44,6 +44,10 @@ pub const MAX_CONNS: usize = 1 << 17;
 /// How long a connection the engine closes may take to flush its last output (an ERROR frame);
 /// then it is closed anyway, so that a peer that stops reading cannot hold it open.
 pub const CLOSE_FLUSH_US: u64 = 5_000_000;
+/// How long a refused connection may linger after its ERROR, and how many may at once.
+pub const LINGER_US: u64 = 1_000_000;
+/// See [`LINGER_US`].
+pub const MAX_LINGERING: usize = 64;
 /// How often timers, compaction and checkpoints run.
 const HOUSEKEEPING_US: u64 = 100_000;
 /// A checkpoint (fresh chat snapshots) is written when the log spans this many segments.
@@ -100,6 +104,8 @@ pub struct ChatCore {
     /// is making durable.
     syncer: Option<Syncer>,
     pipeline: CommitPipeline,
+    /// Refused connections waiting for their peer to close, with their deadlines.
+    lingering: VecDeque<(std::net::TcpStream, u64)>,
     /// Messages taken from the rings this turn (at most `MAX_RECV_PER_TURN`), reused.
     received: Vec<ShardMsg>,
     /// Counters.
@@ -145,6 +151,7 @@ impl ChatCore {
             next_housekeeping_us: 0,
             flush_deadlines: VecDeque::new(),
             received: Vec::new(),
+            lingering: VecDeque::new(),
             counters: ChatIoCounters::default(),
         };
         Ok((core, listener))
@@ -157,9 +164,12 @@ impl ChatCore {
     }
 
     /// Refuses a connection beyond `max_conns`: one ERROR 13 ("unavailable, retry") written
-    /// without waiting (a new socket's send buffer has room for it), then the socket is
-    /// dropped, which closes it. Counted.
-    pub fn refuse(&mut self, stream: std::net::TcpStream) {
+    /// without waiting (a new socket's send buffer has room for it) and the write side shut
+    /// (a FIN after it). The socket then lingers for up to [`LINGER_US`] among at most
+    /// [`MAX_LINGERING`], its input (typically the peer's HELLO) read and dropped, so that
+    /// closing it with unread input does not reset the connection before the peer has read
+    /// the ERROR. Counted.
+    pub fn refuse(&mut self, now: Now, stream: std::net::TcpStream) {
         use std::io::Write as _;
         self.counters.refused += 1;
         let mut frame = Vec::with_capacity(64);
@@ -168,8 +178,13 @@ impl ChatCore {
             &[0; 16],
             "the shard is at its connection limit",
         );
-        if stream.set_nonblocking(true).is_ok() {
-            let _ = (&stream).write(&frame);
+        if stream.set_nonblocking(true).is_err() {
+            return;
+        }
+        let _ = (&stream).write(&frame);
+        let _ = stream.shutdown(std::net::Shutdown::Write);
+        if !peer_done(&stream) && self.lingering.len() < MAX_LINGERING {
+            self.lingering.push_back((stream, now.mono_us + LINGER_US));
         }
     }
 
@@ -239,6 +254,8 @@ impl ChatCore {
         self.engine.handle_shard_msgs(now, self.received.drain(..));
         if now.mono_us >= self.next_housekeeping_us {
             self.next_housekeeping_us = now.mono_us + HOUSEKEEPING_US;
+            self.lingering
+                .retain(|(s, until)| now.mono_us < *until && !peer_done(s));
             self.engine.handle_timeout(now);
             if self.log.n_segments() >= CHECKPOINT_SEGMENTS {
                 self.engine.checkpoint();
@@ -382,4 +399,21 @@ impl ChatCore {
             self.counters.refused,
         ]
     }
+}
+
+/// Reads and drops what a refused peer sent (non-blocking); true once it has closed (or the
+/// socket failed), false while it may still send.
+fn peer_done(stream: &std::net::TcpStream) -> bool {
+    use std::io::Read as _;
+    let mut sink = [0u8; 4096];
+    for _ in 0..16 {
+        match (&mut &*stream).read(&mut sink) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return false,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => return true,
+        }
+    }
+    false
 }

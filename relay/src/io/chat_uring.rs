@@ -235,7 +235,7 @@ impl UringChat {
             return;
         }
         if !self.core.has_room() {
-            self.core.refuse(stream);
+            self.core.refuse(self.now, stream);
             return;
         }
         let Ok(peer) = stream.peer_addr() else {

@@ -411,8 +411,12 @@ fn connections_beyond_max_conns_get_an_error_and_are_closed(io: &str) {
         .collect();
     let mut a = r.connect(on_shard_0[0]);
     let b = r.connect(on_shard_0[1]);
+    // A client sends its HELLO at once; the relay still answers with the ERROR, then closes.
     let mut refused = std::net::TcpStream::connect(r.addr(on_shard_0[2])).unwrap();
     refused.set_read_timeout(Some(T)).unwrap();
+    let mut hello = Vec::new();
+    proto::chat::Encoder::new(&mut hello).hello(r.token(on_shard_0[2]).as_bytes());
+    std::io::Write::write_all(&mut refused, &hello).unwrap();
     let mut resp = Vec::new();
     refused.read_to_end(&mut resp).unwrap();
     let (frame, n) = proto::chat::decode(&resp).unwrap().expect("an ERROR frame");
