@@ -1919,9 +1919,10 @@ mod tests {
             let s = log.stats();
             eprintln!(
                 "round {round}: committed {committed}, recovered {first}..={last}, floor \
-                 {floor}, {} segments, torn tail {} bytes",
+                 {floor}, {} segments, torn tail {} bytes, spare {}",
                 log.n_segments(),
-                s.torn_bytes_truncated
+                s.torn_bytes_truncated,
+                tmp.0.join(SPARE_NAME).exists()
             );
             drop(log);
         }
