@@ -120,6 +120,9 @@ pub struct ChatSettings {
     pub max_conns_per_ip: u32,
     /// Open connections per shard (1 to 131,072); a further one gets ERROR 13 and is closed.
     pub max_conns: usize,
+    /// Messages each ring between two shards holds (16 to 65,536). Beyond it messages wait in
+    /// a spill queue and the shard stops reading its clients until it drains.
+    pub ring_capacity: usize,
     /// Seconds a connection has to authenticate.
     pub hello_timeout_ms: u64,
     /// A reader that makes no progress for this long is disconnected.
@@ -141,6 +144,7 @@ impl Default for ChatSettings {
             window: c.window,
             max_conns_per_ip: c.max_conns_per_ip,
             max_conns: crate::io::chat_io::MAX_CONNS,
+            ring_capacity: crate::io::mailbox::RING_CAPACITY,
             hello_timeout_ms: c.hello_timeout_us / 1000,
             slow_reader_timeout_ms: c.slow_reader_timeout_us / 1000,
             max_out_bytes: c.max_out_bytes,
@@ -262,6 +266,14 @@ impl Config {
         if self.chat.max_conns == 0 || self.chat.max_conns > max {
             return Err(format!("[chat] max_conns must be between 1 and {max}"));
         }
+        let ring = crate::io::mailbox::RING_CAPACITY_RANGE;
+        if !ring.contains(&self.chat.ring_capacity) {
+            return Err(format!(
+                "[chat] ring_capacity must be between {} and {}",
+                ring.start(),
+                ring.end()
+            ));
+        }
         if self.ctl.is_some() && self.relay_id == 0 {
             return Err("a relay that talks to ctl needs a nonzero relay_id (--relay-id)".into());
         }
@@ -314,6 +326,15 @@ mod tests {
         for bad in [0, 131_073] {
             let e = with(bad).check().unwrap_err();
             assert!(e.contains("max_conns must be between 1 and 131072"), "{e}");
+        }
+        let ring = |n: u64| Config::parse(&format!("[chat]\nring_capacity = {n}")).unwrap();
+        assert!(ring(16).check().is_ok());
+        for bad in [15, 65_537] {
+            let e = ring(bad).check().unwrap_err();
+            assert!(
+                e.contains("ring_capacity must be between 16 and 65536"),
+                "{e}"
+            );
         }
     }
 }

@@ -77,7 +77,8 @@ impl Relay {
             ));
         }
         let mut mailboxes = match cfg.chat.port {
-            Some(_) => io::mailbox::mailboxes(n_shards).map_err(|e| format!("eventfd: {e}"))?,
+            Some(_) => io::mailbox::mailboxes(n_shards, cfg.chat.ring_capacity)
+                .map_err(|e| format!("eventfd: {e}"))?,
             None => Vec::new(),
         }
         .into_iter();

@@ -92,7 +92,7 @@ fn main() {
         sync_thread: false,
         max_conns: relay::io::chat_io::MAX_CONNS,
         listener: std::net::TcpListener::bind("127.0.0.1:0").expect("listener"),
-        mailbox: relay::io::mailbox::mailboxes(1)
+        mailbox: relay::io::mailbox::mailboxes(1, relay::io::mailbox::RING_CAPACITY)
             .expect("eventfd")
             .pop()
             .expect("one"),

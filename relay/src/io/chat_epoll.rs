@@ -236,7 +236,7 @@ impl EpollChat {
     }
 
     /// The values of [`super::ShardStats::CHAT_FIELDS`].
-    pub fn stats(&self) -> [u64; 10] {
+    pub fn stats(&self) -> [u64; 11] {
         self.core.stats()
     }
 }

@@ -384,7 +384,7 @@ impl ChatCore {
     }
 
     /// The values of [`super::ShardStats::CHAT_FIELDS`].
-    pub fn stats(&self) -> [u64; 10] {
+    pub fn stats(&self) -> [u64; 11] {
         let h = self.engine.home_counters();
         [
             self.engine.n_sessions() as u64,
@@ -397,6 +397,7 @@ impl ChatCore {
             h.deferred,
             self.engine.n_dedup_early_evictions(),
             self.counters.refused,
+            self.mailbox.spilled(),
         ]
     }
 }

@@ -649,7 +649,7 @@ impl UringChat {
     }
 
     /// The values of [`crate::io::ShardStats::CHAT_FIELDS`].
-    pub(super) fn stats(&self) -> [u64; 10] {
+    pub(super) fn stats(&self) -> [u64; 11] {
         self.core.stats()
     }
 

@@ -12,6 +12,8 @@ use std::sync::Arc;
 
 /// Messages per ring.
 pub const RING_CAPACITY: usize = 4096;
+/// The range `[chat] ring_capacity` may take.
+pub const RING_CAPACITY_RANGE: std::ops::RangeInclusive<usize> = 16..=65_536;
 /// Messages a shard takes from its rings per loop turn.
 pub const MAX_RECV_PER_TURN: usize = 4096;
 
@@ -62,12 +64,14 @@ pub struct Mailbox {
     outbound: Vec<Option<Producer<ShardMsg>>>,
     /// Messages a full ring refused, retried first next turn, in order.
     overflow: Vec<VecDeque<ShardMsg>>,
+    /// Messages that went to `overflow` since the start.
+    spilled: u64,
     wakers: Arc<Vec<Waker>>,
     to_wake: Vec<bool>,
 }
 
-/// Builds the mailboxes of `n` shards.
-pub fn mailboxes(n: usize) -> io::Result<Vec<Mailbox>> {
+/// Builds the mailboxes of `n` shards, each ring holding `capacity` messages.
+pub fn mailboxes(n: usize, capacity: usize) -> io::Result<Vec<Mailbox>> {
     let wakers: Arc<Vec<Waker>> =
         Arc::new((0..n).map(|_| Waker::new()).collect::<io::Result<_>>()?);
     let mut boxes: Vec<Mailbox> = (0..n)
@@ -76,6 +80,7 @@ pub fn mailboxes(n: usize) -> io::Result<Vec<Mailbox>> {
             inbound: (0..n).map(|_| None).collect(),
             outbound: (0..n).map(|_| None).collect(),
             overflow: (0..n).map(|_| VecDeque::new()).collect(),
+            spilled: 0,
             wakers: wakers.clone(),
             to_wake: vec![false; n],
         })
@@ -83,7 +88,7 @@ pub fn mailboxes(n: usize) -> io::Result<Vec<Mailbox>> {
     for from in 0..n {
         for to in 0..n {
             if from != to {
-                let (p, c) = ring::ring(RING_CAPACITY);
+                let (p, c) = ring::ring(capacity);
                 boxes[from].outbound[to] = Some(p);
                 boxes[to].inbound[from] = Some(c);
             }
@@ -104,6 +109,7 @@ impl Mailbox {
         let to = usize::from(to);
         if !self.overflow[to].is_empty() {
             self.overflow[to].push_back(m);
+            self.spilled += 1;
             return;
         }
         let ring = self.outbound[to]
@@ -111,6 +117,7 @@ impl Mailbox {
             .expect("no ring to self: local messages stay local");
         if let Err(m) = ring.push(m) {
             self.overflow[to].push_back(m);
+            self.spilled += 1;
         }
         self.to_wake[to] = true;
     }
@@ -139,6 +146,11 @@ impl Mailbox {
                 self.wakers[to].wake();
             }
         }
+    }
+
+    /// Messages that found their ring full and waited in a spill queue, since the start.
+    pub fn spilled(&self) -> u64 {
+        self.spilled
     }
 
     /// Whether messages wait in the spill queues.

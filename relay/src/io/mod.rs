@@ -183,7 +183,7 @@ impl ShardStats {
     ];
 
     /// Names of the chat counters, in storage order.
-    pub const CHAT_FIELDS: [&'static str; 10] = [
+    pub const CHAT_FIELDS: [&'static str; 11] = [
         "chat_sessions",
         "chat_pending",
         "chat_accepted",
@@ -194,10 +194,11 @@ impl ShardStats {
         "chat_deferred",
         "chat_dedup_early_evictions",
         "chat_refused",
+        "chat_spilled",
     ];
 
     /// Publishes the chat counters, in [`ShardStats::CHAT_FIELDS`] order.
-    pub fn publish_chat(&self, values: [u64; 10]) {
+    pub fn publish_chat(&self, values: [u64; 11]) {
         for (slot, v) in self.chat.iter().zip(values) {
             slot.store(v, Ordering::Relaxed);
         }

@@ -1370,7 +1370,7 @@ mod tests {
                 std::env::temp_dir().join(format!("relay-uring-chat-{tag}-{}", std::process::id()));
             let _ = std::fs::remove_dir_all(&dir);
             std::fs::create_dir_all(&dir).expect("data dir");
-            let mailbox = crate::io::mailbox::mailboxes(1)
+            let mailbox = crate::io::mailbox::mailboxes(1, crate::io::mailbox::RING_CAPACITY)
                 .expect("eventfd")
                 .pop()
                 .expect("one mailbox");

@@ -450,6 +450,54 @@ fn connections_beyond_max_conns_get_an_error_and_are_closed(io: &str) {
     assert_eq!(messages(&got)[0].body, b"room again");
 }
 
+/// With rings of 16 messages between the shards, a burst of 5,000 SENDs whose chat is owned
+/// by the other shard overflows the ring: messages wait in the spill queue while the home shard
+/// stops reading its clients, then it resumes; every message is stored once, answered with
+/// SENT and delivered once, in order.
+fn cross_shard_burst_spills_then_delivers_everything_in_order(io: &str) {
+    const N: usize = 5_000;
+    let r = ChatRelay::start_with_config(io, "[chat]\nring_capacity = 16\nmsgs_per_s = 1000000\n");
+    let (alice, bob) = (1u64..)
+        .filter(|&a| ids::home_shard(a, SHARDS) == 0)
+        .flat_map(|a| (1u64..200).map(move |b| (a, b)))
+        .find(|&(a, b)| a != b && ids::owner_shard(ids::direct_chat(a, b), SHARDS) == 1)
+        .unwrap();
+    let mut a = r.connect(alice);
+    let mut b = r.connect(bob);
+    let mut sent_ids = Vec::with_capacity(N);
+    for i in 0..N as u32 {
+        let id = relay::chat::client::new_msg_id();
+        a.queue(|e| e.send(&id, 0, bob, kind::TEXT, &[0; 16], &i.to_le_bytes()));
+        sent_ids.push(id);
+    }
+    // One write of all 5,000 frames (320 KB).
+    a.flush().unwrap();
+    let sent = collect(&mut a, N, |e| matches!(e, Event::Sent { .. }));
+    let mut acked: Vec<_> = sent
+        .iter()
+        .filter_map(|e| match e {
+            Event::Sent { msg_id, .. } => Some(*msg_id),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(acked.len(), N, "every SEND answered with SENT");
+    acked.sort_unstable();
+    acked.dedup();
+    assert_eq!(acked.len(), N, "once each");
+    let got = collect(&mut b, N, |e| matches!(e, Event::Message(_)));
+    let msgs = messages(&got);
+    assert_eq!(msgs.len(), N, "every message delivered");
+    for (i, m) in msgs.iter().enumerate() {
+        assert_eq!(m.msg_id, sent_ids[i], "in order, once");
+        assert_eq!(m.body, (i as u32).to_le_bytes());
+    }
+    assert!(msgs.windows(2).all(|w| w[0].seq < w[1].seq));
+    // The path under test was taken: messages waited in a spill queue.
+    let spilled = r.relay.wait_metric_sum(&r, "relay_chat_spilled_total", 1);
+    eprintln!("{io}: {spilled} messages waited in a spill queue");
+    assert!(spilled > 0);
+}
+
 /// A connection that never says HELLO and a recipient that stops reading are both closed (the
 /// latter within the flush deadline after the engine gives up on it), while others are served.
 fn silent_and_stalled_peers_are_closed(io: &str) {
@@ -638,6 +686,12 @@ macro_rules! chat_for_backend {
             #[test]
             fn connections_beyond_max_conns_get_an_error_and_are_closed() {
                 super::connections_beyond_max_conns_get_an_error_and_are_closed(stringify!(
+                    $backend
+                ));
+            }
+            #[test]
+            fn cross_shard_burst_spills_then_delivers_everything_in_order() {
+                super::cross_shard_burst_spills_then_delivers_everything_in_order(stringify!(
                     $backend
                 ));
             }
