@@ -275,12 +275,12 @@ fn pin_all_threads(pid: u32, cpu: usize) {
 }
 
 /// User and system CPU time of a whole process (all its threads, live and exited), in clock
-/// ticks, from /proc/<pid>/stat.
+/// ticks, from `/proc/<pid>/stat`.
 pub fn cpu_ticks(pid: u32) -> Option<(u64, u64)> {
     parse_stat_times(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
 }
 
-/// utime and stime are fields 14 and 15 of /proc/<pid>/stat (proc(5)); the command name in
+/// utime and stime are fields 14 and 15 of `/proc/<pid>/stat` (proc(5)); the command name in
 /// field 2 may contain spaces, so count from the last ')'.
 fn parse_stat_times(stat: &str) -> Option<(u64, u64)> {
     let rest = &stat[stat.rfind(')')? + 1..];
@@ -289,7 +289,7 @@ fn parse_stat_times(stat: &str) -> Option<(u64, u64)> {
 }
 
 /// On-CPU time of every live thread of `pid` in ns, summed: the first field of
-/// /proc/<pid>/task/<tid>/schedstat, which the scheduler keeps exactly (no tick sampling). It
+/// `/proc/<pid>/task/<tid>/schedstat`, which the scheduler keeps exactly (no tick sampling). It
 /// cannot split user from system time, which is what the tick-based [`cpu_ticks`] is for.
 pub fn cpu_total_ns(pid: u32) -> Option<u64> {
     let dir = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;

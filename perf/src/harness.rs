@@ -754,7 +754,7 @@ fn delta_u64(before: Option<u64>, after: Option<u64>) -> Option<u64> {
     Some(after?.saturating_sub(before?))
 }
 
-/// The relay binary next to this one (both live in target/<profile>/).
+/// The relay binary next to this one (both live in `target/<profile>/`).
 pub fn default_relay_bin() -> PathBuf {
     std::env::current_exe()
         .ok()

@@ -71,7 +71,7 @@ pub fn n_cpus() -> usize {
     usize::try_from(n).unwrap_or(1).max(1)
 }
 
-/// Clock ticks per second, the unit of utime/stime in /proc/<pid>/stat.
+/// Clock ticks per second, the unit of utime/stime in `/proc/<pid>/stat`.
 pub fn clock_ticks_per_s() -> u64 {
     // SAFETY: sysconf has no memory effects.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };

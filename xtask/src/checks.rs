@@ -66,6 +66,10 @@ pub fn test(args: &[String]) -> Result {
         "-D",
         "warnings",
     ])?;
+    // The API documentation builds without a warning (broken or private links, stray HTML).
+    run(Command::new(env!("CARGO"))
+        .args(["doc", "--workspace", "--no-deps", "--release"])
+        .env("RUSTDOCFLAGS", "-D warnings"))?;
     // One release build serves the unit tests, the integration tests (both backends) and perf.
     cargo(&["test", "--workspace", "--release"])?;
     if quick {

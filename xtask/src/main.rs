@@ -4,7 +4,7 @@
 //! - `demo [--duration S] [--rooms N] [--participants N] [--keep-running]`: the local demo,
 //!   ctl and a relay with simulated participants and a summary table (demo/).
 //! - `up [--relays N] [--shards N]`: ctl and N relays on loopback until Ctrl-C.
-//! - `test [--quick]`: format check, clippy (warnings denied), every unit and integration test
+//! - `test [--quick]`: format check, clippy and rustdoc (warnings denied), every unit and integration test
 //!   (both I/O backends), a short fuzz smoke run, benches and the perf harness at a tiny scale.
 //! - `callgrind`: user-space instructions per forwarding decision, counted with valgrind.
 //! - `bench`: the criterion benches and a table of their medians (target/criterion/SUMMARY.md).

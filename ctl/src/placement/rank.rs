@@ -274,12 +274,12 @@ impl Ranker {
     /// Pruned, and exact. With `m` the k-th best cost so far, a node can only enter the top k if
     /// `-ln(h) / w <= m`. Every node is hashed, but `ln` and the division run only for the few
     /// nodes that pass two necessary tests: an integer compare of the top 32 bits of the
-    /// not-yet-finished hash against a threshold per block of [`BLOCK`] nodes (from
-    /// `-ln(h) >= 1 - h` and the block's heaviest node; see [`coarse_floor`]), then
+    /// not-yet-finished hash against a threshold per block of `BLOCK` nodes (from
+    /// `-ln(h) >= 1 - h` and the block's heaviest node; see `coarse_floor`), then
     /// `2 (1 - h) < m w (1 + h)` (from `-ln(h) >= 2 (1 - h) / (1 + h)`, the first term of
     /// `2 atanh((1 - h) / (1 + h))`). So that `m` is nearly final from the start, the exact costs
-    /// of the k most promising of the [`BLOCK`] heaviest nodes are computed first. The bound
-    /// carries a relative slack ([`PRUNE_SLACK`], 2^-30) that dwarfs the rounding of `ln` and of
+    /// of the k most promising of the `BLOCK` heaviest nodes are computed first. The bound
+    /// carries a relative slack (`PRUNE_SLACK`, 2^-30) that dwarfs the rounding of `ln` and of
     /// the tests, so a node is skipped only if its computed cost is strictly above `m`: the
     /// result is bit-for-bit that of [`Self::top_k_unpruned`], which the tests check.
     ///

@@ -189,7 +189,7 @@ pub struct LogStats {
     /// Segment files created and deleted since open.
     pub n_segments_created: u64,
     pub n_segments_deleted: u64,
-    /// Deleted segment files kept and reused as a new segment (see [`SPARE_NAME`]).
+    /// Deleted segment files kept and reused as a new segment (the `recycled.spare` file).
     pub n_segments_recycled: u64,
     /// Records recovered by open, and bytes of torn tail it truncated.
     pub n_recovered: u64,
