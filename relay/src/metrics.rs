@@ -24,7 +24,12 @@ pub fn render(stats: &[Arc<ShardStats>], backend: Backend) -> String {
         &mut out,
         stats,
         &ShardStats::CHAT_FIELDS,
-        &["chat_sessions", "chat_pending", "chat_log_bytes"],
+        &[
+            "chat_sessions",
+            "chat_pending",
+            "chat_log_bytes",
+            "chat_spill_depth",
+        ],
     );
     let _ = writeln!(out, "# TYPE relay_drops_total counter");
     for (i, s) in stats.iter().enumerate() {

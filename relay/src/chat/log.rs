@@ -247,7 +247,7 @@ const SEGMENT_NAME_DIGITS: usize = 20;
 /// name, so recovery ignores it.
 const SPARE_NAME: &str = "recycled.spare";
 
-const _: () = assert!(SEGMENT_HEADER_LEN as usize == 8 + 4 + 8 + 4 + 4 + 4);
+const _: () = assert!(SEGMENT_HEADER_LEN as usize == 8 + 4 + 8 + 8 + 4);
 const _: () = assert!(RECORD_HEADER_LEN == 4 + 4 + 1);
 // A u64 in decimal has at most 20 digits, so the zero-padded names sort numerically.
 const _: () = assert!(u64::MAX.ilog10() + 1 == SEGMENT_NAME_DIGITS as u32);

@@ -844,7 +844,8 @@ impl Owner {
     }
 }
 
-/// The id of a relay-generated DELIVERED receipt: derived, so that a replayed ack makes the same.
+/// The id of a relay-generated DELIVERED receipt: derived from the acknowledging user and seq,
+/// so that the same acknowledgement makes the same frame. Receipts are not deduplicated.
 fn receipt_id(user: u64, seq: u64) -> MsgId {
     let mut id = [0u8; 16];
     id[..8].copy_from_slice(&user.to_le_bytes());

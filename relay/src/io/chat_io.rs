@@ -183,7 +183,11 @@ impl ChatCore {
         }
         let _ = (&stream).write(&frame);
         let _ = stream.shutdown(std::net::Shutdown::Write);
-        if !peer_done(&stream) && self.lingering.len() < MAX_LINGERING {
+        if !peer_done(&stream) {
+            // Full: the oldest goes, its peer has had the longest to read its ERROR.
+            if self.lingering.len() >= MAX_LINGERING {
+                self.lingering.pop_front();
+            }
             self.lingering.push_back((stream, now.mono_us + LINGER_US));
         }
     }
@@ -384,7 +388,7 @@ impl ChatCore {
     }
 
     /// The values of [`super::ShardStats::CHAT_FIELDS`].
-    pub fn stats(&self) -> [u64; 11] {
+    pub fn stats(&self) -> [u64; 12] {
         let h = self.engine.home_counters();
         [
             self.engine.n_sessions() as u64,
@@ -398,6 +402,7 @@ impl ChatCore {
             self.engine.n_dedup_early_evictions(),
             self.counters.refused,
             self.mailbox.spilled(),
+            self.mailbox.spill_depth() as u64,
         ]
     }
 }

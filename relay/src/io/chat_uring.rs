@@ -649,7 +649,7 @@ impl UringChat {
     }
 
     /// The values of [`crate::io::ShardStats::CHAT_FIELDS`].
-    pub(super) fn stats(&self) -> [u64; 11] {
+    pub(super) fn stats(&self) -> [u64; 12] {
         self.core.stats()
     }
 

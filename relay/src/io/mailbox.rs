@@ -66,6 +66,9 @@ pub struct Mailbox {
     overflow: Vec<VecDeque<ShardMsg>>,
     /// Messages that went to `overflow` since the start.
     spilled: u64,
+    /// The inbound ring `receive` starts with, rotating, so that one full ring cannot take
+    /// the whole per-turn budget every turn.
+    first_inbound: usize,
     wakers: Arc<Vec<Waker>>,
     to_wake: Vec<bool>,
 }
@@ -81,6 +84,7 @@ pub fn mailboxes(n: usize, capacity: usize) -> io::Result<Vec<Mailbox>> {
             outbound: (0..n).map(|_| None).collect(),
             overflow: (0..n).map(|_| VecDeque::new()).collect(),
             spilled: 0,
+            first_inbound: 0,
             wakers: wakers.clone(),
             to_wake: vec![false; n],
         })
@@ -158,10 +162,17 @@ impl Mailbox {
         self.overflow.iter().any(|q| !q.is_empty())
     }
 
-    /// Takes up to [`MAX_RECV_PER_TURN`] messages from the inbound rings.
+    /// Takes up to [`MAX_RECV_PER_TURN`] messages from the inbound rings, starting each turn
+    /// with the next ring in turn (each ring keeps its order).
     pub fn receive(&mut self, mut handle: impl FnMut(ShardMsg)) -> usize {
+        let rings = self.inbound.len();
+        let first = self.first_inbound % rings.max(1);
+        self.first_inbound = first + 1;
         let mut n = 0;
-        for c in self.inbound.iter_mut().flatten() {
+        for k in 0..rings {
+            let Some(c) = self.inbound[(first + k) % rings].as_mut() else {
+                continue;
+            };
             while n < MAX_RECV_PER_TURN {
                 let Some(m) = c.pop() else { break };
                 handle(m);
@@ -169,6 +180,11 @@ impl Mailbox {
             }
         }
         n
+    }
+
+    /// Messages waiting in the spill queues now.
+    pub fn spill_depth(&self) -> usize {
+        self.overflow.iter().map(VecDeque::len).sum()
     }
 
     /// Announces that this shard is about to sleep; returns false (and cancels) when a
@@ -187,5 +203,58 @@ impl Mailbox {
     /// Marks this shard awake.
     pub fn woke(&self) {
         self.wakers[self.me].sleeping.store(false, Ordering::SeqCst);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(user: u64) -> ShardMsg {
+        ShardMsg::BacklogCancel { user }
+    }
+
+    fn user(m: &ShardMsg) -> u64 {
+        match m {
+            ShardMsg::BacklogCancel { user } => *user,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_full_ring_does_not_starve_the_others_and_spills_keep_order() {
+        let mut boxes = mailboxes(3, 2 * MAX_RECV_PER_TURN).unwrap();
+        let mut b2 = boxes.pop().unwrap();
+        let mut b1 = boxes.pop().unwrap();
+        let mut b0 = boxes.pop().unwrap();
+        // Shard 0 sends more than one turn's budget (and more than its ring: the rest
+        // spills), shard 2 one message.
+        let n0 = 2 * MAX_RECV_PER_TURN as u64 + 10;
+        for u in 0..n0 {
+            b0.send(1, msg(u));
+        }
+        assert_eq!(b0.spill_depth(), 10);
+        assert_eq!(b0.spilled(), 10);
+        assert!(b0.backlogged());
+        b2.send(1, msg(u64::MAX));
+        let mut turns: Vec<Vec<u64>> = Vec::new();
+        while turns.len() < 4 {
+            let mut got = Vec::new();
+            b1.receive(|m| got.push(user(&m)));
+            b0.flush();
+            turns.push(got);
+        }
+        // The first turn is shard 0's budget; the second starts with shard 2's ring.
+        assert_eq!(turns[0].len(), MAX_RECV_PER_TURN);
+        assert_eq!(turns[1].first(), Some(&u64::MAX));
+        // Shard 0's messages arrive once each, in order, spilled ones included.
+        let from0: Vec<u64> = turns
+            .concat()
+            .into_iter()
+            .filter(|&u| u != u64::MAX)
+            .collect();
+        assert_eq!(from0, (0..n0).collect::<Vec<_>>());
+        assert_eq!(b0.spill_depth(), 0);
+        assert!(!b0.backlogged());
     }
 }

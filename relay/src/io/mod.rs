@@ -183,7 +183,7 @@ impl ShardStats {
     ];
 
     /// Names of the chat counters, in storage order.
-    pub const CHAT_FIELDS: [&'static str; 11] = [
+    pub const CHAT_FIELDS: [&'static str; 12] = [
         "chat_sessions",
         "chat_pending",
         "chat_accepted",
@@ -195,10 +195,11 @@ impl ShardStats {
         "chat_dedup_early_evictions",
         "chat_refused",
         "chat_spilled",
+        "chat_spill_depth",
     ];
 
     /// Publishes the chat counters, in [`ShardStats::CHAT_FIELDS`] order.
-    pub fn publish_chat(&self, values: [u64; 11]) {
+    pub fn publish_chat(&self, values: [u64; 12]) {
         for (slot, v) in self.chat.iter().zip(values) {
             slot.store(v, Ordering::Relaxed);
         }
