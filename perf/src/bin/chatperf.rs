@@ -156,15 +156,24 @@ fn print_table(rows: &[Row]) {
     }
 }
 
-fn relay_row(
-    bin: &std::path::Path,
-    io: &str,
-    chat_toml: &str,
+/// How the relay under test is started, the same for each of its rows.
+struct RelaySetup<'a> {
+    bin: &'a std::path::Path,
+    io: &'a str,
+    chat_toml: String,
     shards: u16,
-    cfg: LoadCfg,
-    base: u64,
-    name: &str,
-) -> Row {
+    /// What SENT means: "fdatasync", or "write only" under `--no-sync`.
+    persist: &'static str,
+}
+
+fn relay_row(setup: &RelaySetup<'_>, cfg: LoadCfg, base: u64, name: &str) -> Row {
+    let RelaySetup {
+        bin,
+        io,
+        ref chat_toml,
+        shards,
+        persist,
+    } = *setup;
     let offered = cfg.rate_per_pair.map(|r| r * cfg.pairs as f64);
     let mut rec_per_sync = None;
     let result = (|| -> anyhow::Result<LoadResult> {
@@ -193,11 +202,7 @@ fn relay_row(
     .map_err(|e| format!("{e:#}"));
     Row {
         name: name.into(),
-        persist: if chat_toml.starts_with("sync = false") {
-            "write only"
-        } else {
-            "fdatasync"
-        },
+        persist,
         offered,
         result,
         rec_per_sync,
@@ -316,15 +321,14 @@ fn cmd_run(flags: &Flags) -> anyhow::Result<bool> {
         ),
         Err(e) => println!("fdatasync probe failed: {e:#}"),
     }
-    let mut rows = vec![relay_row(
-        &bin,
-        &io,
-        &chat_toml,
+    let setup = RelaySetup {
+        bin: &bin,
+        io: &io,
+        chat_toml,
         shards,
-        cfg,
-        0,
-        "relay chat (max)",
-    )];
+        persist: if sync { "fdatasync" } else { "write only" },
+    };
+    let mut rows = vec![relay_row(&setup, cfg, 0, "relay chat (max)")];
     rows.push(pubsub_row("nats", cfg, "nats-server core (max)"));
     rows.push(pubsub_row("redis", cfg, "redis pub/sub (max)"));
     let relay_max = rows[0].result.as_ref().map_or(0.0, |r| r.rate);
@@ -336,10 +340,7 @@ fn cmd_run(flags: &Flags) -> anyhow::Result<bool> {
             ..cfg
         };
         rows.push(relay_row(
-            &bin,
-            &io,
-            &chat_toml,
-            shards,
+            &setup,
             half,
             1 << 40,
             if flags.has("rate") {

@@ -207,10 +207,6 @@ impl Owner {
         }
     }
 
-    fn remember(&mut self, sender: u64, msg_id: MsgId, chat: u64, seq: u64) {
-        self.dedup.insert(sender, msg_id, chat, seq);
-    }
-
     /// A retry of an accepted request is answered with its original outcome, and "sent" still
     /// waits for durability if the original has not committed yet.
     fn answer_duplicate(&mut self, from: Origin, msg_id: MsgId) -> bool {
@@ -355,11 +351,7 @@ impl Owner {
             };
             self.after_commit.push((home, d));
         }
-        // Only client requests can be retried; the relay's own DELIVERED receipts are not
-        // remembered (they would take slots from requests).
-        if from.is_some() {
-            self.dedup.insert(e.sender, e.msg_id, e.chat, e.seq);
-        }
+        remember(&mut self.dedup, &e);
         self.n_accepted += 1;
         self.records
             .push(records::ENTRY, |out| records::encode_entry(out, &e));
@@ -793,9 +785,7 @@ impl Owner {
                     lsn: Some(lsn),
                     committed: true,
                 });
-                if e.kind != kind::DELIVERED {
-                    self.remember(e.sender, e.msg_id, e.chat, e.seq);
-                }
+                remember(&mut self.dedup, &e);
             }
             Rec::Ack { chat, user, seq } => {
                 self.dead.push(lsn);
@@ -841,6 +831,15 @@ impl Owner {
     /// Chats owned here.
     pub fn n_chats(&self) -> usize {
         self.chats.len()
+    }
+}
+
+/// Files an accepted entry for retries, live and in replay alike. Only client requests can be
+/// retried; the relay's own DELIVERED receipts (which clients may not send) are left out, so
+/// they take no slots from requests.
+fn remember(dedup: &mut Dedup, e: &EntryRec) {
+    if e.kind != kind::DELIVERED {
+        dedup.insert(e.sender, e.msg_id, e.chat, e.seq);
     }
 }
 

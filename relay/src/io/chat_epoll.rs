@@ -236,7 +236,7 @@ impl EpollChat {
     }
 
     /// The values of [`super::ShardStats::CHAT_FIELDS`].
-    pub fn stats(&self) -> [u64; 12] {
+    pub fn stats(&self) -> super::ChatValues {
         self.core.stats()
     }
 }

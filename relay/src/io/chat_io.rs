@@ -388,7 +388,7 @@ impl ChatCore {
     }
 
     /// The values of [`super::ShardStats::CHAT_FIELDS`].
-    pub fn stats(&self) -> [u64; 12] {
+    pub fn stats(&self) -> super::ChatValues {
         let h = self.engine.home_counters();
         [
             self.engine.n_sessions() as u64,

@@ -649,7 +649,7 @@ impl UringChat {
     }
 
     /// The values of [`crate::io::ShardStats::CHAT_FIELDS`].
-    pub(super) fn stats(&self) -> [u64; 12] {
+    pub(super) fn stats(&self) -> crate::io::ChatValues {
         self.core.stats()
     }
 

@@ -162,6 +162,9 @@ pub struct ShardStats {
     chat: [AtomicU64; ShardStats::CHAT_FIELDS.len()],
 }
 
+/// The chat counters' values, in [`ShardStats::CHAT_FIELDS`] order.
+pub type ChatValues = [u64; ShardStats::CHAT_FIELDS.len()];
+
 /// How often a shard publishes its counters.
 pub const PUBLISH_INTERVAL_US: u64 = 100_000;
 
@@ -199,7 +202,7 @@ impl ShardStats {
     ];
 
     /// Publishes the chat counters, in [`ShardStats::CHAT_FIELDS`] order.
-    pub fn publish_chat(&self, values: [u64; 12]) {
+    pub fn publish_chat(&self, values: ChatValues) {
         for (slot, v) in self.chat.iter().zip(values) {
             slot.store(v, Ordering::Relaxed);
         }
