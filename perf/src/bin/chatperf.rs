@@ -98,6 +98,8 @@ struct Row {
     offered: Option<f64>,
     result: Result<LoadResult, String>,
     rec_per_sync: Option<f64>,
+    /// Log records per entry the relay accepted (messages and receipts), same window.
+    rec_per_entry: Option<f64>,
 }
 
 fn fmt_rate(r: f64) -> String {
@@ -154,6 +156,16 @@ fn print_table(rows: &[Row]) {
             ),
         }
     }
+    println!();
+    for r in rows {
+        if let Some(x) = r.rec_per_entry {
+            println!(
+                "{}: {x:.2} log records per accepted entry (relay_chat_records_total / \
+                 relay_chat_accepted_total over the measured window)",
+                r.name
+            );
+        }
+    }
 }
 
 /// How the relay under test is started, the same for each of its rows.
@@ -175,7 +187,7 @@ fn relay_row(setup: &RelaySetup<'_>, cfg: LoadCfg, base: u64, name: &str) -> Row
         persist,
     } = *setup;
     let offered = cfg.rate_per_pair.map(|r| r * cfg.pairs as f64);
-    let mut rec_per_sync = None;
+    let (mut rec_per_sync, mut rec_per_entry) = (None, None);
     let result = (|| -> anyhow::Result<LoadResult> {
         let relay = servers::Relay::start(bin, io, shards, chat_toml)?;
         let target = Target::Relay {
@@ -184,18 +196,21 @@ fn relay_row(setup: &RelaySetup<'_>, cfg: LoadCfg, base: u64, name: &str) -> Row
             key: Box::new(relay.key.clone()),
             base,
         };
-        let before = Cell::new((0u64, 0u64));
-        let after = Cell::new((0u64, 0u64));
+        let before = Cell::new((0u64, 0u64, 0u64));
+        let after = Cell::new((0u64, 0u64, 0u64));
         let res = load::run(
             &target,
             cfg,
-            || before.set(relay.records_commits().unwrap_or_default()),
-            || after.set(relay.records_commits().unwrap_or_default()),
+            || before.set(relay.log_counters().unwrap_or_default()),
+            || after.set(relay.log_counters().unwrap_or_default()),
         )?;
-        let (r0, c0) = before.get();
-        let (r1, c1) = after.get();
+        let (r0, c0, a0) = before.get();
+        let (r1, c1, a1) = after.get();
         if c1 > c0 {
             rec_per_sync = Some((r1 - r0) as f64 / (c1 - c0) as f64);
+        }
+        if a1 > a0 {
+            rec_per_entry = Some((r1 - r0) as f64 / (a1 - a0) as f64);
         }
         Ok(res)
     })()
@@ -206,6 +221,7 @@ fn relay_row(setup: &RelaySetup<'_>, cfg: LoadCfg, base: u64, name: &str) -> Row
         offered,
         result,
         rec_per_sync,
+        rec_per_entry,
     }
 }
 
@@ -240,6 +256,7 @@ fn pubsub_row(which: &str, cfg: LoadCfg, name: &str) -> Row {
         offered,
         result,
         rec_per_sync: None,
+        rec_per_entry: None,
     }
 }
 

@@ -177,12 +177,14 @@ impl Relay {
         Ok(body)
     }
 
-    /// `relay_chat_records_total` and `relay_chat_commits_total`, summed over shards.
-    pub fn records_commits(&self) -> anyhow::Result<(u64, u64)> {
+    /// `relay_chat_records_total`, `relay_chat_commits_total` and
+    /// `relay_chat_accepted_total` (entries sequenced), summed over shards.
+    pub fn log_counters(&self) -> anyhow::Result<(u64, u64, u64)> {
         let t = self.metrics_text()?;
         Ok((
             wire::metric_sum(&t, "relay_chat_records_total"),
             wire::metric_sum(&t, "relay_chat_commits_total"),
+            wire::metric_sum(&t, "relay_chat_accepted_total"),
         ))
     }
 
