@@ -60,6 +60,9 @@ fn main() -> ExitCode {
 
 fn run(flags: &Flags) -> Result<(), String> {
     let mut cfg = Config::load(flags)?;
+    // Every chat connection takes a descriptor (batch) or a registered-file slot (uring, where
+    // the limit applies per ring): the soft limit alone would cap chat near 1,024 connections.
+    relay::io::sys::raise_nofile_limit();
     // Block the stop signals before any thread starts, so every thread inherits the mask and
     // only the main thread receives them, synchronously, in `wait_for_stop_signal`.
     let signals = relay::signals::block_stop_signals().map_err(|e| format!("sigprocmask: {e}"))?;

@@ -40,20 +40,54 @@ impl RelayProc {
     /// Starts a relay, retrying on other ports when it cannot bind (another process may hold
     /// one). `extra` gives the extra flags for an attempt number.
     fn start_with(io: &str, shards: u16, extra: impl Fn(u16) -> Vec<String>) -> Self {
+        Self::start_limited(io, shards, None, extra)
+    }
+
+    /// [`RelayProc::start_with`], with RLIMIT_NOFILE set to `nofile` (soft, hard) in the
+    /// relay's process when given.
+    fn start_limited(
+        io: &str,
+        shards: u16,
+        nofile: Option<(u64, u64)>,
+        extra: impl Fn(u16) -> Vec<String>,
+    ) -> Self {
         for attempt in 0..5 {
-            if let Some(r) = Self::try_start(io, shards, &extra(attempt)) {
+            if let Some(r) = Self::try_start(io, shards, nofile, &extra(attempt)) {
                 return r;
             }
         }
         panic!("relay did not start in 5 attempts");
     }
 
-    fn try_start(io: &str, shards: u16, extra: &[String]) -> Option<Self> {
+    fn try_start(
+        io: &str,
+        shards: u16,
+        nofile: Option<(u64, u64)>,
+        extra: &[String],
+    ) -> Option<Self> {
         // Ports below the ephemeral range, spread by pid so that concurrent runs rarely collide.
         let slot = NEXT_PORT.fetch_add(1, Ordering::Relaxed) % 24;
         let base_port = 10_000 + (std::process::id() % 100) as u16 * 100 + slot * 4;
         let key = SigningKey::from_bytes(&[42; 32]);
-        let mut child = Command::new(env!("CARGO_BIN_EXE_relay"))
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_relay"));
+        if let Some((soft, hard)) = nofile {
+            use std::os::unix::process::CommandExt;
+            let lim = libc::rlimit {
+                rlim_cur: soft,
+                rlim_max: hard,
+            };
+            // SAFETY: setrlimit is async-signal-safe and reads a value copied into the closure.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0 {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::last_os_error())
+                    }
+                });
+            }
+        }
+        let mut child = cmd
             .args([
                 "--io",
                 io,

@@ -163,6 +163,11 @@ impl ChatCore {
         self.n_conns < self.max_conns
     }
 
+    /// Open connections at most (`[chat] max_conns`, clamped to [`MAX_CONNS`]).
+    pub fn max_conns(&self) -> usize {
+        self.max_conns
+    }
+
     /// Refuses a connection beyond `max_conns`: one ERROR 13 ("unavailable, retry") written
     /// without waiting (a new socket's send buffer has room for it) and the write side shut
     /// (a FIN after it). The socket then lingers for up to [`LINGER_US`] among at most

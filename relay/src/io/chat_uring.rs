@@ -1,9 +1,21 @@
-//! Chat on the `uring` backend, in the shard's one ring beside the media: a multishot accept on
-//! the listener, a multishot receive per connection into chat's own provided-buffer ring (buffer
-//! group [`CHAT_BGID`], separate from the datagrams' group 0), at most one send (or one wait for
-//! room to send) in flight per connection, and a multishot poll on the shard's waker eventfd.
-//! Everything else (engine, log and group commit, mailbox, limits, counters) is
+//! Chat on the `uring` backend, in the shard's one ring beside the media: [`N_ACCEPTS`] accepts
+//! on the listener, a multishot receive per connection into chat's own provided-buffer ring
+//! (buffer group [`CHAT_BGID`], separate from the datagrams' group 0), at most one send (or one
+//! wait for room to send) in flight per connection, and a multishot poll on the shard's waker
+//! eventfd. Everything else (engine, log and group commit, mailbox, limits, counters) is
 //! [`ChatCore`]'s, shared with the `batch` backend.
+//!
+//! Direct descriptors. Accepted sockets go straight into the ring's table of registered files
+//! (a direct descriptor, `IORING_FILE_INDEX_ALLOC`) and never into the process's descriptor
+//! table: every operation names them by slot (no descriptor lookup and reference count per
+//! operation), and a shard holds as many connections as its table has slots, which is
+//! `max_conns` plus [`SLOT_RESERVE`], capped by `RLIMIT_NOFILE` per ring rather than per
+//! process. A connection is refused (ERROR 13, see [`ChatCore::refuse`]) when the shard is at
+//! `max_conns` or its table is within [`SLOT_RESERVE`] of full; the refused socket is first
+//! installed as a regular descriptor (`IORING_OP_FIXED_FD_INSTALL`) so that the shared refusal
+//! path can write and linger on it. The peer's address comes with the accept (each of the
+//! [`N_ACCEPTS`] accepts has its own address buffer), since a direct descriptor has no
+//! `getpeername`. TCP_NODELAY is set on the listener and inherited by every accepted socket.
 //!
 //! Completions are handled as they are reaped ([`UringChat::handle_cqe`]): received buffers
 //! are queued in arrival order (with the end of each stream after its last bytes), sends and
@@ -18,7 +30,9 @@
 //! the connection's own buffer, which the kernel owns until the send completes; only then does
 //! the engine learn how much was written. A closed connection stays in the table, its
 //! operations cancelled, until its receive and its send have both completed; only then is its
-//! socket closed and its buffer freed, so a descriptor is never reused under an operation.
+//! slot closed (`IORING_OP_CLOSE`, batched with the turn's other SQEs) and its buffer freed, so
+//! a slot is never reused under an operation. An accept's address buffer belongs to the kernel
+//! while that accept is armed.
 //!
 //! Bounds. Connections: [`MAX_CONNS`] open, plus closed ones whose cancels are in flight.
 //! Received entries: one per buffer plus one end per connection. The to-do queue holds each
@@ -29,15 +43,15 @@
 //! waits in the kernel's overflow list (IORING_FEAT_NODROP, required) until the next enter.
 
 use super::{
-    BufRing, MEDIA_SQ, UD_ACCEPT, UD_CHAT_CANCEL, UD_CHAT_POLL, UD_CHAT_RECV, UD_CHAT_SEND,
-    UD_KIND, UD_WAKE,
+    BufRing, MEDIA_SQ, UD_ACCEPT, UD_CHAT_CANCEL, UD_CHAT_CLOSE, UD_CHAT_INSTALL, UD_CHAT_POLL,
+    UD_CHAT_RECV, UD_CHAT_SEND, UD_KIND, UD_WAKE,
 };
 use crate::chat::map::Map;
 use crate::chat::msg::ConnId;
 use crate::engine::Now;
 use crate::io::chat_io::{ChatCore, ChatIoCounters, ChatParts, MAX_CONNS};
 use crate::io::IoCounters;
-use io_uring::types::Fd;
+use io_uring::types::{DestinationSlot, Fd, Fixed};
 use io_uring::{cqueue, opcode, squeue, IoUring};
 use std::collections::VecDeque;
 use std::io;
@@ -59,6 +73,14 @@ pub(super) const CHAT_SQ_MIN: usize = 256;
 /// CQ entries reserved for chat: one per receive buffer, and room for per-connection
 /// completions (accepts, sends, ends of receives).
 pub(super) const CHAT_CQ: usize = CHAT_BUF_COUNT as usize + 512;
+/// Accepts armed at once, each with its own address buffer; each is re-armed once per turn, so
+/// a turn takes at most this many new connections.
+const N_ACCEPTS: usize = 8;
+/// Slots of the registered-file table beyond `max_conns`, and the margin below a full table at
+/// which connections are refused: room for the accepts and refusals of a few turns.
+const SLOT_RESERVE: usize = 8 * N_ACCEPTS;
+/// The kernel's bound on one ring's registered files (`IORING_MAX_FIXED_FILES`).
+const MAX_FIXED_FILES: usize = 1 << 20;
 
 const _: () = assert!(CHAT_BUF_COUNT.is_power_of_two());
 // Connection ids (one per accepted connection, never reused) stay below the kind bits: 2^56
@@ -74,8 +96,11 @@ pub(super) struct ChatUringStats {
     pub recv_arms: u64,
     /// Times the multishot accept was armed.
     pub accept_arms: u64,
-    /// Accepts that failed (EMFILE and the like).
+    /// Accepts that failed (ENFILE when the table is full, and the like), and refusals whose
+    /// socket could not be installed (closed without the ERROR).
     pub accept_errors: u64,
+    /// Closes of direct descriptors that failed (none expected).
+    pub close_errors: u64,
     /// Sends that found no room (EAGAIN or nothing written) and waited for POLLOUT.
     pub send_waits: u64,
     /// Times chat found its share of the SQ full and submitted early.
@@ -95,7 +120,8 @@ pub(super) struct ChatReport {
 }
 
 struct Conn {
-    stream: TcpStream,
+    /// The socket's direct descriptor.
+    slot: u32,
     inbuf: Vec<u8>,
     /// The bytes of the send in flight: the kernel reads them until the send completes.
     out: Vec<u8>,
@@ -131,6 +157,13 @@ enum Service {
     SqFull,
 }
 
+/// Where an accept's kernel writes the peer's address.
+#[derive(Clone, Copy)]
+struct AcceptAddr {
+    addr: libc::sockaddr_storage,
+    len: libc::socklen_t,
+}
+
 /// One shard's chat on io_uring.
 pub(super) struct UringChat {
     core: ChatCore,
@@ -139,9 +172,20 @@ pub(super) struct UringChat {
     conns: Map<ConnId, Conn>,
     received: VecDeque<Received>,
     todo: VecDeque<ConnId>,
-    accept_armed: bool,
+    /// Address buffers of the accepts; the kernel writes one while its accept is armed.
+    accept_addrs: Box<[AcceptAddr; N_ACCEPTS]>,
+    /// Bit `k`: accept `k` is armed.
+    accepts_armed: u32,
     wake_armed: bool,
-    /// Receives and sends in flight over all connections.
+    /// Slots of the registered-file table.
+    table: usize,
+    /// Slots holding a socket (accepted and not yet closed).
+    slots_used: usize,
+    /// Slots to close (their connection is gone, or their refusal is done).
+    to_close: Vec<u32>,
+    /// Slots of refused connections, to install as regular descriptors.
+    to_refuse: Vec<u32>,
+    /// Receives, sends, installs and closes in flight over all connections.
     n_ops: usize,
     spare: Vec<Vec<u8>>,
     now: Now,
@@ -169,6 +213,24 @@ impl UringChat {
         let (core, listener) = ChatCore::open(parts)?;
         // Blocking: io_uring then waits for readiness itself instead of failing with EAGAIN.
         listener.set_nonblocking(false)?;
+        // Accepted sockets inherit it; a direct descriptor has no setsockopt of its own here.
+        crate::io::sys::set_tcp_nodelay(listener.as_raw_fd())?;
+        let table = (core.max_conns() + SLOT_RESERVE)
+            .min(crate::io::sys::nofile_limit())
+            .min(MAX_FIXED_FILES);
+        if table <= SLOT_RESERVE {
+            return Err(io::Error::other(format!(
+                "RLIMIT_NOFILE ({table}) leaves chat on io_uring no room for connections"
+            )));
+        }
+        ring.submitter()
+            .register_files_sparse(table as u32)
+            .map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("registering {table} direct descriptors for chat: {e}"),
+                )
+            })?;
         let bufs = BufRing::new(n_bufs, CHAT_BUF_LEN, CHAT_BGID)?;
         bufs.register(ring)
             .map_err(|e| io::Error::new(e.kind(), super::explain_register(&e)))?;
@@ -179,8 +241,18 @@ impl UringChat {
             conns: Map::default(),
             received: VecDeque::with_capacity(usize::from(n_bufs)),
             todo: VecDeque::new(),
-            accept_armed: false,
+            accept_addrs: Box::new(
+                [AcceptAddr {
+                    addr: crate::io::sys::sockaddr_storage(),
+                    len: 0,
+                }; N_ACCEPTS],
+            ),
+            accepts_armed: 0,
             wake_armed: false,
+            table,
+            slots_used: 0,
+            to_close: Vec::new(),
+            to_refuse: Vec::new(),
             n_ops: 0,
             spare: Vec::new(),
             now: Now {
@@ -202,7 +274,15 @@ impl UringChat {
     pub(super) fn handle_cqe(&mut self, ud: u64, res: i32, flags: u32) {
         let id = ud & !UD_KIND;
         match ud & UD_KIND {
-            UD_ACCEPT => self.accepted(res, flags),
+            UD_ACCEPT => self.accepted(id as usize, res),
+            UD_CHAT_INSTALL => self.installed(id as u32, res),
+            UD_CHAT_CLOSE => {
+                self.n_ops -= 1;
+                self.slots_used -= 1;
+                if res < 0 {
+                    self.stats.close_errors += 1;
+                }
+            }
             UD_WAKE => {
                 if res >= 0 {
                     self.core.drain_waker();
@@ -219,33 +299,30 @@ impl UringChat {
         }
     }
 
-    fn accepted(&mut self, res: i32, flags: u32) {
-        if !cqueue::more(flags) {
-            self.accept_armed = false;
-        }
+    fn accepted(&mut self, k: usize, res: i32) {
+        self.accepts_armed &= !(1 << k);
         if res < 0 {
             if res != -libc::ECANCELED {
                 self.stats.accept_errors += 1;
             }
             return;
         }
-        // SAFETY: a successful accept returns a new descriptor that nothing else owns.
-        let stream = TcpStream::from(unsafe { OwnedFd::from_raw_fd(res) });
-        if self.stopping {
-            return;
-        }
-        if !self.core.has_room() {
-            self.core.refuse(self.now, stream);
-            return;
-        }
-        let Ok(peer) = stream.peer_addr() else {
+        // A successful accept into the table returns the slot it took.
+        let slot = res as u32;
+        self.slots_used += 1;
+        let peer = crate::io::sys::from_sockaddr(&self.accept_addrs[k].addr);
+        let Some(peer) = peer.filter(|_| !self.stopping) else {
+            self.to_close.push(slot);
             return;
         };
-        let _ = stream.set_nodelay(true);
+        if !self.core.has_room() || self.slots_used + SLOT_RESERVE > self.table {
+            self.to_refuse.push(slot);
+            return;
+        }
         let id = self.core.accept(self.now, peer.ip());
         debug_assert_eq!(id & UD_KIND, 0, "connection ids stay below the kind bits");
         let conn = Conn {
-            stream,
+            slot,
             inbuf: Vec::new(),
             out: Vec::new(),
             recv_armed: false,
@@ -261,6 +338,22 @@ impl UringChat {
         };
         self.conns.insert(id, conn);
         self.enqueue(id);
+    }
+
+    /// A refused connection's socket, installed as a regular descriptor (`res`), gets the
+    /// refusal; its slot is closed either way.
+    fn installed(&mut self, slot: u32, res: i32) {
+        self.n_ops -= 1;
+        self.to_close.push(slot);
+        if res < 0 {
+            self.stats.accept_errors += 1;
+            return;
+        }
+        // SAFETY: a successful install returns a new descriptor that nothing else owns.
+        let stream = TcpStream::from(unsafe { OwnedFd::from_raw_fd(res) });
+        if !self.stopping {
+            self.core.refuse(self.now, stream);
+        }
     }
 
     fn received(&mut self, id: ConnId, res: i32, flags: u32) {
@@ -402,6 +495,7 @@ impl UringChat {
             .is_some_and(|c| c.dead && !c.recv_armed && c.send_ud.is_none());
         if done {
             let c = self.conns.remove(&id).expect("checked above");
+            self.to_close.push(c.slot);
             if self.spare.len() < SPARE_SEND_BUFS && c.out.capacity() > 0 {
                 self.spare.push(c.out);
             }
@@ -470,7 +564,7 @@ impl UringChat {
     /// Queues what the connections in the to-do queue need, and the accept and the waker's
     /// poll if they are not armed. Returns false when the SQ had no room for everything.
     fn submit(&mut self, ring: &mut IoUring, io: &mut IoCounters) -> bool {
-        let mut room = true;
+        let mut room = self.close_and_refuse(ring, io);
         for _ in 0..self.todo.len() {
             let Some(id) = self.todo.pop_front() else {
                 break;
@@ -489,17 +583,26 @@ impl UringChat {
                 }
             }
         }
-        if !self.accept_armed {
-            let sqe = opcode::AcceptMulti::new(Fd(self.listener.as_raw_fd()))
-                .flags(libc::SOCK_CLOEXEC)
-                .build()
-                .user_data(UD_ACCEPT);
-            if self.push(ring, io, &sqe) {
-                self.accept_armed = true;
-                self.stats.accept_arms += 1;
-            } else {
-                room = false;
+        for k in 0..N_ACCEPTS {
+            if self.accepts_armed & (1 << k) != 0 {
+                continue;
             }
+            let a = &mut self.accept_addrs[k];
+            a.len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+            let sqe = opcode::Accept::new(
+                Fd(self.listener.as_raw_fd()),
+                (&raw mut a.addr).cast::<libc::sockaddr>(),
+                &raw mut a.len,
+            )
+            .file_index(Some(DestinationSlot::auto_target()))
+            .build()
+            .user_data(UD_ACCEPT | k as u64);
+            if !self.push(ring, io, &sqe) {
+                room = false;
+                break;
+            }
+            self.accepts_armed |= 1 << k;
+            self.stats.accept_arms += 1;
         }
         if !self.wake_armed {
             let sqe = opcode::PollAdd::new(Fd(self.core.waker_fd()), libc::POLLIN as u32)
@@ -515,6 +618,32 @@ impl UringChat {
         room
     }
 
+    /// Queues the closes of slots no longer used and the installs of refused connections.
+    /// Returns false when the SQ had no room for all of them.
+    fn close_and_refuse(&mut self, ring: &mut IoUring, io: &mut IoCounters) -> bool {
+        while let Some(&slot) = self.to_close.last() {
+            let sqe = opcode::Close::new(Fixed(slot))
+                .build()
+                .user_data(UD_CHAT_CLOSE | u64::from(slot));
+            if !self.push(ring, io, &sqe) {
+                return false;
+            }
+            self.to_close.pop();
+            self.n_ops += 1;
+        }
+        while let Some(&slot) = self.to_refuse.last() {
+            let sqe = opcode::FixedFdInstall::new(Fixed(slot), 0)
+                .build()
+                .user_data(UD_CHAT_INSTALL | u64::from(slot));
+            if !self.push(ring, io, &sqe) {
+                return false;
+            }
+            self.to_refuse.pop();
+            self.n_ops += 1;
+        }
+        true
+    }
+
     /// Queues the operations connection `id` needs.
     fn service(&mut self, ring: &mut IoUring, io: &mut IoCounters, id: ConnId) -> Service {
         let paused = self.core.reading_paused();
@@ -522,7 +651,7 @@ impl UringChat {
         let Some(c) = self.conns.get_mut(&id) else {
             return Service::Done;
         };
-        let fd = Fd(c.stream.as_raw_fd());
+        let fd = Fixed(c.slot);
         if c.dead {
             let recv = (c.recv_armed && !c.recv_cancelled).then_some(UD_CHAT_RECV | id);
             let send = c.send_ud.filter(|_| !c.send_cancelled);
@@ -579,7 +708,7 @@ impl UringChat {
         let Some(c) = self.conns.get_mut(&id) else {
             return true;
         };
-        let fd = Fd(c.stream.as_raw_fd());
+        let fd = Fixed(c.slot);
         let (sqe, ud) = if c.wait_writable {
             let ud = UD_CHAT_POLL | id;
             let sqe = opcode::PollAdd::new(fd, libc::POLLOUT as u32).build();
@@ -622,8 +751,10 @@ impl UringChat {
             if sq.len() + MEDIA_SQ < sq.capacity() {
                 // SAFETY: every chat SQE points at memory that outlives its operation: a
                 // connection's send buffer (kept, with the connection, until the send's
-                // completion), chat's buffer ring (registered for the driver's lifetime, which
-                // drains every operation before freeing it), or nothing.
+                // completion), an accept's address buffer (boxed in the driver, not re-armed
+                // until that accept's completion), chat's buffer ring (registered for the
+                // driver's lifetime, which drains every operation before freeing it), or
+                // nothing.
                 return unsafe { sq.push(sqe) }.is_ok();
             }
             drop(sq);
@@ -669,12 +800,14 @@ impl UringChat {
 
     /// Whether no chat operation is in flight.
     pub(super) fn idle(&self) -> bool {
-        !self.accept_armed && !self.wake_armed && self.n_ops == 0
+        self.accepts_armed == 0 && !self.wake_armed && self.n_ops == 0
     }
 
-    /// Closes every socket and unregisters the buffer ring, once [`UringChat::idle`].
+    /// Closes every socket (unregistering the table closes the direct descriptors) and
+    /// unregisters the buffer ring, once [`UringChat::idle`].
     pub(super) fn close_all(&mut self, ring: &IoUring) {
         self.conns.clear();
+        let _ = ring.submitter().unregister_files();
         let _ = ring.submitter().unregister_buf_ring(CHAT_BGID);
     }
 
@@ -685,7 +818,7 @@ impl UringChat {
             counters: self.core.counters,
             bufs_outstanding: self.bufs.n_held,
             ops_in_flight: self.n_ops
-                + usize::from(self.accept_armed)
+                + self.accepts_armed.count_ones() as usize
                 + usize::from(self.wake_armed),
         }
     }

@@ -152,6 +152,56 @@ pub fn available_cpus() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
+/// Sets TCP_NODELAY on `fd` (on a listener: inherited by the sockets it accepts).
+pub fn set_tcp_nodelay(fd: RawFd) -> io::Result<()> {
+    let on: libc::c_int = 1;
+    // SAFETY: a valid pointer to an int of the given length.
+    let r = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_NODELAY,
+            (&raw const on).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// The soft RLIMIT_NOFILE: descriptors per process, and registered files per io_uring.
+pub fn nofile_limit() -> usize {
+    let mut rl = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: a valid out-pointer.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) } != 0 {
+        return 1024;
+    }
+    usize::try_from(rl.rlim_cur).unwrap_or(usize::MAX)
+}
+
+/// Raises the soft RLIMIT_NOFILE to the hard one (the soft default, often 1,024, is meant for
+/// programs that use `select`); returns the soft limit now in force.
+pub fn raise_nofile_limit() -> usize {
+    let mut rl = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: a valid out-pointer.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) } == 0 && rl.rlim_cur < rl.rlim_max {
+        rl.rlim_cur = rl.rlim_max;
+        // SAFETY: a valid pointer; raising the soft limit up to the hard one needs no privilege,
+        // and a failure leaves the limit as it was.
+        unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &rl) };
+    }
+    nofile_limit()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -175,5 +225,38 @@ mod tests {
             assert_eq!(from_sockaddr(&ss), Some(a));
         }
         assert_eq!(from_sockaddr(&sockaddr_storage()), None);
+    }
+
+    fn nodelay(fd: RawFd) -> libc::c_int {
+        let mut v: libc::c_int = -1;
+        let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: valid pointers to an int and its length.
+        let r = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::IPPROTO_TCP,
+                libc::TCP_NODELAY,
+                (&raw mut v).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(r, 0);
+        v
+    }
+
+    /// The uring backend relies on it: its sockets are direct descriptors, set up only through
+    /// the listener.
+    #[test]
+    fn accepted_sockets_inherit_tcp_nodelay_from_the_listener() {
+        use std::os::fd::AsRawFd;
+        for set in [false, true] {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            if set {
+                set_tcp_nodelay(l.as_raw_fd()).unwrap();
+            }
+            let _c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+            let (s, _) = l.accept().unwrap();
+            assert_eq!(nodelay(s.as_raw_fd()) != 0, set, "listener nodelay {set}");
+        }
     }
 }

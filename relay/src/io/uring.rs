@@ -95,7 +95,7 @@ const UD_RECV: u64 = 1 << 56;
 const UD_CANCEL: u64 = 2 << 56;
 const UD_SEND: u64 = 3 << 56;
 const UD_REPLY: u64 = 4 << 56;
-/// Chat's kinds: the listener's multishot accept, the waker's multishot poll, a connection's
+/// Chat's kinds: the listener's accepts (the payload is the accept's address slot), the waker's multishot poll, a connection's
 /// multishot receive, its send, its wait for room to send, and cancels of its operations.
 const UD_ACCEPT: u64 = 5 << 56;
 const UD_WAKE: u64 = 6 << 56;
@@ -103,6 +103,10 @@ const UD_CHAT_RECV: u64 = 7 << 56;
 const UD_CHAT_SEND: u64 = 8 << 56;
 const UD_CHAT_POLL: u64 = 9 << 56;
 const UD_CHAT_CANCEL: u64 = 10 << 56;
+/// A refused connection's direct descriptor being installed as a regular one, and a direct
+/// descriptor's close; the payload is the slot.
+const UD_CHAT_INSTALL: u64 = 11 << 56;
+const UD_CHAT_CLOSE: u64 = 12 << 56;
 
 /// Pool sizes; the defaults are the constants above, tests shrink them to reach the edges.
 #[derive(Clone, Copy, Debug)]

@@ -51,6 +51,18 @@ impl ChatRelay {
     }
 
     fn start_with(io: &str, dir: PathBuf, chat_port: Option<u16>, extra: &[String]) -> Self {
+        Self::start_limited(io, dir, chat_port, None, extra)
+    }
+
+    /// [`ChatRelay::start_with`], the relay's RLIMIT_NOFILE set to `nofile` (soft, hard) when
+    /// given.
+    fn start_limited(
+        io: &str,
+        dir: PathBuf,
+        chat_port: Option<u16>,
+        nofile: Option<(u64, u64)>,
+        extra: &[String],
+    ) -> Self {
         // A fixed port when restarting on the same data; else one per attempt, below the
         // ephemeral range and away from the UDP ports RelayProc hands out.
         let pick = || {
@@ -60,7 +72,7 @@ impl ChatRelay {
             })
         };
         let chosen = std::sync::Mutex::new(0u16);
-        let relay = RelayProc::start_with(io, SHARDS, |_| {
+        let relay = RelayProc::start_limited(io, SHARDS, nofile, |_| {
             let port = pick();
             *chosen.lock().unwrap() = port;
             let mut args = vec![
@@ -458,6 +470,105 @@ fn connections_beyond_max_conns_get_an_error_and_are_closed(io: &str) {
     b.send_direct(c.user, b"room again").unwrap();
     let got = collect(&mut c, 1, |e| matches!(e, Event::Message(_)));
     assert_eq!(messages(&got)[0].body, b"room again");
+}
+
+/// On io_uring, chat sockets are direct descriptors in each ring's table, never in the process's
+/// descriptor table: a relay limited to 256 descriptors serves 384 authenticated sessions on its
+/// 2 shards (each ring's table gets RLIMIT_NOFILE = 256 slots, of which 64 are held back for
+/// accepts and refusals in flight), and the next connection to a full shard gets ERROR 13.
+#[test]
+fn uring_chat_serves_more_sessions_than_the_process_may_hold_descriptors() {
+    use std::io::Read;
+    const NOFILE: u64 = 256;
+    const PER_SHARD: usize = 256 - 64;
+    let r = ChatRelay::start_limited(
+        "uring",
+        temp_dir("chat-nofile", "uring"),
+        None,
+        Some((NOFILE, NOFILE)),
+        &[],
+    );
+    let users = |shard: u16| {
+        (1u64..)
+            .filter(move |&u| ids::home_shard(u, SHARDS) == shard)
+            .take(PER_SHARD + 1)
+            .collect::<Vec<_>>()
+    };
+    let (on_0, on_1) = (users(0), users(1));
+    let mut sessions: Vec<Client> = on_0[..PER_SHARD]
+        .iter()
+        .chain(&on_1[..PER_SHARD])
+        .map(|&u| r.connect(u))
+        .collect();
+    assert!(sessions.len() as u64 > NOFILE);
+    assert_eq!(
+        r.relay
+            .wait_metric_sum(&r, "relay_chat_sessions", 2 * PER_SHARD as u64),
+        2 * PER_SHARD as u64
+    );
+    // The first and the last sessions talk, across the shards.
+    let last = sessions.len() - 1;
+    let to = sessions[last].user;
+    sessions[0]
+        .send_direct(to, b"past the descriptor limit")
+        .unwrap();
+    let got = collect(&mut sessions[last], 1, |e| matches!(e, Event::Message(_)));
+    assert_eq!(messages(&got)[0].body, b"past the descriptor limit");
+    // Shard 0's table is full (but for its reserve): the next connection is refused.
+    let mut refused = std::net::TcpStream::connect(r.addr(on_0[PER_SHARD])).unwrap();
+    refused.set_read_timeout(Some(T)).unwrap();
+    let mut hello = Vec::new();
+    proto::chat::Encoder::new(&mut hello).hello(r.token(on_0[PER_SHARD]).as_bytes());
+    std::io::Write::write_all(&mut refused, &hello).unwrap();
+    let mut resp = Vec::new();
+    refused.read_to_end(&mut resp).unwrap();
+    let (frame, _) = proto::chat::decode(&resp).unwrap().expect("an ERROR frame");
+    assert!(
+        matches!(frame, proto::chat::Frame::Error { code, .. } if code == code::UNAVAILABLE),
+        "{frame:?}"
+    );
+    assert_eq!(
+        r.relay.wait_metric_sum(&r, "relay_chat_refused_total", 1),
+        1
+    );
+    // Closing sessions frees their slots: a new one on shard 0 is served.
+    sessions.drain(..2);
+    let deadline = Instant::now() + T;
+    while r.total("relay_chat_sessions") > 2 * PER_SHARD as u64 - 2 {
+        assert!(
+            Instant::now() < deadline,
+            "closed sessions were never dropped"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = r.connect(on_0[PER_SHARD]);
+}
+
+/// The relay raises its soft RLIMIT_NOFILE to the hard limit: started with a soft limit of 256
+/// (the usual default is 1,024), the batch backend still serves 300 sessions, one descriptor
+/// each.
+#[test]
+fn batch_chat_is_not_capped_by_the_soft_descriptor_limit() {
+    const SESSIONS: usize = 300;
+    let r = ChatRelay::start_limited(
+        "batch",
+        temp_dir("chat-soft-nofile", "batch"),
+        None,
+        Some((256, 4096)),
+        &[],
+    );
+    let mut sessions: Vec<Client> = (1..=SESSIONS as u64).map(|u| r.connect(u)).collect();
+    assert_eq!(
+        r.relay
+            .wait_metric_sum(&r, "relay_chat_sessions", SESSIONS as u64),
+        SESSIONS as u64
+    );
+    let to = sessions[SESSIONS - 1].user;
+    sessions[0].send_direct(to, b"past the soft limit").unwrap();
+    let got = collect(&mut sessions[SESSIONS - 1], 1, |e| {
+        matches!(e, Event::Message(_))
+    });
+    assert_eq!(messages(&got)[0].body, b"past the soft limit");
 }
 
 /// With rings of 16 messages between the shards, a burst of 5,000 SENDs whose chat is owned
