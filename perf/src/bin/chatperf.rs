@@ -4,7 +4,7 @@
 //! ```text
 //! chatperf run [--users N] [--seconds S] [--size B] [--window W] [--threads T]
 //!              [--shards N] [--io batch] [--relay-bin PATH] [--rate R] [--inline-sync] [--no-sync] [--quick]
-//! chatperf idle-memory [--conns N] [--timeout-s S] [--sources K] [--relay-bin PATH]
+//! chatperf idle-memory [--conns N] [--shards N] [--io uring] [--timeout-s S] [--sources K] [--relay-bin PATH]
 //! chatperf fsync [--writers N] [--size B] [--syncs N]
 //! ```
 
@@ -26,7 +26,7 @@ use std::time::Duration;
 const USAGE: &str = "usage:
   chatperf run [--users N] [--seconds S] [--size B] [--window W] [--threads T]
                [--shards N] [--io batch] [--relay-bin PATH] [--rate R] [--inline-sync] [--no-sync] [--quick]
-  chatperf idle-memory [--conns N] [--timeout-s S] [--sources K] [--relay-bin PATH] [--io batch]
+  chatperf idle-memory [--conns N] [--shards N] [--io batch] [--timeout-s S] [--sources K] [--relay-bin PATH]
   chatperf fsync [--writers N] [--size B] [--syncs N]";
 
 /// `--name value` flags.
@@ -418,6 +418,7 @@ fn cmd_run(flags: &Flags) -> anyhow::Result<bool> {
 fn cmd_idle(flags: &Flags) -> anyhow::Result<bool> {
     flags.check(&[
         "conns",
+        "shards",
         "timeout-s",
         "sources",
         "relay-bin",
@@ -428,11 +429,41 @@ fn cmd_idle(flags: &Flags) -> anyhow::Result<bool> {
         conns: flags.get("conns", 50_000)?,
         relay_bin: relay_bin(flags)?,
         io: flags.get("io", "batch".to_string())?,
+        shards: flags.get("shards", 1)?,
         timeout: Duration::from_secs(flags.get("timeout-s", 180)?),
         concurrency: flags.get("concurrency", 128)?,
         sources: flags.get("sources", 8)?,
     };
+    if cfg.shards == 0 {
+        bail!("--shards must be at least 1");
+    }
     idle::run(&cfg)
+}
+
+/// `chatperf idle-client`: one of `idle-memory`'s client processes (internal).
+fn cmd_idle_client(flags: &Flags) -> anyhow::Result<bool> {
+    flags.check(&[
+        "chat-port",
+        "shards",
+        "from",
+        "to",
+        "sources",
+        "concurrency",
+        "timeout-s",
+    ])?;
+    let cfg = idle::ClientCfg {
+        chat_port: flags.get("chat-port", 0)?,
+        shards: flags.get("shards", 1)?,
+        from: flags.get("from", 0)?,
+        to: flags.get("to", 0)?,
+        sources: flags.get("sources", 8)?,
+        concurrency: flags.get("concurrency", 128)?,
+        timeout: Duration::from_secs(flags.get("timeout-s", 180)?),
+    };
+    if cfg.chat_port == 0 || cfg.shards == 0 || cfg.to <= cfg.from {
+        bail!("idle-client needs --chat-port, --shards >= 1 and --from < --to");
+    }
+    idle::client(&cfg)
 }
 
 /// `chatperf fsync`: what one `pwrite` + `fdatasync` costs when it appends to a file (the size
@@ -520,6 +551,7 @@ fn main() {
     let result = match args.first().map(String::as_str) {
         Some("run") => Flags::parse(&args[1..]).and_then(|f| cmd_run(&f)),
         Some("idle-memory") => Flags::parse(&args[1..]).and_then(|f| cmd_idle(&f)),
+        Some("idle-client") => Flags::parse(&args[1..]).and_then(|f| cmd_idle_client(&f)),
         Some("fsync") => Flags::parse(&args[1..]).and_then(|f| cmd_fsync(&f)),
         Some("-h" | "--help" | "help") => {
             println!("{USAGE}");

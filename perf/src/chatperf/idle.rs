@@ -16,12 +16,32 @@ pub struct IdleCfg {
     pub relay_bin: PathBuf,
     /// Its I/O backend.
     pub io: String,
+    /// Its shards.
+    pub shards: u16,
     /// Bound on the whole measurement.
     pub timeout: Duration,
-    /// Logins in flight at once.
+    /// Logins in flight at once, per client process.
     pub concurrency: usize,
     /// Source addresses 127.0.0.1 ..= 127.0.0.`sources`.
     pub sources: u8,
+}
+
+/// Connections one client process holds at most: below this machine's descriptor limit
+/// (20,000), so that 50,000 connections take several processes.
+const PER_CLIENT: usize = 10_000;
+
+/// What one client process (`chatperf idle-client`) does.
+pub struct ClientCfg {
+    /// The relay's first chat port (shard 0's).
+    pub chat_port: u16,
+    /// The relay's shards: a user connects to its home shard's port.
+    pub shards: u16,
+    /// Users `from + 1 ..= to` log in.
+    pub from: usize,
+    pub to: usize,
+    pub sources: u8,
+    pub concurrency: usize,
+    pub timeout: Duration,
 }
 
 /// Raises RLIMIT_NOFILE (soft and hard) to at least `want`; returns the soft limit now in force.
@@ -67,24 +87,147 @@ struct Point {
     kernel_mib: f64,
 }
 
-/// Opens the connections in two steps (a fifth, then all) and prints the relay's RSS at each.
+/// One client process: logs its users in, prints `ok N` (or `error ...`), then holds the
+/// connections until its standard input closes.
+pub fn client(cfg: &ClientCfg) -> anyhow::Result<bool> {
+    use std::io::Write as _;
+    raise_nofile((cfg.to - cfg.from) as u64 + 256);
+    let deadline = Instant::now() + cfg.timeout;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let streams = Arc::new(Mutex::new(Vec::with_capacity(cfg.to - cfg.from)));
+    let next = Arc::new(AtomicUsize::new(cfg.from));
+    let stop = Arc::new(AtomicBool::new(false));
+    let first_error: Arc<Mutex<Option<String>>> = Arc::default();
+    let key = servers::test_key();
+    rt.block_on(async {
+        let mut tasks = Vec::new();
+        for _ in 0..cfg.concurrency {
+            let (streams, next, stop, first_error, key) = (
+                streams.clone(),
+                next.clone(),
+                stop.clone(),
+                first_error.clone(),
+                key.clone(),
+            );
+            let (to, sources, shards, chat_port) =
+                (cfg.to, cfg.sources.max(1), cfg.shards, cfg.chat_port);
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    if stop.load(Ordering::Relaxed) || Instant::now() > deadline {
+                        return;
+                    }
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= to {
+                        return;
+                    }
+                    let user = i as u64 + 1;
+                    let src = Ipv4Addr::new(127, 0, 0, 1 + (i % sources as usize) as u8);
+                    let token = servers::token(&key, user, shards);
+                    let addr = servers::chat_addr(chat_port, shards, user);
+                    let login_deadline = (Instant::now() + Duration::from_secs(10)).min(deadline);
+                    match load::relay_idle_login(Some(src), addr, &token, login_deadline).await {
+                        Ok(s) => streams.lock().expect("not poisoned").push(s),
+                        Err(e) => {
+                            stop.store(true, Ordering::Relaxed);
+                            first_error
+                                .lock()
+                                .expect("not poisoned")
+                                .get_or_insert(format!("connection {i} from {src}: {e:#}"));
+                            return;
+                        }
+                    }
+                }
+            }));
+        }
+        for t in tasks {
+            let _ = t.await;
+        }
+    });
+    let n = streams.lock().expect("not poisoned").len();
+    let mut out = std::io::stdout().lock();
+    match first_error.lock().expect("not poisoned").as_ref() {
+        Some(e) => writeln!(out, "error {n} {e}")?,
+        None if n < cfg.to - cfg.from => writeln!(out, "error {n} timed out")?,
+        None => writeln!(out, "ok {n}")?,
+    }
+    out.flush()?;
+    drop(out);
+    // Hold the connections (idle) until the parent closes our standard input.
+    let _ = std::io::copy(&mut std::io::stdin().lock(), &mut std::io::sink());
+    Ok(true)
+}
+
+/// A running client process and what it reported.
+struct ClientProc {
+    child: std::process::Child,
+    /// Its report line, read by a thread.
+    report: std::sync::mpsc::Receiver<String>,
+}
+
+fn spawn_client(
+    relay: &servers::Relay,
+    cfg: &IdleCfg,
+    from: usize,
+    to: usize,
+) -> anyhow::Result<ClientProc> {
+    use std::io::BufRead as _;
+    let exe = std::env::current_exe().context("chatperf's own path")?;
+    let mut child = std::process::Command::new(exe)
+        .arg("idle-client")
+        .args(["--chat-port", &relay.chat_port.to_string()])
+        .args(["--shards", &cfg.shards.to_string()])
+        .args(["--from", &from.to_string(), "--to", &to.to_string()])
+        .args(["--sources", &cfg.sources.to_string()])
+        .args(["--concurrency", &cfg.concurrency.to_string()])
+        .args(["--timeout-s", &cfg.timeout.as_secs().to_string()])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("starting a client process")?;
+    let stdout = child.stdout.take().context("client stdout")?;
+    let (tx, report) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = std::io::BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    Ok(ClientProc { child, report })
+}
+
+/// Waits for the clients' reports; returns the connections they hold and the first error.
+fn wait_clients(clients: &[ClientProc], deadline: Instant) -> (usize, Option<String>) {
+    let mut n = 0;
+    let mut error = None;
+    for c in clients {
+        let left = deadline.saturating_duration_since(Instant::now()) + Duration::from_secs(15);
+        let line = c.report.recv_timeout(left).unwrap_or_default();
+        let mut words = line.split_whitespace();
+        let status = words.next().unwrap_or("");
+        n += words.next().and_then(|w| w.parse().ok()).unwrap_or(0usize);
+        if status != "ok" && error.is_none() {
+            error = Some(if line.trim().is_empty() {
+                "a client process exited without a report".to_string()
+            } else {
+                line.trim().to_string()
+            });
+        }
+    }
+    (n, error)
+}
+
+/// Opens the connections from client processes of at most [`PER_CLIENT`] each, in two steps
+/// (a fifth, then all), and prints the relay's RSS at each.
 pub fn run(cfg: &IdleCfg) -> anyhow::Result<bool> {
     let deadline = Instant::now() + cfg.timeout;
-    let want = cfg.conns as u64 * 2 + 4096;
-    let limit = raise_nofile(want);
+    let limit = raise_nofile(4096);
     println!(
-        "RLIMIT_NOFILE now {limit} (inherited by the relay); {} source addresses 127.0.0.1-{}",
+        "RLIMIT_NOFILE {limit} per process (the relay's too); clients of at most {PER_CLIENT} \
+         connections each; {} source addresses 127.0.0.1-{}",
         cfg.sources, cfg.sources
     );
-    if limit < cfg.conns as u64 + 64 {
-        println!(
-            "warning: could not raise RLIMIT_NOFILE to {want} (the hard limit is {limit} and \
-             this process lacks CAP_SYS_RESOURCE): the relay and this client can each hold \
-             fewer than {limit} descriptors, so about {} connections at most",
-            limit.saturating_sub(16)
-        );
-    }
-    let relay = servers::Relay::start(&cfg.relay_bin, &cfg.io, 1, "")?;
+    let relay = servers::Relay::start(&cfg.relay_bin, &cfg.io, cfg.shards, "")?;
     std::thread::sleep(Duration::from_millis(500));
     let sessions = |r: &servers::Relay| {
         r.metrics_text()
@@ -97,88 +240,50 @@ pub fn run(cfg: &IdleCfg) -> anyhow::Result<bool> {
         sessions: sessions(&relay),
         kernel_mib: sockstat_mib(),
     }];
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let streams = Arc::new(Mutex::new(Vec::with_capacity(cfg.conns)));
-    let next = Arc::new(AtomicUsize::new(0));
-    let stop = Arc::new(AtomicBool::new(false));
-    let first_error: Arc<Mutex<Option<String>>> = Arc::default();
     let mut checkpoints = vec![cfg.conns];
     if cfg.conns >= 10 {
         checkpoints.insert(0, cfg.conns / 5);
     }
     let t0 = Instant::now();
+    let mut clients: Vec<ClientProc> = Vec::new();
+    let mut opened = 0;
+    let mut first_error = None;
     for target in checkpoints {
-        rt.block_on(async {
-            let mut tasks = Vec::new();
-            for _ in 0..cfg.concurrency {
-                let (streams, next, stop, first_error) = (
-                    streams.clone(),
-                    next.clone(),
-                    stop.clone(),
-                    first_error.clone(),
-                );
-                let key = relay.key.clone();
-                let addr = relay.addr(1);
-                let sources = cfg.sources.max(1);
-                tasks.push(tokio::spawn(async move {
-                    loop {
-                        if stop.load(Ordering::Relaxed) || Instant::now() > deadline {
-                            return;
-                        }
-                        let i = next.fetch_add(1, Ordering::Relaxed);
-                        if i >= target {
-                            next.fetch_sub(1, Ordering::Relaxed);
-                            return;
-                        }
-                        let user = i as u64 + 1;
-                        let src = Ipv4Addr::new(127, 0, 0, 1 + (i % sources as usize) as u8);
-                        let token = servers::token(&key, user, 1);
-                        let login_deadline =
-                            (Instant::now() + Duration::from_secs(10)).min(deadline);
-                        match load::relay_idle_login(Some(src), addr, &token, login_deadline).await
-                        {
-                            Ok(s) => streams.lock().expect("not poisoned").push(s),
-                            Err(e) => {
-                                stop.store(true, Ordering::Relaxed);
-                                first_error
-                                    .lock()
-                                    .expect("not poisoned")
-                                    .get_or_insert(format!("connection {i} from {src}: {e:#}"));
-                                return;
-                            }
-                        }
-                    }
-                }));
-            }
-            for t in tasks {
-                let _ = t.await;
-            }
-        });
-        let n = streams.lock().expect("not poisoned").len();
+        let mut step = Vec::new();
+        while opened < target {
+            let to = (opened + PER_CLIENT).min(target);
+            step.push(spawn_client(&relay, cfg, opened, to)?);
+            opened = to;
+        }
+        let (n, error) = wait_clients(&step, deadline);
+        clients.extend(step);
+        let held = points.last().map_or(0, |p| p.conns) + n;
         // Let the relay settle (its counters are published every 100 ms).
         std::thread::sleep(Duration::from_millis(1000));
         let rss = relay
             .rss()
             .context("reading the relay's RSS (did it exit?)")?;
         points.push(Point {
-            conns: n,
+            conns: held,
             rss,
             sessions: sessions(&relay),
             kernel_mib: sockstat_mib(),
         });
         println!(
-            "  {n} connections after {:.1} s",
+            "  {held} connections after {:.1} s",
             t0.elapsed().as_secs_f64()
         );
-        if n < target {
+        if error.is_some() {
+            first_error = error;
             break;
         }
     }
     let base = &points[0];
     println!();
-    println!("relay: io={}, 1 shard, default [chat] settings", cfg.io);
+    println!(
+        "relay: io={}, {} shard(s), default [chat] settings",
+        cfg.io, cfg.shards
+    );
     println!(
         "{:>8} {:>14} {:>10} {:>22} {:>18}",
         "conns", "relay RSS MiB", "sessions", "user bytes/conn (RSS)", "kernel TCP MiB"
@@ -211,7 +316,7 @@ pub fn run(cfg: &IdleCfg) -> anyhow::Result<bool> {
     }
     let last = points.last().expect("at least the baseline");
     let reached = last.conns;
-    if let Some(e) = first_error.lock().expect("not poisoned").as_ref() {
+    if let Some(e) = &first_error {
         println!("stopped early: {e}");
     }
     if reached < cfg.conns {
@@ -231,7 +336,10 @@ pub fn run(cfg: &IdleCfg) -> anyhow::Result<bool> {
          connections (goal <= 2048; RSS only: kernel socket buffers are not in it, see the \
          kernel TCP column, which counts both ends of every loopback connection)"
     );
-    drop(streams);
+    for mut c in clients {
+        drop(c.child.stdin.take());
+        let _ = c.child.wait();
+    }
     drop(relay);
     Ok(reached > 0)
 }

@@ -117,7 +117,7 @@ impl Relay {
         let dir = temp_dir("relay")?;
         let cfg = dir.join("relay.toml");
         std::fs::write(&cfg, format!("[chat]\n{chat_toml}\n"))?;
-        let key = SigningKey::from_bytes(&[42; 32]);
+        let key = test_key();
         let chat_port = free_ports(shards, false)?;
         let base_port = free_ports(shards, true)?;
         let mut cmd = Command::new(bin);
@@ -161,12 +161,6 @@ impl Relay {
         })
     }
 
-    /// The chat address of `user`'s home shard.
-    pub fn addr(&self, user: u64) -> SocketAddr {
-        let shard = proto::chat::ids::home_shard(user, self.shards);
-        SocketAddr::from(([127, 0, 0, 1], self.chat_port + shard))
-    }
-
     /// The Prometheus text.
     pub fn metrics_text(&self) -> anyhow::Result<String> {
         let mut s = TcpStream::connect_timeout(&self.metrics, Duration::from_secs(2))?;
@@ -193,6 +187,18 @@ impl Relay {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.proc.pid()))?;
         wire::vm_rss(&status).context("no VmRSS")
     }
+}
+
+/// The key the harness's relays trust (a fixed test key: the harness and its client processes
+/// sign tokens with it).
+pub fn test_key() -> SigningKey {
+    SigningKey::from_bytes(&[42; 32])
+}
+
+/// The chat address of `user`'s home shard on a relay whose shard 0 listens on `chat_port`.
+pub fn chat_addr(chat_port: u16, shards: u16, user: u64) -> SocketAddr {
+    let shard = proto::chat::ids::home_shard(user, shards);
+    SocketAddr::from(([127, 0, 0, 1], chat_port + shard))
 }
 
 /// A chat token for `user` on a relay of `shards` shards.
