@@ -15,6 +15,10 @@ use std::os::fd::{AsRawFd, RawFd};
 pub const TAG_LISTENER: u64 = 1;
 /// epoll tag of the shard's waker.
 pub const TAG_WAKER: u64 = 2;
+/// How long the listener is left out of the epoll set after the process ran out of
+/// descriptors (EMFILE or ENFILE): a level-triggered listener with a connection waiting would
+/// otherwise wake every wait at once and spin.
+const ACCEPT_PAUSE_US: u64 = 100_000;
 
 struct Conn {
     stream: TcpStream,
@@ -31,6 +35,12 @@ pub struct EpollChat {
     listener: TcpListener,
     conns: Map<ConnId, Conn>,
     epfd: RawFd,
+    /// A descriptor held in reserve (`/dev/null`): at the descriptor limit it is given up to
+    /// accept one waiting connection and refuse it with ERROR 13, instead of leaving every
+    /// waiting client without an answer. Reopened once a descriptor is free again.
+    spare: Option<std::fs::File>,
+    /// The listener is out of the epoll set until this time (after EMFILE or ENFILE).
+    accepts_paused_until: Option<u64>,
 }
 
 fn epoll_ctl(epfd: RawFd, op: libc::c_int, fd: RawFd, events: u32, tag: u64) -> io::Result<()> {
@@ -68,6 +78,8 @@ impl EpollChat {
             listener,
             conns: Map::default(),
             epfd,
+            spare: Some(std::fs::File::open("/dev/null")?),
+            accepts_paused_until: None,
         })
     }
 
@@ -95,6 +107,13 @@ impl EpollChat {
             let (stream, peer) = match self.listener.accept() {
                 Ok(s) => s,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
+                    return self.out_of_descriptors(now);
+                }
+                // The peer gave up before the accept.
+                Err(e) if matches!(e.raw_os_error(), Some(libc::ECONNABORTED | libc::EINTR)) => {
+                    continue
+                }
                 Err(_) => return,
             };
             if !self.core.has_room() {
@@ -121,6 +140,50 @@ impl EpollChat {
                     closing: false,
                 },
             );
+        }
+    }
+
+    /// The process has no descriptor for a waiting connection: the spare is given up so that
+    /// one waiting connection gets ERROR 13 (it then holds that descriptor while it lingers),
+    /// and the listener leaves the epoll set for [`ACCEPT_PAUSE_US`].
+    fn out_of_descriptors(&mut self, now: Now) {
+        if self.spare.take().is_some() {
+            if let Ok((stream, _)) = self.listener.accept() {
+                self.core.refuse(now, stream);
+            }
+        }
+        if self.accepts_paused_until.is_none() {
+            let _ = epoll_ctl(
+                self.epfd,
+                libc::EPOLL_CTL_MOD,
+                self.listener.as_raw_fd(),
+                0,
+                TAG_LISTENER,
+            );
+        }
+        self.accepts_paused_until = Some(now.mono_us + ACCEPT_PAUSE_US);
+    }
+
+    /// Puts the listener back into the epoll set once its pause is over and the spare
+    /// descriptor could be reopened (else the pause goes on).
+    fn resume_accepts(&mut self, now: Now) {
+        let Some(until) = self.accepts_paused_until else {
+            return;
+        };
+        if now.mono_us < until {
+            return;
+        }
+        if self.spare.is_none() {
+            self.spare = std::fs::File::open("/dev/null").ok();
+            if self.spare.is_none() {
+                self.accepts_paused_until = Some(now.mono_us + ACCEPT_PAUSE_US);
+                return;
+            }
+        }
+        let events = libc::EPOLLIN as u32;
+        let fd = self.listener.as_raw_fd();
+        if epoll_ctl(self.epfd, libc::EPOLL_CTL_MOD, fd, events, TAG_LISTENER).is_ok() {
+            self.accepts_paused_until = None;
         }
     }
 
@@ -221,6 +284,7 @@ impl EpollChat {
         for id in self.core.take_overdue(now) {
             self.close(now, id);
         }
+        self.resume_accepts(now);
         Ok(())
     }
 

@@ -571,6 +571,75 @@ fn batch_chat_is_not_capped_by_the_soft_descriptor_limit() {
     assert_eq!(messages(&got)[0].body, b"past the soft limit");
 }
 
+/// A batch relay out of descriptors neither spins nor leaves waiting clients unanswered: it
+/// gives up a reserved descriptor to refuse one waiting connection with ERROR 13 and takes the
+/// listener out of its epoll set for 100 ms at a time; once sessions close, new ones are served.
+#[test]
+fn batch_chat_at_the_descriptor_limit_refuses_and_does_not_spin() {
+    use std::io::{Read, Write};
+    let r = ChatRelay::start_limited(
+        "batch",
+        temp_dir("chat-emfile", "batch"),
+        None,
+        Some((64, 64)),
+        &[],
+    );
+    // Sessions on shard 0 until a connection is refused.
+    let on_shard_0 = (1u64..).filter(|&u| ids::home_shard(u, SHARDS) == 0);
+    let mut held = Vec::new();
+    let mut refused = None;
+    for user in on_shard_0.take(64) {
+        let mut s = std::net::TcpStream::connect(r.addr(user)).unwrap();
+        s.set_read_timeout(Some(T)).unwrap();
+        let mut hello = Vec::new();
+        proto::chat::Encoder::new(&mut hello).hello(r.token(user).as_bytes());
+        s.write_all(&hello).unwrap();
+        let mut buf = vec![0u8; 4096];
+        let n = s.read(&mut buf).expect("an answer to every HELLO");
+        let (frame, _) = proto::chat::decode(&buf[..n])
+            .unwrap()
+            .expect("a whole frame");
+        match frame {
+            proto::chat::Frame::Welcome { .. } => held.push(s),
+            proto::chat::Frame::Error { code, .. } => {
+                refused = Some(code);
+                break;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(refused, Some(code::UNAVAILABLE), "{} sessions", held.len());
+    assert!(held.len() > 10, "{} sessions before the limit", held.len());
+    // A client waits in the listen backlog: the relay must not spin on it.
+    let _waiting = std::net::TcpStream::connect(r.addr(1)).unwrap();
+    let cpu_ticks = || {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", r.relay.child.id())).unwrap();
+        let after_comm = &stat[stat.rfind(')').unwrap() + 2..];
+        let f: Vec<u64> = after_comm
+            .split_whitespace()
+            .map(|w| w.parse().unwrap_or(0))
+            .collect();
+        // utime and stime: fields 14 and 15 of the line, 12 and 13 after the name.
+        f[11] + f[12]
+    };
+    let (t0, c0) = (Instant::now(), cpu_ticks());
+    std::thread::sleep(Duration::from_secs(2));
+    let used = (cpu_ticks() - c0) as f64 / 100.0 / t0.elapsed().as_secs_f64();
+    assert!(
+        used < 0.5,
+        "the relay used {used:.2} cores while out of descriptors"
+    );
+    // Sessions close: descriptors free, and a new session is served.
+    held.truncate(held.len() - 5);
+    let fresh = 1_000_000;
+    let mut c =
+        Client::connect(r.addr(fresh), &r.token(fresh), Duration::from_secs(10)).expect("served");
+    match c.recv(T).unwrap() {
+        Some(Event::BacklogEnd) => {}
+        other => panic!("expected BACKLOG_END, got {other:?}"),
+    }
+}
+
 /// With rings of 16 messages between the shards, a burst of 5,000 SENDs whose chat is owned
 /// by the other shard overflows the ring: messages wait in the spill queue while the home shard
 /// stops reading its clients, then it resumes; every message is stored once, answered with
