@@ -90,7 +90,8 @@ pub fn perf(args: &[String]) -> Result {
     run(cmd.args(args))
 }
 
-/// Instructions per forwarding decision: the difference between N decisions and none, over N.
+/// Instructions per forwarding decision: the difference between N decisions and none, over N;
+/// then instructions and heap allocations per durable 1:1 chat message (`count_chat`).
 pub fn callgrind() -> Result {
     cargo(&[
         "build",
@@ -99,29 +100,56 @@ pub fn callgrind() -> Result {
         "benches",
         "--bin",
         "count_forward",
+        "--bin",
+        "count_chat",
     ])?;
     const N: u64 = 100_000;
     println!("| subscribers | instructions per decision | per egress copy |");
     println!("|---:|---:|---:|");
     for subs in [1u64, 10, 100] {
-        let base = instructions(subs, 0)?;
-        let loaded = instructions(subs, N)?;
+        let base = instructions("count_forward", &[], &[subs, 0])?;
+        let loaded = instructions("count_forward", &[], &[subs, N])?;
         let per = loaded.saturating_sub(base) as f64 / N as f64;
         println!("| {subs} | {per:.1} | {:.1} |", per / subs as f64);
     }
+    // Only the measured loop is counted; two sizes cancel what does not scale with N.
+    const M: [u64; 2] = [4_000, 20_000];
+    let toggle = ["--collect-atstart=no", "--toggle-collect=count_chat::drive"];
+    let small = instructions("count_chat", &toggle, &[M[0]])?;
+    let large = instructions("count_chat", &toggle, &[M[1]])?;
+    let per = large.saturating_sub(small) as f64 / (M[1] - M[0]) as f64;
+    let out = Command::new(root().join("target/release/count_chat"))
+        .arg(M[1].to_string())
+        .output()
+        .map_err(|e| format!("count_chat: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "count_chat failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    let allocs = String::from_utf8_lossy(&out.stdout);
+    println!();
+    println!("durable 1:1 chat message through one shard (engine, log, commit; no sockets):");
+    println!(
+        "  {per:.0} instructions per message ({} and {} messages)",
+        M[0], M[1]
+    );
+    println!("  {}", allocs.trim());
     Ok(())
 }
 
-fn instructions(subs: u64, n: u64) -> Result<u64> {
+fn instructions(bin: &str, valgrind_args: &[&str], args: &[u64]) -> Result<u64> {
     let out = Command::new("valgrind")
         .args(["--tool=callgrind", "--callgrind-out-file=/dev/null"])
-        .arg(root().join("target/release/count_forward"))
-        .args([subs.to_string(), n.to_string()])
+        .args(valgrind_args)
+        .arg(root().join("target/release").join(bin))
+        .args(args.iter().map(u64::to_string))
         .output()
         .map_err(|e| format!("valgrind: {e} (apt-get install valgrind)"))?;
     if !out.status.success() {
         return Err(format!(
-            "count_forward failed: {}",
+            "{bin} failed: {}",
             String::from_utf8_lossy(&out.stderr)
         ));
     }

@@ -6,7 +6,8 @@
 //! - `up [--relays N] [--shards N]`: ctl and N relays on loopback until Ctrl-C.
 //! - `test [--quick]`: format check, clippy and rustdoc (warnings denied), every unit and integration test
 //!   (both I/O backends), a short fuzz smoke run, benches and the perf harness at a tiny scale.
-//! - `callgrind`: user-space instructions per forwarding decision, counted with valgrind.
+//! - `callgrind`: user-space instructions per forwarding decision and per durable 1:1 chat
+//!   message (and heap allocations per message), counted with valgrind.
 //! - `bench`: the criterion benches and a table of their medians (target/criterion/SUMMARY.md).
 //!   `perf [ARGS]`: the end-to-end harness (JSON and an SVG chart beside it).
 //! - `dist`: the release tarball; `deploy --inventory FILE`: install it over ssh and roll the
