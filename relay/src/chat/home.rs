@@ -347,7 +347,7 @@ impl Home {
                     to,
                     kind: k,
                     ref_id,
-                    body: body.to_vec(),
+                    body: crate::chat::records::Body::from_slice(body),
                 };
                 self.route_to_owner(chat, ShardMsg::Submit(Box::new(s)));
             }

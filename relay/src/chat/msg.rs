@@ -182,6 +182,7 @@ pub struct Submit {
     pub kind: u8,
     /// Referenced id.
     pub ref_id: MsgId,
-    /// Body.
-    pub body: Vec<u8>,
+    /// Body (inline up to [`crate::chat::records::BODY_INLINE`] bytes: one allocation, the
+    /// boxed submit, carries a typical message).
+    pub body: crate::chat::records::Body,
 }

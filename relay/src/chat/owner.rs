@@ -9,7 +9,7 @@
 use super::dedup::Dedup;
 use super::map::Map;
 use super::msg::{Origin, ShardMsg, Submit};
-use super::records::{self, ChatRec, EntryRec, MemberRec, Rec};
+use super::records::{self, Audience, Body, ChatRec, EntryRec, MemberRec, Rec};
 use super::ChatConfig;
 use proto::chat::{code, ids, kind, Encoder, Entry, MsgId};
 use std::collections::VecDeque;
@@ -37,7 +37,7 @@ struct Stored {
     kind: u8,
     frame: Arc<[u8]>,
     /// Audience members that have not acknowledged it yet.
-    unacked: Vec<u64>,
+    unacked: Audience,
     lsn: Option<u64>,
     committed: bool,
 }
@@ -257,7 +257,7 @@ impl Owner {
             return self.fail(s.from, s.msg_id, code::NOT_MEMBER, "not a member");
         }
         let seq = chat.next_seq;
-        let audience: Vec<u64> = chat
+        let audience: Audience = chat
             .members
             .iter()
             .filter(|m| m.user != s.from.user && m.joined_after < seq)
@@ -383,7 +383,7 @@ impl Owner {
         let seq = seq.min(chat.next_seq - 1);
         let previous = m.acked;
         m.acked = seq;
-        let mut senders: Vec<u64> = Vec::new();
+        let mut senders = Audience::new();
         for s in chat
             .pending
             .iter_mut()
@@ -418,7 +418,7 @@ impl Owner {
                 ref_id: [0; 16],
                 ts_ms: now_ms,
                 audience: senders,
-                body: seq.to_le_bytes().to_vec(),
+                body: Body::from_slice(&seq.to_le_bytes()),
             };
             self.append_entry(e, None);
         }
@@ -468,8 +468,8 @@ impl Owner {
             self.member_of.entry(u).or_default().push(chat_id);
         }
         self.write_snapshot(chat_id);
-        let body: Vec<u8> = all.iter().flat_map(|u| u.to_le_bytes()).collect();
-        let audience = all[1..].to_vec();
+        let body: Body = all.iter().flat_map(|u| u.to_le_bytes()).collect();
+        let audience = Audience::from_slice(&all[1..]);
         let e = EntryRec {
             chat: chat_id,
             seq: 1,
@@ -546,7 +546,7 @@ impl Owner {
             drop_settled(&mut chat.pending, &mut self.dead);
             kind::MEMBER_REMOVED
         };
-        let audience: Vec<u64> = chat
+        let audience: Audience = chat
             .members
             .iter()
             .map(|m| m.user)
@@ -562,7 +562,7 @@ impl Owner {
             ref_id: [0; 16],
             ts_ms: now_ms,
             audience,
-            body: target.to_le_bytes().to_vec(),
+            body: Body::from_slice(&target.to_le_bytes()),
         };
         self.append_entry(e, Some(from));
     }

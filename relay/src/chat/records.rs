@@ -19,6 +19,16 @@ pub const ACK: u8 = 2;
 /// Record kind of a chat snapshot.
 pub const CHAT: u8 = 3;
 
+/// An entry's audience: inline up to 2 users (every direct chat's), on the heap beyond.
+pub type Audience = smallvec::SmallVec<[u64; 2]>;
+
+/// Bodies up to this many bytes are held inline in [`Body`].
+pub const BODY_INLINE: usize = 128;
+
+/// An entry's body: inline up to [`BODY_INLINE`] bytes (a typical text message, every receipt
+/// and membership event), on the heap beyond.
+pub type Body = smallvec::SmallVec<[u8; BODY_INLINE]>;
+
 /// A stored chat entry.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EntryRec {
@@ -37,9 +47,9 @@ pub struct EntryRec {
     /// Acceptance time, unix ms.
     pub ts_ms: u64,
     /// Users who must receive it.
-    pub audience: Vec<u64>,
+    pub audience: Audience,
     /// Body.
-    pub body: Vec<u8>,
+    pub body: Body,
 }
 
 /// A member in a chat snapshot.
@@ -209,7 +219,7 @@ pub fn decode(kind: u8, payload: &[u8]) -> Option<Rec> {
                 r.u64()?,
             );
             let n = r.u16()?;
-            let audience = (0..n).map(|_| r.u64()).collect::<Option<Vec<_>>>()?;
+            let audience = (0..n).map(|_| r.u64()).collect::<Option<Audience>>()?;
             Some(Rec::Entry(EntryRec {
                 chat,
                 seq,
@@ -219,7 +229,7 @@ pub fn decode(kind: u8, payload: &[u8]) -> Option<Rec> {
                 ref_id,
                 ts_ms,
                 audience,
-                body: r.0.to_vec(),
+                body: Body::from_slice(r.0),
             }))
         }
         ACK => {
@@ -268,8 +278,8 @@ mod tests {
             kind: 0,
             ref_id: [0; 16],
             ts_ms: 5,
-            audience: vec![6, 7],
-            body: b"hello".to_vec(),
+            audience: Audience::from_slice(&[6, 7]),
+            body: Body::from_slice(b"hello"),
         };
         let mut b = Batch::default();
         b.push(ENTRY, |out| encode_entry(out, &e));
