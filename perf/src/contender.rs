@@ -274,31 +274,7 @@ fn pin_all_threads(pid: u32, cpu: usize) {
     }
 }
 
-/// User and system CPU time of a whole process (all its threads, live and exited), in clock
-/// ticks, from `/proc/<pid>/stat`.
-pub fn cpu_ticks(pid: u32) -> Option<(u64, u64)> {
-    parse_stat_times(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
-}
-
-/// utime and stime are fields 14 and 15 of `/proc/<pid>/stat` (proc(5)); the command name in
-/// field 2 may contain spaces, so count from the last ')'.
-fn parse_stat_times(stat: &str) -> Option<(u64, u64)> {
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let mut f = rest.split_whitespace().skip(11);
-    Some((f.next()?.parse().ok()?, f.next()?.parse().ok()?))
-}
-
-/// On-CPU time of every live thread of `pid` in ns, summed: the first field of
-/// `/proc/<pid>/task/<tid>/schedstat`, which the scheduler keeps exactly (no tick sampling). It
-/// cannot split user from system time, which is what the tick-based [`cpu_ticks`] is for.
-pub fn cpu_total_ns(pid: u32) -> Option<u64> {
-    let dir = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
-    let per_thread = dir.flatten().filter_map(|t| {
-        let text = std::fs::read_to_string(t.path().join("schedstat")).ok()?;
-        text.split_whitespace().next()?.parse::<u64>().ok()
-    });
-    Some(per_thread.sum())
-}
+pub use crate::procstat::{cpu_ticks, cpu_total_ns};
 
 /// Receive-buffer drops of every UDP socket, by local port, from /proc/net/udp: where a loss
 /// happened (the contender's socket overflowing, or a subscriber's).
@@ -364,13 +340,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn parses_proc_stat_with_spaces_in_the_name() {
-        let stat = "1234 (relay shard 0) S 1 1234 1234 0 -1 4194560 100 0 0 0 57 31 0 0 20 0 3";
-        assert_eq!(parse_stat_times(stat), Some((57, 31)));
-        assert_eq!(parse_stat_times("garbage"), None);
-    }
-
-    #[test]
     fn parses_udp_drops_by_port() {
         let text = "   sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode ref pointer drops\n\
             4958: 0100007F:C36F 0100007F:898F 01 00000000:00001B00 00:00000000 00000000     0        0 67546 2 000000008a522242 7\n\
@@ -379,12 +348,6 @@ mod tests {
         assert_eq!(d.get(&0xC36F), Some(&7));
         assert_eq!(d.get(&0x85E3), Some(&0));
         assert_eq!(d.len(), 2);
-    }
-
-    #[test]
-    fn reads_this_process_cpu_time() {
-        assert!(cpu_total_ns(std::process::id()).is_some_and(|ns| ns > 0));
-        assert!(cpu_ticks(std::process::id()).is_some());
     }
 
     #[test]

@@ -19,6 +19,7 @@ mod json;
 mod loadgen;
 mod payload;
 mod perfctl;
+mod procstat;
 mod report;
 mod search;
 mod stats;

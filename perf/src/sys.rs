@@ -71,16 +71,7 @@ pub fn n_cpus() -> usize {
     usize::try_from(n).unwrap_or(1).max(1)
 }
 
-/// Clock ticks per second, the unit of utime/stime in `/proc/<pid>/stat`.
-pub fn clock_ticks_per_s() -> u64 {
-    // SAFETY: sysconf has no memory effects.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    if hz > 0 {
-        hz as u64
-    } else {
-        100
-    }
-}
+pub use crate::procstat::clock_ticks_per_s;
 
 /// Shrinks the calling thread's timer slack so that the publisher's short sleeps end on time
 /// (the default slack of 50 us would make pacing bursty).

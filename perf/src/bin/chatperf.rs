@@ -16,6 +16,10 @@ mod load;
 mod servers;
 #[path = "../chatperf/wire.rs"]
 mod wire;
+// Shared with `perf`, which also uses the tick-based user/system split.
+#[allow(dead_code)]
+#[path = "../procstat.rs"]
+mod procstat;
 
 use anyhow::{bail, Context as _};
 use load::{LoadCfg, LoadResult, Target};
@@ -100,6 +104,34 @@ struct Row {
     rec_per_sync: Option<f64>,
     /// Log records per entry the relay accepted (messages and receipts), same window.
     rec_per_entry: Option<f64>,
+    /// Cores the server and this load generator used over the measured window.
+    cores: Option<(f64, f64)>,
+}
+
+/// CPU time (user + system, all threads, exited ones included) of the server and of this
+/// process, at a time.
+#[derive(Clone, Copy)]
+struct CpuMark {
+    server_s: f64,
+    own_s: f64,
+    at: std::time::Instant,
+}
+
+impl CpuMark {
+    fn now(server: u32) -> Option<Self> {
+        Some(Self {
+            server_s: procstat::cpu_seconds(server)?,
+            own_s: procstat::cpu_seconds(std::process::id())?,
+            at: std::time::Instant::now(),
+        })
+    }
+
+    /// Cores used by the server and by this process from `a` to `b`.
+    fn cores(a: Option<Self>, b: Option<Self>) -> Option<(f64, f64)> {
+        let (a, b) = (a?, b?);
+        let wall = b.at.duration_since(a.at).as_secs_f64();
+        (wall > 0.0).then(|| ((b.server_s - a.server_s) / wall, (b.own_s - a.own_s) / wall))
+    }
 }
 
 fn fmt_rate(r: f64) -> String {
@@ -158,6 +190,21 @@ fn print_table(rows: &[Row]) {
     }
     println!();
     for r in rows {
+        if let (Some((server, own)), Ok(res)) = (r.cores, &r.result) {
+            let per_msg = if res.rate > 0.0 {
+                format!("{:.2}", server * 1e6 / res.rate)
+            } else {
+                "-".into()
+            };
+            println!(
+                "{}: server {server:.2} cores, load generator {own:.2} cores, server CPU per \
+                 delivered message {per_msg} us",
+                r.name
+            );
+        }
+    }
+    println!();
+    for r in rows {
         if let Some(x) = r.rec_per_entry {
             println!(
                 "{}: {x:.2} log records per accepted entry (relay_chat_records_total / \
@@ -187,9 +234,11 @@ fn relay_row(setup: &RelaySetup<'_>, cfg: LoadCfg, base: u64, name: &str) -> Row
         persist,
     } = *setup;
     let offered = cfg.rate_per_pair.map(|r| r * cfg.pairs as f64);
-    let (mut rec_per_sync, mut rec_per_entry) = (None, None);
+    let (mut rec_per_sync, mut rec_per_entry, mut cores) = (None, None, None);
     let result = (|| -> anyhow::Result<LoadResult> {
         let relay = servers::Relay::start(bin, io, shards, chat_toml)?;
+        let pid = relay.proc.pid();
+        let (cpu0, cpu1) = (Cell::new(None), Cell::new(None));
         let target = Target::Relay {
             chat_port: relay.chat_port,
             shards: relay.shards,
@@ -201,9 +250,16 @@ fn relay_row(setup: &RelaySetup<'_>, cfg: LoadCfg, base: u64, name: &str) -> Row
         let res = load::run(
             &target,
             cfg,
-            || before.set(relay.log_counters().unwrap_or_default()),
-            || after.set(relay.log_counters().unwrap_or_default()),
+            || {
+                before.set(relay.log_counters().unwrap_or_default());
+                cpu0.set(CpuMark::now(pid));
+            },
+            || {
+                cpu1.set(CpuMark::now(pid));
+                after.set(relay.log_counters().unwrap_or_default());
+            },
         )?;
+        cores = CpuMark::cores(cpu0.get(), cpu1.get());
         let (r0, c0, a0) = before.get();
         let (r1, c1, a1) = after.get();
         if c1 > c0 {
@@ -222,11 +278,13 @@ fn relay_row(setup: &RelaySetup<'_>, cfg: LoadCfg, base: u64, name: &str) -> Row
         result,
         rec_per_sync,
         rec_per_entry,
+        cores,
     }
 }
 
 fn pubsub_row(which: &str, cfg: LoadCfg, name: &str) -> Row {
     let offered = cfg.rate_per_pair.map(|r| r * cfg.pairs as f64);
+    let mut cores = None;
     let result = (|| -> anyhow::Result<LoadResult> {
         let bin_name = if which == "nats" {
             "nats-server"
@@ -245,7 +303,15 @@ fn pubsub_row(which: &str, cfg: LoadCfg, name: &str) -> Row {
         } else {
             Target::Redis(server.port)
         };
-        let res = load::run(&target, cfg, || {}, || {})?;
+        let (cpu0, cpu1) = (Cell::new(None), Cell::new(None));
+        let pid = server.pid();
+        let res = load::run(
+            &target,
+            cfg,
+            || cpu0.set(CpuMark::now(pid)),
+            || cpu1.set(CpuMark::now(pid)),
+        )?;
+        cores = CpuMark::cores(cpu0.get(), cpu1.get());
         drop(server);
         Ok(res)
     })()
@@ -257,6 +323,7 @@ fn pubsub_row(which: &str, cfg: LoadCfg, name: &str) -> Row {
         result,
         rec_per_sync: None,
         rec_per_entry: None,
+        cores,
     }
 }
 

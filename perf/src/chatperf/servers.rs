@@ -233,12 +233,17 @@ pub fn find_bin(name: &str) -> Option<PathBuf> {
 /// A pub/sub server (NATS or Redis) on a loopback port.
 pub struct PubSub {
     /// The process (killed on drop).
-    _proc: Proc,
+    proc: Proc,
     /// Its port.
     pub port: u16,
 }
 
 impl PubSub {
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.proc.pid()
+    }
+
     /// `nats-server -a 127.0.0.1 -p PORT`.
     pub fn nats(bin: &Path) -> anyhow::Result<Self> {
         let port = free_ports(1, false)?;
@@ -263,7 +268,7 @@ impl PubSub {
         loop {
             proc.check_alive()?;
             if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return Ok(Self { _proc: proc, port });
+                return Ok(Self { proc, port });
             }
             if Instant::now() > deadline {
                 bail!(
