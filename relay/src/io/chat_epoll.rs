@@ -265,6 +265,12 @@ impl EpollChat {
         if let Some(c) = self.conns.remove(&id) {
             let _ = epoll_ctl(self.epfd, libc::EPOLL_CTL_DEL, c.stream.as_raw_fd(), 0, id);
             self.core.closed(now, id);
+            drop(c);
+            // The descriptor just freed goes to the spare first, before another shard's
+            // listener can take it.
+            if self.spare.is_none() {
+                self.spare = std::fs::File::open("/dev/null").ok();
+            }
         }
     }
 

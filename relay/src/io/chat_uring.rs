@@ -9,7 +9,7 @@
 //! (a direct descriptor, `IORING_FILE_INDEX_ALLOC`) and never into the process's descriptor
 //! table: every operation names them by slot (no descriptor lookup and reference count per
 //! operation), and a shard holds as many connections as its table has slots, which is
-//! `max_conns` plus [`SLOT_RESERVE`], capped by `RLIMIT_NOFILE` per ring rather than per
+//! `max_conns` plus twice [`SLOT_RESERVE`], capped by `RLIMIT_NOFILE` per ring rather than per
 //! process. A connection is refused (ERROR 13, see [`ChatCore::refuse`]) when the shard is at
 //! `max_conns` or its table is within [`SLOT_RESERVE`] of full; the refused socket is first
 //! installed as a regular descriptor (`IORING_OP_FIXED_FD_INSTALL`) so that the shared refusal
@@ -76,9 +76,14 @@ pub(super) const CHAT_CQ: usize = CHAT_BUF_COUNT as usize + 512;
 /// Accepts armed at once, each with its own address buffer; each is re-armed once per turn, so
 /// a turn takes at most this many new connections.
 const N_ACCEPTS: usize = 8;
-/// Slots of the registered-file table beyond `max_conns`, and the margin below a full table at
-/// which connections are refused: room for the accepts and refusals of a few turns.
+/// The margin below a full table at which connections are refused: room for the accepts and
+/// refusals of a few turns. The table has twice this beyond `max_conns`, so that slots of
+/// connections that have closed but whose close has not completed yet do not count against
+/// `max_conns`.
 const SLOT_RESERVE: usize = 8 * N_ACCEPTS;
+/// How long accepts wait after one failed (ENFILE, ENOMEM): a failing accept completes at
+/// once, and re-arming it every turn would spin.
+const ACCEPT_BACKOFF_US: u64 = 100_000;
 /// The kernel's bound on one ring's registered files (`IORING_MAX_FIXED_FILES`).
 const MAX_FIXED_FILES: usize = 1 << 20;
 
@@ -185,6 +190,11 @@ pub(super) struct UringChat {
     to_close: Vec<u32>,
     /// Slots of refused connections, to install as regular descriptors.
     to_refuse: Vec<u32>,
+    /// The kernel has IORING_OP_FIXED_FD_INSTALL (Linux 6.8); without it a refused connection
+    /// is closed without its ERROR.
+    can_install: bool,
+    /// No accept is armed before this time (after a failed accept).
+    accept_backoff_until: Option<u64>,
     /// Receives, sends, installs and closes in flight over all connections.
     n_ops: usize,
     spare: Vec<Vec<u8>>,
@@ -215,7 +225,7 @@ impl UringChat {
         listener.set_nonblocking(false)?;
         // Accepted sockets inherit it; a direct descriptor has no setsockopt of its own here.
         crate::io::sys::set_tcp_nodelay(listener.as_raw_fd())?;
-        let table = (core.max_conns() + SLOT_RESERVE)
+        let table = (core.max_conns() + 2 * SLOT_RESERVE)
             .min(crate::io::sys::nofile_limit())
             .min(MAX_FIXED_FILES);
         if table <= SLOT_RESERVE {
@@ -223,6 +233,9 @@ impl UringChat {
                 "RLIMIT_NOFILE ({table}) leaves chat on io_uring no room for connections"
             )));
         }
+        let mut probe = io_uring::Probe::new();
+        let can_install = ring.submitter().register_probe(&mut probe).is_ok()
+            && probe.is_supported(opcode::FixedFdInstall::CODE);
         ring.submitter()
             .register_files_sparse(table as u32)
             .map_err(|e| {
@@ -253,6 +266,8 @@ impl UringChat {
             slots_used: 0,
             to_close: Vec::new(),
             to_refuse: Vec::new(),
+            can_install,
+            accept_backoff_until: None,
             n_ops: 0,
             spare: Vec::new(),
             now: Now {
@@ -302,8 +317,9 @@ impl UringChat {
     fn accepted(&mut self, k: usize, res: i32) {
         self.accepts_armed &= !(1 << k);
         if res < 0 {
-            if res != -libc::ECANCELED {
+            if res != -libc::ECANCELED && res != -libc::ECONNABORTED {
                 self.stats.accept_errors += 1;
+                self.accept_backoff_until = Some(self.now.mono_us + ACCEPT_BACKOFF_US);
             }
             return;
         }
@@ -316,7 +332,12 @@ impl UringChat {
             return;
         };
         if !self.core.has_room() || self.slots_used + SLOT_RESERVE > self.table {
-            self.to_refuse.push(slot);
+            if self.can_install {
+                self.to_refuse.push(slot);
+            } else {
+                self.stats.accept_errors += 1;
+                self.to_close.push(slot);
+            }
             return;
         }
         let id = self.core.accept(self.now, peer.ip());
@@ -564,7 +585,7 @@ impl UringChat {
     /// Queues what the connections in the to-do queue need, and the accept and the waker's
     /// poll if they are not armed. Returns false when the SQ had no room for everything.
     fn submit(&mut self, ring: &mut IoUring, io: &mut IoCounters) -> bool {
-        let mut room = self.close_and_refuse(ring, io);
+        let mut room = true;
         for _ in 0..self.todo.len() {
             let Some(id) = self.todo.pop_front() else {
                 break;
@@ -583,7 +604,16 @@ impl UringChat {
                 }
             }
         }
+        // After the to-do queue, which finalizes connections: their slots are closed in this
+        // submission, before the accepts below can fill the table.
+        room &= self.close_and_refuse(ring, io);
+        let backing_off = self
+            .accept_backoff_until
+            .is_some_and(|t| self.now.mono_us < t);
         for k in 0..N_ACCEPTS {
+            if backing_off {
+                break;
+            }
             if self.accepts_armed & (1 << k) != 0 {
                 continue;
             }
