@@ -1,7 +1,8 @@
 //! Heap bytes per idle authenticated chat session at up to 50,000 sessions, in one process
-//! and without sockets: the 50,000-connection memory measurement cannot run on a
-//! machine whose descriptor limit is 20,000 (see perf/CHAT_RESULTS.md), so this counts, with a
-//! counting allocator, what the relay's user space holds per session: the engine's session
+//! and without sockets (the RSS measurement with real sockets, `chatperf idle-memory`, reaches
+//! 50,000 only on the uring backend on a machine whose descriptor limit is 20,000; see
+//! perf/CHAT_RESULTS.md). It counts, with a counting allocator, what the relay's user space
+//! holds per session: the engine's session
 //! (home role, backlog bookkeeping), `ChatCore`'s, and a backend table entry shaped like
 //! `chat_epoll`'s (descriptor, empty read buffer, flags). It leaves out the kernel (socket
 //! buffers) and the allocator's own overhead, which the RSS measurement of
