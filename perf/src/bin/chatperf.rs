@@ -106,6 +106,9 @@ struct Row {
     rec_per_entry: Option<f64>,
     /// Cores the server and this load generator used over the measured window.
     cores: Option<(f64, f64)>,
+    /// The relay's log over the measured window: bytes written to storage per second, and
+    /// fdatasyncs (commits) per second.
+    disk: Option<(f64, f64)>,
 }
 
 /// CPU time (user + system, all threads, exited ones included) of the server and of this
@@ -205,6 +208,23 @@ fn print_table(rows: &[Row]) {
     }
     println!();
     for r in rows {
+        if let Some((bytes_per_s, syncs_per_s)) = r.disk {
+            let per_sync = if syncs_per_s > 0.0 {
+                format!("{:.0}", bytes_per_s / syncs_per_s / 1024.0)
+            } else {
+                "-".into()
+            };
+            println!(
+                "{}: log written to storage {:.1} MB/s (write_bytes of /proc/<pid>/io), {:.0} \
+                 fdatasyncs/s, {per_sync} KiB per fdatasync",
+                r.name,
+                bytes_per_s / 1e6,
+                syncs_per_s
+            );
+        }
+    }
+    println!();
+    for r in rows {
         if let Some(x) = r.rec_per_entry {
             println!(
                 "{}: {x:.2} log records per accepted entry (relay_chat_records_total / \
@@ -234,11 +254,12 @@ fn relay_row(setup: &RelaySetup<'_>, cfg: LoadCfg, base: u64, name: &str) -> Row
         persist,
     } = *setup;
     let offered = cfg.rate_per_pair.map(|r| r * cfg.pairs as f64);
-    let (mut rec_per_sync, mut rec_per_entry, mut cores) = (None, None, None);
+    let (mut rec_per_sync, mut rec_per_entry, mut cores, mut disk) = (None, None, None, None);
     let result = (|| -> anyhow::Result<LoadResult> {
         let relay = servers::Relay::start(bin, io, shards, chat_toml)?;
         let pid = relay.proc.pid();
         let (cpu0, cpu1) = (Cell::new(None), Cell::new(None));
+        let (written0, written1) = (Cell::new(None), Cell::new(None));
         let target = Target::Relay {
             chat_port: relay.chat_port,
             shards: relay.shards,
@@ -252,10 +273,12 @@ fn relay_row(setup: &RelaySetup<'_>, cfg: LoadCfg, base: u64, name: &str) -> Row
             cfg,
             || {
                 before.set(relay.log_counters().unwrap_or_default());
+                written0.set(relay.write_bytes().ok());
                 cpu0.set(CpuMark::now(pid));
             },
             || {
                 cpu1.set(CpuMark::now(pid));
+                written1.set(relay.write_bytes().ok());
                 after.set(relay.log_counters().unwrap_or_default());
             },
         )?;
@@ -268,6 +291,15 @@ fn relay_row(setup: &RelaySetup<'_>, cfg: LoadCfg, base: u64, name: &str) -> Row
         if a1 > a0 {
             rec_per_entry = Some((r1 - r0) as f64 / (a1 - a0) as f64);
         }
+        if let (Some(w0), Some(w1), Some(m0), Some(m1)) =
+            (written0.get(), written1.get(), cpu0.get(), cpu1.get())
+        {
+            let wall = m1.at.duration_since(m0.at).as_secs_f64();
+            disk = Some((
+                w1.saturating_sub(w0) as f64 / wall,
+                c1.saturating_sub(c0) as f64 / wall,
+            ));
+        }
         Ok(res)
     })()
     .map_err(|e| format!("{e:#}"));
@@ -279,6 +311,7 @@ fn relay_row(setup: &RelaySetup<'_>, cfg: LoadCfg, base: u64, name: &str) -> Row
         rec_per_sync,
         rec_per_entry,
         cores,
+        disk,
     }
 }
 
@@ -324,6 +357,7 @@ fn pubsub_row(which: &str, cfg: LoadCfg, name: &str) -> Row {
         rec_per_sync: None,
         rec_per_entry: None,
         cores,
+        disk: None,
     }
 }
 

@@ -182,6 +182,12 @@ impl Relay {
         ))
     }
 
+    /// Bytes the relay has caused to be written to storage (`/proc/<pid>/io`).
+    pub fn write_bytes(&self) -> anyhow::Result<u64> {
+        let io = std::fs::read_to_string(format!("/proc/{}/io", self.proc.pid()))?;
+        wire::io_write_bytes(&io).context("no write_bytes")
+    }
+
     /// The relay's resident set, bytes.
     pub fn rss(&self) -> anyhow::Result<u64> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.proc.pid()))?;

@@ -195,6 +195,12 @@ pub fn vm_rss(status: &str) -> Option<u64> {
     Some(kb * 1024)
 }
 
+/// `write_bytes` of a `/proc/PID/io` text: bytes the process caused to be written to storage.
+pub fn io_write_bytes(io: &str) -> Option<u64> {
+    let line = io.lines().find(|l| l.starts_with("write_bytes:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
 /// TCP socket memory in pages from `/proc/net/sockstat` (`TCP: inuse .. mem N`).
 pub fn sockstat_tcp_pages(text: &str) -> Option<u64> {
     let line = text.lines().find(|l| l.starts_with("TCP:"))?;
@@ -322,6 +328,10 @@ mod tests {
     #[test]
     fn proc_and_ready_lines() {
         assert_eq!(vm_rss("Name:\trelay\nVmRSS:\t    2048 kB\n"), Some(2 << 20));
+        let io =
+            "rchar: 10\nwchar: 20\nread_bytes: 0\nwrite_bytes: 409600\ncancelled_write_bytes: 0\n";
+        assert_eq!(io_write_bytes(io), Some(409_600));
+        assert_eq!(io_write_bytes("rchar: 1\n"), None);
         assert_eq!(
             sockstat_tcp_pages("sockets: used 5\nTCP: inuse 3 orphan 0 tw 1 alloc 4 mem 17\n"),
             Some(17)
