@@ -91,7 +91,8 @@ pub fn perf(args: &[String]) -> Result {
 }
 
 /// Instructions per forwarding decision: the difference between N decisions and none, over N;
-/// then instructions and heap allocations per durable 1:1 chat message (`count_chat`).
+/// then instructions and heap allocations per stored 1:1 chat message (`count_chat`: log
+/// written, no fdatasync).
 pub fn callgrind() -> Result {
     cargo(&[
         "build",
@@ -130,7 +131,10 @@ pub fn callgrind() -> Result {
     }
     let allocs = String::from_utf8_lossy(&out.stdout);
     println!();
-    println!("durable 1:1 chat message through one shard (engine, log, commit; no sockets):");
+    println!(
+        "stored 1:1 chat message through one shard (engine, log written without fdatasync, \
+         commit; no sockets):"
+    );
     println!(
         "  {per:.0} instructions per message ({} and {} messages)",
         M[0], M[1]

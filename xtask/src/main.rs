@@ -6,7 +6,7 @@
 //! - `up [--relays N] [--shards N]`: ctl and N relays on loopback until Ctrl-C.
 //! - `test [--quick]`: format check, clippy and rustdoc (warnings denied), every unit and integration test
 //!   (both I/O backends), a short fuzz smoke run, benches and the perf harness at a tiny scale.
-//! - `callgrind`: user-space instructions per forwarding decision and per durable 1:1 chat
+//! - `callgrind`: user-space instructions per forwarding decision and per stored 1:1 chat
 //!   message (and heap allocations per message), counted with valgrind.
 //! - `bench`: the criterion benches and a table of their medians (target/criterion/SUMMARY.md).
 //!   `perf [ARGS]`: the end-to-end harness (JSON and an SVG chart beside it).

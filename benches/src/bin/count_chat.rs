@@ -1,10 +1,10 @@
-//! Runs N durable 1:1 chat messages through one shard's real chat code (`ChatCore`: engine,
-//! log, commit) without sockets, for instruction counting under callgrind and for counting
+//! Runs N stored 1:1 chat messages through one shard's real chat code (`ChatCore`: engine,
+//! log written without fdatasync, commit) without sockets, for instruction counting under callgrind and for counting
 //! heap allocations per message:
 //!
 //! ```text
 //! valgrind --tool=callgrind --callgrind-out-file=/dev/null --collect-atstart=no \
-//!     --toggle-collect='count_chat::drive' target/release/count_chat 0
+//!     --toggle-collect='count_chat::drive' target/release/count_chat 4000
 //! valgrind ... target/release/count_chat 20000
 //! ```
 //!
@@ -14,7 +14,7 @@
 //! makes a DELIVERED receipt for A, and A acknowledges that. The difference of two totals
 //! divided by the difference of N is the instructions per message (`cargo xtask callgrind`
 //! runs it): relay code, plus the client's share done in the loop (encoding the SEND frames,
-//! splitting the output into frames to count deliveries). Without valgrind it prints the heap
+//! splitting the output into frames to count deliveries). It also prints the heap
 //! allocations per message (a counting allocator: allocations and reallocations).
 
 use relay::chat::{ChatConfig, ChatShard};

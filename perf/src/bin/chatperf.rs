@@ -3,8 +3,8 @@
 //!
 //! ```text
 //! chatperf run [--users N] [--seconds S] [--size B] [--window W] [--threads T]
-//!              [--shards N] [--io batch] [--relay-bin PATH] [--rate R] [--inline-sync] [--no-sync] [--quick]
-//! chatperf idle-memory [--conns N] [--shards N] [--io uring] [--timeout-s S] [--sources K] [--relay-bin PATH]
+//!              [--shards N] [--io batch|uring] [--relay-bin PATH] [--rate R] [--inline-sync] [--no-sync] [--quick]
+//! chatperf idle-memory [--conns N] [--shards N] [--io batch|uring] [--timeout-s S] [--sources K] [--relay-bin PATH]
 //! chatperf fsync [--writers N] [--size B] [--syncs N]
 //! ```
 
@@ -29,8 +29,8 @@ use std::time::Duration;
 
 const USAGE: &str = "usage:
   chatperf run [--users N] [--seconds S] [--size B] [--window W] [--threads T]
-               [--shards N] [--io batch] [--relay-bin PATH] [--rate R] [--inline-sync] [--no-sync] [--quick]
-  chatperf idle-memory [--conns N] [--shards N] [--io batch] [--timeout-s S] [--sources K] [--relay-bin PATH]
+               [--shards N] [--io batch|uring] [--relay-bin PATH] [--rate R] [--inline-sync] [--no-sync] [--quick]
+  chatperf idle-memory [--conns N] [--shards N] [--io batch|uring] [--timeout-s S] [--sources K] [--relay-bin PATH]
   chatperf fsync [--writers N] [--size B] [--syncs N]";
 
 /// `--name value` flags.
