@@ -281,6 +281,28 @@ impl Home {
         }
     }
 
+    /// The relay is stopping: every session is sent ERROR 13 ("unavailable, retry") after what
+    /// it already has queued, and closed once that is flushed; input from now on is ignored.
+    /// Not counted as an error.
+    pub fn stop_sessions(&mut self) {
+        let conns: Vec<ConnId> = self.sessions.keys().copied().collect();
+        for conn in conns {
+            if self.sessions.get(&conn).is_some_and(|s| !s.closing) {
+                self.queue(conn, |e| {
+                    e.error(
+                        code::UNAVAILABLE,
+                        &[0; 16],
+                        "the relay is stopping; reconnect",
+                    )
+                });
+                if let Some(s) = self.sessions.get_mut(&conn) {
+                    s.closing = true;
+                }
+                self.closing.push(conn);
+            }
+        }
+    }
+
     /// Bytes received on `conn`: decodes and handles every whole frame. Returns how many bytes
     /// were consumed; the driver keeps the rest for the next read.
     pub fn read(&mut self, now: Now, conn: ConnId, data: &[u8]) -> usize {

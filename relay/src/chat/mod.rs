@@ -204,6 +204,11 @@ impl ChatShard {
         std::mem::take(&mut self.home.dirty)
     }
 
+    /// The relay is stopping: see [`home::Home::stop_sessions`].
+    pub fn stop_sessions(&mut self) {
+        self.home.stop_sessions();
+    }
+
     /// Connections to close once flushed.
     pub fn take_closing(&mut self) -> Vec<ConnId> {
         std::mem::take(&mut self.home.closing)

@@ -15,9 +15,9 @@ use std::os::fd::{AsRawFd, RawFd};
 pub const TAG_LISTENER: u64 = 1;
 /// epoll tag of the shard's waker.
 pub const TAG_WAKER: u64 = 2;
-/// How long the listener is left out of the epoll set after the process ran out of
-/// descriptors (EMFILE or ENFILE): a level-triggered listener with a connection waiting would
-/// otherwise wake every wait at once and spin.
+/// How long the listener's epoll events stay cleared (EPOLL_CTL_MOD, no events) after the
+/// process ran out of descriptors (EMFILE or ENFILE): a level-triggered listener with a
+/// connection waiting would otherwise wake every wait at once and spin.
 const ACCEPT_PAUSE_US: u64 = 100_000;
 
 struct Conn {
@@ -39,7 +39,7 @@ pub struct EpollChat {
     /// accept one waiting connection and refuse it with ERROR 13, instead of leaving every
     /// waiting client without an answer. Reopened once a descriptor is free again.
     spare: Option<std::fs::File>,
-    /// The listener is out of the epoll set until this time (after EMFILE or ENFILE).
+    /// The listener's epoll events are cleared until this time (after EMFILE or ENFILE).
     accepts_paused_until: Option<u64>,
 }
 
@@ -145,7 +145,7 @@ impl EpollChat {
 
     /// The process has no descriptor for a waiting connection: the spare is given up so that
     /// one waiting connection gets ERROR 13 (it then holds that descriptor while it lingers),
-    /// and the listener leaves the epoll set for [`ACCEPT_PAUSE_US`].
+    /// and the listener's epoll events are cleared for [`ACCEPT_PAUSE_US`].
     fn out_of_descriptors(&mut self, now: Now) {
         if self.spare.take().is_some() {
             if let Ok((stream, _)) = self.listener.accept() {
@@ -164,7 +164,7 @@ impl EpollChat {
         self.accepts_paused_until = Some(now.mono_us + ACCEPT_PAUSE_US);
     }
 
-    /// Puts the listener back into the epoll set once its pause is over and the spare
+    /// Restores the listener's epoll events once its pause is over and the spare
     /// descriptor could be reopened (else the pause goes on).
     fn resume_accepts(&mut self, now: Now) {
         let Some(until) = self.accepts_paused_until else {
@@ -292,6 +292,16 @@ impl EpollChat {
         }
         self.resume_accepts(now);
         Ok(())
+    }
+
+    /// The relay is stopping: see [`ChatCore::begin_stop`].
+    pub fn begin_stop(&mut self) {
+        self.core.begin_stop();
+    }
+
+    /// Connections open.
+    pub fn n_conns(&self) -> usize {
+        self.core.n_conns()
     }
 
     /// Prepares to block in epoll: false when there is already work, so the wait must not

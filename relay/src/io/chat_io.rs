@@ -44,6 +44,9 @@ pub const MAX_CONNS: usize = 1 << 17;
 /// How long a connection the engine closes may take to flush its last output (an ERROR frame);
 /// then it is closed anyway, so that a peer that stops reading cannot hold it open.
 pub const CLOSE_FLUSH_US: u64 = 5_000_000;
+/// How long a stopping shard keeps serving its chat connections so that they get their ERROR 13
+/// and what was queued before it (usually one or two loop turns); then the rest are closed.
+pub const STOP_DRAIN_US: u64 = 250_000;
 /// How long a refused connection may linger after its ERROR, and how many may at once.
 pub const LINGER_US: u64 = 1_000_000;
 /// See [`LINGER_US`].
@@ -95,6 +98,8 @@ pub struct ChatCore {
     next_id: ConnId,
     n_conns: usize,
     max_conns: usize,
+    /// [`ChatCore::begin_stop`] was called.
+    stopping: bool,
     next_housekeeping_us: u64,
     /// Connections the engine closes, with the time by which they must be gone, in that
     /// order; at most [`MAX_CONNS`] (ids are never reused, so entries of connections that
@@ -148,6 +153,7 @@ impl ChatCore {
             next_id: FIRST_CONN_ID,
             n_conns: 0,
             max_conns: max_conns.clamp(1, MAX_CONNS),
+            stopping: false,
             next_housekeeping_us: 0,
             flush_deadlines: VecDeque::new(),
             received: Vec::new(),
@@ -158,9 +164,22 @@ impl ChatCore {
     }
 
     /// Whether the shard has room for another connection. When it has not, the backend hands
-    /// the new socket to [`ChatCore::refuse`].
+    /// the new socket to [`ChatCore::refuse`]. A stopping shard has none.
     pub fn has_room(&self) -> bool {
-        self.n_conns < self.max_conns
+        self.n_conns < self.max_conns && !self.stopping
+    }
+
+    /// The relay is stopping: every session gets ERROR 13 after its queued output and is
+    /// closed once flushed; new connections are refused. The backend keeps turning until
+    /// [`ChatCore::n_conns`] is 0 or [`STOP_DRAIN_US`] has passed.
+    pub fn begin_stop(&mut self) {
+        self.stopping = true;
+        self.engine.stop_sessions();
+    }
+
+    /// Connections open (accepted and not yet closed).
+    pub fn n_conns(&self) -> usize {
+        self.n_conns
     }
 
     /// Open connections at most (`[chat] max_conns`, clamped to [`MAX_CONNS`]).

@@ -99,7 +99,7 @@ pub(super) struct ChatUringStats {
     pub rx_nobufs: u64,
     /// Receives armed.
     pub recv_arms: u64,
-    /// Times the multishot accept was armed.
+    /// Accepts armed (single-shot; counted per arming).
     pub accept_arms: u64,
     /// Accepts that failed (ENFILE when the table is full, and the like), and refusals whose
     /// socket could not be installed (closed without the ERROR).
@@ -582,7 +582,8 @@ impl UringChat {
         }
     }
 
-    /// Queues what the connections in the to-do queue need, and the accept and the waker's
+    /// Queues what the connections in the to-do queue need, the closes and refusals, and the
+    /// accepts (unless backing off) and the waker's
     /// poll if they are not armed. Returns false when the SQ had no room for everything.
     fn submit(&mut self, ring: &mut IoUring, io: &mut IoCounters) -> bool {
         let mut room = true;
@@ -797,6 +798,16 @@ impl UringChat {
             }
         }
         false
+    }
+
+    /// The relay is stopping: see [`ChatCore::begin_stop`].
+    pub(super) fn begin_stop(&mut self) {
+        self.core.begin_stop();
+    }
+
+    /// Connections open.
+    pub(super) fn n_conns(&self) -> usize {
+        self.core.n_conns()
     }
 
     /// Prepares to block: false when there is already work, so the wait must not block.

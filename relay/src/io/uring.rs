@@ -264,7 +264,7 @@ fn probe_here() -> Result<(), String> {
         (opcode::RecvMsgMulti::CODE, "RECVMSG"),
         (opcode::SendMsg::CODE, "SENDMSG"),
         (opcode::AsyncCancel::CODE, "ASYNC_CANCEL"),
-        // Chat: multishot accept and receive, sends, and the waker's poll.
+        // Chat: accepts, multishot receive, sends, and the waker's poll.
         (opcode::AcceptMulti::CODE, "ACCEPT"),
         (opcode::RecvMulti::CODE, "RECV"),
         (opcode::Send::CODE, "SEND"),
@@ -702,7 +702,24 @@ impl Driver {
     /// The loop: see the module documentation.
     fn run_loop(&mut self, engine: &mut Shard, ctx: &ShardCtx) -> io::Result<()> {
         let mut next_publish_us = 0;
-        while !ctx.stopping() {
+        // Once stopping, the loop goes on until chat's connections have had their ERROR 13 and
+        // been closed, or STOP_DRAIN_US has passed.
+        let mut drain_until: Option<u64> = None;
+        loop {
+            if ctx.stopping() {
+                let now = ctx.now().mono_us;
+                let Some(chat) = &mut self.chat else {
+                    break;
+                };
+                match drain_until {
+                    None => {
+                        chat.begin_stop();
+                        drain_until = Some(now + super::chat_io::STOP_DRAIN_US);
+                    }
+                    Some(t) if chat.n_conns() == 0 || now >= t => break,
+                    Some(_) => {}
+                }
+            }
             if let Some(chat) = &mut self.chat {
                 chat.set_now(ctx.now());
             }
@@ -1589,7 +1606,8 @@ mod tests {
         assert!(report.drained, "{report:?}");
         assert_eq!(chat.ops_in_flight, 0, "{report:?}");
         assert_eq!(chat.bufs_outstanding, 0, "{report:?}");
-        assert_eq!(chat.counters.closed, 1, "{report:?}");
+        // Bob's at the flush deadline, then alice's when the stop closes every session.
+        assert_eq!(chat.counters.closed, 2, "{report:?}");
         drop(bob);
         Some(report)
     }

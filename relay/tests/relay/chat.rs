@@ -475,7 +475,8 @@ fn connections_beyond_max_conns_get_an_error_and_are_closed(io: &str) {
 /// On io_uring, chat sockets are direct descriptors in each ring's table, never in the process's
 /// descriptor table: a relay limited to 256 descriptors serves 384 authenticated sessions on its
 /// 2 shards (each ring's table gets RLIMIT_NOFILE = 256 slots, of which 64 are held back for
-/// accepts and refusals in flight), and the next connection to a full shard gets ERROR 13.
+/// accepts and refusals in flight), and the next connection to a full shard gets ERROR 13
+/// (which needs IORING_OP_FIXED_FD_INSTALL, Linux 6.8: an older kernel closes it silently).
 #[test]
 fn uring_chat_serves_more_sessions_than_the_process_may_hold_descriptors() {
     use std::io::Read;
@@ -652,6 +653,58 @@ fn batch_chat_at_the_descriptor_limit_refuses_and_does_not_spin() {
     match c.recv(T).unwrap() {
         Some(Event::BacklogEnd) => {}
         other => panic!("expected BACKLOG_END, got {other:?}"),
+    }
+}
+
+/// SIGTERM: every chat session gets what was queued for it, then ERROR 13 ("unavailable,
+/// reconnect"), then the close (a FIN: the test's reads end cleanly, not with a reset); the
+/// relay exits cleanly and promptly.
+fn sigterm_tells_chat_sessions_to_reconnect(io: &str) {
+    let r = ChatRelay::start(io);
+    let users: Vec<u64> = (1..=6).collect();
+    let mut sessions: Vec<Client> = users.iter().map(|&u| r.connect(u)).collect();
+    // Traffic before the stop (the sender's SENT and DELIVERED may still be queued).
+    let to = sessions[5].user;
+    sessions[0].send_direct(to, b"before the stop").unwrap();
+    let got = collect(&mut sessions[5], 1, |e| matches!(e, Event::Message(_)));
+    assert_eq!(messages(&got)[0].body, b"before the stop");
+    let mut r = r;
+    let t0 = Instant::now();
+    let pid = r.relay.child.id().to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let status = loop {
+        if let Some(status) = r.relay.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the relay did not stop"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let took = t0.elapsed();
+    assert!(status.success(), "clean exit, got {status}");
+    assert!(took < Duration::from_secs(2), "stopped in {took:?}");
+    for (i, s) in sessions.iter_mut().enumerate() {
+        let mut notice = None;
+        let closed = loop {
+            match s.recv(T) {
+                Ok(Some(Event::Error { code, .. })) => notice = Some(code),
+                Ok(Some(_)) => {}
+                Ok(None) => break false,
+                Err(e) => break e.kind() == std::io::ErrorKind::ConnectionAborted,
+            }
+        };
+        assert_eq!(
+            notice,
+            Some(code::UNAVAILABLE),
+            "session {i}: the stop notice"
+        );
+        assert!(closed, "session {i}: closed after the notice");
     }
 }
 
@@ -890,6 +943,10 @@ macro_rules! chat_for_backend {
                 super::bad_input_gets_an_error_then_close_while_others_are_served(stringify!(
                     $backend
                 ));
+            }
+            #[test]
+            fn sigterm_tells_chat_sessions_to_reconnect() {
+                super::sigterm_tells_chat_sessions_to_reconnect(stringify!($backend));
             }
             #[test]
             fn connections_beyond_max_conns_get_an_error_and_are_closed() {
