@@ -213,19 +213,10 @@ fn run_with_chat(
     let mut next_publish_us = 0;
     let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 256];
     // Once stopping, the loop goes on until chat's connections have had their ERROR 13 and
-    // been closed, or STOP_DRAIN_US has passed.
-    let mut drain_until: Option<u64> = None;
+    // been closed (ChatCore::stop_turn).
     loop {
-        if ctx.stopping() {
-            let now = ctx.now().mono_us;
-            match drain_until {
-                None => {
-                    chat.begin_stop();
-                    drain_until = Some(now + super::chat_io::STOP_DRAIN_US);
-                }
-                Some(t) if chat.n_conns() == 0 || now >= t => break,
-                Some(_) => {}
-            }
+        if ctx.stopping() && chat.stop_turn(ctx.now()) {
+            break;
         }
         let timeout = if chat.prepare_sleep() {
             WAIT_MS as libc::c_int

@@ -294,14 +294,9 @@ impl EpollChat {
         Ok(())
     }
 
-    /// The relay is stopping: see [`ChatCore::begin_stop`].
-    pub fn begin_stop(&mut self) {
-        self.core.begin_stop();
-    }
-
-    /// Connections open.
-    pub fn n_conns(&self) -> usize {
-        self.core.n_conns()
+    /// The relay is stopping: see [`ChatCore::stop_turn`].
+    pub fn stop_turn(&mut self, now: Now) -> bool {
+        self.core.stop_turn(now)
     }
 
     /// Prepares to block in epoll: false when there is already work, so the wait must not

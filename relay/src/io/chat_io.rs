@@ -98,8 +98,8 @@ pub struct ChatCore {
     next_id: ConnId,
     n_conns: usize,
     max_conns: usize,
-    /// [`ChatCore::begin_stop`] was called.
-    stopping: bool,
+    /// The stop has begun ([`ChatCore::stop_turn`]): until when its drain may last.
+    stopping: Option<u64>,
     next_housekeeping_us: u64,
     /// Connections the engine closes, with the time by which they must be gone, in that
     /// order; at most [`MAX_CONNS`] (ids are never reused, so entries of connections that
@@ -153,7 +153,7 @@ impl ChatCore {
             next_id: FIRST_CONN_ID,
             n_conns: 0,
             max_conns: max_conns.clamp(1, MAX_CONNS),
-            stopping: false,
+            stopping: None,
             next_housekeeping_us: 0,
             flush_deadlines: VecDeque::new(),
             received: Vec::new(),
@@ -166,20 +166,23 @@ impl ChatCore {
     /// Whether the shard has room for another connection. When it has not, the backend hands
     /// the new socket to [`ChatCore::refuse`]. A stopping shard has none.
     pub fn has_room(&self) -> bool {
-        self.n_conns < self.max_conns && !self.stopping
+        self.n_conns < self.max_conns && self.stopping.is_none()
     }
 
-    /// The relay is stopping: every session gets ERROR 13 after its queued output and is
-    /// closed once flushed; new connections are refused. The backend keeps turning until
-    /// [`ChatCore::n_conns`] is 0 or [`STOP_DRAIN_US`] has passed.
-    pub fn begin_stop(&mut self) {
-        self.stopping = true;
-        self.engine.stop_sessions();
-    }
-
-    /// Connections open (accepted and not yet closed).
-    pub fn n_conns(&self) -> usize {
-        self.n_conns
+    /// Called by a stopping shard at the start of each loop turn; true once the loop may end.
+    /// The first call begins the stop: every session gets ERROR 13 after its queued output and
+    /// is closed once flushed, and new connections are refused. The loop then keeps turning
+    /// (committing and writing as usual) until every connection is closed or
+    /// [`STOP_DRAIN_US`] has passed.
+    pub fn stop_turn(&mut self, now: Now) -> bool {
+        match self.stopping {
+            None => {
+                self.stopping = Some(now.mono_us + STOP_DRAIN_US);
+                self.engine.stop_sessions();
+                false
+            }
+            Some(until) => self.n_conns == 0 || now.mono_us >= until,
+        }
     }
 
     /// Open connections at most (`[chat] max_conns`, clamped to [`MAX_CONNS`]).

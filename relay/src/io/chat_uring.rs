@@ -582,9 +582,9 @@ impl UringChat {
         }
     }
 
-    /// Queues what the connections in the to-do queue need, the closes and refusals, and the
-    /// accepts (unless backing off) and the waker's
-    /// poll if they are not armed. Returns false when the SQ had no room for everything.
+    /// Queues what the connections in the to-do queue need, then the closes and refusals, then
+    /// the accepts (unless backing off) and the waker's poll if they are not armed. Returns
+    /// false when the SQ had no room for everything.
     fn submit(&mut self, ring: &mut IoUring, io: &mut IoCounters) -> bool {
         let mut room = true;
         for _ in 0..self.todo.len() {
@@ -800,14 +800,9 @@ impl UringChat {
         false
     }
 
-    /// The relay is stopping: see [`ChatCore::begin_stop`].
-    pub(super) fn begin_stop(&mut self) {
-        self.core.begin_stop();
-    }
-
-    /// Connections open.
-    pub(super) fn n_conns(&self) -> usize {
-        self.core.n_conns()
+    /// The relay is stopping: see [`ChatCore::stop_turn`].
+    pub(super) fn stop_turn(&mut self, now: Now) -> bool {
+        self.core.stop_turn(now)
     }
 
     /// Prepares to block: false when there is already work, so the wait must not block.

@@ -95,8 +95,9 @@ const UD_RECV: u64 = 1 << 56;
 const UD_CANCEL: u64 = 2 << 56;
 const UD_SEND: u64 = 3 << 56;
 const UD_REPLY: u64 = 4 << 56;
-/// Chat's kinds: the listener's accepts (the payload is the accept's address slot), the waker's multishot poll, a connection's
-/// multishot receive, its send, its wait for room to send, and cancels of its operations.
+/// Chat's kinds: the listener's accepts (the payload is the accept's address slot), the
+/// waker's multishot poll, a connection's multishot receive, its send, its wait for room to
+/// send, and cancels of its operations.
 const UD_ACCEPT: u64 = 5 << 56;
 const UD_WAKE: u64 = 6 << 56;
 const UD_CHAT_RECV: u64 = 7 << 56;
@@ -703,22 +704,10 @@ impl Driver {
     fn run_loop(&mut self, engine: &mut Shard, ctx: &ShardCtx) -> io::Result<()> {
         let mut next_publish_us = 0;
         // Once stopping, the loop goes on until chat's connections have had their ERROR 13 and
-        // been closed, or STOP_DRAIN_US has passed.
-        let mut drain_until: Option<u64> = None;
+        // been closed (ChatCore::stop_turn).
         loop {
-            if ctx.stopping() {
-                let now = ctx.now().mono_us;
-                let Some(chat) = &mut self.chat else {
-                    break;
-                };
-                match drain_until {
-                    None => {
-                        chat.begin_stop();
-                        drain_until = Some(now + super::chat_io::STOP_DRAIN_US);
-                    }
-                    Some(t) if chat.n_conns() == 0 || now >= t => break,
-                    Some(_) => {}
-                }
+            if ctx.stopping() && self.chat.as_mut().is_none_or(|c| c.stop_turn(ctx.now())) {
+                break;
             }
             if let Some(chat) = &mut self.chat {
                 chat.set_now(ctx.now());
