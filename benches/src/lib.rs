@@ -89,3 +89,47 @@ pub fn forward_once(shard: &mut Shard, src: SocketAddr, packet: &[u8], reply: &m
         _ => 0,
     }
 }
+
+/// A chat HELLO for `user`, with a user token for shard 0 of a 1-shard relay signed with
+/// [`key`], valid for an hour after [`NOW`].
+pub fn chat_hello(user: u64) -> Vec<u8> {
+    let token = Claims {
+        kind: TokenKind::User,
+        permissions: Permissions::CHAT,
+        relay_id: 0,
+        shard_idx: 0,
+        expires_at: NOW.unix_s + 3600,
+        scope_id: user,
+        participant_id: user,
+    }
+    .sign_text(&key());
+    let mut hello = Vec::new();
+    proto::chat::Encoder::new(&mut hello).hello(token.as_bytes());
+    hello
+}
+
+/// One shard's real chat core (engine, log, mailbox) of a 1-shard relay trusting [`key`],
+/// over the fresh directory `dir`, with the fdatasync inline (no sync thread). The listener is
+/// returned for the caller to keep open; nothing accepts on it.
+pub fn chat_core(
+    dir: &std::path::Path,
+    cfg: relay::chat::ChatConfig,
+    log: relay::chat::log::LogConfig,
+) -> (relay::io::chat_io::ChatCore, std::net::TcpListener) {
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir).expect("temp dir");
+    let verifier = TokenVerifier::new(key().verifying_key(), 0);
+    let parts = relay::io::chat_io::ChatParts {
+        engine: relay::chat::ChatShard::new(0, 1, cfg, verifier),
+        dir: dir.to_path_buf(),
+        log,
+        sync_thread: false,
+        max_conns: relay::io::chat_io::MAX_CONNS,
+        listener: std::net::TcpListener::bind("127.0.0.1:0").expect("listener"),
+        mailbox: relay::io::mailbox::mailboxes(1, relay::io::mailbox::RING_CAPACITY)
+            .expect("eventfd")
+            .pop()
+            .expect("one"),
+    };
+    relay::io::chat_io::ChatCore::open(parts).expect("chat core")
+}

@@ -12,9 +12,7 @@
 //! target/release/chat_sessions_memory 50000
 //! ```
 
-use relay::chat::{ChatConfig, ChatShard};
-use relay::engine::Now;
-use relay::io::chat_io::{ChatCore, ChatParts};
+use relay::chat::ChatConfig;
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -59,46 +57,15 @@ fn main() {
     let n: usize = std::env::args()
         .nth(1)
         .map_or(50_000, |a| a.parse().expect("a number of sessions"));
-    let key = ed25519_dalek::SigningKey::from_bytes(&[5; 32]);
-    let verifier = proto::token::TokenVerifier::new(key.verifying_key(), 0);
     let dir = std::env::temp_dir().join(format!("chat-sessions-memory-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let now = Now {
-        mono_us: 1_000_000,
-        unix_s: 1_700_000_000,
-    };
+    let now = benches::NOW;
     // Tokens first: they are the clients' memory, not the relay's.
-    let hellos: Vec<Vec<u8>> = (1..=n as u64)
-        .map(|user| {
-            let token = proto::token::Claims {
-                kind: proto::token::TokenKind::User,
-                permissions: proto::token::Permissions::CHAT,
-                relay_id: 0,
-                shard_idx: 0,
-                expires_at: now.unix_s + 3600,
-                scope_id: user,
-                participant_id: user,
-            }
-            .sign_text(&key);
-            let mut f = Vec::new();
-            proto::chat::Encoder::new(&mut f).hello(token.as_bytes());
-            f
-        })
-        .collect();
-    let parts = ChatParts {
-        engine: ChatShard::new(0, 1, ChatConfig::default(), verifier),
-        dir: dir.clone(),
-        log: relay::chat::log::LogConfig::default(),
-        sync_thread: false,
-        max_conns: relay::io::chat_io::MAX_CONNS,
-        listener: std::net::TcpListener::bind("127.0.0.1:0").expect("listener"),
-        mailbox: relay::io::mailbox::mailboxes(1, relay::io::mailbox::RING_CAPACITY)
-            .expect("eventfd")
-            .pop()
-            .expect("one"),
-    };
-    let (mut core, _listener) = ChatCore::open(parts).expect("chat core");
+    let hellos: Vec<Vec<u8>> = (1..=n as u64).map(benches::chat_hello).collect();
+    let (mut core, _listener) = benches::chat_core(
+        &dir,
+        ChatConfig::default(),
+        relay::chat::log::LogConfig::default(),
+    );
     let mut table: HashMap<u64, ConnSlot> = HashMap::new();
     let ip = std::net::IpAddr::from([127, 0, 0, 1]);
     let base = LIVE.load(Ordering::Relaxed);

@@ -17,9 +17,9 @@
 //! splitting the output into frames to count deliveries). It also prints the heap
 //! allocations per message (a counting allocator: allocations and reallocations).
 
-use relay::chat::{ChatConfig, ChatShard};
+use relay::chat::ChatConfig;
 use relay::engine::Now;
-use relay::io::chat_io::{ChatCore, ChatParts};
+use relay::io::chat_io::ChatCore;
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -62,59 +62,25 @@ fn main() {
     let n: usize = std::env::args()
         .nth(1)
         .map_or(20_000, |a| a.parse().expect("a number of messages"));
-    let key = ed25519_dalek::SigningKey::from_bytes(&[5; 32]);
-    let verifier = proto::token::TokenVerifier::new(key.verifying_key(), 0);
     let dir = std::env::temp_dir().join(format!("count-chat-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let now = Now {
-        mono_us: 1_000_000,
-        unix_s: 1_700_000_000,
+    let now = benches::NOW;
+    let cfg = ChatConfig {
+        msgs_per_s: 1_000_000_000,
+        msgs_burst: 1_000_000_000,
+        ..ChatConfig::default()
     };
-    let parts = ChatParts {
-        engine: ChatShard::new(
-            0,
-            1,
-            ChatConfig {
-                msgs_per_s: 1_000_000_000,
-                msgs_burst: 1_000_000_000,
-                ..ChatConfig::default()
-            },
-            verifier,
-        ),
-        dir: dir.clone(),
-        log: relay::chat::log::LogConfig {
-            sync: relay::chat::log::SyncMode::None,
-            ..Default::default()
-        },
-        sync_thread: false,
-        max_conns: relay::io::chat_io::MAX_CONNS,
-        listener: std::net::TcpListener::bind("127.0.0.1:0").expect("listener"),
-        mailbox: relay::io::mailbox::mailboxes(1, relay::io::mailbox::RING_CAPACITY)
-            .expect("eventfd")
-            .pop()
-            .expect("one"),
+    let log = relay::chat::log::LogConfig {
+        sync: relay::chat::log::SyncMode::None,
+        ..Default::default()
     };
-    let (mut core, _listener) = ChatCore::open(parts).expect("chat core");
+    let (mut core, _listener) = benches::chat_core(&dir, cfg, log);
     let ip = std::net::IpAddr::from([127, 0, 0, 1]);
     let mut login = |user: u64| {
-        let token = proto::token::Claims {
-            kind: proto::token::TokenKind::User,
-            permissions: proto::token::Permissions::CHAT,
-            relay_id: 0,
-            shard_idx: 0,
-            expires_at: now.unix_s + 3600,
-            scope_id: user,
-            participant_id: user,
-        }
-        .sign_text(&key);
-        let mut hello = Vec::new();
-        proto::chat::Encoder::new(&mut hello).hello(token.as_bytes());
         let mut s = Session {
             id: core.accept(now, ip),
             inbuf: Vec::new(),
         };
-        assert!(core.feed(now, s.id, &mut s.inbuf, &hello));
+        assert!(core.feed(now, s.id, &mut s.inbuf, &benches::chat_hello(user)));
         s
     };
     let mut alice = login(ALICE);

@@ -75,35 +75,38 @@ pub fn sockaddr_storage() -> libc::sockaddr_storage {
 /// Sets an integer socket option; returns the value the kernel reports afterwards.
 pub fn set_buffer(fd: RawFd, opt: libc::c_int, bytes: usize) -> io::Result<usize> {
     let v = bytes.min(i32::MAX as usize) as libc::c_int;
+    set_int_opt(fd, libc::SOL_SOCKET, opt, v)?;
+    Ok(get_int_opt(fd, libc::SOL_SOCKET, opt)? as usize)
+}
+
+/// Sets an integer socket option.
+fn set_int_opt(fd: RawFd, level: libc::c_int, opt: libc::c_int, v: libc::c_int) -> io::Result<()> {
     // SAFETY: passes a pointer to a live c_int and its size.
     let rc = unsafe {
         libc::setsockopt(
             fd,
-            libc::SOL_SOCKET,
+            level,
             opt,
-            (&v as *const libc::c_int).cast(),
-            size_of::<libc::c_int>() as _,
+            (&raw const v).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
         )
     };
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
+    Ok(())
+}
+
+/// Reads an integer socket option.
+fn get_int_opt(fd: RawFd, level: libc::c_int, opt: libc::c_int) -> io::Result<libc::c_int> {
     let mut got: libc::c_int = 0;
     let mut len = size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: passes a pointer to a live c_int and its size.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            opt,
-            (&mut got as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    };
+    let rc = unsafe { libc::getsockopt(fd, level, opt, (&raw mut got).cast(), &mut len) };
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(got as usize)
+    Ok(got)
 }
 
 /// The CPUs the process may run on: its main thread's affinity mask (e.g. systemd's
@@ -154,22 +157,7 @@ pub fn available_cpus() -> usize {
 
 /// Sets TCP_NODELAY on `fd` (on a listener: inherited by the sockets it accepts).
 pub fn set_tcp_nodelay(fd: RawFd) -> io::Result<()> {
-    let on: libc::c_int = 1;
-    // SAFETY: a valid pointer to an int of the given length.
-    let r = unsafe {
-        libc::setsockopt(
-            fd,
-            libc::IPPROTO_TCP,
-            libc::TCP_NODELAY,
-            (&raw const on).cast(),
-            size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    set_int_opt(fd, libc::IPPROTO_TCP, libc::TCP_NODELAY, 1)
 }
 
 /// The soft RLIMIT_NOFILE: descriptors per process, and registered files per io_uring.
@@ -227,23 +215,6 @@ mod tests {
         assert_eq!(from_sockaddr(&sockaddr_storage()), None);
     }
 
-    fn nodelay(fd: RawFd) -> libc::c_int {
-        let mut v: libc::c_int = -1;
-        let mut len = size_of::<libc::c_int>() as libc::socklen_t;
-        // SAFETY: valid pointers to an int and its length.
-        let r = unsafe {
-            libc::getsockopt(
-                fd,
-                libc::IPPROTO_TCP,
-                libc::TCP_NODELAY,
-                (&raw mut v).cast(),
-                &mut len,
-            )
-        };
-        assert_eq!(r, 0);
-        v
-    }
-
     /// The uring backend relies on it: its sockets are direct descriptors, set up only through
     /// the listener.
     #[test]
@@ -256,7 +227,11 @@ mod tests {
             }
             let _c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
             let (s, _) = l.accept().unwrap();
-            assert_eq!(nodelay(s.as_raw_fd()) != 0, set, "listener nodelay {set}");
+            assert_eq!(
+                get_int_opt(s.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_NODELAY).unwrap() != 0,
+                set,
+                "listener nodelay {set}"
+            );
         }
     }
 }
