@@ -5,6 +5,7 @@
 //! chatperf run [--users N] [--seconds S] [--size B] [--window W] [--threads T]
 //!              [--shards N] [--io batch|uring] [--relay-bin PATH] [--rate R] [--inline-sync] [--no-sync] [--quick]
 //! chatperf idle-memory [--conns N] [--shards N] [--io batch|uring] [--timeout-s S] [--sources K] [--relay-bin PATH]
+//! chatperf ab --base PATH [--rounds N] [--users N] [--seconds S] [--shards N] [--io batch|uring]
 //! chatperf fsync [--writers N] [--size B] [--syncs N]
 //! ```
 
@@ -31,6 +32,7 @@ const USAGE: &str = "usage:
   chatperf run [--users N] [--seconds S] [--size B] [--window W] [--threads T]
                [--shards N] [--io batch|uring] [--relay-bin PATH] [--rate R] [--inline-sync] [--no-sync] [--quick]
   chatperf idle-memory [--conns N] [--shards N] [--io batch|uring] [--timeout-s S] [--sources K] [--relay-bin PATH]
+  chatperf ab --base PATH [--rounds N] [--users N] [--seconds S] [--shards N] [--io batch|uring]
   chatperf fsync [--writers N] [--size B] [--syncs N]";
 
 /// `--name value` flags.
@@ -516,6 +518,109 @@ fn cmd_run(flags: &Flags) -> anyhow::Result<bool> {
     Ok(ok)
 }
 
+/// `chatperf ab`: the relay at `--base` (a saved binary, say the last commit's) against this
+/// build's relay, under the load of `chatperf run`'s first row, in alternating rounds (base
+/// first), so that both see the same machine. Prints every row, then the medians of
+/// delivered/s and of server CPU per delivered message, and their ratios (this build / base).
+fn cmd_ab(flags: &Flags) -> anyhow::Result<bool> {
+    flags.check(&["base", "rounds", "users", "seconds", "shards", "io"])?;
+    let base: String = flags.get("base", String::new())?;
+    let base = PathBuf::from(base);
+    if !base.is_file() {
+        bail!("--base must name a relay binary (for instance a copy of the last build's)");
+    }
+    let this = relay_bin(&Flags(Vec::new()))?;
+    let rounds: usize = flags.get("rounds", 3)?;
+    let users: usize = flags.get("users", 200)?;
+    let seconds: f64 = flags.get("seconds", 5.0)?;
+    let shards: u16 = flags.get("shards", 2)?;
+    let io: String = flags.get("io", "batch".to_string())?;
+    if users < 2 || rounds == 0 || rounds > 50 || seconds <= 0.0 || seconds > 600.0 {
+        bail!("need --users >= 2, 1 <= --rounds <= 50, 0 < --seconds <= 600");
+    }
+    let cfg = LoadCfg {
+        pairs: users / 2,
+        window: 32,
+        size: 100,
+        warmup: Duration::from_secs(1),
+        measure: Duration::from_secs_f64(seconds),
+        rate_per_pair: None,
+        threads: 2,
+    };
+    println!(
+        "chatperf ab: {rounds} alternating rounds of {} users, {seconds} s measured, io={io},          {shards} shards, [chat] sync = true; base {} against this build's {}",
+        cfg.pairs * 2,
+        base.display(),
+        this.display()
+    );
+    let chat_toml = "sync = true\nmsgs_per_s = 1000000\nsync_thread = true".to_string();
+    let setup = |bin| RelaySetup {
+        bin,
+        io: &io,
+        chat_toml: chat_toml.clone(),
+        shards,
+        persist: "fdatasync",
+    };
+    let mut rows = Vec::new();
+    for round in 1..=rounds {
+        rows.push(relay_row(
+            &setup(&base),
+            cfg,
+            0,
+            &format!("base, round {round}"),
+        ));
+        rows.push(relay_row(
+            &setup(&this),
+            cfg,
+            0,
+            &format!("this, round {round}"),
+        ));
+    }
+    println!();
+    print_table(&rows);
+    // (delivered/s, server CPU us per message) of every good row of one side.
+    let side = |parity: usize| -> Vec<(f64, f64)> {
+        rows.iter()
+            .skip(parity)
+            .step_by(2)
+            .filter_map(|r| match (&r.result, r.cores) {
+                (Ok(res), Some((server, _))) if res.rate > 0.0 => {
+                    Some((res.rate, server * 1e6 / res.rate))
+                }
+                _ => None,
+            })
+            .collect()
+    };
+    let median = |mut v: Vec<f64>| -> f64 {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (a, b) = (side(0), side(1));
+    if a.len() != rounds || b.len() != rounds {
+        println!("FAIL: a round delivered nothing or had no CPU figure");
+        return Ok(false);
+    }
+    let (ra, rb) = (
+        median(a.iter().map(|x| x.0).collect()),
+        median(b.iter().map(|x| x.0).collect()),
+    );
+    let (ca, cb) = (
+        median(a.iter().map(|x| x.1).collect()),
+        median(b.iter().map(|x| x.1).collect()),
+    );
+    println!(
+        "median delivered/s: base {}, this {} ({:.3}x)",
+        fmt_rate(ra),
+        fmt_rate(rb),
+        rb / ra
+    );
+    println!(
+        "median server CPU per delivered message: base {ca:.2} us, this {cb:.2} us ({:.3}x)",
+        cb / ca
+    );
+    Ok(true)
+}
+
 fn cmd_idle(flags: &Flags) -> anyhow::Result<bool> {
     flags.check(&[
         "conns",
@@ -654,6 +759,7 @@ fn main() {
         Some("idle-memory") => Flags::parse(&args[1..]).and_then(|f| cmd_idle(&f)),
         Some("idle-client") => Flags::parse(&args[1..]).and_then(|f| cmd_idle_client(&f)),
         Some("fsync") => Flags::parse(&args[1..]).and_then(|f| cmd_fsync(&f)),
+        Some("ab") => Flags::parse(&args[1..]).and_then(|f| cmd_ab(&f)),
         Some("-h" | "--help" | "help") => {
             println!("{USAGE}");
             Ok(true)

@@ -371,7 +371,7 @@ impl Home {
                     ref_id,
                     body: crate::chat::records::Body::from_slice(body),
                 };
-                self.route_to_owner(chat, ShardMsg::Submit(Box::new(s)));
+                self.route_to_owner(chat, ShardMsg::Submit(s));
             }
             Frame::Ack { pairs } => {
                 for (chat, seq) in proto::chat::ack_pairs(pairs) {
@@ -619,7 +619,7 @@ impl Home {
                 seq,
                 frame,
                 backlog,
-            } => self.deliver(user, chat, seq, &frame, backlog),
+            } => self.deliver(user, chat, seq, frame.as_bytes(), backlog),
             ShardMsg::BacklogChunk {
                 user,
                 epoch,

@@ -1,8 +1,8 @@
 //! Messages between the shards of one relay, carried by the bounded SPSC rings. A user's home
 //! shard talks to the owner shards of the user's chats and back.
 
+use crate::chat::records::MsgFrame;
 use proto::chat::MsgId;
-use std::sync::Arc;
 
 /// A session on a home shard: connection id and the epoch of the session's user binding, so
 /// that answers for a closed session are recognised and dropped.
@@ -12,7 +12,7 @@ pub type ConnId = u64;
 #[derive(Clone, Debug)]
 pub enum ShardMsg {
     /// Home -> owner: store and sequence an entry.
-    Submit(Box<Submit>),
+    Submit(Submit),
     /// Home -> owner: the user has received the chat up to `seq`.
     Ack {
         /// User.
@@ -131,8 +131,8 @@ pub enum ShardMsg {
         chat: u64,
         /// Seq.
         seq: u64,
-        /// The MSG frame, encoded once and shared by every recipient.
-        frame: Arc<[u8]>,
+        /// The MSG frame, encoded once by the owner.
+        frame: MsgFrame,
         /// `Some(epoch)` when part of a backlog stream.
         backlog: Option<u64>,
     },
@@ -182,7 +182,31 @@ pub struct Submit {
     pub kind: u8,
     /// Referenced id.
     pub ref_id: MsgId,
-    /// Body (inline up to [`crate::chat::records::BODY_INLINE`] bytes: one allocation, the
-    /// boxed submit, carries a typical message).
+    /// Body (inline up to [`crate::chat::records::BODY_INLINE`] bytes: a typical message
+    /// travels to its owner without an allocation).
     pub body: crate::chat::records::Body,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chat::records::{MsgFrame, FRAME_INLINE};
+
+    #[test]
+    fn a_message_fits_in_a_ring_slot_of_at_most_256_bytes() {
+        // Every ring slot is this big (ARCHITECTURE.md gives the rings' memory from it).
+        let size = std::mem::size_of::<ShardMsg>();
+        assert!(size <= 256, "ShardMsg is {size} bytes");
+    }
+
+    #[test]
+    fn frames_up_to_the_inline_size_are_inline_and_longer_ones_shared() {
+        for len in [0, 1, FRAME_INLINE - 1, FRAME_INLINE, FRAME_INLINE + 1, 4000] {
+            let bytes: Vec<u8> = (0..len).map(|i| i as u8).collect();
+            let f = MsgFrame::new(&bytes);
+            assert_eq!(f.as_bytes(), &bytes[..], "len {len}");
+            assert_eq!(f.clone().as_bytes(), &bytes[..], "clone of len {len}");
+            assert_eq!(matches!(f, MsgFrame::Inline { .. }), len <= FRAME_INLINE);
+        }
+    }
 }

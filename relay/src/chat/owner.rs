@@ -9,11 +9,10 @@
 use super::dedup::Dedup;
 use super::map::Map;
 use super::msg::{Origin, ShardMsg, Submit};
-use super::records::{self, Audience, Body, ChatRec, EntryRec, MemberRec, Rec};
+use super::records::{self, Audience, Body, ChatRec, EntryRec, MemberRec, MsgFrame, Rec};
 use super::ChatConfig;
 use proto::chat::{code, ids, kind, Encoder, Entry, MsgId};
 use std::collections::VecDeque;
-use std::sync::Arc;
 
 /// What a log record belongs to, so that its LSN can be filed once known.
 #[derive(Clone, Copy, Debug)]
@@ -35,7 +34,7 @@ struct Stored {
     seq: u64,
     sender: u64,
     kind: u8,
-    frame: Arc<[u8]>,
+    frame: MsgFrame,
     /// Audience members that have not acknowledged it yet.
     unacked: Audience,
     lsn: Option<u64>,
@@ -171,7 +170,7 @@ impl Owner {
     /// Handles one message addressed to the owner role.
     pub fn handle(&mut self, msg: ShardMsg, now_ms: u64) {
         match msg {
-            ShardMsg::Submit(s) => self.submit(*s, now_ms),
+            ShardMsg::Submit(s) => self.submit(s, now_ms),
             ShardMsg::Ack { user, chat, seq } => self.ack(user, chat, seq, now_ms),
             ShardMsg::CreateGroup {
                 from,
@@ -853,8 +852,8 @@ fn receipt_id(user: u64, seq: u64) -> MsgId {
     id
 }
 
-/// The MSG frame of `e`, encoded in `scratch` and copied once into its shared allocation.
-fn encode_frame(scratch: &mut Vec<u8>, e: &EntryRec) -> Arc<[u8]> {
+/// The MSG frame of `e`, encoded in `scratch` and copied into its [`MsgFrame`].
+fn encode_frame(scratch: &mut Vec<u8>, e: &EntryRec) -> MsgFrame {
     scratch.clear();
     Encoder::new(scratch).msg(&Entry {
         chat_id: e.chat,
@@ -866,5 +865,5 @@ fn encode_frame(scratch: &mut Vec<u8>, e: &EntryRec) -> Arc<[u8]> {
         ts_ms: e.ts_ms,
         body: &e.body,
     });
-    Arc::from(&scratch[..])
+    MsgFrame::new(scratch)
 }

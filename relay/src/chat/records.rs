@@ -29,6 +29,68 @@ pub const BODY_INLINE: usize = 128;
 /// and membership event), on the heap beyond.
 pub type Body = smallvec::SmallVec<[u8; BODY_INLINE]>;
 
+/// The bytes of a MSG frame around its body: the 5-byte frame header and the 65 bytes of
+/// fields before the body (PROTOCOL.md).
+const MSG_OVERHEAD: usize = 5 + 65;
+
+/// MSG frames up to this many bytes are held inline in a [`MsgFrame`]: every frame whose body
+/// is inline in a [`Body`].
+pub const FRAME_INLINE: usize = MSG_OVERHEAD + BODY_INLINE;
+
+/// An encoded MSG frame, as an owner keeps it until its audience acknowledges it and as it
+/// travels to the recipients' home shards. A frame of a body up to [`BODY_INLINE`] bytes is
+/// held inline, so that sequencing and delivering a typical message allocates nothing (a
+/// clone copies at most [`FRAME_INLINE`] bytes); a longer one is allocated once and shared by
+/// every recipient.
+#[derive(Clone)]
+pub enum MsgFrame {
+    /// `len` bytes at the front of `bytes`.
+    Inline {
+        /// Length used.
+        len: u8,
+        /// The frame.
+        bytes: [u8; FRAME_INLINE],
+    },
+    /// A long frame, shared.
+    Shared(std::sync::Arc<[u8]>),
+}
+
+const _: () = assert!(
+    FRAME_INLINE <= u8::MAX as usize,
+    "an inline length fits in a u8"
+);
+
+impl MsgFrame {
+    /// A copy of `frame`.
+    pub fn new(frame: &[u8]) -> Self {
+        match u8::try_from(frame.len()) {
+            Ok(len) if frame.len() <= FRAME_INLINE => {
+                let mut bytes = [0u8; FRAME_INLINE];
+                bytes[..frame.len()].copy_from_slice(frame);
+                Self::Inline { len, bytes }
+            }
+            _ => Self::Shared(frame.into()),
+        }
+    }
+
+    /// The frame's bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        match self {
+            Self::Inline { len, bytes } => &bytes[..usize::from(*len)],
+            Self::Shared(b) => b,
+        }
+    }
+}
+
+impl std::fmt::Debug for MsgFrame {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MsgFrame")
+            .field("len", &self.as_bytes().len())
+            .field("shared", &matches!(self, Self::Shared(_)))
+            .finish()
+    }
+}
+
 /// A stored chat entry.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EntryRec {
