@@ -110,7 +110,8 @@ fn main() {
 /// Writes out every session's output; returns the MSG frames of text messages among it.
 fn drain(core: &mut ChatCore, now: Now) -> usize {
     let mut msgs = 0;
-    for id in core.take_dirty() {
+    let dirty = core.take_dirty();
+    for &id in &dirty {
         let out = core.output(id);
         let mut at = 0;
         while let Ok(Some((frame, len))) = proto::chat::decode(&out[at..]) {
@@ -122,6 +123,7 @@ fn drain(core: &mut ChatCore, now: Now) -> usize {
         let len = out.len();
         core.written(now, id, len);
     }
+    core.give_back_dirty(dirty);
     msgs
 }
 

@@ -548,7 +548,8 @@ fn cmd_ab(flags: &Flags) -> anyhow::Result<bool> {
         threads: 2,
     };
     println!(
-        "chatperf ab: {rounds} alternating rounds of {} users, {seconds} s measured, io={io},          {shards} shards, [chat] sync = true; base {} against this build's {}",
+        "chatperf ab: {rounds} alternating rounds of {} users, {seconds} s measured, io={io}, \
+         {shards} shards, [chat] sync = true; base {} against this build's {}",
         cfg.pairs * 2,
         base.display(),
         this.display()

@@ -88,6 +88,23 @@ pub struct ChatShard {
     owner: owner::Owner,
     local: VecDeque<ShardMsg>,
     outbox: Vec<(u16, ShardMsg)>,
+    spare: Spare,
+}
+
+/// Emptied lists handed back by the driver (`give_back_*`), swapped in by the next `take_*`:
+/// the per-turn lists keep their capacity instead of growing again from nothing every turn.
+#[derive(Default)]
+struct Spare {
+    dead: Vec<u64>,
+    outbox: Vec<(u16, ShardMsg)>,
+    dirty: Vec<ConnId>,
+    closing: Vec<ConnId>,
+}
+
+/// `v` emptied, for reuse.
+fn emptied<T>(mut v: Vec<T>) -> Vec<T> {
+    v.clear();
+    v
 }
 
 impl ChatShard {
@@ -99,6 +116,7 @@ impl ChatShard {
             owner: owner::Owner::new(shard, n_shards, cfg),
             local: VecDeque::new(),
             outbox: Vec::new(),
+            spare: Spare::default(),
         }
     }
 
@@ -183,6 +201,11 @@ impl ChatShard {
         self.owner.take_batch()
     }
 
+    /// A batch from [`ChatShard::take_records`], appended: its buffers serve the next one.
+    pub fn give_back_records(&mut self, batch: records::Batch) {
+        self.owner.give_back_batch(batch);
+    }
+
     /// The records taken last are durable at these LSNs.
     pub fn handle_committed(&mut self, now: Now, lsns: &[u64]) {
         self.owner.handle_committed(lsns);
@@ -191,17 +214,32 @@ impl ChatShard {
 
     /// LSNs of records that became dead.
     pub fn take_dead(&mut self) -> Vec<u64> {
-        std::mem::take(&mut self.owner.dead)
+        std::mem::replace(&mut self.owner.dead, std::mem::take(&mut self.spare.dead))
+    }
+
+    /// A list from [`ChatShard::take_dead`], done with.
+    pub fn give_back_dead(&mut self, v: Vec<u64>) {
+        self.spare.dead = emptied(v);
     }
 
     /// Messages for other shards.
     pub fn take_outbox(&mut self) -> Vec<(u16, ShardMsg)> {
-        std::mem::take(&mut self.outbox)
+        std::mem::replace(&mut self.outbox, std::mem::take(&mut self.spare.outbox))
+    }
+
+    /// A list from [`ChatShard::take_outbox`], drained.
+    pub fn give_back_outbox(&mut self, v: Vec<(u16, ShardMsg)>) {
+        self.spare.outbox = emptied(v);
     }
 
     /// Connections with output to write.
     pub fn take_dirty(&mut self) -> Vec<ConnId> {
-        std::mem::take(&mut self.home.dirty)
+        std::mem::replace(&mut self.home.dirty, std::mem::take(&mut self.spare.dirty))
+    }
+
+    /// A list from [`ChatShard::take_dirty`], done with.
+    pub fn give_back_dirty(&mut self, v: Vec<ConnId>) {
+        self.spare.dirty = emptied(v);
     }
 
     /// The relay is stopping: see [`home::Home::stop_sessions`].
@@ -211,7 +249,15 @@ impl ChatShard {
 
     /// Connections to close once flushed.
     pub fn take_closing(&mut self) -> Vec<ConnId> {
-        std::mem::take(&mut self.home.closing)
+        std::mem::replace(
+            &mut self.home.closing,
+            std::mem::take(&mut self.spare.closing),
+        )
+    }
+
+    /// A list from [`ChatShard::take_closing`], done with.
+    pub fn give_back_closing(&mut self, v: Vec<ConnId>) {
+        self.spare.closing = emptied(v);
     }
 
     /// Output queued for `conn`.

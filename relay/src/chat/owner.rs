@@ -116,6 +116,11 @@ pub struct Owner {
     scratch: Vec<u8>,
     after_commit: Vec<(u16, ShardMsg)>,
     committing: Option<Committing>,
+    /// Emptied buffers of the last batch and commit, for the next ones.
+    spare_records: records::Batch,
+    spare_committing: Committing,
+    /// Chats of the batch being committed (kept for its capacity).
+    touched: Vec<u64>,
     /// LSNs of records that became dead; the driver marks them in the log.
     pub dead: Vec<u64>,
     /// Messages to other shards (or this one) that need no durability.
@@ -141,6 +146,9 @@ impl Owner {
             scratch: Vec::new(),
             after_commit: Vec::new(),
             committing: None,
+            spare_records: records::Batch::default(),
+            spare_committing: Committing::default(),
+            touched: Vec::new(),
             dead: Vec::new(),
             out: Vec::new(),
             n_accepted: 0,
@@ -659,21 +667,27 @@ impl Owner {
     /// released by [`Owner::handle_committed`] once the driver has committed the log.
     pub fn take_batch(&mut self) -> records::Batch {
         debug_assert!(self.committing.is_none(), "one commit at a time");
-        let owners = std::mem::take(&mut self.rec_owners);
-        let actions = std::mem::take(&mut self.after_commit);
+        let (spare_owners, spare_actions) = std::mem::take(&mut self.spare_committing);
+        let owners = std::mem::replace(&mut self.rec_owners, spare_owners);
+        let actions = std::mem::replace(&mut self.after_commit, spare_actions);
         self.committing = Some((owners, actions));
-        let next = self.records.empty_like();
-        std::mem::replace(&mut self.records, next)
+        std::mem::replace(&mut self.records, std::mem::take(&mut self.spare_records))
+    }
+
+    /// A batch from [`Owner::take_batch`], appended: its buffers serve the next one.
+    pub fn give_back_batch(&mut self, mut batch: records::Batch) {
+        batch.clear();
+        self.spare_records = batch;
     }
 
     /// The records of the last batch are durable at these LSNs (same order): file the LSNs,
     /// mark the entries committed and release "sent" and deliveries.
     pub fn handle_committed(&mut self, lsns: &[u64]) {
-        let Some((owners, actions)) = self.committing.take() else {
+        let Some((mut owners, mut actions)) = self.committing.take() else {
             return;
         };
         debug_assert_eq!(owners.len(), lsns.len());
-        let mut touched: Vec<u64> = Vec::new();
+        let mut touched = std::mem::take(&mut self.touched);
         for (owner, &lsn) in owners.iter().zip(lsns) {
             match *owner {
                 RecOwner::Ack => self.dead.push(lsn),
@@ -703,17 +717,20 @@ impl Owner {
         // can hold such entries.
         touched.sort_unstable();
         touched.dedup();
-        for chat in touched {
+        for chat in touched.drain(..) {
             if let Some(c) = self.chats.get_mut(&chat) {
                 drop_settled(&mut c.pending, &mut self.dead);
             }
         }
+        self.touched = touched;
         // A user whose backlog is being streamed gets these entries from the stream, in order,
         // now that they are committed.
         let streams = &self.streams;
-        self.out.extend(actions.into_iter().filter(
+        self.out.extend(actions.drain(..).filter(
             |(_, a)| !matches!(a, ShardMsg::Deliver { user, .. } if streams.contains_key(user)),
         ));
+        owners.clear();
+        self.spare_committing = (owners, actions);
     }
 
     /// Whether records wait to be appended.

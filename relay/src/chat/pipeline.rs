@@ -12,9 +12,11 @@
 pub struct CommitPipeline {
     in_flight: Option<InFlight>,
     next_dead: Vec<u64>,
+    /// The emptied lists of the last batch ([`CommitPipeline::give_back`]).
+    spare: InFlight,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Default)]
 struct InFlight {
     lsns: Vec<u64>,
     dead: Vec<u64>,
@@ -32,35 +34,39 @@ impl CommitPipeline {
     }
 
     /// Dead marks the engine just produced, while `records_waiting` (the engine holds records
-    /// not yet taken). Returns the marks that may be applied to the log now.
-    pub fn dead(&mut self, dead: Vec<u64>, records_waiting: bool) -> Vec<u64> {
-        if dead.is_empty() {
-            return dead;
-        }
+    /// not yet taken). Moves the marks that must wait out of `dead`; what stays there may be
+    /// applied to the log now.
+    pub fn dead(&mut self, dead: &mut Vec<u64>, records_waiting: bool) {
         if records_waiting {
-            self.next_dead.extend(dead);
-            Vec::new()
+            self.next_dead.append(dead);
         } else if let Some(f) = &mut self.in_flight {
-            f.dead.extend(dead);
-            Vec::new()
-        } else {
-            dead
+            f.dead.append(dead);
         }
+    }
+
+    /// An empty list for the Lsns of the next batch.
+    pub fn lsn_list(&mut self) -> Vec<u64> {
+        std::mem::take(&mut self.spare.lsns)
     }
 
     /// A batch was taken, appended at `lsns` and its sync started.
     pub fn started(&mut self, lsns: Vec<u64>) {
         debug_assert!(self.in_flight.is_none(), "one batch in flight at a time");
-        self.in_flight = Some(InFlight {
-            lsns,
-            dead: std::mem::take(&mut self.next_dead),
-        });
+        let dead = std::mem::replace(&mut self.next_dead, std::mem::take(&mut self.spare.dead));
+        self.in_flight = Some(InFlight { lsns, dead });
     }
 
     /// The batch's sync succeeded: its Lsns (for the engine's `handle_committed`) and the dead
     /// marks that may now be applied. `None` if nothing was in flight.
     pub fn finished(&mut self) -> Option<(Vec<u64>, Vec<u64>)> {
         self.in_flight.take().map(|f| (f.lsns, f.dead))
+    }
+
+    /// The lists [`CommitPipeline::finished`] returned, done with.
+    pub fn give_back(&mut self, mut lsns: Vec<u64>, mut dead: Vec<u64>) {
+        lsns.clear();
+        dead.clear();
+        self.spare = InFlight { lsns, dead };
     }
 
     /// Marks held for later.
@@ -77,15 +83,25 @@ mod tests {
     #[test]
     fn marks_wait_for_everything_produced_before_them() {
         let mut p = CommitPipeline::new();
+        let dead = |p: &mut CommitPipeline, marks: &[u64], waiting: bool| {
+            let mut v = marks.to_vec();
+            p.dead(&mut v, waiting);
+            v
+        };
         // Nothing outstanding: at once.
-        assert_eq!(p.dead(vec![1], false), vec![1]);
+        assert_eq!(dead(&mut p, &[1], false), vec![1]);
         // Records waiting: with the next batch, not the one in flight.
         p.started(vec![10, 11]);
-        assert!(p.dead(vec![2], true).is_empty());
+        assert!(dead(&mut p, &[2], true).is_empty());
         // Only the batch in flight is outstanding: with it.
-        assert!(p.dead(vec![3], false).is_empty());
+        assert!(dead(&mut p, &[3], false).is_empty());
         assert_eq!(p.held_dead(), 2);
-        assert_eq!(p.finished(), Some((vec![10, 11], vec![3])));
+        let (lsns, marks) = p.finished().unwrap();
+        assert_eq!((&lsns[..], &marks[..]), (&[10, 11][..], &[3][..]));
+        // Lists given back are reused empty.
+        p.give_back(lsns, marks);
+        let list = p.lsn_list();
+        assert!(list.is_empty() && list.capacity() >= 2);
         p.started(vec![12]);
         assert_eq!(p.finished(), Some((vec![12], vec![2])));
         assert_eq!(p.finished(), None);

@@ -234,12 +234,10 @@ impl Batch {
             .map(|(&(kind, end), start)| (kind, &self.buf[start..end]))
     }
 
-    /// An empty batch with room for as much as this one holds.
-    pub fn empty_like(&self) -> Self {
-        Self {
-            buf: Vec::with_capacity(self.buf.len()),
-            ends: Vec::with_capacity(self.ends.len()),
-        }
+    /// Empties the batch, keeping its buffers.
+    pub fn clear(&mut self) {
+        self.buf.clear();
+        self.ends.clear();
     }
 }
 

@@ -265,8 +265,8 @@ impl Sim {
                     moved |= self.pipeline_step(i);
                 } else if commit && self.shards[i].has_records() {
                     let log = &mut self.logs[i];
-                    let lsns: Vec<u64> = self.shards[i]
-                        .take_records()
+                    let records = self.shards[i].take_records();
+                    let lsns: Vec<u64> = records
                         .iter()
                         .map(|(kind, payload)| {
                             let r = (kind, payload.to_vec());
@@ -276,19 +276,25 @@ impl Sim {
                             lsn
                         })
                         .collect();
+                    self.shards[i].give_back_records(records);
                     self.shards[i].handle_committed(self.now, &lsns);
                     moved = true;
                 }
                 if !self.pipelined {
-                    for lsn in self.shards[i].take_dead() {
+                    let dead = self.shards[i].take_dead();
+                    for &lsn in &dead {
                         self.logs[i].mark_dead(lsn);
                     }
+                    self.shards[i].give_back_dead(dead);
                 }
-                for (dest, m) in self.shards[i].take_outbox() {
+                let mut outbox = self.shards[i].take_outbox();
+                for (dest, m) in outbox.drain(..) {
                     self.rings[usize::from(dest)].push_back(m);
                     moved = true;
                 }
-                for conn in self.shards[i].take_dirty() {
+                self.shards[i].give_back_outbox(outbox);
+                let dirty = self.shards[i].take_dirty();
+                for &conn in &dirty {
                     let out = self.shards[i].output(conn).to_vec();
                     if let Some(c) = self.clients.values_mut().find(|c| c.conn == conn) {
                         c.inbox.extend_from_slice(&out);
@@ -296,7 +302,9 @@ impl Sim {
                     self.shards[i].handle_written(self.now, conn, out.len());
                     moved = true;
                 }
-                for conn in self.shards[i].take_closing() {
+                self.shards[i].give_back_dirty(dirty);
+                let closing = self.shards[i].take_closing();
+                for &conn in &closing {
                     if let Some(c) = self.clients.values_mut().find(|c| c.conn == conn) {
                         c.inbox.extend_from_slice(self.shards[i].output(conn));
                         c.closed = true;
@@ -304,6 +312,7 @@ impl Sim {
                     self.shards[i].handle_closed(self.now, conn);
                     moved = true;
                 }
+                self.shards[i].give_back_closing(closing);
             }
             if !moved {
                 return true;
@@ -317,32 +326,38 @@ impl Sim {
     /// the same [`super::pipeline::CommitPipeline`] as in the I/O layer.
     fn pipeline_step(&mut self, i: usize) -> bool {
         let waiting = self.shards[i].has_records();
-        let dead = self.shards[i].take_dead();
-        for lsn in self.pipes[i].dead(dead, waiting) {
+        let mut dead = self.shards[i].take_dead();
+        self.pipes[i].dead(&mut dead, waiting);
+        for &lsn in &dead {
             self.logs[i].mark_dead(lsn);
         }
+        self.shards[i].give_back_dead(dead);
         if let Some((lsns, dead)) = self.pipes[i].finished() {
             for (lsn, r) in self.flying[i].drain(..) {
                 self.logs[i].durable.insert(lsn, r);
             }
             self.shards[i].handle_committed(self.now, &lsns);
-            for lsn in dead {
+            for &lsn in &dead {
                 self.logs[i].mark_dead(lsn);
             }
+            self.pipes[i].give_back(lsns, dead);
             return true;
         }
         if !self.shards[i].has_records() {
             return false;
         }
         let log = &mut self.logs[i];
-        let mut lsns = Vec::new();
-        for (kind, payload) in self.shards[i].take_records().iter() {
+        // The same recycled lists as the I/O layer (`ChatCore::end_turn`) uses.
+        let mut lsns = self.pipes[i].lsn_list();
+        let records = self.shards[i].take_records();
+        for (kind, payload) in records.iter() {
             let r = (kind, payload.to_vec());
             let lsn = log.next_lsn;
             log.next_lsn += 1;
             self.flying[i].push((lsn, r));
             lsns.push(lsn);
         }
+        self.shards[i].give_back_records(records);
         self.pipes[i].started(lsns);
         true
     }

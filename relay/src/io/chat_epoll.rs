@@ -278,15 +278,19 @@ impl EpollChat {
     /// the commit released written to the sockets.
     pub fn end_turn(&mut self, now: Now) -> io::Result<()> {
         self.core.end_turn(now)?;
-        for id in self.core.take_dirty() {
+        let dirty = self.core.take_dirty();
+        for &id in &dirty {
             self.write(now, id);
         }
-        for id in self.core.take_closing(now) {
+        self.core.give_back_dirty(dirty);
+        let closing = self.core.take_closing(now);
+        for &id in &closing {
             if let Some(c) = self.conns.get_mut(&id) {
                 c.closing = true;
             }
             self.write(now, id);
         }
+        self.core.give_back_closing(closing);
         for id in self.core.take_overdue(now) {
             self.close(now, id);
         }

@@ -302,19 +302,22 @@ impl ChatCore {
             compact |= self.finish_batch(now, &job, result)?;
         }
         let waiting = self.engine.has_records();
-        let dead = self.engine.take_dead();
-        for lsn in self.pipeline.dead(dead, waiting) {
+        let mut dead = self.engine.take_dead();
+        self.pipeline.dead(&mut dead, waiting);
+        for &lsn in &dead {
             self.log.mark_dead(Lsn(lsn));
             compact = true;
         }
+        self.engine.give_back_dead(dead);
         // The next batch goes to the disk while the shard serves on: one sync in flight.
         if waiting && !self.pipeline.in_flight() {
             let records = self.engine.take_records();
-            let mut lsns = Vec::with_capacity(records.len());
+            let mut lsns = self.pipeline.lsn_list();
             for (kind, payload) in records.iter() {
                 lsns.push(self.log.append(kind, payload)?.0);
             }
             self.counters.records += records.len() as u64;
+            self.engine.give_back_records(records);
             let job = self
                 .log
                 .start_commit()?
@@ -332,9 +335,11 @@ impl ChatCore {
         if compact {
             self.log.compact()?;
         }
-        for (to, m) in self.engine.take_outbox() {
+        let mut outbox = self.engine.take_outbox();
+        for (to, m) in outbox.drain(..) {
             self.mailbox.send(to, m);
         }
+        self.engine.give_back_outbox(outbox);
         self.mailbox.flush();
         Ok(())
     }
@@ -355,15 +360,26 @@ impl ChatCore {
         self.counters.commits += 1;
         self.engine.handle_committed(now, &lsns);
         let any = !dead.is_empty();
-        for lsn in dead {
+        for &lsn in &dead {
             self.log.mark_dead(Lsn(lsn));
         }
+        self.pipeline.give_back(lsns, dead);
         Ok(any)
     }
 
     /// Connections with output to write.
     pub fn take_dirty(&mut self) -> Vec<ConnId> {
         self.engine.take_dirty()
+    }
+
+    /// A list from [`ChatCore::take_dirty`], done with (its capacity serves the next turn).
+    pub fn give_back_dirty(&mut self, v: Vec<ConnId>) {
+        self.engine.give_back_dirty(v);
+    }
+
+    /// A list from [`ChatCore::take_closing`], done with.
+    pub fn give_back_closing(&mut self, v: Vec<ConnId>) {
+        self.engine.give_back_closing(v);
     }
 
     /// Connections to close once their output is flushed; [`ChatCore::take_overdue`] names

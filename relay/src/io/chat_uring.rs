@@ -536,19 +536,23 @@ impl UringChat {
             self.handle_received(now);
         }
         self.core.end_turn(now)?;
-        for id in self.core.take_dirty() {
+        let dirty = self.core.take_dirty();
+        for &id in &dirty {
             if let Some(c) = self.conns.get_mut(&id) {
                 c.want_send = true;
                 self.enqueue(id);
             }
         }
-        for id in self.core.take_closing(now) {
+        self.core.give_back_dirty(dirty);
+        let closing = self.core.take_closing(now);
+        for &id in &closing {
             if let Some(c) = self.conns.get_mut(&id) {
                 c.closing = true;
                 c.want_send = true;
                 self.enqueue(id);
             }
         }
+        self.core.give_back_closing(closing);
         // A closing peer that does not read: its send in flight is cancelled.
         for id in self.core.take_overdue(now) {
             self.close(id);
