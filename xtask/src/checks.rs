@@ -140,8 +140,24 @@ pub fn callgrind() -> Result {
         M[0], M[1]
     );
     println!("  {}", allocs.trim());
+    // A steady 1:1 load allocates nothing per message (ARCHITECTURE.md); what count_chat
+    // counts is the first turns' growth of reused lists, 140 in 20,000 messages.
+    let per_msg: f64 = allocs
+        .rsplit("per message=")
+        .next()
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| format!("count_chat printed no allocation count: {allocs}"))?;
+    if per_msg > MAX_CHAT_ALLOCS_PER_MSG {
+        return Err(format!(
+            "the chat path allocates {per_msg} times per message (at most \
+             {MAX_CHAT_ALLOCS_PER_MSG}): a per-message allocation came back"
+        ));
+    }
     Ok(())
 }
+
+/// See [`callgrind`].
+const MAX_CHAT_ALLOCS_PER_MSG: f64 = 0.05;
 
 fn instructions(bin: &str, valgrind_args: &[&str], args: &[u64]) -> Result<u64> {
     let out = Command::new("valgrind")
