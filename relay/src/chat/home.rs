@@ -3,7 +3,7 @@
 //! deliver into the sessions' bounded outbound buffers, with the backlog flow control.
 
 use super::map::Map;
-use super::msg::{ConnId, Origin, ShardMsg, Submit};
+use super::msg::{ConnId, Origin, ShardMsg, Submit, SubmitPool};
 use super::ChatConfig;
 use crate::engine::limits::TokenBucket;
 use crate::engine::Now;
@@ -83,6 +83,8 @@ pub struct Home {
     pub out: Vec<(u16, ShardMsg)>,
     /// Sessions with bytes to write.
     pub dirty: Vec<ConnId>,
+    /// Boxes for submits (spent ones come back from the owner role, see `ChatShard`).
+    pub submits: SubmitPool,
     /// Sessions to close once their output is flushed.
     pub closing: Vec<ConnId>,
     /// Counters.
@@ -105,6 +107,7 @@ impl Home {
             watchers: Map::default(),
             out: Vec::new(),
             dirty: Vec::new(),
+            submits: SubmitPool::default(),
             closing: Vec::new(),
             counters: HomeCounters::default(),
         }
@@ -371,6 +374,7 @@ impl Home {
                     ref_id,
                     body: crate::chat::records::Body::from_slice(body),
                 };
+                let s = self.submits.boxed(s);
                 self.route_to_owner(chat, ShardMsg::Submit(s));
             }
             Frame::Ack { pairs } => {

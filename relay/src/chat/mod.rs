@@ -144,8 +144,11 @@ impl ChatShard {
     fn dispatch(&mut self, m: ShardMsg, now: Now) {
         let now_ms = now.unix_s * 1000;
         match m {
-            ShardMsg::Submit(_)
-            | ShardMsg::Ack { .. }
+            ShardMsg::Submit(s) => {
+                let spent = self.owner.submit(s, now_ms);
+                self.home.submits.give_back(spent);
+            }
+            ShardMsg::Ack { .. }
             | ShardMsg::CreateGroup { .. }
             | ShardMsg::ChangeMember { .. }
             | ShardMsg::BacklogStart { .. }

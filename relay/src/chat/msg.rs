@@ -12,7 +12,7 @@ pub type ConnId = u64;
 #[derive(Clone, Debug)]
 pub enum ShardMsg {
     /// Home -> owner: store and sequence an entry.
-    Submit(Submit),
+    Submit(Box<Submit>),
     /// Home -> owner: the user has received the chat up to `seq`.
     Ack {
         /// User.
@@ -131,7 +131,7 @@ pub enum ShardMsg {
         chat: u64,
         /// Seq.
         seq: u64,
-        /// The MSG frame, encoded once by the owner.
+        /// The MSG frame, encoded once by the owner and shared.
         frame: MsgFrame,
         /// `Some(epoch)` when part of a backlog stream.
         backlog: Option<u64>,
@@ -182,31 +182,80 @@ pub struct Submit {
     pub kind: u8,
     /// Referenced id.
     pub ref_id: MsgId,
-    /// Body (inline up to [`crate::chat::records::BODY_INLINE`] bytes: a typical message
-    /// travels to its owner without an allocation).
+    /// Body (inline up to [`crate::chat::records::BODY_INLINE`] bytes). The box itself is
+    /// reused: see [`SubmitPool`].
     pub body: crate::chat::records::Body,
+}
+
+/// Boxes of spent submits, for the next ones: a home shard boxes a SEND's submit, its owner
+/// shard hands the box back when done with it ([`super::ChatShard`] puts it in its own pool).
+/// With every shard both home and owner, the boxes circulate and a steady load allocates none;
+/// where the traffic is lopsided one pool stays empty (and allocates) while another fills up to
+/// [`SubmitPool::MAX_BOXES`] (and frees the rest). Bounded.
+#[derive(Default)]
+pub struct SubmitPool {
+    // The boxes themselves are what is kept (they travel in `ShardMsg::Submit`).
+    #[allow(clippy::vec_box)]
+    free: Vec<Box<Submit>>,
+}
+
+impl SubmitPool {
+    /// Boxes kept at most.
+    pub const MAX_BOXES: usize = 1024;
+
+    /// `s`, boxed (in a kept box when there is one).
+    pub fn boxed(&mut self, s: Submit) -> Box<Submit> {
+        match self.free.pop() {
+            Some(mut b) => {
+                *b = s;
+                b
+            }
+            None => Box::new(s),
+        }
+    }
+
+    /// A spent submit's box.
+    pub fn give_back(&mut self, b: Box<Submit>) {
+        if self.free.len() < Self::MAX_BOXES {
+            self.free.push(b);
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::chat::records::{MsgFrame, FRAME_INLINE};
+    use crate::chat::records::FramePool;
 
     #[test]
-    fn a_message_fits_in_a_ring_slot_of_at_most_256_bytes() {
+    fn a_message_fits_in_a_ring_slot_of_at_most_96_bytes() {
         // Every ring slot is this big (ARCHITECTURE.md gives the rings' memory from it).
         let size = std::mem::size_of::<ShardMsg>();
-        assert!(size <= 256, "ShardMsg is {size} bytes");
+        assert!(size <= 96, "ShardMsg is {size} bytes");
     }
 
     #[test]
-    fn frames_up_to_the_inline_size_are_inline_and_longer_ones_shared() {
-        for len in [0, 1, FRAME_INLINE - 1, FRAME_INLINE, FRAME_INLINE + 1, 4000] {
-            let bytes: Vec<u8> = (0..len).map(|i| i as u8).collect();
-            let f = MsgFrame::new(&bytes);
-            assert_eq!(f.as_bytes(), &bytes[..], "len {len}");
-            assert_eq!(f.clone().as_bytes(), &bytes[..], "clone of len {len}");
-            assert_eq!(matches!(f, MsgFrame::Inline { .. }), len <= FRAME_INLINE);
-        }
+    fn frame_buffers_are_reused_only_when_nobody_else_holds_them() {
+        let mut pool = FramePool::default();
+        let a = pool.make(|v| v.extend_from_slice(b"first"));
+        assert_eq!(a.as_bytes(), b"first");
+        let held = a.clone();
+        pool.give_back(a);
+        assert!(pool.is_empty(), "a frame a home still holds is not reused");
+        pool.give_back(held);
+        assert_eq!(pool.len(), 1);
+        let b = pool.make(|v| v.extend_from_slice(b"second"));
+        assert_eq!(b.as_bytes(), b"second", "a reused buffer starts empty");
+        assert!(pool.is_empty());
+        // A long frame's buffer is freed, not kept.
+        let long = pool.make(|v| v.resize(FramePool::MAX_KEPT_BYTES + 1, 7));
+        pool.give_back(long);
+        assert!(pool.is_empty());
+        // Bounded.
+        let frames: Vec<_> = (0..FramePool::MAX_FRAMES + 10)
+            .map(|_| pool.make(|v| v.push(1)))
+            .collect();
+        frames.into_iter().for_each(|f| pool.give_back(f));
+        assert_eq!(pool.len(), FramePool::MAX_FRAMES);
     }
 }

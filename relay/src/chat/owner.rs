@@ -9,7 +9,9 @@
 use super::dedup::Dedup;
 use super::map::Map;
 use super::msg::{Origin, ShardMsg, Submit};
-use super::records::{self, Audience, Body, ChatRec, EntryRec, MemberRec, MsgFrame, Rec};
+use super::records::{
+    self, Audience, Body, ChatRec, EntryRec, FramePool, MemberRec, MsgFrame, Rec,
+};
 use super::ChatConfig;
 use proto::chat::{code, ids, kind, Encoder, Entry, MsgId};
 use std::collections::VecDeque;
@@ -76,14 +78,22 @@ impl Chat {
 
 /// Removes the committed entries that every recipient has acknowledged and hands their LSNs to
 /// `dead`. Uncommitted entries stay: their LSN is not known yet, and "sent" still waits on them.
-fn drop_settled(pending: &mut VecDeque<Stored>, dead: &mut Vec<u64>) {
-    pending.retain(|s| {
-        let settled = s.committed && s.unacked.is_empty();
-        if settled {
-            dead.extend(s.lsn);
-        }
-        !settled
-    });
+/// Settled entries at the front (the usual case: acknowledgements arrive in order) give their
+/// frames back to `frames`.
+fn drop_settled(pending: &mut VecDeque<Stored>, dead: &mut Vec<u64>, frames: &mut FramePool) {
+    let settled = |s: &Stored| s.committed && s.unacked.is_empty();
+    while let Some(s) = pending.pop_front_if(|s| settled(s)) {
+        dead.extend(s.lsn);
+        frames.give_back(s.frame);
+    }
+    if pending.iter().any(settled) {
+        pending.retain(|s| {
+            if settled(s) {
+                dead.extend(s.lsn);
+            }
+            !settled(s)
+        });
+    }
 }
 
 /// A backlog being streamed to a user's session.
@@ -112,8 +122,8 @@ pub struct Owner {
     /// Records to append, and what each belongs to.
     records: records::Batch,
     rec_owners: Vec<RecOwner>,
-    /// Where MSG frames are encoded before they are shared.
-    scratch: Vec<u8>,
+    /// Buffers for MSG frames.
+    frames: FramePool,
     after_commit: Vec<(u16, ShardMsg)>,
     committing: Option<Committing>,
     /// Emptied buffers of the last batch and commit, for the next ones.
@@ -143,7 +153,7 @@ impl Owner {
             streams: Map::default(),
             records: records::Batch::default(),
             rec_owners: Vec::new(),
-            scratch: Vec::new(),
+            frames: FramePool::default(),
             after_commit: Vec::new(),
             committing: None,
             spare_records: records::Batch::default(),
@@ -178,7 +188,9 @@ impl Owner {
     /// Handles one message addressed to the owner role.
     pub fn handle(&mut self, msg: ShardMsg, now_ms: u64) {
         match msg {
-            ShardMsg::Submit(s) => self.submit(s, now_ms),
+            ShardMsg::Submit(s) => {
+                self.submit(s, now_ms);
+            }
             ShardMsg::Ack { user, chat, seq } => self.ack(user, chat, seq, now_ms),
             ShardMsg::CreateGroup {
                 from,
@@ -247,7 +259,13 @@ impl Owner {
         true
     }
 
-    fn submit(&mut self, s: Submit, now_ms: u64) {
+    /// Handles a SEND's submit; returns its box for reuse.
+    pub fn submit(&mut self, mut s: Box<Submit>, now_ms: u64) -> Box<Submit> {
+        self.submit_inner(&mut s, now_ms);
+        s
+    }
+
+    fn submit_inner(&mut self, s: &mut Submit, now_ms: u64) {
         if self.answer_duplicate(s.from, s.msg_id) {
             return;
         }
@@ -284,7 +302,7 @@ impl Owner {
             ref_id: s.ref_id,
             ts_ms: now_ms,
             audience,
-            body: s.body,
+            body: std::mem::take(&mut s.body),
         };
         self.append_entry(e, Some(s.from));
     }
@@ -329,7 +347,7 @@ impl Owner {
             .expect("entries are appended to live chats");
         debug_assert_eq!(e.seq, chat.next_seq);
         chat.next_seq += 1;
-        let frame = encode_frame(&mut self.scratch, &e);
+        let frame = encode_frame(&mut self.frames, &e);
         for u in &e.audience {
             *self.pending_per_user.entry(*u).or_default() += 1;
         }
@@ -408,7 +426,7 @@ impl Owner {
                 }
             }
         }
-        drop_settled(&mut chat.pending, &mut self.dead);
+        drop_settled(&mut chat.pending, &mut self.dead, &mut self.frames);
         self.records.push(records::ACK, |out| {
             records::encode_ack(out, chat_id, user, seq)
         });
@@ -550,7 +568,7 @@ impl Owner {
                     }
                 }
             }
-            drop_settled(&mut chat.pending, &mut self.dead);
+            drop_settled(&mut chat.pending, &mut self.dead, &mut self.frames);
             kind::MEMBER_REMOVED
         };
         let audience: Audience = chat
@@ -719,7 +737,7 @@ impl Owner {
         touched.dedup();
         for chat in touched.drain(..) {
             if let Some(c) = self.chats.get_mut(&chat) {
-                drop_settled(&mut c.pending, &mut self.dead);
+                drop_settled(&mut c.pending, &mut self.dead, &mut self.frames);
             }
         }
         self.touched = touched;
@@ -791,7 +809,7 @@ impl Owner {
                     return Err(format!("entry for unknown chat {} at lsn {lsn}", e.chat));
                 };
                 chat.next_seq = chat.next_seq.max(e.seq + 1);
-                let frame = encode_frame(&mut self.scratch, &e);
+                let frame = encode_frame(&mut self.frames, &e);
                 chat.pending.push_back(Stored {
                     seq: e.seq,
                     sender: e.sender,
@@ -830,7 +848,7 @@ impl Owner {
                     *self.pending_per_user.entry(*u).or_default() += 1;
                 }
             }
-            drop_settled(&mut c.pending, &mut self.dead);
+            drop_settled(&mut c.pending, &mut self.dead, &mut self.frames);
         }
     }
 
@@ -869,18 +887,18 @@ fn receipt_id(user: u64, seq: u64) -> MsgId {
     id
 }
 
-/// The MSG frame of `e`, encoded in `scratch` and copied into its [`MsgFrame`].
-fn encode_frame(scratch: &mut Vec<u8>, e: &EntryRec) -> MsgFrame {
-    scratch.clear();
-    Encoder::new(scratch).msg(&Entry {
-        chat_id: e.chat,
-        seq: e.seq,
-        sender: e.sender,
-        msg_id: e.msg_id,
-        kind: e.kind,
-        ref_id: e.ref_id,
-        ts_ms: e.ts_ms,
-        body: &e.body,
-    });
-    MsgFrame::new(scratch)
+/// The MSG frame of `e`, in a buffer from `frames`.
+fn encode_frame(frames: &mut FramePool, e: &EntryRec) -> MsgFrame {
+    frames.make(|out| {
+        Encoder::new(out).msg(&Entry {
+            chat_id: e.chat,
+            seq: e.seq,
+            sender: e.sender,
+            msg_id: e.msg_id,
+            kind: e.kind,
+            ref_id: e.ref_id,
+            ts_ms: e.ts_ms,
+            body: &e.body,
+        })
+    })
 }

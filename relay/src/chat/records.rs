@@ -11,6 +11,7 @@
 //! the newest one wins.
 
 use proto::chat::MsgId;
+use std::sync::Arc;
 
 /// Record kind of an entry.
 pub const ENTRY: u8 = 1;
@@ -29,65 +30,84 @@ pub const BODY_INLINE: usize = 128;
 /// and membership event), on the heap beyond.
 pub type Body = smallvec::SmallVec<[u8; BODY_INLINE]>;
 
-/// The bytes of a MSG frame around its body: the 5-byte frame header and the 65 bytes of
-/// fields before the body (PROTOCOL.md).
-const MSG_OVERHEAD: usize = 5 + 65;
-
-/// MSG frames up to this many bytes are held inline in a [`MsgFrame`]: every frame whose body
-/// is inline in a [`Body`].
-pub const FRAME_INLINE: usize = MSG_OVERHEAD + BODY_INLINE;
-
 /// An encoded MSG frame, as an owner keeps it until its audience acknowledges it and as it
-/// travels to the recipients' home shards. A frame of a body up to [`BODY_INLINE`] bytes is
-/// held inline, so that sequencing and delivering a typical message allocates nothing (a
-/// clone copies at most [`FRAME_INLINE`] bytes); a longer one is allocated once and shared by
-/// every recipient.
+/// travels to the recipients' home shards: one buffer shared by all of them. The buffers come
+/// from the owner's [`FramePool`] and go back to it when the entry is settled, so that in a
+/// steady load sequencing and delivering a message allocates nothing.
 #[derive(Clone)]
-pub enum MsgFrame {
-    /// `len` bytes at the front of `bytes`.
-    Inline {
-        /// Length used.
-        len: u8,
-        /// The frame.
-        bytes: [u8; FRAME_INLINE],
-    },
-    /// A long frame, shared.
-    Shared(std::sync::Arc<[u8]>),
-}
-
-const _: () = assert!(
-    FRAME_INLINE <= u8::MAX as usize,
-    "an inline length fits in a u8"
-);
+pub struct MsgFrame(Arc<Vec<u8>>);
 
 impl MsgFrame {
-    /// A copy of `frame`.
-    pub fn new(frame: &[u8]) -> Self {
-        match u8::try_from(frame.len()) {
-            Ok(len) if frame.len() <= FRAME_INLINE => {
-                let mut bytes = [0u8; FRAME_INLINE];
-                bytes[..frame.len()].copy_from_slice(frame);
-                Self::Inline { len, bytes }
-            }
-            _ => Self::Shared(frame.into()),
-        }
-    }
-
     /// The frame's bytes.
     pub fn as_bytes(&self) -> &[u8] {
-        match self {
-            Self::Inline { len, bytes } => &bytes[..usize::from(*len)],
-            Self::Shared(b) => b,
-        }
+        &self.0
     }
 }
 
 impl std::fmt::Debug for MsgFrame {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MsgFrame")
-            .field("len", &self.as_bytes().len())
-            .field("shared", &matches!(self, Self::Shared(_)))
+            .field("len", &self.0.len())
             .finish()
+    }
+}
+
+/// Frame buffers an owner shard made and got back unshared, for its next frames. Bounded in
+/// count ([`FramePool::MAX_FRAMES`]) and in what one buffer may keep
+/// ([`FramePool::MAX_KEPT_BYTES`]); beyond either a buffer is freed.
+#[derive(Default)]
+pub struct FramePool {
+    free: Vec<Arc<Vec<u8>>>,
+}
+
+impl FramePool {
+    /// Buffers kept at most.
+    pub const MAX_FRAMES: usize = 1024;
+    /// A buffer of more capacity than this is freed rather than kept (a long body's).
+    pub const MAX_KEPT_BYTES: usize = 1024;
+    /// Capacity of a new buffer: a MSG frame with a 128-byte body takes 198 bytes.
+    const NEW_BYTES: usize = 256;
+
+    /// A frame holding what `encode` writes into an empty buffer.
+    pub fn make(&mut self, encode: impl FnOnce(&mut Vec<u8>)) -> MsgFrame {
+        let mut buf = self
+            .free
+            .pop()
+            .unwrap_or_else(|| Arc::new(Vec::with_capacity(Self::NEW_BYTES)));
+        match Arc::get_mut(&mut buf) {
+            Some(v) => {
+                v.clear();
+                encode(v);
+            }
+            // Unreachable: only unshared buffers are kept (see `give_back`).
+            None => {
+                let mut v = Vec::with_capacity(Self::NEW_BYTES);
+                encode(&mut v);
+                buf = Arc::new(v);
+            }
+        }
+        MsgFrame(buf)
+    }
+
+    /// `frame` is no longer needed here: kept for reuse if nobody else holds it (a home shard
+    /// drops its copy once it has queued the bytes), else simply dropped.
+    pub fn give_back(&mut self, frame: MsgFrame) {
+        let mut buf = frame.0;
+        let keep = self.free.len() < Self::MAX_FRAMES
+            && Arc::get_mut(&mut buf).is_some_and(|v| v.capacity() <= Self::MAX_KEPT_BYTES);
+        if keep {
+            self.free.push(buf);
+        }
+    }
+
+    /// Buffers kept now.
+    pub fn len(&self) -> usize {
+        self.free.len()
+    }
+
+    /// Whether no buffer is kept.
+    pub fn is_empty(&self) -> bool {
+        self.free.is_empty()
     }
 }
 
