@@ -520,7 +520,7 @@ fn cmd_run(flags: &Flags) -> anyhow::Result<bool> {
 
 /// `chatperf ab`: the relay at `--base` (a saved binary, say the last commit's) against this
 /// build's relay, under the load of `chatperf run`'s first row, in alternating rounds (base
-/// first), so that both see the same machine. Prints every row, then the medians of
+/// first in odd rounds, this build first in even ones), so that both see the same machine. Prints every row, then the medians of
 /// delivered/s and of server CPU per delivered message, and their ratios (this build / base).
 fn cmd_ab(flags: &Flags) -> anyhow::Result<bool> {
     flags.check(&["base", "rounds", "users", "seconds", "shards", "io"])?;
@@ -562,29 +562,33 @@ fn cmd_ab(flags: &Flags) -> anyhow::Result<bool> {
         shards,
         persist: "fdatasync",
     };
-    let mut rows = Vec::new();
+    // (is this build, row), in the order run: base first in odd rounds, this build first in
+    // even ones, so that neither side always gets the first or second slot.
+    let mut rows: Vec<(bool, Row)> = Vec::new();
     for round in 1..=rounds {
-        rows.push(relay_row(
-            &setup(&base),
-            cfg,
-            0,
-            &format!("base, round {round}"),
-        ));
-        rows.push(relay_row(
-            &setup(&this),
-            cfg,
-            0,
-            &format!("this, round {round}"),
-        ));
+        let order = if round % 2 == 1 {
+            [false, true]
+        } else {
+            [true, false]
+        };
+        for is_this in order {
+            let (bin, name) = if is_this {
+                (&this, format!("this, round {round}"))
+            } else {
+                (&base, format!("base, round {round}"))
+            };
+            rows.push((is_this, relay_row(&setup(bin), cfg, 0, &name)));
+        }
     }
     println!();
+    let (is_this, rows): (Vec<bool>, Vec<Row>) = rows.into_iter().unzip();
     print_table(&rows);
     // (delivered/s, server CPU us per message) of every good row of one side.
-    let side = |parity: usize| -> Vec<(f64, f64)> {
+    let side = |want_this: bool| -> Vec<(f64, f64)> {
         rows.iter()
-            .skip(parity)
-            .step_by(2)
-            .filter_map(|r| match (&r.result, r.cores) {
+            .zip(&is_this)
+            .filter(|(_, &t)| t == want_this)
+            .filter_map(|(r, _)| match (&r.result, r.cores) {
                 (Ok(res), Some((server, _))) if res.rate > 0.0 => {
                     Some((res.rate, server * 1e6 / res.rate))
                 }
@@ -594,9 +598,14 @@ fn cmd_ab(flags: &Flags) -> anyhow::Result<bool> {
     };
     let median = |mut v: Vec<f64>| -> f64 {
         v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
+        let n = v.len();
+        if n % 2 == 1 {
+            v[n / 2]
+        } else {
+            (v[n / 2 - 1] + v[n / 2]) / 2.0
+        }
     };
-    let (a, b) = (side(0), side(1));
+    let (a, b) = (side(false), side(true));
     if a.len() != rounds || b.len() != rounds {
         println!("FAIL: a round delivered nothing or had no CPU figure");
         return Ok(false);

@@ -101,11 +101,18 @@ struct Spare {
     closing: Vec<ConnId>,
 }
 
-/// `v` emptied, for reuse.
+/// `v` emptied, for reuse; a list grown past [`MAX_KEPT_LEN`] (a checkpoint's, say) is freed
+/// instead, so that one burst does not stay allocated for good.
 fn emptied<T>(mut v: Vec<T>) -> Vec<T> {
+    if v.capacity() > MAX_KEPT_LEN {
+        return Vec::new();
+    }
     v.clear();
     v
 }
+
+/// Longest per-turn list kept for reuse.
+pub(crate) const MAX_KEPT_LEN: usize = 1 << 16;
 
 impl ChatShard {
     /// The engine of shard `shard` of `n_shards`.

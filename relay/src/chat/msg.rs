@@ -214,11 +214,21 @@ impl SubmitPool {
         }
     }
 
-    /// A spent submit's box.
-    pub fn give_back(&mut self, b: Box<Submit>) {
+    /// A spent submit's box. A body on the heap (over 128 bytes; one the owner refused is
+    /// still in the box) is freed first: a kept box holds no more than its own size.
+    pub fn give_back(&mut self, mut b: Box<Submit>) {
         if self.free.len() < Self::MAX_BOXES {
+            if b.body.spilled() {
+                b.body = crate::chat::records::Body::new();
+            }
             self.free.push(b);
         }
+    }
+
+    /// Boxes kept now.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.free.len()
     }
 }
 
@@ -232,6 +242,43 @@ mod tests {
         // Every ring slot is this big (ARCHITECTURE.md gives the rings' memory from it).
         let size = std::mem::size_of::<ShardMsg>();
         assert!(size <= 96, "ShardMsg is {size} bytes");
+    }
+
+    #[test]
+    fn kept_submit_boxes_are_bounded_and_hold_no_long_body() {
+        let submit = |body: &[u8]| Submit {
+            from: Origin {
+                user: 1,
+                home: 0,
+                conn: 1,
+            },
+            msg_id: [1; 16],
+            chat: 2,
+            to: 3,
+            kind: 1,
+            ref_id: [0; 16],
+            body: crate::chat::records::Body::from_slice(body),
+        };
+        let mut pool = SubmitPool::default();
+        let b = pool.boxed(submit(&[9; 4000]));
+        assert!(b.body.spilled());
+        pool.give_back(b);
+        assert_eq!(pool.len(), 1);
+        assert!(
+            !pool.free[0].body.spilled(),
+            "a long body is freed with its box kept"
+        );
+        let b = pool.boxed(submit(b"new"));
+        assert_eq!(
+            &b.body[..],
+            b"new",
+            "a reused box holds the new submit only"
+        );
+        assert_eq!(pool.len(), 0);
+        for _ in 0..SubmitPool::MAX_BOXES + 5 {
+            pool.give_back(Box::new(submit(b"x")));
+        }
+        assert_eq!(pool.len(), SubmitPool::MAX_BOXES);
     }
 
     #[test]

@@ -695,7 +695,9 @@ impl Owner {
     /// A batch from [`Owner::take_batch`], appended: its buffers serve the next one.
     pub fn give_back_batch(&mut self, mut batch: records::Batch) {
         batch.clear();
-        self.spare_records = batch;
+        if batch.capacity() <= super::MAX_KEPT_LEN {
+            self.spare_records = batch;
+        }
     }
 
     /// The records of the last batch are durable at these LSNs (same order): file the LSNs,
@@ -740,7 +742,9 @@ impl Owner {
                 drop_settled(&mut c.pending, &mut self.dead, &mut self.frames);
             }
         }
-        self.touched = touched;
+        if touched.capacity() <= super::MAX_KEPT_LEN {
+            self.touched = touched;
+        }
         // A user whose backlog is being streamed gets these entries from the stream, in order,
         // now that they are committed.
         let streams = &self.streams;
@@ -748,7 +752,9 @@ impl Owner {
             |(_, a)| !matches!(a, ShardMsg::Deliver { user, .. } if streams.contains_key(user)),
         ));
         owners.clear();
-        self.spare_committing = (owners, actions);
+        if owners.capacity().max(actions.capacity()) <= super::MAX_KEPT_LEN {
+            self.spare_committing = (owners, actions);
+        }
     }
 
     /// Whether records wait to be appended.

@@ -66,7 +66,10 @@ impl CommitPipeline {
     pub fn give_back(&mut self, mut lsns: Vec<u64>, mut dead: Vec<u64>) {
         lsns.clear();
         dead.clear();
-        self.spare = InFlight { lsns, dead };
+        // A checkpoint's batch can be as long as there are chats: not kept.
+        if lsns.capacity().max(dead.capacity()) <= crate::chat::MAX_KEPT_LEN {
+            self.spare = InFlight { lsns, dead };
+        }
     }
 
     /// Marks held for later.

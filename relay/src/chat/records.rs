@@ -254,6 +254,11 @@ impl Batch {
             .map(|(&(kind, end), start)| (kind, &self.buf[start..end]))
     }
 
+    /// Records the batch has room for without growing (its bytes counted in records of 64).
+    pub fn capacity(&self) -> usize {
+        self.ends.capacity().max(self.buf.capacity() / 64)
+    }
+
     /// Empties the batch, keeping its buffers.
     pub fn clear(&mut self) {
         self.buf.clear();

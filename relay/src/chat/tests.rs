@@ -983,3 +983,17 @@ fn crash_test(pipelined: bool) {
         );
     }
 }
+
+#[test]
+fn lists_handed_back_are_reused_empty_unless_they_grew_too_long() {
+    let mut v: Vec<u64> = Vec::with_capacity(64);
+    v.extend([1, 2, 3]);
+    let v = super::emptied(v);
+    assert!(v.is_empty() && v.capacity() >= 64);
+    let long: Vec<u64> = Vec::with_capacity(super::MAX_KEPT_LEN + 1);
+    assert_eq!(
+        super::emptied(long).capacity(),
+        0,
+        "a burst's list is freed"
+    );
+}
