@@ -19,6 +19,10 @@ pub struct Config {
     /// If set, the admin routes (relay list, rooms, drain, users' homes) require
     /// `Authorization: Bearer <admin_token>`.
     pub admin_token: Option<String>,
+    /// If set, relays must send `Authorization: Bearer <relay_token>` with their heartbeats
+    /// and command polls (the relay's `ctl_token`); without it anyone who reaches ctl can
+    /// register as a relay and be given rooms.
+    pub relay_token: Option<String>,
     /// Lifetime of issued join tokens, seconds.
     pub token_ttl_s: u64,
     /// Heartbeat period relays are told to use, milliseconds.
@@ -52,6 +56,7 @@ impl Default for Config {
             data_dir: PathBuf::from("ctl-data"),
             public_url: None,
             admin_token: None,
+            relay_token: None,
             token_ttl_s: 3600,
             heartbeat_ms: 1000,
             dead_after_ms: 3000,
@@ -106,6 +111,9 @@ impl Config {
         if matches!(&self.admin_token, Some(t) if t.len() < 16) {
             bail!("admin_token must be at least 16 characters");
         }
+        if matches!(&self.relay_token, Some(t) if t.len() < 16) {
+            bail!("relay_token must be at least 16 characters");
+        }
         Ok(())
     }
 
@@ -135,6 +143,7 @@ mod tests {
         assert!(Config::from_toml("placement_candidates = 9").is_err());
         assert!(Config::from_toml("load_cap = nan").is_err());
         assert!(Config::from_toml("admin_token = \"short\"").is_err());
+        assert!(Config::from_toml("relay_token = \"short\"").is_err());
         let cfg =
             Config::from_toml("listen = \"127.0.0.1:0\"\npublic_url = \"https://m.example/\"")
                 .unwrap();

@@ -40,6 +40,7 @@ pub struct App {
     /// One notifier per relay id with a poll in flight, woken when commands are queued.
     wakers: Mutex<HashMap<u32, Arc<Notify>>>,
     admin_token: Option<String>,
+    relay_token: Option<String>,
     max_body_bytes: usize,
     join_guard: Mutex<JoinGuard>,
 }
@@ -54,12 +55,14 @@ type Result<T> = std::result::Result<T, ApiError>;
 impl App {
     pub fn new(core: Core) -> Shared {
         let admin_token = core.config().admin_token.clone();
+        let relay_token = core.config().relay_token.clone();
         let max_body_bytes = core.config().max_body_bytes;
         let join_guard = Mutex::new(JoinGuard::new(core.config().join_failures_per_minute));
         Arc::new(Self {
             core: Mutex::new(core),
             wakers: Mutex::new(HashMap::new()),
             admin_token,
+            relay_token,
             max_body_bytes,
             join_guard,
         })
@@ -97,17 +100,27 @@ impl App {
     }
 
     fn check_admin(&self, headers: &HeaderMap) -> Result<()> {
-        let Some(want) = &self.admin_token else {
-            return Ok(());
-        };
-        let got = bearer(headers).ok_or(ApiError::Unauthenticated)?;
-        // Compare digests so that the comparison's timing says nothing about the token.
-        use sha2::{Digest, Sha256};
-        if Sha256::digest(got.as_bytes()) == Sha256::digest(want.as_bytes()) {
-            Ok(())
-        } else {
-            Err(ApiError::BadCredentials)
-        }
+        check_bearer(self.admin_token.as_deref(), headers)
+    }
+
+    /// The relay routes (heartbeat, command poll) when `relay_token` is set.
+    fn check_relay(&self, headers: &HeaderMap) -> Result<()> {
+        check_bearer(self.relay_token.as_deref(), headers)
+    }
+}
+
+/// Whether `headers` carry `Authorization: Bearer <want>` (anything goes when `want` is None).
+fn check_bearer(want: Option<&str>, headers: &HeaderMap) -> Result<()> {
+    let Some(want) = want else {
+        return Ok(());
+    };
+    let got = bearer(headers).ok_or(ApiError::Unauthenticated)?;
+    // Compare digests so that the comparison's timing says nothing about the token.
+    use sha2::{Digest, Sha256};
+    if Sha256::digest(got.as_bytes()) == Sha256::digest(want.as_bytes()) {
+        Ok(())
+    } else {
+        Err(ApiError::BadCredentials)
     }
 }
 
@@ -180,9 +193,12 @@ fn two_segments(
 
 async fn heartbeat(
     State(app): State<Shared>,
+    headers: HeaderMap,
     body: std::result::Result<Bytes, BytesRejection>,
 ) -> Response {
-    let r = parse_body::<Heartbeat>(&app, body)
+    let r = app
+        .check_relay(&headers)
+        .and_then(|()| parse_body::<Heartbeat>(&app, body))
         .and_then(|hb| app.with_core(|c| c.handle_heartbeat(&Now::system(), hb)));
     ok(r)
 }
@@ -205,10 +221,13 @@ fn wait_ms(query: Option<&str>) -> Result<u64> {
 
 async fn relay_commands(
     State(app): State<Shared>,
+    headers: HeaderMap,
     path: std::result::Result<Path<String>, PathRejection>,
     RawQuery(query): RawQuery,
 ) -> Response {
-    let parsed = one_segment(path)
+    let parsed = app
+        .check_relay(&headers)
+        .and_then(|()| one_segment(path))
         .and_then(|s| id::<u32>(&s, "relay id"))
         .and_then(|r| Ok((r, wait_ms(query.as_deref())?)));
     let (relay_id, wait) = match parsed {

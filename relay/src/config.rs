@@ -195,6 +195,11 @@ pub struct Config {
     pub socket_buffer_bytes: usize,
     /// ctl's address, `http://host:port`; none to run standalone.
     pub ctl: Option<String>,
+    /// The secret ctl's `relay_token` asks relays for (at least 16 characters), sent with
+    /// every heartbeat and command poll. The environment variable `RELAY_CTL_TOKEN`, when set
+    /// and not empty, overrides it (so it can live in a root-only environment file rather
+    /// than on the command line).
+    pub ctl_token: Option<String>,
     /// Host clients reach this relay at; default: the bind address.
     pub advertise_host: Option<String>,
     /// NIC capacity reported to ctl, Gbit/s.
@@ -221,6 +226,7 @@ impl Default for Config {
             pin: true,
             socket_buffer_bytes: 8 << 20,
             ctl: None,
+            ctl_token: None,
             advertise_host: None,
             nic_gbps: 10.0,
             labels: Default::default(),
@@ -256,6 +262,12 @@ impl Config {
             cfg.chat.data_dir = d.clone();
         }
         cfg.advertise_host = flags.advertise_host.clone().or(cfg.advertise_host);
+        if let Some(t) = std::env::var("RELAY_CTL_TOKEN")
+            .ok()
+            .filter(|t| !t.is_empty())
+        {
+            cfg.ctl_token = Some(t);
+        }
         cfg.check()?;
         Ok(cfg)
     }
@@ -273,6 +285,13 @@ impl Config {
                 ring.start(),
                 ring.end()
             ));
+        }
+        if self
+            .ctl_token
+            .as_ref()
+            .is_some_and(|t| t.len() < 16 || t.contains(['\r', '\n']))
+        {
+            return Err("ctl_token must be at least 16 characters, on one line".into());
         }
         if self.ctl.is_some() && self.relay_id == 0 {
             return Err("a relay that talks to ctl needs a nonzero relay_id (--relay-id)".into());
@@ -333,6 +352,19 @@ mod tests {
             let e = ring(bad).check().unwrap_err();
             assert!(
                 e.contains("ring_capacity must be between 16 and 65536"),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_ctl_token_must_be_long_and_on_one_line() {
+        let with = |t: &str| Config::parse(&format!("ctl_token = {t:?}")).unwrap();
+        assert!(with("relay-secret-0123456789").check().is_ok());
+        for bad in ["short", "sixteen-chars-ok\r\nX-Injected: 1"] {
+            let e = with(bad).check().unwrap_err();
+            assert!(
+                e.contains("ctl_token must be at least 16 characters"),
                 "{e}"
             );
         }

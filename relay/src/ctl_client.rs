@@ -95,31 +95,81 @@ pub fn parse_url(url: &str) -> Result<SocketAddr, String> {
         .ok_or_else(|| format!("ctl URL {url}: no address"))
 }
 
+/// Where ctl is and what the relay proves itself with.
+#[derive(Clone, Debug)]
+pub struct Ctl {
+    /// ctl's address.
+    pub addr: SocketAddr,
+    /// Sent as `Authorization: Bearer <token>` on every request when set (ctl's
+    /// `relay_token`; PROTOCOL.md section 6).
+    pub token: Option<String>,
+}
+
+impl Ctl {
+    /// ctl at `url` (`http://host:port`), with `token` if any.
+    pub fn new(url: &str, token: Option<String>) -> Result<Self, String> {
+        Ok(Self {
+            addr: parse_url(url)?,
+            token,
+        })
+    }
+}
+
+/// A failed heartbeat.
+#[derive(Debug)]
+pub struct HeartbeatError {
+    /// ctl refused the relay's credentials (HTTP 401 or 403): retrying will not help.
+    pub refused: bool,
+    /// What went wrong.
+    pub message: String,
+}
+
+impl std::fmt::Display for HeartbeatError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl From<String> for HeartbeatError {
+    fn from(message: String) -> Self {
+        Self {
+            refused: false,
+            message,
+        }
+    }
+}
+
+/// What to tell an operator when ctl refuses the relay.
+const REFUSED_HINT: &str = "ctl refused this relay's credentials: set ctl_token in relay.toml (or \
+     RELAY_CTL_TOKEN) to ctl's relay_token";
+
 /// One HTTP request; returns the status code and body.
 fn request(
-    ctl: SocketAddr,
+    ctl: &Ctl,
     method: &str,
     path: &str,
     body: &[u8],
     timeout: Duration,
 ) -> Result<(u16, Vec<u8>), String> {
-    let mut s = TcpStream::connect_timeout(&ctl, Duration::from_secs(1))
-        .map_err(|e| format!("connect {ctl}: {e}"))?;
+    let (addr, token) = (ctl.addr, ctl.token.as_deref());
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1))
+        .map_err(|e| format!("connect {addr}: {e}"))?;
     s.set_read_timeout(Some(timeout))
         .map_err(|e| e.to_string())?;
     s.set_write_timeout(Some(Duration::from_secs(2)))
         .map_err(|e| e.to_string())?;
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
     let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {ctl}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     );
     s.write_all(head.as_bytes())
         .and_then(|()| s.write_all(body))
-        .map_err(|e| format!("send to {ctl}: {e}"))?;
+        .map_err(|e| format!("send to {addr}: {e}"))?;
     let mut resp = Vec::new();
     s.take(MAX_RESPONSE_BYTES as u64 + 4096)
         .read_to_end(&mut resp)
-        .map_err(|e| format!("read from {ctl}: {e}"))?;
+        .map_err(|e| format!("read from {addr}: {e}"))?;
     let split = resp
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
@@ -134,11 +184,11 @@ fn request(
 }
 
 fn heartbeat(
-    ctl: SocketAddr,
+    ctl: &Ctl,
     identity: &Identity,
     draining: bool,
     load: Vec<ShardLoad>,
-) -> Result<HeartbeatReply, String> {
+) -> Result<HeartbeatReply, HeartbeatError> {
     let body = serde_json::to_vec(&Heartbeat {
         identity,
         state: if draining { "draining" } else { "serving" },
@@ -153,18 +203,24 @@ fn heartbeat(
         Duration::from_secs(3),
     )?;
     if status != 200 {
-        return Err(format!(
-            "heartbeat: HTTP {status}: {}",
-            String::from_utf8_lossy(&body)
-        ));
+        let refused = status == 401 || status == 403;
+        let hint = if refused { REFUSED_HINT } else { "" };
+        return Err(HeartbeatError {
+            refused,
+            message: format!(
+                "heartbeat: HTTP {status}: {}{}{hint}",
+                String::from_utf8_lossy(&body).trim(),
+                if refused { "; " } else { "" }
+            ),
+        });
     }
-    serde_json::from_slice(&body).map_err(|e| format!("heartbeat reply: {e}"))
+    Ok(serde_json::from_slice(&body).map_err(|e| format!("heartbeat reply: {e}"))?)
 }
 
 /// Registers with ctl (the first heartbeat) and returns its public key, retrying until
-/// `deadline`.
+/// `deadline`; a refusal of its credentials is an error at once.
 pub fn register(
-    ctl: SocketAddr,
+    ctl: &Ctl,
     identity: &Identity,
     deadline: Instant,
 ) -> Result<HeartbeatReply, String> {
@@ -177,7 +233,7 @@ pub fn register(
     loop {
         match heartbeat(ctl, identity, false, zero_load.clone()) {
             Ok(reply) => return Ok(reply),
-            Err(e) if Instant::now() >= deadline => {
+            Err(e) if e.refused || Instant::now() >= deadline => {
                 return Err(format!("cannot register with ctl: {e}"))
             }
             Err(e) => {
@@ -190,8 +246,8 @@ pub fn register(
 
 /// The control-plane loop: heartbeats and command long-polls until `stop`.
 pub struct CtlLoop {
-    /// ctl's address.
-    pub ctl: SocketAddr,
+    /// ctl.
+    pub ctl: Ctl,
     /// What we report.
     pub identity: Identity,
     /// Each shard's published counters.
@@ -214,7 +270,7 @@ impl CtlLoop {
                 let now = Snapshot::take(&self.stats);
                 let load = now.rates_since(&last);
                 last = now;
-                if let Err(e) = heartbeat(self.ctl, &self.identity, draining, load) {
+                if let Err(e) = heartbeat(&self.ctl, &self.identity, draining, load) {
                     eprintln!("relay: {e}");
                 }
                 next_heartbeat += HEARTBEAT_INTERVAL;
@@ -245,9 +301,17 @@ impl CtlLoop {
             self.identity.relay_id,
             wait.as_millis()
         );
-        let (status, body) = request(self.ctl, "GET", &path, &[], wait + Duration::from_secs(2))?;
+        let (status, body) = request(&self.ctl, "GET", &path, &[], wait + Duration::from_secs(2))?;
         if status != 200 {
-            return Err(format!("HTTP {status}: {}", String::from_utf8_lossy(&body)));
+            let hint = if status == 401 || status == 403 {
+                format!("; {REFUSED_HINT}")
+            } else {
+                String::new()
+            };
+            return Err(format!(
+                "commands: HTTP {status}: {}{hint}",
+                String::from_utf8_lossy(&body).trim()
+            ));
         }
         Ok(serde_json::from_slice::<Commands>(&body)
             .map_err(|e| format!("commands reply: {e}"))?

@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 fn register_with_ctl(
     cfg: &mut Config,
     url: &str,
-) -> Result<(std::net::SocketAddr, relay::ctl_client::Identity), String> {
-    let addr = relay::ctl_client::parse_url(url)?;
+) -> Result<(relay::ctl_client::Ctl, relay::ctl_client::Identity), String> {
+    let ctl = relay::ctl_client::Ctl::new(url, cfg.ctl_token.clone())?;
     let shards = if cfg.shards == 0 {
         relay::io::sys::available_cpus()
     } else {
@@ -32,7 +32,7 @@ fn register_with_ctl(
         chat_port: cfg.chat.port,
     };
     let reply =
-        relay::ctl_client::register(addr, &identity, Instant::now() + Duration::from_secs(30))?;
+        relay::ctl_client::register(&ctl, &identity, Instant::now() + Duration::from_secs(30))?;
     match &cfg.public_key {
         Some(k) if !k.trim().eq_ignore_ascii_case(reply.public_key.trim()) => {
             return Err("the configured public key differs from ctl's".into());
@@ -41,10 +41,10 @@ fn register_with_ctl(
         None => cfg.public_key = Some(reply.public_key),
     }
     eprintln!(
-        "relay: registered with ctl at {addr} as relay {}",
-        cfg.relay_id
+        "relay: registered with ctl at {} as relay {}",
+        ctl.addr, cfg.relay_id
     );
-    Ok((addr, identity))
+    Ok((ctl, identity))
 }
 
 fn main() -> ExitCode {
@@ -79,9 +79,9 @@ fn run(flags: &Flags) -> Result<(), String> {
     };
     let mut relay = Relay::start(&cfg)?;
     let stop_ctl = Arc::new(AtomicBool::new(false));
-    if let Some((addr, identity)) = ctl {
+    if let Some((ctl, identity)) = ctl {
         let ctl_loop = relay::ctl_client::CtlLoop {
-            ctl: addr,
+            ctl,
             identity,
             stats: relay.stats.clone(),
             commands: std::mem::take(&mut relay.commands),

@@ -71,6 +71,10 @@ impl Drop for Proc {
 }
 
 fn start_ctl(dir: &std::path::Path, listen: &str) -> (Proc, SocketAddr) {
+    start_ctl_with(dir, listen, &[])
+}
+
+fn start_ctl_with(dir: &std::path::Path, listen: &str, extra: &[&str]) -> (Proc, SocketAddr) {
     let mut cmd = Command::new(ctl_binary());
     cmd.args([
         "serve",
@@ -78,13 +82,18 @@ fn start_ctl(dir: &std::path::Path, listen: &str) -> (Proc, SocketAddr) {
         listen,
         "--data-dir",
         dir.to_str().unwrap(),
-    ]);
+    ])
+    .args(extra);
     let p = Proc::start(cmd);
     let addr = p.field("listen").parse().unwrap();
     (p, addr)
 }
 
 fn start_relay(ctl: SocketAddr, id: u32, base_port: u16) -> Proc {
+    Proc::start(relay_command(ctl, id, base_port))
+}
+
+fn relay_command(ctl: SocketAddr, id: u32, base_port: u16) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_relay"));
     cmd.args([
         "--io",
@@ -101,8 +110,9 @@ fn start_relay(ctl: SocketAddr, id: u32, base_port: u16) -> Proc {
         "--relay-id",
         &id.to_string(),
     ])
-    .args(["--ctl", &format!("http://{ctl}")]);
-    Proc::start(cmd)
+    .args(["--ctl", &format!("http://{ctl}")])
+    .env_remove("RELAY_CTL_TOKEN");
+    cmd
 }
 
 /// One HTTP request; returns status and JSON body.
@@ -362,5 +372,71 @@ fn chat_homes_from_ctl_work_on_the_relay() {
         }
     }
     assert_eq!(got.as_deref(), Some(&b"via ctl"[..]));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn relays_must_present_ctls_relay_token_when_it_has_one() {
+    const TOKEN: &str = "relay-secret-0123456789";
+    let dir = std::env::temp_dir().join(format!("relay-ctl-token-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("ctl.toml");
+    std::fs::write(&config, format!("relay_token = \"{TOKEN}\"\n")).unwrap();
+    let (_ctl_proc, ctl) = start_ctl_with(
+        &dir.join("ctl"),
+        "127.0.0.1:0",
+        &["--config", config.to_str().unwrap()],
+    );
+    let base = 33_000 + (std::process::id() % 100) as u16 * 10;
+
+    // Without the token, or with another, the relay is refused at once: it exits with a clear
+    // error instead of retrying for 30 s, and ctl never lists it.
+    for (i, token) in [None, Some("not-the-relay-secret")].into_iter().enumerate() {
+        let mut cmd = relay_command(ctl, 5 + i as u32, base + i as u16);
+        if let Some(t) = token {
+            cmd.env("RELAY_CTL_TOKEN", t);
+        }
+        let started = Instant::now();
+        let out = cmd.stdin(Stdio::null()).output().expect("relay runs");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "a refused relay fails: {err}");
+        assert!(
+            err.contains("HTTP 40") && err.contains("ctl refused this relay's credentials"),
+            "the error says why: {err}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "no retrying a refusal"
+        );
+    }
+    assert_eq!(http(ctl, "GET", "/health", None, None).1["relays_alive"], 0);
+    // The command poll is closed to it too.
+    let (status, body) = http(ctl, "GET", "/v1/relays/5/commands?wait_ms=0", None, None);
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (401, Some("unauthenticated"))
+    );
+    let wrong = Some("wrong-token-0123456");
+    let (status, body) = http(ctl, "GET", "/v1/relays/5/commands?wait_ms=0", None, wrong);
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (401, Some("bad_credentials"))
+    );
+
+    // With it (from the environment, as an EnvironmentFile gives it), the relay registers,
+    // serves, and keeps heartbeating.
+    let mut cmd = relay_command(ctl, 7, base + 7);
+    cmd.env("RELAY_CTL_TOKEN", TOKEN);
+    let _relay = Proc::start(cmd);
+    wait_until("the relay alive in ctl", Duration::from_secs(5), || {
+        http(ctl, "GET", "/health", None, None).1["relays_alive"] == 1
+    });
+    std::thread::sleep(Duration::from_millis(3500));
+    assert_eq!(
+        http(ctl, "GET", "/health", None, None).1["relays_alive"],
+        1,
+        "still alive after ctl's 3 s dead-after: its heartbeats are accepted"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
