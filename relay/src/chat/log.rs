@@ -87,14 +87,15 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// The fdatasync (and directory fsync) half of a pipelined commit, runnable on any thread; see
-/// [`Log::start_commit`]. It holds its own descriptors, so segments deleted meanwhile do not
-/// matter to it.
+/// [`Log::start_commit`]. It shares the log's descriptors (no `dup` per commit), and holds
+/// them, so segments deleted meanwhile do not matter to it.
 #[derive(Debug)]
 pub struct SyncJob {
-    file: Option<File>,
-    dir: Option<File>,
+    file: Option<Arc<File>>,
+    dir: Option<Arc<File>>,
     upto: u64,
 }
 
@@ -311,12 +312,12 @@ impl Segment {
 /// The per-shard append-only log. See the module documentation for format and rules.
 pub struct Log {
     dir: PathBuf,
-    dir_file: File,
+    dir_file: Arc<File>,
     cfg: LogConfig,
     /// Oldest first; never empty. The last one receives appends.
     segments: VecDeque<Segment>,
-    /// The newest segment file that exists on disk.
-    file: File,
+    /// The newest segment file that exists on disk (shared with a [`SyncJob`] in flight).
+    file: Arc<File>,
     next_lsn: u64,
     /// Highest committed Lsn, 0 if none ever was.
     committed_lsn: u64,
@@ -385,10 +386,10 @@ impl Log {
         let disk_bytes = segments.iter().map(|s| s.disk_bytes).sum();
         let mut log = Log {
             dir: dir.to_path_buf(),
-            dir_file,
+            dir_file: Arc::new(dir_file),
             cfg,
             segments,
-            file,
+            file: Arc::new(file),
             next_lsn,
             committed_lsn: next_lsn - 1,
             buf: Vec::with_capacity(64 << 10),
@@ -490,18 +491,8 @@ impl Log {
         let written = self.write_out();
         self.poison_on_error(written)?;
         let sync = self.cfg.sync == SyncMode::Data;
-        let file = if sync && self.unsynced {
-            let f = self.file.try_clone();
-            Some(self.poison_on_error(f)?)
-        } else {
-            None
-        };
-        let dir = if sync && self.dir_dirty {
-            let f = self.dir_file.try_clone();
-            Some(self.poison_on_error(f)?)
-        } else {
-            None
-        };
+        let file = (sync && self.unsynced).then(|| self.file.clone());
+        let dir = (sync && self.dir_dirty).then(|| self.dir_file.clone());
         self.unsynced = false;
         self.dir_dirty = false;
         self.dir_sync_in_flight = dir.is_some();
@@ -650,7 +641,7 @@ impl Log {
                 self.seal_active(i - 1)?;
                 self.sync_file()?;
                 let (first_lsn, salt) = (self.segments[i].first_lsn, self.segments[i].salt);
-                self.file = self.new_segment_file(first_lsn, salt)?;
+                self.file = Arc::new(self.new_segment_file(first_lsn, salt)?);
                 self.note_written(SEGMENT_HEADER_LEN);
                 self.stats.n_segments_created += 1;
                 self.segments[i].disk_bytes = SEGMENT_HEADER_LEN;
@@ -783,7 +774,7 @@ impl Log {
             self.seal_active(active)?;
             self.sync_file()?;
             let mut seg = Segment::new(self.next_lsn);
-            self.file = self.new_segment_file(seg.first_lsn, seg.salt)?;
+            self.file = Arc::new(self.new_segment_file(seg.first_lsn, seg.salt)?);
             self.note_written(SEGMENT_HEADER_LEN);
             self.stats.n_segments_created += 1;
             self.dir_dirty = true;
