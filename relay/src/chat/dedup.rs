@@ -19,11 +19,12 @@
 //!   3,145,728 inserts (1.9 in 10^6) at the default capacity of 2^20, by the test
 //!   `early_evictions_at_the_default_capacity_are_rare`.
 //! - Growing is incremental: the doubled index takes new inserts at once, the previous one
-//!   stays readable, and every insert moves [`MIGRATE_PER_INSERT`] older entries across until
+//!   stays readable, and every insert moves `MIGRATE_PER_INSERT` (4) older entries across until
 //!   none is left (a lookup meanwhile reads both). Re-placing all 2^19 entries of the last
-//!   doubling at once took 40 ms on this machine: a stall of the shard, its media included.
-//!   The doubled index itself is zeroed a bucket or two per insert over the inserts before it
-//!   is needed (zeroing the last one's 32 MiB at once took another 14 ms).
+//!   doubling at once took 54-56 ms on this machine: a stall of the shard, its media
+//!   included. The doubled index itself is zeroed two buckets per insert over the inserts
+//!   before it is needed. The slowest insert left, 1.3-1.4 ms, frees the old index at the end
+//!   of the last migration (`benches/src/bin/dedup_growth.rs` times them).
 
 use foldhash::fast::SeedableRandomState;
 use proto::chat::MsgId;

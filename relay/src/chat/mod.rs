@@ -18,7 +18,7 @@
 
 pub mod client;
 mod crc32c;
-mod dedup;
+pub mod dedup;
 pub mod home;
 pub mod log;
 pub mod map;
