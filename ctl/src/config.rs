@@ -18,11 +18,11 @@ pub struct Config {
     pub public_url: Option<String>,
     /// If set, the admin routes (relay list, rooms, drain, users' homes) require
     /// `Authorization: Bearer <admin_token>`.
-    pub admin_token: Option<String>,
+    pub admin_token: Option<Secret>,
     /// If set, relays must send `Authorization: Bearer <relay_token>` with their heartbeats
     /// and command polls (the relay's `ctl_token`); without it anyone who reaches ctl can
     /// register as a relay and be given rooms.
-    pub relay_token: Option<String>,
+    pub relay_token: Option<Secret>,
     /// Lifetime of issued join tokens, seconds.
     pub token_ttl_s: u64,
     /// Heartbeat period relays are told to use, milliseconds.
@@ -47,6 +47,30 @@ pub struct Config {
     /// Bounded-load cap: no shard takes more than `load_cap` times the mean rooms per unit of
     /// capacity.
     pub load_cap: f64,
+}
+
+/// A credential read from the configuration: `Debug` does not show it.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl Secret {
+    /// The credential itself.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// At least 16 bytes, all printable ASCII without spaces, so that it travels in an
+    /// `Authorization` header as is.
+    fn is_well_formed(&self) -> bool {
+        self.0.len() >= 16 && self.0.bytes().all(|b| b.is_ascii_graphic())
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(***)")
+    }
 }
 
 impl Default for Config {
@@ -108,11 +132,13 @@ impl Config {
                 crate::placement::MAX_K
             );
         }
-        if matches!(&self.admin_token, Some(t) if t.len() < 16) {
-            bail!("admin_token must be at least 16 characters");
-        }
-        if matches!(&self.relay_token, Some(t) if t.len() < 16) {
-            bail!("relay_token must be at least 16 characters");
+        for (name, token) in [
+            ("admin_token", &self.admin_token),
+            ("relay_token", &self.relay_token),
+        ] {
+            if token.as_ref().is_some_and(|t| !t.is_well_formed()) {
+                bail!("{name} must be at least 16 printable ASCII characters, without spaces");
+            }
         }
         Ok(())
     }
@@ -144,6 +170,12 @@ mod tests {
         assert!(Config::from_toml("load_cap = nan").is_err());
         assert!(Config::from_toml("admin_token = \"short\"").is_err());
         assert!(Config::from_toml("relay_token = \"short\"").is_err());
+        assert!(Config::from_toml("relay_token = \"has a space, and 16+\"").is_err());
+        let ok = Config::from_toml("relay_token = \"relay-secret-0123456789\"").unwrap();
+        assert!(
+            !format!("{ok:?}").contains("relay-secret"),
+            "Debug hides tokens"
+        );
         let cfg =
             Config::from_toml("listen = \"127.0.0.1:0\"\npublic_url = \"https://m.example/\"")
                 .unwrap();

@@ -6,7 +6,7 @@
 #![forbid(unsafe_code)]
 
 use crate::api_types::*;
-use crate::config::Config;
+use crate::config::{Config, Secret};
 use crate::core::{Core, Now};
 use crate::error::ApiError;
 use crate::guard::JoinGuard;
@@ -39,8 +39,8 @@ pub struct App {
     core: Mutex<Core>,
     /// One notifier per relay id with a poll in flight, woken when commands are queued.
     wakers: Mutex<HashMap<u32, Arc<Notify>>>,
-    admin_token: Option<String>,
-    relay_token: Option<String>,
+    admin_token: Option<Secret>,
+    relay_token: Option<Secret>,
     max_body_bytes: usize,
     join_guard: Mutex<JoinGuard>,
 }
@@ -100,12 +100,12 @@ impl App {
     }
 
     fn check_admin(&self, headers: &HeaderMap) -> Result<()> {
-        check_bearer(self.admin_token.as_deref(), headers)
+        check_bearer(self.admin_token.as_ref().map(Secret::expose), headers)
     }
 
     /// The relay routes (heartbeat, command poll) when `relay_token` is set.
     fn check_relay(&self, headers: &HeaderMap) -> Result<()> {
-        check_bearer(self.relay_token.as_deref(), headers)
+        check_bearer(self.relay_token.as_ref().map(Secret::expose), headers)
     }
 }
 

@@ -199,7 +199,7 @@ pub struct Config {
     /// every heartbeat and command poll. The environment variable `RELAY_CTL_TOKEN`, when set
     /// and not empty, overrides it (so it can live in a root-only environment file rather
     /// than on the command line).
-    pub ctl_token: Option<String>,
+    pub ctl_token: Option<Secret>,
     /// Host clients reach this relay at; default: the bind address.
     pub advertise_host: Option<String>,
     /// NIC capacity reported to ctl, Gbit/s.
@@ -210,6 +210,30 @@ pub struct Config {
     pub chat: ChatSettings,
     /// Limits.
     pub limits: Limits,
+}
+
+/// A credential read from the configuration: `Debug` does not show it.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl Secret {
+    /// The credential itself.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// At least 16 bytes, all printable ASCII without spaces: what an HTTP header carries as
+    /// is (and what ctl compares after trimming).
+    pub fn is_well_formed(&self) -> bool {
+        self.0.len() >= 16 && self.0.bytes().all(|b| b.is_ascii_graphic())
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(***)")
+    }
 }
 
 impl Default for Config {
@@ -266,7 +290,7 @@ impl Config {
             .ok()
             .filter(|t| !t.is_empty())
         {
-            cfg.ctl_token = Some(t);
+            cfg.ctl_token = Some(Secret(t));
         }
         cfg.check()?;
         Ok(cfg)
@@ -286,12 +310,10 @@ impl Config {
                 ring.end()
             ));
         }
-        if self
-            .ctl_token
-            .as_ref()
-            .is_some_and(|t| t.len() < 16 || t.contains(['\r', '\n']))
-        {
-            return Err("ctl_token must be at least 16 characters, on one line".into());
+        if self.ctl_token.as_ref().is_some_and(|t| !t.is_well_formed()) {
+            return Err(
+                "ctl_token must be at least 16 printable ASCII characters, without spaces".into(),
+            );
         }
         if self.ctl.is_some() && self.relay_id == 0 {
             return Err("a relay that talks to ctl needs a nonzero relay_id (--relay-id)".into());
@@ -361,10 +383,14 @@ mod tests {
     fn a_ctl_token_must_be_long_and_on_one_line() {
         let with = |t: &str| Config::parse(&format!("ctl_token = {t:?}")).unwrap();
         assert!(with("relay-secret-0123456789").check().is_ok());
-        for bad in ["short", "sixteen-chars-ok\r\nX-Injected: 1"] {
+        for bad in [
+            "short",
+            "sixteen-chars-ok\r\nX-Injected: 1",
+            "with a space in it, 16+",
+        ] {
             let e = with(bad).check().unwrap_err();
             assert!(
-                e.contains("ctl_token must be at least 16 characters"),
+                e.contains("ctl_token must be at least 16 printable ASCII characters"),
                 "{e}"
             );
         }

@@ -102,12 +102,12 @@ pub struct Ctl {
     pub addr: SocketAddr,
     /// Sent as `Authorization: Bearer <token>` on every request when set (ctl's
     /// `relay_token`; PROTOCOL.md section 6).
-    pub token: Option<String>,
+    pub token: Option<crate::config::Secret>,
 }
 
 impl Ctl {
     /// ctl at `url` (`http://host:port`), with `token` if any.
-    pub fn new(url: &str, token: Option<String>) -> Result<Self, String> {
+    pub fn new(url: &str, token: Option<crate::config::Secret>) -> Result<Self, String> {
         Ok(Self {
             addr: parse_url(url)?,
             token,
@@ -151,7 +151,7 @@ fn request(
     body: &[u8],
     timeout: Duration,
 ) -> Result<(u16, Vec<u8>), String> {
-    let (addr, token) = (ctl.addr, ctl.token.as_deref());
+    let (addr, token) = (ctl.addr, ctl.token.as_ref().map(|t| t.expose()));
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1))
         .map_err(|e| format!("connect {addr}: {e}"))?;
     s.set_read_timeout(Some(timeout))
@@ -309,7 +309,7 @@ impl CtlLoop {
                 String::new()
             };
             return Err(format!(
-                "commands: HTTP {status}: {}{hint}",
+                "HTTP {status}: {}{hint}",
                 String::from_utf8_lossy(&body).trim()
             ));
         }

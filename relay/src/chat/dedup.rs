@@ -57,6 +57,20 @@ struct Migration {
     until: u64,
 }
 
+/// Starts loading the bucket of hash `h` in `index` into the cache.
+fn prefetch_bucket(index: &[Bucket], h: u64) {
+    let bucket = &index[(h as usize) & (index.len() - 1)];
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        // SAFETY: SSE is part of the x86-64 baseline, and a prefetch only hints the cache (it
+        // never faults, and `bucket` is a live reference anyway).
+        unsafe { _mm_prefetch::<_MM_HINT_T0>((bucket as *const Bucket).cast()) };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = bucket;
+}
+
 /// See the module documentation.
 pub struct Dedup {
     capacity: u64,
@@ -150,16 +164,11 @@ impl Dedup {
     /// a little later does not wait for memory.
     pub fn prefetch(&self, sender: u64, msg_id: &MsgId) {
         let h = self.hash(sender, msg_id);
-        let bucket = &self.index[(h as usize) & (self.index.len() - 1)];
-        #[cfg(target_arch = "x86_64")]
-        {
-            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-            // SAFETY: SSE is part of the x86-64 baseline, and a prefetch only hints the cache
-            // (it never faults, and `bucket` is a live reference anyway).
-            unsafe { _mm_prefetch::<_MM_HINT_T0>((bucket as *const Bucket).cast()) };
+        prefetch_bucket(&self.index, h);
+        // While growing a new id misses in the new index and is looked up in the old one too.
+        if let Some(m) = &self.growing {
+            prefetch_bucket(&m.index, h);
         }
-        #[cfg(not(target_arch = "x86_64"))]
-        let _ = bucket;
     }
 
     /// Remembers that `(sender, msg_id)` was given `(chat, seq)`; the entry `capacity` inserts
@@ -190,9 +199,9 @@ impl Dedup {
         self.migrate(MIGRATE_PER_INSERT);
     }
 
-    /// Past half-way to the next growth (if the index can still grow), zeroes the next index
-    /// two buckets per insert: it is complete, `2 * len` buckets, when the growth comes after
-    /// `len * LOAD / 2` more inserts.
+    /// From half-way to the next growth (which a growth leaves the index at), if the index
+    /// can still grow, zeroes the next index two buckets per insert: its `2 * len` buckets are
+    /// done after `len` inserts, well before the growth `len * LOAD / 2` inserts later.
     fn prepare_next_index(&mut self, live: usize) {
         let len = self.index.len();
         let can_grow = (len * LOAD) < self.capacity as usize;
@@ -212,8 +221,7 @@ impl Dedup {
         self.migrate(u64::MAX);
         let len = self.index.len() * 2;
         let mut bigger = std::mem::take(&mut self.next_index);
-        // Complete by now (two buckets per insert over the last `len * LOAD / 4` inserts):
-        // `resize` only fills in what would be missing.
+        // Complete by now (see `prepare_next_index`): `resize` only fills in what is missing.
         bigger.resize(len, Bucket::default());
         let old = std::mem::replace(&mut self.index, bigger);
         self.growing = Some(Migration {
