@@ -1,5 +1,7 @@
-//! Fixtures shared by the criterion benches (`benches/`) and the instruction-count binary
-//! (`src/bin/count_forward.rs`), so both measure exactly the same work.
+//! Fixtures shared by the criterion benches (`benches/`) and the measuring binaries in
+//! `src/bin/` (`count_forward` and `count_chat`, instruction counts under callgrind;
+//! `chat_sessions_memory`, heap per chat session; `dedup_growth`, the slowest insert while the
+//! deduplication index grows), so that they measure the same work.
 
 use ed25519_dalek::SigningKey;
 use proto::token::{Claims, Permissions, TokenKind, TokenVerifier};
