@@ -1,7 +1,8 @@
 //! Fixtures shared by the criterion benches (`benches/`) and the measuring binaries in
 //! `src/bin/` (`count_forward` and `count_chat`, instruction counts under callgrind;
 //! `chat_sessions_memory`, heap per chat session; `dedup_growth`, the slowest insert while the
-//! deduplication index grows), so that they measure the same work.
+//! deduplication index grows; `checkpoint_cost`, one chat checkpoint's time and bytes), so
+//! that they measure the same work.
 
 use ed25519_dalek::SigningKey;
 use proto::token::{Claims, Permissions, TokenKind, TokenVerifier};
