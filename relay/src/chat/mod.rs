@@ -291,9 +291,19 @@ impl ChatShard {
         self.owner.finish_replay();
     }
 
-    /// Writes fresh chat snapshots (so old segments can be compacted away).
+    /// Writes fresh chat snapshots (so old segments can be compacted away), all at once.
     pub fn checkpoint(&mut self) {
         self.owner.checkpoint();
+    }
+
+    /// Starts a checkpoint spread over turns: see [`owner::Owner::start_checkpoint`].
+    pub fn start_checkpoint(&mut self) {
+        self.owner.start_checkpoint();
+    }
+
+    /// Snapshots up to `budget` chats of the running checkpoint; whether any remain.
+    pub fn checkpoint_step(&mut self, budget: usize) -> bool {
+        self.owner.checkpoint_step(budget)
     }
 
     /// This shard's index.

@@ -131,6 +131,8 @@ pub struct Owner {
     spare_committing: Committing,
     /// Chats of the batch being committed (kept for its capacity).
     touched: Vec<u64>,
+    /// Chats still to snapshot in the running checkpoint.
+    checkpoint_todo: Vec<u64>,
     /// LSNs of records that became dead; the driver marks them in the log.
     pub dead: Vec<u64>,
     /// Messages to other shards (or this one) that need no durability.
@@ -159,6 +161,7 @@ impl Owner {
             spare_records: records::Batch::default(),
             spare_committing: Committing::default(),
             touched: Vec::new(),
+            checkpoint_todo: Vec::new(),
             dead: Vec::new(),
             out: Vec::new(),
             n_accepted: 0,
@@ -763,12 +766,38 @@ impl Owner {
     }
 
     /// Writes a fresh snapshot of every chat so that old log segments holding only snapshots
-    /// can be deleted.
+    /// can be deleted, all at once ([`Owner::start_checkpoint`] and [`Owner::checkpoint_step`]
+    /// spread it over loop turns).
     pub fn checkpoint(&mut self) {
-        let ids: Vec<u64> = self.chats.keys().copied().collect();
-        for id in ids {
-            self.write_snapshot(id);
+        self.start_checkpoint();
+        while self.checkpoint_step(usize::MAX) {}
+    }
+
+    /// Starts a checkpoint: every chat owned now is to get a fresh snapshot, a few per
+    /// [`Owner::checkpoint_step`]. Nothing happens while one is running.
+    pub fn start_checkpoint(&mut self) {
+        if self.checkpoint_todo.is_empty() {
+            self.checkpoint_todo.extend(self.chats.keys().copied());
         }
+    }
+
+    /// Snapshots up to `budget` chats of the running checkpoint; returns whether any remain.
+    /// A chat created meanwhile wrote its own snapshot when it was created.
+    pub fn checkpoint_step(&mut self, budget: usize) -> bool {
+        for _ in 0..budget {
+            let Some(id) = self.checkpoint_todo.pop() else {
+                break;
+            };
+            if self.chats.contains_key(&id) {
+                self.write_snapshot(id);
+            }
+        }
+        if self.checkpoint_todo.is_empty() {
+            // Free a large list once done (one u64 per chat).
+            self.checkpoint_todo = Vec::new();
+            return false;
+        }
+        true
     }
 
     /// Rebuilds state from one recovered record (in log order).

@@ -67,6 +67,21 @@ fn checkpoint_due(n_segments: usize, created: u64, last: Option<u64>) -> bool {
     n_segments >= CHECKPOINT_SEGMENTS && last.is_none_or(|l| created > l)
 }
 
+/// Chats a running checkpoint snapshots per loop turn: about 1-2 ms of the shard's time
+/// (`checkpoint_cost` gives 300-800 ns a chat), so that a shard owning a million chats is not
+/// stopped for most of a second.
+pub const CHECKPOINT_CHATS_PER_TURN: usize = 2048;
+
+/// Where the shard is in a checkpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Checkpoint {
+    Idle,
+    /// Snapshots are being written, [`CHECKPOINT_CHATS_PER_TURN`] a turn.
+    Running,
+    /// All written; waiting for the append that takes the last of them.
+    Unwritten,
+}
+
 /// What a shard needs to serve chat besides its UDP socket.
 pub struct ChatParts {
     /// The chat engine.
@@ -115,8 +130,7 @@ pub struct ChatCore {
     /// `n_segments_created` of the log once the last checkpoint's records were appended (so
     /// that segments the checkpoint itself fills do not call for another).
     checkpointed_at_segment: Option<u64>,
-    /// A checkpoint's records wait to be appended.
-    checkpoint_unwritten: bool,
+    checkpoint: Checkpoint,
     /// Connections the engine closes, with the time by which they must be gone, in that
     /// order; at most [`MAX_CONNS`] (ids are never reused, so entries of connections that
     /// closed in time are harmless until they expire).
@@ -172,7 +186,7 @@ impl ChatCore {
             stopping: None,
             next_housekeeping_us: 0,
             checkpointed_at_segment: None,
-            checkpoint_unwritten: false,
+            checkpoint: Checkpoint::Idle,
             flush_deadlines: VecDeque::new(),
             received: Vec::new(),
             lingering: VecDeque::new(),
@@ -307,12 +321,17 @@ impl ChatCore {
                 .retain(|(s, until)| now.mono_us < *until && !peer_done(s));
             self.engine.handle_timeout(now);
             let created = self.log.stats().n_segments_created;
-            if !self.checkpoint_unwritten
+            if self.checkpoint == Checkpoint::Idle
                 && checkpoint_due(self.log.n_segments(), created, self.checkpointed_at_segment)
             {
-                self.checkpoint_unwritten = true;
-                self.engine.checkpoint();
+                self.checkpoint = Checkpoint::Running;
+                self.engine.start_checkpoint();
             }
+        }
+        if self.checkpoint == Checkpoint::Running
+            && !self.engine.checkpoint_step(CHECKPOINT_CHATS_PER_TURN)
+        {
+            self.checkpoint = Checkpoint::Unwritten;
         }
         // A finished sync releases its batch: "sent", deliveries, then its dead marks.
         let mut compact = false;
@@ -340,7 +359,8 @@ impl ChatCore {
             }
             self.counters.records += records.len() as u64;
             self.engine.give_back_records(records);
-            if std::mem::take(&mut self.checkpoint_unwritten) {
+            if self.checkpoint == Checkpoint::Unwritten {
+                self.checkpoint = Checkpoint::Idle;
                 self.checkpointed_at_segment = Some(self.log.stats().n_segments_created);
             }
             let job = self
