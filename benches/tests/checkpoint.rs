@@ -7,107 +7,128 @@ use proto::chat::Encoder;
 use relay::chat::log::{LogConfig, SyncMode};
 use relay::chat::ChatConfig;
 use relay::engine::Now;
+use relay::io::chat_io::ChatCore;
+
+/// One shard's chat with 4 KiB log segments and user 1 logged in, sending to users who never
+/// connect.
+struct Shard {
+    core: ChatCore,
+    _listener: std::net::TcpListener,
+    dir: std::path::PathBuf,
+    now: Now,
+    conn: u64,
+    inbuf: Vec<u8>,
+}
+
+impl Shard {
+    fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
+        let cfg = ChatConfig {
+            msgs_per_s: 1_000_000,
+            msgs_burst: 1_000_000,
+            ..ChatConfig::default()
+        };
+        let log = LogConfig {
+            segment_bytes: 4096,
+            sync: SyncMode::None,
+            ..LogConfig::default()
+        };
+        let (mut core, listener) = benches::chat_core(&dir, cfg, log);
+        let now = benches::NOW;
+        let conn = core.accept(now, std::net::IpAddr::from([127, 0, 0, 1]));
+        let mut inbuf = Vec::new();
+        assert!(core.feed(now, conn, &mut inbuf, &benches::chat_hello(1)));
+        Self {
+            core,
+            _listener: listener,
+            dir,
+            now,
+            conn,
+            inbuf,
+        }
+    }
+
+    /// User 1's message number `n` (its id) to user `to`.
+    fn send(&mut self, n: u64, to: u64, body: &[u8]) {
+        let mut frame = Vec::new();
+        let mut msg_id = [0u8; 16];
+        msg_id[..8].copy_from_slice(&n.to_le_bytes());
+        Encoder::new(&mut frame).send(&msg_id, 0, to, proto::chat::kind::TEXT, &[0; 16], body);
+        assert!(self.core.feed(self.now, self.conn, &mut self.inbuf, &frame));
+    }
+
+    /// A loop turn, with user 1's output taken as written.
+    fn turn(&mut self) {
+        self.core.end_turn(self.now).expect("turn");
+        let out = self.core.output(self.conn).len();
+        self.core.written(self.now, self.conn, out);
+    }
+
+    /// 100 ms on: the next turn runs housekeeping.
+    fn next_housekeeping(&mut self) {
+        self.now = Now {
+            mono_us: self.now.mono_us + 100_000,
+            ..self.now
+        };
+    }
+
+    /// Log records appended so far.
+    fn records(&self) -> u64 {
+        self.core.stats()[4]
+    }
+}
+
+impl Drop for Shard {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
 
 #[test]
 fn held_segments_do_not_make_the_shard_checkpoint_every_housekeeping() {
-    let dir = std::env::temp_dir().join(format!("checkpoint-test-{}", std::process::id()));
-    let cfg = ChatConfig {
-        msgs_per_s: 1_000_000,
-        msgs_burst: 1_000_000,
-        ..ChatConfig::default()
-    };
-    let log = LogConfig {
-        segment_bytes: 4096,
-        sync: SyncMode::None,
-        ..LogConfig::default()
-    };
-    let (mut core, _listener) = benches::chat_core(&dir, cfg, log);
-    let mut now = benches::NOW;
-    let ip = std::net::IpAddr::from([127, 0, 0, 1]);
-    let id = core.accept(now, ip);
-    let mut inbuf = Vec::new();
-    assert!(core.feed(now, id, &mut inbuf, &benches::chat_hello(1)));
+    let mut s = Shard::new("checkpoint-test");
     // User 1 writes 300 messages to user 2, who never connects: every segment keeps a live
     // entry. Records of about 200 bytes fill a 4 KiB segment every 20 or so.
     for i in 0..300u64 {
-        let mut frame = Vec::new();
-        let mut msg_id = [0u8; 16];
-        msg_id[..8].copy_from_slice(&(i + 1).to_le_bytes());
-        Encoder::new(&mut frame).send(&msg_id, 0, 2, proto::chat::kind::TEXT, &[0; 16], &[7; 100]);
-        assert!(core.feed(now, id, &mut inbuf, &frame));
-        core.end_turn(now).expect("turn");
-        let out = core.output(id).len();
-        core.written(now, id, out);
+        s.send(i + 1, 2, &[7; 100]);
+        s.turn();
     }
     // Housekeeping runs every 100 ms: 20 rounds, with nothing new to store.
-    let records = |core: &relay::io::chat_io::ChatCore| core.stats()[4];
     let mut per_round = Vec::new();
     for _ in 0..20 {
-        now = Now {
-            mono_us: now.mono_us + 100_000,
-            ..now
-        };
-        let before = records(&core);
-        core.end_turn(now).expect("turn");
-        core.end_turn(now).expect("turn");
-        per_round.push(records(&core) - before);
+        s.next_housekeeping();
+        let before = s.records();
+        s.turn();
+        s.turn();
+        per_round.push(s.records() - before);
     }
     let snapshots: u64 = per_round.iter().sum();
     assert!(
         snapshots <= 1,
         "at most the one checkpoint the held segments call for, then none: {per_round:?}"
     );
-    drop(core);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn a_checkpoint_is_spread_over_loop_turns() {
     const CHATS: u64 = 5_000;
-    let dir = std::env::temp_dir().join(format!("checkpoint-spread-{}", std::process::id()));
-    let cfg = ChatConfig {
-        msgs_per_s: 1_000_000,
-        msgs_burst: 1_000_000,
-        ..ChatConfig::default()
-    };
-    let log = LogConfig {
-        segment_bytes: 4096,
-        sync: SyncMode::None,
-        ..LogConfig::default()
-    };
-    let (mut core, _listener) = benches::chat_core(&dir, cfg, log);
-    let mut now = benches::NOW;
-    let ip = std::net::IpAddr::from([127, 0, 0, 1]);
-    let id = core.accept(now, ip);
-    let mut inbuf = Vec::new();
-    assert!(core.feed(now, id, &mut inbuf, &benches::chat_hello(1)));
+    let mut s = Shard::new("checkpoint-spread");
     // User 1 opens 5,000 direct chats, one message each, to users who never connect.
     for i in 0..CHATS {
-        let mut frame = Vec::new();
-        let mut msg_id = [0u8; 16];
-        msg_id[..8].copy_from_slice(&(i + 1).to_le_bytes());
-        let to = i + 2;
-        Encoder::new(&mut frame).send(&msg_id, 0, to, proto::chat::kind::TEXT, &[0; 16], b"hi");
-        assert!(core.feed(now, id, &mut inbuf, &frame));
+        s.send(i + 1, i + 2, b"hi");
         if i % 64 == 63 {
-            core.end_turn(now).expect("turn");
-            let out = core.output(id).len();
-            core.written(now, id, out);
+            s.turn();
         }
     }
-    core.end_turn(now).expect("turn");
-    assert_eq!(core.stats()[6], 0, "no ERROR frame");
+    s.turn();
+    assert_eq!(s.core.stats()[6], 0, "no ERROR frame");
     // The next housekeeping starts the checkpoint; then turn by turn.
-    now = Now {
-        mono_us: now.mono_us + 100_000,
-        ..now
-    };
-    let records = |core: &relay::io::chat_io::ChatCore| core.stats()[4];
+    s.next_housekeeping();
     let mut per_turn = Vec::new();
     for _ in 0..10 {
-        let before = records(&core);
-        core.end_turn(now).expect("turn");
-        per_turn.push(records(&core) - before);
+        let before = s.records();
+        s.turn();
+        per_turn.push(s.records() - before);
     }
     let budget = relay::io::chat_io::CHECKPOINT_CHATS_PER_TURN as u64;
     assert!(
@@ -127,6 +148,4 @@ fn a_checkpoint_is_spread_over_loop_turns() {
         CHATS,
         "every chat snapshotted once: {per_turn:?}"
     );
-    drop(core);
-    let _ = std::fs::remove_dir_all(&dir);
 }
