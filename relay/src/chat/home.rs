@@ -602,7 +602,11 @@ impl Home {
                 msg_id,
                 chat,
                 seq,
+                spent,
             } => {
+                if let Some(b) = spent {
+                    self.submits.give_back(b);
+                }
                 if self.is_current(to) {
                     self.queue(to.conn, |e| e.sent(&msg_id, chat, seq));
                 }

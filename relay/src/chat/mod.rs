@@ -152,8 +152,10 @@ impl ChatShard {
         let now_ms = now.unix_s * 1000;
         match m {
             ShardMsg::Submit(s) => {
-                let spent = self.owner.submit(s, now_ms);
-                self.home.submits.give_back(spent);
+                // Unless it goes back with the SENT: a refused SEND's box.
+                if let Some(spent) = self.owner.submit(s, now_ms) {
+                    self.home.submits.give_back(spent);
+                }
             }
             ShardMsg::Ack { .. }
             | ShardMsg::CreateGroup { .. }
@@ -339,6 +341,11 @@ impl ChatShard {
     /// Home-role counters.
     pub fn home_counters(&self) -> &home::HomeCounters {
         &self.home.counters
+    }
+
+    /// Submit boxes this shard's home role had to allocate (its pool was empty).
+    pub fn submit_boxes_made(&self) -> u64 {
+        self.home.submits.made()
     }
 }
 

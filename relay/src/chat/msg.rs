@@ -111,6 +111,9 @@ pub enum ShardMsg {
         chat: u64,
         /// Assigned seq.
         seq: u64,
+        /// The box of the SEND's [`Submit`], going back to the pool of the home shard that
+        /// made it (see [`SubmitPool`]); `None` for group requests.
+        spent: Option<Box<Submit>>,
     },
     /// Owner -> home: the request failed.
     Failed {
@@ -187,16 +190,20 @@ pub struct Submit {
     pub body: crate::chat::records::Body,
 }
 
-/// Boxes of spent submits, for the next ones: a home shard boxes a SEND's submit, its owner
-/// shard hands the box back when done with it ([`super::ChatShard`] puts it in its own pool).
-/// With every shard both home and owner, the boxes circulate and a steady load allocates none;
-/// where the traffic is lopsided one pool stays empty (and allocates) while another fills up to
-/// [`SubmitPool::MAX_BOXES`] (and frees the rest). Bounded.
+/// Boxes of spent submits, for the next ones: a home shard boxes a SEND's submit, and its
+/// owner shard sends the box back with the SEND's answer ([`ShardMsg::Sent`]'s `spent`), so
+/// every box returns to the pool that made it, however lopsided the traffic between shards
+/// (an owner that kept the boxes would leave a home shard whose users mostly write to chats
+/// owned elsewhere allocating one per message, and free the surplus from another thread). A
+/// box is in flight from the SEND until its entry is durable; beyond that the pool keeps at
+/// most [`SubmitPool::MAX_BOXES`]. A SEND the owner refuses leaves its box in the owner's pool.
 #[derive(Default)]
 pub struct SubmitPool {
     // The boxes themselves are what is kept (they travel in `ShardMsg::Submit`).
     #[allow(clippy::vec_box)]
     free: Vec<Box<Submit>>,
+    /// Boxes allocated so far (the pool was empty).
+    made: u64,
 }
 
 impl SubmitPool {
@@ -210,8 +217,16 @@ impl SubmitPool {
                 *b = s;
                 b
             }
-            None => Box::new(s),
+            None => {
+                self.made += 1;
+                Box::new(s)
+            }
         }
+    }
+
+    /// Boxes allocated so far because the pool was empty.
+    pub fn made(&self) -> u64 {
+        self.made
     }
 
     /// A spent submit's box. A body on the heap (over 128 bytes; one the owner refused is

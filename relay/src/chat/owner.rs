@@ -231,7 +231,13 @@ impl Owner {
 
     /// A retry of an accepted request is answered with its original outcome, and "sent" still
     /// waits for durability if the original has not committed yet.
-    fn answer_duplicate(&mut self, from: Origin, msg_id: MsgId) -> bool {
+    /// `spent` is the SEND's box, which goes back with the answer.
+    fn answer_duplicate(
+        &mut self,
+        from: Origin,
+        msg_id: MsgId,
+        spent: &mut Option<Box<Submit>>,
+    ) -> bool {
         let Some((chat, seq)) = self.dedup.get(from.user, &msg_id) else {
             return false;
         };
@@ -244,6 +250,7 @@ impl Owner {
             msg_id,
             chat,
             seq,
+            spent: spent.take(),
         };
         let in_flight = self.committing.as_mut().filter(|(owners, _)| {
             owners
@@ -262,16 +269,22 @@ impl Owner {
         true
     }
 
-    /// Handles a SEND's submit; returns its box for reuse.
-    pub fn submit(&mut self, mut s: Box<Submit>, now_ms: u64) -> Box<Submit> {
+    /// Handles a SEND's submit. Its box goes back to its home shard with the SENT; a refused
+    /// SEND's box is returned for reuse here.
+    pub fn submit(&mut self, s: Box<Submit>, now_ms: u64) -> Option<Box<Submit>> {
+        let mut s = Some(s);
         self.submit_inner(&mut s, now_ms);
         s
     }
 
-    fn submit_inner(&mut self, s: &mut Submit, now_ms: u64) {
-        if self.answer_duplicate(s.from, s.msg_id) {
+    /// `spent` is taken when the SENT carries it.
+    fn submit_inner(&mut self, spent: &mut Option<Box<Submit>>, now_ms: u64) {
+        let s = spent.as_deref_mut().expect("a submit to handle");
+        let (from, msg_id) = (s.from, s.msg_id);
+        if self.answer_duplicate(from, msg_id, spent) {
             return;
         }
+        let s = spent.as_deref_mut().expect("not taken: no answer yet");
         if !ids::is_group(s.chat) && !self.chats.contains_key(&s.chat) {
             if s.to == 0 || s.to == s.from.user || ids::direct_chat(s.from.user, s.to) != s.chat {
                 return self.fail(s.from, s.msg_id, code::INVALID, "bad direct chat");
@@ -307,7 +320,7 @@ impl Owner {
             audience,
             body: std::mem::take(&mut s.body),
         };
-        self.append_entry(e, Some(s.from));
+        self.append_entry(e, Some((from, spent.take())));
     }
 
     /// Creates the direct chat between `a` and `b` and records it.
@@ -343,7 +356,9 @@ impl Owner {
 
     /// Sequences a new entry: stores it, appends its record, and queues "sent" for `from` and
     /// delivery to its audience for when the record is durable.
-    fn append_entry(&mut self, e: EntryRec, from: Option<Origin>) {
+    /// `from` is the requester and, for a SEND, its submit's box (which goes back with the
+    /// SENT).
+    fn append_entry(&mut self, e: EntryRec, from: Option<(Origin, Option<Box<Submit>>)>) {
         let chat = self
             .chats
             .get_mut(&e.chat)
@@ -354,7 +369,7 @@ impl Owner {
         for u in &e.audience {
             *self.pending_per_user.entry(*u).or_default() += 1;
         }
-        if let Some(from) = from {
+        if let Some((from, spent)) = from {
             self.after_commit.push((
                 from.home,
                 ShardMsg::Sent {
@@ -362,6 +377,7 @@ impl Owner {
                     msg_id: e.msg_id,
                     chat: e.chat,
                     seq: e.seq,
+                    spent,
                 },
             ));
         }
@@ -460,7 +476,7 @@ impl Owner {
         members: Vec<u64>,
         now_ms: u64,
     ) {
-        if self.answer_duplicate(from, msg_id) {
+        if self.answer_duplicate(from, msg_id, &mut None) {
             return;
         }
         let mut all = vec![from.user];
@@ -509,7 +525,7 @@ impl Owner {
             audience,
             body,
         };
-        self.append_entry(e, Some(from));
+        self.append_entry(e, Some((from, None)));
     }
 
     fn change_member(
@@ -521,7 +537,7 @@ impl Owner {
         add: bool,
         now_ms: u64,
     ) {
-        if self.answer_duplicate(from, msg_id) {
+        if self.answer_duplicate(from, msg_id, &mut None) {
             return;
         }
         let Some(chat) = self.chats.get_mut(&chat_id).filter(|c| c.group) else {
@@ -592,7 +608,7 @@ impl Owner {
             audience,
             body: Body::from_slice(&target.to_le_bytes()),
         };
-        self.append_entry(e, Some(from));
+        self.append_entry(e, Some((from, None)));
     }
 
     /// Sends the next chunk of `user`'s committed, unacknowledged entries (in seq order per

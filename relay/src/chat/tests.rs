@@ -997,3 +997,52 @@ fn lists_handed_back_are_reused_empty_unless_they_grew_too_long() {
         "a burst's list is freed"
     );
 }
+
+/// A SEND's submit is boxed by its author's home shard and handled by the chat's owner shard.
+/// The box goes back to the home shard with the SENT, so traffic that only flows one way
+/// between two shards (a shard's users writing to chats owned elsewhere, nothing coming back)
+/// reuses the same few boxes instead of allocating one per message on the home shard while
+/// the owner's pool fills up and frees the rest, from another thread.
+#[test]
+fn submit_boxes_go_back_to_the_home_shard_that_made_them() {
+    // The simulated clock stands still: no rate limit refills.
+    let mut sim = Sim::new(ChatConfig {
+        msgs_burst: 1 << 20,
+        ..ChatConfig::default()
+    });
+    let (a, b, c) = users();
+    // The author's home shard must not own the chat, so that every box crosses shards.
+    let (author, reader) = [(a, b), (a, c), (b, a), (b, c), (c, a), (c, b)]
+        .into_iter()
+        .find(|&(x, y)| {
+            ids::home_shard(x, N_SHARDS) != ids::owner_shard(ids::direct_chat(x, y), N_SHARDS)
+        })
+        .expect("three users on three shards");
+    sim.connect(author);
+    sim.connect(reader);
+    sim.take(author);
+    sim.take(reader);
+    const BATCH: u64 = 32;
+    const ROUNDS: u64 = 100;
+    for round in 0..ROUNDS {
+        sim.send(author, |e| {
+            for i in 0..BATCH {
+                let n = round * BATCH + i + 1;
+                e.send(&id(n), 0, reader, kind::TEXT, &[0; 16], b"one way");
+            }
+        });
+        let got = sim.take(reader);
+        assert_eq!(msgs(&got).len(), BATCH as usize, "{got:?}");
+        sim.ack_all(reader, &got);
+        let got = sim.take(author);
+        sim.ack_all(author, &got);
+    }
+    let home = usize::from(ids::home_shard(author, N_SHARDS));
+    let made = sim.shards[home].submit_boxes_made();
+    assert!(
+        made <= 2 * BATCH,
+        "{made} boxes made for {} messages",
+        ROUNDS * BATCH
+    );
+    assert_eq!(sim.pending(), 0);
+}
