@@ -121,6 +121,16 @@ pub fn chat_core(
 ) -> (relay::io::chat_io::ChatCore, std::net::TcpListener) {
     let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(dir).expect("temp dir");
+    reopen_chat_core(dir, cfg, log).expect("chat core")
+}
+
+/// A shard's `ChatCore` on the log already in `dir` (a restart: the log is recovered and
+/// replayed), with a fresh listener and mailbox.
+pub fn reopen_chat_core(
+    dir: &std::path::Path,
+    cfg: relay::chat::ChatConfig,
+    log: relay::chat::log::LogConfig,
+) -> std::io::Result<(relay::io::chat_io::ChatCore, std::net::TcpListener)> {
     let verifier = TokenVerifier::new(key().verifying_key(), 0);
     let parts = relay::io::chat_io::ChatParts {
         engine: relay::chat::ChatShard::new(0, 1, cfg, verifier),
@@ -134,5 +144,5 @@ pub fn chat_core(
             .pop()
             .expect("one"),
     };
-    relay::io::chat_io::ChatCore::open(parts).expect("chat core")
+    relay::io::chat_io::ChatCore::open(parts)
 }

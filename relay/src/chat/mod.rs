@@ -288,9 +288,9 @@ impl ChatShard {
         self.owner.replay(lsn, kind, payload)
     }
 
-    /// Completes recovery.
-    pub fn finish_replay(&mut self) {
-        self.owner.finish_replay();
+    /// Completes recovery; fails if the records replayed are inconsistent.
+    pub fn finish_replay(&mut self) -> Result<(), String> {
+        self.owner.finish_replay()
     }
 
     /// Writes fresh chat snapshots (so old segments can be compacted away), all at once.

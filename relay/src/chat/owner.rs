@@ -822,9 +822,20 @@ impl Owner {
             .ok_or_else(|| format!("undecodable chat record at lsn {lsn}"))?
         {
             Rec::Chat(c) => {
+                if c.next_seq == 0 {
+                    return Err(format!("chat {} with next seq 0 at lsn {lsn}", c.chat));
+                }
                 let old = self.chats.remove(&c.chat);
                 if let Some(old_lsn) = old.as_ref().and_then(|o| o.state_lsn) {
                     self.dead.push(old_lsn);
+                }
+                // Members the previous snapshot had and this one has not left the chat.
+                for m in old.iter().flat_map(|o| &o.members) {
+                    if c.members.iter().all(|n| n.user != m.user) {
+                        if let Some(list) = self.member_of.get_mut(&m.user) {
+                            list.retain(|&id| id != c.chat);
+                        }
+                    }
                 }
                 for m in &c.members {
                     let list = self.member_of.entry(m.user).or_default();
@@ -856,9 +867,21 @@ impl Owner {
                 );
             }
             Rec::Entry(e) => {
-                let Some(chat) = self.chats.get_mut(&e.chat) else {
-                    return Err(format!("entry for unknown chat {} at lsn {lsn}", e.chat));
-                };
+                if e.seq == 0 || e.seq == u64::MAX {
+                    return Err(format!("entry with seq {} at lsn {lsn}", e.seq));
+                }
+                // A chat's entries may come before its snapshot: a checkpoint's snapshot
+                // follows entries still waiting for a recipient once the segment with the
+                // previous snapshot is gone. The snapshot, further on, fills in the rest;
+                // `finish_replay` fails if it never comes.
+                let chat = self.chats.entry(e.chat).or_insert_with(|| Chat {
+                    group: false,
+                    creator: 0,
+                    next_seq: 1,
+                    members: Vec::new(),
+                    pending: VecDeque::new(),
+                    state_lsn: None,
+                });
                 chat.next_seq = chat.next_seq.max(e.seq + 1);
                 let frame = encode_frame(&mut self.frames, &e);
                 chat.pending.push_back(Stored {
@@ -887,8 +910,11 @@ impl Owner {
     }
 
     /// Completes recovery: drops what members have acknowledged (or who left) and recounts the
-    /// inboxes.
-    pub fn finish_replay(&mut self) {
+    /// inboxes. Fails if a chat had entries but no snapshot (a log that lost records).
+    pub fn finish_replay(&mut self) -> Result<(), String> {
+        if let Some((id, _)) = self.chats.iter().find(|(_, c)| c.state_lsn.is_none()) {
+            return Err(format!("entries for chat {id} but no snapshot of it"));
+        }
         self.pending_per_user.clear();
         for c in self.chats.values_mut() {
             let acked: Map<u64, u64> = c.members.iter().map(|m| (m.user, m.acked)).collect();
@@ -901,6 +927,7 @@ impl Owner {
             }
             drop_settled(&mut c.pending, &mut self.dead, &mut self.frames);
         }
+        Ok(())
     }
 
     /// Entries stored and not yet acknowledged by every recipient.

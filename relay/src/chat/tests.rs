@@ -170,7 +170,7 @@ impl Sim {
             for (&lsn, (k, p)) in &log.durable {
                 shard.replay(lsn, *k, p).unwrap();
             }
-            shard.finish_replay();
+            shard.finish_replay().unwrap();
             for lsn in shard.take_dead() {
                 log.mark_dead(lsn);
             }
@@ -1045,4 +1045,138 @@ fn submit_boxes_go_back_to_the_home_shard_that_made_them() {
         ROUNDS * BATCH
     );
     assert_eq!(sim.pending(), 0);
+}
+
+/// A checkpoint can leave a chat's entries before its snapshot in the log: the old snapshot
+/// dies with the new one, and the segment that held it goes once everything else in it is
+/// dead, while an entry for a recipient who is away lives on in a later segment. A restart
+/// must still recover the chat (the relay refused to start: "entry for unknown chat").
+#[test]
+fn a_restart_after_a_checkpoint_recovers_entries_logged_before_their_chats_snapshot() {
+    let mut sim = Sim::new(ChatConfig::default());
+    let (alice, bob, _) = users();
+    sim.connect(alice);
+    sim.connect(bob);
+    sim.take(alice);
+    sim.take(bob);
+    // The chat's first snapshot, then an exchange acknowledged on both sides: all dead but
+    // the snapshot.
+    sim.send(alice, |e| {
+        e.send(&id(1), 0, bob, kind::TEXT, &[0; 16], b"seen")
+    });
+    let got = sim.take(bob);
+    sim.ack_all(bob, &got);
+    let got = sim.take(alice);
+    sim.ack_all(alice, &got);
+    // Bob goes away; what Alice writes now waits for him.
+    sim.disconnect(bob);
+    sim.send(alice, |e| {
+        e.send(&id(2), 0, bob, kind::TEXT, &[0; 16], b"later")
+    });
+    sim.send(alice, |e| {
+        e.send(&id(3), 0, bob, kind::TEXT, &[0; 16], b"later still")
+    });
+    // The checkpoint's snapshot kills the first one: the dead prefix before the waiting
+    // entries goes, the new snapshot comes after them.
+    sim.shards.iter_mut().for_each(ChatShard::checkpoint);
+    sim.run();
+    sim.boot();
+    sim.connect(bob);
+    let got = sim.take(bob);
+    assert_eq!(
+        msgs(&got),
+        vec![
+            (alice, kind::TEXT, b"later".to_vec()),
+            (alice, kind::TEXT, b"later still".to_vec()),
+        ]
+    );
+    assert!(got.contains(&Got::BacklogEnd));
+    // The chat goes on where it was: the next entry takes the next seq.
+    sim.connect(alice);
+    sim.take(alice);
+    sim.send(alice, |e| {
+        e.send(&id(4), 0, bob, kind::TEXT, &[0; 16], b"after")
+    });
+    let sent: Vec<_> = sim
+        .take(alice)
+        .into_iter()
+        .filter_map(|g| match g {
+            Got::Sent { seq, .. } => Some(seq),
+            _ => None,
+        })
+        .collect();
+    let seqs: Vec<u64> = got
+        .iter()
+        .filter_map(|g| match g {
+            Got::Msg { seq, .. } => Some(*seq),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(sent, vec![seqs[1] + 1]);
+}
+
+/// After a restart a member who left a group is no longer listed in it: replaying the later
+/// snapshot removes it (it used to keep the group in its GROUP_LIST answer).
+#[test]
+fn a_member_who_left_does_not_list_the_group_after_a_restart() {
+    let mut sim = Sim::new(ChatConfig::default());
+    let members: Vec<u64> = (10..13).collect();
+    for &u in &members {
+        sim.connect(u);
+        sim.take(u);
+    }
+    // An entry waiting for an absent user on the group's owner shard, logged first, keeps the
+    // group's first snapshot in the log (records go only as a dead prefix).
+    let group = ids::group_chat(members[0], &id(100));
+    let owner = ids::owner_shard(group, N_SHARDS);
+    let absent = (100..)
+        .find(|&u| ids::owner_shard(ids::direct_chat(members[0], u), N_SHARDS) == owner)
+        .unwrap();
+    sim.send(members[0], |e| {
+        e.send(&id(99), 0, absent, kind::TEXT, &[0; 16], b"wait")
+    });
+    sim.send(members[0], |e| e.group_create(&id(100), &members[1..]));
+    let got = sim.take(members[0]);
+    assert!(got.contains(&Got::Sent {
+        msg_id: id(100),
+        chat: group,
+        seq: 1
+    }));
+    sim.send(members[2], |e| e.group_leave(&id(101), group));
+    sim.boot();
+    for &u in &members {
+        sim.connect(u);
+        sim.take(u);
+    }
+    sim.send(members[2], |e| e.group_list());
+    assert_eq!(sim.take(members[2]), vec![Got::Groups(vec![])]);
+    sim.send(members[1], |e| e.group_list());
+    assert_eq!(
+        sim.take(members[1]),
+        vec![Got::Groups(vec![(group, members[..2].to_vec())])]
+    );
+}
+
+/// Entries whose chat never gets a snapshot mean the log lost records: recovery fails with a
+/// clear error instead of serving a chat with no members.
+#[test]
+fn entries_without_any_snapshot_of_their_chat_fail_recovery() {
+    let mut sim = Sim::new(ChatConfig::default());
+    let (alice, bob, _) = users();
+    sim.connect(alice);
+    sim.send(alice, |e| {
+        e.send(&id(1), 0, bob, kind::TEXT, &[0; 16], b"lost?")
+    });
+    let owner = usize::from(ids::owner_shard(ids::direct_chat(alice, bob), N_SHARDS));
+    let log = &mut sim.logs[owner].durable;
+    let before = log.len();
+    log.retain(|_, (k, _)| *k != records::CHAT);
+    assert_eq!(log.len(), before - 1, "the chat's one snapshot removed");
+    let verifier = TokenVerifier::new(key().verifying_key(), 0);
+    let mut shard = ChatShard::new(owner as u16, N_SHARDS, ChatConfig::default(), verifier);
+    for (&lsn, (k, p)) in log.iter() {
+        shard.replay(lsn, *k, p).unwrap();
+    }
+    let err = shard.finish_replay().unwrap_err();
+    assert!(err.contains("no snapshot"), "{err}");
 }

@@ -166,7 +166,7 @@ impl ChatCore {
                 .replay(r.lsn.0, r.kind, &r.payload)
                 .map_err(io::Error::other)?;
         }
-        engine.finish_replay();
+        engine.finish_replay().map_err(io::Error::other)?;
         for lsn in engine.take_dead() {
             log.mark_dead(Lsn(lsn));
         }
