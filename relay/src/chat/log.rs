@@ -920,6 +920,13 @@ fn create_segment_file(dir: &Path, first_lsn: u64, salt: u64) -> io::Result<File
 }
 
 /// The first Lsns of the segment files in `dir`, ascending.
+/// Where recovery keeps the bytes of a newest segment whose header it could not read.
+fn damaged_path(segment: &Path) -> PathBuf {
+    let mut name = segment.as_os_str().to_owned();
+    name.push(".damaged");
+    PathBuf::from(name)
+}
+
 fn list_segments(dir: &Path) -> io::Result<Vec<u64>> {
     let mut lsns = Vec::new();
     for entry in fs::read_dir(dir)? {
@@ -1044,8 +1051,18 @@ fn recover_segment(
             return Err(corruption(path, 0, reason));
         }
         // A crash between creating the file and syncing its header: nothing in it was
-        // committed. Start it afresh (with the fresh salt of `seg`).
-        let file = OpenOptions::new().write(true).truncate(true).open(path)?;
+        // committed (a segment's header is durable before any record in it is). Start it
+        // afresh (with the fresh salt of `seg`). Unless the file is empty, a header's worth
+        // or zeros, it could also be a damaged disk: its bytes are then kept aside, under a
+        // name recovery ignores, for the operator to look at.
+        if data.len() > SEGMENT_HEADER_LEN as usize && data.iter().any(|&b| b != 0) {
+            fs::rename(path, damaged_path(path))?;
+        }
+        let file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)?;
         file.write_all_at(&segment_header(first_lsn, seg.salt), 0)?;
         file.sync_all()?;
         seg.disk_bytes = SEGMENT_HEADER_LEN;
@@ -1335,11 +1352,26 @@ mod tests {
         let next = segment_path(&tmp.0, 100);
         let header = segment_header(100, 7);
         // A crash right after creating the next segment: empty, partial header, garbage.
-        for content in [&[][..], &header[..10], &header[..31], &[0u8; 4096][..]] {
+        let garbage: Vec<u8> = (0..4096u32).map(|i| (i * 7 + 1) as u8).collect();
+        for content in [
+            &[][..],
+            &header[..10],
+            &header[..31],
+            &[0u8; 4096][..],
+            &garbage[..],
+        ] {
             let t = tmp.copy("emptyseg-trial");
-            fs::write(t.0.join(next.file_name().unwrap()), content).unwrap();
+            let path = t.0.join(next.file_name().unwrap());
+            fs::write(&path, content).unwrap();
             let (mut log, recs) = Log::open(&t.0, cfg(4096)).unwrap();
             assert_eq!(recs, expected);
+            // Bytes that are more than a torn header (possibly a damaged disk) are kept.
+            let kept = fs::read(damaged_path(&path)).ok();
+            if content.len() > 32 && content.iter().any(|&b| b != 0) {
+                assert_eq!(kept.as_deref(), Some(content));
+            } else {
+                assert_eq!(kept, None);
+            }
             assert_eq!(log.n_segments(), seg_files(&tmp.0).len() + 1);
             assert_eq!(log.append(1, b"x").unwrap(), Lsn(100));
             log.commit().unwrap();

@@ -161,6 +161,22 @@ impl ChatCore {
             mailbox,
         } = parts;
         let (mut log, records) = Log::open(&dir, log)?;
+        let recovered = log.stats();
+        eprintln!(
+            "relay: shard {}: chat log in {} recovered: {} records in {} segments{}",
+            engine.shard(),
+            dir.display(),
+            recovered.n_recovered,
+            log.n_segments(),
+            match recovered.torn_bytes_truncated {
+                0 => String::new(),
+                n => format!(
+                    "; {n} bytes cut from the end of the newest segment (not yet durable at a \
+                     crash, or a damaged disk: a *.damaged file holds a segment whose header \
+                     could not be read)"
+                ),
+            }
+        );
         for r in &records {
             engine
                 .replay(r.lsn.0, r.kind, &r.payload)
