@@ -920,6 +920,11 @@ fn create_segment_file(dir: &Path, first_lsn: u64, salt: u64) -> io::Result<File
 }
 
 /// The first Lsns of the segment files in `dir`, ascending.
+/// The highest first Lsn a segment's name may carry: far beyond any real log (146 years at
+/// 10^9 records a second), and far enough below `u64::MAX` that Lsn arithmetic on what such
+/// a segment holds cannot overflow.
+const MAX_FIRST_LSN: u64 = 1 << 62;
+
 /// Where recovery keeps the bytes of a newest segment whose header it could not read.
 fn damaged_path(segment: &Path) -> PathBuf {
     let mut name = segment.as_os_str().to_owned();
@@ -936,6 +941,10 @@ fn list_segments(dir: &Path) -> io::Result<Vec<u64>> {
         };
         if stem.len() == SEGMENT_NAME_DIGITS && stem.bytes().all(|b| b.is_ascii_digit()) {
             if let Ok(lsn) = stem.parse::<u64>() {
+                if lsn > MAX_FIRST_LSN {
+                    let reason = format!("segment name beyond Lsn {MAX_FIRST_LSN}");
+                    return Err(corruption(&dir.join(&name), 0, reason));
+                }
                 lsns.push(lsn);
             }
         }
@@ -1379,6 +1388,18 @@ mod tests {
             let (_, recs) = Log::open(&t.0, cfg(4096)).unwrap();
             assert_eq!(recs.len(), 100);
         }
+    }
+
+    #[test]
+    fn a_segment_named_beyond_any_real_lsn_is_an_error() {
+        let tmp = TempDir::new("hugelsn");
+        let (mut log, _) = Log::open(&tmp.0, cfg(4096)).unwrap();
+        write(&mut log, 1, 10, 10);
+        drop(log);
+        let name = segment_path(&tmp.0, u64::MAX - 1);
+        fs::write(&name, segment_header(u64::MAX - 1, 7)).unwrap();
+        let msg = corruption_of(Log::open(&tmp.0, cfg(4096)));
+        assert!(msg.contains("beyond Lsn"), "{msg}");
     }
 
     #[test]
