@@ -131,7 +131,14 @@ pub struct ChatSettings {
     pub max_out_bytes: usize,
     /// Requests per second per session.
     pub msgs_per_s: u64,
+    /// Size at which a log segment is closed and a new one begun (64 KiB to 1 GiB). A segment
+    /// is deleted (recycled) once nothing in it is live; a checkpoint rewrites the chats'
+    /// snapshots when the log spans 3 segments.
+    pub segment_bytes: u64,
 }
+
+/// Bounds of `[chat] segment_bytes`.
+pub const SEGMENT_BYTES_RANGE: std::ops::RangeInclusive<u64> = (64 << 10)..=(1 << 30);
 
 impl Default for ChatSettings {
     fn default() -> Self {
@@ -149,6 +156,7 @@ impl Default for ChatSettings {
             slow_reader_timeout_ms: c.slow_reader_timeout_us / 1000,
             max_out_bytes: c.max_out_bytes,
             msgs_per_s: c.msgs_per_s,
+            segment_bytes: crate::chat::log::LogConfig::default().segment_bytes,
         }
     }
 }
@@ -310,6 +318,13 @@ impl Config {
                 ring.end()
             ));
         }
+        if !SEGMENT_BYTES_RANGE.contains(&self.chat.segment_bytes) {
+            return Err(format!(
+                "[chat] segment_bytes must be between {} and {}",
+                SEGMENT_BYTES_RANGE.start(),
+                SEGMENT_BYTES_RANGE.end()
+            ));
+        }
         if self.ctl_token.as_ref().is_some_and(|t| !t.is_well_formed()) {
             return Err(
                 "ctl_token must be at least 16 printable ASCII characters, without spaces".into(),
@@ -374,6 +389,15 @@ mod tests {
             let e = ring(bad).check().unwrap_err();
             assert!(
                 e.contains("ring_capacity must be between 16 and 65536"),
+                "{e}"
+            );
+        }
+        let seg = |n: u64| Config::parse(&format!("[chat]\nsegment_bytes = {n}")).unwrap();
+        assert!(seg(65_536).check().is_ok());
+        for bad in [0, 65_535, (1 << 30) + 1] {
+            let e = seg(bad).check().unwrap_err();
+            assert!(
+                e.contains("segment_bytes must be between 65536 and 1073741824"),
                 "{e}"
             );
         }

@@ -180,6 +180,7 @@ fn chat_parts(
     };
     let log = crate::chat::log::LogConfig {
         sync,
+        segment_bytes: cfg.chat.segment_bytes,
         ..Default::default()
     };
     Ok(io::chat_io::ChatParts {

@@ -910,6 +910,77 @@ fn kill_9_under_load_loses_nothing_acknowledged_as_sent(io: &str, sync_thread: b
     drop(r);
 }
 
+/// The log a checkpoint leaves behind after an acknowledged conversation and two messages for a
+/// recipient who went away (the chat's newest snapshot after its waiting entries, the older
+/// segments recycled) survives kill -9: the relay starts again and delivers both. It refused
+/// to start ("entry for unknown chat") before replay took entries ahead of their snapshot.
+fn kill_9_after_a_checkpoint_restarts_and_delivers_what_waits(io: &str) {
+    let dir = temp_dir("chat-checkpoint", io);
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("relay.toml");
+    // 64 KiB segments: a few hundred messages fill three, which calls for a checkpoint.
+    std::fs::write(
+        &config,
+        "[chat]\nsegment_bytes = 65536\nmsgs_per_s = 100000\n",
+    )
+    .unwrap();
+    let extra = vec!["--config".to_string(), config.to_str().unwrap().to_string()];
+    let mut r = ChatRelay::start_with(io, dir.clone(), None, &extra);
+    let (alice, bob) = users_on_both_shards();
+    let owner = ids::owner_shard(ids::direct_chat(alice, bob), SHARDS);
+    let first_segment = dir
+        .join(format!("shard-{owner}"))
+        .join(format!("{:020}.seg", 1));
+    let mut a = r.connect(alice);
+    let mut b = r.connect(bob);
+    assert!(first_segment.exists(), "{}", first_segment.display());
+    // An exchange acknowledged on both sides: everything in it dies but the chat's snapshot.
+    for round in 0..16 {
+        for _ in 0..50 {
+            a.send_direct(bob, &[round as u8; 100]).unwrap();
+        }
+        let got = collect(&mut b, 50, |e| matches!(e, Event::Message(_)));
+        assert_eq!(messages(&got).len(), 50);
+        b.ack_all().unwrap();
+        // The DELIVERED receipt (one per acknowledgement), acknowledged in turn.
+        let got = collect(
+            &mut a,
+            1,
+            |e| matches!(e, Event::Message(m) if m.kind == kind::DELIVERED),
+        );
+        assert!(!messages(&got).is_empty());
+        a.ack_all().unwrap();
+    }
+    drop(b);
+    a.send_direct(bob, b"waiting 1").unwrap();
+    a.send_direct(bob, b"waiting 2").unwrap();
+    let sent = collect(&mut a, 2, |e| matches!(e, Event::Sent { .. }));
+    assert_eq!(
+        sent.iter()
+            .filter(|e| matches!(e, Event::Sent { .. }))
+            .count(),
+        2
+    );
+    // Housekeeping (every 100 ms) checkpoints; the first segment then holds nothing live and
+    // is recycled.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while first_segment.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the checkpoint never freed the first segment"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let chat_port = r.chat_port;
+    r.relay.kill9();
+    let r2 = ChatRelay::start_with(io, dir.clone(), Some(chat_port), &extra);
+    let mut b = Client::connect(r2.addr(bob), &r2.token(bob), T).unwrap();
+    let got = collect(&mut b, 1, |e| matches!(e, Event::BacklogEnd));
+    let bodies: Vec<&[u8]> = messages(&got).iter().map(|m| &m.body[..]).collect();
+    assert_eq!(bodies, [&b"waiting 1"[..], &b"waiting 2"[..]]);
+    drop(r);
+}
+
 /// Every chat scenario, on one backend.
 macro_rules! chat_for_backend {
     ($backend:ident) => {
@@ -970,6 +1041,12 @@ macro_rules! chat_for_backend {
                     stringify!($backend),
                     false,
                 );
+            }
+            #[test]
+            fn kill_9_after_a_checkpoint_restarts_and_delivers_what_waits() {
+                super::kill_9_after_a_checkpoint_restarts_and_delivers_what_waits(stringify!(
+                    $backend
+                ));
             }
             #[test]
             fn kill_9_with_the_sync_thread_loses_nothing_acknowledged_as_sent() {
