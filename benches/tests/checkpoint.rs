@@ -90,18 +90,20 @@ impl Shard {
         got
     }
 
-    /// `conn` acknowledges every MSG in `got`.
+    /// `conn` acknowledges every MSG in `got` (the highest seq of each chat; 1,000 chats a
+    /// frame at most).
     fn ack(&mut self, conn: u64, got: &[Got]) {
-        let pairs: Vec<(u64, u64)> = got
-            .iter()
-            .filter_map(|g| match g {
-                Got::Msg { chat, seq, .. } => Some((*chat, *seq)),
-                _ => None,
-            })
-            .collect();
-        if let Some(&last) = pairs.last() {
+        let mut last = std::collections::BTreeMap::new();
+        for g in got {
+            if let Got::Msg { chat, seq, .. } = g {
+                let e = last.entry(*chat).or_insert(0);
+                *e = (*e).max(*seq);
+            }
+        }
+        let pairs: Vec<(u64, u64)> = last.into_iter().collect();
+        for chunk in pairs.chunks(1000) {
             let mut frame = Vec::new();
-            Encoder::new(&mut frame).ack(&[last]);
+            Encoder::new(&mut frame).ack(chunk);
             let mut inbuf = Vec::new();
             assert!(self.core.feed(self.now, conn, &mut inbuf, &frame));
         }
@@ -171,17 +173,19 @@ fn held_segments_do_not_make_the_shard_checkpoint_every_housekeeping() {
         per_round.push(s.records() - before);
     }
     let snapshots: u64 = per_round.iter().sum();
-    assert!(
-        snapshots <= 1,
-        "at most the one checkpoint the held segments call for, then none: {per_round:?}"
-    );
+    // The oldest segment holds a waiting entry, so no snapshot can free anything: none is
+    // written (one per round before e1911b9, one checkpoint after it, none since a checkpoint
+    // rewrites only the snapshots that hold back compaction).
+    assert_eq!(snapshots, 0, "{per_round:?}");
 }
 
 #[test]
 fn a_checkpoint_is_spread_over_loop_turns() {
     const CHATS: u64 = 5_000;
     let mut s = Shard::new("checkpoint-spread");
-    // User 1 opens 5,000 direct chats, one message each, to users who never connect.
+    // User 1 opens 5,000 direct chats, one message each; each recipient comes, acknowledges
+    // it, and user 1 acknowledges the DELIVERED receipts. What is left in the log's older
+    // segments is the chats' snapshots, which a checkpoint moves to the newest.
     for i in 0..CHATS {
         s.send(i + 1, i + 2, b"hi");
         if i % 64 == 63 {
@@ -189,7 +193,21 @@ fn a_checkpoint_is_spread_over_loop_turns() {
         }
     }
     s.turn();
+    for i in 0..CHATS {
+        let conn = s.connect(i + 2);
+        s.core.end_turn(s.now).expect("turn");
+        let got = s.take(conn);
+        assert!(got.iter().any(|g| matches!(g, Got::Msg { .. })));
+        s.ack(conn, &got);
+        s.core.closed(s.now, conn);
+    }
+    s.core.end_turn(s.now).expect("turn");
+    let receipts = s.take(s.conn);
+    s.ack(s.conn, &receipts);
+    s.turn();
+    s.turn();
     assert_eq!(s.core.stats()[6], 0, "no ERROR frame");
+    assert_eq!(s.core.stats()[1], 0, "nothing waits for anyone");
     // The next housekeeping starts the checkpoint; then turn by turn.
     s.next_housekeeping();
     let mut per_turn = Vec::new();
@@ -211,9 +229,11 @@ fn a_checkpoint_is_spread_over_loop_turns() {
         per_turn.iter().all(|&n| n <= budget),
         "at most {budget} snapshots a turn: {per_turn:?}"
     );
-    assert_eq!(
-        per_turn.iter().sum::<u64>(),
-        CHATS,
+    // Every chat once, but for those whose snapshot is in the newest segment already (a
+    // 4 KiB segment holds a few dozen records).
+    let total = per_turn.iter().sum::<u64>();
+    assert!(
+        (CHATS - 100..=CHATS).contains(&total),
         "every chat snapshotted once: {per_turn:?}"
     );
 }

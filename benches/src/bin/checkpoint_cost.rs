@@ -1,6 +1,8 @@
-//! `checkpoint_cost [CHATS...]`: how long one owner shard's chat checkpoint (a fresh snapshot of
-//! every chat it owns, when the log spans 3 segments; see `ChatCore::end_turn`) would keep the
-//! shard busy all at once, and how many bytes it appends, for a shard owning CHATS direct
+//! `checkpoint_cost [CHATS...]`: how long one owner shard's chat checkpoint would keep the
+//! shard busy all at once in the worst case, a fresh snapshot of every chat it owns (a
+//! checkpoint rewrites only the snapshots that hold back compaction, see
+//! `Owner::start_selective_checkpoint`; all of them when every chat's snapshot sits in an old
+//! segment with nothing waiting after it), and how many bytes it appends, for a shard owning CHATS direct
 //! chats (default 10,000, 100,000 and 1,000,000). The relay spreads it over loop turns
 //! (`CHECKPOINT_CHATS_PER_TURN`); this is the figure that sets that budget. Each chat is made by one
 //! SEND through the real owner role; the timed part is `Owner::checkpoint` plus taking its

@@ -583,6 +583,11 @@ impl Log {
         self.segments.iter().filter(|s| s.on_disk()).count()
     }
 
+    /// The first Lsn of every segment, oldest first (the newest may not be on disk yet).
+    pub fn segment_starts(&self) -> Vec<u64> {
+        self.segments.iter().map(|s| s.first_lsn).collect()
+    }
+
     /// Counters since open.
     pub fn stats(&self) -> LogStats {
         self.stats

@@ -303,6 +303,13 @@ impl ChatShard {
         self.owner.start_checkpoint();
     }
 
+    /// Starts a checkpoint of the chats whose snapshots hold back compaction: see
+    /// [`owner::Owner::start_selective_checkpoint`]. Returns whether there is anything to
+    /// write.
+    pub fn start_selective_checkpoint(&mut self, segment_starts: &[u64]) -> bool {
+        self.owner.start_selective_checkpoint(segment_starts)
+    }
+
     /// Snapshots up to `budget` chats of the running checkpoint; whether any remain.
     pub fn checkpoint_step(&mut self, budget: usize) -> bool {
         self.owner.checkpoint_step(budget)

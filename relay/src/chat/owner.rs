@@ -797,6 +797,49 @@ impl Owner {
         }
     }
 
+    /// Starts a checkpoint of only the chats whose snapshot holds back compaction, given the
+    /// first Lsn of every log segment (oldest first): those whose committed snapshot lies in
+    /// a segment older than both the newest one and the one holding the oldest entry still
+    /// waiting for a recipient. Segments from that entry's on stay whatever is snapshotted,
+    /// so rewriting the snapshots in them only writes (a shard owning a million chats
+    /// appended 80 MiB for each checkpoint, most of it for nothing while a recipient was away).
+    /// Returns whether there is anything to write.
+    pub fn start_selective_checkpoint(&mut self, segment_starts: &[u64]) -> bool {
+        if !self.checkpoint_todo.is_empty() {
+            return true;
+        }
+        let Some(&newest) = segment_starts.last() else {
+            return false;
+        };
+        let oldest_live = self
+            .chats
+            .values()
+            .filter_map(|c| c.pending.front().and_then(|s| s.lsn))
+            .min();
+        let cutoff = match oldest_live {
+            // The start of the segment that holds it.
+            Some(lsn) => segment_starts
+                .iter()
+                .copied()
+                .take_while(|&start| start <= lsn)
+                .last()
+                .unwrap_or(0)
+                .min(newest),
+            None => newest,
+        };
+        self.checkpoint_todo.extend(
+            self.chats
+                .iter()
+                .filter(|(_, c)| c.state_lsn.is_some_and(|l| l < cutoff))
+                .map(|(&id, _)| id),
+        );
+        if self.checkpoint_todo.is_empty() {
+            self.checkpoint_todo = Vec::new();
+            return false;
+        }
+        true
+    }
+
     /// Snapshots up to `budget` chats of the running checkpoint; returns whether any remain.
     /// A chat created meanwhile wrote its own snapshot when it was created.
     pub fn checkpoint_step(&mut self, budget: usize) -> bool {

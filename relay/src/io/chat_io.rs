@@ -340,8 +340,15 @@ impl ChatCore {
             if self.checkpoint == Checkpoint::Idle
                 && checkpoint_due(self.log.n_segments(), created, self.checkpointed_at_segment)
             {
-                self.checkpoint = Checkpoint::Running;
-                self.engine.start_checkpoint();
+                if self
+                    .engine
+                    .start_selective_checkpoint(&self.log.segment_starts())
+                {
+                    self.checkpoint = Checkpoint::Running;
+                } else {
+                    // Nothing a checkpoint could free: wait for the next segment.
+                    self.checkpointed_at_segment = Some(created);
+                }
             }
         }
         if self.checkpoint == Checkpoint::Running
