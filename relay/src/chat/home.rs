@@ -698,8 +698,12 @@ impl Home {
         {
             return;
         }
-        if s.out.len() + frame.len() > self.cfg.max_out_bytes {
-            // The entry is safe in its owner's inbox; fetch it again once the reader catches up.
+        // The entry is safe in its owner's inbox; fetch it again once the reader catches up.
+        // Once one is deferred, so is every later one, even one small enough to fit: queued,
+        // its seq would pass the deferred entry's, and the client (which ignores seqs at or
+        // below the highest it has seen) would drop that one when the resync brings it, and
+        // acknowledge it away.
+        if s.resync || s.out.len() + frame.len() > self.cfg.max_out_bytes {
             s.resync = true;
             self.counters.deferred += 1;
             return;

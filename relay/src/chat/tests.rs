@@ -112,6 +112,8 @@ struct Client {
     inbox: Vec<u8>,
     got: Vec<Got>,
     closed: bool,
+    /// Not reading: its output stays queued in the shard.
+    paused: bool,
 }
 
 /// A record as the engine hands it over: kind and payload.
@@ -211,6 +213,7 @@ impl Sim {
                 inbox: Vec::new(),
                 got: Vec::new(),
                 closed: false,
+                paused: false,
             },
         );
         conn
@@ -297,6 +300,9 @@ impl Sim {
                 for &conn in &dirty {
                     let out = self.shards[i].output(conn).to_vec();
                     if let Some(c) = self.clients.values_mut().find(|c| c.conn == conn) {
+                        if c.paused {
+                            continue;
+                        }
                         c.inbox.extend_from_slice(&out);
                     }
                     self.shards[i].handle_written(self.now, conn, out.len());
@@ -387,6 +393,22 @@ impl Sim {
             let pairs: Vec<(u64, u64)> = last.into_iter().collect();
             self.send(user, |e| e.ack(&pairs));
         }
+    }
+
+    /// `user` stops reading: its output piles up in its shard.
+    fn pause(&mut self, user: u64) {
+        self.clients.get_mut(&user).unwrap().paused = true;
+    }
+
+    /// A paused `user` reads once: everything queued for it is written, then the shards run
+    /// (and queue more, which waits for the next read).
+    fn read_once(&mut self, user: u64) {
+        let c = self.clients.get_mut(&user).unwrap();
+        let (shard, conn) = (usize::from(c.shard), c.conn);
+        let out = self.shards[shard].output(conn).to_vec();
+        c.inbox.extend_from_slice(&out);
+        self.shards[shard].handle_written(self.now, conn, out.len());
+        self.run();
     }
 
     /// The peer closes `user`'s connection.
@@ -1203,4 +1225,51 @@ fn entries_without_any_snapshot_of_their_chat_fail_recovery() {
     }
     let err = shard.finish_replay().unwrap_err();
     assert!(err.contains("no snapshot"), "{err}");
+}
+
+/// A reader too slow for its output limit: an entry that does not fit is deferred (fetched
+/// again from the inbox once the reader catches up), and so is every entry after it, even
+/// one small enough to fit. Queuing a later, smaller entry put its seq ahead: the client,
+/// which ignores seqs at or below the highest it has seen, then dropped the deferred one
+/// when it came back, and its cumulative ACK deleted it.
+#[test]
+fn a_slow_reader_gets_deferred_entries_in_order_once_it_reads_again() {
+    let mut sim = Sim::new(ChatConfig {
+        max_out_bytes: 4096,
+        ..ChatConfig::default()
+    });
+    let (alice, bob, _) = users();
+    sim.connect(alice);
+    sim.connect(bob);
+    sim.take(bob);
+    sim.pause(bob);
+    for (n, body) in [
+        (1, vec![1u8; 3000]),
+        (2, vec![2u8; 3000]),
+        (3, b"tiny".to_vec()),
+    ] {
+        sim.send(alice, |e| {
+            e.send(&id(n), 0, bob, kind::TEXT, &[0; 16], &body)
+        });
+    }
+    // Bob reads with the client's rule, acknowledging what it read after each read.
+    let mut highest = 0;
+    let mut bodies = Vec::new();
+    for _ in 0..10 {
+        sim.read_once(bob);
+        let got = sim.take(bob);
+        for g in &got {
+            if let Got::Msg { seq, body, .. } = g {
+                if *seq > highest {
+                    highest = *seq;
+                    bodies.push(body[0]);
+                }
+            }
+        }
+        sim.ack_all(bob, &got);
+    }
+    assert_eq!(bodies, [1, 2, b't'], "every message, in order");
+    let receipts = sim.take(alice);
+    sim.ack_all(alice, &receipts);
+    assert_eq!(sim.pending(), 0);
 }
