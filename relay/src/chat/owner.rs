@@ -428,6 +428,7 @@ impl Owner {
         let previous = m.acked;
         m.acked = seq;
         let mut senders = Audience::new();
+        let members = &chat.members;
         for s in chat
             .pending
             .iter_mut()
@@ -438,8 +439,11 @@ impl Owner {
                 if let Some(n) = self.pending_per_user.get_mut(&user) {
                     *n = n.saturating_sub(1);
                 }
+                // Not to an author who has left the group: it could never acknowledge the
+                // receipt, which would then stay stored (and hold every later log segment).
                 if matches!(s.kind, kind::TEXT | kind::EDIT | kind::DELETE)
                     && !senders.contains(&s.sender)
+                    && members.iter().any(|m| m.user == s.sender)
                 {
                     senders.push(s.sender);
                 }

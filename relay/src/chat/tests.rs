@@ -1273,3 +1273,33 @@ fn a_slow_reader_gets_deferred_entries_in_order_once_it_reads_again() {
     sim.ack_all(alice, &receipts);
     assert_eq!(sim.pending(), 0);
 }
+
+/// An author who left a group gets no DELIVERED receipt for what it wrote there: it could
+/// never acknowledge one (it is no longer a member), so the receipt stayed stored for good.
+#[test]
+fn no_receipt_is_stored_for_an_author_who_left_the_group() {
+    let mut sim = Sim::new(ChatConfig::default());
+    let members: Vec<u64> = (10..13).collect();
+    for &u in &members {
+        sim.connect(u);
+        sim.take(u);
+    }
+    sim.send(members[0], |e| e.group_create(&id(100), &members[1..]));
+    let Got::Sent { chat: group, .. } = sim.take(members[0])[0] else {
+        panic!("group created")
+    };
+    sim.send(members[1], |e| e.send(&id(1), group, 0, kind::TEXT, &[0; 16], b"bye"));
+    sim.send(members[1], |e| e.group_leave(&id(2), group));
+    for &u in &[members[0], members[2]] {
+        let got = sim.take(u);
+        assert!(msgs(&got).iter().any(|m| m.2 == b"bye".to_vec()));
+        sim.ack_all(u, &got);
+    }
+    let got = sim.take(members[1]);
+    assert!(
+        msgs(&got).iter().all(|m| m.1 != kind::DELIVERED),
+        "{got:?}"
+    );
+    sim.ack_all(members[1], &got);
+    assert_eq!(sim.pending(), 0, "nothing stays stored");
+}
