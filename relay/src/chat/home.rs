@@ -258,13 +258,28 @@ impl Home {
         }
     }
 
+    /// Queues a frame for `conn`. Nothing goes after the ERROR of a closing session. A session
+    /// whose output reaches twice `max_out_bytes` (entries stop at `max_out_bytes`; answers,
+    /// errors and ephemeral frames may go beyond) is a peer that sends requests and does not
+    /// read the answers: it gets ERROR 11 and is closed (its entries stay in its inbox).
     fn queue(&mut self, conn: ConnId, write: impl FnOnce(&mut Encoder<'_>)) {
-        if let Some(s) = self.sessions.get_mut(&conn) {
-            let was_empty = s.out.is_empty();
+        let Some(s) = self.sessions.get_mut(&conn) else {
+            return;
+        };
+        if s.closing {
+            return;
+        }
+        let was_empty = s.out.is_empty();
+        if s.out.len() >= self.cfg.max_out_bytes.saturating_mul(2) {
+            self.counters.errors[usize::from(code::SLOW_READER)] += 1;
+            Encoder::new(&mut s.out).error(code::SLOW_READER, &[0; 16], "not reading");
+            s.closing = true;
+            self.closing.push(conn);
+        } else {
             write(&mut Encoder::new(&mut s.out));
-            if was_empty {
-                self.dirty.push(conn);
-            }
+        }
+        if was_empty {
+            self.dirty.push(conn);
         }
     }
 
@@ -378,6 +393,12 @@ impl Home {
                 self.route_to_owner(chat, ShardMsg::Submit(s));
             }
             Frame::Ack { pairs } => {
+                // One request, and one more per 64 pairs (each is a message to an owner and
+                // a record). A refused ACK is not applied: acknowledge again later.
+                let n_pairs = (pairs.len() / 16) as u64;
+                if !self.take_rate_n(now, conn, &[0; 16], 1 + n_pairs / 64) {
+                    return;
+                }
                 for (chat, seq) in proto::chat::ack_pairs(pairs) {
                     self.route_to_owner(chat, ShardMsg::Ack { user, chat, seq });
                     if let Some(s) = self.sessions.get_mut(&conn) {
@@ -389,6 +410,9 @@ impl Home {
             Frame::GroupCreate { msg_id, members } => {
                 if !self.take_rate(now, conn, &msg_id) {
                     return;
+                }
+                if members.len() / 8 >= self.cfg.max_group_members {
+                    return self.error(conn, code::INVALID, &msg_id, "group too large");
                 }
                 let chat = ids::group_chat(user, &msg_id);
                 let members = proto::chat::u64s(members).collect();
@@ -412,6 +436,9 @@ impl Home {
                 chat_id,
                 user: target,
             } => {
+                if !self.take_rate(now, conn, &msg_id) {
+                    return;
+                }
                 let add = matches!(frame, Frame::GroupAdd { .. });
                 self.route_to_owner(
                     chat_id,
@@ -425,6 +452,9 @@ impl Home {
                 );
             }
             Frame::GroupLeave { msg_id, chat_id } => {
+                if !self.take_rate(now, conn, &msg_id) {
+                    return;
+                }
                 self.route_to_owner(
                     chat_id,
                     ShardMsg::ChangeMember {
@@ -437,6 +467,9 @@ impl Home {
                 );
             }
             Frame::GroupList => {
+                if !self.take_rate(now, conn, &[0; 16]) {
+                    return;
+                }
                 if self
                     .group_lists
                     .insert(conn, (self.n_shards, Vec::new()))
@@ -448,6 +481,10 @@ impl Home {
                 }
             }
             Frame::Typing { chat_id, user: to } => {
+                // A TYPING to a group fans out to every member: it costs a request.
+                if !self.take_quietly(now, conn, 1) {
+                    return;
+                }
                 if chat_id != 0 && ids::is_group(chat_id) {
                     self.route_to_owner(
                         chat_id,
@@ -469,21 +506,35 @@ impl Home {
                     ));
                 }
             }
-            Frame::Ping { nonce } => self.queue(conn, |e| e.pong(nonce)),
+            Frame::Ping { nonce } => {
+                if self.take_quietly(now, conn, 1) {
+                    self.queue(conn, |e| e.pong(nonce));
+                }
+            }
             Frame::PresenceWatch { users } => self.presence_watch(now, conn, user, users),
             _ => self.fatal(conn, code::UNKNOWN_TYPE, "not a client frame"),
         }
     }
 
     fn take_rate(&mut self, now: Now, conn: ConnId, msg_id: &MsgId) -> bool {
-        let ok = self
-            .sessions
-            .get_mut(&conn)
-            .is_some_and(|s| s.rate.try_take(1, now.mono_us));
+        self.take_rate_n(now, conn, msg_id, 1)
+    }
+
+    /// [`Home::take_rate`] for a request that costs `n`.
+    fn take_rate_n(&mut self, now: Now, conn: ConnId, msg_id: &MsgId, n: u64) -> bool {
+        let ok = self.take_quietly(now, conn, n);
         if !ok {
             self.error(conn, code::RATE_LIMITED, msg_id, "slow down");
         }
         ok
+    }
+
+    /// Takes `n` of the session's request rate without answering when there is none left
+    /// (ephemeral frames, TYPING and PING, are then dropped).
+    fn take_quietly(&mut self, now: Now, conn: ConnId, n: u64) -> bool {
+        self.sessions
+            .get_mut(&conn)
+            .is_some_and(|s| s.rate.try_take(n, now.mono_us))
     }
 
     fn route_to_owner(&mut self, chat: u64, msg: ShardMsg) {

@@ -421,19 +421,20 @@ impl Owner {
         let Some(m) = chat.members.iter_mut().find(|m| m.user == user) else {
             return;
         };
+        // Clamped to what exists first: an ACK beyond it, repeated, must not write a record
+        // each time.
+        let seq = seq.min(chat.next_seq - 1);
         if seq <= m.acked {
             return;
         }
-        let seq = seq.min(chat.next_seq - 1);
         let previous = m.acked;
         m.acked = seq;
         let mut senders = Audience::new();
         let members = &chat.members;
-        for s in chat
-            .pending
-            .iter_mut()
-            .filter(|s| s.seq > previous && s.seq <= seq)
-        {
+        // `pending` is in seq order: start at the first entry after `previous` (acknowledging
+        // one entry at a time must not scan the whole inbox each time).
+        let from = chat.pending.partition_point(|s| s.seq <= previous);
+        for s in chat.pending.range_mut(from..).take_while(|s| s.seq <= seq) {
             if let Some(i) = s.unacked.iter().position(|&u| u == user) {
                 s.unacked.swap_remove(i);
                 if let Some(n) = self.pending_per_user.get_mut(&user) {
@@ -483,9 +484,13 @@ impl Owner {
         if self.answer_duplicate(from, msg_id, &mut None) {
             return;
         }
+        // Without duplicates, in the order given (linear: the list is up to
+        // `max_group_members` long, and checked for that by the home shard).
         let mut all = vec![from.user];
+        let mut seen: Map<u64, ()> = Map::default();
+        seen.insert(from.user, ());
         for m in members {
-            if !all.contains(&m) && m != 0 {
+            if m != 0 && seen.insert(m, ()).is_none() {
                 all.push(m);
             }
         }

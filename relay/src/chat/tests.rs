@@ -1288,7 +1288,9 @@ fn no_receipt_is_stored_for_an_author_who_left_the_group() {
     let Got::Sent { chat: group, .. } = sim.take(members[0])[0] else {
         panic!("group created")
     };
-    sim.send(members[1], |e| e.send(&id(1), group, 0, kind::TEXT, &[0; 16], b"bye"));
+    sim.send(members[1], |e| {
+        e.send(&id(1), group, 0, kind::TEXT, &[0; 16], b"bye")
+    });
     sim.send(members[1], |e| e.group_leave(&id(2), group));
     for &u in &[members[0], members[2]] {
         let got = sim.take(u);
@@ -1296,10 +1298,121 @@ fn no_receipt_is_stored_for_an_author_who_left_the_group() {
         sim.ack_all(u, &got);
     }
     let got = sim.take(members[1]);
-    assert!(
-        msgs(&got).iter().all(|m| m.1 != kind::DELIVERED),
-        "{got:?}"
-    );
+    assert!(msgs(&got).iter().all(|m| m.1 != kind::DELIVERED), "{got:?}");
     sim.ack_all(members[1], &got);
     assert_eq!(sim.pending(), 0, "nothing stays stored");
+}
+
+/// Every request a peer can repeat costs from its session's rate: group changes and listings
+/// (refused with ERROR 7), acknowledgements (refused, not applied), TYPING and PING (dropped
+/// without an answer).
+#[test]
+fn group_changes_acks_typing_and_pings_are_rate_limited() {
+    let mut sim = Sim::new(ChatConfig {
+        msgs_per_s: 1,
+        msgs_burst: 3,
+        ..ChatConfig::default()
+    });
+    let members: Vec<u64> = (10..13).collect();
+    for &u in &members {
+        sim.connect(u);
+        sim.take(u);
+    }
+    // The burst: a group and a message, then nothing more (the clock stands still).
+    sim.send(members[0], |e| e.group_create(&id(100), &members[1..2]));
+    let Got::Sent { chat: group, .. } = sim.take(members[0])[0] else {
+        panic!("group created")
+    };
+    sim.send(members[0], |e| {
+        e.send(&id(1), group, 0, kind::TEXT, &[0; 16], b"x")
+    });
+    sim.take(members[0]);
+    sim.send(members[0], |e| e.ping(1));
+    assert_eq!(
+        sim.take(members[0]),
+        vec![Got::Pong],
+        "the burst's last token"
+    );
+    for (n, write) in [
+        (
+            2u64,
+            &(|e: &mut Encoder<'_>| e.group_add(&id(2), 0, 0)) as &dyn Fn(&mut Encoder<'_>),
+        ),
+        (3, &|e: &mut Encoder<'_>| e.group_remove(&id(3), 0, 0)),
+        (4, &|e: &mut Encoder<'_>| e.group_leave(&id(4), 0)),
+        (5, &|e: &mut Encoder<'_>| e.group_list()),
+        (6, &|e: &mut Encoder<'_>| e.ack(&[(group, 1)])),
+    ] {
+        sim.send(members[0], |e| write(e));
+        assert_eq!(
+            sim.take(members[0]),
+            vec![Got::Error(code::RATE_LIMITED)],
+            "request {n}"
+        );
+    }
+    sim.send(members[0], |e| e.ping(2));
+    sim.send(members[0], |e| e.typing(group, 0));
+    assert_eq!(sim.take(members[0]), vec![], "dropped quietly");
+    assert!(
+        sim.take(members[1])
+            .iter()
+            .all(|g| !matches!(g, Got::Typing { .. })),
+        "no TYPING went out"
+    );
+}
+
+/// A peer that keeps sending requests and never reads the answers is closed with ERROR 11
+/// once its queued output reaches twice `max_out_bytes`, instead of growing it for good.
+#[test]
+fn a_peer_that_never_reads_its_answers_is_closed() {
+    let mut sim = Sim::new(ChatConfig {
+        max_out_bytes: 4096,
+        msgs_per_s: 1,
+        msgs_burst: 1,
+        ..ChatConfig::default()
+    });
+    let (alice, bob, _) = users();
+    sim.connect(alice);
+    sim.take(alice);
+    sim.pause(alice);
+    // Every SEND past the first is refused with an ERROR that nobody reads.
+    for n in 0..1000 {
+        sim.send(alice, |e| {
+            e.send(&id(n), 0, bob, kind::TEXT, &[0; 16], b"x")
+        });
+    }
+    sim.read_once(alice);
+    let got = sim.take(alice);
+    assert_eq!(
+        got.last(),
+        Some(&Got::Error(code::SLOW_READER)),
+        "{}",
+        got.len()
+    );
+    assert!(got.len() < 400, "bounded: {} frames", got.len());
+}
+
+/// An ACK beyond the chat's last seq, repeated, is stored once.
+#[test]
+fn a_repeated_ack_beyond_the_last_seq_writes_one_record() {
+    let mut sim = Sim::new(ChatConfig::default());
+    let (alice, bob, _) = users();
+    sim.connect(alice);
+    sim.connect(bob);
+    sim.take(bob);
+    sim.send(alice, |e| {
+        e.send(&id(1), 0, bob, kind::TEXT, &[0; 16], b"x")
+    });
+    let chat = ids::direct_chat(alice, bob);
+    // The first makes the DELIVERED receipt (seq 2), which the second takes in.
+    sim.send(bob, |e| e.ack(&[(chat, u64::MAX)]));
+    sim.send(bob, |e| e.ack(&[(chat, u64::MAX)]));
+    let after_first = sim.logs.iter().map(|l| l.next_lsn).sum::<u64>();
+    for _ in 0..5 {
+        sim.send(bob, |e| e.ack(&[(chat, u64::MAX)]));
+    }
+    assert_eq!(
+        sim.logs.iter().map(|l| l.next_lsn).sum::<u64>(),
+        after_first
+    );
 }
