@@ -550,7 +550,9 @@ impl Home {
             Err(e) => return self.fatal(conn, code::BAD_TOKEN, &e.to_string()),
         };
         let user = claims.participant_id;
-        let home_ok = claims.kind == TokenKind::User
+        // User 0 means "nobody" on the wire (TYPING and SEND use it so).
+        let home_ok = user != 0
+            && claims.kind == TokenKind::User
             && claims.scope_id == user
             && claims.permissions.contains(proto::token::Permissions::CHAT)
             && claims.shard_idx == self.shard

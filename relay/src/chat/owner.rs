@@ -80,19 +80,42 @@ impl Chat {
 /// `dead`. Uncommitted entries stay: their LSN is not known yet, and "sent" still waits on them.
 /// Settled entries at the front (the usual case: acknowledgements arrive in order) give their
 /// frames back to `frames`.
-fn drop_settled(pending: &mut VecDeque<Stored>, dead: &mut Vec<u64>, frames: &mut FramePool) {
+/// Each gone entry a client wrote comes off its author's count in `by_sender`.
+fn drop_settled(
+    pending: &mut VecDeque<Stored>,
+    dead: &mut Vec<u64>,
+    frames: &mut FramePool,
+    by_sender: &mut Map<u64, usize>,
+) {
     let settled = |s: &Stored| s.committed && s.unacked.is_empty();
     while let Some(s) = pending.pop_front_if(|s| settled(s)) {
         dead.extend(s.lsn);
+        if kind::client_may_send(s.kind) {
+            count_down(by_sender, s.sender);
+        }
         frames.give_back(s.frame);
     }
     if pending.iter().any(settled) {
         pending.retain(|s| {
             if settled(s) {
                 dead.extend(s.lsn);
+                if kind::client_may_send(s.kind) {
+                    count_down(by_sender, s.sender);
+                }
             }
             !settled(s)
         });
+    }
+}
+
+/// One less for `user`; a count that reaches zero is removed (the maps would otherwise keep
+/// an entry for every user ever counted).
+fn count_down(counts: &mut Map<u64, usize>, user: u64) {
+    if let Some(n) = counts.get_mut(&user) {
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            counts.remove(&user);
+        }
     }
 }
 
@@ -118,6 +141,10 @@ pub struct Owner {
     member_of: Map<u64, Vec<u64>>,
     dedup: Dedup,
     pending_per_user: Map<u64, usize>,
+    /// Stored entries each user wrote (kinds a client sends) that not every recipient has
+    /// acknowledged: bounded like an inbox, so that writing to users who never come (made-up
+    /// ids among them) cannot fill the relay.
+    pending_per_sender: Map<u64, usize>,
     streams: Map<u64, Stream>,
     /// Records to append, and what each belongs to.
     records: records::Batch,
@@ -152,6 +179,7 @@ impl Owner {
             chats: Map::default(),
             member_of: Map::default(),
             pending_per_user: Map::default(),
+            pending_per_sender: Map::default(),
             streams: Map::default(),
             records: records::Batch::default(),
             rec_owners: Vec::new(),
@@ -309,6 +337,22 @@ impl Owner {
         }) {
             return self.fail(s.from, s.msg_id, code::INBOX_FULL, "recipient inbox full");
         }
+        let limit = self.cfg.max_pending_per_user;
+        if !audience.is_empty()
+            && self
+                .pending_per_sender
+                .get(&s.from.user)
+                .copied()
+                .unwrap_or(0)
+                >= limit
+        {
+            return self.fail(
+                s.from,
+                s.msg_id,
+                code::INBOX_FULL,
+                "too many of your messages are undelivered",
+            );
+        }
         let e = EntryRec {
             chat: s.chat,
             seq,
@@ -368,6 +412,9 @@ impl Owner {
         let frame = encode_frame(&mut self.frames, &e);
         for u in &e.audience {
             *self.pending_per_user.entry(*u).or_default() += 1;
+        }
+        if kind::client_may_send(e.kind) {
+            *self.pending_per_sender.entry(e.sender).or_default() += 1;
         }
         if let Some((from, spent)) = from {
             self.after_commit.push((
@@ -437,9 +484,7 @@ impl Owner {
         for s in chat.pending.range_mut(from..).take_while(|s| s.seq <= seq) {
             if let Some(i) = s.unacked.iter().position(|&u| u == user) {
                 s.unacked.swap_remove(i);
-                if let Some(n) = self.pending_per_user.get_mut(&user) {
-                    *n = n.saturating_sub(1);
-                }
+                count_down(&mut self.pending_per_user, user);
                 // Not to an author who has left the group: it could never acknowledge the
                 // receipt, which would then stay stored (and hold every later log segment).
                 if matches!(s.kind, kind::TEXT | kind::EDIT | kind::DELETE)
@@ -450,7 +495,12 @@ impl Owner {
                 }
             }
         }
-        drop_settled(&mut chat.pending, &mut self.dead, &mut self.frames);
+        drop_settled(
+            &mut chat.pending,
+            &mut self.dead,
+            &mut self.frames,
+            &mut self.pending_per_sender,
+        );
         self.records.push(records::ACK, |out| {
             records::encode_ack(out, chat_id, user, seq)
         });
@@ -586,17 +636,23 @@ impl Owner {
             chat.members.retain(|m| m.user != target);
             if let Some(list) = self.member_of.get_mut(&target) {
                 list.retain(|&c| c != chat_id);
+                if list.is_empty() {
+                    self.member_of.remove(&target);
+                }
             }
             // A departed member no longer holds entries back.
             for s in chat.pending.iter_mut() {
                 if let Some(i) = s.unacked.iter().position(|&u| u == target) {
                     s.unacked.swap_remove(i);
-                    if let Some(n) = self.pending_per_user.get_mut(&target) {
-                        *n = n.saturating_sub(1);
-                    }
+                    count_down(&mut self.pending_per_user, target);
                 }
             }
-            drop_settled(&mut chat.pending, &mut self.dead, &mut self.frames);
+            drop_settled(
+                &mut chat.pending,
+                &mut self.dead,
+                &mut self.frames,
+                &mut self.pending_per_sender,
+            );
             kind::MEMBER_REMOVED
         };
         let audience: Audience = chat
@@ -767,7 +823,12 @@ impl Owner {
         touched.dedup();
         for chat in touched.drain(..) {
             if let Some(c) = self.chats.get_mut(&chat) {
-                drop_settled(&mut c.pending, &mut self.dead, &mut self.frames);
+                drop_settled(
+                    &mut c.pending,
+                    &mut self.dead,
+                    &mut self.frames,
+                    &mut self.pending_per_sender,
+                );
             }
         }
         if touched.capacity() <= super::MAX_KEPT_LEN {
@@ -968,6 +1029,7 @@ impl Owner {
             return Err(format!("entries for chat {id} but no snapshot of it"));
         }
         self.pending_per_user.clear();
+        self.pending_per_sender.clear();
         for c in self.chats.values_mut() {
             let acked: Map<u64, u64> = c.members.iter().map(|m| (m.user, m.acked)).collect();
             for s in c.pending.iter_mut() {
@@ -977,7 +1039,15 @@ impl Owner {
                     *self.pending_per_user.entry(*u).or_default() += 1;
                 }
             }
-            drop_settled(&mut c.pending, &mut self.dead, &mut self.frames);
+            drop_settled(
+                &mut c.pending,
+                &mut self.dead,
+                &mut self.frames,
+                &mut self.pending_per_sender,
+            );
+            for s in c.pending.iter().filter(|s| kind::client_may_send(s.kind)) {
+                *self.pending_per_sender.entry(s.sender).or_default() += 1;
+            }
         }
         Ok(())
     }

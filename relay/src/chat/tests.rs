@@ -1416,3 +1416,48 @@ fn a_repeated_ack_beyond_the_last_seq_writes_one_record() {
         after_first
     );
 }
+
+/// A user's undelivered messages are bounded like an inbox: writing to users who never come
+/// (made-up ids, each with an empty inbox) is refused with ERROR 8 past the limit, and allowed
+/// again once recipients acknowledge.
+#[test]
+fn a_senders_undelivered_messages_are_bounded() {
+    let mut sim = Sim::new(ChatConfig {
+        max_pending_per_user: 5,
+        ..ChatConfig::default()
+    });
+    let (alice, bob, _) = users();
+    sim.connect(alice);
+    sim.take(alice);
+    // The count is kept by each owner shard: recipients whose chats with Alice one shard owns.
+    let owner = ids::owner_shard(ids::direct_chat(alice, bob), N_SHARDS);
+    let mut strangers =
+        (1000..).filter(|&u| ids::owner_shard(ids::direct_chat(alice, u), N_SHARDS) == owner);
+    for n in 0..8u64 {
+        let to = if n == 0 {
+            bob
+        } else {
+            strangers.next().unwrap()
+        };
+        sim.send(alice, |e| {
+            e.send(&id(n), 0, to, kind::TEXT, &[0; 16], b"hello?")
+        });
+    }
+    let got = sim.take(alice);
+    let sent = got.iter().filter(|g| matches!(g, Got::Sent { .. })).count();
+    let full = got
+        .iter()
+        .filter(|g| **g == Got::Error(code::INBOX_FULL))
+        .count();
+    assert_eq!((sent, full), (5, 3), "{got:?}");
+    // Bob comes and acknowledges: one more may go.
+    sim.connect(bob);
+    let got = sim.take(bob);
+    sim.ack_all(bob, &got);
+    let to = strangers.next().unwrap();
+    sim.send(alice, |e| {
+        e.send(&id(9), 0, to, kind::TEXT, &[0; 16], b"hello?")
+    });
+    let got = sim.take(alice);
+    assert!(got.iter().any(|g| matches!(g, Got::Sent { .. })), "{got:?}");
+}
