@@ -699,19 +699,48 @@ impl<'b> Encoder<'b> {
         let text = &text.as_bytes()[..text.len().min(512)];
         self.frame(ty::ERROR, &[&code.to_le_bytes(), msg_id, text]);
     }
-    /// GROUPS from (chat id, members) records.
+    /// The GROUPS answer listing (chat id, members) records: one frame, or several when it
+    /// does not fit in one. Each frame holds whole groups and is filled until the next group
+    /// would not fit, so every frame but the last has a payload over [`GROUPS_MORE_ABOVE`]
+    /// bytes; when the last one would too, an empty GROUPS frame ends the answer. A group of
+    /// more than [`MAX_GROUP_MEMBERS`] members (which the relay never makes) is left out.
     pub fn groups(&mut self, groups: &[(u64, Vec<u64>)]) {
-        let mut raw = Vec::new();
-        for (chat, members) in groups {
-            raw.extend_from_slice(&chat.to_le_bytes());
-            raw.extend_from_slice(&(members.len() as u16).to_le_bytes());
-            members
-                .iter()
-                .for_each(|m| raw.extend_from_slice(&m.to_le_bytes()));
+        let mut rest = groups;
+        loop {
+            let mut raw = Vec::new();
+            while let Some((chat, members)) = rest.first() {
+                let len = GROUP_ENTRY_FIXED + 8 * members.len();
+                if members.len() > MAX_GROUP_MEMBERS {
+                    rest = &rest[1..];
+                    continue;
+                }
+                if raw.len() + len > MAX_FRAME - 1 {
+                    break;
+                }
+                raw.extend_from_slice(&chat.to_le_bytes());
+                raw.extend_from_slice(&(members.len() as u16).to_le_bytes());
+                members
+                    .iter()
+                    .for_each(|m| raw.extend_from_slice(&m.to_le_bytes()));
+                rest = &rest[1..];
+            }
+            let more = raw.len() > GROUPS_MORE_ABOVE;
+            self.frame(ty::GROUPS, &[&raw]);
+            if !more && rest.is_empty() {
+                return;
+            }
         }
-        self.frame(ty::GROUPS, &[&raw]);
     }
 }
+
+/// Members of a group at most.
+pub const MAX_GROUP_MEMBERS: usize = 1024;
+/// A group's record in GROUPS without its members: chat id and member count.
+const GROUP_ENTRY_FIXED: usize = 8 + 2;
+/// A GROUPS payload longer than this is followed by another GROUPS frame of the same answer
+/// (possibly empty): the payload limit less the largest group record (57,333 bytes). See
+/// [`Encoder::groups`].
+pub const GROUPS_MORE_ABOVE: usize = MAX_FRAME - 1 - (GROUP_ENTRY_FIXED + 8 * MAX_GROUP_MEMBERS);
 
 /// Size of a MSG frame header before the body (length field included).
 pub const MSG_OVERHEAD: usize = LEN_BYTES + 1 + 8 + 8 + 8 + 16 + 1 + 16 + 8;
@@ -878,6 +907,40 @@ mod tests {
             .map(|g| g.map(|(c, m)| (c, u64s(m).collect::<Vec<_>>())))
             .collect();
         assert_eq!(g, vec![Some((5, vec![1, 2])), Some((6, vec![]))]);
+    }
+
+    #[test]
+    fn a_groups_answer_too_long_for_one_frame_is_split_and_its_end_is_marked() {
+        // 20 groups of 1,024 members: 164,040 bytes, three frames; and exactly 7 (57,414
+        // bytes, over the mark), one full frame and an empty one after it.
+        for (n_groups, frames) in [(20u64, 3), (7, 2), (2, 1)] {
+            let groups: Vec<(u64, Vec<u64>)> = (0..n_groups)
+                .map(|c| (c, (0..MAX_GROUP_MEMBERS as u64).collect()))
+                .collect();
+            let mut buf = Vec::new();
+            Encoder::new(&mut buf).groups(&groups);
+            let mut at = 0;
+            let mut got = Vec::new();
+            let mut sizes = Vec::new();
+            while let Some((f, n)) = decode(&buf[at..]).unwrap() {
+                let Frame::Groups { raw } = f else { panic!() };
+                sizes.push(raw.len());
+                got.extend(groups_of(raw));
+                at += n;
+            }
+            assert_eq!(at, buf.len());
+            assert_eq!(sizes.len(), frames, "{n_groups} groups: {sizes:?}");
+            let (last, rest) = sizes.split_last().unwrap();
+            assert!(*last <= GROUPS_MORE_ABOVE, "{sizes:?}");
+            assert!(rest.iter().all(|&s| s > GROUPS_MORE_ABOVE), "{sizes:?}");
+            assert_eq!(got, groups);
+        }
+    }
+
+    fn groups_of(raw: &[u8]) -> Vec<(u64, Vec<u64>)> {
+        groups(raw)
+            .map(|g| g.map(|(c, m)| (c, u64s(m).collect())).unwrap())
+            .collect()
     }
 
     #[test]

@@ -87,6 +87,8 @@ pub struct Client {
     last_seq: HashMap<u64, u64>,
     /// Entries dropped as duplicates (redelivered after a reconnect).
     pub duplicates: u64,
+    /// The groups of a GROUPS answer spanning several frames, so far.
+    groups: Vec<(u64, Vec<u64>)>,
 }
 
 /// A fresh message id: 8 bytes of time and 8 of a counter mixed with the process id
@@ -121,6 +123,7 @@ impl Client {
             window: 0,
             last_seq: HashMap::new(),
             duplicates: 0,
+            groups: Vec::new(),
         };
         Encoder::new(&mut c.out).hello(token.as_bytes());
         c.flush()?;
@@ -213,7 +216,7 @@ impl Client {
             match self.next_frame(left)? {
                 None => return Ok(None),
                 Some(Owned::Event(e)) => return Ok(Some(e)),
-                Some(Owned::Duplicate) | Some(Owned::Welcome { .. }) => {
+                Some(Owned::Duplicate | Owned::Partial | Owned::Welcome { .. }) => {
                     if left.is_zero() {
                         return Ok(None);
                     }
@@ -309,12 +312,18 @@ impl Client {
                 msg_id,
                 text: String::from_utf8_lossy(text).into(),
             },
-            Frame::Groups { raw } => Event::Groups(
-                chat::groups(raw)
-                    .flatten()
-                    .map(|(c, m)| (c, chat::u64s(m).collect()))
-                    .collect(),
-            ),
+            Frame::Groups { raw } => {
+                // An answer may span several frames (PROTOCOL.md 7.1, GROUPS).
+                self.groups.extend(
+                    chat::groups(raw)
+                        .flatten()
+                        .map(|(c, m)| (c, chat::u64s(m).collect())),
+                );
+                if raw.len() > chat::GROUPS_MORE_ABOVE {
+                    return Owned::Partial;
+                }
+                Event::Groups(std::mem::take(&mut self.groups))
+            }
             Frame::Typing { chat_id, user } => Event::Typing {
                 chat: chat_id,
                 from: user,
@@ -341,7 +350,12 @@ impl Client {
 }
 
 enum Owned {
-    Welcome { user: u64, window: u16 },
+    Welcome {
+        user: u64,
+        window: u16,
+    },
     Event(Event),
     Duplicate,
+    /// A GROUPS frame of an answer that goes on in the next one.
+    Partial,
 }

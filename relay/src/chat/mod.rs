@@ -71,7 +71,7 @@ impl Default for ChatConfig {
             msgs_per_s: 1_000,
             msgs_burst: 2_000,
             max_pending_per_user: 100_000,
-            max_group_members: 1_024,
+            max_group_members: proto::chat::MAX_GROUP_MEMBERS,
             max_conns_per_ip: 100_000,
             backlog_chunk: 128,
             // 40 MiB of entries and 32 MiB of index per owner shard, once that many

@@ -1461,3 +1461,45 @@ fn a_senders_undelivered_messages_are_bounded() {
     let got = sim.take(alice);
     assert!(got.iter().any(|g| matches!(g, Got::Sent { .. })), "{got:?}");
 }
+
+/// A user in more big groups than one GROUPS frame holds gets its answer over several frames,
+/// every one but the last filled past the protocol's mark.
+#[test]
+fn a_groups_answer_longer_than_a_frame_is_split() {
+    let mut sim = Sim::new(ChatConfig::default());
+    let creator = 10;
+    sim.connect(creator);
+    sim.take(creator);
+    let mut made = Vec::new();
+    for g in 0..8u64 {
+        let members: Vec<u64> = (0..1023).map(|i| 100_000 + g * 10_000 + i).collect();
+        sim.send(creator, |e| e.group_create(&id(100 + g), &members));
+        let Got::Sent { chat, .. } = sim.take(creator)[0] else {
+            panic!("group {g} created")
+        };
+        made.push(chat);
+    }
+    sim.send(creator, |e| e.group_list());
+    let got = sim.take(creator);
+    assert_eq!(
+        got.len(),
+        2,
+        "7 groups of 1,024 fill a frame, the 8th goes in a second"
+    );
+    let mut listed: Vec<u64> = got
+        .iter()
+        .flat_map(|g| match g {
+            Got::Groups(list) => list
+                .iter()
+                .map(|(c, m)| {
+                    assert_eq!(m.len(), 1024);
+                    *c
+                })
+                .collect::<Vec<_>>(),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    listed.sort_unstable();
+    made.sort_unstable();
+    assert_eq!(listed, made);
+}

@@ -981,6 +981,40 @@ fn kill_9_after_a_checkpoint_restarts_and_delivers_what_waits(io: &str) {
     drop(r);
 }
 
+/// A GROUP_LIST answer too long for one frame (8 groups of 1,024 members, 65,616 bytes) comes
+/// over several GROUPS frames, which the client library puts back together.
+fn a_groups_answer_longer_than_a_frame_reaches_the_client_whole(io: &str) {
+    let r = ChatRelay::start(io);
+    let (alice, _) = users_on_both_shards();
+    let mut a = r.connect(alice);
+    for g in 0..8u64 {
+        let members: Vec<u64> = (0..1023).map(|i| 1_000_000 + g * 10_000 + i).collect();
+        a.queue(|e| e.group_create(&relay::chat::client::new_msg_id(), &members));
+    }
+    a.flush().unwrap();
+    let sent = collect(&mut a, 8, |e| matches!(e, Event::Sent { .. }));
+    let mut made: Vec<u64> = sent
+        .iter()
+        .filter_map(|e| match e {
+            Event::Sent { chat, .. } => Some(*chat),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(made.len(), 8, "{sent:?}");
+    a.queue(|e| e.group_list());
+    a.flush().unwrap();
+    let got = collect(&mut a, 1, |e| matches!(e, Event::Groups(_)));
+    let Some(Event::Groups(groups)) = got.into_iter().find(|e| matches!(e, Event::Groups(_)))
+    else {
+        panic!("no GROUPS answer")
+    };
+    assert!(groups.iter().all(|(_, m)| m.len() == 1024));
+    let mut listed: Vec<u64> = groups.iter().map(|(c, _)| *c).collect();
+    listed.sort_unstable();
+    made.sort_unstable();
+    assert_eq!(listed, made);
+}
+
 /// Every chat scenario, on one backend.
 macro_rules! chat_for_backend {
     ($backend:ident) => {
@@ -1045,6 +1079,12 @@ macro_rules! chat_for_backend {
             #[test]
             fn kill_9_after_a_checkpoint_restarts_and_delivers_what_waits() {
                 super::kill_9_after_a_checkpoint_restarts_and_delivers_what_waits(stringify!(
+                    $backend
+                ));
+            }
+            #[test]
+            fn a_groups_answer_longer_than_a_frame_reaches_the_client_whole() {
+                super::a_groups_answer_longer_than_a_frame_reaches_the_client_whole(stringify!(
                     $backend
                 ));
             }
