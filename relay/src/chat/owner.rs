@@ -682,7 +682,10 @@ impl Owner {
         let Some(stream) = self.streams.get_mut(&user).filter(|s| s.epoch == epoch) else {
             return;
         };
-        let mut budget = self.cfg.backlog_chunk;
+        // Every owner sends a chunk when the session has at most half its window
+        // unacknowledged: together they must not pass the other half.
+        let share = usize::from(self.cfg.window) / (2 * usize::from(self.n_shards));
+        let mut budget = self.cfg.backlog_chunk.min(share).max(1);
         let mut more = false;
         for chat_id in self.member_of.get(&user).map(Vec::as_slice).unwrap_or(&[]) {
             let Some(chat) = self.chats.get(chat_id) else {

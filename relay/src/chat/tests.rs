@@ -1503,3 +1503,58 @@ fn a_groups_answer_longer_than_a_frame_is_split() {
     made.sort_unstable();
     assert_eq!(listed, made);
 }
+
+/// A backlog held by chats of every owner shard still comes at most `window` unacknowledged
+/// entries at a time: each owner sends its share of half the window (each sent a whole chunk,
+/// so three owners put 12 entries in flight against a window of 6).
+#[test]
+fn a_backlog_from_every_owner_shard_keeps_to_the_window() {
+    let mut sim = Sim::new(ChatConfig {
+        backlog_chunk: 4,
+        window: 6,
+        ..ChatConfig::default()
+    });
+    let bob = 7;
+    // Three senders whose chats with Bob three different shards own.
+    let mut senders: Vec<u64> = Vec::new();
+    for u in 100.. {
+        let owner = ids::owner_shard(ids::direct_chat(u, bob), N_SHARDS);
+        if senders
+            .iter()
+            .all(|&v| ids::owner_shard(ids::direct_chat(v, bob), N_SHARDS) != owner)
+        {
+            senders.push(u);
+        }
+        if senders.len() == usize::from(N_SHARDS) {
+            break;
+        }
+    }
+    for &from in &senders {
+        sim.connect(from);
+        for n in 0..10u64 {
+            sim.send(from, |e| {
+                e.send(
+                    &id(from * 100 + n),
+                    0,
+                    bob,
+                    kind::TEXT,
+                    &[0; 16],
+                    &n.to_le_bytes(),
+                )
+            });
+        }
+    }
+    sim.connect(bob);
+    let mut total = 0;
+    for _ in 0..100 {
+        let got = sim.take(bob);
+        let n = msgs(&got).len();
+        assert!(n <= 6, "{n} unacknowledged entries in flight, window 6");
+        total += n;
+        if got.contains(&Got::BacklogEnd) {
+            break;
+        }
+        sim.ack_all(bob, &got);
+    }
+    assert_eq!(total, 30);
+}
