@@ -808,6 +808,13 @@ impl Log {
             if !(front.fully_dead() && front.on_disk() && front.unwritten_bytes() == 0) {
                 break;
             }
+            // The deletion before this one is made durable first: a crash must not keep an
+            // older segment while a newer one is gone (recovery would see a gap and refuse
+            // the log). One directory fsync per deleted segment, a rare event.
+            if freed > 0 {
+                self.sync_dir()?;
+            }
+            let front = &self.segments[0];
             let path = segment_path(&self.dir, front.first_lsn);
             // One full-size segment is kept as the spare for the next roll.
             if !self.has_spare && front.disk_bytes >= self.cfg.segment_bytes {
@@ -816,6 +823,7 @@ impl Log {
                 self.dir_dirty = true;
             } else {
                 fs::remove_file(&path)?;
+                self.dir_dirty = true;
             }
             freed += front.disk_bytes;
             self.disk_bytes -= front.disk_bytes;
@@ -1452,6 +1460,37 @@ mod tests {
         let (_, recs) = Log::open(&t.0, cfg(2048)).unwrap();
         assert_eq!(recs.first().unwrap().lsn.0, files[1].0);
         assert_eq!(recs.last().unwrap().lsn, Lsn(399));
+    }
+
+    #[test]
+    fn each_deletion_is_durable_before_the_next_one() {
+        let tmp = TempDir::new("deleteorder");
+        let synced = LogConfig {
+            sync: SyncMode::Data,
+            ..cfg(1024)
+        };
+        let (mut log, _) = Log::open(&tmp.0, synced).unwrap();
+        write(&mut log, 1, 301, 4);
+        let files = seg_files(&tmp.0);
+        assert!(files.len() >= 6, "{} segments", files.len());
+        // The first four segments dead: deleted oldest first, a directory fsync before each
+        // but the first (a crash keeping an older one while a newer one is gone would leave a
+        // gap, which recovery refuses).
+        for lsn in files[0].0..files[4].0 {
+            log.mark_dead(Lsn(lsn));
+        }
+        let before = log.stats();
+        log.compact().unwrap();
+        let after = log.stats();
+        assert_eq!(after.n_segments_deleted - before.n_segments_deleted, 4);
+        // One before the loop (a successor's entry), one between each two deletions, one
+        // after the last.
+        assert!(
+            after.n_dir_syncs - before.n_dir_syncs >= 4,
+            "{} directory fsyncs",
+            after.n_dir_syncs - before.n_dir_syncs
+        );
+        assert_eq!(seg_files(&tmp.0), files[4..].to_vec());
     }
 
     #[test]
