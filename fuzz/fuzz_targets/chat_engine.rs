@@ -1,6 +1,8 @@
 //! Random operation sequences against the sans-IO chat engine of a two-shard relay: accepts,
-//! raw bytes, well-formed requests from authenticated users, acknowledgements, closes, timers
-//! and commits. The property is that nothing panics and every output is well framed.
+//! raw bytes, well-formed requests from authenticated users, acknowledgements, closes, timers,
+//! commits, checkpoints and restarts (the shards rebuilt from what their logs keep, records
+//! deleted only as a dead prefix as the real log does). The properties: nothing panics, every
+//! output is well framed, and every restart replays its logs without an error.
 #![no_main]
 
 use ed25519_dalek::SigningKey;
@@ -19,6 +21,9 @@ fuzz_target!(|data: &[u8]| {
     let mut shards: Vec<ChatShard> = (0..N).map(|i| ChatShard::new(i, N, cfg.clone(), verifier.clone())).collect();
     let mut now = Now { mono_us: 1_000_000, unix_s: 1_700_000_000 };
     let mut lsn = 1u64;
+    // Per shard: committed records still kept (lsn -> kind, payload) and those marked dead.
+    let mut logs: Vec<std::collections::BTreeMap<u64, (u8, Vec<u8>)>> = (0..N).map(|_| Default::default()).collect();
+    let mut dead: Vec<std::collections::HashSet<u64>> = (0..N).map(|_| Default::default()).collect();
     let token = |user: u64| {
         Claims { kind: TokenKind::User, permissions: Permissions::CHAT, relay_id: 0, shard_idx: ids::home_shard(user, N), expires_at: now.unix_s + 60, scope_id: user, participant_id: user }
             .sign_text(&key)
@@ -33,7 +38,7 @@ fuzz_target!(|data: &[u8]| {
         let peer = u64::from(it.next().unwrap_or(0) % 6) + 1;
         let mut id = [0u8; 16];
         id[0] = it.next().unwrap_or(0);
-        match op % 11 {
+        match op % 13 {
             0 => {
                 shards[shard].handle_accept(now, conn, [127, 0, 0, 1].into());
             }
@@ -53,6 +58,20 @@ fuzz_target!(|data: &[u8]| {
                 shards.iter_mut().for_each(|s| s.handle_timeout(now));
             }
             9 => e.group_list(),
+            11 => shards.iter_mut().for_each(ChatShard::checkpoint),
+            12 => {
+                // A restart: every connection is gone, the engines are rebuilt from the logs.
+                shards = (0..N).map(|i| ChatShard::new(i, N, cfg.clone(), verifier.clone())).collect();
+                for (i, shard) in shards.iter_mut().enumerate() {
+                    for (&l, (k, p)) in &logs[i] {
+                        shard.replay(l, *k, p).expect("a log the engine wrote replays");
+                    }
+                    shard.finish_replay().expect("a log the engine wrote recovers");
+                    for l in shard.take_dead() {
+                        dead[i].insert(l);
+                    }
+                }
+            }
             _ => e.presence_watch(&[peer, u64::from(id[0] % 8)]),
         }
         if !frame.is_empty() {
@@ -62,12 +81,23 @@ fuzz_target!(|data: &[u8]| {
         for _ in 0..8 {
             for i in 0..usize::from(N) {
                 if shards[i].has_records() {
-                    let n = shards[i].take_records().len();
-                    let lsns: Vec<u64> = (lsn..lsn + n as u64).collect();
-                    lsn += n as u64;
+                    let records = shards[i].take_records();
+                    let mut lsns = Vec::new();
+                    for (k, p) in records.iter() {
+                        logs[i].insert(lsn, (k, p.to_vec()));
+                        lsns.push(lsn);
+                        lsn += 1;
+                    }
                     shards[i].handle_committed(now, &lsns);
                 }
-                shards[i].take_dead();
+                dead[i].extend(shards[i].take_dead());
+                // Deleted only as a dead prefix, as the real log deletes segments.
+                while let Some((&first, _)) = logs[i].first_key_value() {
+                    if !dead[i].remove(&first) {
+                        break;
+                    }
+                    logs[i].remove(&first);
+                }
                 // Each destination's messages together, in order, as the driver hands a ring's.
                 let mut by_dest: Vec<Vec<_>> = (0..N).map(|_| Vec::new()).collect();
                 for (to, m) in shards[i].take_outbox() {
