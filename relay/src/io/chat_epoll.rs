@@ -114,7 +114,10 @@ impl EpollChat {
                 Err(e) if matches!(e.raw_os_error(), Some(libc::ECONNABORTED | libc::EINTR)) => {
                     continue
                 }
-                Err(_) => return,
+                // Anything else (ENOMEM, a security module's EPERM) leaves the connection
+                // queued: the level-triggered listener would wake every wait at once, so it
+                // pauses as when out of descriptors.
+                Err(_) => return self.pause_accepts(now),
             };
             if !self.core.has_room() {
                 self.core.refuse(now, stream);
@@ -152,6 +155,11 @@ impl EpollChat {
                 self.core.refuse(now, stream);
             }
         }
+        self.pause_accepts(now);
+    }
+
+    /// Clears the listener's epoll events for [`ACCEPT_PAUSE_US`].
+    fn pause_accepts(&mut self, now: Now) {
         if self.accepts_paused_until.is_none() {
             let _ = epoll_ctl(
                 self.epfd,
@@ -196,13 +204,19 @@ impl EpollChat {
             return;
         };
         let mut buf = [0u8; 16 * 1024];
+        // The peer's end of stream (or a failed read) closes the connection, but only after
+        // what was read before it is handled: frames sent just before a close count.
+        let mut eof = false;
         loop {
             if c.inbuf.len() >= MAX_INBUF {
                 break;
             }
             let room = buf.len().min(MAX_INBUF - c.inbuf.len());
             match c.stream.read(&mut buf[..room]) {
-                Ok(0) => return self.close(now, id),
+                Ok(0) => {
+                    eof = true;
+                    break;
+                }
                 Ok(n) => {
                     c.inbuf.extend_from_slice(&buf[..n]);
                     // A short read drained the socket: the epoll registration is level
@@ -214,10 +228,16 @@ impl EpollChat {
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => return self.close(now, id),
+                Err(_) => {
+                    eof = true;
+                    break;
+                }
             }
         }
         self.core.input(now, id, &mut c.inbuf);
+        if eof {
+            self.close(now, id);
+        }
     }
 
     fn write(&mut self, now: Now, id: ConnId) {
@@ -246,18 +266,16 @@ impl EpollChat {
         }
         let want = left > 0;
         if want != c.want_write {
-            c.want_write = want;
             let mut events = (libc::EPOLLIN | libc::EPOLLRDHUP) as u32;
             if want {
                 events |= libc::EPOLLOUT as u32;
             }
-            let _ = epoll_ctl(
-                self.epfd,
-                libc::EPOLL_CTL_MOD,
-                c.stream.as_raw_fd(),
-                events,
-                id,
-            );
+            // The registration changes only if the call succeeds (ENOMEM): the next write
+            // tries again.
+            let fd = c.stream.as_raw_fd();
+            if epoll_ctl(self.epfd, libc::EPOLL_CTL_MOD, fd, events, id).is_ok() {
+                c.want_write = want;
+            }
         }
     }
 

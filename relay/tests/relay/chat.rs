@@ -1015,6 +1015,45 @@ fn a_groups_answer_longer_than_a_frame_reaches_the_client_whole(io: &str) {
     assert_eq!(listed, made);
 }
 
+/// Frames a peer sends just before it closes are handled: 16 KiB of SENDs (the batch
+/// backend's read size, so its first read fills up and the next one sees the end of stream)
+/// written in one go, then the close; the recipient gets every message.
+fn sends_right_before_a_close_are_stored(io: &str) {
+    use std::io::Write;
+    let r = ChatRelay::start(io);
+    let (alice, bob) = users_on_both_shards();
+    let mut raw = std::net::TcpStream::connect(r.addr(alice)).unwrap();
+    let mut hello = Vec::new();
+    proto::chat::Encoder::new(&mut hello).hello(r.token(alice).as_bytes());
+    raw.write_all(&hello).unwrap();
+    assert!(r.relay.wait_metric_sum(&r, "relay_chat_sessions", 1) >= 1);
+    // 256 SEND frames of 64 bytes (a 10-byte body): 16,384 bytes.
+    let mut sends = Vec::new();
+    for i in 0..256u32 {
+        let mut id = [0u8; 16];
+        id[..4].copy_from_slice(&i.to_le_bytes());
+        let mut body = [0u8; 10];
+        body[..4].copy_from_slice(&i.to_le_bytes());
+        proto::chat::Encoder::new(&mut sends).send(&id, 0, bob, kind::TEXT, &[0; 16], &body);
+    }
+    assert_eq!(sends.len(), 16 * 1024);
+    raw.write_all(&sends).unwrap();
+    drop(raw);
+    let mut b = Client::connect(r.addr(bob), &r.token(bob), T).unwrap();
+    let mut got = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while got.len() < 256 && Instant::now() < deadline {
+        match b.recv(Duration::from_millis(200)).unwrap() {
+            Some(Event::Message(m)) => {
+                got.push(u32::from_le_bytes(m.body[..4].try_into().unwrap()))
+            }
+            Some(_) => {}
+            None => b.ack_all().unwrap(),
+        }
+    }
+    assert_eq!(got, (0..256).collect::<Vec<u32>>());
+}
+
 /// Every chat scenario, on one backend.
 macro_rules! chat_for_backend {
     ($backend:ident) => {
@@ -1087,6 +1126,10 @@ macro_rules! chat_for_backend {
                 super::a_groups_answer_longer_than_a_frame_reaches_the_client_whole(stringify!(
                     $backend
                 ));
+            }
+            #[test]
+            fn sends_right_before_a_close_are_stored() {
+                super::sends_right_before_a_close_are_stored(stringify!($backend));
             }
             #[test]
             fn kill_9_with_the_sync_thread_loses_nothing_acknowledged_as_sent() {
