@@ -811,7 +811,11 @@ impl UringChat {
 
     /// Prepares to block: false when there is already work, so the wait must not block.
     pub(super) fn prepare_sleep(&mut self) -> bool {
-        self.core.prepare_sleep()
+        // Bytes held back while the rings spilled, and the spill is over: they are handled
+        // next turn, not after a wait (if the pause held every receive buffer, no receive
+        // completion would come to end it).
+        let held = !self.received.is_empty() && !self.core.reading_paused();
+        !held && self.core.prepare_sleep()
     }
 
     /// After the wait.
