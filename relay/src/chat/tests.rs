@@ -230,6 +230,26 @@ impl Sim {
         self.clients.get_mut(&user).unwrap().got = got;
     }
 
+    /// Connects each of `users`, their empty backlogs taken.
+    fn connect_all(&mut self, users: &[u64]) {
+        for &u in users {
+            self.connect(u);
+            self.take(u);
+        }
+    }
+
+    /// `creator` creates a group with `members` (request id `id(n)`); returns its id.
+    fn create_group(&mut self, creator: u64, n: u64, members: &[u64]) -> u64 {
+        self.send(creator, |e| e.group_create(&id(n), members));
+        let got = self.take(creator);
+        got.iter()
+            .find_map(|g| match g {
+                Got::Sent { msg_id, chat, .. } if *msg_id == id(n) => Some(*chat),
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("group not created: {got:?}"))
+    }
+
     fn send(&mut self, user: u64, write: impl FnOnce(&mut Encoder<'_>)) {
         let mut buf = Vec::new();
         write(&mut Encoder::new(&mut buf));
@@ -559,15 +579,9 @@ fn offline_recipient_gets_backlog_in_order_then_inbox_is_empty() {
 fn group_member_added_later_sees_only_from_its_join() {
     let mut sim = Sim::new(ChatConfig::default());
     let members: Vec<u64> = (10..15).collect();
-    for &u in &members {
-        sim.connect(u);
-        sim.take(u);
-    }
+    sim.connect_all(&members);
     let creator = members[0];
-    sim.send(creator, |e| e.group_create(&id(100), &members[1..4]));
-    let Got::Sent { chat: group, .. } = sim.take(creator)[0] else {
-        panic!("group created")
-    };
+    let group = sim.create_group(creator, 100, &members[1..4]);
     assert!(ids::is_group(group));
     sim.send(members[1], |e| {
         e.send(&id(1), group, 0, kind::TEXT, &[0; 16], b"before")
@@ -623,14 +637,8 @@ fn group_member_added_later_sees_only_from_its_join() {
 fn retried_message_is_stored_once_and_edits_and_deletes_reach_everyone() {
     let mut sim = Sim::new(ChatConfig::default());
     let (a, b, c) = users();
-    for u in [a, b, c] {
-        sim.connect(u);
-        sim.take(u);
-    }
-    sim.send(a, |e| e.group_create(&id(1), &[b, c]));
-    let Got::Sent { chat: g, .. } = sim.take(a)[0] else {
-        panic!()
-    };
+    sim.connect_all(&[a, b, c]);
+    let g = sim.create_group(a, 1, &[b, c]);
     sim.send(a, |e| e.send(&id(2), g, 0, kind::TEXT, &[0; 16], b"v1"));
     sim.send(a, |e| e.send(&id(2), g, 0, kind::TEXT, &[0; 16], b"v1"));
     let sents = sim.take(a);
@@ -1167,10 +1175,7 @@ fn a_restart_after_a_checkpoint_recovers_entries_logged_before_their_chats_snaps
 fn a_member_who_left_does_not_list_the_group_after_a_restart() {
     let mut sim = Sim::new(ChatConfig::default());
     let members: Vec<u64> = (10..13).collect();
-    for &u in &members {
-        sim.connect(u);
-        sim.take(u);
-    }
+    sim.connect_all(&members);
     // An entry waiting for an absent user on the group's owner shard, logged first, keeps the
     // group's first snapshot in the log (records go only as a dead prefix).
     let group = ids::group_chat(members[0], &id(100));
@@ -1181,19 +1186,10 @@ fn a_member_who_left_does_not_list_the_group_after_a_restart() {
     sim.send(members[0], |e| {
         e.send(&id(99), 0, absent, kind::TEXT, &[0; 16], b"wait")
     });
-    sim.send(members[0], |e| e.group_create(&id(100), &members[1..]));
-    let got = sim.take(members[0]);
-    assert!(got.contains(&Got::Sent {
-        msg_id: id(100),
-        chat: group,
-        seq: 1
-    }));
+    assert_eq!(sim.create_group(members[0], 100, &members[1..]), group);
     sim.send(members[2], |e| e.group_leave(&id(101), group));
     sim.boot();
-    for &u in &members {
-        sim.connect(u);
-        sim.take(u);
-    }
+    sim.connect_all(&members);
     sim.send(members[2], |e| e.group_list());
     assert_eq!(sim.take(members[2]), vec![Got::Groups(vec![])]);
     sim.send(members[1], |e| e.group_list());
@@ -1280,14 +1276,8 @@ fn a_slow_reader_gets_deferred_entries_in_order_once_it_reads_again() {
 fn no_receipt_is_stored_for_an_author_who_left_the_group() {
     let mut sim = Sim::new(ChatConfig::default());
     let members: Vec<u64> = (10..13).collect();
-    for &u in &members {
-        sim.connect(u);
-        sim.take(u);
-    }
-    sim.send(members[0], |e| e.group_create(&id(100), &members[1..]));
-    let Got::Sent { chat: group, .. } = sim.take(members[0])[0] else {
-        panic!("group created")
-    };
+    sim.connect_all(&members);
+    let group = sim.create_group(members[0], 100, &members[1..]);
     sim.send(members[1], |e| {
         e.send(&id(1), group, 0, kind::TEXT, &[0; 16], b"bye")
     });
@@ -1314,15 +1304,9 @@ fn group_changes_acks_typing_and_pings_are_rate_limited() {
         ..ChatConfig::default()
     });
     let members: Vec<u64> = (10..13).collect();
-    for &u in &members {
-        sim.connect(u);
-        sim.take(u);
-    }
+    sim.connect_all(&members);
     // The burst: a group and a message, then nothing more (the clock stands still).
-    sim.send(members[0], |e| e.group_create(&id(100), &members[1..2]));
-    let Got::Sent { chat: group, .. } = sim.take(members[0])[0] else {
-        panic!("group created")
-    };
+    let group = sim.create_group(members[0], 100, &members[1..2]);
     sim.send(members[0], |e| {
         e.send(&id(1), group, 0, kind::TEXT, &[0; 16], b"x")
     });
@@ -1468,16 +1452,11 @@ fn a_senders_undelivered_messages_are_bounded() {
 fn a_groups_answer_longer_than_a_frame_is_split() {
     let mut sim = Sim::new(ChatConfig::default());
     let creator = 10;
-    sim.connect(creator);
-    sim.take(creator);
+    sim.connect_all(&[creator]);
     let mut made = Vec::new();
     for g in 0..8u64 {
         let members: Vec<u64> = (0..1023).map(|i| 100_000 + g * 10_000 + i).collect();
-        sim.send(creator, |e| e.group_create(&id(100 + g), &members));
-        let Got::Sent { chat, .. } = sim.take(creator)[0] else {
-            panic!("group {g} created")
-        };
-        made.push(chat);
+        made.push(sim.create_group(creator, 100 + g, &members));
     }
     sim.send(creator, |e| e.group_list());
     let got = sim.take(creator);
