@@ -36,6 +36,8 @@ struct Session {
     backlog: Option<Backlog>,
     /// Live deliveries were dropped for lack of room: fetch the backlog again when drained.
     resync: bool,
+    /// Bytes of errors and ephemeral frames queued since the output was last empty.
+    unread_small: usize,
     rate: TokenBucket,
     closing: bool,
     /// Users whose presence this session watches (at most `MAX_PRESENCE_WATCH`).
@@ -139,6 +141,7 @@ impl Home {
             inflight: VecDeque::new(),
             backlog: None,
             resync: false,
+            unread_small: 0,
             rate: TokenBucket::new(self.cfg.msgs_per_s, self.cfg.msgs_burst, now.mono_us),
             closing: false,
             watching: Vec::new(),
@@ -258,11 +261,23 @@ impl Home {
         }
     }
 
-    /// Queues a frame for `conn`. Nothing goes after the ERROR of a closing session. A session
-    /// whose output reaches twice `max_out_bytes` (entries stop at `max_out_bytes`; answers,
-    /// errors and ephemeral frames may go beyond) is a peer that sends requests and does not
-    /// read the answers: it gets ERROR 11 and is closed (its entries stay in its inbox).
+    /// Queues an answer the client needs (WELCOME, SENT, GROUPS, BACKLOG_END) for `conn`:
+    /// bounded by the request rate, and GROUPS by [`Home::frame`]'s refusal of a GROUP_LIST
+    /// while the output is full. Nothing goes after the ERROR of a closing session.
     fn queue(&mut self, conn: ConnId, write: impl FnOnce(&mut Encoder<'_>)) {
+        self.queue_frame(conn, false, write);
+    }
+
+    /// Queues an error or an ephemeral frame (PONG, TYPING, PRESENCE). A session that has
+    /// had `max_out_bytes` of these queued since its output was last empty is a peer that
+    /// sends requests and does not read the answers: it gets ERROR 11 instead and is closed
+    /// (its entries stay in its inbox). Entries and answers do not count: a large GROUPS
+    /// answer waiting to be written does not close a session that reads.
+    fn queue_capped(&mut self, conn: ConnId, write: impl FnOnce(&mut Encoder<'_>)) {
+        self.queue_frame(conn, true, write);
+    }
+
+    fn queue_frame(&mut self, conn: ConnId, capped: bool, write: impl FnOnce(&mut Encoder<'_>)) {
         let Some(s) = self.sessions.get_mut(&conn) else {
             return;
         };
@@ -270,13 +285,17 @@ impl Home {
             return;
         }
         let was_empty = s.out.is_empty();
-        if s.out.len() >= self.cfg.max_out_bytes.saturating_mul(2) {
+        if capped && s.unread_small >= self.cfg.max_out_bytes {
             self.counters.errors[usize::from(code::SLOW_READER)] += 1;
             Encoder::new(&mut s.out).error(code::SLOW_READER, &[0; 16], "not reading");
             s.closing = true;
             self.closing.push(conn);
         } else {
+            let before = s.out.len();
             write(&mut Encoder::new(&mut s.out));
+            if capped {
+                s.unread_small += s.out.len() - before;
+            }
         }
         if was_empty {
             self.dirty.push(conn);
@@ -285,7 +304,7 @@ impl Home {
 
     fn error(&mut self, conn: ConnId, code: u16, msg_id: &MsgId, text: &str) {
         self.counters.errors[usize::from(code).min(15)] += 1;
-        self.queue(conn, |e| e.error(code, msg_id, text));
+        self.queue_capped(conn, |e| e.error(code, msg_id, text));
     }
 
     /// Sends ERROR and closes the session once it is flushed; ignores further input.
@@ -396,8 +415,18 @@ impl Home {
                 // One request, and one more per 64 pairs (each is a message to an owner and
                 // a record). A refused ACK is not applied: acknowledge again later.
                 let n_pairs = (pairs.len() / 16) as u64;
-                if !self.take_rate_n(now, conn, &[0; 16], 1 + n_pairs / 64) {
-                    return;
+                if !self.take_quietly(now, conn, 1 + n_pairs / 64) {
+                    // Beyond the rate, an ACK that takes in the oldest entry this session was
+                    // sent still goes (refusing it would hold back the client's backlog, which
+                    // waits for acknowledgements); one that acknowledges nothing sent is
+                    // refused.
+                    let oldest = self.sessions.get(&conn).and_then(|s| s.inflight.front());
+                    let needed = oldest.is_some_and(|&(chat, seq)| {
+                        proto::chat::ack_pairs(pairs).any(|(c, q)| c == chat && q >= seq)
+                    });
+                    if !needed {
+                        return self.error(conn, code::RATE_LIMITED, &[0; 16], "slow down");
+                    }
                 }
                 for (chat, seq) in proto::chat::ack_pairs(pairs) {
                     self.route_to_owner(chat, ShardMsg::Ack { user, chat, seq });
@@ -411,7 +440,7 @@ impl Home {
                 if !self.take_rate(now, conn, &msg_id) {
                     return;
                 }
-                if members.len() / 8 >= self.cfg.max_group_members {
+                if members.len() / 8 > self.cfg.max_group_members {
                     return self.error(conn, code::INVALID, &msg_id, "group too large");
                 }
                 let chat = ids::group_chat(user, &msg_id);
@@ -470,6 +499,14 @@ impl Home {
                 if !self.take_rate(now, conn, &[0; 16]) {
                     return;
                 }
+                // An answer can be large: not another while the output is full.
+                if self
+                    .sessions
+                    .get(&conn)
+                    .is_some_and(|s| s.out.len() > self.cfg.max_out_bytes)
+                {
+                    return self.error(conn, code::UNAVAILABLE, &[0; 16], "read first, then ask");
+                }
                 if self
                     .group_lists
                     .insert(conn, (self.n_shards, Vec::new()))
@@ -508,7 +545,7 @@ impl Home {
             }
             Frame::Ping { nonce } => {
                 if self.take_quietly(now, conn, 1) {
-                    self.queue(conn, |e| e.pong(nonce));
+                    self.queue_capped(conn, |e| e.pong(nonce));
                 }
             }
             Frame::PresenceWatch { users } => self.presence_watch(now, conn, user, users),
@@ -628,7 +665,8 @@ impl Home {
         let (Some(user), Some(b)) = (s.user, s.backlog.as_mut()) else {
             return;
         };
-        if s.inflight.len() > usize::from(self.cfg.window) / 2
+        if s.resync
+            || s.inflight.len() > usize::from(self.cfg.window) / 2
             || s.out.len() > self.cfg.max_out_bytes / 2
         {
             return;
@@ -701,7 +739,7 @@ impl Home {
             ShardMsg::Typing { from, chat, to } => {
                 if let Some(&conn) = self.users.get(&to) {
                     let peer = if ids::is_group(chat) { chat } else { 0 };
-                    self.queue(conn, |e| e.typing(peer, from));
+                    self.queue_capped(conn, |e| e.typing(peer, from));
                 }
             }
             ShardMsg::PresenceWatch {
@@ -718,7 +756,7 @@ impl Home {
                         .get(&conn)
                         .is_some_and(|s| s.watching.binary_search(&user).is_ok())
                     {
-                        self.queue(conn, |e| e.presence(user, online));
+                        self.queue_capped(conn, |e| e.presence(user, online));
                     }
                 }
             }
@@ -756,7 +794,8 @@ impl Home {
         // its seq would pass the deferred entry's, and the client (which ignores seqs at or
         // below the highest it has seen) would drop that one when the resync brings it, and
         // acknowledge it away.
-        if s.resync || s.out.len() + frame.len() > self.cfg.max_out_bytes {
+        // (An entry larger than the limit still goes when the output is empty.)
+        if s.resync || (!s.out.is_empty() && s.out.len() + frame.len() > self.cfg.max_out_bytes) {
             s.resync = true;
             self.counters.deferred += 1;
             return;
@@ -806,7 +845,13 @@ impl Home {
         };
         s.out.drain(..n.min(s.out.len()));
         s.stalled_since_us = (!s.out.is_empty()).then_some(now.mono_us);
-        let resync = s.resync && s.backlog.is_none() && s.out.len() < self.cfg.max_out_bytes / 2;
+        if s.out.is_empty() {
+            s.unread_small = 0;
+        }
+        // A deferral means a fresh backlog from the inbox once the output has drained, also
+        // when one is running (the new epoch replaces its stream; what it would still send
+        // would only be deferred too).
+        let resync = s.resync && s.out.len() < self.cfg.max_out_bytes / 2;
         if resync {
             self.start_backlog(conn);
         } else {

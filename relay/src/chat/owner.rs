@@ -1042,11 +1042,12 @@ impl Owner {
                     *self.pending_per_user.entry(*u).or_default() += 1;
                 }
             }
+            // Counted below from what stays, so nothing to count down here.
             drop_settled(
                 &mut c.pending,
                 &mut self.dead,
                 &mut self.frames,
-                &mut self.pending_per_sender,
+                &mut Map::default(),
             );
             for s in c.pending.iter().filter(|s| kind::client_may_send(s.kind)) {
                 *self.pending_per_sender.entry(s.sender).or_default() += 1;

@@ -110,8 +110,25 @@ impl EpollChat {
                 Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
                     return self.out_of_descriptors(now);
                 }
-                // The peer gave up before the accept.
-                Err(e) if matches!(e.raw_os_error(), Some(libc::ECONNABORTED | libc::EINTR)) => {
+                // The peer gave up before the accept, or a pending network error of the new
+                // connection that accept(2) says to retry after.
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(
+                            libc::ECONNABORTED
+                                | libc::EINTR
+                                | libc::EPROTO
+                                | libc::ENOPROTOOPT
+                                | libc::ENETDOWN
+                                | libc::ENONET
+                                | libc::EHOSTDOWN
+                                | libc::EHOSTUNREACH
+                                | libc::ENETUNREACH
+                                | libc::EOPNOTSUPP
+                        )
+                    ) =>
+                {
                     continue
                 }
                 // Anything else (ENOMEM, a security module's EPERM) leaves the connection
