@@ -298,11 +298,6 @@ impl ChatShard {
         self.owner.checkpoint();
     }
 
-    /// Starts a checkpoint spread over turns: see [`owner::Owner::start_checkpoint`].
-    pub fn start_checkpoint(&mut self) {
-        self.owner.start_checkpoint();
-    }
-
     /// Starts a checkpoint of the chats whose snapshots hold back compaction: see
     /// [`owner::Owner::start_selective_checkpoint`]. Returns whether there is anything to
     /// write.

@@ -108,6 +108,16 @@ fn drop_settled(
     }
 }
 
+/// `user` is no longer a member of `chat`; a list left empty is removed.
+fn forget_membership(member_of: &mut Map<u64, Vec<u64>>, user: u64, chat: u64) {
+    if let Some(list) = member_of.get_mut(&user) {
+        list.retain(|&c| c != chat);
+        if list.is_empty() {
+            member_of.remove(&user);
+        }
+    }
+}
+
 /// One less for `user`; a count that reaches zero is removed (the maps would otherwise keep
 /// an entry for every user ever counted).
 fn count_down(counts: &mut Map<u64, usize>, user: u64) {
@@ -634,12 +644,7 @@ impl Owner {
                 );
             }
             chat.members.retain(|m| m.user != target);
-            if let Some(list) = self.member_of.get_mut(&target) {
-                list.retain(|&c| c != chat_id);
-                if list.is_empty() {
-                    self.member_of.remove(&target);
-                }
-            }
+            forget_membership(&mut self.member_of, target, chat_id);
             // A departed member no longer holds entries back.
             for s in chat.pending.iter_mut() {
                 if let Some(i) = s.unacked.iter().position(|&u| u == target) {
@@ -854,20 +859,14 @@ impl Owner {
         !self.records.is_empty()
     }
 
-    /// Writes a fresh snapshot of every chat so that old log segments holding only snapshots
-    /// can be deleted, all at once ([`Owner::start_checkpoint`] and [`Owner::checkpoint_step`]
-    /// spread it over loop turns).
+    /// Writes a fresh snapshot of every chat, all at once (the worst case of a checkpoint;
+    /// the relay writes only those [`Owner::start_selective_checkpoint`] picks, spread over
+    /// loop turns by [`Owner::checkpoint_step`]). A running checkpoint is finished instead.
     pub fn checkpoint(&mut self) {
-        self.start_checkpoint();
-        while self.checkpoint_step(usize::MAX) {}
-    }
-
-    /// Starts a checkpoint: every chat owned now is to get a fresh snapshot, a few per
-    /// [`Owner::checkpoint_step`]. Nothing happens while one is running.
-    pub fn start_checkpoint(&mut self) {
         if self.checkpoint_todo.is_empty() {
             self.checkpoint_todo.extend(self.chats.keys().copied());
         }
+        while self.checkpoint_step(usize::MAX) {}
     }
 
     /// Starts a checkpoint of only the chats whose snapshot holds back compaction, given the
@@ -948,9 +947,7 @@ impl Owner {
                 // Members the previous snapshot had and this one has not left the chat.
                 for m in old.iter().flat_map(|o| &o.members) {
                     if c.members.iter().all(|n| n.user != m.user) {
-                        if let Some(list) = self.member_of.get_mut(&m.user) {
-                            list.retain(|&id| id != c.chat);
-                        }
+                        forget_membership(&mut self.member_of, m.user, c.chat);
                     }
                 }
                 for m in &c.members {

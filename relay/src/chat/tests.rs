@@ -431,6 +431,35 @@ impl Sim {
         self.run();
     }
 
+    /// A paused `user` reads `rounds` times at most, as the client library does (an entry at
+    /// or below the highest seq it has seen of its chat is a duplicate), acknowledging after
+    /// each read, until it has `want` entries. Returns the first body byte of each, in order.
+    fn read_slowly(&mut self, user: u64, rounds: usize, want: usize) -> Vec<u8> {
+        let mut highest: HashMap<u64, u64> = HashMap::new();
+        let mut firsts = Vec::new();
+        for _ in 0..rounds {
+            self.read_once(user);
+            let got = self.take(user);
+            for g in &got {
+                if let Got::Msg {
+                    chat, seq, body, ..
+                } = g
+                {
+                    let h = highest.entry(*chat).or_default();
+                    if *seq > *h {
+                        *h = *seq;
+                        firsts.push(body[0]);
+                    }
+                }
+            }
+            self.ack_all(user, &got);
+            if firsts.len() >= want {
+                break;
+            }
+        }
+        firsts
+    }
+
     /// The peer closes `user`'s connection.
     fn disconnect(&mut self, user: u64) {
         let c = self.clients.remove(&user).unwrap();
@@ -1249,21 +1278,7 @@ fn a_slow_reader_gets_deferred_entries_in_order_once_it_reads_again() {
         });
     }
     // Bob reads with the client's rule, acknowledging what it read after each read.
-    let mut highest = 0;
-    let mut bodies = Vec::new();
-    for _ in 0..10 {
-        sim.read_once(bob);
-        let got = sim.take(bob);
-        for g in &got {
-            if let Got::Msg { seq, body, .. } = g {
-                if *seq > highest {
-                    highest = *seq;
-                    bodies.push(body[0]);
-                }
-            }
-        }
-        sim.ack_all(bob, &got);
-    }
+    let bodies = sim.read_slowly(bob, 10, 3);
     assert_eq!(bodies, [1, 2, b't'], "every message, in order");
     let receipts = sim.take(alice);
     sim.ack_all(alice, &receipts);
@@ -1610,24 +1625,7 @@ fn a_backlog_of_large_entries_comes_in_order_without_streaming_it_for_nothing() 
             e.send(&id(n), 0, bob, kind::TEXT, &[0; 16], &[n as u8; 3000])
         });
     }
-    let mut highest = 0;
-    let mut bodies = Vec::new();
-    for _ in 0..200 {
-        sim.read_once(bob);
-        let got = sim.take(bob);
-        for g in &got {
-            if let Got::Msg { seq, body, .. } = g {
-                if *seq > highest {
-                    highest = *seq;
-                    bodies.push(body[0]);
-                }
-            }
-        }
-        sim.ack_all(bob, &got);
-        if bodies.len() == 40 {
-            break;
-        }
-    }
+    let bodies = sim.read_slowly(bob, 200, 40);
     assert_eq!(bodies, (0..40).collect::<Vec<u8>>());
     let home = usize::from(ids::home_shard(bob, N_SHARDS));
     let deferred = sim.shards[home].home_counters().deferred;
