@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! chatperf run [--users N] [--seconds S] [--size B] [--window W] [--threads T]
-//!              [--shards N] [--io batch|uring] [--relay-bin PATH] [--rate R] [--inline-sync] [--no-sync] [--quick]
+//!              [--shards N] [--io batch|uring] [--relay-bin PATH] [--rate R] [--inline-sync] [--no-sync] [--split-cores] [--quick]
 //! chatperf idle-memory [--conns N] [--shards N] [--io batch|uring] [--timeout-s S] [--sources K] [--relay-bin PATH]
 //! chatperf ab --base PATH [--rounds N] [--users N] [--seconds S] [--shards N] [--io batch|uring]
 //! chatperf fsync [--writers N] [--size B] [--syncs N]
@@ -30,7 +30,7 @@ use std::time::Duration;
 
 const USAGE: &str = "usage:
   chatperf run [--users N] [--seconds S] [--size B] [--window W] [--threads T]
-               [--shards N] [--io batch|uring] [--relay-bin PATH] [--rate R] [--inline-sync] [--no-sync] [--quick]
+               [--shards N] [--io batch|uring] [--relay-bin PATH] [--rate R] [--inline-sync] [--no-sync] [--split-cores] [--quick]
   chatperf idle-memory [--conns N] [--shards N] [--io batch|uring] [--timeout-s S] [--sources K] [--relay-bin PATH]
   chatperf ab --base PATH [--rounds N] [--users N] [--seconds S] [--shards N] [--io batch|uring]
   chatperf fsync [--writers N] [--size B] [--syncs N]";
@@ -396,6 +396,7 @@ fn cmd_run(flags: &Flags) -> anyhow::Result<bool> {
         "rate",
         "inline-sync",
         "no-sync",
+        "split-cores",
     ])?;
     let quick = flags.has("quick");
     let users: usize = flags.get("users", if quick { 8 } else { 200 })?;
@@ -416,6 +417,19 @@ fn cmd_run(flags: &Flags) -> anyhow::Result<bool> {
         bail!("need --users >= 2, --size >= 16, --window >= 1, 0 < --seconds <= 600");
     }
     let bin = relay_bin(flags)?;
+    // `--split-cores`: every server on the first CPU this process may use, the load generator
+    // on the others, so that neither steals the other's core (the default shares them all).
+    let split = if flags.has("split-cores") {
+        let cpus = servers::own_cpus()?;
+        if cpus.len() < 2 {
+            bail!("--split-cores needs at least 2 CPUs, this process may use {cpus:?}");
+        }
+        servers::set_server_cpus(cpus[..1].to_vec())?;
+        servers::pin_self(&cpus[1..])?;
+        Some((cpus[..1].to_vec(), cpus[1..].to_vec()))
+    } else {
+        None
+    };
     let cfg = LoadCfg {
         pairs: users / 2,
         window,
@@ -434,6 +448,12 @@ fn cmd_run(flags: &Flags) -> anyhow::Result<bool> {
         cfg.pairs,
         cfg.warmup.as_secs_f64()
     );
+    if let Some((server, client)) = &split {
+        println!(
+            "--split-cores: servers on CPU {server:?}, the load generator on CPU {client:?} \
+             (nats-server's Go runtime sizes GOMAXPROCS to its 1 CPU)"
+        );
+    }
     match fsync_probe() {
         Ok((p50, p99)) => println!(
             "fdatasync of a 4 KiB append in {}: p50 {p50:.0} us, p99 {p99:.0} us (100 samples)",

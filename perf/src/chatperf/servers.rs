@@ -7,12 +7,60 @@ use anyhow::{bail, Context as _};
 use ed25519_dalek::SigningKey;
 use std::io::{BufRead as _, BufReader, Read as _, Write as _};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 static NEXT_DIR: AtomicU32 = AtomicU32::new(0);
+
+/// The CPUs every server this harness starts is restricted to (`chatperf run --split-cores`);
+/// unset, servers inherit the harness's own mask.
+static SERVER_CPUS: OnceLock<Vec<usize>> = OnceLock::new();
+
+/// The CPUs the calling thread may run on, in order.
+pub fn own_cpus() -> anyhow::Result<Vec<usize>> {
+    // SAFETY: cpu_set_t is a plain bit array that sched_getaffinity fills; CPU_ISSET reads it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            bail!("sched_getaffinity: {}", std::io::Error::last_os_error());
+        }
+        Ok((0..libc::CPU_SETSIZE as usize)
+            .filter(|&c| libc::CPU_ISSET(c, &set))
+            .collect())
+    }
+}
+
+fn cpu_set(cpus: &[usize]) -> libc::cpu_set_t {
+    // SAFETY: as in `own_cpus`; CPU_SET writes inside the set for cpu < CPU_SETSIZE.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        for &c in cpus.iter().filter(|&&c| c < libc::CPU_SETSIZE as usize) {
+            libc::CPU_SET(c, &mut set);
+        }
+        set
+    }
+}
+
+/// Restricts the calling thread, and the threads it starts afterwards, to `cpus`.
+pub fn pin_self(cpus: &[usize]) -> anyhow::Result<()> {
+    let set = cpu_set(cpus);
+    // SAFETY: passes a live cpu_set_t and its size.
+    if unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) } != 0 {
+        bail!("sched_setaffinity: {}", std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Starts every later server on `cpus` only (called once, before any server starts).
+pub fn set_server_cpus(cpus: Vec<usize>) -> anyhow::Result<()> {
+    SERVER_CPUS
+        .set(cpus)
+        .map_err(|_| anyhow::anyhow!("server CPUs already set"))
+}
 
 /// A fresh temporary directory for one server.
 pub fn temp_dir(tag: &str) -> anyhow::Result<PathBuf> {
@@ -78,6 +126,20 @@ impl Proc {
     fn spawn(mut cmd: Command, dir: PathBuf, stdout: Stdio) -> anyhow::Result<Self> {
         let log = dir.join("stderr.log");
         let err = std::fs::File::create(&log)?;
+        if let Some(cpus) = SERVER_CPUS.get() {
+            let set = cpu_set(cpus);
+            // SAFETY: between fork and exec the closure only makes one system call with a
+            // set built before the fork (async-signal-safe, no allocation).
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0
+                    {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         let child = cmd
             .stdin(Stdio::null())
             .stdout(stdout)
