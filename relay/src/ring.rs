@@ -75,6 +75,15 @@ impl<T: Send> Producer<T> {
     }
 }
 
+impl<T: Send> Producer<T> {
+    /// Whether a push would succeed now (the consumer may make room at any time after).
+    pub fn has_room(&self) -> bool {
+        let s = &*self.shared;
+        let head = s.head.0.load(Ordering::Relaxed);
+        head.wrapping_sub(s.tail.0.load(Ordering::Acquire)) < s.slots.len()
+    }
+}
+
 impl<T: Send> Consumer<T> {
     /// Takes the oldest message, if any.
     pub fn pop(&mut self) -> Option<T> {

@@ -207,6 +207,8 @@ fn run_with_chat(
         return Err(io::Error::last_os_error());
     }
     let mut chat = super::chat_epoll::EpollChat::new(parts, epfd)?;
+    // Media goes on while chat's reading is paused.
+    chat.also_while_paused(fd, TAG_UDP)?;
     let mut rx = Rx::new();
     let mut tx = Tx::new();
     let mut io = IoCounters::default();
@@ -227,7 +229,7 @@ fn run_with_chat(
         // SAFETY: `events` has room for `events.len()` entries.
         let n = unsafe {
             libc::epoll_wait(
-                epfd,
+                chat.wait_set(),
                 events.as_mut_ptr(),
                 events.len() as libc::c_int,
                 timeout,

@@ -41,6 +41,11 @@ pub struct EpollChat {
     spare: Option<std::fs::File>,
     /// The listener's epoll events are cleared until this time (after EMFILE or ENFILE).
     accepts_paused_until: Option<u64>,
+    /// The epoll set waited on while reading is paused (cross-shard messages spill): the
+    /// waker and what the backend adds ([`EpollChat::also_while_paused`]), no connection, so
+    /// that the level-triggered events of unread connections do not make every wait return
+    /// at once.
+    paused_set: std::os::fd::OwnedFd,
 }
 
 fn epoll_ctl(epfd: RawFd, op: libc::c_int, fd: RawFd, events: u32, tag: u64) -> io::Result<()> {
@@ -73,6 +78,21 @@ impl EpollChat {
             events,
             TAG_WAKER,
         )?;
+        // SAFETY: epoll_create1 returns a new descriptor or -1.
+        let paused = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if paused < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `paused` is a fresh descriptor owned from here on.
+        let paused_set =
+            unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(paused) };
+        epoll_ctl(
+            paused,
+            libc::EPOLL_CTL_ADD,
+            core.waker_fd(),
+            events,
+            TAG_WAKER,
+        )?;
         Ok(Self {
             core,
             listener,
@@ -80,7 +100,30 @@ impl EpollChat {
             epfd,
             spare: Some(std::fs::File::open("/dev/null")?),
             accepts_paused_until: None,
+            paused_set,
         })
+    }
+
+    /// Adds `fd` (readable events, tagged `tag`) to the set waited on while reading is paused.
+    pub fn also_while_paused(&self, fd: RawFd, tag: u64) -> io::Result<()> {
+        let events = libc::EPOLLIN as u32;
+        epoll_ctl(
+            self.paused_set.as_raw_fd(),
+            libc::EPOLL_CTL_ADD,
+            fd,
+            events,
+            tag,
+        )
+    }
+
+    /// The epoll set to wait on this turn: the shard's whole set, or while reading is paused
+    /// only the waker and what [`EpollChat::also_while_paused`] added.
+    pub fn wait_set(&self) -> RawFd {
+        if self.core.reading_paused() {
+            self.paused_set.as_raw_fd()
+        } else {
+            self.epfd
+        }
     }
 
     /// Handles one epoll event tagged for chat.

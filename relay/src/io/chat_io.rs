@@ -488,9 +488,11 @@ impl ChatCore {
     /// Prepares to block: false when there is already work, so the wait must not block.
     /// Records waiting while a batch is in flight are no reason to stay awake: they go with
     /// the next batch, and the sync thread wakes the shard when the one in flight is done.
+    /// Neither is a spill to a full ring: the receiving shard wakes this one when it takes
+    /// from it (the backend then waits only for what it serves while reading is paused).
     pub fn prepare_sleep(&mut self) -> bool {
         let commit_due = self.engine.has_records() && !self.pipeline.in_flight();
-        !commit_due && !self.mailbox.backlogged() && self.mailbox.prepare_sleep()
+        !commit_due && self.mailbox.prepare_sleep()
     }
 
     /// After the wait.

@@ -1,6 +1,11 @@
 //! Cross-shard mailboxes: one bounded SPSC ring per (sender, receiver) pair of shards, and an
 //! eventfd per shard to wake it when it sleeps. A sender writes the eventfd only when the
 //! receiver has announced that it is about to sleep, so a busy receiver costs no syscalls.
+//!
+//! A sender that found a ring full (its messages spill, and its shard stops reading clients)
+//! flags that ring; the receiver, after taking messages from a flagged ring, wakes the sender
+//! if it sleeps. So a spilling shard sleeps until there is room instead of spinning, which on
+//! a machine with fewer cores than threads would take the receiver's own CPU time.
 
 use crate::chat::msg::ShardMsg;
 use crate::ring::{self, Consumer, Producer};
@@ -71,12 +76,18 @@ pub struct Mailbox {
     first_inbound: usize,
     wakers: Arc<Vec<Waker>>,
     to_wake: Vec<bool>,
+    /// `blocked[from * n + to]`: shard `from` found its ring to `to` full and waits for room.
+    blocked: Arc<Vec<AtomicBool>>,
+    /// The inbound rings the last `receive` took messages from.
+    took: Vec<bool>,
 }
 
 /// Builds the mailboxes of `n` shards, each ring holding `capacity` messages.
 pub fn mailboxes(n: usize, capacity: usize) -> io::Result<Vec<Mailbox>> {
     let wakers: Arc<Vec<Waker>> =
         Arc::new((0..n).map(|_| Waker::new()).collect::<io::Result<_>>()?);
+    let blocked: Arc<Vec<AtomicBool>> =
+        Arc::new((0..n * n).map(|_| AtomicBool::new(false)).collect());
     let mut boxes: Vec<Mailbox> = (0..n)
         .map(|me| Mailbox {
             me,
@@ -87,6 +98,8 @@ pub fn mailboxes(n: usize, capacity: usize) -> io::Result<Vec<Mailbox>> {
             first_inbound: 0,
             wakers: wakers.clone(),
             to_wake: vec![false; n],
+            blocked: blocked.clone(),
+            took: vec![false; n],
         })
         .collect();
     for from in 0..n {
@@ -122,8 +135,15 @@ impl Mailbox {
         if let Err(m) = ring.push(m) {
             self.overflow[to].push_back(m);
             self.spilled += 1;
+            self.flag_blocked(to);
         }
         self.to_wake[to] = true;
+    }
+
+    /// Asks shard `to` to wake this one once it has taken from their ring. No message is
+    /// lost if the flag comes too late: [`Mailbox::prepare_sleep`] checks for room after it.
+    fn flag_blocked(&self, to: usize) {
+        self.blocked[self.me * self.wakers.len() + to].store(true, Ordering::SeqCst);
     }
 
     /// Retries spilled messages and wakes every shard sent to since the last flush.
@@ -135,6 +155,7 @@ impl Mailbox {
                     .expect("overflow only for other shards");
                 if let Err(m) = ring.push(m) {
                     self.overflow[to].push_front(m);
+                    self.flag_blocked(to);
                     break;
                 }
                 self.to_wake[to] = true;
@@ -170,16 +191,41 @@ impl Mailbox {
         self.first_inbound = first + 1;
         let mut n = 0;
         for k in 0..rings {
-            let Some(c) = self.inbound[(first + k) % rings].as_mut() else {
+            let from = (first + k) % rings;
+            let Some(c) = self.inbound[from].as_mut() else {
                 continue;
             };
+            let before = n;
             while n < MAX_RECV_PER_TURN {
                 let Some(m) = c.pop() else { break };
                 handle(m);
                 n += 1;
             }
+            self.took[from] = n > before;
+        }
+        if n > 0 {
+            self.wake_blocked_senders();
         }
         n
+    }
+
+    /// Wakes the sleeping senders whose flagged rings this turn's `receive` took from.
+    fn wake_blocked_senders(&mut self) {
+        let n = self.wakers.len();
+        // Pairs with the sender's fence in `prepare_sleep`: either it sees the room made by
+        // the pops, or this sees its flag (and then whether it sleeps). One fence per turn
+        // that received anything.
+        fence(Ordering::SeqCst);
+        for from in 0..n {
+            let flag = &self.blocked[from * n + self.me];
+            if std::mem::take(&mut self.took[from])
+                && flag.load(Ordering::Relaxed)
+                && flag.swap(false, Ordering::SeqCst)
+                && self.wakers[from].sleeping.load(Ordering::SeqCst)
+            {
+                self.wakers[from].wake();
+            }
+        }
     }
 
     /// Messages waiting in the spill queues now.
@@ -188,12 +234,19 @@ impl Mailbox {
     }
 
     /// Announces that this shard is about to sleep; returns false (and cancels) when a
-    /// message is already waiting.
+    /// message is already waiting, or a ring this shard spills into has room again. While it
+    /// spills, the receiver wakes it when it makes room (see the module documentation).
     pub fn prepare_sleep(&mut self) -> bool {
         let w = &self.wakers[self.me];
         w.sleeping.store(true, Ordering::SeqCst);
         fence(Ordering::SeqCst);
-        if self.inbound.iter_mut().flatten().any(|c| c.peek_nonempty()) {
+        let waiting = self.inbound.iter_mut().flatten().any(|c| c.peek_nonempty());
+        let room = self
+            .overflow
+            .iter()
+            .zip(&self.outbound)
+            .any(|(q, ring)| !q.is_empty() && ring.as_ref().is_some_and(Producer::has_room));
+        if waiting || room {
             w.sleeping.store(false, Ordering::SeqCst);
             return false;
         }
@@ -219,6 +272,51 @@ mod tests {
             ShardMsg::BacklogCancel { user } => *user,
             other => panic!("{other:?}"),
         }
+    }
+
+    /// Whether shard `b`'s eventfd has a wake-up pending (and clears it).
+    fn woken(b: &Mailbox) -> bool {
+        let mut v: u64 = 0;
+        // SAFETY: reads 8 bytes into a live u64 from a non-blocking eventfd.
+        let n = unsafe { libc::read(b.waker().fd(), (&mut v as *mut u64).cast(), 8) };
+        n == 8 && v > 0
+    }
+
+    #[test]
+    fn a_spilling_shard_sleeps_and_the_receiver_wakes_it_when_it_makes_room() {
+        let mut boxes = mailboxes(2, 16).unwrap();
+        let mut b1 = boxes.pop().unwrap();
+        let mut b0 = boxes.pop().unwrap();
+        for u in 0..20 {
+            b0.send(1, msg(u));
+        }
+        b0.flush();
+        assert_eq!(b0.spill_depth(), 4);
+        // Nothing to do until shard 1 takes from the ring: shard 0 may sleep.
+        assert!(b0.prepare_sleep());
+        assert!(!woken(&b0));
+        let mut got = Vec::new();
+        b1.receive(|m| got.push(user(&m)));
+        assert_eq!(got.len(), 16);
+        assert!(woken(&b0), "the receiver wakes the spilling sender");
+        b0.woke();
+        b0.flush();
+        assert!(!b0.backlogged());
+        b1.receive(|m| got.push(user(&m)));
+        assert_eq!(got, (0..20).collect::<Vec<_>>());
+        // A sender that is not asleep is not woken, and a sender that finds room before it
+        // sleeps does not sleep.
+        for u in 20..40 {
+            b0.send(1, msg(u));
+        }
+        b0.flush();
+        assert!(b0.backlogged());
+        b1.receive(|_| {});
+        assert!(!woken(&b0));
+        assert!(!b0.prepare_sleep(), "room in the ring it spills into");
+        b0.woke();
+        b0.flush();
+        assert!(!b0.backlogged());
     }
 
     #[test]
