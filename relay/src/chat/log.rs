@@ -247,6 +247,11 @@ const SEGMENT_NAME_DIGITS: usize = 20;
 /// A deleted segment kept for reuse (its blocks are allocated and written): not a segment
 /// name, so recovery ignores it.
 const SPARE_NAME: &str = "recycled.spare";
+/// Segments one [`Log::compact`] deletes at most: each deletion costs a directory fsync on
+/// the shard's thread (milliseconds on a busy disk), and a long-absent recipient's
+/// acknowledgement can free hundreds at once. The rest go in later calls
+/// ([`Log::compact_pending`]).
+pub const MAX_DELETIONS_PER_COMPACT: usize = 4;
 
 const _: () = assert!(SEGMENT_HEADER_LEN as usize == 8 + 4 + 8 + 8 + 4);
 const _: () = assert!(RECORD_HEADER_LEN == 4 + 4 + 1);
@@ -797,20 +802,34 @@ impl Log {
         Ok(freed)
     }
 
-    /// Deletes fully dead, fully written segments from the front, never the last file on
-    /// disk: the newest file's name carries the Lsn numbering across a crash.
+    /// Whether the oldest segment can be deleted: [`Log::compact`] has work, for instance
+    /// what the last call left beyond [`MAX_DELETIONS_PER_COMPACT`].
+    pub fn compact_pending(&self) -> bool {
+        self.front_deletable()
+    }
+
+    fn front_deletable(&self) -> bool {
+        self.segments.len() > 1 && self.segments[1].on_disk() && {
+            let front = &self.segments[0];
+            front.fully_dead() && front.on_disk() && front.unwritten_bytes() == 0
+        }
+    }
+
+    /// Deletes fully dead, fully written segments from the front, at most
+    /// [`MAX_DELETIONS_PER_COMPACT`], never the last file on disk: the newest file's name
+    /// carries the Lsn numbering across a crash.
     fn delete_dead_prefix(&mut self) -> io::Result<u64> {
         // A successor created since the last directory fsync might vanish in a crash.
         self.sync_dir()?;
         let mut freed = 0;
-        while self.segments.len() > 1 && self.segments[1].on_disk() {
-            let front = &self.segments[0];
-            if !(front.fully_dead() && front.on_disk() && front.unwritten_bytes() == 0) {
+        for _ in 0..MAX_DELETIONS_PER_COMPACT {
+            if !self.front_deletable() {
                 break;
             }
             // The deletion before this one is made durable first: a crash must not keep an
             // older segment while a newer one is gone (recovery would see a gap and refuse
-            // the log). One directory fsync per deleted segment, a rare event.
+            // the log). One directory fsync per deleted segment, on the shard's thread: hence
+            // the cap per call.
             if freed > 0 {
                 self.sync_dir()?;
             }
@@ -1183,6 +1202,36 @@ mod tests {
         out
     }
 
+    #[test]
+    fn compaction_deletes_a_few_segments_per_call() {
+        let tmp = TempDir::new("compact-cap");
+        let (mut log, _) = Log::open(&tmp.0, cfg(1024)).unwrap();
+        write(&mut log, 1, 601, 4);
+        let files = seg_files(&tmp.0);
+        let n = files.len();
+        assert!(n > 12, "{n} segments");
+        // Everything but the newest segment's records dead at once.
+        let last = files[n - 1].0;
+        for lsn in 1..last {
+            log.mark_dead(Lsn(lsn));
+        }
+        let mut calls = 0;
+        while log.compact_pending() {
+            let before = log.n_segments();
+            assert!(log.compact().unwrap() > 0);
+            assert!(before - log.n_segments() <= MAX_DELETIONS_PER_COMPACT);
+            calls += 1;
+        }
+        // Spread over calls (one call deleted all of them before the cap).
+        assert!(calls > 3, "{calls} calls");
+        assert_eq!(calls, (n - 1).div_ceil(MAX_DELETIONS_PER_COMPACT));
+        assert_eq!(seg_files(&tmp.0), files[n - 1..].to_vec());
+        assert_eq!(log.compact().unwrap(), 0);
+        drop(log);
+        let (_, recs) = Log::open(&tmp.0, cfg(1024)).unwrap();
+        assert_eq!(recs.first().map(|r| r.lsn), Some(Lsn(last)));
+    }
+
     fn seg_files(dir: &Path) -> Vec<(u64, PathBuf)> {
         let lsns = list_segments(dir).unwrap();
         lsns.into_iter()
@@ -1540,7 +1589,9 @@ mod tests {
         for lsn in 1..=pending.0 {
             log.mark_dead(Lsn(lsn));
         }
-        log.compact().unwrap();
+        while log.compact_pending() {
+            log.compact().unwrap();
+        }
         assert_eq!(log.n_segments(), 1);
         assert!(log.disk_bytes() > SEGMENT_HEADER_LEN);
         log.commit().unwrap();

@@ -400,7 +400,8 @@ impl ChatCore {
                 }
             }
         }
-        if compact {
+        // Also when an earlier compaction left dead segments (it deletes a few per turn).
+        if compact || self.log.compact_pending() {
             self.log.compact()?;
         }
         let mut outbox = self.engine.take_outbox();
