@@ -22,6 +22,16 @@ struct Backlog {
     more: Vec<bool>,
 }
 
+/// Entries one owner may send in a backlog chunk: a session asks for more only while at most
+/// half its window is unacknowledged, and the `owners` still streaming share the other half
+/// (at least 1 each). Once the other owners have said they hold nothing, the one left gets
+/// the whole half: a share of 1 / n_shards throughout made a backlog held by one owner of
+/// many shards come an entry or two per round trip.
+fn chunk_budget(window: u16, owners: usize) -> u16 {
+    let share = usize::from(window) / (2 * owners.max(1));
+    u16::try_from(share.max(1)).unwrap_or(u16::MAX)
+}
+
 #[derive(Debug)]
 struct Session {
     ip: IpAddr,
@@ -645,6 +655,7 @@ impl Home {
             answered: vec![false; n],
             more: vec![false; n],
         });
+        let budget = chunk_budget(self.cfg.window, n);
         for shard in 0..self.n_shards {
             self.out.push((
                 shard,
@@ -652,6 +663,7 @@ impl Home {
                     user,
                     epoch,
                     home: self.shard,
+                    budget,
                 },
             ));
         }
@@ -671,6 +683,13 @@ impl Home {
         {
             return;
         }
+        // Owners not done yet: each has at most one chunk outstanding, sized when it was
+        // asked; this count only falls during a backlog, so the chunks outstanding at once
+        // stay within half the window.
+        let left = (0..b.answered.len())
+            .filter(|&o| !b.answered[o] || b.more[o])
+            .count();
+        let budget = chunk_budget(self.cfg.window, left);
         for owner in 0..usize::from(self.n_shards) {
             if b.answered[owner] && b.more[owner] {
                 b.answered[owner] = false;
@@ -679,6 +698,7 @@ impl Home {
                     ShardMsg::BacklogMore {
                         user,
                         epoch: b.epoch,
+                        budget,
                     },
                 ));
             }

@@ -54,6 +54,8 @@ pub enum ShardMsg {
         epoch: u64,
         /// Home shard.
         home: u16,
+        /// Entries the first chunk may hold at most.
+        budget: u16,
     },
     /// Home -> owner: the session has room for the next chunk.
     BacklogMore {
@@ -61,6 +63,8 @@ pub enum ShardMsg {
         user: u64,
         /// Session epoch.
         epoch: u64,
+        /// Entries this chunk may hold at most.
+        budget: u16,
     },
     /// Home -> owner: the session is gone.
     BacklogCancel {

@@ -246,7 +246,12 @@ impl Owner {
                 target,
                 add,
             } => self.change_member(from, msg_id, chat, target, add, now_ms),
-            ShardMsg::BacklogStart { user, epoch, home } => {
+            ShardMsg::BacklogStart {
+                user,
+                epoch,
+                home,
+                budget,
+            } => {
                 self.streams.insert(
                     user,
                     Stream {
@@ -255,9 +260,13 @@ impl Owner {
                         cursors: Map::default(),
                     },
                 );
-                self.stream_chunk(user, epoch);
+                self.stream_chunk(user, epoch, budget);
             }
-            ShardMsg::BacklogMore { user, epoch } => self.stream_chunk(user, epoch),
+            ShardMsg::BacklogMore {
+                user,
+                epoch,
+                budget,
+            } => self.stream_chunk(user, epoch, budget),
             ShardMsg::BacklogCancel { user } => {
                 self.streams.remove(&user);
             }
@@ -682,15 +691,13 @@ impl Owner {
     }
 
     /// Sends the next chunk of `user`'s committed, unacknowledged entries (in seq order per
-    /// chat), then a BacklogChunk marker saying whether more remains.
-    fn stream_chunk(&mut self, user: u64, epoch: u64) {
+    /// chat), at most `budget` (the home's share of the session's window for this owner) and
+    /// `backlog_chunk`, then a BacklogChunk marker saying whether more remains.
+    fn stream_chunk(&mut self, user: u64, epoch: u64, budget: u16) {
         let Some(stream) = self.streams.get_mut(&user).filter(|s| s.epoch == epoch) else {
             return;
         };
-        // Every owner sends a chunk when the session has at most half its window
-        // unacknowledged: together they must not pass the other half.
-        let share = usize::from(self.cfg.window) / (2 * usize::from(self.n_shards));
-        let mut budget = self.cfg.backlog_chunk.min(share).max(1);
+        let mut budget = self.cfg.backlog_chunk.min(usize::from(budget)).max(1);
         let mut more = false;
         for chat_id in self.member_of.get(&user).map(Vec::as_slice).unwrap_or(&[]) {
             let Some(chat) = self.chats.get(chat_id) else {

@@ -133,6 +133,8 @@ struct Sim {
     pipes: Vec<super::pipeline::CommitPipeline>,
     /// Per shard: the records of the batch in flight (written, not yet durable).
     flying: Vec<Vec<(u64, Rec)>>,
+    /// BacklogMore requests that went between shards (each a round trip to an owner).
+    backlog_pulls: usize,
 }
 
 impl Sim {
@@ -157,6 +159,7 @@ impl Sim {
             pipelined: false,
             pipes: (0..N_SHARDS).map(|_| Default::default()).collect(),
             flying: (0..N_SHARDS).map(|_| Vec::new()).collect(),
+            backlog_pulls: 0,
         };
         sim.boot();
         sim
@@ -312,6 +315,7 @@ impl Sim {
                 }
                 let mut outbox = self.shards[i].take_outbox();
                 for (dest, m) in outbox.drain(..) {
+                    self.backlog_pulls += usize::from(matches!(m, ShardMsg::BacklogMore { .. }));
                     self.rings[usize::from(dest)].push_back(m);
                     moved = true;
                 }
@@ -1551,6 +1555,60 @@ fn a_backlog_from_every_owner_shard_keeps_to_the_window() {
         sim.ack_all(bob, &got);
     }
     assert_eq!(total, 30);
+}
+
+/// A backlog held by one owner shard gets the whole half window per round once the other
+/// owners have said they hold nothing: it does not stay at the share of one owner among all
+/// shards (a window of 12 over 3 shards: 2 entries a round trip).
+#[test]
+fn a_backlog_from_one_owner_takes_the_whole_half_window() {
+    let mut sim = Sim::new(ChatConfig {
+        window: 12,
+        ..ChatConfig::default()
+    });
+    // The owner of their chat is not Bob's home: every pull crosses between shards.
+    let (alice, bob) = (1u64..)
+        .flat_map(|a| (1u64..100).map(move |b| (a, b)))
+        .find(|&(a, b)| {
+            a != b
+                && ids::owner_shard(ids::direct_chat(a, b), N_SHARDS)
+                    != ids::home_shard(b, N_SHARDS)
+        })
+        .unwrap();
+    sim.connect(alice);
+    for n in 0..60u64 {
+        sim.send(alice, |e| {
+            e.send(&id(n), 0, bob, kind::TEXT, &[0; 16], &n.to_le_bytes())
+        });
+    }
+    sim.connect(bob);
+    let (mut rounds, mut bodies) = (0, Vec::new());
+    for _ in 0..100 {
+        let got = sim.take(bob);
+        let m = msgs(&got);
+        assert!(
+            m.len() <= 12,
+            "{} unacknowledged entries in flight, window 12",
+            m.len()
+        );
+        bodies.extend(
+            m.into_iter()
+                .map(|m| u64::from_le_bytes(m.2[..8].try_into().unwrap())),
+        );
+        rounds += 1;
+        if got.contains(&Got::BacklogEnd) {
+            break;
+        }
+        sim.ack_all(bob, &got);
+    }
+    assert_eq!(bodies, (0..60).collect::<Vec<_>>(), "all, in order");
+    eprintln!("{rounds} rounds, {} pulls", sim.backlog_pulls);
+    // 2 entries in the first chunk (every owner's share of half the window), then 6 a chunk.
+    assert!(
+        sim.backlog_pulls <= 12,
+        "{} pulls for 60 entries",
+        sim.backlog_pulls
+    );
 }
 
 /// Beyond the rate, an ACK that takes in what the session was sent still goes: refusing it
