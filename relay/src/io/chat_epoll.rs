@@ -42,9 +42,10 @@ pub struct EpollChat {
     /// The listener's epoll events are cleared until this time (after EMFILE or ENFILE).
     accepts_paused_until: Option<u64>,
     /// The epoll set waited on while reading is paused (cross-shard messages spill): the
-    /// waker and what the backend adds ([`EpollChat::also_while_paused`]), no connection, so
-    /// that the level-triggered events of unread connections do not make every wait return
-    /// at once.
+    /// waker, what the backend adds ([`EpollChat::also_while_paused`]) and, for EPOLLOUT
+    /// only, the connections with output waiting for room; not the others, so that the
+    /// level-triggered events of unread connections do not make every wait return at once.
+    /// New connections wait in the listener's queue until the pause ends.
     paused_set: std::os::fd::OwnedFd,
 }
 
@@ -136,9 +137,17 @@ impl EpollChat {
                     & (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLHUP | libc::EPOLLERR) as u32
                     != 0
                 {
+                    // Returns at once while reading is paused.
                     self.read(now, id);
                 }
-                if events & libc::EPOLLOUT as u32 != 0 {
+                // While paused, a hang-up or error comes from the paused set (the connection
+                // waits to write): the write fails and closes it, so that it does not end
+                // every wait.
+                let mut out = libc::EPOLLOUT as u32;
+                if self.core.reading_paused() {
+                    out |= (libc::EPOLLHUP | libc::EPOLLERR) as u32;
+                }
+                if events & out != 0 {
                     self.write(now, id);
                 }
             }
@@ -335,6 +344,13 @@ impl EpollChat {
             let fd = c.stream.as_raw_fd();
             if epoll_ctl(self.epfd, libc::EPOLL_CTL_MOD, fd, events, id).is_ok() {
                 c.want_write = want;
+                // Output waiting for room is written while reading is paused too.
+                let paused = self.paused_set.as_raw_fd();
+                let _ = if want {
+                    epoll_ctl(paused, libc::EPOLL_CTL_ADD, fd, libc::EPOLLOUT as u32, id)
+                } else {
+                    epoll_ctl(paused, libc::EPOLL_CTL_DEL, fd, 0, id)
+                };
             }
         }
     }
@@ -342,6 +358,10 @@ impl EpollChat {
     fn close(&mut self, now: Now, id: ConnId) {
         if let Some(c) = self.conns.remove(&id) {
             let _ = epoll_ctl(self.epfd, libc::EPOLL_CTL_DEL, c.stream.as_raw_fd(), 0, id);
+            if c.want_write {
+                let paused = self.paused_set.as_raw_fd();
+                let _ = epoll_ctl(paused, libc::EPOLL_CTL_DEL, c.stream.as_raw_fd(), 0, id);
+            }
             self.core.closed(now, id);
             drop(c);
             // The descriptor just freed goes to the spare first, before another shard's

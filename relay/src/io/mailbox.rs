@@ -140,10 +140,16 @@ impl Mailbox {
         self.to_wake[to] = true;
     }
 
-    /// Asks shard `to` to wake this one once it has taken from their ring. No message is
-    /// lost if the flag comes too late: [`Mailbox::prepare_sleep`] checks for room after it.
+    /// Asks shard `to` to wake this one (if it sleeps) whenever it takes from their ring,
+    /// until this one's spill queue for `to` is empty again ([`Mailbox::flush`] clears the
+    /// flag; only the sender writes it, so a receiver cannot clear a flag set after the
+    /// room it made was already used).
     fn flag_blocked(&self, to: usize) {
-        self.blocked[self.me * self.wakers.len() + to].store(true, Ordering::SeqCst);
+        let flag = &self.blocked[self.me * self.wakers.len() + to];
+        // Written only when it changes: the flags of all pairs share cache lines.
+        if !flag.load(Ordering::Relaxed) {
+            flag.store(true, Ordering::SeqCst);
+        }
     }
 
     /// Retries spilled messages and wakes every shard sent to since the last flush.
@@ -159,6 +165,10 @@ impl Mailbox {
                     break;
                 }
                 self.to_wake[to] = true;
+            }
+            let flag = &self.blocked[self.me * self.wakers.len() + to];
+            if self.overflow[to].is_empty() && flag.load(Ordering::Relaxed) {
+                flag.store(false, Ordering::Relaxed);
             }
         }
         // Pair with the receiver's fence in `prepare_sleep`: either it sees our messages or we
@@ -213,15 +223,13 @@ impl Mailbox {
     fn wake_blocked_senders(&mut self) {
         let n = self.wakers.len();
         // Pairs with the sender's fence in `prepare_sleep`: either it sees the room made by
-        // the pops, or this sees its flag (and then whether it sleeps). One fence per turn
-        // that received anything.
+        // the pops, or this sees that it sleeps, and then also its flag, which it set before
+        // announcing the sleep. One fence per turn that received anything.
         fence(Ordering::SeqCst);
         for from in 0..n {
-            let flag = &self.blocked[from * n + self.me];
             if std::mem::take(&mut self.took[from])
-                && flag.load(Ordering::Relaxed)
-                && flag.swap(false, Ordering::SeqCst)
                 && self.wakers[from].sleeping.load(Ordering::SeqCst)
+                && self.blocked[from * n + self.me].load(Ordering::SeqCst)
             {
                 self.wakers[from].wake();
             }
