@@ -111,6 +111,9 @@ struct Row {
     /// The relay's log over the measured window: bytes written to storage per second, and
     /// fdatasyncs (commits) per second.
     disk: Option<(f64, f64)>,
+    /// Per commit over the measured window: microseconds of fdatasync, and microseconds the
+    /// batch was held from hand-off to release.
+    commit: Option<(f64, f64)>,
 }
 
 /// CPU time (user + system, all threads, exited ones included) of the server and of this
@@ -227,6 +230,17 @@ fn print_table(rows: &[Row]) {
     }
     println!();
     for r in rows {
+        if let Some((sync_us, held_us)) = r.commit {
+            println!(
+                "{}: per commit, fdatasync {sync_us:.0} us, batch held {held_us:.0} us from its \
+                 hand-off to the sync thread to its release (relay_chat_sync_us_total and \
+                 relay_chat_commit_us_total / relay_chat_commits_total)",
+                r.name
+            );
+        }
+    }
+    println!();
+    for r in rows {
         if let Some(x) = r.rec_per_entry {
             println!(
                 "{}: {x:.2} log records per accepted entry (relay_chat_records_total / \
@@ -257,6 +271,7 @@ fn relay_row(setup: &RelaySetup<'_>, cfg: LoadCfg, base: u64, name: &str) -> Row
     } = *setup;
     let offered = cfg.rate_per_pair.map(|r| r * cfg.pairs as f64);
     let (mut rec_per_sync, mut rec_per_entry, mut cores, mut disk) = (None, None, None, None);
+    let mut commit = None;
     let result = (|| -> anyhow::Result<LoadResult> {
         let relay = servers::Relay::start(bin, io, shards, chat_toml)?;
         let pid = relay.proc.pid();
@@ -268,8 +283,8 @@ fn relay_row(setup: &RelaySetup<'_>, cfg: LoadCfg, base: u64, name: &str) -> Row
             key: Box::new(relay.key.clone()),
             base,
         };
-        let before = Cell::new((0u64, 0u64, 0u64));
-        let after = Cell::new((0u64, 0u64, 0u64));
+        let before = Cell::new(servers::LogCounters::default());
+        let after = Cell::new(servers::LogCounters::default());
         let res = load::run(
             &target,
             cfg,
@@ -285,10 +300,16 @@ fn relay_row(setup: &RelaySetup<'_>, cfg: LoadCfg, base: u64, name: &str) -> Row
             },
         )?;
         cores = CpuMark::cores(cpu0.get(), cpu1.get());
-        let (r0, c0, a0) = before.get();
-        let (r1, c1, a1) = after.get();
+        let (b, a) = (before.get(), after.get());
+        let (r0, c0, a0) = (b.records, b.commits, b.accepted);
+        let (r1, c1, a1) = (a.records, a.commits, a.accepted);
         if c1 > c0 {
-            rec_per_sync = Some((r1 - r0) as f64 / (c1 - c0) as f64);
+            let n = (c1 - c0) as f64;
+            rec_per_sync = Some((r1 - r0) as f64 / n);
+            commit = Some((
+                a.sync_us.saturating_sub(b.sync_us) as f64 / n,
+                a.commit_us.saturating_sub(b.commit_us) as f64 / n,
+            ));
         }
         if a1 > a0 {
             rec_per_entry = Some((r1 - r0) as f64 / (a1 - a0) as f64);
@@ -314,6 +335,7 @@ fn relay_row(setup: &RelaySetup<'_>, cfg: LoadCfg, base: u64, name: &str) -> Row
         rec_per_entry,
         cores,
         disk,
+        commit,
     }
 }
 
@@ -360,6 +382,7 @@ fn pubsub_row(which: &str, cfg: LoadCfg, name: &str) -> Row {
         rec_per_entry: None,
         cores,
         disk: None,
+        commit: None,
     }
 }
 

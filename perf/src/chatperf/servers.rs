@@ -158,6 +158,21 @@ impl Drop for Proc {
     }
 }
 
+/// The relay's log counters (`relay_chat_*_total`), summed over shards.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LogCounters {
+    /// Records committed.
+    pub records: u64,
+    /// Commits (each one fdatasync).
+    pub commits: u64,
+    /// Entries sequenced (messages and receipts).
+    pub accepted: u64,
+    /// Microseconds in fdatasync.
+    pub sync_us: u64,
+    /// Microseconds batches were held from hand-off to the sync thread to release.
+    pub commit_us: u64,
+}
+
 /// A relay with chat enabled, on a temporary data directory.
 pub struct Relay {
     /// The process.
@@ -233,15 +248,16 @@ impl Relay {
         Ok(body)
     }
 
-    /// `relay_chat_records_total`, `relay_chat_commits_total` and
-    /// `relay_chat_accepted_total` (entries sequenced), summed over shards.
-    pub fn log_counters(&self) -> anyhow::Result<(u64, u64, u64)> {
+    /// The log's counters, summed over shards.
+    pub fn log_counters(&self) -> anyhow::Result<LogCounters> {
         let t = self.metrics_text()?;
-        Ok((
-            wire::metric_sum(&t, "relay_chat_records_total"),
-            wire::metric_sum(&t, "relay_chat_commits_total"),
-            wire::metric_sum(&t, "relay_chat_accepted_total"),
-        ))
+        Ok(LogCounters {
+            records: wire::metric_sum(&t, "relay_chat_records_total"),
+            commits: wire::metric_sum(&t, "relay_chat_commits_total"),
+            accepted: wire::metric_sum(&t, "relay_chat_accepted_total"),
+            sync_us: wire::metric_sum(&t, "relay_chat_sync_us_total"),
+            commit_us: wire::metric_sum(&t, "relay_chat_commit_us_total"),
+        })
     }
 
     /// Bytes the relay has caused to be written to storage (`/proc/<pid>/io`).

@@ -114,6 +114,12 @@ pub struct ChatIoCounters {
     pub closed: u64,
     /// Connections closed at once because the shard had `max_conns` open.
     pub refused: u64,
+    /// Microseconds spent in the commits' fdatasyncs (on the sync thread or inline).
+    pub sync_us: u64,
+    /// Microseconds the commits held their batches: from handing a batch to the sync thread
+    /// to releasing it in a later loop turn (inline: the fdatasync). Divided by `commits`,
+    /// the time durability adds to "sent" and to delivery.
+    pub commit_us: u64,
 }
 
 /// The engine, the log and the mailbox of one shard, and the bookkeeping both backends share.
@@ -138,6 +144,8 @@ pub struct ChatCore {
     /// The thread that runs the log's fdatasync (if `[chat] sync_thread`), and the batch it
     /// is making durable.
     syncer: Option<Syncer>,
+    /// When the batch in flight was handed to the sync thread (monotonic us).
+    commit_started_us: u64,
     pipeline: CommitPipeline,
     /// Refused connections waiting for their peer to close, with their deadlines.
     lingering: VecDeque<(std::net::TcpStream, u64)>,
@@ -194,6 +202,7 @@ impl ChatCore {
             engine,
             log,
             syncer,
+            commit_started_us: 0,
             pipeline: CommitPipeline::new(),
             mailbox,
             next_id: FIRST_CONN_ID,
@@ -362,7 +371,9 @@ impl ChatCore {
             Some(s) => s.try_finished()?,
             None => None,
         };
-        if let Some((job, result)) = finished {
+        if let Some((job, result, sync_us)) = finished {
+            self.counters.sync_us += sync_us;
+            self.counters.commit_us += now.mono_us.saturating_sub(self.commit_started_us);
             compact |= self.finish_batch(now, &job, result)?;
         }
         let waiting = self.engine.has_records();
@@ -392,10 +403,17 @@ impl ChatCore {
                 .expect("records were just appended");
             self.pipeline.started(lsns);
             match &self.syncer {
-                Some(s) if job.needs_sync() => s.submit(job)?,
+                Some(s) if job.needs_sync() => {
+                    s.submit(job)?;
+                    self.commit_started_us = now.mono_us;
+                }
                 // Inline: the turn's one fdatasync, then the batch is released at once.
                 _ => {
+                    let started = std::time::Instant::now();
                     let result = job.run();
+                    let us = started.elapsed().as_micros() as u64;
+                    self.counters.sync_us += us;
+                    self.counters.commit_us += us;
                     compact |= self.finish_batch(now, &job, result)?;
                 }
             }
@@ -517,6 +535,8 @@ impl ChatCore {
             self.counters.refused,
             self.mailbox.spilled(),
             self.mailbox.spill_depth() as u64,
+            self.counters.sync_us,
+            self.counters.commit_us,
         ]
     }
 }

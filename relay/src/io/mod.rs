@@ -186,7 +186,7 @@ impl ShardStats {
     ];
 
     /// Names of the chat counters, in storage order.
-    pub const CHAT_FIELDS: [&'static str; 12] = [
+    pub const CHAT_FIELDS: [&'static str; 14] = [
         "chat_sessions",
         "chat_pending",
         "chat_accepted",
@@ -199,6 +199,8 @@ impl ShardStats {
         "chat_refused",
         "chat_spilled",
         "chat_spill_depth",
+        "chat_sync_us",
+        "chat_commit_us",
     ];
 
     /// Publishes the chat counters, in [`ShardStats::CHAT_FIELDS`] order.

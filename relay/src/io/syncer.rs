@@ -10,8 +10,8 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError, TrySendError};
 use std::thread::JoinHandle;
 
-/// A finished job and its result.
-pub type Finished = (SyncJob, io::Result<()>);
+/// A finished job, its result and how long it took in microseconds.
+pub type Finished = (SyncJob, io::Result<()>, u64);
 
 /// See the module documentation.
 pub struct Syncer {
@@ -40,8 +40,10 @@ impl Syncer {
                 // so that the fdatasync never queues behind its own shard.
                 let _ = super::sys::pin_to_cpus(&super::sys::process_cpus());
                 for job in job_rx {
+                    let started = std::time::Instant::now();
                     let r = job.run();
-                    if done_tx.send((job, r)).is_err() {
+                    let us = started.elapsed().as_micros() as u64;
+                    if done_tx.send((job, r, us)).is_err() {
                         return;
                     }
                     let one: u64 = 1;
