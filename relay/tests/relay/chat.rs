@@ -215,6 +215,13 @@ fn direct_chat_gets_sent_delivered_and_read_in_order_across_shards(io: &str) {
     assert!(messages(&events)
         .iter()
         .any(|m| m.msg_id == read_id && m.kind == kind::TEXT));
+    // Every SENT waited for a commit: the time batches were held is counted.
+    let commits = r.relay.wait_metric_sum(&r, "relay_chat_commits_total", 1);
+    let held_us = r.relay.wait_metric_sum(&r, "relay_chat_commit_us_total", 1);
+    assert!(
+        commits >= 1 && held_us >= 1,
+        "{commits} commits, held {held_us} us"
+    );
 }
 
 fn offline_recipient_gets_backlog_in_order_and_the_inbox_empties(io: &str) {
