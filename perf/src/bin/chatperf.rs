@@ -230,6 +230,23 @@ fn print_table(rows: &[Row]) {
     }
     println!();
     for r in rows {
+        if let Some(res) = r
+            .result
+            .as_ref()
+            .ok()
+            .filter(|res| !res.sent_hist.is_empty())
+        {
+            let (p50, p99, _) = wire::percentiles_us(&res.sent_hist);
+            println!(
+                "{}: send-to-SENT p50 {p50:.0} us, p99 {p99:.0} us ({} SENTs; the time to \
+                 durability as the author sees it)",
+                r.name,
+                res.sent_hist.len()
+            );
+        }
+    }
+    println!();
+    for r in rows {
         if let Some((sync_us, held_us)) = r.commit {
             println!(
                 "{}: per commit, fdatasync {sync_us:.0} us, batch held {held_us:.0} us from its \

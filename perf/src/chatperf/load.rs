@@ -62,6 +62,9 @@ pub struct LoadResult {
     pub rate: f64,
     /// Send-to-deliver latency, ns, of those messages.
     pub hist: Histogram<u64>,
+    /// The relay only: send-to-SENT latency, ns (the time to durability as the author sees
+    /// it), of the SENTs received during the measured interval.
+    pub sent_hist: Histogram<u64>,
     /// Paced runs: how late each send was against its schedule, ns (timer resolution, or a
     /// full window when the server falls behind).
     pub lag: Histogram<u64>,
@@ -320,6 +323,7 @@ async fn redis_login(
 struct PairStats {
     delivered: u64,
     hist: Histogram<u64>,
+    sent_hist: Histogram<u64>,
     lag: Histogram<u64>,
     errors: u64,
     first_error: Option<String>,
@@ -350,6 +354,7 @@ async fn run_pair(
     let mut st = PairStats {
         delivered: 0,
         hist: wire::new_hist(),
+        sent_hist: wire::new_hist(),
         lag: wire::new_hist(),
         errors: 0,
         first_error: None,
@@ -385,6 +390,10 @@ async fn pair_loop(
     let mut body = vec![0u8; cfg.size.max(16)];
     let mut in_flight = 0usize;
     let mut seq = 0u64;
+    // The relay: (seq, send time in ns) of SENDs not yet answered with SENT, oldest first
+    // (SENTs come in order: one chat, one owner). Bounded; a lost answer only drops a sample.
+    let mut unanswered: std::collections::VecDeque<(u64, u64)> =
+        std::collections::VecDeque::with_capacity(4 * cfg.window);
     let id_base = (clock.ns(Instant::now()) << 8) ^ (spec.idx as u64);
     let error = |st: &mut PairStats, e: String| {
         st.errors += 1;
@@ -417,6 +426,10 @@ async fn pair_loop(
                     let mut id = [0u8; 16];
                     id[..8].copy_from_slice(&id_base.to_le_bytes());
                     id[8..].copy_from_slice(&seq.to_le_bytes());
+                    if unanswered.len() == unanswered.capacity() {
+                        unanswered.pop_front();
+                    }
+                    unanswered.push_back((seq, clock.ns(t)));
                     Encoder::new(&mut s.out).send(
                         &id,
                         0,
@@ -517,6 +530,18 @@ async fn pair_loop(
                     at += n;
                     match f {
                         Frame::Msg(e) => ack = Some((e.chat_id, e.seq)),
+                        Frame::Sent { msg_id, .. } => {
+                            let q = u64::from_le_bytes(msg_id[8..].try_into().expect("8 bytes"));
+                            while let Some(&(front, t)) = unanswered.front() {
+                                if front > q {
+                                    break;
+                                }
+                                unanswered.pop_front();
+                                if front == q && counted {
+                                    let _ = st.sent_hist.record(now_ns.saturating_sub(t).max(1));
+                                }
+                            }
+                        }
                         Frame::Error { code, msg_id, text } => {
                             if msg_id != [0; 16] {
                                 // A refused SEND will never arrive.
@@ -666,6 +691,7 @@ pub fn run(
         delivered: 0,
         rate: 0.0,
         hist: wire::new_hist(),
+        sent_hist: wire::new_hist(),
         lag: wire::new_hist(),
         errors: 0,
         first_error: None,
@@ -680,6 +706,9 @@ pub fn run(
                 for p in stats {
                     res.delivered += p.delivered;
                     res.hist.add(&p.hist).context("merging histograms")?;
+                    res.sent_hist
+                        .add(&p.sent_hist)
+                        .context("merging histograms")?;
                     res.lag.add(&p.lag).context("merging histograms")?;
                     res.errors += p.errors;
                     if res.first_error.is_none() {
