@@ -392,8 +392,9 @@ async fn pair_loop(
     let mut seq = 0u64;
     // The relay: (seq, send time in ns) of SENDs not yet answered with SENT, oldest first
     // (SENTs come in order: one chat, one owner). Bounded; a lost answer only drops a sample.
+    let unanswered_cap = 4 * cfg.window;
     let mut unanswered: std::collections::VecDeque<(u64, u64)> =
-        std::collections::VecDeque::with_capacity(4 * cfg.window);
+        std::collections::VecDeque::with_capacity(unanswered_cap);
     let id_base = (clock.ns(Instant::now()) << 8) ^ (spec.idx as u64);
     let error = |st: &mut PairStats, e: String| {
         st.errors += 1;
@@ -426,7 +427,7 @@ async fn pair_loop(
                     let mut id = [0u8; 16];
                     id[..8].copy_from_slice(&id_base.to_le_bytes());
                     id[8..].copy_from_slice(&seq.to_le_bytes());
-                    if unanswered.len() == unanswered.capacity() {
+                    if unanswered.len() >= unanswered_cap {
                         unanswered.pop_front();
                     }
                     unanswered.push_back((seq, clock.ns(t)));
@@ -522,6 +523,7 @@ async fn pair_loop(
         r.inb.drain(..at);
         // The sender: SENT, DELIVERED receipts (acknowledged), errors, keepalives.
         s.fill()?;
+        let now_ns = clock.ns(Instant::now());
         let mut at = 0;
         match target {
             Target::Relay { .. } => {
