@@ -73,9 +73,7 @@ impl<T: Send> Producer<T> {
         s.head.0.store(head.wrapping_add(1), Ordering::Release);
         Ok(())
     }
-}
 
-impl<T: Send> Producer<T> {
     /// Whether a push would succeed now (the consumer may make room at any time after).
     pub fn has_room(&self) -> bool {
         let s = &*self.shared;

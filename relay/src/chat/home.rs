@@ -564,12 +564,7 @@ impl Home {
     }
 
     fn take_rate(&mut self, now: Now, conn: ConnId, msg_id: &MsgId) -> bool {
-        self.take_rate_n(now, conn, msg_id, 1)
-    }
-
-    /// [`Home::take_rate`] for a request that costs `n`.
-    fn take_rate_n(&mut self, now: Now, conn: ConnId, msg_id: &MsgId, n: u64) -> bool {
-        let ok = self.take_quietly(now, conn, n);
+        let ok = self.take_quietly(now, conn, 1);
         if !ok {
             self.error(conn, code::RATE_LIMITED, msg_id, "slow down");
         }

@@ -805,10 +805,6 @@ impl Log {
     /// Whether the oldest segment can be deleted: [`Log::compact`] has work, for instance
     /// what the last call left beyond [`MAX_DELETIONS_PER_COMPACT`].
     pub fn compact_pending(&self) -> bool {
-        self.front_deletable()
-    }
-
-    fn front_deletable(&self) -> bool {
         self.segments.len() > 1 && self.segments[1].on_disk() && {
             let front = &self.segments[0];
             front.fully_dead() && front.on_disk() && front.unwritten_bytes() == 0
@@ -823,7 +819,7 @@ impl Log {
         self.sync_dir()?;
         let mut freed = 0;
         for _ in 0..MAX_DELETIONS_PER_COMPACT {
-            if !self.front_deletable() {
+            if !self.compact_pending() {
                 break;
             }
             // The deletion before this one is made durable first: a crash must not keep an
@@ -839,11 +835,10 @@ impl Log {
             if !self.has_spare && front.disk_bytes >= self.cfg.segment_bytes {
                 fs::rename(&path, self.dir.join(SPARE_NAME))?;
                 self.has_spare = true;
-                self.dir_dirty = true;
             } else {
                 fs::remove_file(&path)?;
-                self.dir_dirty = true;
             }
+            self.dir_dirty = true;
             freed += front.disk_bytes;
             self.disk_bytes -= front.disk_bytes;
             self.stats.n_segments_deleted += 1;
@@ -951,7 +946,6 @@ fn create_segment_file(dir: &Path, first_lsn: u64, salt: u64) -> io::Result<File
     Ok(file)
 }
 
-/// The first Lsns of the segment files in `dir`, ascending.
 /// The highest first Lsn a segment's name may carry: far beyond any real log (146 years at
 /// 10^9 records a second), and far enough below `u64::MAX` that Lsn arithmetic on what such
 /// a segment holds cannot overflow.
@@ -964,6 +958,7 @@ fn damaged_path(segment: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
+/// The first Lsns of the segment files in `dir`, ascending.
 fn list_segments(dir: &Path) -> io::Result<Vec<u64>> {
     let mut lsns = Vec::new();
     for entry in fs::read_dir(dir)? {

@@ -191,21 +191,9 @@ fn run_with_chat(
 ) -> io::Result<()> {
     let fd = socket.as_raw_fd();
     socket.set_nonblocking(true)?;
-    // SAFETY: epoll_create1 returns a new descriptor or -1; it is closed by `_epoll` below.
-    let epfd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-    if epfd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `epfd` is a fresh descriptor owned from here on.
-    let _epoll = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(epfd) };
-    let mut ev = libc::epoll_event {
-        events: libc::EPOLLIN as u32,
-        u64: TAG_UDP,
-    };
-    // SAFETY: a live epoll_event for the duration of the call.
-    if unsafe { libc::epoll_ctl(epfd, libc::EPOLL_CTL_ADD, fd, &mut ev) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    let epoll = super::sys::epoll_create()?;
+    let epfd = epoll.as_raw_fd();
+    super::sys::epoll_ctl(epfd, libc::EPOLL_CTL_ADD, fd, libc::EPOLLIN as u32, TAG_UDP)?;
     let mut chat = super::chat_epoll::EpollChat::new(parts, epfd)?;
     // Media goes on while chat's reading is paused.
     chat.also_while_paused(fd, TAG_UDP)?;

@@ -3,6 +3,7 @@
 //! counters) is [`ChatCore`]'s.
 
 use super::chat_io::{ChatCore, ChatParts, MAX_ACCEPTS_PER_TURN, MAX_INBUF};
+use super::sys::epoll_ctl;
 use crate::chat::map::Map;
 use crate::chat::msg::ConnId;
 use crate::engine::Now;
@@ -49,15 +50,6 @@ pub struct EpollChat {
     paused_set: std::os::fd::OwnedFd,
 }
 
-fn epoll_ctl(epfd: RawFd, op: libc::c_int, fd: RawFd, events: u32, tag: u64) -> io::Result<()> {
-    let mut ev = libc::epoll_event { events, u64: tag };
-    // SAFETY: a live epoll_event for the duration of the call.
-    if unsafe { libc::epoll_ctl(epfd, op, fd, &mut ev) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
 impl EpollChat {
     /// Opens the shard's log (replaying it into the engine) and registers the listener and the
     /// waker on `epfd`.
@@ -79,16 +71,9 @@ impl EpollChat {
             events,
             TAG_WAKER,
         )?;
-        // SAFETY: epoll_create1 returns a new descriptor or -1.
-        let paused = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-        if paused < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `paused` is a fresh descriptor owned from here on.
-        let paused_set =
-            unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(paused) };
+        let paused_set = super::sys::epoll_create()?;
         epoll_ctl(
-            paused,
+            paused_set.as_raw_fd(),
             libc::EPOLL_CTL_ADD,
             core.waker_fd(),
             events,

@@ -145,7 +145,7 @@ impl Mailbox {
     /// flag; only the sender writes it, so a receiver cannot clear a flag set after the
     /// room it made was already used).
     fn flag_blocked(&self, to: usize) {
-        let flag = &self.blocked[self.me * self.wakers.len() + to];
+        let flag = self.blocked_flag(self.me, to);
         // Written only when it changes: the flags of all pairs share cache lines.
         if !flag.load(Ordering::Relaxed) {
             flag.store(true, Ordering::SeqCst);
@@ -166,7 +166,7 @@ impl Mailbox {
                 }
                 self.to_wake[to] = true;
             }
-            let flag = &self.blocked[self.me * self.wakers.len() + to];
+            let flag = self.blocked_flag(self.me, to);
             if self.overflow[to].is_empty() && flag.load(Ordering::Relaxed) {
                 flag.store(false, Ordering::Relaxed);
             }
@@ -219,6 +219,11 @@ impl Mailbox {
         n
     }
 
+    /// Whether shard `from` waits for room in its ring to `to`.
+    fn blocked_flag(&self, from: usize, to: usize) -> &AtomicBool {
+        &self.blocked[from * self.wakers.len() + to]
+    }
+
     /// Wakes the sleeping senders whose flagged rings this turn's `receive` took from.
     fn wake_blocked_senders(&mut self) {
         let n = self.wakers.len();
@@ -229,7 +234,7 @@ impl Mailbox {
         for from in 0..n {
             if std::mem::take(&mut self.took[from])
                 && self.wakers[from].sleeping.load(Ordering::SeqCst)
-                && self.blocked[from * n + self.me].load(Ordering::SeqCst)
+                && self.blocked_flag(from, self.me).load(Ordering::SeqCst)
             {
                 self.wakers[from].wake();
             }

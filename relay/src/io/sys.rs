@@ -1,4 +1,5 @@
-//! Thin, safe wrappers over the socket-address and socket-option syscalls the backends use.
+//! Thin, safe wrappers over the socket-address, socket-option and epoll syscalls the backends
+//! use.
 
 use std::io;
 use std::mem::{size_of, zeroed};
@@ -188,6 +189,27 @@ pub fn raise_nofile_limit() -> usize {
         unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &rl) };
     }
     nofile_limit()
+}
+
+/// A new epoll instance (close-on-exec), owned.
+pub fn epoll_create() -> io::Result<std::os::fd::OwnedFd> {
+    // SAFETY: epoll_create1 returns a new descriptor or -1.
+    let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh descriptor owned from here on.
+    Ok(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) })
+}
+
+/// `epoll_ctl(epfd, op, fd)` with `events` and the tag `tag`.
+pub fn epoll_ctl(epfd: RawFd, op: libc::c_int, fd: RawFd, events: u32, tag: u64) -> io::Result<()> {
+    let mut ev = libc::epoll_event { events, u64: tag };
+    // SAFETY: a live epoll_event for the duration of the call.
+    if unsafe { libc::epoll_ctl(epfd, op, fd, &mut ev) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 #[cfg(test)]
