@@ -27,6 +27,7 @@ pub fn render(stats: &[Arc<ShardStats>], backend: Backend) -> String {
         &[
             "chat_sessions",
             "chat_pending",
+            "chat_chats",
             "chat_log_bytes",
             "chat_spill_depth",
         ],

@@ -320,6 +320,11 @@ impl ChatShard {
         self.owner.n_pending()
     }
 
+    /// Chats owned here (direct chats, and groups until their last member leaves).
+    pub fn n_chats(&self) -> usize {
+        self.owner.n_chats()
+    }
+
     /// Presence watches kept for users homed here.
     pub fn home_watch_entries(&self) -> usize {
         self.home.n_watch_entries()

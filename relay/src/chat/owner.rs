@@ -54,6 +54,13 @@ struct Chat {
 }
 
 impl Chat {
+    /// A group every member has left, with nothing left to deliver: nobody can write to it,
+    /// read it or rejoin it (only members add members), so it is forgotten ([`Owner::forget`]).
+    /// Without this every group ever created would stay in memory, and a peer could fill it.
+    fn is_abandoned(&self) -> bool {
+        self.group && self.members.is_empty() && self.pending.is_empty()
+    }
+
     fn member(&self, user: u64) -> Option<&Member> {
         self.members.iter().find(|m| m.user == user)
     }
@@ -810,15 +817,18 @@ impl Owner {
         for (owner, &lsn) in owners.iter().zip(lsns) {
             match *owner {
                 RecOwner::Ack => self.dead.push(lsn),
-                RecOwner::Chat { chat } => {
-                    if let Some(c) = self.chats.get_mut(&chat) {
+                RecOwner::Chat { chat } => match self.chats.get_mut(&chat) {
+                    Some(c) => {
                         if let Some(old) = c.state_lsn.replace(lsn) {
                             self.dead.push(old);
                         }
                     }
-                }
+                    // A snapshot of a group forgotten since (a checkpoint's): nothing holds it.
+                    None => self.dead.push(lsn),
+                },
                 RecOwner::Entry { chat, seq } => {
                     let Some(c) = self.chats.get_mut(&chat) else {
+                        self.dead.push(lsn);
                         continue;
                     };
                     // Pending entries are kept in seq order.
@@ -844,6 +854,9 @@ impl Owner {
                     &mut self.frames,
                     &mut self.pending_per_sender,
                 );
+                if c.is_abandoned() {
+                    self.forget(chat);
+                }
             }
         }
         if touched.capacity() <= super::MAX_KEPT_LEN {
@@ -858,6 +871,16 @@ impl Owner {
         owners.clear();
         if owners.capacity().max(actions.capacity()) <= super::MAX_KEPT_LEN {
             self.spare_committing = (owners, actions);
+        }
+    }
+
+    /// Drops an abandoned group; its last snapshot dies with it (every earlier record of it is
+    /// dead already, and since the log deletes only a dead prefix, the last snapshot, which
+    /// says "no members", is still there whenever an older one is, so a replay drops the group
+    /// again in `finish_replay`).
+    fn forget(&mut self, chat: u64) {
+        if let Some(c) = self.chats.remove(&chat) {
+            self.dead.extend(c.state_lsn);
         }
     }
 
@@ -1056,6 +1079,15 @@ impl Owner {
             for s in c.pending.iter().filter(|s| kind::client_may_send(s.kind)) {
                 *self.pending_per_sender.entry(s.sender).or_default() += 1;
             }
+        }
+        let abandoned: Vec<u64> = self
+            .chats
+            .iter()
+            .filter(|(_, c)| c.is_abandoned())
+            .map(|(&id, _)| id)
+            .collect();
+        for chat in abandoned {
+            self.forget(chat);
         }
         Ok(())
     }

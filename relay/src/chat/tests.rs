@@ -1232,6 +1232,54 @@ fn a_member_who_left_does_not_list_the_group_after_a_restart() {
     );
 }
 
+/// A group every member has left is forgotten, live and after a restart, and its records die
+/// with it: creating groups and leaving them cannot fill an owner's memory or its log.
+#[test]
+fn a_group_every_member_left_is_forgotten() {
+    let mut sim = Sim::new(ChatConfig::default());
+    let members: Vec<u64> = (10..13).collect();
+    sim.connect_all(&members);
+    let chats = |sim: &Sim| sim.shards.iter().map(|s| s.n_chats()).sum::<usize>();
+    for round in 0..20u64 {
+        let group = sim.create_group(members[0], 200 + round, &members[1..]);
+        sim.send(members[0], |e| {
+            e.send(&id(1000 + round), group, 0, kind::TEXT, &[0; 16], b"bye")
+        });
+        sim.run();
+        for (i, &m) in members.iter().enumerate() {
+            sim.send(m, |e| {
+                e.group_leave(&id(2000 + 10 * round + i as u64), group)
+            });
+        }
+        sim.run();
+        for &m in &members {
+            let got = sim.take(m);
+            sim.ack_all(m, &got);
+        }
+        sim.run();
+    }
+    assert_eq!(chats(&sim), 0, "20 groups created and left, none kept");
+    assert_eq!(sim.durable_records(), 0, "every record of theirs is dead");
+    sim.send(members[0], |e| e.group_list());
+    assert_eq!(sim.take(members[0]), vec![Got::Groups(vec![])]);
+    // A restart replays the log: the groups stay forgotten, and their records are dead.
+    sim.boot();
+    assert_eq!(chats(&sim), 0, "not resurrected by the replay");
+    // One group still has a member: it is kept, through a restart too.
+    sim.connect_all(&members);
+    let kept = sim.create_group(members[0], 300, &members[1..]);
+    sim.send(members[1], |e| e.group_leave(&id(301), kept));
+    sim.run();
+    sim.boot();
+    assert_eq!(chats(&sim), 1);
+    sim.connect_all(&members);
+    sim.send(members[0], |e| e.group_list());
+    assert_eq!(
+        sim.take(members[0]),
+        vec![Got::Groups(vec![(kept, vec![members[0], members[2]])])]
+    );
+}
+
 /// Entries whose chat never gets a snapshot mean the log lost records: recovery fails with a
 /// clear error instead of serving a chat with no members.
 #[test]

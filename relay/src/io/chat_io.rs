@@ -537,6 +537,7 @@ impl ChatCore {
             self.mailbox.spill_depth() as u64,
             self.counters.sync_us,
             self.counters.commit_us,
+            self.engine.n_chats() as u64,
         ]
     }
 }

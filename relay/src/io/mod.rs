@@ -186,7 +186,7 @@ impl ShardStats {
     ];
 
     /// Names of the chat counters, in storage order.
-    pub const CHAT_FIELDS: [&'static str; 14] = [
+    pub const CHAT_FIELDS: [&'static str; 15] = [
         "chat_sessions",
         "chat_pending",
         "chat_accepted",
@@ -201,6 +201,7 @@ impl ShardStats {
         "chat_spill_depth",
         "chat_sync_us",
         "chat_commit_us",
+        "chat_chats",
     ];
 
     /// Publishes the chat counters, in [`ShardStats::CHAT_FIELDS`] order.
