@@ -11,6 +11,7 @@ mod media;
 mod netns;
 mod procs;
 mod progress;
+mod soak;
 
 use procs::{Proc, TempDir};
 use std::net::SocketAddr;
@@ -30,6 +31,9 @@ const USAGE: &str = "\
 usage: demo [run] [--duration SECONDS] [--rooms N] [--participants N] [--messages-per-s R]
             [--keep-running]
        demo up [--relays N] [--shards N] [--no-netns]
+       demo soak [--duration SECONDS] [--warmup SECONDS] [--sample-s SECONDS] [--relays N]
+                 [--shards N] [--meetings N] [--users N] [--out DIR] [--dedup-capacity N]
+                 [--segment-bytes N] [--token-ttl-s N]
 
   run (default)        ctl + one relay on loopback, N rooms of M participants sending audio and
                        video and chatting in one group per room; prints a summary and exits
@@ -38,7 +42,14 @@ usage: demo [run] [--duration SECONDS] [--rooms N] [--participants N] [--message
   --keep-running       after the summary keep ctl and the relay up until Ctrl-C
   up                   ctl + N relays (default 2, 1 shard each) for trying things by hand;
                        as root each relay gets its own network namespace (--no-netns: all on
-                       loopback); prints how to connect; Ctrl-C stops everything";
+                       loopback); prints how to connect; Ctrl-C stops everything
+  soak                 ctl + relays under churn (meetings, joins, leaves, NAT rebinding, token
+                       renewal, chat users going offline and back, groups created and left),
+                       sampled every --sample-s (10) into DIR/soak.csv and DIR/soak.svg
+                       (default target/soak); fails if memory, descriptors or disk kept
+                       growing after the warm-up (default a quarter of the run) or anything was
+                       lost (defaults: 3600 s, 2 relays of 1 shard, 3 meetings, 48 users,
+                       dedup capacity 4096, 1 MiB segments, token TTL 180 s)";
 
 struct RunArgs {
     duration: Duration,
@@ -58,6 +69,7 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Some("run") => parse_run(&args[1..]).and_then(run),
+        Some("soak") => parse_soak(&args[1..]).and_then(soak::run),
         _ => parse_run(&args).and_then(run),
     };
     match result {
@@ -113,6 +125,69 @@ fn parse_run(args: &[String]) -> Result<RunArgs, String> {
         return Err("--messages-per-s must be between 0.1 and 50".into());
     }
     Ok(a)
+}
+
+fn parse_soak(args: &[String]) -> Result<soak::SoakArgs, String> {
+    let mut a = soak::SoakArgs::default();
+    let mut i = 0;
+    let span = |i: usize, name: &str| -> Result<Duration, String> {
+        let v: String = value(args, i, name)?;
+        parse_span(&v).ok_or_else(|| format!("{name}: {v:?} is not a duration (120, 90s, 30m, 1h)"))
+    };
+    while i < args.len() {
+        match args[i].as_str() {
+            "--duration" => a.duration = span(i, "--duration")?,
+            "--warmup" => a.warmup = Some(span(i, "--warmup")?),
+            "--sample-s" => a.sample = span(i, "--sample-s")?,
+            "--relays" => a.relays = value(args, i, "--relays")?,
+            "--shards" => a.shards = value(args, i, "--shards")?,
+            "--meetings" => a.meetings = value(args, i, "--meetings")?,
+            "--users" => a.users = value(args, i, "--users")?,
+            "--out" => a.out = Some(value::<String>(args, i, "--out")?.into()),
+            "--dedup-capacity" => a.dedup_capacity = value(args, i, "--dedup-capacity")?,
+            "--segment-bytes" => a.segment_bytes = value(args, i, "--segment-bytes")?,
+            "--token-ttl-s" => a.token_ttl_s = value(args, i, "--token-ttl-s")?,
+            other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
+        }
+        i += 2;
+    }
+    if a.duration < Duration::from_secs(30) || a.duration > Duration::from_secs(7 * 24 * 3600) {
+        return Err("--duration must be between 30 s and 7 days".into());
+    }
+    if a.warmup.is_some_and(|w| w >= a.duration) {
+        return Err("--warmup must be shorter than --duration".into());
+    }
+    if a.sample < Duration::from_secs(1)
+        || a.sample * 8 > a.duration - a.warmup.unwrap_or(a.duration / 4)
+    {
+        return Err("--sample-s must be at least 1 s and leave 8 samples after the warm-up".into());
+    }
+    if !(1..=8).contains(&a.relays) || !(1..=8).contains(&a.shards) {
+        return Err("--relays and --shards must be 1..=8".into());
+    }
+    if a.meetings > 20 || !(2..=400).contains(&a.users) {
+        return Err("--meetings must be at most 20 and --users 2..=400".into());
+    }
+    if a.token_ttl_s < 2 * media::RENEW_BEFORE_S {
+        return Err(format!(
+            "--token-ttl-s must be at least {} (tokens are renewed {} s before they expire)",
+            2 * media::RENEW_BEFORE_S,
+            media::RENEW_BEFORE_S
+        ));
+    }
+    Ok(a)
+}
+
+/// Seconds, or a number with `s`, `m` or `h`.
+fn parse_span(v: &str) -> Option<Duration> {
+    let (num, unit) = match v.char_indices().last()? {
+        (i, 's') => (&v[..i], 1.0),
+        (i, 'm') => (&v[..i], 60.0),
+        (i, 'h') => (&v[..i], 3600.0),
+        _ => (v, 1.0),
+    };
+    let n: f64 = num.parse().ok()?;
+    (n.is_finite() && n >= 0.0).then(|| Duration::from_secs_f64(n * unit))
 }
 
 fn parse_up(args: &[String]) -> Result<(usize, usize, bool), String> {
@@ -216,7 +291,7 @@ fn start_relay(
     Err(last)
 }
 
-fn wait_relays(ctl: SocketAddr, n: u64) -> Result<(), String> {
+pub(crate) fn wait_relays(ctl: SocketAddr, n: u64) -> Result<(), String> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let (_, h) = http::call(ctl, "GET", "/health", None)?;
@@ -250,9 +325,21 @@ fn run(a: RunArgs) -> Result<bool, String> {
     eprintln!("demo: ctl at http://{ctl}; relay: {}", relay.ready_line());
 
     let admissions = media::join_rooms(ctl, a.rooms, a.participants)?;
-    let sockets: Vec<Vec<_>> = admissions
+    let mut sessions: Vec<Vec<media::Session>> = admissions
         .iter()
-        .map(|room| room.iter().map(media::connect).collect::<Result<_, _>>())
+        .map(|room| {
+            room.iter()
+                .map(|a| {
+                    let (sock, binding) = media::connect(a)?;
+                    Ok(media::Session {
+                        sock,
+                        binding,
+                        admission: a.clone(),
+                        ctl,
+                    })
+                })
+                .collect::<Result<_, String>>()
+        })
         .collect::<Result<_, _>>()?;
     let members: Vec<Vec<u64>> = (0..a.rooms)
         .map(|r| {
@@ -278,16 +365,18 @@ fn run(a: RunArgs) -> Result<bool, String> {
         * a.per_second
         * a.duration.as_secs_f64();
     let (media_out, chat_out, (tx_after, tx_at)) = std::thread::scope(|s| {
-        let media: Vec<Vec<_>> = sockets
-            .iter()
+        let media: Vec<Vec<_>> = sessions
+            .iter_mut()
             .enumerate()
             .map(|(r, room)| {
-                room.iter()
+                let members = room.len();
+                room.iter_mut()
                     .enumerate()
-                    .map(|(p, sock)| {
+                    .map(|(p, session)| {
                         let live = &media_live;
-                        let members = room.len();
-                        s.spawn(move || media::participant(r, p, members, sock, epoch, until, live))
+                        s.spawn(move || {
+                            media::participant(r, p, members, session, epoch, until, live)
+                        })
                     })
                     .collect()
             })
@@ -465,4 +554,21 @@ fn up(relays: usize, shards: usize, use_netns: bool) -> Result<bool, String> {
     drop(dir);
     println!("up: stopped; temporary files removed");
     Ok(clean)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spans_take_seconds_minutes_and_hours() {
+        assert_eq!(parse_span("120"), Some(Duration::from_secs(120)));
+        assert_eq!(parse_span("90s"), Some(Duration::from_secs(90)));
+        assert_eq!(parse_span("30m"), Some(Duration::from_secs(1800)));
+        assert_eq!(parse_span("1h"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_span("1.5h"), Some(Duration::from_secs(5400)));
+        for bad in ["", "h", "-1", "1d", "inf", "NaN"] {
+            assert_eq!(parse_span(bad), None, "{bad:?}");
+        }
+    }
 }

@@ -8,6 +8,7 @@
 use crate::http;
 use crate::STOP;
 use hdrhistogram::Histogram;
+use proto::binding::{Answer, Binding};
 use serde_json::{json, Value};
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,10 +26,15 @@ const GRACE: Duration = Duration::from_millis(500);
 const STREAMS: u32 = 2;
 
 /// A participant's admission, from ctl.
+#[derive(Clone)]
 pub struct Admission {
     pub relay: SocketAddr,
     pub token: String,
     pub participant_id: u64,
+    /// The meeting's code, for renewing the token (`rejoin_token`).
+    pub code: String,
+    /// The token's expiry, unix seconds.
+    pub expires_at: u64,
 }
 
 /// Counters the progress line reads while the run goes on.
@@ -48,6 +54,10 @@ pub struct Outcome {
     pub duplicates: u64,
     /// RTP packets that were not from another member of this room (its own, another room's).
     pub misrouted: u64,
+    /// Binding refreshes the relay refused (none expected: the token is renewed in time).
+    pub refusals: u64,
+    /// Binding requests sent, the first one and every refresh.
+    pub binding_requests: u64,
     pub latency_us: Histogram<u64>,
 }
 
@@ -81,12 +91,17 @@ pub fn join_rooms(
                 200,
             )?);
         }
-        out.push(joins.iter().map(admission).collect::<Result<_, _>>()?);
+        out.push(
+            joins
+                .iter()
+                .map(|j| admission(j, &code))
+                .collect::<Result<_, _>>()?,
+        );
     }
     Ok(out)
 }
 
-fn admission(j: &Value) -> Result<Admission, String> {
+pub fn admission(j: &Value, code: &str) -> Result<Admission, String> {
     let relay = format!(
         "{}:{}",
         j["relay_host"].as_str().unwrap_or("?"),
@@ -98,7 +113,50 @@ fn admission(j: &Value) -> Result<Admission, String> {
         relay,
         token: j["token"].as_str().ok_or("join without token")?.to_string(),
         participant_id: j["participant_id"].as_u64().ok_or("join without id")?,
+        code: code.to_string(),
+        expires_at: j["expires_at"].as_u64().ok_or("join without expiry")?,
     })
+}
+
+/// A fresh token for the same participant (`POST /v1/join` with `rejoin_token`), taken when
+/// the current one has less than [`RENEW_BEFORE_S`] left: a relay refuses to refresh a
+/// binding with an expired token, so a session longer than ctl's `token_ttl_s` needs it.
+pub fn renew(ctl: SocketAddr, a: &Admission) -> Result<Admission, String> {
+    let j = http::expect(
+        ctl,
+        "POST",
+        "/v1/join",
+        Some(&json!({"code": a.code, "rejoin_token": a.token})),
+        200,
+    )?;
+    let renewed = admission(&j, &a.code)?;
+    if renewed.participant_id != a.participant_id {
+        return Err(format!(
+            "rejoin gave participant {} instead of {}",
+            renewed.participant_id, a.participant_id
+        ));
+    }
+    Ok(renewed)
+}
+
+/// How long before its expiry a token is renewed.
+pub const RENEW_BEFORE_S: u64 = 60;
+
+/// The relay's default binding TTL (PROTOCOL.md section 3); bindings are refreshed every third
+/// of it.
+pub const BINDING_TTL_US: u64 = 30_000_000;
+
+/// Monotonic microseconds since the first call, the clock of [`Binding`].
+pub fn mono_us() -> u64 {
+    static ORIGIN: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    ORIGIN.get_or_init(Instant::now).elapsed().as_micros() as u64
+}
+
+/// Unix seconds.
+pub fn unix_s() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// The ssrc of stream `s` of participant `p` in room `r`: unique across the demo.
@@ -117,34 +175,31 @@ fn from_room_peer(x: u32, room: usize, me: usize, members: usize) -> bool {
     x & 0xf000_0000 == 0x1000_0000 && r == room && p != me && p < members && s < STREAMS
 }
 
-/// Binds `sock` to the relay with a STUN Binding request carrying the token; a bounded number
-/// of attempts.
-fn bind(sock: &UdpSocket, a: &Admission) -> Result<(), String> {
+/// Binds `sock` to the relay: Binding requests, retransmitted, until the relay answers; a
+/// refusal or 5 s without an answer is an error. Returns the binding, to be kept refreshed.
+pub fn bind(sock: &UdpSocket, a: &Admission) -> Result<Binding, String> {
     let key = proto::token::stun_key(a.token.as_bytes());
+    let mut b = Binding::new(a.token.as_bytes(), &key, a.participant_id, BINDING_TTL_US);
     let mut req = [0u8; 512];
     let mut resp = [0u8; 2048];
-    for attempt in 0..10u32 {
-        let mut txid = [0u8; 12];
-        txid[..8].copy_from_slice(&a.participant_id.to_le_bytes());
-        txid[8..].copy_from_slice(&attempt.to_le_bytes());
-        let n = proto::stun::write_binding_request(&mut req, &txid, a.token.as_bytes(), &key)
-            .map_err(|e| format!("binding request: {e:?}"))?;
-        sock.send(&req[..n]).map_err(|e| format!("bind: {e}"))?;
-        sock.set_read_timeout(Some(Duration::from_millis(300)))
+    let deadline = mono_us() + 5_000_000;
+    while mono_us() < deadline {
+        if let Some(n) = b.poll_transmit(mono_us(), &mut req) {
+            sock.send(&req[..n]).map_err(|e| format!("bind: {e}"))?;
+        }
+        let wait = b.poll_timeout().saturating_sub(mono_us()).max(1_000);
+        sock.set_read_timeout(Some(Duration::from_micros(wait)))
             .map_err(|e| e.to_string())?;
         while let Ok(m) = sock.recv(&mut resp) {
-            if let Ok(msg) = proto::stun::StunMessage::parse(&resp[..m]) {
-                if msg.transaction_id() == &txid {
-                    if msg.class() == proto::stun::Class::Success {
-                        return Ok(());
-                    }
+            match b.handle_response(mono_us(), &resp[..m]) {
+                Some(Answer::Bound) => return Ok(b),
+                Some(Answer::Refused(code)) => {
                     return Err(format!(
-                        "participant {}: the relay refused the binding: {:?}",
-                        a.participant_id,
-                        msg.error_code()
-                            .map(|(c, r)| (c, String::from_utf8_lossy(r).into_owned()))
-                    ));
+                        "participant {}: the relay refused the binding with {code}",
+                        a.participant_id
+                    ))
                 }
+                None => {}
             }
         }
     }
@@ -173,20 +228,56 @@ impl Seen {
 
 /// A socket bound to the relay for `a`. Everyone binds before anyone publishes, so that no
 /// packet is sent to a room whose members are not all there yet.
-pub fn connect(a: &Admission) -> Result<UdpSocket, String> {
+pub fn connect(a: &Admission) -> Result<(UdpSocket, Binding), String> {
     let sock = UdpSocket::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
     sock.connect(a.relay).map_err(|e| e.to_string())?;
-    bind(&sock, a)?;
-    Ok(sock)
+    let b = bind(&sock, a)?;
+    Ok((sock, b))
 }
 
-/// Runs participant `p` of room `room` on its bound socket until `until` plus the grace
-/// period.
+/// A bound participant: its socket, its binding (kept refreshed), its admission (renewed
+/// before it expires) and ctl, which renews it.
+pub struct Session {
+    pub sock: UdpSocket,
+    pub binding: Binding,
+    pub admission: Admission,
+    pub ctl: SocketAddr,
+}
+
+impl Session {
+    /// Sends a refresh if one is due and renews the token shortly before it expires.
+    fn keep_alive(&mut self, buf: &mut [u8]) -> Result<(), String> {
+        if unix_s() + RENEW_BEFORE_S >= self.admission.expires_at {
+            self.admission = renew(self.ctl, &self.admission)?;
+            let key = proto::token::stun_key(self.admission.token.as_bytes());
+            self.binding
+                .set_token(self.admission.token.as_bytes(), &key);
+        }
+        if let Some(n) = self.binding.poll_transmit(mono_us(), buf) {
+            match self.sock.send(&buf[..n]) {
+                Ok(_) => {}
+                // A lost request is retransmitted.
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(format!("binding refresh: {e}")),
+            }
+        }
+        Ok(())
+    }
+
+    /// When [`Session::keep_alive`] has something to do next.
+    fn next_keep_alive(&self) -> Instant {
+        let us = self.binding.poll_timeout().saturating_sub(mono_us());
+        Instant::now() + Duration::from_micros(us)
+    }
+}
+
+/// Runs participant `p` of room `room` on its bound session until `until` plus the grace
+/// period, refreshing its binding every third of the relay's TTL and renewing its token.
 pub fn participant(
     room: usize,
     p: usize,
     members: usize,
-    sock: &UdpSocket,
+    session: &mut Session,
     epoch: Instant,
     until: Instant,
     live: &Arc<Live>,
@@ -196,8 +287,11 @@ pub fn participant(
         received: Vec::new(),
         duplicates: 0,
         misrouted: 0,
+        refusals: 0,
+        binding_requests: 0,
         latency_us: Histogram::new_with_bounds(1, 60_000_000, 3).map_err(|e| e.to_string())?,
     };
+    let mut stun_buf = [0u8; 512];
     let mut seen: Vec<(u32, Seen, u64)> = Vec::new();
     let mut buf = [0u8; 2048];
     let mut pkt = [0u8; 1200];
@@ -211,6 +305,8 @@ pub fn participant(
             break;
         }
         let sending = now < until;
+        session.keep_alive(&mut stun_buf)?;
+        let sock = &session.sock;
         if sending && now >= next_audio {
             send(
                 sock,
@@ -244,7 +340,8 @@ pub fn participant(
             next_audio.min(next_video)
         } else {
             end
-        };
+        }
+        .min(session.next_keep_alive());
         let wait = wake
             .saturating_duration_since(Instant::now())
             .max(Duration::from_micros(200));
@@ -259,8 +356,16 @@ pub fn participant(
                 draining = true;
             }
             let now = Instant::now();
+            if buf[0] < 4 {
+                if let Some(Answer::Refused(_)) =
+                    session.binding.handle_response(mono_us(), &buf[..n])
+                {
+                    out.refusals += 1;
+                }
+                continue;
+            }
             let Ok(rtp) = proto::rtp::RtpPacket::parse(&buf[..n]) else {
-                continue; // STUN answers, RTCP
+                continue; // RTCP
             };
             let body = rtp.payload();
             if body.len() < 16 || !from_room_peer(rtp.ssrc(), room, p, members) {
@@ -295,6 +400,7 @@ pub fn participant(
         }
     }
     out.received = seen.iter().map(|&(x, _, n)| (x, n)).collect();
+    out.binding_requests = u64::from(session.binding.requests_sent());
     Ok(out)
 }
 
@@ -334,6 +440,8 @@ pub struct Totals {
     pub received: u64,
     pub duplicates: u64,
     pub misrouted: u64,
+    pub refusals: u64,
+    pub binding_requests: u64,
     pub silent_receivers: usize,
     pub latency_us: Histogram<u64>,
 }
@@ -346,6 +454,8 @@ pub fn totals(rooms: &[Vec<Outcome>]) -> Totals {
         received: 0,
         duplicates: 0,
         misrouted: 0,
+        refusals: 0,
+        binding_requests: 0,
         silent_receivers: 0,
         latency_us: Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid bounds"),
     };
@@ -358,6 +468,8 @@ pub fn totals(rooms: &[Vec<Outcome>]) -> Totals {
             t.received += o.received.iter().map(|(_, c)| c).sum::<u64>();
             t.duplicates += o.duplicates;
             t.misrouted += o.misrouted;
+            t.refusals += o.refusals;
+            t.binding_requests += o.binding_requests;
             if others > 0 && o.received.is_empty() {
                 t.silent_receivers += 1;
             }
@@ -377,6 +489,8 @@ mod tests {
             received: received.to_vec(),
             duplicates: 0,
             misrouted: 0,
+            refusals: 0,
+            binding_requests: 0,
             latency_us: Histogram::new_with_bounds(1, 60_000_000, 3).unwrap(),
         }
     }

@@ -85,6 +85,11 @@ impl Proc {
     }
 
     /// Whether it is still running.
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn alive(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
     }

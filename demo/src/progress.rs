@@ -139,6 +139,10 @@ impl Summary<'_> {
                 m.misrouted.to_string(),
             ),
             (
+                "binding requests (bind + refreshes), refused",
+                format!("{}, {}", m.binding_requests, m.refusals),
+            ),
+            (
                 "latency p50 / p99 / p99.9",
                 format!(
                     "{} / {} / {}",
@@ -191,6 +195,7 @@ impl Summary<'_> {
             ),
             ("media loss within the bound", loss <= self.max_loss_percent),
             ("no media duplicates", m.duplicates == 0),
+            ("no binding refresh refused", m.refusals == 0),
             (
                 "no media from outside the room (or echoed)",
                 m.misrouted == 0,

@@ -6,6 +6,7 @@
 #![warn(missing_docs)]
 
 pub mod base64url;
+pub mod binding;
 pub mod chat;
 pub mod demux;
 pub mod rtcp;

@@ -135,10 +135,17 @@ pub struct ChatSettings {
     /// is deleted (recycled) once nothing in it is live; a checkpoint rewrites the chats'
     /// snapshots when the log spans 3 segments.
     pub segment_bytes: u64,
+    /// Accepted requests each owner shard remembers (the most recent), so that a client's retry
+    /// is answered with its original SENT instead of being stored twice (1,024 to 2^24). Each
+    /// costs about 72 bytes once that many have passed (perf/SOAK.md, "Memory budget").
+    pub dedup_capacity: usize,
 }
 
 /// Bounds of `[chat] segment_bytes`.
 pub const SEGMENT_BYTES_RANGE: std::ops::RangeInclusive<u64> = (64 << 10)..=(1 << 30);
+
+/// Bounds of `[chat] dedup_capacity`.
+pub const DEDUP_CAPACITY_RANGE: std::ops::RangeInclusive<usize> = (1 << 10)..=(1 << 24);
 
 impl Default for ChatSettings {
     fn default() -> Self {
@@ -157,6 +164,7 @@ impl Default for ChatSettings {
             max_out_bytes: c.max_out_bytes,
             msgs_per_s: c.msgs_per_s,
             segment_bytes: crate::chat::log::LogConfig::default().segment_bytes,
+            dedup_capacity: c.dedup_capacity,
         }
     }
 }
@@ -172,6 +180,7 @@ impl ChatSettings {
             max_out_bytes: self.max_out_bytes,
             msgs_per_s: self.msgs_per_s,
             msgs_burst: self.msgs_per_s.saturating_mul(2),
+            dedup_capacity: self.dedup_capacity,
             ..crate::chat::ChatConfig::default()
         }
     }
@@ -325,6 +334,13 @@ impl Config {
                 SEGMENT_BYTES_RANGE.end()
             ));
         }
+        if !DEDUP_CAPACITY_RANGE.contains(&self.chat.dedup_capacity) {
+            return Err(format!(
+                "[chat] dedup_capacity must be between {} and {}",
+                DEDUP_CAPACITY_RANGE.start(),
+                DEDUP_CAPACITY_RANGE.end()
+            ));
+        }
         if self.ctl_token.as_ref().is_some_and(|t| !t.is_well_formed()) {
             return Err(
                 "ctl_token must be at least 16 printable ASCII characters, without spaces".into(),
@@ -389,6 +405,15 @@ mod tests {
             let e = ring(bad).check().unwrap_err();
             assert!(
                 e.contains("ring_capacity must be between 16 and 65536"),
+                "{e}"
+            );
+        }
+        let dedup = |n: u64| Config::parse(&format!("[chat]\ndedup_capacity = {n}")).unwrap();
+        assert!(dedup(1 << 16).check().is_ok());
+        for n in [0, 1023, (1 << 24) + 1] {
+            let e = dedup(n).check().unwrap_err();
+            assert!(
+                e.contains("dedup_capacity must be between 1024 and 16777216"),
                 "{e}"
             );
         }

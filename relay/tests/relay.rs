@@ -4,6 +4,7 @@
 //! with SIGTERM. Waits are bounded polls, never fixed sleeps standing in for a condition.
 
 use ed25519_dalek::SigningKey;
+use proto::rtp::RtpPacket;
 use proto::stun::{self, Class, StunMessage};
 use proto::token::{Claims, Permissions, TokenKind};
 use std::collections::HashMap;
@@ -527,6 +528,65 @@ fn bindings_expire_and_shards_are_independent(io: &str) {
     assert_eq!(relay.metric("relay_participants{shard=\"0\"}"), 0);
 }
 
+/// A client that keeps its binding alive with `proto::binding::Binding` (refresh every third of
+/// the TTL) receives everything over many TTLs, and nothing expires.
+fn refreshed_bindings_outlive_many_ttls(io: &str) {
+    const TTL_MS: u64 = 600;
+    let relay = RelayProc::start(io, 1, &["--binding-ttl-ms", &TTL_MS.to_string()]);
+    let clients = [Client::join(&relay, 0, 1, 1), Client::join(&relay, 0, 1, 2)];
+    let mut bindings: Vec<proto::binding::Binding> = clients
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let key = proto::token::stun_key(c.token.as_bytes());
+            proto::binding::Binding::new(c.token.as_bytes(), &key, i as u64, TTL_MS * 1000)
+        })
+        .collect();
+    for c in &clients {
+        c.sock.set_nonblocking(true).unwrap();
+    }
+    let origin = Instant::now();
+    let now_us = || origin.elapsed().as_micros() as u64;
+    let (mut buf, mut got, mut bound) = ([0u8; 2048], Vec::new(), [0u32; 2]);
+    const N: u16 = 200; // 20 ms apart: 4 s, almost 7 TTLs
+    for seq in 0..N {
+        clients[0].send(&rtp(0xB0B, seq, 100));
+        let until = Instant::now() + Duration::from_millis(20);
+        while Instant::now() < until {
+            for (i, (c, b)) in clients.iter().zip(&mut bindings).enumerate() {
+                if let Some(n) = b.poll_transmit(now_us(), &mut buf) {
+                    c.sock.send_to(&buf[..n], c.relay).unwrap();
+                }
+                while let Ok((n, _)) = c.sock.recv_from(&mut buf) {
+                    match b.handle_response(now_us(), &buf[..n]) {
+                        Some(proto::binding::Answer::Bound) => bound[i] += 1,
+                        Some(other) => panic!("refresh refused: {other:?}"),
+                        None if i == 1 => {
+                            if let Ok(p) = RtpPacket::parse(&buf[..n]) {
+                                got.push(p.sequence_number());
+                            }
+                        }
+                        None => {}
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+    std::thread::sleep(QUIET);
+    while let Ok((n, _)) = clients[1].sock.recv_from(&mut buf) {
+        if let Ok(p) = RtpPacket::parse(&buf[..n]) {
+            got.push(p.sequence_number());
+        }
+    }
+    assert_eq!(got, (0..N).collect::<Vec<_>>(), "every packet, in order");
+    assert!(
+        bound.iter().all(|&n| n >= 10),
+        "refreshed every third of the TTL: {bound:?}"
+    );
+    assert_eq!(relay.metric("relay_bindings_expired_total{shard=\"0\"}"), 0);
+}
+
 fn sigterm_stops_promptly(io: &str) {
     let relay = RelayProc::start(io, 2, &[]);
     let _p = Client::join(&relay, 0, 1, 1);
@@ -599,6 +659,10 @@ macro_rules! for_backend {
             #[test]
             fn bindings_expire_and_shards_are_independent() {
                 super::bindings_expire_and_shards_are_independent(stringify!($backend));
+            }
+            #[test]
+            fn refreshed_bindings_outlive_many_ttls() {
+                super::refreshed_bindings_outlive_many_ttls(stringify!($backend));
             }
             #[test]
             fn sigterm_stops_promptly() {

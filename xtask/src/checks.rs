@@ -78,11 +78,33 @@ pub fn test(args: &[String]) -> Result {
     bench(&["--warm-up-time", "0.2", "--measurement-time", "0.5"].map(String::from))?;
     callgrind()?;
     perf(&["run".into(), "--quick".into()])?;
+    // Two minutes of the long-run soak: memory, descriptors and disk bounded under churn, past
+    // a binding TTL and a token renewal (perf/SOAK.md has the hour-long run).
+    crate::demo::soak(&SHORT_SOAK.map(String::from))?;
     if root().join("fuzz/run.sh").exists() {
         run(Command::new("bash").args(["fuzz/run.sh", "10"]))?;
     }
     Ok(())
 }
+
+/// The soak `cargo xtask test` runs: small log segments and deduplication memory, so that
+/// their designed bounds are reached within the warm-up, and tokens that need renewing.
+const SHORT_SOAK: [&str; 14] = [
+    "--duration",
+    "120",
+    "--warmup",
+    "50",
+    "--sample-s",
+    "5",
+    "--dedup-capacity",
+    "1024",
+    "--segment-bytes",
+    "131072",
+    "--token-ttl-s",
+    "120",
+    "--out",
+    "target/soak-short",
+];
 
 pub fn perf(args: &[String]) -> Result {
     build_release(&["relay", "perf"])?;

@@ -24,3 +24,12 @@ pub fn up(args: &[String]) -> Result {
         .arg("up")
         .args(args))
 }
+
+/// `cargo xtask soak [--duration 1h] [ARGS]`: the long run with churn (demo/src/soak.rs); the
+/// CSV and the plot go to target/soak unless `--out` says otherwise.
+pub fn soak(args: &[String]) -> Result {
+    build()?;
+    run(Command::new(root().join("target/release/demo"))
+        .arg("soak")
+        .args(args))
+}

@@ -4,6 +4,8 @@
 //! - `demo [--duration S] [--rooms N] [--participants N] [--keep-running]`: the local demo,
 //!   ctl and a relay with simulated participants and a summary table (demo/).
 //! - `up [--relays N] [--shards N]`: ctl and N relays on loopback until Ctrl-C.
+//! - `soak [--duration 1h] [ARGS]`: ctl and relays under churn for a long run, sampled into a
+//!   CSV and an SVG; fails if memory, descriptors or disk kept growing (perf/SOAK.md).
 //! - `test [--quick]`: format check, clippy and rustdoc (warnings denied), every unit and integration test
 //!   (both I/O backends), a short fuzz smoke run, benches and the perf harness at a tiny scale.
 //! - `callgrind`: user-space instructions per forwarding decision and per stored 1:1 chat
@@ -31,6 +33,7 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("demo") => demo::demo(&args[1..]),
         Some("up") => demo::up(&args[1..]),
+        Some("soak") => demo::soak(&args[1..]),
         Some("dist") => dist::dist(&args[1..]),
         Some("deploy") => deploy::deploy(&args[1..]),
         Some("tune") => tune::tune(&args[1..]),
@@ -40,7 +43,7 @@ fn main() -> ExitCode {
         Some("perf") => perf(&args[1..]),
         _ => {
             eprintln!(
-                "usage: cargo xtask demo [ARGS] | up [ARGS] | test [--quick] | callgrind | bench \
+                "usage: cargo xtask demo [ARGS] | up [ARGS] | soak [ARGS] | test [--quick] | callgrind | bench \
                  | perf [ARGS] | dist | deploy --inventory FILE | tune --check|--apply"
             );
             Err("unknown or missing verb".into())
