@@ -162,7 +162,7 @@ pub fn callgrind() -> Result {
         M[0], M[1]
     );
     println!("  {}", allocs.trim());
-    // A steady 1:1 load allocates nothing per message (ARCHITECTURE.md); what count_chat
+    // A steady 1:1 load allocates nothing per message (relay/src/chat/mod.rs); what count_chat
     // counts is the first turns' growth of reused lists and pools, about 240 in 20,000 messages.
     let per_msg: f64 = allocs
         .rsplit("per message=")

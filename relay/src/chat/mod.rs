@@ -15,6 +15,133 @@
 //!
 //! - [`log`]: the per-shard append-only log with CRC per record and group commit.
 //! - [`records`]: what the owner role writes to it.
+//!
+//! # How it works
+//!
+//! A user's home shard and a chat's owner shard are fixed functions of their ids
+//! (`proto::chat::ids`, PROTOCOL.md section 7.6). A SEND goes from the home shard to the owner
+//! (a local queue or a ring), which assigns the next seq, appends an ENTRY record and, once the
+//! loop turn's group commit (one fdatasync) returns, releases SENT to the author's home and the
+//! entry to each recipient's home. Acknowledgements go back to the owner, which appends an ACK
+//! record and a DELIVERED entry for the authors; an entry acknowledged by its whole audience is
+//! dead. Segments are deleted only as a dead prefix, oldest first with a directory fsync between
+//! two deletions, at most 4 per loop turn (`MAX_DELETIONS_PER_COMPACT`;
+//! `compaction_deletes_a_few_segments_per_call`): an acknowledgement from a user away for long
+//! can free hundreds at once, and each fsync runs on the shard's thread. An idle shard deletes
+//! the next 4 after each wait (at most 10 ms on batch, 50 ms on uring: 300 dead segments take up
+//! to 4 s on uring). Because only a prefix goes, a CHAT snapshot (membership, next seq) in
+//! an old segment pins everything after it until a checkpoint rewrites the snapshots. A
+//! checkpoint is considered when the log spans 3 segments, and again only once a segment has been
+//! created since the last one's records were appended (it had been rewritten every 100 ms). It
+//! rewrites only the snapshots that hold back compaction: those of chats whose committed snapshot
+//! lies in a segment older than both the newest one and the one holding the oldest entry still
+//! waiting for a recipient (from that segment on nothing can be deleted anyway), 2,048 chats a
+//! loop turn; with a recipient away since the start it writes nothing (`benches/tests/checkpoint.rs`;
+//! `Owner::start_selective_checkpoint`). Replay accepts a chat's entries before its snapshot,
+//! which is what a checkpoint leaves once the segment with the previous snapshot is gone (a shard
+//! refused to start on such a log until 6e9cbbb; `kill_9_after_a_checkpoint_restarts_and_delivers_what_waits`
+//! in `relay/tests/relay/chat.rs`). Its cost grows with the chats it rewrites, at worst every chat
+//! the shard owns (`target/release/checkpoint_cost`, all at once, 2 runs: 2-3 ms for 10,000,
+//! 37-41 ms for 100,000, 0.56-0.79 s and 80 MiB for 1,000,000 on this machine), hence the 2,048 a
+//! turn (`CHECKPOINT_CHATS_PER_TURN`, about 1-2 ms; `a_checkpoint_is_spread_over_loop_turns`). One deleted
+//! full-size segment is kept as `recycled.spare` and becomes the next segment (header written and
+//! synced before the rename, the rename that made the spare synced before that; the file cut
+//! back to its last record when it is rolled past), so appends overwrite written blocks and an
+//! fdatasync needs no ext4 journal commit, as PostgreSQL does with WAL segments. Its stale bytes
+//! behind the new records are the torn tail: every record CRC covers the segment's random salt
+//! (header format version 2; version 1 segments, unsalted, are still read) and its Lsn, so
+//! neither an old record nor a record frame a peer planted in an old message body can pass. Deduplication (`chat::dedup`) keeps (sender, msg id) -> (chat, seq) for the last
+//! `dedup_capacity` (2^20) accepted requests in a ring, indexed by 128-byte buckets of 16
+//! (hash tag, insertion stamp) slots: a new id costs one bucket read (prefetched while the previous
+//! message is handled) and a write to the same bucket, and eviction is the ring overwrite, since a
+//! slot whose stamp is 2^20 inserts old reads as free. A full bucket gives up its oldest slot
+//! (1.9 inserts in 10^6 at 2^20, `cargo test --release -p relay --lib early_evictions -- --nocapture`;
+//! counted as `relay_chat_dedup_early_evictions_total`). The index doubles as requests arrive,
+//! up to 2^18 buckets, without a stall: the doubled index is zeroed two buckets per insert ahead
+//! of time, and the old one stays readable while each insert moves 4 of its entries across
+//! (`growing_moves_a_few_entries_per_insert_and_loses_none`; all at once, the last doubling
+//! had stalled the shard, media included, for 54-56 ms; the slowest insert is now 1.3-1.4 ms,
+//! where a migration ends and the old index is freed: `target/release/dedup_growth`). Offline
+//! recipients are served by a per-user stream from every owner, in chunks paced by the client's
+//! acknowledgements; live entries for a user whose stream is running are held back so that
+//! per-chat order holds.
+//!
+//! **Commit, pipelined or inline.** By default (`[chat] sync_thread = true`) the group commit is
+//! pipelined: a turn writes the batch (`Log::start_commit`), the shard's sync thread
+//! (`io::syncer`, on the process's CPUs rather than the shard's) runs the fdatasync
+//! (`SyncJob::run`) and wakes the shard through its mailbox eventfd, and a later turn releases the
+//! batch (`Log::finish_commit`, then the engine's `handle_committed`); one batch is in flight and
+//! the next accumulates meanwhile, and a shard with only that to wait for sleeps. This departs
+//! from DESIGN.md section 5's "one fdatasync per loop turn": one fdatasync covers everything
+//! accepted since the previous one started, and still nothing is acknowledged before it returns.
+//! `sync_thread = false` gives the inline commit of the design. The engine already supported one
+//! batch in flight (records taken meanwhile belong to the next; a retried SEND whose original is
+//! in flight is answered with that batch). Dead marks wait in `chat::pipeline::CommitPipeline`
+//! until every record produced before them is durable, so a crash can never delete an entry
+//! whose acknowledgement was not yet on disk. Both modes pass the kill -9 test on both backends
+//! and the crash simulation. The thread measured 19% more throughput at saturation and equal or
+//! lower latency (perf/CHAT_RESULTS.md, "Inline or pipelined fdatasync"). Two counters show what
+//! durability costs in time: `relay_chat_sync_us_total` (in fdatasync) and
+//! `relay_chat_commit_us_total` (batches held from hand-off to release); per commit at half load
+//! here, 384 and 1,258 us. Releasing a batch the moment its sync is done, mid-turn, cut the hold
+//! by a third but cost 12 % of the throughput and no latency was gained (perf/CHAT_RESULTS.md,
+//! "Where the half-load latency goes").
+//!
+//! Presence is home-to-home and never stored: a session's PRESENCE_WATCH set (at most 256) is
+//! registered on each watched user's home shard, which keeps up to 4,096 (watcher, home) pairs per
+//! user, answers with the current state and announces the first session opening and the session
+//! closing. A watcher's session takes its watches with it when it closes or is replaced.
+//!
+//!
+//! # Allocation and bounds
+//!
+//! - Chat entries are released (SENT, deliveries) only after the log commit that made them
+//!   durable; the chat engine performs no I/O either (`ChatShard` returns records and messages).
+//!   A message crosses the rings and waits for its acknowledgement without a heap allocation of
+//!   its own in a steady load: a SEND's submit travels in a box from the home shard's
+//!   `msg::SubmitPool`, and goes back to that pool with the SENT (`ShardMsg::Sent`'s `spent`),
+//!   so one-way traffic between shards reuses the same boxes (bounded at 1,024 kept; test
+//!   `submit_boxes_go_back_to_the_home_shard_that_made_them`), and its
+//!   encoded MSG frame is one buffer (`records::MsgFrame`, an `Arc`) shared by the stored entry
+//!   and every recipient's delivery, taken from the owner's `records::FramePool` and given back
+//!   when the entry is settled at the front of its chat's queue and no home still holds it
+//!   (bounded at 1,024 buffers of at most 1 KiB; otherwise it is freed). The lists the engine
+//!   hands its driver every turn (`take_*`) are handed back (`give_back_*`) and reused, up to
+//!   65,536 entries. So a steady 1:1 load on one shard allocates nothing per message
+//!   (`count_chat`: 0.01 allocations per message, and `cargo xtask callgrind` fails above 0.05);
+//!   what still allocates is a new chat, group or session, a long body, a list growing past its
+//!   largest size so far, and more boxes or buffers in flight than the pools have kept.
+//!   Every queue is bounded (ring capacity `[chat] ring_capacity`, default 4,096; n_shards x
+//!   (n_shards - 1) rings of that many messages, each slot a `ShardMsg` of 72 bytes, at most
+//!   96 by the test `a_message_fits_in_a_ring_slot_of_at_most_96_bytes`: 288 KiB a ring, 576
+//!   KiB for 2 shards, 16 MiB for 8); each shard takes at most 4,096 messages a turn
+//!   from its rings, starting with a different ring each turn. Beyond a full ring messages wait
+//!   in a spill queue while the shard stops reading its clients: that pause is the spill queue's
+//!   only bound, since messages from other shards are still handled and may add to it (a group
+//!   SEND fans out to up to 1,024 members); `relay_chat_spill_depth` shows its depth,
+//!   `relay_chat_spilled_total` its traffic, and the test
+//!   `cross_shard_burst_spills_then_delivers_everything_in_order` forces it. A spilling shard
+//!   sleeps rather than spins: it flags the full ring, and the receiver wakes it after taking
+//!   from a flagged ring (`a_spilling_shard_sleeps_and_the_receiver_wakes_it_when_it_makes_room`);
+//!   while paused, batch waits on a second epoll set holding only the UDP socket and the waker
+//!   (level-triggered unread connections would end every wait at once). 1 MiB of output per
+//!   session for entries (once one is deferred, every later one is too, until the session's
+//!   resync from its inbox: a later entry queued ahead would pass the deferred one's seq and the
+//!   client would drop it; a deferral during a backlog restarts it once the output drains), and
+//!   1 MiB of errors and ephemeral frames queued while the peer does not read, where the session
+//!   is closed with ERROR 11; every request a peer can repeat costs from its session's rate
+//!   (PROTOCOL 7.5), TYPING and PING included, but an ACK of what the session was sent always
+//!   goes; 100,000 stored entries per recipient and
+//!   100,000 undelivered messages per sender, each per owner shard; a backlog's chunks keep to
+//!   the session's window whatever the number of owner shards (the owners still streaming share
+//!   half the window: all of them in the first round, then only those that said they hold more,
+//!   so one owner with the whole backlog gets the whole half; `home::chunk_budget`,
+//!   `a_backlog_from_one_owner_takes_the_whole_half_window`); `[chat] max_conns` (131,072)
+//!   connections per shard,
+//!   refused ones lingering at most 64 at a time; on
+//!   uring 512 receive buffers of 4 KiB and one 64 KiB send in flight per connection). A
+//!   connection the engine closes gets 5 s to flush its last frames (`chat_io::CLOSE_FLUSH_US`),
+//!   then is closed anyway: a peer that stops reading cannot hold it open.
 
 pub mod client;
 mod crc32c;

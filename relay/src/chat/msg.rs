@@ -258,7 +258,7 @@ mod tests {
 
     #[test]
     fn a_message_fits_in_a_ring_slot_of_at_most_96_bytes() {
-        // Every ring slot is this big (ARCHITECTURE.md gives the rings' memory from it).
+        // Every ring slot is this big (the chat module docs give the rings' memory from it).
         let size = std::mem::size_of::<ShardMsg>();
         assert!(size <= 96, "ShardMsg is {size} bytes");
     }

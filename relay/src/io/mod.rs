@@ -10,6 +10,67 @@
 //! between shards.
 //!
 //! `unsafe` lives in this module tree only.
+//!
+//! # Choosing a backend, chat on io_uring, stopping
+//!
+//! `--io auto|uring|batch`. `auto` selects **batch**, because our benchmark shows it cheaper
+//! (perf/RESULTS.md, 1 -> 10 fan-out, medians of 3 runs in one invocation): batch reached 0.96x
+//! the ideal forwarder's zero-loss egress against 0.91x for uring, spent 17 ns of user CPU per
+//! egress packet against 26, and had a lower p99 at half load (226 us against 526 us); uring made
+//! fewer system calls (0.009 against 0.016 per egress packet), which does not pay for itself at
+//! these batch sizes. This matches DESIGN.md's warning (mediasoup, liburing#844). `auto` still
+//! probes io_uring and logs whether it would have been available and why not (`io_uring_setup`
+//! errors: seccomp, the `kernel.io_uring_disabled` sysctl, RLIMIT_MEMLOCK). Both backends serve
+//! chat; `auto` picks batch for it too.
+//!
+//! **Chat on io_uring** (`io/chat_uring.rs`) shares the shard's one ring with the media path: 8
+//! single-shot ACCEPTs on the listener (each with its own address buffer, since the socket is a
+//! direct descriptor and has no `getpeername`), a multishot RECV per connection into chat's own
+//! provided-buffer ring (buffer group 1, 512 buffers of 4 KiB per shard; the datagrams keep group
+//! 0), one SEND of at most 64 KiB in flight per connection (copied out of the engine's output, which
+//! may grow and move while the kernel reads; the engine learns what was written from the
+//! completion; EAGAIN or a zero-length send waits for POLLOUT first), and a multishot POLL_ADD on
+//! the shard's waker eventfd. Completions only queue work; once per loop turn, after the
+//! datagrams, the received bytes go to the engine in arrival order (the end of a stream after its
+//! last bytes), `ChatCore::end_turn` makes the one fdatasync of the turn, and only then are sends,
+//! receive re-arms and cancels queued. A multishot operation that ends (ENOBUFS when the buffer
+//! ring runs dry, or the kernel's choice) is re-armed; while cross-shard messages spill, received
+//! buffers are held and not re-armed, which is the same backpressure as batch's paused reads. A
+//! closed connection stays in the table with its receive and send cancelled until both have
+//! completed; only then is its slot closed, so no slot is reused under an operation.
+//!
+//! Accepted sockets are **direct descriptors**: the accept puts them straight into the ring's
+//! registered-file table (`IORING_FILE_INDEX_ALLOC`), every operation names them by slot, and they
+//! never enter the process's descriptor table. The table has `max_conns` + 128 slots, capped by
+//! `RLIMIT_NOFILE`, which the kernel applies per ring: so a relay of N shards on io_uring holds up
+//! to N x (`RLIMIT_NOFILE` - 64) chat connections, where batch holds `RLIMIT_NOFILE` in all (this is how
+//! `chatperf idle-memory --io uring --shards 4` reaches 50,000 under a hard limit of 20,000). A slot
+//! is closed with IORING_OP_CLOSE among the turn's SQEs (no syscall of its own), after the
+//! connections the turn finalized and before the accepts are re-armed. A connection is refused
+//! (ERROR 13) when the shard is at `max_conns` or its table is within 64 slots of full; the
+//! refused socket is installed as a regular descriptor (IORING_OP_FIXED_FD_INSTALL, Linux 6.8,
+//! probed at start; without it the socket is closed without the ERROR) and handed to the same
+//! refusal path as batch's. A failed accept (ENFILE, ENOMEM) completes at once, so accepts are
+//! re-armed only after 100 ms. TCP_NODELAY is set on the listener and
+//! inherited by accepted sockets (tested in `io::sys`). At start the relay raises its soft
+//! `RLIMIT_NOFILE` to the hard limit (both backends), so a soft default of 1,024 does not cap chat.
+//! Bounds:
+//! 131,072 connections per shard (`chat_io::MAX_CONNS`, or fewer by `[chat] max_conns`, both
+//! backends; on uring also at most the table less 64; more are accepted, sent ERROR 13, half-closed and drained for up to 1 s),
+//! one received entry per buffer plus one end per connection, a to-do queue that holds each
+//! connection once, and never the SQ entries the media path may need (`MEDIA_SQ`: chat submits
+//! early, and what still does not fit waits a turn). The CQ has room for every chat buffer and
+//! 512 more completions; beyond that (a burst of disconnects) completions wait in the kernel's
+//! overflow list (IORING_FEAT_NODROP, checked at start-up). At exit one cancel covers every
+//! operation in the ring and the memory is freed only after the drain.
+//!
+//! **Stopping with chat** (both backends). When the stop flag is set, the shard does not leave its
+//! loop at once: the first `ChatCore::stop_turn` queues ERROR 13 ("the relay is stopping; reconnect") after
+//! every session's output, marks the sessions closing (their input is ignored from then on) and
+//! refuses new connections; the loop goes on, committing and writing as usual, until every chat
+//! connection has been flushed and closed or `chat_io::STOP_DRAIN_US` (250 ms) has passed. Clients
+//! thus tell a planned stop from a crash (PROTOCOL.md 7.2).
+//!
 
 pub mod batch;
 pub mod chat_epoll;
