@@ -452,6 +452,12 @@ impl ChatShard {
         self.owner.n_chats()
     }
 
+    /// The owner role's durable state in a canonical form (tests).
+    #[cfg(test)]
+    pub(crate) fn owner_digest(&self) -> String {
+        self.owner.digest()
+    }
+
     /// Presence watches kept for users homed here.
     pub fn home_watch_entries(&self) -> usize {
         self.home.n_watch_entries()

@@ -4,6 +4,11 @@
 //! audience sent the entry. Acknowledgements are cumulative per (chat, member); an entry every
 //! member of its audience has acknowledged is dead and its log record can go.
 //!
+//! Every change to the durable state goes through one function, `Owner::apply`: a handler
+//! validates a request, appends the record that states the change and applies that record;
+//! recovery applies the records read back ([`Owner::replay`]) with the same function, so the
+//! state after a restart is the state before it (`a_restart_rebuilds_exactly_the_state_the_owners_had`).
+//!
 //! Sans-IO: outputs are drained by the engine ([`Owner::take_batch`], `out`).
 
 use super::dedup::Dedup;
@@ -396,26 +401,30 @@ impl Owner {
     /// Creates the direct chat between `a` and `b` and records it.
     fn open_direct(&mut self, id: u64, a: u64, b: u64) {
         let members = [a, b]
-            .map(|user| Member {
+            .map(|user| MemberRec {
                 user,
                 joined_after: 0,
                 acked: 0,
             })
             .into();
-        let chat = Chat {
+        self.log_snapshot(ChatRec {
+            chat: id,
             group: false,
             creator: 0,
             next_seq: 1,
             members,
-            pending: VecDeque::new(),
-            state_lsn: None,
-        };
-        self.chats.insert(id, chat);
-        self.member_of.entry(a).or_default().push(id);
-        self.member_of.entry(b).or_default().push(id);
-        self.write_snapshot(id);
+        });
     }
 
+    /// Records a change of a chat's membership or counters as its new snapshot, and applies it.
+    fn log_snapshot(&mut self, rec: ChatRec) {
+        self.records
+            .push(records::CHAT, |out| records::encode_chat(out, &rec));
+        self.rec_owners.push(RecOwner::Chat { chat: rec.chat });
+        self.apply(Rec::Chat(rec), None);
+    }
+
+    /// Writes the current state of `chat` again (a checkpoint): no change to apply.
     fn write_snapshot(&mut self, chat: u64) {
         let c = self.chats.get(&chat).expect("snapshot of a live chat");
         let snapshot = c.snapshot(chat);
@@ -429,27 +438,25 @@ impl Owner {
     /// `from` is the requester and, for a SEND, its submit's box (which goes back with the
     /// SENT).
     fn append_entry(&mut self, e: EntryRec, from: Option<(Origin, Option<Box<Submit>>)>) {
-        let chat = self
-            .chats
-            .get_mut(&e.chat)
-            .expect("entries are appended to live chats");
-        debug_assert_eq!(e.seq, chat.next_seq);
-        chat.next_seq += 1;
-        let frame = encode_frame(&mut self.frames, &e);
-        for u in &e.audience {
-            *self.pending_per_user.entry(*u).or_default() += 1;
-        }
-        if kind::client_may_send(e.kind) {
-            *self.pending_per_sender.entry(e.sender).or_default() += 1;
-        }
+        debug_assert_eq!(
+            self.chats.get(&e.chat).map(|c| c.next_seq),
+            Some(e.seq),
+            "entries are appended to live chats, in seq order"
+        );
+        let (chat_id, seq, msg_id) = (e.chat, e.seq, e.msg_id);
+        self.records
+            .push(records::ENTRY, |out| records::encode_entry(out, &e));
+        self.rec_owners.push(RecOwner::Entry { chat: chat_id, seq });
+        self.n_accepted += 1;
+        self.apply(Rec::Entry(e), None);
         if let Some((from, spent)) = from {
             self.after_commit.push((
                 from.home,
                 ShardMsg::Sent {
                     to: from,
-                    msg_id: e.msg_id,
-                    chat: e.chat,
-                    seq: e.seq,
+                    msg_id,
+                    chat: chat_id,
+                    seq,
                     spent,
                 },
             ));
@@ -457,41 +464,29 @@ impl Owner {
         // Queued for everyone: `handle_committed` drops it for a user whose backlog stream
         // is still running then (the stream carries the entry once committed); a stream that
         // ends before the commit cannot carry it, and then this live delivery does.
-        for &user in &e.audience {
+        let stored = self
+            .chats
+            .get(&chat_id)
+            .and_then(|c| c.pending.back())
+            .expect("the entry just applied");
+        for &user in &stored.unacked {
             let home = ids::home_shard(user, self.n_shards);
             let d = ShardMsg::Deliver {
                 user,
-                chat: e.chat,
-                seq: e.seq,
-                frame: frame.clone(),
+                chat: chat_id,
+                seq,
+                frame: stored.frame.clone(),
                 backlog: None,
             };
             self.after_commit.push((home, d));
         }
-        remember(&mut self.dedup, &e);
-        self.n_accepted += 1;
-        self.records
-            .push(records::ENTRY, |out| records::encode_entry(out, &e));
-        self.rec_owners.push(RecOwner::Entry {
-            chat: e.chat,
-            seq: e.seq,
-        });
-        chat.pending.push_back(Stored {
-            seq: e.seq,
-            sender: e.sender,
-            kind: e.kind,
-            frame,
-            unacked: e.audience,
-            lsn: None,
-            committed: false,
-        });
     }
 
     fn ack(&mut self, user: u64, chat_id: u64, seq: u64, now_ms: u64) {
-        let Some(chat) = self.chats.get_mut(&chat_id) else {
+        let Some(chat) = self.chats.get(&chat_id) else {
             return;
         };
-        let Some(m) = chat.members.iter_mut().find(|m| m.user == user) else {
+        let Some(m) = chat.member(user) else {
             return;
         };
         // Clamped to what exists first: an ACK beyond it, repeated, must not write a record
@@ -500,43 +495,25 @@ impl Owner {
         if seq <= m.acked {
             return;
         }
-        let previous = m.acked;
-        m.acked = seq;
-        let mut senders = Audience::new();
-        let members = &chat.members;
-        // `pending` is in seq order: start at the first entry after `previous` (acknowledging
-        // one entry at a time must not scan the whole inbox each time).
-        let from = chat.pending.partition_point(|s| s.seq <= previous);
-        for s in chat.pending.range_mut(from..).take_while(|s| s.seq <= seq) {
-            if let Some(i) = s.unacked.iter().position(|&u| u == user) {
-                s.unacked.swap_remove(i);
-                count_down(&mut self.pending_per_user, user);
-                // Not to an author who has left the group: it could never acknowledge the
-                // receipt, which would then stay stored (and hold every later log segment).
-                if matches!(s.kind, kind::TEXT | kind::EDIT | kind::DELETE)
-                    && !senders.contains(&s.sender)
-                    && members.iter().any(|m| m.user == s.sender)
-                {
-                    senders.push(s.sender);
-                }
-            }
-        }
-        drop_settled(
-            &mut chat.pending,
-            &mut self.dead,
-            &mut self.frames,
-            &mut self.pending_per_sender,
-        );
+        let next_seq = chat.next_seq;
         self.records.push(records::ACK, |out| {
             records::encode_ack(out, chat_id, user, seq)
         });
         self.rec_owners.push(RecOwner::Ack);
+        let senders = self.apply(
+            Rec::Ack {
+                chat: chat_id,
+                user,
+                seq,
+            },
+            None,
+        );
         // Receipts do not beget receipts: only messages, edits and deletes are acknowledged
         // with a DELIVERED entry, one per acknowledgement batch, to their authors.
         if !senders.is_empty() {
             let e = EntryRec {
                 chat: chat_id,
-                seq: chat.next_seq,
+                seq: next_seq,
                 sender: user,
                 msg_id: receipt_id(user, seq),
                 kind: kind::DELIVERED,
@@ -578,25 +555,19 @@ impl Owner {
         }
         let members = all
             .iter()
-            .map(|&user| Member {
+            .map(|&user| MemberRec {
                 user,
                 joined_after: 0,
                 acked: 0,
             })
             .collect();
-        let chat = Chat {
+        self.log_snapshot(ChatRec {
+            chat: chat_id,
             group: true,
             creator: from.user,
             next_seq: 1,
             members,
-            pending: VecDeque::new(),
-            state_lsn: None,
-        };
-        self.chats.insert(chat_id, chat);
-        for &u in &all {
-            self.member_of.entry(u).or_default().push(chat_id);
-        }
-        self.write_snapshot(chat_id);
+        });
         let body: Body = all.iter().flat_map(|u| u.to_le_bytes()).collect();
         let audience = Audience::from_slice(&all[1..]);
         let e = EntryRec {
@@ -625,7 +596,7 @@ impl Owner {
         if self.answer_duplicate(from, msg_id, &mut None) {
             return;
         }
-        let Some(chat) = self.chats.get_mut(&chat_id).filter(|c| c.group) else {
+        let Some(chat) = self.chats.get(&chat_id).filter(|c| c.group) else {
             return self.fail(from, msg_id, code::UNKNOWN_CHAT, "unknown group");
         };
         if chat.member(from.user).is_none() {
@@ -633,6 +604,7 @@ impl Owner {
         }
         let seq = chat.next_seq;
         let present = chat.member(target).is_some();
+        let mut rec = chat.snapshot(chat_id);
         let k = if add {
             if present || target == 0 || chat.members.len() >= self.cfg.max_group_members {
                 return self.fail(
@@ -643,12 +615,11 @@ impl Owner {
                 );
             }
             // The new member sees the announcement of its own arrival and everything after.
-            chat.members.push(Member {
+            rec.members.push(MemberRec {
                 user: target,
                 joined_after: seq - 1,
                 acked: seq - 1,
             });
-            self.member_of.entry(target).or_default().push(chat_id);
             kind::MEMBER_ADDED
         } else {
             if !present || (target != from.user && from.user != chat.creator) {
@@ -659,30 +630,16 @@ impl Owner {
                     "only the creator removes others",
                 );
             }
-            chat.members.retain(|m| m.user != target);
-            forget_membership(&mut self.member_of, target, chat_id);
-            // A departed member no longer holds entries back.
-            for s in chat.pending.iter_mut() {
-                if let Some(i) = s.unacked.iter().position(|&u| u == target) {
-                    s.unacked.swap_remove(i);
-                    count_down(&mut self.pending_per_user, target);
-                }
-            }
-            drop_settled(
-                &mut chat.pending,
-                &mut self.dead,
-                &mut self.frames,
-                &mut self.pending_per_sender,
-            );
+            rec.members.retain(|m| m.user != target);
             kind::MEMBER_REMOVED
         };
-        let audience: Audience = chat
+        let audience: Audience = rec
             .members
             .iter()
             .map(|m| m.user)
             .filter(|&u| u != from.user)
             .collect();
-        self.write_snapshot(chat_id);
+        self.log_snapshot(rec);
         let e = EntryRec {
             chat: chat_id,
             seq,
@@ -961,95 +918,180 @@ impl Owner {
         true
     }
 
-    /// Rebuilds state from one recovered record (in log order).
+    /// Rebuilds state from one recovered record (in log order), through the same `Owner::apply`
+    /// as the live path.
     pub fn replay(&mut self, lsn: u64, kind: u8, payload: &[u8]) -> Result<(), String> {
-        match records::decode(kind, payload)
-            .ok_or_else(|| format!("undecodable chat record at lsn {lsn}"))?
-        {
+        let rec = records::decode(kind, payload)
+            .ok_or_else(|| format!("undecodable chat record at lsn {lsn}"))?;
+        match &rec {
+            Rec::Chat(c) if c.next_seq == 0 => {
+                return Err(format!("chat {} with next seq 0 at lsn {lsn}", c.chat));
+            }
+            Rec::Entry(e) if e.seq == 0 || e.seq == u64::MAX => {
+                return Err(format!("entry with seq {} at lsn {lsn}", e.seq));
+            }
+            _ => {}
+        }
+        self.apply(rec, Some(lsn));
+        Ok(())
+    }
+
+    /// Applies one durable fact to the owner's state. This is the one interpreter of the
+    /// owner's records: live, a handler validates a request, appends its record and applies
+    /// it (`lsn` is `None`: the record learns its place at commit, `handle_committed`); in
+    /// recovery, [`Owner::replay`] applies each record read back (`lsn` is known). So the
+    /// state after a restart is the state before it, but for what `finish_replay` settles.
+    /// Returns, for an acknowledgement, the authors owed a DELIVERED receipt.
+    fn apply(&mut self, rec: Rec, lsn: Option<u64>) -> Audience {
+        match rec {
             Rec::Chat(c) => {
-                if c.next_seq == 0 {
-                    return Err(format!("chat {} with next seq 0 at lsn {lsn}", c.chat));
-                }
-                let old = self.chats.remove(&c.chat);
-                if let Some(old_lsn) = old.as_ref().and_then(|o| o.state_lsn) {
-                    self.dead.push(old_lsn);
-                }
-                // Members the previous snapshot had and this one has not left the chat.
-                for m in old.iter().flat_map(|o| &o.members) {
-                    if c.members.iter().all(|n| n.user != m.user) {
-                        forget_membership(&mut self.member_of, m.user, c.chat);
-                    }
-                }
-                for m in &c.members {
-                    let list = self.member_of.entry(m.user).or_default();
-                    if !list.contains(&c.chat) {
-                        list.push(c.chat);
-                    }
-                }
-                let members = c
-                    .members
-                    .iter()
-                    .map(|m| Member {
-                        user: m.user,
-                        joined_after: m.joined_after,
-                        acked: m.acked,
-                    })
-                    .collect();
-                let pending = old.map(|o| o.pending).unwrap_or_default();
-                let next_seq = c.next_seq.max(pending.back().map_or(1, |s| s.seq + 1));
-                self.chats.insert(
-                    c.chat,
-                    Chat {
-                        group: c.group,
-                        creator: c.creator,
-                        next_seq,
-                        members,
-                        pending,
-                        state_lsn: Some(lsn),
-                    },
-                );
+                self.apply_snapshot(c, lsn);
+                Audience::new()
             }
             Rec::Entry(e) => {
-                if e.seq == 0 || e.seq == u64::MAX {
-                    return Err(format!("entry with seq {} at lsn {lsn}", e.seq));
-                }
-                // A chat's entries may come before its snapshot: a checkpoint's snapshot
-                // follows entries still waiting for a recipient once the segment with the
-                // previous snapshot is gone. The snapshot, further on, fills in the rest;
-                // `finish_replay` fails if it never comes.
-                let chat = self.chats.entry(e.chat).or_insert_with(|| Chat {
-                    group: false,
-                    creator: 0,
-                    next_seq: 1,
-                    members: Vec::new(),
-                    pending: VecDeque::new(),
-                    state_lsn: None,
-                });
-                chat.next_seq = chat.next_seq.max(e.seq + 1);
-                let frame = encode_frame(&mut self.frames, &e);
-                chat.pending.push_back(Stored {
-                    seq: e.seq,
-                    sender: e.sender,
-                    kind: e.kind,
-                    frame,
-                    unacked: e.audience.clone(),
-                    lsn: Some(lsn),
-                    committed: true,
-                });
-                remember(&mut self.dedup, &e);
+                self.apply_entry(e, lsn);
+                Audience::new()
             }
-            Rec::Ack { chat, user, seq } => {
-                self.dead.push(lsn);
-                if let Some(m) = self
-                    .chats
-                    .get_mut(&chat)
-                    .and_then(|c| c.members.iter_mut().find(|m| m.user == user))
+            Rec::Ack { chat, user, seq } => self.apply_ack(chat, user, seq, lsn),
+        }
+    }
+
+    /// A chat's new membership and counters. Members it no longer has leave the chat: they
+    /// no longer hold its entries back.
+    fn apply_snapshot(&mut self, c: ChatRec, lsn: Option<u64>) {
+        let old = self.chats.remove(&c.chat);
+        let mut state_lsn = old.as_ref().and_then(|o| o.state_lsn);
+        if let Some(lsn) = lsn {
+            // In recovery the newer snapshot supersedes the older at once; live, at commit.
+            if let Some(old_lsn) = state_lsn.replace(lsn) {
+                self.dead.push(old_lsn);
+            }
+        }
+        let mut pending = VecDeque::new();
+        if let Some(mut old) = old {
+            for m in &old.members {
+                if c.members.iter().any(|n| n.user == m.user) {
+                    continue;
+                }
+                forget_membership(&mut self.member_of, m.user, c.chat);
+                for s in old.pending.iter_mut() {
+                    if let Some(i) = s.unacked.iter().position(|&u| u == m.user) {
+                        s.unacked.swap_remove(i);
+                        count_down(&mut self.pending_per_user, m.user);
+                    }
+                }
+            }
+            pending = old.pending;
+            drop_settled(
+                &mut pending,
+                &mut self.dead,
+                &mut self.frames,
+                &mut self.pending_per_sender,
+            );
+        }
+        for m in &c.members {
+            let list = self.member_of.entry(m.user).or_default();
+            if !list.contains(&c.chat) {
+                list.push(c.chat);
+            }
+        }
+        let members = c
+            .members
+            .iter()
+            .map(|m| Member {
+                user: m.user,
+                joined_after: m.joined_after,
+                acked: m.acked,
+            })
+            .collect();
+        let next_seq = c.next_seq.max(pending.back().map_or(1, |s| s.seq + 1));
+        self.chats.insert(
+            c.chat,
+            Chat {
+                group: c.group,
+                creator: c.creator,
+                next_seq,
+                members,
+                pending,
+                state_lsn,
+            },
+        );
+    }
+
+    /// A sequenced entry, stored until its audience has acknowledged it. In recovery a chat's
+    /// entries may come before its snapshot: a checkpoint's snapshot follows entries still
+    /// waiting for a recipient once the segment with the previous snapshot is gone. The
+    /// snapshot, further on, fills in the rest; `finish_replay` fails if it never comes.
+    fn apply_entry(&mut self, e: EntryRec, lsn: Option<u64>) {
+        let chat = self.chats.entry(e.chat).or_insert_with(|| Chat {
+            group: false,
+            creator: 0,
+            next_seq: 1,
+            members: Vec::new(),
+            pending: VecDeque::new(),
+            state_lsn: None,
+        });
+        chat.next_seq = chat.next_seq.max(e.seq + 1);
+        let frame = encode_frame(&mut self.frames, &e);
+        for u in &e.audience {
+            *self.pending_per_user.entry(*u).or_default() += 1;
+        }
+        if kind::client_may_send(e.kind) {
+            *self.pending_per_sender.entry(e.sender).or_default() += 1;
+        }
+        remember(&mut self.dedup, &e);
+        chat.pending.push_back(Stored {
+            seq: e.seq,
+            sender: e.sender,
+            kind: e.kind,
+            frame,
+            unacked: e.audience,
+            lsn,
+            committed: lsn.is_some(),
+        });
+    }
+
+    /// `user` has `chat` up to `seq` (cumulative). Returns the authors of the messages, edits
+    /// and deletes it acknowledged who are still members (owed a DELIVERED receipt).
+    fn apply_ack(&mut self, chat_id: u64, user: u64, seq: u64, lsn: Option<u64>) -> Audience {
+        // An acknowledgement is spent once applied: nothing reads it again but a replay.
+        self.dead.extend(lsn);
+        let mut senders = Audience::new();
+        let Some(chat) = self.chats.get_mut(&chat_id) else {
+            return senders;
+        };
+        let Some(m) = chat.members.iter_mut().find(|m| m.user == user) else {
+            return senders;
+        };
+        if seq <= m.acked {
+            return senders;
+        }
+        let previous = std::mem::replace(&mut m.acked, seq);
+        let members = &chat.members;
+        // `pending` is in seq order: start at the first entry after `previous` (acknowledging
+        // one entry at a time must not scan the whole inbox each time).
+        let from = chat.pending.partition_point(|s| s.seq <= previous);
+        for s in chat.pending.range_mut(from..).take_while(|s| s.seq <= seq) {
+            if let Some(i) = s.unacked.iter().position(|&u| u == user) {
+                s.unacked.swap_remove(i);
+                count_down(&mut self.pending_per_user, user);
+                // Not to an author who has left the group: it could never acknowledge the
+                // receipt, which would then stay stored (and hold every later log segment).
+                if matches!(s.kind, kind::TEXT | kind::EDIT | kind::DELETE)
+                    && !senders.contains(&s.sender)
+                    && members.iter().any(|m| m.user == s.sender)
                 {
-                    m.acked = m.acked.max(seq);
+                    senders.push(s.sender);
                 }
             }
         }
-        Ok(())
+        drop_settled(
+            &mut chat.pending,
+            &mut self.dead,
+            &mut self.frames,
+            &mut self.pending_per_sender,
+        );
+        senders
     }
 
     /// Completes recovery: drops what members have acknowledged (or who left) and recounts the
@@ -1105,6 +1147,58 @@ impl Owner {
     /// Chats owned here.
     pub fn n_chats(&self) -> usize {
         self.chats.len()
+    }
+
+    /// The durable state in a canonical form, for tests: per chat (by id) its kind, creator,
+    /// next seq, members (user, joined after, acked) and stored entries (seq, sender, kind,
+    /// audience still to acknowledge), and the per-user and per-sender counts.
+    #[cfg(test)]
+    pub(crate) fn digest(&self) -> String {
+        let mut chats: Vec<_> = self.chats.iter().collect();
+        chats.sort_by_key(|(id, _)| **id);
+        let mut out = String::new();
+        for (id, c) in chats {
+            let mut members: Vec<_> = c
+                .members
+                .iter()
+                .map(|m| (m.user, m.joined_after, m.acked))
+                .collect();
+            members.sort_unstable();
+            let pending: Vec<_> = c
+                .pending
+                .iter()
+                .map(|s| {
+                    let mut u = s.unacked.to_vec();
+                    u.sort_unstable();
+                    (s.seq, s.sender, s.kind, u)
+                })
+                .collect();
+            out += &format!(
+                "{id}: group {} creator {} next {} members {members:?} pending {pending:?}\n",
+                c.group, c.creator, c.next_seq
+            );
+        }
+        let sorted = |m: &Map<u64, usize>| {
+            let mut v: Vec<_> = m.iter().map(|(&k, &v)| (k, v)).collect();
+            v.sort_unstable();
+            v
+        };
+        let mut member_of: Vec<_> = self
+            .member_of
+            .iter()
+            .map(|(&u, l)| {
+                let mut l = l.clone();
+                l.sort_unstable();
+                (u, l)
+            })
+            .collect();
+        member_of.sort_unstable();
+        out += &format!(
+            "per user {:?}\nper sender {:?}\nmember of {member_of:?}\n",
+            sorted(&self.pending_per_user),
+            sorted(&self.pending_per_sender)
+        );
+        out
     }
 }
 
