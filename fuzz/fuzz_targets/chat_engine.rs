@@ -67,6 +67,7 @@ fuzz_target!(|data: &[u8]| {
                         shard.replay(l, *k, p).expect("a log the engine wrote replays");
                     }
                     shard.finish_replay().expect("a log the engine wrote recovers");
+                    shard.check_invariants();
                     for l in shard.take_dead() {
                         dead[i].insert(l);
                     }
@@ -120,6 +121,7 @@ fuzz_target!(|data: &[u8]| {
                 for c in shards[i].take_closing() {
                     shards[i].handle_closed(now, c);
                 }
+                shards[i].check_invariants();
             }
         }
     }

@@ -452,6 +452,12 @@ impl ChatShard {
         self.owner.n_chats()
     }
 
+    /// Checks the engine's internal invariants (the owner role's: chats, stored entries,
+    /// memberships and counts); for tests, the simulation and fuzzing.
+    pub fn check_invariants(&self) {
+        self.owner.check_invariants();
+    }
+
     /// The owner role's durable state in a canonical form (tests).
     #[cfg(test)]
     pub(crate) fn owner_digest(&self) -> String {

@@ -1149,6 +1149,81 @@ impl Owner {
         self.chats.len()
     }
 
+    /// Checks the owner's internal invariants; for tests, the simulation and fuzzing (like the
+    /// media engine's `Shard::check_invariants`). Panics on the first violation.
+    pub fn check_invariants(&self) {
+        let mut per_user: Map<u64, usize> = Map::default();
+        let mut per_sender: Map<u64, usize> = Map::default();
+        for (&id, c) in &self.chats {
+            assert!(c.next_seq >= 1, "chat {id}: next seq 0");
+            let mut last = 0;
+            for s in &c.pending {
+                assert!(s.seq > last, "chat {id}: pending out of seq order");
+                assert!(
+                    s.seq < c.next_seq,
+                    "chat {id}: seq {} not below next",
+                    s.seq
+                );
+                assert_eq!(
+                    s.committed,
+                    s.lsn.is_some(),
+                    "chat {id}: committed iff filed"
+                );
+                for (i, u) in s.unacked.iter().enumerate() {
+                    assert!(
+                        !s.unacked[..i].contains(u),
+                        "chat {id}: audience repeats {u}"
+                    );
+                    *per_user.entry(*u).or_default() += 1;
+                }
+                if kind::client_may_send(s.kind) {
+                    *per_sender.entry(s.sender).or_default() += 1;
+                }
+                last = s.seq;
+            }
+            for (i, m) in c.members.iter().enumerate() {
+                assert!(
+                    c.members[..i].iter().all(|n| n.user != m.user),
+                    "chat {id}: member {} twice",
+                    m.user
+                );
+                assert!(
+                    self.member_of.get(&m.user).is_some_and(|l| l.contains(&id)),
+                    "chat {id}: member {} not indexed",
+                    m.user
+                );
+            }
+            assert!(!c.is_abandoned(), "chat {id}: abandoned group kept");
+        }
+        for (&user, list) in &self.member_of {
+            assert!(!list.is_empty(), "user {user}: empty membership list kept");
+            for (i, chat) in list.iter().enumerate() {
+                assert!(!list[..i].contains(chat), "user {user}: chat {chat} twice");
+                assert!(
+                    self.chats
+                        .get(chat)
+                        .is_some_and(|c| c.member(user).is_some()),
+                    "user {user}: indexed in chat {chat} without being a member"
+                );
+            }
+        }
+        let sorted = |m: &Map<u64, usize>| {
+            let mut v: Vec<(u64, usize)> = m.iter().map(|(&k, &v)| (k, v)).collect();
+            v.sort_unstable();
+            v
+        };
+        assert_eq!(
+            sorted(&self.pending_per_user),
+            sorted(&per_user),
+            "per-user counts match the stored audiences (and keep no zeros)"
+        );
+        assert_eq!(
+            sorted(&self.pending_per_sender),
+            sorted(&per_sender),
+            "per-sender counts match the stored entries (and keep no zeros)"
+        );
+    }
+
     /// The durable state in a canonical form, for tests: per chat (by id) its kind, creator,
     /// next seq, members (user, joined after, acked) and stored entries (seq, sender, kind,
     /// audience still to acknowledge), and the per-user and per-sender counts.

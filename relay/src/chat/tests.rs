@@ -176,6 +176,7 @@ impl Sim {
                 shard.replay(lsn, *k, p).unwrap();
             }
             shard.finish_replay().unwrap();
+            shard.check_invariants();
             for lsn in shard.take_dead() {
                 log.mark_dead(lsn);
             }
@@ -343,6 +344,9 @@ impl Sim {
                     moved = true;
                 }
                 self.shards[i].give_back_closing(closing);
+            }
+            for shard in &self.shards {
+                shard.check_invariants();
             }
             if !moved {
                 return true;
