@@ -3,7 +3,7 @@
 //! deliver into the sessions' bounded outbound buffers, with the backlog flow control.
 
 use super::map::Map;
-use super::msg::{ConnId, Origin, ShardMsg, Submit, SubmitPool};
+use super::msg::{ConnId, Origin, ShardMsg, Submit, SubmitPool, ToHome, ToOwner};
 use super::ChatConfig;
 use crate::engine::limits::TokenBucket;
 use crate::engine::Now;
@@ -186,7 +186,8 @@ impl Home {
             if self.users.get(&user) == Some(&conn) {
                 self.users.remove(&user);
                 for shard in 0..self.n_shards {
-                    self.out.push((shard, ShardMsg::BacklogCancel { user }));
+                    self.out
+                        .push((shard, ShardMsg::ToOwner(ToOwner::BacklogCancel { user })));
                 }
                 for &target in &s.watching {
                     self.send_watch(user, target, false);
@@ -199,12 +200,12 @@ impl Home {
     fn send_watch(&mut self, watcher: u64, target: u64, watch: bool) {
         self.out.push((
             ids::home_shard(target, self.n_shards),
-            ShardMsg::PresenceWatch {
+            ShardMsg::ToHome(ToHome::PresenceWatch {
                 watcher,
                 watcher_home: self.shard,
                 target,
                 watch,
-            },
+            }),
         ));
     }
 
@@ -212,8 +213,10 @@ impl Home {
     fn announce(&mut self, user: u64, online: bool) {
         if let Some(ws) = self.watchers.get(&user) {
             for &(to, home) in ws {
-                self.out
-                    .push((home, ShardMsg::Presence { to, user, online }));
+                self.out.push((
+                    home,
+                    ShardMsg::ToHome(ToHome::Presence { to, user, online }),
+                ));
             }
         }
     }
@@ -259,11 +262,11 @@ impl Home {
             let online = self.users.contains_key(&target);
             self.out.push((
                 watcher_home,
-                ShardMsg::Presence {
+                ShardMsg::ToHome(ToHome::Presence {
                     to: watcher,
                     user: target,
                     online,
-                },
+                }),
             ));
         }
         if ws.is_empty() {
@@ -419,7 +422,7 @@ impl Home {
                     body: crate::chat::records::Body::from_slice(body),
                 };
                 let s = self.submits.boxed(s);
-                self.route_to_owner(chat, ShardMsg::Submit(s));
+                self.route_to_owner(chat, ShardMsg::ToOwner(ToOwner::Submit(s)));
             }
             Frame::Ack { pairs } => {
                 // One request, and one more per 64 pairs (each is a message to an owner and
@@ -439,7 +442,7 @@ impl Home {
                     }
                 }
                 for (chat, seq) in proto::chat::ack_pairs(pairs) {
-                    self.route_to_owner(chat, ShardMsg::Ack { user, chat, seq });
+                    self.route_to_owner(chat, ShardMsg::ToOwner(ToOwner::Ack { user, chat, seq }));
                     if let Some(s) = self.sessions.get_mut(&conn) {
                         s.inflight.retain(|&(c, q)| c != chat || q > seq);
                     }
@@ -457,12 +460,12 @@ impl Home {
                 let members = proto::chat::u64s(members).collect();
                 self.route_to_owner(
                     chat,
-                    ShardMsg::CreateGroup {
+                    ShardMsg::ToOwner(ToOwner::CreateGroup {
                         from,
                         msg_id,
                         chat,
                         members,
-                    },
+                    }),
                 );
             }
             Frame::GroupAdd {
@@ -481,13 +484,13 @@ impl Home {
                 let add = matches!(frame, Frame::GroupAdd { .. });
                 self.route_to_owner(
                     chat_id,
-                    ShardMsg::ChangeMember {
+                    ShardMsg::ToOwner(ToOwner::ChangeMember {
                         from,
                         msg_id,
                         chat: chat_id,
                         target,
                         add,
-                    },
+                    }),
                 );
             }
             Frame::GroupLeave { msg_id, chat_id } => {
@@ -496,13 +499,13 @@ impl Home {
                 }
                 self.route_to_owner(
                     chat_id,
-                    ShardMsg::ChangeMember {
+                    ShardMsg::ToOwner(ToOwner::ChangeMember {
                         from,
                         msg_id,
                         chat: chat_id,
                         target: user,
                         add: false,
-                    },
+                    }),
                 );
             }
             Frame::GroupList => {
@@ -523,7 +526,8 @@ impl Home {
                     .is_none()
                 {
                     for shard in 0..self.n_shards {
-                        self.out.push((shard, ShardMsg::ListGroups { from }));
+                        self.out
+                            .push((shard, ShardMsg::ToOwner(ToOwner::ListGroups { from })));
                     }
                 }
             }
@@ -535,21 +539,20 @@ impl Home {
                 if chat_id != 0 && ids::is_group(chat_id) {
                     self.route_to_owner(
                         chat_id,
-                        ShardMsg::Typing {
+                        ShardMsg::ToOwner(ToOwner::TypingInGroup {
                             from: user,
                             chat: chat_id,
-                            to: 0,
-                        },
+                        }),
                     );
                 } else if to != 0 {
                     let chat = ids::direct_chat(user, to);
                     self.out.push((
                         ids::home_shard(to, self.n_shards),
-                        ShardMsg::Typing {
+                        ShardMsg::ToHome(ToHome::Typing {
                             from: user,
                             chat,
                             to,
-                        },
+                        }),
                     ));
                 }
             }
@@ -654,12 +657,12 @@ impl Home {
         for shard in 0..self.n_shards {
             self.out.push((
                 shard,
-                ShardMsg::BacklogStart {
+                ShardMsg::ToOwner(ToOwner::BacklogStart {
                     user,
                     epoch,
                     home: self.shard,
                     budget,
-                },
+                }),
             ));
         }
     }
@@ -690,20 +693,20 @@ impl Home {
                 b.answered[owner] = false;
                 self.out.push((
                     owner as u16,
-                    ShardMsg::BacklogMore {
+                    ShardMsg::ToOwner(ToOwner::BacklogMore {
                         user,
                         epoch: b.epoch,
                         budget,
-                    },
+                    }),
                 ));
             }
         }
     }
 
     /// Handles a message addressed to the home role.
-    pub fn handle(&mut self, msg: ShardMsg) {
+    pub fn handle(&mut self, msg: ToHome) {
         match msg {
-            ShardMsg::Sent {
+            ToHome::Sent {
                 to,
                 msg_id,
                 chat,
@@ -717,7 +720,7 @@ impl Home {
                     self.queue(to.conn, |e| e.sent(&msg_id, chat, seq));
                 }
             }
-            ShardMsg::Failed {
+            ToHome::Failed {
                 to,
                 msg_id,
                 code,
@@ -727,20 +730,20 @@ impl Home {
                     self.error(to.conn, code, &msg_id, text);
                 }
             }
-            ShardMsg::Deliver {
+            ToHome::Deliver {
                 user,
                 chat,
                 seq,
                 frame,
                 backlog,
             } => self.deliver(user, chat, seq, frame.as_bytes(), backlog),
-            ShardMsg::BacklogChunk {
+            ToHome::BacklogChunk {
                 user,
                 epoch,
                 owner,
                 more,
             } => self.backlog_chunk(user, epoch, owner, more),
-            ShardMsg::GroupsPart { to, groups } => {
+            ToHome::GroupsPart { to, groups } => {
                 let Some((left, acc)) = self.group_lists.get_mut(&to.conn) else {
                     return;
                 };
@@ -751,19 +754,19 @@ impl Home {
                     self.queue(to.conn, |e| e.groups(&acc));
                 }
             }
-            ShardMsg::Typing { from, chat, to } => {
+            ToHome::Typing { from, chat, to } => {
                 if let Some(&conn) = self.users.get(&to) {
                     let peer = if ids::is_group(chat) { chat } else { 0 };
                     self.queue_capped(conn, |e| e.typing(peer, from));
                 }
             }
-            ShardMsg::PresenceWatch {
+            ToHome::PresenceWatch {
                 watcher,
                 watcher_home,
                 target,
                 watch,
             } => self.watch(watcher, watcher_home, target, watch),
-            ShardMsg::Presence { to, user, online } => {
+            ToHome::Presence { to, user, online } => {
                 // Only to a session that still watches `user` (an unwatch may be in flight).
                 if let Some(&conn) = self.users.get(&to) {
                     if self
@@ -775,7 +778,6 @@ impl Home {
                     }
                 }
             }
-            other => debug_assert!(false, "not a home message: {other:?}"),
         }
     }
 

@@ -99,7 +99,7 @@
 //!   durable; the chat engine performs no I/O either (`ChatShard` returns records and messages).
 //!   A message crosses the rings and waits for its acknowledgement without a heap allocation of
 //!   its own in a steady load: a SEND's submit travels in a box from the home shard's
-//!   `msg::SubmitPool`, and goes back to that pool with the SENT (`ShardMsg::Sent`'s `spent`),
+//!   `msg::SubmitPool`, and goes back to that pool with the SENT (`ToHome::Sent`'s `spent`),
 //!   so one-way traffic between shards reuses the same boxes (bounded at 1,024 kept; test
 //!   `submit_boxes_go_back_to_the_home_shard_that_made_them`), and its
 //!   encoded MSG frame is one buffer (`records::MsgFrame`, an `Arc`) shared by the stored entry
@@ -112,9 +112,9 @@
 //!   what still allocates is a new chat, group or session, a long body, a list growing past its
 //!   largest size so far, and more boxes or buffers in flight than the pools have kept.
 //!   Every queue is bounded (ring capacity `[chat] ring_capacity`, default 4,096; n_shards x
-//!   (n_shards - 1) rings of that many messages, each slot a `ShardMsg` of 72 bytes, at most
-//!   96 by the test `a_message_fits_in_a_ring_slot_of_at_most_96_bytes`: 288 KiB a ring, 576
-//!   KiB for 2 shards, 16 MiB for 8); each shard takes at most 4,096 messages a turn
+//!   (n_shards - 1) rings of that many messages, each slot a `ShardMsg` of 80 bytes, at most
+//!   96 by the test `a_message_fits_in_a_ring_slot_of_at_most_96_bytes`: 320 KiB a ring, 640
+//!   KiB for 2 shards, 17.5 MiB for 8); each shard takes at most 4,096 messages a turn
 //!   from its rings, starting with a different ring each turn. Beyond a full ring messages wait
 //!   in a spill queue while the shard stops reading its clients: that pause is the spill queue's
 //!   only bound, since messages from other shards are still handled and may add to it (a group
@@ -155,7 +155,7 @@ pub mod pipeline;
 pub mod records;
 
 use crate::engine::Now;
-use msg::{ConnId, ShardMsg};
+use msg::{ConnId, ShardMsg, ToOwner};
 use proto::token::TokenVerifier;
 use std::collections::VecDeque;
 use std::net::IpAddr;
@@ -278,21 +278,14 @@ impl ChatShard {
     fn dispatch(&mut self, m: ShardMsg, now: Now) {
         let now_ms = now.unix_s * 1000;
         match m {
-            ShardMsg::Submit(s) => {
+            ShardMsg::ToOwner(ToOwner::Submit(s)) => {
                 // Unless it goes back with the SENT: a refused SEND's box.
                 if let Some(spent) = self.owner.submit(s, now_ms) {
                     self.home.submits.give_back(spent);
                 }
             }
-            ShardMsg::Ack { .. }
-            | ShardMsg::CreateGroup { .. }
-            | ShardMsg::ChangeMember { .. }
-            | ShardMsg::BacklogStart { .. }
-            | ShardMsg::BacklogMore { .. }
-            | ShardMsg::BacklogCancel { .. }
-            | ShardMsg::ListGroups { .. }
-            | ShardMsg::Typing { to: 0, .. } => self.owner.handle(m, now_ms),
-            _ => self.home.handle(m),
+            ShardMsg::ToOwner(m) => self.owner.handle(m, now_ms),
+            ShardMsg::ToHome(m) => self.home.handle(m),
         }
     }
 

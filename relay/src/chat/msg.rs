@@ -8,9 +8,19 @@ use proto::chat::MsgId;
 /// that answers for a closed session are recognised and dropped.
 pub type ConnId = u64;
 
-/// One message between shards.
+/// One message between shards, by the role it is for on the receiving shard: the owner of a
+/// chat, or the home of a user. A ring carries both.
 #[derive(Clone, Debug)]
 pub enum ShardMsg {
+    /// To the owner role ([`crate::chat::owner`]).
+    ToOwner(ToOwner),
+    /// To the home role ([`crate::chat::home`]).
+    ToHome(ToHome),
+}
+
+/// What a home shard asks of the owner of a chat.
+#[derive(Clone, Debug)]
+pub enum ToOwner {
     /// Home -> owner: store and sequence an entry.
     Submit(Box<Submit>),
     /// Home -> owner: the user has received the chat up to `seq`.
@@ -76,13 +86,25 @@ pub enum ShardMsg {
         /// Requesting user, its home and session.
         from: Origin,
     },
-    /// Home -> owner (groups) or home -> home (direct): a typing indicator.
+    /// Home -> owner: a typing indicator in a group, for every member.
+    TypingInGroup {
+        /// Typist.
+        from: u64,
+        /// Group.
+        chat: u64,
+    },
+}
+
+/// What an owner, or another home, tells a user's home shard.
+#[derive(Clone, Debug)]
+pub enum ToHome {
+    /// Home -> home (direct), or owner -> each member's home (group): a typing indicator.
     Typing {
         /// Typist.
         from: u64,
         /// Chat.
         chat: u64,
-        /// Recipient (direct), or 0 for every member of the group.
+        /// Recipient.
         to: u64,
     },
     /// Home (watcher's) -> home (target's): start or stop telling `watcher` about `target`.
@@ -195,7 +217,7 @@ pub struct Submit {
 }
 
 /// Boxes of spent submits, for the next ones: a home shard boxes a SEND's submit, and its
-/// owner shard sends the box back with the SEND's answer ([`ShardMsg::Sent`]'s `spent`), so
+/// owner shard sends the box back with the SEND's answer ([`ToHome::Sent`]'s `spent`), so
 /// every box returns to the pool that made it, however lopsided the traffic between shards
 /// (an owner that kept the boxes would leave a home shard whose users mostly write to chats
 /// owned elsewhere allocating one per message, and free the surplus from another thread). A
@@ -261,6 +283,8 @@ mod tests {
         // Every ring slot is this big (the chat module docs give the rings' memory from it).
         let size = std::mem::size_of::<ShardMsg>();
         assert!(size <= 96, "ShardMsg is {size} bytes");
+        // The split by role costs one word: 80 bytes, against 72 for one flat enum.
+        assert!(size <= 8 + std::mem::size_of::<ToHome>().max(std::mem::size_of::<ToOwner>()));
     }
 
     #[test]

@@ -13,7 +13,7 @@
 
 use super::dedup::Dedup;
 use super::map::Map;
-use super::msg::{Origin, ShardMsg, Submit};
+use super::msg::{Origin, ShardMsg, Submit, ToHome, ToOwner};
 use super::records::{
     self, Audience, Body, ChatRec, EntryRec, FramePool, MemberRec, MsgFrame, Rec,
 };
@@ -221,44 +221,44 @@ impl Owner {
     fn fail(&mut self, to: Origin, msg_id: MsgId, code: u16, text: &'static str) {
         self.out.push((
             to.home,
-            ShardMsg::Failed {
+            ShardMsg::ToHome(ToHome::Failed {
                 to,
                 msg_id,
                 code,
                 text,
-            },
+            }),
         ));
     }
 
     /// Warms the cache for handling `msg` soon: the deduplication bucket of a SEND, which is
     /// otherwise a cache miss on every new message.
     pub fn prefetch(&self, msg: &ShardMsg) {
-        if let ShardMsg::Submit(s) = msg {
+        if let ShardMsg::ToOwner(ToOwner::Submit(s)) = msg {
             self.dedup.prefetch(s.from.user, &s.msg_id);
         }
     }
 
     /// Handles one message addressed to the owner role.
-    pub fn handle(&mut self, msg: ShardMsg, now_ms: u64) {
+    pub fn handle(&mut self, msg: ToOwner, now_ms: u64) {
         match msg {
-            ShardMsg::Submit(s) => {
+            ToOwner::Submit(s) => {
                 self.submit(s, now_ms);
             }
-            ShardMsg::Ack { user, chat, seq } => self.ack(user, chat, seq, now_ms),
-            ShardMsg::CreateGroup {
+            ToOwner::Ack { user, chat, seq } => self.ack(user, chat, seq, now_ms),
+            ToOwner::CreateGroup {
                 from,
                 msg_id,
                 chat,
                 members,
             } => self.create_group(from, msg_id, chat, members, now_ms),
-            ShardMsg::ChangeMember {
+            ToOwner::ChangeMember {
                 from,
                 msg_id,
                 chat,
                 target,
                 add,
             } => self.change_member(from, msg_id, chat, target, add, now_ms),
-            ShardMsg::BacklogStart {
+            ToOwner::BacklogStart {
                 user,
                 epoch,
                 home,
@@ -274,17 +274,16 @@ impl Owner {
                 );
                 self.stream_chunk(user, epoch, budget);
             }
-            ShardMsg::BacklogMore {
+            ToOwner::BacklogMore {
                 user,
                 epoch,
                 budget,
             } => self.stream_chunk(user, epoch, budget),
-            ShardMsg::BacklogCancel { user } => {
+            ToOwner::BacklogCancel { user } => {
                 self.streams.remove(&user);
             }
-            ShardMsg::ListGroups { from } => self.list_groups(from),
-            ShardMsg::Typing { from, chat, to: 0 } => self.typing(from, chat),
-            other => debug_assert!(false, "not an owner message: {other:?}"),
+            ToOwner::ListGroups { from } => self.list_groups(from),
+            ToOwner::TypingInGroup { from, chat } => self.typing(from, chat),
         }
     }
 
@@ -304,13 +303,13 @@ impl Owner {
             .chats
             .get(&chat)
             .is_none_or(|c| c.pending.iter().all(|s| s.seq != seq || s.committed));
-        let sent = ShardMsg::Sent {
+        let sent = ShardMsg::ToHome(ToHome::Sent {
             to: from,
             msg_id,
             chat,
             seq,
             spent: spent.take(),
-        };
+        });
         let in_flight = self.committing.as_mut().filter(|(owners, _)| {
             owners
                 .iter()
@@ -452,13 +451,13 @@ impl Owner {
         if let Some((from, spent)) = from {
             self.after_commit.push((
                 from.home,
-                ShardMsg::Sent {
+                ShardMsg::ToHome(ToHome::Sent {
                     to: from,
                     msg_id,
                     chat: chat_id,
                     seq,
                     spent,
-                },
+                }),
             ));
         }
         // Queued for everyone: `handle_committed` drops it for a user whose backlog stream
@@ -471,13 +470,13 @@ impl Owner {
             .expect("the entry just applied");
         for &user in &stored.unacked {
             let home = ids::home_shard(user, self.n_shards);
-            let d = ShardMsg::Deliver {
+            let d = ShardMsg::ToHome(ToHome::Deliver {
                 user,
                 chat: chat_id,
                 seq,
                 frame: stored.frame.clone(),
                 backlog: None,
-            };
+            });
             self.after_commit.push((home, d));
         }
     }
@@ -680,13 +679,13 @@ impl Owner {
                 }
                 budget -= 1;
                 *cursor = s.seq;
-                let d = ShardMsg::Deliver {
+                let d = ShardMsg::ToHome(ToHome::Deliver {
                     user,
                     chat: *chat_id,
                     seq: s.seq,
                     frame: s.frame.clone(),
                     backlog: Some(epoch),
-                };
+                });
                 self.out.push((stream.home, d));
             }
             if more {
@@ -700,12 +699,12 @@ impl Owner {
         }
         self.out.push((
             home,
-            ShardMsg::BacklogChunk {
+            ShardMsg::ToHome(ToHome::BacklogChunk {
                 user,
                 epoch,
                 owner: self.shard,
                 more,
-            },
+            }),
         ));
     }
 
@@ -720,8 +719,10 @@ impl Owner {
                 Some((*id, c.members.iter().map(|m| m.user).collect()))
             })
             .collect();
-        self.out
-            .push((from.home, ShardMsg::GroupsPart { to: from, groups }));
+        self.out.push((
+            from.home,
+            ShardMsg::ToHome(ToHome::GroupsPart { to: from, groups }),
+        ));
     }
 
     fn typing(&mut self, from: u64, chat_id: u64) {
@@ -735,11 +736,11 @@ impl Owner {
             let home = ids::home_shard(m.user, self.n_shards);
             self.out.push((
                 home,
-                ShardMsg::Typing {
+                ShardMsg::ToHome(ToHome::Typing {
                     from,
                     chat: chat_id,
                     to: m.user,
-                },
+                }),
             ));
         }
     }
@@ -823,7 +824,7 @@ impl Owner {
         // now that they are committed.
         let streams = &self.streams;
         self.out.extend(actions.drain(..).filter(
-            |(_, a)| !matches!(a, ShardMsg::Deliver { user, .. } if streams.contains_key(user)),
+            |(_, a)| !matches!(a, ShardMsg::ToHome(ToHome::Deliver { user, .. }) if streams.contains_key(user)),
         ));
         owners.clear();
         if owners.capacity().max(actions.capacity()) <= super::MAX_KEPT_LEN {

@@ -316,7 +316,8 @@ impl Sim {
                 }
                 let mut outbox = self.shards[i].take_outbox();
                 for (dest, m) in outbox.drain(..) {
-                    self.backlog_pulls += usize::from(matches!(m, ShardMsg::BacklogMore { .. }));
+                    self.backlog_pulls +=
+                        usize::from(matches!(m, ShardMsg::ToOwner(ToOwner::BacklogMore { .. })));
                     self.rings[usize::from(dest)].push_back(m);
                     moved = true;
                 }

@@ -275,14 +275,15 @@ impl Mailbox {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::chat::msg::ToOwner;
 
     fn msg(user: u64) -> ShardMsg {
-        ShardMsg::BacklogCancel { user }
+        ShardMsg::ToOwner(ToOwner::BacklogCancel { user })
     }
 
     fn user(m: &ShardMsg) -> u64 {
         match m {
-            ShardMsg::BacklogCancel { user } => *user,
+            ShardMsg::ToOwner(ToOwner::BacklogCancel { user }) => *user,
             other => panic!("{other:?}"),
         }
     }
