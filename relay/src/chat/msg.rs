@@ -225,7 +225,7 @@ pub struct Submit {
 /// most [`SubmitPool::MAX_BOXES`]. A SEND the owner refuses leaves its box in the owner's pool.
 #[derive(Default)]
 pub struct SubmitPool {
-    // The boxes themselves are what is kept (they travel in `ShardMsg::Submit`).
+    // The boxes themselves are what is kept (they travel in `ToOwner::Submit`).
     #[allow(clippy::vec_box)]
     free: Vec<Box<Submit>>,
     /// Boxes allocated so far (the pool was empty).
