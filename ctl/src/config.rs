@@ -47,6 +47,9 @@ pub struct Config {
     /// Bounded-load cap: no shard takes more than `load_cap` times the mean rooms per unit of
     /// capacity.
     pub load_cap: f64,
+    /// The journal is compacted (rewritten with only the live records) once it holds more than
+    /// twice the live records plus this many: its disk bound, in records.
+    pub journal_slack_records: usize,
 }
 
 /// A credential read from the configuration: `Debug` does not show it.
@@ -92,6 +95,7 @@ impl Default for Config {
             join_failures_per_minute: 30,
             placement_candidates: 3,
             load_cap: 1.25,
+            journal_slack_records: 1024,
         }
     }
 }
@@ -132,6 +136,9 @@ impl Config {
                 crate::placement::MAX_K
             );
         }
+        if !(16..=1 << 20).contains(&self.journal_slack_records) {
+            bail!("journal_slack_records must be in 16..=1048576");
+        }
         for (name, token) in [
             ("admin_token", &self.admin_token),
             ("relay_token", &self.relay_token),
@@ -166,6 +173,8 @@ mod tests {
     fn refuses_unknown_keys_and_bad_ranges() {
         assert!(Config::from_toml("nope = 1").is_err());
         assert!(Config::from_toml("token_ttl_s = 0").is_err());
+        assert!(Config::from_toml("journal_slack_records = 15").is_err());
+        assert!(Config::from_toml("journal_slack_records = 64").is_ok());
         assert!(Config::from_toml("placement_candidates = 9").is_err());
         assert!(Config::from_toml("load_cap = nan").is_err());
         assert!(Config::from_toml("admin_token = \"short\"").is_err());

@@ -612,7 +612,7 @@ impl Core {
 
     fn maybe_compact(&mut self) {
         let live = self.meetings.len() + self.placed.len();
-        if self.journal.n_appended() <= 2 * live + 1024 {
+        if self.journal.n_appended() <= 2 * live + self.cfg.journal_slack_records {
             return;
         }
         let records: Vec<Record> = self

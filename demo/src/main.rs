@@ -33,7 +33,7 @@ usage: demo [run] [--duration SECONDS] [--rooms N] [--participants N] [--message
        demo up [--relays N] [--shards N] [--no-netns]
        demo soak [--duration SECONDS] [--warmup SECONDS] [--sample-s SECONDS] [--relays N]
                  [--shards N] [--meetings N] [--users N] [--out DIR] [--dedup-capacity N]
-                 [--segment-bytes N] [--token-ttl-s N]
+                 [--segment-bytes N] [--token-ttl-s N] [--journal-slack N]
 
   run (default)        ctl + one relay on loopback, N rooms of M participants sending audio and
                        video and chatting in one group per room; prints a summary and exits
@@ -49,7 +49,8 @@ usage: demo [run] [--duration SECONDS] [--rooms N] [--participants N] [--message
                        (default target/soak); fails if memory, descriptors or disk kept
                        growing after the warm-up (default a quarter of the run) or anything was
                        lost (defaults: 3600 s, 2 relays of 1 shard, 3 meetings, 48 users,
-                       dedup capacity 4096, 1 MiB segments, token TTL 180 s)";
+                       dedup capacity 4096, 1 MiB segments, token TTL 180 s, ctl's
+                       journal compacted beyond 2 x live + 64 records)";
 
 struct RunArgs {
     duration: Duration,
@@ -147,6 +148,7 @@ fn parse_soak(args: &[String]) -> Result<soak::SoakArgs, String> {
             "--dedup-capacity" => a.dedup_capacity = value(args, i, "--dedup-capacity")?,
             "--segment-bytes" => a.segment_bytes = value(args, i, "--segment-bytes")?,
             "--token-ttl-s" => a.token_ttl_s = value(args, i, "--token-ttl-s")?,
+            "--journal-slack" => a.journal_slack = value(args, i, "--journal-slack")?,
             other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
         }
         i += 2;
