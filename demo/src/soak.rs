@@ -741,7 +741,7 @@ struct Watched {
 }
 
 /// The relays' gauges and counters the CSV records.
-const GAUGES: [&str; 8] = [
+const GAUGES: [&str; 10] = [
     "relay_rooms",
     "relay_participants",
     "relay_chat_sessions",
@@ -750,11 +750,15 @@ const GAUGES: [&str; 8] = [
     "relay_chat_log_bytes",
     "relay_chat_accepted_total",
     "relay_tx_packets_total",
+    "relay_heap_in_use_bytes",
+    "relay_heap_free_bytes",
 ];
 /// Index of `relay_chat_chats` in [`GAUGES`].
 const CHATS: usize = 4;
 /// Index of `relay_chat_accepted_total` in [`GAUGES`].
 const ACCEPTED: usize = 6;
+/// Index of `relay_heap_in_use_bytes` in [`GAUGES`].
+const HEAP: usize = 8;
 
 /// The least-squares slope of `y` against `x`.
 fn slope(pts: &[(f64, f64)]) -> f64 {
@@ -1311,6 +1315,21 @@ pub fn run(a: SoakArgs) -> Result<bool, String> {
             "| {}: chat requests accepted after the warm-up; RSS bytes per request (least squares) | {span:.0}; {:.1} |",
             w.name,
             slope(&pts)
+        );
+        // RSS and the heap in use over time, per hour: a leak shows in the heap, fragmentation
+        // and high-water marks of kept buffers only in RSS.
+        let per_hour = |f: &dyn Fn(&Point) -> u64| {
+            let pts: Vec<(f64, f64)> = (0..during)
+                .filter(|&k| times[k] >= warm_s)
+                .map(|k| (times[k], f(&samples[k][i]) as f64))
+                .collect();
+            slope(&pts) * 3600.0 / 1024.0
+        };
+        println!(
+            "| {}: after the warm-up, RSS and heap in use, KiB per hour (least squares) | {:.0}; {:.0} |",
+            w.name,
+            per_hour(&|p| p.0 * 1024),
+            per_hour(&|p| p.3.get(HEAP).copied().unwrap_or(0))
         );
     }
     checks.push(("media flowed".into(), recv > 0));

@@ -32,6 +32,14 @@ pub fn render(stats: &[Arc<ShardStats>], backend: Backend) -> String {
             "chat_spill_depth",
         ],
     );
+    // The whole process's heap (every shard, the sync threads, this thread): what the relay
+    // holds, apart from RSS's fragmentation and code (perf/SOAK.md).
+    if let Some((in_use, free)) = crate::io::sys::heap_bytes() {
+        let _ = writeln!(out, "# TYPE relay_heap_in_use_bytes gauge");
+        let _ = writeln!(out, "relay_heap_in_use_bytes {in_use}");
+        let _ = writeln!(out, "# TYPE relay_heap_free_bytes gauge");
+        let _ = writeln!(out, "relay_heap_free_bytes {free}");
+    }
     let _ = writeln!(out, "# TYPE relay_drops_total counter");
     for (i, s) in stats.iter().enumerate() {
         for (reason, n) in DropReason::ALL.iter().zip(s.drops()) {

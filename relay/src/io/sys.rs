@@ -113,6 +113,24 @@ fn get_int_opt(fd: RawFd, level: libc::c_int, opt: libc::c_int) -> io::Result<li
 /// The CPUs the process may run on: its main thread's affinity mask (e.g. systemd's
 /// `CPUAffinity=`, taskset), which no shard changes, in order; shard i is pinned to the i-th.
 /// Falls back to `0..available_cpus()` if the mask cannot be read.
+/// The process's heap as the C allocator sees it: (bytes in use, bytes free inside the heap),
+/// the in-use figure including blocks mapped on their own. RSS mixes this with fragmentation,
+/// code and kernel-side memory; this is what the program itself holds. `None` where the
+/// allocator is not glibc's.
+pub fn heap_bytes() -> Option<(u64, u64)> {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: mallinfo2 takes no arguments and only reads the allocator's statistics
+        // (under its own locks); it returns a plain struct by value.
+        let m = unsafe { libc::mallinfo2() };
+        Some(((m.uordblks + m.hblkhd) as u64, m.fordblks as u64))
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        None
+    }
+}
+
 pub fn process_cpus() -> Vec<usize> {
     // SAFETY: cpu_set_t is a plain bit array that sched_getaffinity fills for the main thread
     // (tid = pid); CPU_ISSET reads it.
@@ -215,6 +233,18 @@ pub fn epoll_ctl(epfd: RawFd, op: libc::c_int, fd: RawFd, events: u32, tag: u64)
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    fn the_heap_in_use_follows_what_is_allocated() {
+        let (before, _) = heap_bytes().expect("glibc");
+        let block = std::hint::black_box(vec![1u8; 4 << 20]);
+        let (during, _) = heap_bytes().expect("glibc");
+        assert!(during >= before + (4 << 20), "{before} -> {during}");
+        drop(block);
+        let (after, _) = heap_bytes().expect("glibc");
+        assert!(after + (4 << 20) <= during, "{during} -> {after}");
+    }
 
     #[test]
     fn process_cpus_are_the_affinity_mask() {
