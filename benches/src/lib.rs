@@ -1,13 +1,48 @@
 //! Fixtures shared by the criterion benches (`benches/`) and the measuring binaries in
 //! `src/bin/` (`count_forward` and `count_chat`, instruction counts under callgrind;
 //! `chat_sessions_memory`, heap per chat session; `dedup_growth`, the slowest insert while the
-//! deduplication index grows; `checkpoint_cost`, one chat checkpoint's time and bytes), so
-//! that they measure the same work.
+//! deduplication index grows; `checkpoint_cost`, one chat checkpoint's time and bytes;
+//! `memory_budget`, heap per room, participant, session, chat and message), so that they
+//! measure the same work.
 
 use ed25519_dalek::SigningKey;
 use proto::token::{Claims, Permissions, TokenKind, TokenVerifier};
 use relay::engine::{EngineConfig, Now, Shard, Verdict};
 use std::net::SocketAddr;
+
+/// A global allocator that forwards to the system's and counts the bytes live, for the
+/// binaries that measure heap use (`chat_sessions_memory`, `memory_budget`): each declares
+/// `#[global_allocator] static ALLOC: benches::CountingBytes = benches::CountingBytes;`.
+pub struct CountingBytes;
+
+static LIVE_BYTES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+impl CountingBytes {
+    /// Bytes allocated and not yet freed, through this allocator.
+    pub fn live() -> usize {
+        LIVE_BYTES.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+// SAFETY: forwards every call to the system allocator unchanged and only counts.
+unsafe impl std::alloc::GlobalAlloc for CountingBytes {
+    unsafe fn alloc(&self, l: std::alloc::Layout) -> *mut u8 {
+        LIVE_BYTES.fetch_add(l.size(), std::sync::atomic::Ordering::Relaxed);
+        // SAFETY: the caller's contract is the system allocator's.
+        unsafe { std::alloc::System.alloc(l) }
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: std::alloc::Layout) {
+        LIVE_BYTES.fetch_sub(l.size(), std::sync::atomic::Ordering::Relaxed);
+        // SAFETY: as above.
+        unsafe { std::alloc::System.dealloc(p, l) }
+    }
+    unsafe fn realloc(&self, p: *mut u8, l: std::alloc::Layout, new: usize) -> *mut u8 {
+        LIVE_BYTES.fetch_add(new, std::sync::atomic::Ordering::Relaxed);
+        LIVE_BYTES.fetch_sub(l.size(), std::sync::atomic::Ordering::Relaxed);
+        // SAFETY: as above.
+        unsafe { std::alloc::System.realloc(p, l, new) }
+    }
+}
 
 /// A fixed key for benchmark tokens.
 pub fn key() -> SigningKey {

@@ -211,11 +211,11 @@ pub fn bind(sock: &UdpSocket, a: &Admission) -> Result<Binding, String> {
 
 /// Distinct indices seen, as a growable bitset.
 #[derive(Default)]
-struct Seen(Vec<u64>);
+pub struct Seen(Vec<u64>);
 
 impl Seen {
     /// Marks `i`; false if it was already marked.
-    fn insert(&mut self, i: u64) -> bool {
+    pub fn insert(&mut self, i: u64) -> bool {
         let (w, b) = ((i / 64) as usize, i % 64);
         if w >= self.0.len() {
             self.0.resize(w + 1, 0);

@@ -155,11 +155,11 @@ impl MediaTally {
     }
 }
 
-/// What a receiver had from one publisher.
+/// What a receiver had from one publisher: the indices (once each) and their span.
 struct Stream {
     first: u64,
     last: u64,
-    seen: Vec<u64>,
+    seen: media::Seen,
     count: u64,
 }
 
@@ -168,18 +168,13 @@ impl Stream {
         Self {
             first: i,
             last: i,
-            seen: Vec::new(),
+            seen: media::Seen::default(),
             count: 0,
         }
     }
     /// Records index `i`; false if it was already recorded.
     fn insert(&mut self, i: u64) -> bool {
-        let (w, b) = ((i / 64) as usize, i % 64);
-        if w >= self.seen.len() {
-            self.seen.resize(w + 1, 0);
-        }
-        let fresh = self.seen[w] & (1 << b) == 0;
-        self.seen[w] |= 1 << b;
+        let fresh = self.seen.insert(i);
         if fresh {
             self.count += 1;
             self.first = self.first.min(i);

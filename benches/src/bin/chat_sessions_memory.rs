@@ -13,36 +13,10 @@
 //! ```
 
 use relay::chat::ChatConfig;
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
-
-struct Counting;
-
-static LIVE: AtomicUsize = AtomicUsize::new(0);
-
-// SAFETY: forwards to the system allocator and only counts.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        LIVE.fetch_add(l.size(), Ordering::Relaxed);
-        // SAFETY: the caller's contract is the system allocator's.
-        unsafe { System.alloc(l) }
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        LIVE.fetch_sub(l.size(), Ordering::Relaxed);
-        // SAFETY: as above.
-        unsafe { System.dealloc(p, l) }
-    }
-    unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
-        LIVE.fetch_add(new, Ordering::Relaxed);
-        LIVE.fetch_sub(l.size(), Ordering::Relaxed);
-        // SAFETY: as above.
-        unsafe { System.realloc(p, l, new) }
-    }
-}
 
 #[global_allocator]
-static ALLOC: Counting = Counting;
+static ALLOC: benches::CountingBytes = benches::CountingBytes;
 
 /// What `chat_epoll` keeps per connection, with the descriptor as an integer.
 #[allow(dead_code)]
@@ -68,7 +42,7 @@ fn main() {
     );
     let mut table: HashMap<u64, ConnSlot> = HashMap::new();
     let ip = std::net::IpAddr::from([127, 0, 0, 1]);
-    let base = LIVE.load(Ordering::Relaxed);
+    let base = benches::CountingBytes::live();
     println!("| sessions | heap bytes | bytes per session | marginal bytes per session |");
     println!("|---:|---:|---:|---:|");
     let mut last = (0usize, base);
@@ -94,7 +68,7 @@ fn main() {
         }
         let k = i + 1;
         if k == n / 5 || k == n / 2 || k == n {
-            let live = LIVE.load(Ordering::Relaxed);
+            let live = benches::CountingBytes::live();
             println!(
                 "| {k} | {} | {:.0} | {:.0} |",
                 live - base,
