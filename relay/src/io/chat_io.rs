@@ -18,6 +18,7 @@
 //! [`ChatCore::take_overdue`] says it had [`CLOSE_FLUSH_US`] to do so.
 
 use super::mailbox::Mailbox;
+use super::storage::{Committed, LogStorage, Storage};
 use super::syncer::Syncer;
 use crate::chat::log::{Log, LogConfig, Lsn};
 use crate::chat::msg::{ConnId, ShardMsg};
@@ -122,10 +123,11 @@ pub struct ChatIoCounters {
     pub commit_us: u64,
 }
 
-/// The engine, the log and the mailbox of one shard, and the bookkeeping both backends share.
-pub struct ChatCore {
+/// The engine, the storage and the mailbox of one shard, and the bookkeeping both backends
+/// share. Generic over its [`Storage`]: the relay's log, or memory in the simulation.
+pub struct ChatCore<S: Storage = LogStorage> {
     engine: ChatShard,
-    log: Log,
+    storage: S,
     mailbox: Mailbox,
     next_id: ConnId,
     n_conns: usize,
@@ -141,11 +143,6 @@ pub struct ChatCore {
     /// order; at most [`MAX_CONNS`] (ids are never reused, so entries of connections that
     /// closed in time are harmless until they expire).
     flush_deadlines: VecDeque<(ConnId, u64)>,
-    /// The thread that runs the log's fdatasync (if `[chat] sync_thread`), and the batch it
-    /// is making durable.
-    syncer: Option<Syncer>,
-    /// When the batch in flight was handed to the sync thread (monotonic us).
-    commit_started_us: u64,
     pipeline: CommitPipeline,
     /// Refused connections waiting for their peer to close, with their deadlines.
     lingering: VecDeque<(std::net::TcpStream, u64)>,
@@ -160,7 +157,7 @@ impl ChatCore {
     /// listener for the backend to serve.
     pub fn open(parts: ChatParts) -> io::Result<(Self, TcpListener)> {
         let ChatParts {
-            mut engine,
+            engine,
             dir,
             log,
             sync_thread,
@@ -168,7 +165,7 @@ impl ChatCore {
             listener,
             mailbox,
         } = parts;
-        let (mut log, records) = Log::open(&dir, log)?;
+        let (log, records) = Log::open(&dir, log)?;
         let recovered = log.stats();
         eprintln!(
             "relay: shard {}: chat log in {} recovered: {} records in {} segments{}",
@@ -185,24 +182,43 @@ impl ChatCore {
                 ),
             }
         );
-        for r in &records {
-            engine
-                .replay(r.lsn.0, r.kind, &r.payload)
-                .map_err(io::Error::other)?;
-        }
-        engine.finish_replay().map_err(io::Error::other)?;
-        for lsn in engine.take_dead() {
-            log.mark_dead(Lsn(lsn));
-        }
         let syncer = match sync_thread {
             true => Some(Syncer::spawn(engine.shard(), mailbox.waker().fd())?),
             false => None,
         };
-        let core = Self {
+        let core = Self::new(
             engine,
-            log,
-            syncer,
-            commit_started_us: 0,
+            LogStorage::new(log, syncer),
+            records.iter().map(|r| (r.lsn.0, r.kind, &r.payload[..])),
+            mailbox,
+            max_conns,
+        )?;
+        Ok((core, listener))
+    }
+}
+
+impl<S: Storage> ChatCore<S> {
+    /// A core over `storage`, whose surviving `records` (Lsn, kind, payload, in Lsn order) are
+    /// replayed into `engine` first. An error when they do not replay (a corrupt log).
+    pub fn new<'a>(
+        mut engine: ChatShard,
+        mut storage: S,
+        records: impl IntoIterator<Item = (u64, u8, &'a [u8])>,
+        mailbox: Mailbox,
+        max_conns: usize,
+    ) -> io::Result<Self> {
+        for (lsn, kind, payload) in records {
+            engine
+                .replay(lsn, kind, payload)
+                .map_err(io::Error::other)?;
+        }
+        engine.finish_replay().map_err(io::Error::other)?;
+        for lsn in engine.take_dead() {
+            storage.mark_dead(Lsn(lsn));
+        }
+        Ok(Self {
+            engine,
+            storage,
             pipeline: CommitPipeline::new(),
             mailbox,
             next_id: FIRST_CONN_ID,
@@ -216,8 +232,7 @@ impl ChatCore {
             received: Vec::new(),
             lingering: VecDeque::new(),
             counters: ChatIoCounters::default(),
-        };
-        Ok((core, listener))
+        })
     }
 
     /// Whether the shard has room for another connection. When it has not, the backend hands
@@ -342,85 +357,32 @@ impl ChatCore {
         self.engine.handle_shard_msgs(now, self.received.drain(..));
         if now.mono_us >= self.next_housekeeping_us {
             self.next_housekeeping_us = now.mono_us + HOUSEKEEPING_US;
-            self.lingering
-                .retain(|(s, until)| now.mono_us < *until && !peer_done(s));
-            self.engine.handle_timeout(now);
-            let created = self.log.stats().n_segments_created;
-            if self.checkpoint == Checkpoint::Idle
-                && checkpoint_due(self.log.n_segments(), created, self.checkpointed_at_segment)
-            {
-                if self
-                    .engine
-                    .start_selective_checkpoint(&self.log.segment_starts())
-                {
-                    self.checkpoint = Checkpoint::Running;
-                } else {
-                    // Nothing a checkpoint could free: wait for the next segment.
-                    self.checkpointed_at_segment = Some(created);
-                }
-            }
+            self.housekeeping(now);
         }
         if self.checkpoint == Checkpoint::Running
             && !self.engine.checkpoint_step(CHECKPOINT_CHATS_PER_TURN)
         {
             self.checkpoint = Checkpoint::Unwritten;
         }
-        // A finished sync releases its batch: "sent", deliveries, then its dead marks.
-        let mut compact = false;
-        let finished = match &self.syncer {
-            Some(s) => s.try_finished()?,
-            None => None,
-        };
-        if let Some((job, result, sync_us)) = finished {
-            self.counters.sync_us += sync_us;
-            self.counters.commit_us += now.mono_us.saturating_sub(self.commit_started_us);
-            compact |= self.finish_batch(now, &job, result)?;
-        }
+        // A finished sync releases its batch.
+        let mut compact = self.poll_batch(now)?;
         let waiting = self.engine.has_records();
         let mut dead = self.engine.take_dead();
         self.pipeline.dead(&mut dead, waiting);
         for &lsn in &dead {
-            self.log.mark_dead(Lsn(lsn));
+            self.storage.mark_dead(Lsn(lsn));
             compact = true;
         }
         self.engine.give_back_dead(dead);
-        // The next batch goes to the disk while the shard serves on: one sync in flight.
+        // The next batch goes to the disk while the shard serves on: one sync in flight. An
+        // inline storage is durable at once: released in this turn.
         if waiting && !self.pipeline.in_flight() {
-            let records = self.engine.take_records();
-            let mut lsns = self.pipeline.lsn_list();
-            for (kind, payload) in records.iter() {
-                lsns.push(self.log.append(kind, payload)?.0);
-            }
-            self.counters.records += records.len() as u64;
-            self.engine.give_back_records(records);
-            if self.checkpoint == Checkpoint::Unwritten {
-                self.checkpoint = Checkpoint::Idle;
-                self.checkpointed_at_segment = Some(self.log.stats().n_segments_created);
-            }
-            let job = self
-                .log
-                .start_commit()?
-                .expect("records were just appended");
-            self.pipeline.started(lsns);
-            match &self.syncer {
-                Some(s) if job.needs_sync() => {
-                    s.submit(job)?;
-                    self.commit_started_us = now.mono_us;
-                }
-                // Inline: the turn's one fdatasync, then the batch is released at once.
-                _ => {
-                    let started = std::time::Instant::now();
-                    let result = job.run();
-                    let us = started.elapsed().as_micros() as u64;
-                    self.counters.sync_us += us;
-                    self.counters.commit_us += us;
-                    compact |= self.finish_batch(now, &job, result)?;
-                }
-            }
+            self.start_batch()?;
+            compact |= self.poll_batch(now)?;
         }
         // Also when an earlier compaction left dead segments (it deletes a few per turn).
-        if compact || self.log.compact_pending() {
-            self.log.compact()?;
+        if compact || self.storage.compact_pending() {
+            self.storage.compact()?;
         }
         let mut outbox = self.engine.take_outbox();
         for (to, m) in outbox.drain(..) {
@@ -431,24 +393,67 @@ impl ChatCore {
         Ok(())
     }
 
-    /// The batch in flight is durable (or its sync failed: then the log is poisoned and the
-    /// error stops the shard). Returns whether dead marks were applied.
-    fn finish_batch(
-        &mut self,
-        now: Now,
-        job: &crate::chat::log::SyncJob,
-        result: io::Result<()>,
-    ) -> io::Result<bool> {
-        self.log.finish_commit(job, result)?;
+    /// Every [`HOUSEKEEPING_US`]: refused sockets, the engine's timers, and whether a
+    /// checkpoint is due.
+    fn housekeeping(&mut self, now: Now) {
+        self.lingering
+            .retain(|(s, until)| now.mono_us < *until && !peer_done(s));
+        self.engine.handle_timeout(now);
+        if self.checkpoint == Checkpoint::Idle
+            && checkpoint_due(
+                self.storage.n_segments(),
+                self.storage.n_segments_created(),
+                self.checkpointed_at_segment,
+            )
+        {
+            if self
+                .engine
+                .start_selective_checkpoint(&self.storage.segment_starts())
+            {
+                self.checkpoint = Checkpoint::Running;
+            } else {
+                // Nothing a checkpoint could free: wait for the next segment.
+                self.checkpointed_at_segment = Some(self.storage.n_segments_created());
+            }
+        }
+    }
+
+    /// Appends the engine's records and starts their commit when none is in flight.
+    fn start_batch(&mut self) -> io::Result<()> {
+        let records = self.engine.take_records();
+        let mut lsns = self.pipeline.lsn_list();
+        for (kind, payload) in records.iter() {
+            lsns.push(self.storage.append(kind, payload)?.0);
+        }
+        self.counters.records += records.len() as u64;
+        self.engine.give_back_records(records);
+        if self.checkpoint == Checkpoint::Unwritten {
+            self.checkpoint = Checkpoint::Idle;
+            self.checkpointed_at_segment = Some(self.storage.n_segments_created());
+        }
+        self.storage.start_commit()?;
+        self.pipeline.started(lsns);
+        Ok(())
+    }
+
+    /// Whether the batch in flight became durable: then it is released ("sent", deliveries,
+    /// then its dead marks). An error when the storage failed (it is poisoned and the error
+    /// stops the shard). Returns whether dead marks were applied.
+    fn poll_batch(&mut self, now: Now) -> io::Result<bool> {
+        let Some(Committed { sync_us, held_us }) = self.storage.poll_commit()? else {
+            return Ok(false);
+        };
+        self.counters.sync_us += sync_us;
+        self.counters.commit_us += held_us;
         let (lsns, dead) = self
             .pipeline
             .finished()
-            .expect("a finished job has its batch in flight");
+            .expect("a finished commit has its batch in flight");
         self.counters.commits += 1;
         self.engine.handle_committed(now, &lsns);
         let any = !dead.is_empty();
         for &lsn in &dead {
-            self.log.mark_dead(Lsn(lsn));
+            self.storage.mark_dead(Lsn(lsn));
         }
         self.pipeline.give_back(lsns, dead);
         Ok(any)
@@ -519,6 +524,32 @@ impl ChatCore {
         self.mailbox.woke();
     }
 
+    /// The engine, for checks and counters.
+    pub fn engine(&self) -> &ChatShard {
+        &self.engine
+    }
+
+    /// The storage.
+    pub fn storage_mut(&mut self) -> &mut S {
+        &mut self.storage
+    }
+
+    /// The storage, given up (a simulated crash takes it to tear its tail).
+    pub fn into_storage(self) -> S {
+        self.storage
+    }
+
+    /// Whether the shard has work that must not wait for a wake-up: records to commit with
+    /// none in flight, or mailbox work ([`Mailbox::work_waiting`]).
+    pub fn work_waiting(&self) -> bool {
+        (self.engine.has_records() && !self.pipeline.in_flight()) || self.mailbox.work_waiting()
+    }
+
+    /// Whether a commit is in flight (its completion wakes the shard).
+    pub fn commit_in_flight(&self) -> bool {
+        self.pipeline.in_flight()
+    }
+
     /// The values of [`super::ShardStats::CHAT_FIELDS`].
     pub fn stats(&self) -> super::ChatValues {
         let h = self.engine.home_counters();
@@ -528,7 +559,7 @@ impl ChatCore {
             self.engine.n_accepted(),
             self.counters.commits,
             self.counters.records,
-            self.log.disk_bytes(),
+            self.storage.disk_bytes(),
             h.errors.iter().sum(),
             h.deferred,
             self.engine.n_dedup_early_evictions(),

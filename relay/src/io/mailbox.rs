@@ -266,6 +266,18 @@ impl Mailbox {
         true
     }
 
+    /// Whether this shard has mailbox work now: a message waiting, or a spill into a ring
+    /// with room. What a sleeping shard must never have without a wake-up pending (checked by
+    /// the simulation).
+    pub fn work_waiting(&self) -> bool {
+        self.inbound.iter().flatten().any(Consumer::peek_nonempty)
+            || self
+                .overflow
+                .iter()
+                .zip(&self.outbound)
+                .any(|(q, ring)| !q.is_empty() && ring.as_ref().is_some_and(Producer::has_room))
+    }
+
     /// Marks this shard awake.
     pub fn woke(&self) {
         self.wakers[self.me].sleeping.store(false, Ordering::SeqCst);

@@ -6,7 +6,9 @@
 //! - [`uring`]: io_uring with multishot receive into a provided-buffer ring. Chat runs in the
 //!   same ring (`chat_uring.rs`, a private module of `uring`).
 //!
-//! Both backends' chat plumbing shares [`chat_io::ChatCore`]; [`mailbox`] carries messages
+//! Both backends' chat plumbing shares [`chat_io::ChatCore`], generic over its
+//! [`storage::Storage`] (the log with its sync thread in the relay, memory with seeded faults in
+//! tests); [`mailbox`] carries messages
 //! between shards.
 //!
 //! `unsafe` lives in this module tree only.
@@ -76,6 +78,7 @@ pub mod batch;
 pub mod chat_epoll;
 pub mod chat_io;
 pub mod mailbox;
+pub mod storage;
 pub mod syncer;
 pub mod sys;
 pub mod uring;
