@@ -8,7 +8,7 @@
 //!
 //! Both backends' chat plumbing shares [`chat_io::ChatCore`], generic over its
 //! [`storage::Storage`] (the log with its sync thread in the relay, memory with seeded faults in
-//! tests); [`mailbox`] carries messages
+//! the simulation, `io/sim.rs`, which plays the transport itself); [`mailbox`] carries messages
 //! between shards.
 //!
 //! `unsafe` lives in this module tree only.
@@ -78,6 +78,8 @@ pub mod batch;
 pub mod chat_epoll;
 pub mod chat_io;
 pub mod mailbox;
+#[cfg(test)]
+mod sim;
 pub mod storage;
 pub mod syncer;
 pub mod sys;
