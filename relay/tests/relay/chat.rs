@@ -64,11 +64,13 @@ impl ChatRelay {
         extra: &[String],
     ) -> Self {
         // A fixed port when restarting on the same data; else one per attempt, below the
-        // ephemeral range and away from the UDP ports RelayProc hands out.
+        // ephemeral range and away from the UDP ports RelayProc hands out. 300 slots per
+        // process, so that a port is not handed to a new relay while a test that killed its
+        // relay waits to restart on it (with 24 slots that happened under parallel tests).
         let pick = || {
             chat_port.unwrap_or_else(|| {
-                let slot = CHAT_SLOT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 24;
-                20_000 + (std::process::id() % 100) as u16 * 100 + slot * 4
+                let slot = CHAT_SLOT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 300;
+                20_000 + (std::process::id() % 8) as u16 * 1_200 + slot * 4
             })
         };
         let chosen = std::sync::Mutex::new(0u16);
