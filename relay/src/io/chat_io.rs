@@ -377,7 +377,7 @@ impl<S: Storage> ChatCore<S> {
         // The next batch goes to the disk while the shard serves on: one sync in flight. An
         // inline storage is durable at once: released in this turn.
         if waiting && !self.pipeline.in_flight() {
-            self.start_batch()?;
+            self.start_batch(now)?;
             compact |= self.poll_batch(now)?;
         }
         // Also when an earlier compaction left dead segments (it deletes a few per turn).
@@ -419,7 +419,7 @@ impl<S: Storage> ChatCore<S> {
     }
 
     /// Appends the engine's records and starts their commit when none is in flight.
-    fn start_batch(&mut self) -> io::Result<()> {
+    fn start_batch(&mut self, now: Now) -> io::Result<()> {
         let records = self.engine.take_records();
         let mut lsns = self.pipeline.lsn_list();
         for (kind, payload) in records.iter() {
@@ -431,7 +431,7 @@ impl<S: Storage> ChatCore<S> {
             self.checkpoint = Checkpoint::Idle;
             self.checkpointed_at_segment = Some(self.storage.n_segments_created());
         }
-        self.storage.start_commit()?;
+        self.storage.start_commit(now.mono_us)?;
         self.pipeline.started(lsns);
         Ok(())
     }
@@ -440,7 +440,7 @@ impl<S: Storage> ChatCore<S> {
     /// then its dead marks). An error when the storage failed (it is poisoned and the error
     /// stops the shard). Returns whether dead marks were applied.
     fn poll_batch(&mut self, now: Now) -> io::Result<bool> {
-        let Some(Committed { sync_us, held_us }) = self.storage.poll_commit()? else {
+        let Some(Committed { sync_us, held_us }) = self.storage.poll_commit(now.mono_us)? else {
             return Ok(false);
         };
         self.counters.sync_us += sync_us;
@@ -515,8 +515,12 @@ impl<S: Storage> ChatCore<S> {
     /// Neither is a spill to a full ring: the receiving shard wakes this one when it takes
     /// from it (the backend then waits only for what it serves while reading is paused).
     pub fn prepare_sleep(&mut self) -> bool {
-        let commit_due = self.engine.has_records() && !self.pipeline.in_flight();
-        !commit_due && self.mailbox.prepare_sleep()
+        !self.commit_due() && self.mailbox.prepare_sleep()
+    }
+
+    /// Records wait and no commit is in flight: the next turn starts one.
+    fn commit_due(&self) -> bool {
+        self.engine.has_records() && !self.pipeline.in_flight()
     }
 
     /// After the wait.
@@ -542,7 +546,7 @@ impl<S: Storage> ChatCore<S> {
     /// Whether the shard has work that must not wait for a wake-up: records to commit with
     /// none in flight, or mailbox work ([`Mailbox::work_waiting`]).
     pub fn work_waiting(&self) -> bool {
-        (self.engine.has_records() && !self.pipeline.in_flight()) || self.mailbox.work_waiting()
+        self.commit_due() || self.mailbox.work_waiting()
     }
 
     /// Whether a commit is in flight (its completion wakes the shard).

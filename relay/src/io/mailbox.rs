@@ -253,13 +253,7 @@ impl Mailbox {
         let w = &self.wakers[self.me];
         w.sleeping.store(true, Ordering::SeqCst);
         fence(Ordering::SeqCst);
-        let waiting = self.inbound.iter_mut().flatten().any(|c| c.peek_nonempty());
-        let room = self
-            .overflow
-            .iter()
-            .zip(&self.outbound)
-            .any(|(q, ring)| !q.is_empty() && ring.as_ref().is_some_and(Producer::has_room));
-        if waiting || room {
+        if self.work_waiting() {
             w.sleeping.store(false, Ordering::SeqCst);
             return false;
         }
@@ -268,7 +262,7 @@ impl Mailbox {
 
     /// Whether this shard has mailbox work now: a message waiting, or a spill into a ring
     /// with room. What a sleeping shard must never have without a wake-up pending (checked by
-    /// the simulation).
+    /// the simulation); [`Mailbox::prepare_sleep`] refuses to sleep on it.
     pub fn work_waiting(&self) -> bool {
         self.inbound.iter().flatten().any(Consumer::peek_nonempty)
             || self

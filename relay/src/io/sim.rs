@@ -21,7 +21,7 @@
 
 use super::chat_io::ChatCore;
 use super::mailbox::mailboxes;
-use super::storage::{MemDisk, MemStorage, SharedDisk, StorageFaults};
+use super::storage::{FaultRng as Rng, MemDisk, MemStorage, SharedDisk, StorageFaults};
 use crate::chat::msg::ConnId;
 use crate::chat::{ChatConfig, ChatShard};
 use crate::engine::Now;
@@ -56,29 +56,26 @@ struct Faults {
     segment_records: u64,
 }
 
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-    fn chance(&mut self, per_64k: u32) -> bool {
-        (self.next() % 65_536) < u64::from(per_64k)
-    }
-}
-
 /// A message a client wants stored, until its SENT.
 #[derive(Clone, Debug)]
 struct Outgoing {
     msg_id: MsgId,
     chat: u64,
     to: u64,
+}
+
+impl Outgoing {
+    /// Its SEND, the body being the message id (so a recipient can check one against the other).
+    fn write(&self, buf: &mut Vec<u8>) {
+        Encoder::new(buf).send(
+            &self.msg_id,
+            self.chat,
+            self.to,
+            kind::TEXT,
+            &[0; 16],
+            &self.msg_id,
+        );
+    }
 }
 
 #[derive(Default)]
@@ -142,7 +139,7 @@ impl World {
             ..ChatConfig::default()
         };
         let mut w = Self {
-            rng: Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1),
+            rng: Rng::new(seed),
             seed,
             now: Now {
                 mono_us: 1_000_000,
@@ -187,7 +184,7 @@ impl World {
             .into_iter()
             .enumerate()
             .map(|(i, mailbox)| {
-                let seed = self.rng.next();
+                let seed = self.rng.next_u64();
                 let (storage, records) = MemStorage::open(
                     self.disks[i].clone(),
                     self.faults.segment_records,
@@ -288,14 +285,7 @@ impl World {
         msg_id[8..].copy_from_slice(&c.next_msg.to_le_bytes());
         let o = Outgoing { msg_id, chat, to };
         if c.welcomed {
-            Encoder::new(&mut c.to_relay).send(
-                &o.msg_id,
-                o.chat,
-                o.to,
-                kind::TEXT,
-                &[0; 16],
-                &o.msg_id,
-            );
+            o.write(&mut c.to_relay);
         }
         c.unsent.push(o);
     }
@@ -373,14 +363,7 @@ impl World {
             // Every message without a SENT again, with its id: the owner answers a retry of a
             // stored one with its original SENT.
             for o in &c.unsent {
-                Encoder::new(&mut c.to_relay).send(
-                    &o.msg_id,
-                    o.chat,
-                    o.to,
-                    kind::TEXT,
-                    &[0; 16],
-                    &o.msg_id,
-                );
+                o.write(&mut c.to_relay);
             }
         }
     }
@@ -506,7 +489,7 @@ impl World {
     /// in flight (the sync thread wakes it when done).
     fn woken(&self, i: usize) -> bool {
         let s = &self.shards[i];
-        waker_readable(s.core_waker())
+        waker_readable(s.core.waker_fd())
             || s.core.commit_in_flight()
             || s.conns.values().any(|u| {
                 let c = &self.clients[u];
@@ -554,10 +537,10 @@ impl World {
     }
 
     /// After every step: the engines' invariants, and no lost wake-up.
-    fn check(&mut self) {
+    fn check(&self) {
         for (i, s) in self.shards.iter().enumerate() {
             s.core.engine().check_invariants();
-            if s.asleep && !waker_readable(s.core_waker()) && s.core.work_waiting() {
+            if s.asleep && !waker_readable(s.core.waker_fd()) && s.core.work_waiting() {
                 self.fail(&format!(
                     "shard {i} sleeps with work waiting and no wake-up pending"
                 ));
@@ -686,12 +669,6 @@ impl World {
     }
 }
 
-impl Shard {
-    fn core_waker(&self) -> std::os::fd::RawFd {
-        self.core.waker_fd()
-    }
-}
-
 /// Whether an eventfd has a wake-up pending, without clearing it.
 fn waker_readable(fd: std::os::fd::RawFd) -> bool {
     let mut p = libc::pollfd {
@@ -705,7 +682,7 @@ fn waker_readable(fd: std::os::fd::RawFd) -> bool {
 
 /// Runs seed `seed` for `steps` steps with its faults, then settles and verifies.
 fn run(seed: u64, steps: usize) -> World {
-    let mut r = Rng(seed ^ 0x5eed);
+    let mut r = Rng::new(seed ^ 0x5eed);
     let faults = Faults {
         storage: StorageFaults {
             max_sync_polls: r.below(4) as u32,

@@ -34,13 +34,12 @@ pub struct Committed {
 pub trait Storage {
     /// Appends a record to the batch being formed.
     fn append(&mut self, kind: u8, payload: &[u8]) -> io::Result<Lsn>;
-    /// Starts making everything appended durable. Never while a commit is in flight.
-    fn start_commit(&mut self) -> io::Result<()>;
-    /// Whether a commit is in flight (started, not yet reported by `poll_commit`).
-    fn commit_in_flight(&self) -> bool;
-    /// The commit in flight, if it has become durable since it started; reported once. An
-    /// error means the storage failed and is poisoned.
-    fn poll_commit(&mut self) -> io::Result<Option<Committed>>;
+    /// Starts making everything appended durable, at `now_us` (monotonic). Never while a
+    /// commit is in flight.
+    fn start_commit(&mut self, now_us: u64) -> io::Result<()>;
+    /// The commit in flight, if it has become durable by `now_us`; reported once. An error
+    /// means the storage failed and is poisoned.
+    fn poll_commit(&mut self, now_us: u64) -> io::Result<Option<Committed>>;
     /// `lsn` is no longer needed.
     fn mark_dead(&mut self, lsn: Lsn);
     /// Deletes what the dead marks allow (a few segments per call).
@@ -64,8 +63,8 @@ pub struct LogStorage {
     syncer: Option<Syncer>,
     /// A job to run inline at the next `poll_commit` (no sync thread, or nothing to sync).
     inline: Option<SyncJob>,
-    in_flight: bool,
-    started: Option<Instant>,
+    /// When the job on the sync thread was handed to it (monotonic us).
+    submitted_us: u64,
 }
 
 impl LogStorage {
@@ -75,8 +74,7 @@ impl LogStorage {
             log,
             syncer,
             inline: None,
-            in_flight: false,
-            started: None,
+            submitted_us: 0,
         }
     }
 }
@@ -86,14 +84,13 @@ impl Storage for LogStorage {
         self.log.append(kind, payload)
     }
 
-    fn start_commit(&mut self) -> io::Result<()> {
+    fn start_commit(&mut self, now_us: u64) -> io::Result<()> {
         let Some(job) = self.log.start_commit()? else {
             return Ok(());
         };
-        self.in_flight = true;
         match &self.syncer {
             Some(s) if job.needs_sync() => {
-                self.started = Some(Instant::now());
+                self.submitted_us = now_us;
                 s.submit(job)
             }
             _ => {
@@ -103,28 +100,22 @@ impl Storage for LogStorage {
         }
     }
 
-    fn commit_in_flight(&self) -> bool {
-        self.in_flight
-    }
-
-    fn poll_commit(&mut self) -> io::Result<Option<Committed>> {
-        let (job, result, sync_us) = if let Some(job) = self.inline.take() {
+    fn poll_commit(&mut self, now_us: u64) -> io::Result<Option<Committed>> {
+        let (job, result, sync_us, held_us) = if let Some(job) = self.inline.take() {
+            // Inline, the batch is held exactly as long as its sync.
             let started = Instant::now();
             let result = job.run();
-            (job, result, started.elapsed().as_micros() as u64)
+            let us = started.elapsed().as_micros() as u64;
+            (job, result, us, us)
         } else {
             match self.syncer.as_ref().map(Syncer::try_finished).transpose()? {
-                Some(Some(done)) => done,
+                Some(Some((job, result, us))) => {
+                    (job, result, us, now_us.saturating_sub(self.submitted_us))
+                }
                 _ => return Ok(None),
             }
         };
-        self.in_flight = false;
         self.log.finish_commit(&job, result)?;
-        // Inline, the batch was held exactly as long as its sync.
-        let held_us = self
-            .started
-            .take()
-            .map_or(sync_us, |t| t.elapsed().as_micros() as u64);
         Ok(Some(Committed { sync_us, held_us }))
     }
 
@@ -173,6 +164,36 @@ pub struct MemDisk {
 /// A shared [`MemDisk`].
 pub type SharedDisk = Rc<RefCell<MemDisk>>;
 
+/// A small deterministic generator (xorshift64*) that picks seeded faults: the same seed, the
+/// same faults. [`MemStorage`] draws from one, and so does the simulation (`io::sim`).
+#[derive(Clone, Debug)]
+pub struct FaultRng(u64);
+
+impl FaultRng {
+    /// A generator for `seed` (any value; zero is mapped away, xorshift must not hold it).
+    pub fn new(seed: u64) -> Self {
+        Self(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
+    }
+
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// A value in `0..n` (0 when `n` is 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n.max(1)
+    }
+
+    /// True with probability `per_64k` / 65,536.
+    pub fn chance(&mut self, per_64k: u32) -> bool {
+        self.next_u64() % 65_536 < u64::from(per_64k)
+    }
+}
+
 /// Seeded faults of a [`MemStorage`].
 #[derive(Clone, Copy, Debug, Default)]
 pub struct StorageFaults {
@@ -197,7 +218,7 @@ pub struct MemStorage {
     dead: HashSet<u64>,
     poisoned: bool,
     faults: StorageFaults,
-    rng: u64,
+    rng: FaultRng,
     created: u64,
 }
 
@@ -229,7 +250,7 @@ impl MemStorage {
             dead: HashSet::new(),
             poisoned: false,
             faults,
-            rng: seed | 1,
+            rng: FaultRng::new(seed),
             created: 0,
         };
         (s, records)
@@ -247,21 +268,13 @@ impl MemStorage {
         let keep = if n == 0 {
             0
         } else {
-            (self.next_rand() % (n as u64 + 1)) as usize
+            self.rng.below(n as u64 + 1) as usize
         };
         let mut d = self.disk.borrow_mut();
         for (lsn, kind, payload) in self.flying.drain(..keep) {
             d.high_lsn = d.high_lsn.max(lsn);
             d.records.insert(lsn, (kind, payload));
         }
-    }
-
-    fn next_rand(&mut self) -> u64 {
-        // xorshift64*: deterministic per seed, good enough to pick faults.
-        self.rng ^= self.rng >> 12;
-        self.rng ^= self.rng << 25;
-        self.rng ^= self.rng >> 27;
-        self.rng.wrapping_mul(0x2545_f491_4f6c_dd1d)
     }
 
     fn check_usable(&self) -> io::Result<()> {
@@ -288,7 +301,7 @@ impl Storage for MemStorage {
         Ok(Lsn(lsn))
     }
 
-    fn start_commit(&mut self) -> io::Result<()> {
+    fn start_commit(&mut self, _now_us: u64) -> io::Result<()> {
         self.check_usable()?;
         if self.polls_left.is_some() {
             return Err(io::Error::other("a commit is already in flight"));
@@ -298,15 +311,11 @@ impl Storage for MemStorage {
         }
         self.flying.append(&mut self.forming);
         let max = u64::from(self.faults.max_sync_polls);
-        self.polls_left = Some((self.next_rand() % (max + 1)) as u32);
+        self.polls_left = Some(self.rng.below(max + 1) as u32);
         Ok(())
     }
 
-    fn commit_in_flight(&self) -> bool {
-        self.polls_left.is_some()
-    }
-
-    fn poll_commit(&mut self) -> io::Result<Option<Committed>> {
+    fn poll_commit(&mut self, _now_us: u64) -> io::Result<Option<Committed>> {
         self.check_usable()?;
         match self.polls_left {
             None => Ok(None),
@@ -316,7 +325,7 @@ impl Storage for MemStorage {
             }
             Some(_) => {
                 self.polls_left = None;
-                if (self.next_rand() % 65_536) < u64::from(self.faults.fail_per_64k) {
+                if self.rng.chance(self.faults.fail_per_64k) {
                     // fsyncgate: what the failed sync covered may or may not be on disk. The
                     // batch stays in flight for `crash` to tear.
                     self.poisoned = true;
@@ -362,6 +371,7 @@ impl Storage for MemStorage {
         Ok(())
     }
 
+    /// `compact` deletes all it may at once: nothing is ever left pending.
     fn compact_pending(&self) -> bool {
         false
     }
@@ -409,8 +419,8 @@ mod tests {
         for i in 0..5u8 {
             s.append(1, &[i]).unwrap();
         }
-        s.start_commit().unwrap();
-        assert_eq!(s.poll_commit().unwrap(), Some(Committed::default()));
+        s.start_commit(0).unwrap();
+        assert_eq!(s.poll_commit(0).unwrap(), Some(Committed::default()));
         assert_eq!(s.segment_starts(), vec![1, 3, 5]);
         // Lsn 2 dead, 1 not: nothing goes.
         s.mark_dead(Lsn(2));
@@ -442,12 +452,12 @@ mod tests {
             };
             let (mut s, _) = MemStorage::open(d.clone(), 4, faults, seed);
             s.append(1, b"a").unwrap();
-            s.start_commit().unwrap();
-            while s.poll_commit().unwrap().is_none() {}
+            s.start_commit(0).unwrap();
+            while s.poll_commit(0).unwrap().is_none() {}
             for i in 0..6u8 {
                 s.append(1, &[i]).unwrap();
             }
-            s.start_commit().unwrap();
+            s.start_commit(0).unwrap();
             s.append(1, b"never").unwrap();
             s.crash();
             let kept: Vec<u64> = d.borrow().records.keys().copied().collect();
@@ -471,8 +481,8 @@ mod tests {
         };
         let (mut s, _) = MemStorage::open(disk(), 4, faults, 7);
         s.append(1, b"a").unwrap();
-        s.start_commit().unwrap();
-        assert!(s.poll_commit().is_err());
+        s.start_commit(0).unwrap();
+        assert!(s.poll_commit(0).is_err());
         assert!(s.append(1, b"b").is_err());
     }
 }
