@@ -177,7 +177,10 @@ fn ctl_places_meetings_on_live_relays_and_survives_failures() {
     let dir = std::env::temp_dir().join(format!("relay-ctl-e2e-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let (mut ctl_proc, ctl) = start_ctl(&dir, "127.0.0.1:0");
-    let base = 30_000 + (std::process::id() % 100) as u16 * 20;
+    // The three ctl tests take 30,000-31,199, 31,200-31,799 and 31,800-32,399: below the
+    // kernel's ephemeral range (32,768 and up), where ctl's and the relays' own outgoing
+    // connections would otherwise take a port a relay is about to bind.
+    let base = 30_000 + (std::process::id() % 60) as u16 * 20;
     let mut relays: Vec<Option<Proc>> = (1..=3)
         .map(|id| Some(start_relay(ctl, id, base + id as u16)))
         .collect();
@@ -324,7 +327,7 @@ fn chat_homes_from_ctl_work_on_the_relay() {
     let dir = std::env::temp_dir().join(format!("relay-ctl-chat-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let (_ctl_proc, ctl) = start_ctl(&dir.join("ctl"), "127.0.0.1:0");
-    let base = 32_000 + (std::process::id() % 100) as u16 * 10;
+    let base = 31_200 + (std::process::id() % 60) as u16 * 10;
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_relay"));
     cmd.args([
         "--io",
@@ -388,7 +391,7 @@ fn relays_must_present_ctls_relay_token_when_it_has_one() {
         "127.0.0.1:0",
         &["--config", config.to_str().unwrap()],
     );
-    let base = 33_000 + (std::process::id() % 100) as u16 * 10;
+    let base = 31_800 + (std::process::id() % 60) as u16 * 10;
 
     // Without the token, or with another, the relay is refused at once: it exits with a clear
     // error instead of retrying for 30 s, and ctl never lists it.
