@@ -6,14 +6,17 @@
 //! fan-out to N subscribers queues N message headers that all point at the same received
 //! buffer: no copy per subscriber.
 
-use super::chat_io::ChatParts;
+use super::chat_epoll::EpollChat;
+use super::chat_io::{ChatCore, ChatParts};
+use super::shard_loop::{Clock, ShardLoop, Transport};
+use super::storage::{LogStorage, Storage};
 use super::sys::{from_sockaddr, sockaddr_storage, to_sockaddr};
 use super::{
     IoCounters, ShardCtx, MAX_BATCHES_PER_TURN, MAX_DATAGRAM, MAX_WAIT_MS, RX_BATCH, TX_BATCH,
 };
-use crate::engine::{Shard, Verdict};
+use crate::engine::{Now, Shard, Verdict};
 use std::io;
-use std::net::{SocketAddr, UdpSocket};
+use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::os::fd::{AsRawFd, RawFd};
 use std::ptr;
 use std::time::Duration;
@@ -141,118 +144,185 @@ impl Tx {
     }
 }
 
-/// Runs one shard on `socket` until `ctx.stop` is set.
+/// epoll tag of the UDP socket.
+const TAG_UDP: u64 = 0;
+
+/// The `batch` backend as a [`Transport`]: the UDP socket's batches and, when the shard serves
+/// chat, one epoll set over the UDP socket, the TCP listener and connections, and the
+/// cross-shard waker (three system calls per turn for media, epoll_wait, recvmmsg and
+/// sendmmsg, instead of two).
+pub struct Batch {
+    fd: RawFd,
+    rx: Box<Rx>,
+    tx: Tx,
+    io: IoCounters,
+    epoll: Option<Epolled>,
+}
+
+/// The epoll side of a shard that serves chat.
+struct Epolled {
+    chat: EpollChat,
+    events: Vec<libc::epoll_event>,
+    /// Events the last wait returned.
+    n_ready: usize,
+    /// Owns the set `chat` waits on.
+    _epoll: std::os::fd::OwnedFd,
+}
+
+impl Batch {
+    /// Media only on `socket`: the first receive of a turn blocks (MSG_WAITFORONE) for at most
+    /// [`WAIT_MS`], so that the stop flag and the engine's timers are looked at regularly
+    /// without a poll(2) per turn.
+    pub fn media_only(socket: &UdpSocket) -> io::Result<Self> {
+        socket.set_read_timeout(Some(Duration::from_millis(WAIT_MS)))?;
+        Ok(Self::new(socket.as_raw_fd(), None))
+    }
+
+    /// Media on `socket` and chat on `listener` for `core`, all on one epoll set.
+    pub fn with_chat<S: Storage>(
+        socket: &UdpSocket,
+        core: &ChatCore<S>,
+        listener: TcpListener,
+    ) -> io::Result<Self> {
+        let fd = socket.as_raw_fd();
+        socket.set_nonblocking(true)?;
+        let epoll = super::sys::epoll_create()?;
+        let epfd = epoll.as_raw_fd();
+        super::sys::epoll_ctl(epfd, libc::EPOLL_CTL_ADD, fd, libc::EPOLLIN as u32, TAG_UDP)?;
+        let chat = EpollChat::new(core, listener, epfd)?;
+        // Media goes on while chat's reading is paused.
+        chat.also_while_paused(fd, TAG_UDP)?;
+        let epolled = Epolled {
+            chat,
+            events: vec![libc::epoll_event { events: 0, u64: 0 }; 256],
+            n_ready: 0,
+            _epoll: epoll,
+        };
+        Ok(Self::new(fd, Some(epolled)))
+    }
+
+    fn new(fd: RawFd, epoll: Option<Epolled>) -> Self {
+        Self {
+            fd,
+            rx: Rx::new(),
+            tx: Tx::new(),
+            io: IoCounters::default(),
+            epoll,
+        }
+    }
+}
+
+impl<S: Storage> Transport<S> for Batch {
+    fn wait(&mut self, timeout_us: u64) -> io::Result<()> {
+        let Some(e) = &mut self.epoll else {
+            return Ok(());
+        };
+        let timeout_ms = timeout_us.div_ceil(1000).min(i32::MAX as u64) as libc::c_int;
+        self.io.syscalls += 1;
+        // SAFETY: `events` has room for `events.len()` entries.
+        let n = unsafe {
+            libc::epoll_wait(
+                e.chat.wait_set(),
+                e.events.as_mut_ptr(),
+                e.events.len() as libc::c_int,
+                timeout_ms,
+            )
+        };
+        e.n_ready = n.max(0) as usize;
+        Ok(())
+    }
+
+    fn media(&mut self, engine: &mut Shard, clock: &impl Clock) -> io::Result<()> {
+        // Media only: the first receive waits. With epoll: only when the socket is ready.
+        let first_waits = match &self.epoll {
+            None => true,
+            Some(e) => {
+                if !e.events[..e.n_ready].iter().any(|ev| ev.u64 == TAG_UDP) {
+                    return Ok(());
+                }
+                false
+            }
+        };
+        for turn_batch in 0..MAX_BATCHES_PER_TURN {
+            let n = receive(
+                self.fd,
+                &mut self.rx,
+                &mut self.io,
+                first_waits && turn_batch == 0,
+            )?;
+            if n == 0 {
+                break;
+            }
+            process(
+                engine,
+                clock.now(),
+                &mut self.rx,
+                &mut self.tx,
+                n,
+                self.fd,
+                &mut self.io,
+            );
+            self.tx.flush(self.fd, &mut self.io);
+            if n < RX_BATCH {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn chat_input(&mut self, chat: &mut ChatCore<S>, now: Now) {
+        let Some(e) = &mut self.epoll else {
+            return;
+        };
+        for ev in &e.events[..e.n_ready] {
+            let (tag, flags) = (ev.u64, ev.events);
+            if tag != TAG_UDP {
+                e.chat.handle_event(chat, now, tag, flags);
+            }
+        }
+        e.n_ready = 0;
+    }
+
+    fn chat_output(&mut self, chat: &mut ChatCore<S>, now: Now) -> io::Result<()> {
+        if let Some(e) = &mut self.epoll {
+            e.chat.output(chat, now);
+        }
+        Ok(())
+    }
+
+    fn must_not_sleep(&self) -> bool {
+        false
+    }
+
+    fn poll_timeout(&self) -> u64 {
+        self.epoll
+            .as_ref()
+            .map_or(u64::MAX, |e| e.chat.poll_timeout())
+    }
+
+    fn counters(&self) -> IoCounters {
+        self.io
+    }
+}
+
+/// Runs one shard on `socket` (and its chat, if given) until `ctx.stop` is set.
 pub fn run(
     engine: &mut Shard,
     socket: &UdpSocket,
     ctx: &ShardCtx,
     chat: Option<ChatParts>,
 ) -> io::Result<()> {
-    if let Some(chat) = chat {
-        return run_with_chat(engine, socket, ctx, chat);
-    }
-    let fd = socket.as_raw_fd();
-    // The first receive of a turn blocks (MSG_WAITFORONE) for at most this long, so that the
-    // stop flag and the engine's timers are looked at regularly without a poll(2) per turn.
-    socket.set_read_timeout(Some(Duration::from_millis(WAIT_MS)))?;
-    let mut rx = Rx::new();
-    let mut tx = Tx::new();
-    let mut io = IoCounters::default();
-    let mut next_publish_us = 0;
-    while !ctx.stopping() {
-        for turn_batch in 0..MAX_BATCHES_PER_TURN {
-            let n = receive(fd, &mut rx, &mut io, turn_batch == 0)?;
-            if n == 0 {
-                break;
-            }
-            process(engine, ctx, &mut rx, &mut tx, n, fd, &mut io);
-            tx.flush(fd, &mut io);
-            if n < RX_BATCH {
-                break;
-            }
+    match chat {
+        None => {
+            let mut batch = Batch::media_only(socket)?;
+            ShardLoop::<LogStorage>::new(None).run(engine, &mut batch, ctx, ctx)
         }
-        ctx.housekeeping(engine, &io, &mut next_publish_us);
-    }
-    ctx.stats.publish(engine, &io);
-    Ok(())
-}
-
-/// epoll tag of the UDP socket.
-const TAG_UDP: u64 = 0;
-
-/// The loop when the shard also serves chat: one epoll wait covers the UDP socket, the TCP
-/// listener and connections, and the cross-shard waker. Three system calls per turn for media
-/// (epoll_wait, recvmmsg, sendmmsg) instead of two.
-fn run_with_chat(
-    engine: &mut Shard,
-    socket: &UdpSocket,
-    ctx: &ShardCtx,
-    parts: ChatParts,
-) -> io::Result<()> {
-    let fd = socket.as_raw_fd();
-    socket.set_nonblocking(true)?;
-    let epoll = super::sys::epoll_create()?;
-    let epfd = epoll.as_raw_fd();
-    super::sys::epoll_ctl(epfd, libc::EPOLL_CTL_ADD, fd, libc::EPOLLIN as u32, TAG_UDP)?;
-    let mut chat = super::chat_epoll::EpollChat::new(parts, epfd)?;
-    // Media goes on while chat's reading is paused.
-    chat.also_while_paused(fd, TAG_UDP)?;
-    let mut rx = Rx::new();
-    let mut tx = Tx::new();
-    let mut io = IoCounters::default();
-    let mut next_publish_us = 0;
-    let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 256];
-    // Once stopping, the loop goes on until chat's connections have had their ERROR 13 and
-    // been closed (ChatCore::stop_turn).
-    loop {
-        if ctx.stopping() && chat.stop_turn(ctx.now()) {
-            break;
-        }
-        let timeout = if chat.prepare_sleep() {
-            WAIT_MS as libc::c_int
-        } else {
-            0
-        };
-        io.syscalls += 1;
-        // SAFETY: `events` has room for `events.len()` entries.
-        let n = unsafe {
-            libc::epoll_wait(
-                chat.wait_set(),
-                events.as_mut_ptr(),
-                events.len() as libc::c_int,
-                timeout,
-            )
-        };
-        chat.woke();
-        let now = ctx.now();
-        for ev in &events[..n.max(0) as usize] {
-            let (tag, flags) = (ev.u64, ev.events);
-            if tag == TAG_UDP {
-                for _ in 0..MAX_BATCHES_PER_TURN {
-                    let got = receive(fd, &mut rx, &mut io, false)?;
-                    if got == 0 {
-                        break;
-                    }
-                    process(engine, ctx, &mut rx, &mut tx, got, fd, &mut io);
-                    tx.flush(fd, &mut io);
-                    if got < RX_BATCH {
-                        break;
-                    }
-                }
-            } else {
-                chat.handle_event(now, tag, flags);
-            }
-        }
-        chat.end_turn(ctx.now())?;
-        let before = next_publish_us;
-        ctx.housekeeping(engine, &io, &mut next_publish_us);
-        if next_publish_us != before {
-            ctx.stats.publish_chat(chat.stats());
+        Some(parts) => {
+            let (core, listener) = ChatCore::open(parts)?;
+            let mut batch = Batch::with_chat(socket, &core, listener)?;
+            ShardLoop::new(Some(core)).run(engine, &mut batch, ctx, ctx)
         }
     }
-    ctx.stats.publish(engine, &io);
-    ctx.stats.publish_chat(chat.stats());
-    Ok(())
 }
 
 /// Longest blocking wait in one receive. Engine timers (binding expiry sweeps) are coarse, so
@@ -298,14 +368,13 @@ fn receive(fd: RawFd, rx: &mut Rx, io: &mut IoCounters, wait: bool) -> io::Resul
 /// Runs the `n` received datagrams through the engine and queues what it decides.
 fn process(
     engine: &mut Shard,
-    ctx: &ShardCtx,
+    now: Now,
     rx: &mut Rx,
     tx: &mut Tx,
     n: usize,
     fd: RawFd,
     io: &mut IoCounters,
 ) {
-    let now = ctx.now();
     for i in 0..n {
         let h = &rx.hdrs[i];
         if h.msg_hdr.msg_flags & libc::MSG_TRUNC != 0 {

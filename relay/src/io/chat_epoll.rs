@@ -2,7 +2,8 @@
 //! shard's epoll, read and written when ready. Everything else (engine, log, mailbox, limits,
 //! counters) is [`ChatCore`]'s.
 
-use super::chat_io::{ChatCore, ChatParts, MAX_ACCEPTS_PER_TURN, MAX_INBUF};
+use super::chat_io::{ChatCore, MAX_ACCEPTS_PER_TURN, MAX_INBUF};
+use super::storage::Storage;
 use super::sys::epoll_ctl;
 use crate::chat::map::Map;
 use crate::chat::msg::ConnId;
@@ -30,9 +31,8 @@ struct Conn {
     closing: bool,
 }
 
-/// One shard's chat on epoll.
+/// One shard's chat on epoll: its sockets. The [`ChatCore`] they serve is the loop's, passed in.
 pub struct EpollChat {
-    core: ChatCore,
     listener: TcpListener,
     conns: Map<ConnId, Conn>,
     epfd: RawFd,
@@ -48,13 +48,17 @@ pub struct EpollChat {
     /// level-triggered events of unread connections do not make every wait return at once.
     /// New connections wait in the listener's queue until the pause ends.
     paused_set: std::os::fd::OwnedFd,
+    /// Reading was paused at the end of the last turn (the core's mailbox spills).
+    paused: bool,
 }
 
 impl EpollChat {
-    /// Opens the shard's log (replaying it into the engine) and registers the listener and the
-    /// waker on `epfd`.
-    pub fn new(parts: ChatParts, epfd: RawFd) -> io::Result<Self> {
-        let (core, listener) = ChatCore::open(parts)?;
+    /// Registers `listener` and `core`'s waker on `epfd`.
+    pub fn new<S: Storage>(
+        core: &ChatCore<S>,
+        listener: TcpListener,
+        epfd: RawFd,
+    ) -> io::Result<Self> {
         listener.set_nonblocking(true)?;
         let events = libc::EPOLLIN as u32;
         epoll_ctl(
@@ -80,13 +84,13 @@ impl EpollChat {
             TAG_WAKER,
         )?;
         Ok(Self {
-            core,
             listener,
             conns: Map::default(),
             epfd,
             spare: Some(std::fs::File::open("/dev/null")?),
             accepts_paused_until: None,
             paused_set,
+            paused: false,
         })
     }
 
@@ -105,7 +109,7 @@ impl EpollChat {
     /// The epoll set to wait on this turn: the shard's whole set, or while reading is paused
     /// only the waker and what [`EpollChat::also_while_paused`] added.
     pub fn wait_set(&self) -> RawFd {
-        if self.core.reading_paused() {
+        if self.paused {
             self.paused_set.as_raw_fd()
         } else {
             self.epfd
@@ -113,39 +117,45 @@ impl EpollChat {
     }
 
     /// Handles one epoll event tagged for chat.
-    pub fn handle_event(&mut self, now: Now, tag: u64, events: u32) {
+    pub fn handle_event<S: Storage>(
+        &mut self,
+        core: &mut ChatCore<S>,
+        now: Now,
+        tag: u64,
+        events: u32,
+    ) {
         match tag {
-            TAG_LISTENER => self.accept(now),
-            TAG_WAKER => self.core.drain_waker(),
+            TAG_LISTENER => self.accept(core, now),
+            TAG_WAKER => core.drain_waker(),
             id => {
                 if events
                     & (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLHUP | libc::EPOLLERR) as u32
                     != 0
                 {
                     // Returns at once while reading is paused.
-                    self.read(now, id);
+                    self.read(core, now, id);
                 }
                 // While paused, a hang-up or error comes from the paused set (the connection
                 // waits to write): the write fails and closes it, so that it does not end
                 // every wait.
                 let mut out = libc::EPOLLOUT as u32;
-                if self.core.reading_paused() {
+                if core.reading_paused() {
                     out |= (libc::EPOLLHUP | libc::EPOLLERR) as u32;
                 }
                 if events & out != 0 {
-                    self.write(now, id);
+                    self.write(core, now, id);
                 }
             }
         }
     }
 
-    fn accept(&mut self, now: Now) {
+    fn accept<S: Storage>(&mut self, core: &mut ChatCore<S>, now: Now) {
         for _ in 0..MAX_ACCEPTS_PER_TURN {
             let (stream, peer) = match self.listener.accept() {
                 Ok(s) => s,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
-                    return self.out_of_descriptors(now);
+                    return self.out_of_descriptors(core, now);
                 }
                 // The peer gave up before the accept, or a pending network error of the new
                 // connection that accept(2) says to retry after.
@@ -173,8 +183,8 @@ impl EpollChat {
                 // pauses as when out of descriptors.
                 Err(_) => return self.pause_accepts(now),
             };
-            if !self.core.has_room() {
-                self.core.refuse(now, stream);
+            if !core.has_room() {
+                core.refuse(now, stream);
                 continue;
             }
             if stream.set_nonblocking(true).is_err() {
@@ -182,10 +192,10 @@ impl EpollChat {
             }
             let _ = stream.set_nodelay(true);
             let fd = stream.as_raw_fd();
-            let id = self.core.accept(now, peer.ip());
+            let id = core.accept(now, peer.ip());
             let events = (libc::EPOLLIN | libc::EPOLLRDHUP) as u32;
             if epoll_ctl(self.epfd, libc::EPOLL_CTL_ADD, fd, events, id).is_err() {
-                self.core.closed(now, id);
+                core.closed(now, id);
                 continue;
             }
             self.conns.insert(
@@ -203,10 +213,10 @@ impl EpollChat {
     /// The process has no descriptor for a waiting connection: the spare is given up so that
     /// one waiting connection gets ERROR 13 (it then holds that descriptor while it lingers),
     /// and the listener's epoll events are cleared for [`ACCEPT_PAUSE_US`].
-    fn out_of_descriptors(&mut self, now: Now) {
+    fn out_of_descriptors<S: Storage>(&mut self, core: &mut ChatCore<S>, now: Now) {
         if self.spare.take().is_some() {
             if let Ok((stream, _)) = self.listener.accept() {
-                self.core.refuse(now, stream);
+                core.refuse(now, stream);
             }
         }
         self.pause_accepts(now);
@@ -249,9 +259,9 @@ impl EpollChat {
         }
     }
 
-    fn read(&mut self, now: Now, id: ConnId) {
+    fn read<S: Storage>(&mut self, core: &mut ChatCore<S>, now: Now, id: ConnId) {
         // Reading stops while cross-shard messages are spilling: that is the backpressure.
-        if self.core.reading_paused() {
+        if core.reading_paused() {
             return;
         }
         let Some(c) = self.conns.get_mut(&id) else {
@@ -288,17 +298,17 @@ impl EpollChat {
                 }
             }
         }
-        self.core.input(now, id, &mut c.inbuf);
+        core.input(now, id, &mut c.inbuf);
         if eof {
-            self.close(now, id);
+            self.close(core, now, id);
         }
     }
 
-    fn write(&mut self, now: Now, id: ConnId) {
+    fn write<S: Storage>(&mut self, core: &mut ChatCore<S>, now: Now, id: ConnId) {
         let Some(c) = self.conns.get_mut(&id) else {
             return;
         };
-        let out = self.core.output(id);
+        let out = core.output(id);
         let mut written = 0;
         while written < out.len() {
             match c.stream.write(&out[written..]) {
@@ -307,16 +317,16 @@ impl EpollChat {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(_) => {
-                    self.core.written(now, id, written);
-                    return self.close(now, id);
+                    core.written(now, id, written);
+                    return self.close(core, now, id);
                 }
             }
         }
         let left = out.len() - written;
-        self.core.written(now, id, written);
+        core.written(now, id, written);
         let c = self.conns.get_mut(&id).expect("checked above");
         if left == 0 && c.closing {
-            return self.close(now, id);
+            return self.close(core, now, id);
         }
         let want = left > 0;
         if want != c.want_write {
@@ -340,14 +350,14 @@ impl EpollChat {
         }
     }
 
-    fn close(&mut self, now: Now, id: ConnId) {
+    fn close<S: Storage>(&mut self, core: &mut ChatCore<S>, now: Now, id: ConnId) {
         if let Some(c) = self.conns.remove(&id) {
             let _ = epoll_ctl(self.epfd, libc::EPOLL_CTL_DEL, c.stream.as_raw_fd(), 0, id);
             if c.want_write {
                 let paused = self.paused_set.as_raw_fd();
                 let _ = epoll_ctl(paused, libc::EPOLL_CTL_DEL, c.stream.as_raw_fd(), 0, id);
             }
-            self.core.closed(now, id);
+            core.closed(now, id);
             drop(c);
             // The descriptor just freed goes to the spare first, before another shard's
             // listener can take it.
@@ -357,48 +367,31 @@ impl EpollChat {
         }
     }
 
-    /// The end of a loop turn: the core's cross-shard input and group commit, then everything
-    /// the commit released written to the sockets.
-    pub fn end_turn(&mut self, now: Now) -> io::Result<()> {
-        self.core.end_turn(now)?;
-        let dirty = self.core.take_dirty();
+    /// After the core's end of turn: everything the commit released written to the sockets,
+    /// closing connections flushed, overdue ones closed.
+    pub fn output<S: Storage>(&mut self, core: &mut ChatCore<S>, now: Now) {
+        let dirty = core.take_dirty();
         for &id in &dirty {
-            self.write(now, id);
+            self.write(core, now, id);
         }
-        self.core.give_back_dirty(dirty);
-        let closing = self.core.take_closing(now);
+        core.give_back_dirty(dirty);
+        let closing = core.take_closing(now);
         for &id in &closing {
             if let Some(c) = self.conns.get_mut(&id) {
                 c.closing = true;
             }
-            self.write(now, id);
+            self.write(core, now, id);
         }
-        self.core.give_back_closing(closing);
-        for id in self.core.take_overdue(now) {
-            self.close(now, id);
+        core.give_back_closing(closing);
+        for id in core.take_overdue(now) {
+            self.close(core, now, id);
         }
         self.resume_accepts(now);
-        Ok(())
+        self.paused = core.reading_paused();
     }
 
-    /// The relay is stopping: see [`ChatCore::stop_turn`].
-    pub fn stop_turn(&mut self, now: Now) -> bool {
-        self.core.stop_turn(now)
-    }
-
-    /// Prepares to block in epoll: false when there is already work, so the wait must not
-    /// block.
-    pub fn prepare_sleep(&mut self) -> bool {
-        self.core.prepare_sleep()
-    }
-
-    /// After the wait.
-    pub fn woke(&self) {
-        self.core.woke();
-    }
-
-    /// The values of [`super::ShardStats::CHAT_FIELDS`].
-    pub fn stats(&self) -> super::ChatValues {
-        self.core.stats()
+    /// When the listener's pause ends, if it is paused.
+    pub fn poll_timeout(&self) -> u64 {
+        self.accepts_paused_until.unwrap_or(u64::MAX)
     }
 }

@@ -1,21 +1,21 @@
-//! The backend-neutral half of a shard's chat I/O: the engine, the log with its group commit,
-//! the cross-shard mailbox, connection ids, the read-buffer handling, the limits and the
-//! counters. The two backends add only their readiness or completion plumbing: `chat_epoll`
-//! (readiness on the `batch` backend's epoll) and `chat_uring` (completions on the `uring`
-//! backend's ring). The protocol logic is in [`crate::chat::ChatShard`]; this file only moves
-//! bytes and records.
+//! The transport-neutral half of a shard's chat I/O: the engine, the storage with its group
+//! commit, the cross-shard mailbox, connection ids, the read-buffer handling, the limits and the
+//! counters. The core is the shard loop's ([`super::shard_loop`]); transports add only their
+//! readiness or completion plumbing: `chat_epoll` (readiness on the `batch` backend's epoll),
+//! `chat_uring` (completions on the `uring` backend's ring) and the simulation's. The protocol
+//! logic is in [`crate::chat::ChatShard`]; this file only moves bytes and records.
 //!
-//! Per loop turn a backend: hands received bytes to [`ChatCore::feed`] (or
+//! Per loop turn a transport hands received bytes to [`ChatCore::feed`] (or
 //! [`ChatCore::input`]) and accepted or closed connections to [`ChatCore::accept`] and
-//! [`ChatCore::closed`]; then calls [`ChatCore::end_turn`], which takes messages from the other
-//! shards, appends the engine's records and commits them with one fdatasync (by default on the
-//! shard's [`Syncer`] thread while the shard serves on, one batch in flight, released by a later
-//! turn; with `[chat] sync_thread = false` inline, released in the same turn), and passes
-//! on the engine's ring messages; then writes the output of every [`ChatCore::take_dirty`]
-//! connection (never before the commit that covers it: "sent" and deliveries are released by
-//! it) and closes every
-//! [`ChatCore::take_closing`] connection once its output is flushed, or when
-//! [`ChatCore::take_overdue`] says it had [`CLOSE_FLUSH_US`] to do so.
+//! [`ChatCore::closed`]; then the loop calls [`ChatCore::end_turn`], which takes messages from
+//! the other shards, appends the engine's records and commits them with one fdatasync (by
+//! default on the shard's [`Syncer`] thread while the shard serves on, one batch in flight,
+//! released by a later turn; with `[chat] sync_thread = false` inline, released in the same
+//! turn), and passes on the engine's ring messages; then the transport writes the output of
+//! every [`ChatCore::take_dirty`] connection (never before the commit that covers it: "sent" and
+//! deliveries are released by it) and closes every [`ChatCore::take_closing`] connection once
+//! its output is flushed, or when [`ChatCore::take_overdue`] says it had [`CLOSE_FLUSH_US`] to
+//! do so.
 
 use super::mailbox::Mailbox;
 use super::storage::{Committed, LogStorage, Storage};
@@ -516,6 +516,17 @@ impl<S: Storage> ChatCore<S> {
     /// from it (the backend then waits only for what it serves while reading is paused).
     pub fn prepare_sleep(&mut self) -> bool {
         !self.commit_due() && self.mailbox.prepare_sleep()
+    }
+
+    /// When the core next has timed work, in the clock's microseconds: housekeeping (the
+    /// engine's timers, checkpoints, compaction, lingering refusals), the oldest close's flush
+    /// deadline, the end of a stop's drain. A commit in flight needs no timer: its completion
+    /// wakes the shard.
+    pub fn poll_timeout(&self) -> u64 {
+        let flush = self.flush_deadlines.front().map_or(u64::MAX, |&(_, at)| at);
+        self.next_housekeeping_us
+            .min(flush)
+            .min(self.stopping.unwrap_or(u64::MAX))
     }
 
     /// Records wait and no commit is in flight: the next turn starts one.

@@ -49,7 +49,8 @@ use super::{
 use crate::chat::map::Map;
 use crate::chat::msg::ConnId;
 use crate::engine::Now;
-use crate::io::chat_io::{ChatCore, ChatIoCounters, ChatParts, MAX_CONNS};
+use crate::io::chat_io::{ChatCore, ChatIoCounters, MAX_CONNS};
+use crate::io::storage::Storage;
 use crate::io::IoCounters;
 use io_uring::types::{DestinationSlot, Fd, Fixed};
 use io_uring::{cqueue, opcode, squeue, IoUring};
@@ -171,8 +172,17 @@ struct AcceptAddr {
 
 /// One shard's chat on io_uring.
 pub(super) struct UringChat {
-    core: ChatCore,
     listener: TcpListener,
+    /// The shard's waker (the core's eventfd), polled by a multishot POLL_ADD.
+    waker_fd: std::os::fd::RawFd,
+    /// Chat's completions, reaped with the media path's and handled in the chat step of the
+    /// turn, in order. At most one per operation in flight and per buffer of chat's ring.
+    cqes: Vec<(u64, i32, u32)>,
+    /// Received bytes are held back while reading is paused, and reading resumed at the end of
+    /// the last turn: they must be handled without waiting for a completion.
+    held: bool,
+    /// The SQ had no room for everything chat queued in the last turn.
+    sq_full: bool,
     bufs: BufRing,
     conns: Map<ConnId, Conn>,
     received: VecDeque<Received>,
@@ -206,10 +216,12 @@ pub(super) struct UringChat {
 }
 
 impl UringChat {
-    /// Opens the shard's log (replaying it into the engine) and registers chat's buffer ring
-    /// with `n_bufs` buffers on `ring`.
+    /// Chat on `listener` for a core with `max_conns` and waker `waker_fd`; registers chat's
+    /// buffer ring with `n_bufs` buffers on `ring`.
     pub(super) fn new(
-        parts: ChatParts,
+        listener: TcpListener,
+        waker_fd: std::os::fd::RawFd,
+        max_conns: usize,
         ring: &IoUring,
         n_bufs: u16,
         send_dontwait: bool,
@@ -220,12 +232,11 @@ impl UringChat {
                 "kernel lacks IORING_FEAT_NODROP (chat on io_uring needs Linux 5.5+)",
             ));
         }
-        let (core, listener) = ChatCore::open(parts)?;
         // Blocking: io_uring then waits for readiness itself instead of failing with EAGAIN.
         listener.set_nonblocking(false)?;
         // Accepted sockets inherit it; a direct descriptor has no setsockopt of its own here.
         crate::io::sys::set_tcp_nodelay(listener.as_raw_fd())?;
-        let table = (core.max_conns() + 2 * SLOT_RESERVE)
+        let table = (max_conns + 2 * SLOT_RESERVE)
             .min(crate::io::sys::nofile_limit())
             .min(MAX_FIXED_FILES);
         if table <= SLOT_RESERVE {
@@ -248,8 +259,11 @@ impl UringChat {
         bufs.register(ring)
             .map_err(|e| io::Error::new(e.kind(), super::explain_register(&e)))?;
         Ok(Self {
-            core,
             listener,
+            waker_fd,
+            cqes: Vec::with_capacity(usize::from(n_bufs) + 2 * N_ACCEPTS),
+            held: false,
+            sq_full: false,
             bufs,
             conns: Map::default(),
             received: VecDeque::with_capacity(usize::from(n_bufs)),
@@ -280,17 +294,37 @@ impl UringChat {
         })
     }
 
-    /// The time completions are handled at, until the next call.
-    pub(super) fn set_now(&mut self, now: Now) {
+    /// Keeps one of chat's completions for [`UringChat::input`].
+    pub(super) fn queue_cqe(&mut self, ud: u64, res: i32, flags: u32) {
+        self.cqes.push((ud, res, flags));
+    }
+
+    /// The chat step of the turn: the completions reaped since the last one, then (unless
+    /// reading is paused) the received bytes, handed to `core` in order.
+    pub(super) fn input<S: Storage>(&mut self, core: &mut ChatCore<S>, now: Now) {
         self.now = now;
+        self.handle_cqes(core);
+        if !core.reading_paused() {
+            self.handle_received(core, now);
+        }
+    }
+
+    /// Handles the completions kept by [`UringChat::queue_cqe`].
+    pub(super) fn handle_cqes<S: Storage>(&mut self, core: &mut ChatCore<S>) {
+        let mut cqes = std::mem::take(&mut self.cqes);
+        for &(ud, res, flags) in &cqes {
+            self.handle_cqe(core, ud, res, flags);
+        }
+        cqes.clear();
+        self.cqes = cqes;
     }
 
     /// Handles one of chat's completions.
-    pub(super) fn handle_cqe(&mut self, ud: u64, res: i32, flags: u32) {
+    fn handle_cqe<S: Storage>(&mut self, core: &mut ChatCore<S>, ud: u64, res: i32, flags: u32) {
         let id = ud & !UD_KIND;
         match ud & UD_KIND {
-            UD_ACCEPT => self.accepted(id as usize, res),
-            UD_CHAT_INSTALL => self.installed(id as u32, res),
+            UD_ACCEPT => self.accepted(core, id as usize, res),
+            UD_CHAT_INSTALL => self.installed(core, id as u32, res),
             UD_CHAT_CLOSE => {
                 self.n_ops -= 1;
                 self.slots_used -= 1;
@@ -300,21 +334,21 @@ impl UringChat {
             }
             UD_WAKE => {
                 if res >= 0 {
-                    self.core.drain_waker();
+                    core.drain_waker();
                 }
                 if !cqueue::more(flags) {
                     self.wake_armed = false;
                 }
             }
             UD_CHAT_RECV => self.received(id, res, flags),
-            UD_CHAT_SEND => self.sent(id, res),
-            UD_CHAT_POLL => self.writable(id, res),
+            UD_CHAT_SEND => self.sent(core, id, res),
+            UD_CHAT_POLL => self.writable(core, id, res),
             // A cancel's own result (done, or already finished) needs nothing.
             _ => debug_assert_eq!(ud & UD_KIND, UD_CHAT_CANCEL),
         }
     }
 
-    fn accepted(&mut self, k: usize, res: i32) {
+    fn accepted<S: Storage>(&mut self, core: &mut ChatCore<S>, k: usize, res: i32) {
         self.accepts_armed &= !(1 << k);
         if res < 0 {
             if res != -libc::ECANCELED && res != -libc::ECONNABORTED {
@@ -331,7 +365,7 @@ impl UringChat {
             self.to_close.push(slot);
             return;
         };
-        if !self.core.has_room() || self.slots_used + SLOT_RESERVE > self.table {
+        if !core.has_room() || self.slots_used + SLOT_RESERVE > self.table {
             if self.can_install {
                 self.to_refuse.push(slot);
             } else {
@@ -340,7 +374,7 @@ impl UringChat {
             }
             return;
         }
-        let id = self.core.accept(self.now, peer.ip());
+        let id = core.accept(self.now, peer.ip());
         debug_assert_eq!(id & UD_KIND, 0, "connection ids stay below the kind bits");
         let conn = Conn {
             slot,
@@ -363,7 +397,7 @@ impl UringChat {
 
     /// A refused connection's socket, installed as a regular descriptor (`res`), gets the
     /// refusal; its slot is closed either way.
-    fn installed(&mut self, slot: u32, res: i32) {
+    fn installed<S: Storage>(&mut self, core: &mut ChatCore<S>, slot: u32, res: i32) {
         self.n_ops -= 1;
         self.to_close.push(slot);
         if res < 0 {
@@ -373,7 +407,7 @@ impl UringChat {
         // SAFETY: a successful install returns a new descriptor that nothing else owns.
         let stream = TcpStream::from(unsafe { OwnedFd::from_raw_fd(res) });
         if !self.stopping {
-            self.core.refuse(self.now, stream);
+            core.refuse(self.now, stream);
         }
     }
 
@@ -426,7 +460,7 @@ impl UringChat {
         }
     }
 
-    fn sent(&mut self, id: ConnId, res: i32) {
+    fn sent<S: Storage>(&mut self, core: &mut ChatCore<S>, id: ConnId, res: i32) {
         let Some(c) = self.conns.get_mut(&id) else {
             return;
         };
@@ -441,8 +475,8 @@ impl UringChat {
         }
         match res {
             n if n > 0 => {
-                self.core.written(self.now, id, n as usize);
-                if self.core.output(id).is_empty() {
+                core.written(self.now, id, n as usize);
+                if core.output(id).is_empty() {
                     // Idle: the buffer goes back to the spares (or is freed).
                     let out = std::mem::take(&mut c.out);
                     if self.spare.len() < SPARE_SEND_BUFS {
@@ -454,7 +488,7 @@ impl UringChat {
             e if e == -libc::EAGAIN || e == -libc::EINTR => {
                 c.wait_writable = e == -libc::EAGAIN;
             }
-            _ => return self.close(id),
+            _ => return self.close(core, id),
         }
         if c.wait_writable {
             self.stats.send_waits += 1;
@@ -463,7 +497,7 @@ impl UringChat {
         self.enqueue(id);
     }
 
-    fn writable(&mut self, id: ConnId, res: i32) {
+    fn writable<S: Storage>(&mut self, core: &mut ChatCore<S>, id: ConnId, res: i32) {
         let Some(c) = self.conns.get_mut(&id) else {
             return;
         };
@@ -479,7 +513,7 @@ impl UringChat {
         }
         // Errors on the socket (POLLERR, POLLHUP) show in the send that follows.
         if res < 0 {
-            return self.close(id);
+            return self.close(core, id);
         }
         c.want_send = true;
         self.enqueue(id);
@@ -496,7 +530,7 @@ impl UringChat {
 
     /// Closes `id` for the engine; its operations are cancelled and its socket closed once
     /// they have ended.
-    fn close(&mut self, id: ConnId) {
+    fn close<S: Storage>(&mut self, core: &mut ChatCore<S>, id: ConnId) {
         let Some(c) = self.conns.get_mut(&id) else {
             return;
         };
@@ -504,7 +538,7 @@ impl UringChat {
             return;
         }
         c.dead = true;
-        self.core.closed(self.now, id);
+        core.closed(self.now, id);
         self.enqueue(id);
     }
 
@@ -523,28 +557,25 @@ impl UringChat {
         }
     }
 
-    /// One loop turn's chat work after the completions: see the module documentation. Returns
-    /// whether work is left that must not wait for a completion (the SQ was full).
-    pub(super) fn turn(
+    /// After the core's end of turn: sends for what it released, closes, re-arms, accepts;
+    /// see the module documentation.
+    pub(super) fn output<S: Storage>(
         &mut self,
+        core: &mut ChatCore<S>,
         ring: &mut IoUring,
         now: Now,
         io: &mut IoCounters,
-    ) -> io::Result<bool> {
+    ) {
         self.now = now;
-        if !self.core.reading_paused() {
-            self.handle_received(now);
-        }
-        self.core.end_turn(now)?;
-        let dirty = self.core.take_dirty();
+        let dirty = core.take_dirty();
         for &id in &dirty {
             if let Some(c) = self.conns.get_mut(&id) {
                 c.want_send = true;
                 self.enqueue(id);
             }
         }
-        self.core.give_back_dirty(dirty);
-        let closing = self.core.take_closing(now);
+        core.give_back_dirty(dirty);
+        let closing = core.take_closing(now);
         for &id in &closing {
             if let Some(c) = self.conns.get_mut(&id) {
                 c.closing = true;
@@ -552,18 +583,32 @@ impl UringChat {
                 self.enqueue(id);
             }
         }
-        self.core.give_back_closing(closing);
+        core.give_back_closing(closing);
         // A closing peer that does not read: its send in flight is cancelled.
-        for id in self.core.take_overdue(now) {
-            self.close(id);
+        for id in core.take_overdue(now) {
+            self.close(core, id);
         }
         // Publish the buffers the engine is done with before receives are re-armed.
         self.bufs.sync();
-        Ok(!self.submit(ring, io))
+        self.sq_full = !self.submit(core, ring, io);
+        // Bytes held back while the rings spilled, and the spill is over: they are handled
+        // next turn, not after a wait (if the pause held every receive buffer, no receive
+        // completion would come to end it).
+        self.held = !self.received.is_empty() && !core.reading_paused();
+    }
+
+    /// Whether chat has work that must not wait for a completion.
+    pub(super) fn must_not_sleep(&self) -> bool {
+        self.sq_full || self.held || !self.cqes.is_empty()
+    }
+
+    /// When accepts are re-armed after a failed one, if they wait.
+    pub(super) fn poll_timeout(&self) -> u64 {
+        self.accept_backoff_until.unwrap_or(u64::MAX)
     }
 
     /// Hands the received bytes to the engine, in order, and closes streams that ended.
-    fn handle_received(&mut self, now: Now) {
+    fn handle_received<S: Storage>(&mut self, core: &mut ChatCore<S>, now: Now) {
         while let Some(r) = self.received.pop_front() {
             match r {
                 Received::Data { id, bid, len } => {
@@ -573,15 +618,15 @@ impl UringChat {
                     let data =
                         unsafe { std::slice::from_raw_parts(self.bufs.buf_ptr(bid), len as usize) };
                     let ok = match self.conns.get_mut(&id) {
-                        Some(c) if !c.dead => self.core.feed(now, id, &mut c.inbuf, data),
+                        Some(c) if !c.dead => core.feed(now, id, &mut c.inbuf, data),
                         _ => true,
                     };
                     self.bufs.put(bid);
                     if !ok {
-                        self.close(id);
+                        self.close(core, id);
                     }
                 }
-                Received::End { id } => self.close(id),
+                Received::End { id } => self.close(core, id),
             }
         }
     }
@@ -589,7 +634,12 @@ impl UringChat {
     /// Queues what the connections in the to-do queue need, then the closes and refusals, then
     /// the accepts (unless backing off) and the waker's poll if they are not armed. Returns
     /// false when the SQ had no room for everything.
-    fn submit(&mut self, ring: &mut IoUring, io: &mut IoCounters) -> bool {
+    fn submit<S: Storage>(
+        &mut self,
+        core: &mut ChatCore<S>,
+        ring: &mut IoUring,
+        io: &mut IoCounters,
+    ) -> bool {
         let mut room = true;
         for _ in 0..self.todo.len() {
             let Some(id) = self.todo.pop_front() else {
@@ -599,7 +649,7 @@ impl UringChat {
                 continue;
             };
             c.queued = false;
-            match self.service(ring, io, id) {
+            match self.service(core, ring, io, id) {
                 Service::Done => {}
                 Service::Wait => self.enqueue(id),
                 Service::SqFull => {
@@ -640,7 +690,7 @@ impl UringChat {
             self.stats.accept_arms += 1;
         }
         if !self.wake_armed {
-            let sqe = opcode::PollAdd::new(Fd(self.core.waker_fd()), libc::POLLIN as u32)
+            let sqe = opcode::PollAdd::new(Fd(self.waker_fd), libc::POLLIN as u32)
                 .multi(true)
                 .build()
                 .user_data(UD_WAKE);
@@ -680,8 +730,14 @@ impl UringChat {
     }
 
     /// Queues the operations connection `id` needs.
-    fn service(&mut self, ring: &mut IoUring, io: &mut IoCounters, id: ConnId) -> Service {
-        let paused = self.core.reading_paused();
+    fn service<S: Storage>(
+        &mut self,
+        core: &mut ChatCore<S>,
+        ring: &mut IoUring,
+        io: &mut IoCounters,
+        id: ConnId,
+    ) -> Service {
+        let paused = core.reading_paused();
         let free = self.bufs.n_held < usize::from(self.bufs.n);
         let Some(c) = self.conns.get_mut(&id) else {
             return Service::Done;
@@ -726,7 +782,7 @@ impl UringChat {
             }
         }
         let c = self.conns.get_mut(&id).expect("checked above");
-        if c.want_send && c.send_ud.is_none() && !self.start_send(ring, io, id) {
+        if c.want_send && c.send_ud.is_none() && !self.start_send(core, ring, io, id) {
             return Service::SqFull;
         }
         if wait {
@@ -739,7 +795,13 @@ impl UringChat {
     /// Queues a send of the start of `id`'s output, or a wait for room to send after a send
     /// that found none; closes a closing connection whose output is flushed. Returns false when
     /// the SQ had no room.
-    fn start_send(&mut self, ring: &mut IoUring, io: &mut IoCounters, id: ConnId) -> bool {
+    fn start_send<S: Storage>(
+        &mut self,
+        core: &mut ChatCore<S>,
+        ring: &mut IoUring,
+        io: &mut IoCounters,
+        id: ConnId,
+    ) -> bool {
         let Some(c) = self.conns.get_mut(&id) else {
             return true;
         };
@@ -749,11 +811,11 @@ impl UringChat {
             let sqe = opcode::PollAdd::new(fd, libc::POLLOUT as u32).build();
             (sqe.user_data(ud), ud)
         } else {
-            let out = self.core.output(id);
+            let out = core.output(id);
             if out.is_empty() {
                 c.want_send = false;
                 if c.closing {
-                    self.close(id);
+                    self.close(core, id);
                 }
                 return true;
             }
@@ -804,30 +866,6 @@ impl UringChat {
         false
     }
 
-    /// The relay is stopping: see [`ChatCore::stop_turn`].
-    pub(super) fn stop_turn(&mut self, now: Now) -> bool {
-        self.core.stop_turn(now)
-    }
-
-    /// Prepares to block: false when there is already work, so the wait must not block.
-    pub(super) fn prepare_sleep(&mut self) -> bool {
-        // Bytes held back while the rings spilled, and the spill is over: they are handled
-        // next turn, not after a wait (if the pause held every receive buffer, no receive
-        // completion would come to end it).
-        let held = !self.received.is_empty() && !self.core.reading_paused();
-        !held && self.core.prepare_sleep()
-    }
-
-    /// After the wait.
-    pub(super) fn woke(&self) {
-        self.core.woke();
-    }
-
-    /// The values of [`crate::io::ShardStats::CHAT_FIELDS`].
-    pub(super) fn stats(&self) -> crate::io::ChatValues {
-        self.core.stats()
-    }
-
     /// The shard is stopping: completions from now on only release what they held.
     pub(super) fn stopping(&mut self) {
         self.stopping = true;
@@ -856,10 +894,10 @@ impl UringChat {
     }
 
     /// The end state.
-    pub(super) fn report(&self) -> ChatReport {
+    pub(super) fn report(&self, counters: ChatIoCounters) -> ChatReport {
         ChatReport {
             stats: self.stats,
-            counters: self.core.counters,
+            counters,
             bufs_outstanding: self.bufs.n_held,
             ops_in_flight: self.n_ops
                 + self.accepts_armed.count_ones() as usize

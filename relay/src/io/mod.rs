@@ -1,15 +1,16 @@
-//! I/O backends behind one driver contract. Each backend runs one shard's loop on the calling
-//! thread: receive a batch, hand every datagram to the engine, send what it decided, fire
-//! timers, publish counters, until the stop flag is set.
+//! The shard's I/O. [`shard_loop::ShardLoop`] runs one shard's turn on the calling thread,
+//! the same for every backend: wait, hand every datagram to the media engine and send what it
+//! decided, hand chat's bytes to the chat core, commit, write, fire timers, publish counters,
+//! until the stop flag is set. A backend is a [`shard_loop::Transport`]:
 //!
 //! - [`batch`]: recvmmsg/sendmmsg. Runs everywhere. Chat: [`chat_epoll`].
 //! - [`uring`]: io_uring with multishot receive into a provided-buffer ring. Chat runs in the
 //!   same ring (`chat_uring.rs`, a private module of `uring`).
 //!
-//! Both backends' chat plumbing shares [`chat_io::ChatCore`], generic over its
-//! [`storage::Storage`] (the log with its sync thread in the relay, memory with seeded faults in
-//! the simulation, `io/sim.rs`, which plays the transport itself); [`mailbox`] carries messages
-//! between shards.
+//! Chat's core, [`chat_io::ChatCore`], is the loop's and generic over its [`storage::Storage`]
+//! (the log with its sync thread in the relay, memory with seeded faults in the simulation,
+//! `io/sim.rs`, whose transport plays clients and faults in virtual time); [`mailbox`] carries
+//! messages between shards.
 //!
 //! `unsafe` lives in this module tree only.
 //!
@@ -33,8 +34,8 @@
 //! may grow and move while the kernel reads; the engine learns what was written from the
 //! completion; EAGAIN or a zero-length send waits for POLLOUT first), and a multishot POLL_ADD on
 //! the shard's waker eventfd. Completions only queue work; once per loop turn, after the
-//! datagrams, the received bytes go to the engine in arrival order (the end of a stream after its
-//! last bytes), `ChatCore::end_turn` makes the one fdatasync of the turn, and only then are sends,
+//! datagrams, chat's completions and then the received bytes go to the core in arrival order (the
+//! end of a stream after its last bytes), `ChatCore::end_turn` commits, and only then are sends,
 //! receive re-arms and cancels queued. A multishot operation that ends (ENOBUFS when the buffer
 //! ring runs dry, or the kernel's choice) is re-armed; while cross-shard messages spill, received
 //! buffers are held and not re-armed, which is the same backpressure as batch's paused reads. A
@@ -78,6 +79,7 @@ pub mod batch;
 pub mod chat_epoll;
 pub mod chat_io;
 pub mod mailbox;
+pub mod shard_loop;
 #[cfg(test)]
 mod sim;
 pub mod storage;
@@ -177,9 +179,9 @@ impl ShardCtx {
         self
     }
 
-    /// Once per loop turn, after the datagrams: applies pending commands, fires the engine's
-    /// timers when due and publishes counters every [`PUBLISH_INTERVAL_US`].
-    pub fn housekeeping(&self, engine: &mut Shard, io: &IoCounters, next_publish_us: &mut u64) {
+    /// Once per loop turn, after the datagrams and chat: applies pending commands and fires the
+    /// media engine's timers when due.
+    pub fn housekeeping(&self, engine: &mut Shard, now: Now) {
         if let Some(commands) = &self.commands {
             let mut commands = commands.borrow_mut();
             for _ in 0..MAX_COMMANDS_PER_TURN {
@@ -187,13 +189,8 @@ impl ShardCtx {
                 engine.handle_command(cmd);
             }
         }
-        let now = self.now();
         if now.mono_us >= engine.poll_timeout() {
             engine.handle_timeout(now);
-        }
-        if now.mono_us >= *next_publish_us {
-            self.stats.publish(engine, io);
-            *next_publish_us = now.mono_us + PUBLISH_INTERVAL_US;
         }
     }
 

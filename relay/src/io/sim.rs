@@ -21,22 +21,24 @@
 
 use super::chat_io::ChatCore;
 use super::mailbox::mailboxes;
+use super::shard_loop::{Clock, ShardLoop, Transport};
 use super::storage::{FaultRng as Rng, MemDisk, MemStorage, SharedDisk, StorageFaults};
+use super::{IoCounters, ShardCtx, ShardStats};
 use crate::chat::msg::ConnId;
 use crate::chat::{ChatConfig, ChatShard};
-use crate::engine::Now;
+use crate::engine::{EngineConfig, Now, Shard as MediaShard};
 use ed25519_dalek::SigningKey;
 use proto::chat::{ids, kind, Encoder, Frame, MsgId};
 use proto::token::{Claims, Permissions, TokenKind, TokenVerifier};
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 use std::rc::Rc;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 
 const N_SHARDS: u16 = 3;
 const N_USERS: u64 = 9;
 const RING: usize = 16;
-/// The longest a shard sleeps (batch's epoll wait).
-const WAIT_US: u64 = 10_000;
 
 /// The faults of one run, all chosen by its seed.
 #[derive(Clone, Copy, Debug)]
@@ -82,6 +84,8 @@ impl Outgoing {
 struct Client {
     /// Shard and connection while connected.
     conn: Option<(usize, ConnId)>,
+    /// Connecting: its home shard's next turn accepts it (or fails to: EMFILE).
+    dialing: bool,
     /// Bytes written by the client, not yet read by the relay.
     to_relay: Vec<u8>,
     /// Bytes written by the relay, not yet decoded.
@@ -101,11 +105,13 @@ struct Client {
     next_msg: u64,
 }
 
+/// One shard on the real loop: its chat core is the loop's; its media engine idles.
 struct Shard {
-    core: ChatCore<MemStorage>,
-    asleep: bool,
-    /// When it last ran a turn: a sleeping shard wakes after [`WAIT_US`] anyway (the
-    /// backends' bounded wait), for its timers.
+    lp: ShardLoop<MemStorage>,
+    media: MediaShard,
+    ctx: ShardCtx,
+    /// When it last ran a turn: a sleeping shard wakes once the loop's bounded wait is over,
+    /// for its timers.
     last_turn_us: u64,
     /// Connection -> user.
     conns: BTreeMap<ConnId, u64>,
@@ -113,6 +119,180 @@ struct Shard {
     want_write: Vec<ConnId>,
     /// Connections the engine closes once their output is written.
     closing: Vec<ConnId>,
+}
+
+impl Shard {
+    fn chat(&self) -> &ChatCore<MemStorage> {
+        self.lp.chat().expect("a chat shard")
+    }
+}
+
+/// Virtual time.
+struct SimClock(Now);
+
+impl Clock for SimClock {
+    fn now(&self) -> Now {
+        self.0
+    }
+}
+
+/// The simulation's transport for one turn of shard `shard`: clients' bytes in and out, with
+/// short reads and writes, EAGAIN, hang-ups after data and failed accepts.
+struct SimTransport<'a> {
+    shard: usize,
+    conns: &'a mut BTreeMap<ConnId, u64>,
+    want_write: &'a mut Vec<ConnId>,
+    closing: &'a mut Vec<ConnId>,
+    clients: &'a mut BTreeMap<u64, Client>,
+    rng: &'a mut Rng,
+    /// The run's faults, or none (settling).
+    faults: Option<Faults>,
+}
+
+impl SimTransport<'_> {
+    fn max_io(&self) -> usize {
+        self.faults.map_or(usize::MAX, |f| f.max_io)
+    }
+
+    /// Closes connection `id` (either side), and the client's end.
+    fn close(&mut self, core: &mut ChatCore<MemStorage>, now: Now, id: ConnId) {
+        let Some(user) = self.conns.remove(&id) else {
+            return;
+        };
+        self.closing.retain(|&c| c != id);
+        self.want_write.retain(|&c| c != id);
+        core.closed(now, id);
+        let c = self.clients.get_mut(&user).expect("user");
+        if c.conn == Some((self.shard, id)) {
+            c.conn = None;
+            c.welcomed = false;
+            c.hanging_up = false;
+            c.to_relay.clear();
+        }
+    }
+
+    /// Accepts the clients dialing this shard, unless the accept fails (EMFILE: the client
+    /// tries again later).
+    fn accept(&mut self, core: &mut ChatCore<MemStorage>, now: Now) {
+        let shard = self.shard;
+        let dialing: Vec<u64> = self
+            .clients
+            .iter()
+            .filter(|(&u, c)| c.dialing && usize::from(ids::home_shard(u, N_SHARDS)) == shard)
+            .map(|(&u, _)| u)
+            .collect();
+        for user in dialing {
+            let emfile = self.faults.is_some_and(|f| self.rng.chance(f.emfile));
+            let c = self.clients.get_mut(&user).expect("user");
+            c.dialing = false;
+            if emfile {
+                c.to_relay.clear();
+                continue;
+            }
+            let id = core.accept(now, [127, 0, 0, 1].into());
+            c.conn = Some((shard, id));
+            self.conns.insert(id, user);
+        }
+    }
+}
+
+impl Transport<MemStorage> for SimTransport<'_> {
+    /// The world decides when a shard runs ([`World::wakes`]).
+    fn wait(&mut self, _timeout_us: u64) -> std::io::Result<()> {
+        Ok(())
+    }
+
+    /// No datagrams in this simulation.
+    fn media(&mut self, _engine: &mut MediaShard, _clock: &impl Clock) -> std::io::Result<()> {
+        Ok(())
+    }
+
+    /// Accepts, then what each connected client wrote, maybe cut short; a hang-up right after.
+    fn chat_input(&mut self, core: &mut ChatCore<MemStorage>, now: Now) {
+        core.drain_waker();
+        self.accept(core, now);
+        let max_io = self.max_io();
+        let paused = core.reading_paused();
+        let conns: Vec<(ConnId, u64)> = self.conns.iter().map(|(&c, &u)| (c, u)).collect();
+        for (id, user) in conns {
+            let c = self.clients.get_mut(&user).expect("user");
+            if !paused && !c.to_relay.is_empty() {
+                let n = c
+                    .to_relay
+                    .len()
+                    .min(1 + (self.rng.below(max_io as u64) as usize));
+                let data: Vec<u8> = c.to_relay.drain(..n).collect();
+                let mut inbuf = Vec::new();
+                if !core.feed(now, id, &mut inbuf, &data) || !inbuf.is_empty() {
+                    // Frames cut by a short read: the rest stays with the client.
+                    let c = self.clients.get_mut(&user).expect("user");
+                    let mut rest = inbuf;
+                    rest.extend_from_slice(&c.to_relay);
+                    c.to_relay = rest;
+                }
+            }
+            let c = self.clients.get_mut(&user).expect("user");
+            if c.hanging_up && c.to_relay.is_empty() {
+                self.close(core, now, id);
+            }
+        }
+    }
+
+    /// The released bytes, maybe cut short or refused (EAGAIN).
+    fn chat_output(&mut self, core: &mut ChatCore<MemStorage>, now: Now) -> std::io::Result<()> {
+        let mut dirty = core.take_dirty();
+        self.want_write.append(&mut dirty);
+        core.give_back_dirty(dirty);
+        let mut closing = core.take_closing(now);
+        self.closing.extend(closing.iter().copied());
+        self.want_write.append(&mut closing);
+        core.give_back_closing(closing);
+        self.want_write.sort_unstable();
+        self.want_write.dedup();
+        let max_io = self.max_io();
+        let want = std::mem::take(self.want_write);
+        for id in want {
+            let Some(&user) = self.conns.get(&id) else {
+                continue;
+            };
+            let out_len = core.output(id).len();
+            let blocked = self.faults.is_some_and(|f| self.rng.chance(f.eagain));
+            let n = if blocked {
+                0
+            } else {
+                out_len.min(1 + self.rng.below(max_io as u64) as usize)
+            };
+            let bytes = core.output(id)[..n].to_vec();
+            self.clients
+                .get_mut(&user)
+                .expect("user")
+                .from_relay
+                .extend_from_slice(&bytes);
+            if n > 0 {
+                core.written(now, id, n);
+            }
+            if core.output(id).is_empty() {
+                if self.closing.contains(&id) {
+                    self.close(core, now, id);
+                }
+            } else {
+                self.want_write.push(id);
+            }
+        }
+        for id in core.take_overdue(now) {
+            self.close(core, now, id);
+        }
+        Ok(())
+    }
+
+    /// Output the client could not take yet: the shard stays awake.
+    fn must_not_sleep(&self) -> bool {
+        !self.want_write.is_empty()
+    }
+
+    fn counters(&self) -> IoCounters {
+        IoCounters::default()
+    }
 }
 
 struct World {
@@ -164,9 +344,9 @@ impl World {
         for (i, s) in self.shards.iter().enumerate() {
             eprintln!(
                 "shard {i}: asleep {}, work waiting {}, stored entries {}",
-                s.asleep,
-                s.core.work_waiting(),
-                s.core.engine().n_pending()
+                s.lp.sleeping(),
+                s.chat().work_waiting(),
+                s.chat().engine().n_pending()
             );
         }
         panic!(
@@ -201,9 +381,22 @@ impl World {
                 )
                 .unwrap_or_else(|e| self.fail(&format!("recovery of shard {i}: {e}")));
                 core.engine().check_invariants();
+                let media = MediaShard::new(
+                    EngineConfig::default(),
+                    i as u16,
+                    verifier.clone(),
+                    self.now,
+                );
+                let ctx = ShardCtx::new(
+                    i as u16,
+                    Arc::new(AtomicBool::new(false)),
+                    Arc::new(ShardStats::default()),
+                    std::time::Instant::now(),
+                );
                 Shard {
-                    core,
-                    asleep: false,
+                    lp: ShardLoop::new(Some(core)),
+                    media,
+                    ctx,
                     last_turn_us: 0,
                     conns: BTreeMap::new(),
                     want_write: Vec::new(),
@@ -217,10 +410,12 @@ impl World {
     fn crash(&mut self) {
         self.crashes += 1;
         for s in self.shards.drain(..) {
-            s.core.into_storage().crash();
+            let core = s.lp.into_chat().expect("a chat shard");
+            core.into_storage().crash();
         }
         for c in self.clients.values_mut() {
             c.conn = None;
+            c.dialing = false;
             c.to_relay.clear();
             c.from_relay.clear();
             c.welcomed = false;
@@ -242,19 +437,11 @@ impl World {
         .sign_text(&self.key)
     }
 
-    fn connect(&mut self, user: u64, faults: bool) {
-        if faults && self.rng.chance(self.faults.emfile) {
-            return; // EMFILE: the accept failed; the client tries again later.
-        }
-        let shard = usize::from(ids::home_shard(user, N_SHARDS));
-        let id = self.shards[shard]
-            .core
-            .accept(self.now, [127, 0, 0, 1].into());
-        self.shards[shard].conns.insert(id, user);
-        self.shards[shard].asleep = false;
+    /// `user` dials its home shard with its HELLO; the shard's next turn accepts it.
+    fn connect(&mut self, user: u64) {
         let token = self.token(user);
         let c = self.clients.get_mut(&user).expect("user");
-        c.conn = Some((shard, id));
+        c.dialing = true;
         c.welcomed = false;
         c.hanging_up = false;
         c.to_relay.clear();
@@ -368,113 +555,26 @@ impl World {
         }
     }
 
-    /// One turn of shard `i`, as a backend runs it: input, end of turn, output, sleep.
+    /// One turn of shard `i` on the real loop, with this simulation's transport. A storage
+    /// error stops the relay: here it crashes and restarts.
     fn turn(&mut self, i: usize, faults: bool) {
         let now = self.now;
-        self.shards[i].last_turn_us = now.mono_us;
-        self.shards[i].core.woke();
-        self.shards[i].core.drain_waker();
-        let max_io = if faults {
-            self.faults.max_io
-        } else {
-            usize::MAX
+        let s = &mut self.shards[i];
+        s.last_turn_us = now.mono_us;
+        let mut transport = SimTransport {
+            shard: i,
+            conns: &mut s.conns,
+            want_write: &mut s.want_write,
+            closing: &mut s.closing,
+            clients: &mut self.clients,
+            rng: &mut self.rng,
+            faults: faults.then_some(self.faults),
         };
-        // Input: what each connected client wrote, maybe cut short; a hang-up right after it.
-        let paused = self.shards[i].core.reading_paused();
-        let conns: Vec<(ConnId, u64)> =
-            self.shards[i].conns.iter().map(|(&c, &u)| (c, u)).collect();
-        for (id, user) in conns {
-            let c = self.clients.get_mut(&user).expect("user");
-            if !paused && !c.to_relay.is_empty() {
-                let n = c
-                    .to_relay
-                    .len()
-                    .min(1 + (self.rng.below(max_io as u64) as usize));
-                let data: Vec<u8> = c.to_relay.drain(..n).collect();
-                let mut inbuf = Vec::new();
-                if !self.shards[i].core.feed(now, id, &mut inbuf, &data) || !inbuf.is_empty() {
-                    // Frames cut by a short read: the rest stays with the client.
-                    let c = self.clients.get_mut(&user).expect("user");
-                    let mut rest = inbuf;
-                    rest.extend_from_slice(&c.to_relay);
-                    c.to_relay = rest;
-                }
-            }
-            let c = self.clients.get_mut(&user).expect("user");
-            if c.hanging_up && c.to_relay.is_empty() {
-                self.close(i, id);
-            }
-        }
-        if let Err(e) = self.shards[i].core.end_turn(now) {
-            // The relay stops on a storage error: here it crashes and restarts.
-            let _ = e;
+        if s.lp
+            .turn(&mut s.media, &mut transport, &SimClock(now), &s.ctx)
+            .is_err()
+        {
             self.crash();
-            return;
-        }
-        // Output: the released bytes, maybe cut short or refused (EAGAIN).
-        let s = &mut self.shards[i];
-        let mut dirty = s.core.take_dirty();
-        s.want_write.append(&mut dirty);
-        s.core.give_back_dirty(dirty);
-        let mut closing = s.core.take_closing(now);
-        s.closing.extend(closing.iter().copied());
-        s.want_write.append(&mut closing);
-        s.core.give_back_closing(closing);
-        s.want_write.sort_unstable();
-        s.want_write.dedup();
-        let want = std::mem::take(&mut self.shards[i].want_write);
-        for id in want {
-            let Some(&user) = self.shards[i].conns.get(&id) else {
-                continue;
-            };
-            let out_len = self.shards[i].core.output(id).len();
-            let blocked = faults && self.rng.chance(self.faults.eagain);
-            let n = if blocked {
-                0
-            } else {
-                out_len.min(1 + self.rng.below(max_io as u64) as usize)
-            };
-            let bytes = self.shards[i].core.output(id)[..n].to_vec();
-            self.clients
-                .get_mut(&user)
-                .expect("user")
-                .from_relay
-                .extend_from_slice(&bytes);
-            if n > 0 {
-                self.shards[i].core.written(now, id, n);
-            }
-            if self.shards[i].core.output(id).is_empty() {
-                if self.shards[i].closing.contains(&id) {
-                    self.close(i, id);
-                }
-            } else {
-                self.shards[i].want_write.push(id);
-            }
-        }
-        for id in self.shards[i].core.take_overdue(now) {
-            if self.shards[i].conns.contains_key(&id) {
-                self.close(i, id);
-            }
-        }
-        let s = &mut self.shards[i];
-        s.asleep = s.want_write.is_empty() && s.core.prepare_sleep();
-    }
-
-    /// Closes connection `id` of shard `i` (either side), and the client's end.
-    fn close(&mut self, i: usize, id: ConnId) {
-        let s = &mut self.shards[i];
-        let Some(user) = s.conns.remove(&id) else {
-            return;
-        };
-        s.closing.retain(|&c| c != id);
-        s.want_write.retain(|&c| c != id);
-        s.core.closed(self.now, id);
-        let c = self.clients.get_mut(&user).expect("user");
-        if c.conn == Some((i, id)) {
-            c.conn = None;
-            c.welcomed = false;
-            c.hanging_up = false;
-            c.to_relay.clear();
         }
     }
 
@@ -482,19 +582,23 @@ impl World {
     /// something woke it ([`World::woken`]).
     fn wakes(&self, i: usize) -> bool {
         let s = &self.shards[i];
-        !s.asleep || self.now.mono_us >= s.last_turn_us + WAIT_US || self.woken(i)
+        !s.lp.sleeping() || self.now.mono_us >= s.last_turn_us + s.lp.wait_us() || self.woken(i)
     }
 
-    /// Whether something woke shard `i`: its eventfd, a client's bytes or hang-up, a commit
-    /// in flight (the sync thread wakes it when done).
+    /// Whether something woke shard `i`: its eventfd, a client's bytes or hang-up, a client
+    /// dialing it, a commit in flight (the sync thread wakes it when done).
     fn woken(&self, i: usize) -> bool {
         let s = &self.shards[i];
-        waker_readable(s.core.waker_fd())
-            || s.core.commit_in_flight()
+        waker_readable(s.chat().waker_fd())
+            || s.chat().commit_in_flight()
             || s.conns.values().any(|u| {
                 let c = &self.clients[u];
                 !c.to_relay.is_empty() || c.hanging_up
             })
+            || self
+                .clients
+                .iter()
+                .any(|(&u, c)| c.dialing && usize::from(ids::home_shard(u, N_SHARDS)) == i)
     }
 
     /// One step: clients act, then every shard that wakes runs a turn.
@@ -502,7 +606,8 @@ impl World {
         self.now.mono_us += self.rng.below(3_000);
         self.now.unix_s = 1_700_000_000 + self.now.mono_us / 1_000_000;
         for user in 1..=N_USERS {
-            let connected = self.clients[&user].conn.is_some();
+            let c = &self.clients[&user];
+            let (connected, dialing) = (c.conn.is_some(), c.dialing);
             match self.rng.below(16) {
                 0..=3 if connected => self.new_message(user),
                 4 if connected => self.ack(user),
@@ -510,7 +615,7 @@ impl World {
                     // Hang up, maybe with bytes in flight (the end of stream right after them).
                     self.clients.get_mut(&user).expect("user").hanging_up = true;
                 }
-                _ if !connected => self.connect(user, faults),
+                _ if !connected && !dialing => self.connect(user),
                 _ => {}
             }
         }
@@ -539,8 +644,8 @@ impl World {
     /// After every step: the engines' invariants, and no lost wake-up.
     fn check(&self) {
         for (i, s) in self.shards.iter().enumerate() {
-            s.core.engine().check_invariants();
-            if s.asleep && !waker_readable(s.core.waker_fd()) && s.core.work_waiting() {
+            s.chat().engine().check_invariants();
+            if s.lp.sleeping() && !waker_readable(s.chat().waker_fd()) && s.chat().work_waiting() {
                 self.fail(&format!(
                     "shard {i} sleeps with work waiting and no wake-up pending"
                 ));
@@ -552,14 +657,15 @@ impl World {
     fn settle(&mut self) {
         self.faults.storage.fail_per_64k = 0;
         for s in &mut self.shards {
-            s.core.storage_mut().set_faults(self.faults.storage);
+            let core = s.lp.chat_mut().expect("a chat shard");
+            core.storage_mut().set_faults(self.faults.storage);
         }
         for round in 0..20_000 {
             for user in 1..=N_USERS {
                 let c = &self.clients[&user];
-                if c.conn.is_none() {
-                    self.connect(user, false);
-                } else if round % 4 == 0 {
+                if c.conn.is_none() && !c.dialing {
+                    self.connect(user);
+                } else if c.conn.is_some() && round % 4 == 0 {
                     self.ack(user);
                 }
             }
@@ -580,7 +686,7 @@ impl World {
                     && c.from_relay.is_empty()
                     && c.acked == c.highest
             }) && (0..self.shards.len())
-                .all(|i| self.shards[i].asleep && !self.woken(i));
+                .all(|i| self.shards[i].lp.sleeping() && !self.woken(i));
             if quiet && round > 200 {
                 return;
             }

@@ -24,7 +24,9 @@
 //! their completions are handed over in `Driver::reap`, and their work runs once per turn
 //! after the datagrams. Chat never uses the SQ entries reserved for the media path.
 
-use super::chat_io::ChatParts;
+use super::chat_io::{ChatCore, ChatParts};
+use super::shard_loop::{Clock, ShardLoop, Transport};
+use super::storage::Storage;
 use super::sys::{from_sockaddr, sockaddr_storage, to_sockaddr};
 use super::{
     IoCounters, ShardCtx, MAX_BATCHES_PER_TURN, MAX_DATAGRAM, MAX_WAIT_MS, RX_BATCH, TX_BATCH,
@@ -35,7 +37,7 @@ use io_uring::{cqueue, opcode, squeue, IoUring};
 use std::collections::VecDeque;
 use std::io;
 use std::mem::size_of;
-use std::net::{SocketAddr, UdpSocket};
+use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::os::fd::{AsRawFd, RawFd};
 use std::ptr::{self, NonNull};
 use std::sync::atomic::{AtomicU16, Ordering};
@@ -646,7 +648,14 @@ struct Driver {
 }
 
 impl Driver {
-    fn new(fd: RawFd, shard_idx: u16, limits: Limits, chat: Option<ChatParts>) -> io::Result<Self> {
+    /// A driver for the UDP socket `fd` and, when the shard serves chat, its listener, the
+    /// core's waker and its connection limit.
+    fn new(
+        fd: RawFd,
+        shard_idx: u16,
+        limits: Limits,
+        chat: Option<(TcpListener, RawFd, usize)>,
+    ) -> io::Result<Self> {
         let (ring, defer_taskrun) = setup_ring(SQ_ENTRIES, CQ_ENTRIES)
             .map_err(|e| io::Error::new(e.kind(), explain_setup(&e)))?;
         if !defer_taskrun {
@@ -672,8 +681,10 @@ impl Driver {
         bufs.register(&ring)
             .map_err(|e| io::Error::new(e.kind(), explain_register(&e)))?;
         let chat = match chat {
-            Some(parts) => Some(UringChat::new(
-                parts,
+            Some((listener, waker_fd, max_conns)) => Some(UringChat::new(
+                listener,
+                waker_fd,
+                max_conns,
                 &ring,
                 limits.chat_bufs,
                 limits.chat_send_dontwait,
@@ -698,57 +709,6 @@ impl Driver {
             io: IoCounters::default(),
             stats: UringStats::default(),
         })
-    }
-
-    /// The loop: see the module documentation.
-    fn run_loop(&mut self, engine: &mut Shard, ctx: &ShardCtx) -> io::Result<()> {
-        let mut next_publish_us = 0;
-        // Once stopping, the loop goes on until chat's connections have had their ERROR 13 and
-        // been closed (ChatCore::stop_turn).
-        loop {
-            if ctx.stopping() && self.chat.as_mut().is_none_or(|c| c.stop_turn(ctx.now())) {
-                break;
-            }
-            if let Some(chat) = &mut self.chat {
-                chat.set_now(ctx.now());
-            }
-            self.reap();
-            if let Some(e) = self.fatal.take() {
-                return Err(e);
-            }
-            self.handle_queued(engine, ctx);
-            let mut chat_busy = false;
-            if let Some(chat) = &mut self.chat {
-                chat_busy = chat.turn(&mut self.ring, ctx.now(), &mut self.io)?;
-            }
-            let before = next_publish_us;
-            ctx.housekeeping(engine, &self.io, &mut next_publish_us);
-            if let (Some(chat), true) = (&self.chat, next_publish_us != before) {
-                ctx.stats.publish_chat(chat.stats());
-            }
-            let now = ctx.now();
-            self.arm_recv();
-            // Datagrams left over from a full turn, or chat work that could not be queued or
-            // must not sleep: only submit, do not wait.
-            let sleep = match &mut self.chat {
-                Some(chat) => chat.prepare_sleep() && !chat_busy,
-                None => true,
-            };
-            let wait_us = if self.rx.is_empty() && sleep {
-                engine
-                    .poll_timeout()
-                    .saturating_sub(now.mono_us)
-                    .min(MAX_WAIT_MS * 1000)
-            } else {
-                0
-            };
-            let entered = self.enter(wait_us);
-            if let Some(chat) = &self.chat {
-                chat.woke();
-            }
-            entered?;
-        }
-        Ok(())
     }
 
     /// Publishes returned buffers, submits everything queued and waits up to `wait_us` for a
@@ -846,10 +806,10 @@ impl Driver {
                     }
                 }
                 UD_CANCEL => {}
-                // Chat's completions; chat's own cancels need nothing either.
+                // Chat's completions, handled in the chat step of the turn.
                 _ => {
                     if let Some(chat) = chat {
-                        chat.handle_cqe(ud, res, flags);
+                        chat.queue_cqe(ud, res, flags);
                     }
                 }
             }
@@ -857,14 +817,14 @@ impl Driver {
     }
 
     /// Runs up to one turn's worth of queued datagrams through the engine.
-    fn handle_queued(&mut self, engine: &mut Shard, ctx: &ShardCtx) {
-        let mut now = ctx.now();
+    fn handle_queued(&mut self, engine: &mut Shard, clock: &impl Clock) {
+        let mut now = clock.now();
         for i in 0..RX_BATCH * MAX_BATCHES_PER_TURN {
             let Some((bid, used)) = self.rx.pop_front() else {
                 break;
             };
             if i > 0 && i % RX_BATCH == 0 {
-                now = ctx.now();
+                now = clock.now();
             }
             self.handle_datagram(engine, now, bid, used as usize);
         }
@@ -969,10 +929,14 @@ impl Driver {
 
     /// Cancels every operation in the ring and waits for all completions, so that the buffer
     /// memory, the slots and chat's connections can be freed. Bounded by [`DRAIN_TRIES`] waits.
-    fn shutdown(&mut self) -> Report {
+    fn shutdown<S: Storage>(&mut self, mut core: Option<&mut ChatCore<S>>) -> Report {
         let mut cancelled = false;
         if let Some(chat) = &mut self.chat {
             chat.stopping();
+            // Completions reaped but not yet handled (the loop ended on an error).
+            if let Some(core) = core.as_deref_mut() {
+                chat.handle_cqes(core);
+            }
         }
         for _ in 0..DRAIN_TRIES {
             // Datagrams received but not handled are dropped, and so are chat's bytes.
@@ -996,6 +960,9 @@ impl Driver {
                 break;
             }
             self.reap();
+            if let (Some(chat), Some(core)) = (&mut self.chat, core.as_deref_mut()) {
+                chat.handle_cqes(core);
+            }
         }
         while let Some((bid, _)) = self.rx.pop_front() {
             self.bufs.put(bid);
@@ -1014,7 +981,11 @@ impl Driver {
         Report {
             stats: self.stats,
             io: self.io,
-            chat: self.chat.as_ref().map(UringChat::report),
+            chat: self
+                .chat
+                .as_ref()
+                .zip(core)
+                .map(|(chat, core)| chat.report(core.counters)),
             bufs_outstanding: self.bufs.n_held,
             slots_in_use: self.tx.in_use() + self.replies.in_use(),
             drained,
@@ -1101,11 +1072,21 @@ fn run_with(
     limits: Limits,
     chat: Option<ChatParts>,
 ) -> io::Result<Report> {
+    let (core, listener) = match chat {
+        Some(parts) => {
+            let (core, listener) = ChatCore::open(parts)?;
+            (Some(core), Some(listener))
+        }
+        None => (None, None),
+    };
+    let chat = listener.zip(core.as_ref().map(|c| (c.waker_fd(), c.max_conns())));
+    let chat = chat.map(|(l, (waker, max))| (l, waker, max));
     let mut driver = Driver::new(socket.as_raw_fd(), ctx.shard_idx, limits, chat)?;
-    let result = driver.run_loop(engine, ctx);
-    let report = driver.shutdown();
+    let mut shard = ShardLoop::new(core);
+    let result = shard.run(engine, &mut driver, ctx, ctx);
+    let report = driver.shutdown(shard.chat_mut());
     ctx.stats.publish(engine, &driver.io);
-    if let Some(chat) = &driver.chat {
+    if let Some(chat) = shard.chat() {
         ctx.stats.publish_chat(chat.stats());
     }
     if !report.drained {
@@ -1117,6 +1098,53 @@ fn run_with(
         std::mem::forget(driver);
     }
     result.map(|()| report)
+}
+
+/// The turn's I/O on io_uring: the wait is the one io_uring_enter (submitting what the last
+/// turn queued), then every completion is reaped; datagrams go to the engine in the media
+/// step, chat's completions and bytes in the chat step.
+impl<S: Storage> Transport<S> for Driver {
+    fn wait(&mut self, timeout_us: u64) -> io::Result<()> {
+        self.arm_recv();
+        self.enter(timeout_us)?;
+        self.reap();
+        match self.fatal.take() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    fn media(&mut self, engine: &mut Shard, clock: &impl Clock) -> io::Result<()> {
+        self.handle_queued(engine, clock);
+        Ok(())
+    }
+
+    fn chat_input(&mut self, core: &mut ChatCore<S>, now: Now) {
+        if let Some(chat) = &mut self.chat {
+            chat.input(core, now);
+        }
+    }
+
+    fn chat_output(&mut self, core: &mut ChatCore<S>, now: Now) -> io::Result<()> {
+        if let Some(chat) = &mut self.chat {
+            chat.output(core, &mut self.ring, now, &mut self.io);
+        }
+        Ok(())
+    }
+
+    /// Datagrams left over from a full turn, or chat work that could not be queued or must
+    /// not wait: only submit, do not wait.
+    fn must_not_sleep(&self) -> bool {
+        !self.rx.is_empty() || self.chat.as_ref().is_some_and(UringChat::must_not_sleep)
+    }
+
+    fn poll_timeout(&self) -> u64 {
+        self.chat.as_ref().map_or(u64::MAX, UringChat::poll_timeout)
+    }
+
+    fn counters(&self) -> IoCounters {
+        self.io
+    }
 }
 
 #[cfg(test)]
