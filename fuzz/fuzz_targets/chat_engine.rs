@@ -1,29 +1,141 @@
-//! Random operation sequences against a two-shard relay's real chat turn: each shard is a
-//! `ChatCore` (engine, commit pipeline, checkpoints, compaction, mailbox rings of 16) over an
-//! in-memory storage with slow syncs and small segments, and the target plays the transport:
-//! accepts, raw bytes, well-formed requests from authenticated users, acknowledgements,
-//! closes, timers, and kill -9 restarts (the batch in flight torn, the shards rebuilt from what
-//! their storage kept). The properties: nothing panics, every output is well framed, every
-//! engine keeps its invariants, and every restart replays its records without an error.
+//! Random operation sequences against a two-shard relay's real chat turn: each shard runs the
+//! relay's own `ShardLoop` with its `ChatCore` (engine, commit pipeline, checkpoints,
+//! compaction, mailbox rings of 16) over an in-memory storage with slow syncs and small
+//! segments, and the target is the transport: accepts, raw bytes, well-formed requests from
+//! authenticated users, acknowledgements, closes, timers, and kill -9 restarts (the batch in
+//! flight torn, the shards rebuilt from what their storage kept). The properties: nothing
+//! panics, every output is well framed, every engine keeps its invariants, and every restart
+//! replays its records without an error.
 #![no_main]
 
 use ed25519_dalek::SigningKey;
 use libfuzzer_sys::fuzz_target;
 use proto::chat::{ids, kind, Encoder};
 use proto::token::{Claims, Permissions, TokenKind, TokenVerifier};
+use relay::chat::msg::ConnId;
 use relay::chat::{ChatConfig, ChatShard};
-use relay::engine::Now;
+use relay::engine::{EngineConfig, Now, Shard as MediaShard};
 use relay::io::chat_io::ChatCore;
 use relay::io::mailbox::mailboxes;
+use relay::io::shard_loop::{Clock, ShardLoop, Transport};
 use relay::io::storage::{MemDisk, MemStorage, SharedDisk, StorageFaults};
+use relay::io::{IoCounters, ShardCtx, ShardStats};
 use std::collections::HashMap;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 
 const N: u16 = 2;
 
-type Core = ChatCore<MemStorage>;
+/// One shard: the relay's loop, an idle media engine, and what the target queued for it.
+struct Shard {
+    lp: ShardLoop<MemStorage>,
+    media: MediaShard,
+    ctx: ShardCtx,
+    io: FuzzIo,
+}
+
+/// The target as one shard's transport: what it queued goes in at the next turn; output is
+/// checked to be whole frames and written whole.
+#[derive(Default)]
+struct FuzzIo {
+    /// Users to accept, then bytes for a user's connection, then users whose peer hung up.
+    accepts: Vec<u64>,
+    bytes: Vec<(u64, Vec<u8>)>,
+    hangups: Vec<u64>,
+    /// Per user: its connection, if open.
+    conns: HashMap<u64, ConnId>,
+}
+
+impl FuzzIo {
+    fn close(&mut self, core: &mut ChatCore<MemStorage>, now: Now, c: ConnId) {
+        if self.conns.values().any(|&v| v == c) {
+            self.conns.retain(|_, v| *v != c);
+            core.closed(now, c);
+        }
+    }
+
+    fn write(&mut self, core: &mut ChatCore<MemStorage>, now: Now, c: ConnId) {
+        let out = core.output(c);
+        let mut at = 0;
+        while let Ok(Some((_, n))) = proto::chat::decode(&out[at..]) {
+            at += n;
+        }
+        assert_eq!(at, out.len(), "outputs are whole frames");
+        if at > 0 {
+            core.written(now, c, at);
+        }
+    }
+}
+
+struct FuzzClock(Now);
+
+impl Clock for FuzzClock {
+    fn now(&self) -> Now {
+        self.0
+    }
+}
+
+impl Transport<MemStorage> for FuzzIo {
+    fn wait(&mut self, _timeout_us: u64) -> std::io::Result<()> {
+        Ok(())
+    }
+
+    fn media(&mut self, _engine: &mut MediaShard, _clock: &impl Clock) -> std::io::Result<()> {
+        Ok(())
+    }
+
+    fn chat_input(&mut self, core: &mut ChatCore<MemStorage>, now: Now) {
+        core.drain_waker();
+        for user in std::mem::take(&mut self.accepts) {
+            if !self.conns.contains_key(&user) {
+                let c = core.accept(now, [127, 0, 0, 1].into());
+                self.conns.insert(user, c);
+            }
+        }
+        for (user, frame) in std::mem::take(&mut self.bytes) {
+            if let Some(&c) = self.conns.get(&user) {
+                let mut inbuf = Vec::new();
+                if !core.feed(now, c, &mut inbuf, &frame) {
+                    self.close(core, now, c);
+                }
+            }
+        }
+        for user in std::mem::take(&mut self.hangups) {
+            if let Some(&c) = self.conns.get(&user) {
+                self.close(core, now, c);
+            }
+        }
+    }
+
+    fn chat_output(&mut self, core: &mut ChatCore<MemStorage>, now: Now) -> std::io::Result<()> {
+        let dirty = core.take_dirty();
+        for &c in &dirty {
+            self.write(core, now, c);
+        }
+        core.give_back_dirty(dirty);
+        let closing = core.take_closing(now);
+        for &c in &closing {
+            self.write(core, now, c);
+            self.close(core, now, c);
+        }
+        core.give_back_closing(closing);
+        for c in core.take_overdue(now) {
+            self.close(core, now, c);
+        }
+        Ok(())
+    }
+
+    fn must_not_sleep(&self) -> bool {
+        false
+    }
+
+    fn counters(&self) -> IoCounters {
+        IoCounters::default()
+    }
+}
 
 /// Starts both shards on what their disks kept.
-fn boot(disks: &[SharedDisk], cfg: &ChatConfig, verifier: &TokenVerifier, slow: u32) -> Vec<Core> {
+fn boot(disks: &[SharedDisk], cfg: &ChatConfig, verifier: &TokenVerifier, slow: u32, now: Now) -> Vec<Shard> {
     let boxes = mailboxes(usize::from(N), 16).expect("eventfd");
     boxes
         .into_iter()
@@ -35,7 +147,13 @@ fn boot(disks: &[SharedDisk], cfg: &ChatConfig, verifier: &TokenVerifier, slow: 
             let core = ChatCore::new(engine, storage, records.iter().map(|(l, k, p)| (*l, *k, &p[..])), mailbox, 64)
                 .expect("records the engine wrote replay");
             core.engine().check_invariants();
-            core
+            let stop = Arc::new(AtomicBool::new(false));
+            Shard {
+                lp: ShardLoop::new(Some(core)),
+                media: MediaShard::new(EngineConfig::default(), i as u16, verifier.clone(), now),
+                ctx: ShardCtx::new(i as u16, stop, Arc::new(ShardStats::default()), std::time::Instant::now()),
+                io: FuzzIo::default(),
+            }
         })
         .collect()
 }
@@ -46,10 +164,8 @@ fuzz_target!(|data: &[u8]| {
     let cfg = ChatConfig { window: 4, backlog_chunk: 2, max_out_bytes: 4096, ..ChatConfig::default() };
     let slow = u32::from(data.first().copied().unwrap_or(0) % 3);
     let disks: Vec<SharedDisk> = (0..N).map(|_| SharedDisk::new(MemDisk::default().into())).collect();
-    let mut cores = boot(&disks, &cfg, &verifier, slow);
     let mut now = Now { mono_us: 1_000_000, unix_s: 1_700_000_000 };
-    // Per user: its shard's connection, if open.
-    let mut conns: HashMap<u64, relay::chat::msg::ConnId> = HashMap::new();
+    let mut shards = boot(&disks, &cfg, &verifier, slow, now);
     let token = |user: u64, now: Now| {
         Claims { kind: TokenKind::User, permissions: Permissions::CHAT, relay_id: 0, shard_idx: ids::home_shard(user, N), expires_at: now.unix_s + 60, scope_id: user, participant_id: user }
             .sign_text(&key)
@@ -64,12 +180,7 @@ fuzz_target!(|data: &[u8]| {
         let mut id = [0u8; 16];
         id[0] = it.next().unwrap_or(0);
         match op % 13 {
-            0 => {
-                if !conns.contains_key(&user) {
-                    let c = cores[shard].accept(now, [127, 0, 0, 1].into());
-                    conns.insert(user, c);
-                }
-            }
+            0 => shards[shard].io.accepts.push(user),
             1 => e.hello(token(user, now).as_bytes()),
             2 => e.send(&id, 0, peer, kind::TEXT, &[0; 16], b"x"),
             3 => e.ack(&[(ids::direct_chat(user, peer), u64::from(id[0]))]),
@@ -80,60 +191,26 @@ fuzz_target!(|data: &[u8]| {
                 let raw: Vec<u8> = it.by_ref().take(n).collect();
                 frame.extend_from_slice(&raw);
             }
-            7 => {
-                if let Some(c) = conns.remove(&user) {
-                    cores[shard].closed(now, c);
-                }
-            }
+            7 => shards[shard].io.hangups.push(user),
             8 => now.mono_us += u64::from(id[0]) * 100_000,
             9 => e.group_list(),
             11 => {
                 // kill -9: connections gone, batches in flight torn, shards rebuilt.
-                for core in cores.drain(..) {
-                    core.into_storage().crash();
+                for s in shards.drain(..) {
+                    s.lp.into_chat().expect("a chat shard").into_storage().crash();
                 }
-                conns.clear();
-                cores = boot(&disks, &cfg, &verifier, slow);
+                shards = boot(&disks, &cfg, &verifier, slow, now);
             }
             _ => e.presence_watch(&[peer, u64::from(id[0] % 8)]),
         }
         if !frame.is_empty() {
-            if let Some(&c) = conns.get(&user) {
-                let mut inbuf = Vec::new();
-                if !cores[shard].feed(now, c, &mut inbuf, &frame) {
-                    conns.remove(&user);
-                    cores[shard].closed(now, c);
-                }
-            }
+            shards[shard].io.bytes.push((user, frame));
         }
-        // Run both shards' turns a few rounds: rings, commits, output written whole.
+        // Both shards' turns on the relay's loop, a few rounds: rings, commits, output.
         for _ in 0..8 {
-            for i in 0..usize::from(N) {
-                cores[i].end_turn(now).expect("in-memory storage without failures");
-                let mut dirty = cores[i].take_dirty();
-                let mut closing = cores[i].take_closing(now);
-                for &c in dirty.iter().chain(&closing) {
-                    let out = cores[i].output(c).to_vec();
-                    let mut at = 0;
-                    while let Ok(Some((_, n))) = proto::chat::decode(&out[at..]) {
-                        at += n;
-                    }
-                    assert_eq!(at, out.len(), "outputs are whole frames");
-                    if !out.is_empty() {
-                        cores[i].written(now, c, out.len());
-                    }
-                }
-                for &c in &closing {
-                    if conns.values().any(|&v| v == c) {
-                        conns.retain(|_, v| *v != c);
-                        cores[i].closed(now, c);
-                    }
-                }
-                dirty.clear();
-                closing.clear();
-                cores[i].give_back_dirty(dirty);
-                cores[i].give_back_closing(closing);
-                cores[i].engine().check_invariants();
+            for s in shards.iter_mut() {
+                s.lp.turn(&mut s.media, &mut s.io, &FuzzClock(now), &s.ctx).expect("in-memory storage without failures");
+                s.lp.chat().expect("a chat shard").engine().check_invariants();
             }
         }
     }

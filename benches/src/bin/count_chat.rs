@@ -1,6 +1,7 @@
-//! Runs N stored 1:1 chat messages through one shard's real chat code (`ChatCore`: engine,
-//! log written without fdatasync, commit) without sockets, for instruction counting under callgrind and for counting
-//! heap allocations per message:
+//! Runs N stored 1:1 chat messages through one shard's real turn (`ShardLoop` with its
+//! `ChatCore`: engine, log written without fdatasync, commit) with this program as the
+//! transport instead of sockets, for instruction counting under callgrind and for counting heap
+//! allocations per message:
 //!
 //! ```text
 //! valgrind --tool=callgrind --callgrind-out-file=/dev/null --collect-atstart=no \
@@ -17,11 +18,16 @@
 //! splitting the output into frames to count deliveries). It also prints the heap
 //! allocations per message (a counting allocator: allocations and reallocations).
 
+use relay::chat::msg::ConnId;
 use relay::chat::ChatConfig;
-use relay::engine::Now;
+use relay::engine::{EngineConfig, Now, Shard as MediaShard};
 use relay::io::chat_io::ChatCore;
+use relay::io::shard_loop::{Clock, ShardLoop, Transport};
+use relay::io::storage::LogStorage;
+use relay::io::{IoCounters, ShardCtx, ShardStats};
 use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 
 struct Counting;
 
@@ -53,9 +59,107 @@ const BATCH: usize = 32;
 const ALICE: u64 = 1;
 const BOB: u64 = 2;
 
-struct Session {
-    id: u64,
-    inbuf: Vec<u8>,
+/// This program as the shard's transport: the bytes of one client's next write, and every
+/// output written whole, its text MSG frames counted.
+struct BenchIo {
+    /// Where `pending` goes, and each session's read buffer.
+    to: ConnId,
+    pending: Vec<u8>,
+    inbufs: Vec<(ConnId, Vec<u8>)>,
+    /// Text MSG frames written since the last [`BenchIo::take_msgs`].
+    msgs: usize,
+}
+
+impl BenchIo {
+    fn take_msgs(&mut self) -> usize {
+        std::mem::take(&mut self.msgs)
+    }
+}
+
+/// The benchmark's one instant.
+struct Fixed(Now);
+
+impl Clock for Fixed {
+    fn now(&self) -> Now {
+        self.0
+    }
+}
+
+impl Transport<LogStorage> for BenchIo {
+    fn wait(&mut self, _timeout_us: u64) -> std::io::Result<()> {
+        Ok(())
+    }
+
+    fn media(&mut self, _engine: &mut MediaShard, _clock: &impl Clock) -> std::io::Result<()> {
+        Ok(())
+    }
+
+    fn chat_input(&mut self, core: &mut ChatCore, now: Now) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let to = self.to;
+        let inbuf = &mut self
+            .inbufs
+            .iter_mut()
+            .find(|(id, _)| *id == to)
+            .expect("a session")
+            .1;
+        assert!(core.feed(now, to, inbuf, &self.pending));
+        self.pending.clear();
+    }
+
+    fn chat_output(&mut self, core: &mut ChatCore, now: Now) -> std::io::Result<()> {
+        let dirty = core.take_dirty();
+        for &id in &dirty {
+            let out = core.output(id);
+            let mut at = 0;
+            while let Ok(Some((frame, len))) = proto::chat::decode(&out[at..]) {
+                at += len;
+                if let proto::chat::Frame::Msg(e) = frame {
+                    self.msgs += usize::from(e.kind == proto::chat::kind::TEXT);
+                }
+            }
+            let len = out.len();
+            core.written(now, id, len);
+        }
+        core.give_back_dirty(dirty);
+        Ok(())
+    }
+
+    fn must_not_sleep(&self) -> bool {
+        false
+    }
+
+    fn counters(&self) -> IoCounters {
+        IoCounters::default()
+    }
+}
+
+/// One shard: the relay's loop, its idle media engine and its context.
+struct Bench {
+    lp: ShardLoop<LogStorage>,
+    media: MediaShard,
+    ctx: ShardCtx,
+    io: BenchIo,
+}
+
+impl Bench {
+    /// One turn with `bytes` (written by `encode`) from connection `from`; returns the text
+    /// messages delivered.
+    fn turn(&mut self, from: ConnId, encode: impl FnOnce(&mut Vec<u8>)) -> usize {
+        self.io.to = from;
+        encode(&mut self.io.pending);
+        self.lp
+            .turn(
+                &mut self.media,
+                &mut self.io,
+                &Fixed(benches::NOW),
+                &self.ctx,
+            )
+            .expect("turn");
+        self.io.take_msgs()
+    }
 }
 
 fn main() {
@@ -75,27 +179,39 @@ fn main() {
     };
     let (mut core, _listener) = benches::chat_core(&dir, cfg, log);
     let ip = std::net::IpAddr::from([127, 0, 0, 1]);
-    let mut login = |user: u64| {
-        let mut s = Session {
-            id: core.accept(now, ip),
-            inbuf: Vec::new(),
-        };
-        assert!(core.feed(now, s.id, &mut s.inbuf, &benches::chat_hello(user)));
-        s
+    let (alice, bob) = (core.accept(now, ip), core.accept(now, ip));
+    let verifier = proto::token::TokenVerifier::new(benches::key().verifying_key(), 0);
+    let mut b = Bench {
+        lp: ShardLoop::new(Some(core)),
+        media: MediaShard::new(EngineConfig::default(), 0, verifier, now),
+        ctx: ShardCtx::new(
+            0,
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(ShardStats::default()),
+            std::time::Instant::now(),
+        ),
+        io: BenchIo {
+            to: alice,
+            pending: Vec::with_capacity(BATCH * 160),
+            inbufs: vec![(alice, Vec::new()), (bob, Vec::new())],
+            msgs: 0,
+        },
     };
-    let mut alice = login(ALICE);
-    let mut bob = login(BOB);
-    // Both sessions' backlogs (empty) round-trip before the first message.
+    // Both sessions' HELLOs, and their backlogs (empty) round-trip before the first message.
+    b.turn(alice, |buf| {
+        buf.extend_from_slice(&benches::chat_hello(ALICE))
+    });
+    b.turn(bob, |buf| buf.extend_from_slice(&benches::chat_hello(BOB)));
     for _ in 0..2 {
-        core.end_turn(now).expect("turn");
-        drain(&mut core, now);
+        b.turn(alice, |_| {});
     }
-    let accepted_before = core.stats()[2];
+    let stats = || b.lp.chat().expect("chat").stats();
+    let accepted_before = stats()[2];
     let allocs = ALLOCS.load(Ordering::Relaxed);
-    let delivered = drive(&mut core, now, &mut alice, &mut bob, n);
+    let delivered = drive(&mut b, alice, bob, n);
     let allocs = ALLOCS.load(Ordering::Relaxed) - allocs;
     assert_eq!(delivered, n, "every message delivered to bob");
-    let stats = core.stats();
+    let stats = b.lp.chat().expect("chat").stats();
     assert_eq!(stats[6], 0, "no ERROR frame ({stats:?})");
     println!(
         "messages={n} delivered={delivered} entries accepted={} heap allocations={allocs} \
@@ -103,66 +219,39 @@ fn main() {
         stats[2] - accepted_before,
         allocs as f64 / n.max(1) as f64
     );
-    drop(core);
+    drop(b);
     let _ = std::fs::remove_dir_all(&dir);
-}
-
-/// Writes out every session's output; returns the MSG frames of text messages among it.
-fn drain(core: &mut ChatCore, now: Now) -> usize {
-    let mut msgs = 0;
-    let dirty = core.take_dirty();
-    for &id in &dirty {
-        let out = core.output(id);
-        let mut at = 0;
-        while let Ok(Some((frame, len))) = proto::chat::decode(&out[at..]) {
-            at += len;
-            if let proto::chat::Frame::Msg(e) = frame {
-                msgs += usize::from(e.kind == proto::chat::kind::TEXT);
-            }
-        }
-        let len = out.len();
-        core.written(now, id, len);
-    }
-    core.give_back_dirty(dirty);
-    msgs
 }
 
 /// The measured loop: see the module documentation.
 #[inline(never)]
-fn drive(core: &mut ChatCore, now: Now, alice: &mut Session, bob: &mut Session, n: usize) -> usize {
+fn drive(b: &mut Bench, alice: ConnId, bob: ConnId, n: usize) -> usize {
     let chat = proto::chat::ids::direct_chat(ALICE, BOB);
     let body = [7u8; 100];
-    let mut frames = Vec::with_capacity(BATCH * 160);
     let mut ack = Vec::with_capacity(64);
     proto::chat::Encoder::new(&mut ack).ack(&[(chat, u64::MAX)]);
     let mut delivered = 0;
     let mut sent = 0;
     while sent < n {
-        frames.clear();
         let k = BATCH.min(n - sent);
-        for i in 0..k {
-            let mut id = [0u8; 16];
-            id[..8].copy_from_slice(&((sent + i) as u64 + 1).to_le_bytes());
-            proto::chat::Encoder::new(&mut frames).send(
-                &id,
-                0,
-                BOB,
-                proto::chat::kind::TEXT,
-                &[0; 16],
-                &body,
-            );
-        }
+        delivered += b.turn(alice, |frames| {
+            for i in 0..k {
+                let mut id = [0u8; 16];
+                id[..8].copy_from_slice(&((sent + i) as u64 + 1).to_le_bytes());
+                proto::chat::Encoder::new(frames).send(
+                    &id,
+                    0,
+                    BOB,
+                    proto::chat::kind::TEXT,
+                    &[0; 16],
+                    &body,
+                );
+            }
+        });
         sent += k;
-        assert!(core.feed(now, alice.id, &mut alice.inbuf, &frames));
-        core.end_turn(now).expect("turn");
-        delivered += drain(core, now);
         // Bob acknowledges all he holds (the relay clamps the seq), then alice her receipt.
-        assert!(core.feed(now, bob.id, &mut bob.inbuf, &ack));
-        core.end_turn(now).expect("turn");
-        drain(core, now);
-        assert!(core.feed(now, alice.id, &mut alice.inbuf, &ack));
-        core.end_turn(now).expect("turn");
-        drain(core, now);
+        delivered += b.turn(bob, |buf| buf.extend_from_slice(&ack));
+        delivered += b.turn(alice, |buf| buf.extend_from_slice(&ack));
     }
     delivered
 }
