@@ -15,7 +15,7 @@ use proto::token::{Claims, Permissions, TokenKind, TokenVerifier};
 use relay::chat::msg::ConnId;
 use relay::chat::{ChatConfig, ChatShard};
 use relay::engine::{EngineConfig, Now, Shard as MediaShard};
-use relay::io::chat_io::ChatCore;
+use relay::io::chat_io::{ChatCore, ChatOutput};
 use relay::io::mailbox::mailboxes;
 use relay::io::shard_loop::{Clock, ShardLoop, Transport};
 use relay::io::storage::{MemDisk, MemStorage, SharedDisk, StorageFaults};
@@ -108,19 +108,11 @@ impl Transport<MemStorage> for FuzzIo {
     }
 
     fn chat_output(&mut self, core: &mut ChatCore<MemStorage>, now: Now) -> std::io::Result<()> {
-        let dirty = core.take_dirty();
-        for &c in &dirty {
-            self.write(core, now, c);
-        }
-        core.give_back_dirty(dirty);
-        let closing = core.take_closing(now);
-        for &c in &closing {
-            self.write(core, now, c);
-            self.close(core, now, c);
-        }
-        core.give_back_closing(closing);
-        for c in core.take_overdue(now) {
-            self.close(core, now, c);
+        while let Some(o) = core.poll_output() {
+            match o {
+                ChatOutput::Transmit(c) => self.write(core, now, c),
+                ChatOutput::Close(c) => self.close(core, now, c),
+            }
         }
         Ok(())
     }

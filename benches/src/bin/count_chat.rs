@@ -21,7 +21,7 @@
 use relay::chat::msg::ConnId;
 use relay::chat::ChatConfig;
 use relay::engine::{EngineConfig, Now, Shard as MediaShard};
-use relay::io::chat_io::ChatCore;
+use relay::io::chat_io::{ChatCore, ChatOutput};
 use relay::io::shard_loop::{Clock, ShardLoop, Transport};
 use relay::io::storage::LogStorage;
 use relay::io::{IoCounters, ShardCtx, ShardStats};
@@ -110,8 +110,13 @@ impl Transport<LogStorage> for BenchIo {
     }
 
     fn chat_output(&mut self, core: &mut ChatCore, now: Now) -> std::io::Result<()> {
-        let dirty = core.take_dirty();
-        for &id in &dirty {
+        while let Some(o) = core.poll_output() {
+            let id = match o {
+                ChatOutput::Transmit(id) => id,
+                ChatOutput::Close(id) => {
+                    panic!("the core closed session {id}: the bench sent a bad frame")
+                }
+            };
             let out = core.output(id);
             let mut at = 0;
             while let Ok(Some((frame, len))) = proto::chat::decode(&out[at..]) {
@@ -123,7 +128,6 @@ impl Transport<LogStorage> for BenchIo {
             let len = out.len();
             core.written(now, id, len);
         }
-        core.give_back_dirty(dirty);
         Ok(())
     }
 

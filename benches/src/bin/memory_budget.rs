@@ -13,7 +13,7 @@
 
 use relay::chat::ChatConfig;
 use relay::engine::Now;
-use relay::io::chat_io::ChatCore;
+use relay::io::chat_io::{ChatCore, ChatOutput};
 
 #[global_allocator]
 static ALLOC: benches::CountingBytes = benches::CountingBytes;
@@ -60,12 +60,12 @@ fn login(core: &mut ChatCore, now: Now, user: u64) -> Session {
 /// Ends a turn and writes out every session's output.
 fn turn(core: &mut ChatCore, now: Now) {
     core.end_turn(now).expect("turn");
-    let dirty = core.take_dirty();
-    for &id in &dirty {
-        let len = core.output(id).len();
-        core.written(now, id, len);
+    while let Some(o) = core.poll_output() {
+        if let ChatOutput::Transmit(id) = o {
+            let len = core.output(id).len();
+            core.written(now, id, len);
+        }
     }
-    core.give_back_dirty(dirty);
 }
 
 /// `s` sends `n` 100-byte texts, to `to(i)`, in batches of 64, each batch a turn.

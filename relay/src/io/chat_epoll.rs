@@ -2,7 +2,7 @@
 //! shard's epoll, read and written when ready. Everything else (engine, log, mailbox, limits,
 //! counters) is [`ChatCore`]'s.
 
-use super::chat_io::{ChatCore, MAX_ACCEPTS_PER_TURN, MAX_INBUF};
+use super::chat_io::{ChatCore, ChatOutput, MAX_ACCEPTS_PER_TURN, MAX_INBUF};
 use super::storage::Storage;
 use super::sys::epoll_ctl;
 use crate::chat::map::Map;
@@ -27,8 +27,6 @@ struct Conn {
     inbuf: Vec<u8>,
     /// EPOLLOUT is registered.
     want_write: bool,
-    /// Close once the output is flushed.
-    closing: bool,
 }
 
 /// One shard's chat on epoll: its sockets. The [`ChatCore`] they serve is the loop's, passed in.
@@ -204,7 +202,6 @@ impl EpollChat {
                     stream,
                     inbuf: Vec::new(),
                     want_write: false,
-                    closing: false,
                 },
             );
         }
@@ -323,11 +320,9 @@ impl EpollChat {
             }
         }
         let left = out.len() - written;
+        // A closing connection flushed now is queued to close (`ChatCore::poll_output`).
         core.written(now, id, written);
         let c = self.conns.get_mut(&id).expect("checked above");
-        if left == 0 && c.closing {
-            return self.close(core, now, id);
-        }
         let want = left > 0;
         if want != c.want_write {
             let mut events = (libc::EPOLLIN | libc::EPOLLRDHUP) as u32;
@@ -367,24 +362,14 @@ impl EpollChat {
         }
     }
 
-    /// After the core's end of turn: everything the commit released written to the sockets,
-    /// closing connections flushed, overdue ones closed.
+    /// After the core's end of turn: what [`ChatCore::poll_output`] says, written to the
+    /// sockets or closed.
     pub fn output<S: Storage>(&mut self, core: &mut ChatCore<S>, now: Now) {
-        let dirty = core.take_dirty();
-        for &id in &dirty {
-            self.write(core, now, id);
-        }
-        core.give_back_dirty(dirty);
-        let closing = core.take_closing(now);
-        for &id in &closing {
-            if let Some(c) = self.conns.get_mut(&id) {
-                c.closing = true;
+        while let Some(o) = core.poll_output() {
+            match o {
+                ChatOutput::Transmit(id) => self.write(core, now, id),
+                ChatOutput::Close(id) => self.close(core, now, id),
             }
-            self.write(core, now, id);
-        }
-        core.give_back_closing(closing);
-        for id in core.take_overdue(now) {
-            self.close(core, now, id);
         }
         self.resume_accepts(now);
         self.paused = core.reading_paused();

@@ -11,16 +11,17 @@
 //! the other shards, appends the engine's records and commits them with one fdatasync (by
 //! default on the shard's [`Syncer`] thread while the shard serves on, one batch in flight,
 //! released by a later turn; with `[chat] sync_thread = false` inline, released in the same
-//! turn), and passes on the engine's ring messages; then the transport writes the output of
-//! every [`ChatCore::take_dirty`] connection (never before the commit that covers it: "sent" and
-//! deliveries are released by it) and closes every [`ChatCore::take_closing`] connection once
-//! its output is flushed, or when [`ChatCore::take_overdue`] says it had [`CLOSE_FLUSH_US`] to
-//! do so.
+//! turn), and passes on the engine's ring messages; then the transport does what
+//! [`ChatCore::poll_output`] says: [`ChatOutput::Transmit`] for every connection with output
+//! (never before the commit that covers it: "sent" and deliveries are released by it), and
+//! [`ChatOutput::Close`] for a connection the engine closed once its output is flushed, or once
+//! it had [`CLOSE_FLUSH_US`] to flush.
 
 use super::mailbox::Mailbox;
 use super::storage::{Committed, LogStorage, Storage};
 use super::syncer::Syncer;
 use crate::chat::log::{Log, LogConfig, Lsn};
+use crate::chat::map::Map;
 use crate::chat::msg::{ConnId, ShardMsg};
 use crate::chat::pipeline::CommitPipeline;
 use crate::chat::ChatShard;
@@ -83,6 +84,17 @@ enum Checkpoint {
     Unwritten,
 }
 
+/// What the transport does for chat next ([`ChatCore::poll_output`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChatOutput {
+    /// The connection has output: write (or start writing) what [`ChatCore::output`] holds
+    /// and report it with [`ChatCore::written`]; what does not fit waits for room.
+    Transmit(ConnId),
+    /// Close the connection now, if still open, and report it with [`ChatCore::closed`]: the
+    /// engine closed it and its output is flushed, or its time to flush is up.
+    Close(ConnId),
+}
+
 /// What a shard needs to serve chat besides its UDP socket.
 pub struct ChatParts {
     /// The chat engine.
@@ -143,6 +155,10 @@ pub struct ChatCore<S: Storage = LogStorage> {
     /// order; at most [`MAX_CONNS`] (ids are never reused, so entries of connections that
     /// closed in time are harmless until they expire).
     flush_deadlines: VecDeque<(ConnId, u64)>,
+    /// Connections the engine closes, until the transport has closed them.
+    closing: Map<ConnId, ()>,
+    /// What the transport does next ([`ChatCore::poll_output`]); emptied every turn.
+    outputs: VecDeque<ChatOutput>,
     pipeline: CommitPipeline,
     /// Refused connections waiting for their peer to close, with their deadlines.
     lingering: VecDeque<(std::net::TcpStream, u64)>,
@@ -229,6 +245,8 @@ impl<S: Storage> ChatCore<S> {
             checkpointed_at_segment: None,
             checkpoint: Checkpoint::Idle,
             flush_deadlines: VecDeque::new(),
+            closing: Map::default(),
+            outputs: VecDeque::new(),
             received: Vec::new(),
             lingering: VecDeque::new(),
             counters: ChatIoCounters::default(),
@@ -330,13 +348,21 @@ impl<S: Storage> ChatCore<S> {
         self.engine.output(id)
     }
 
-    /// `n` bytes of `id`'s output were written.
+    /// `n` bytes of `id`'s output were written. A closing connection whose output is now
+    /// flushed is queued to close ([`ChatCore::poll_output`]).
     pub fn written(&mut self, now: Now, id: ConnId, n: usize) {
         self.engine.handle_written(now, id, n);
+        if !self.closing.is_empty()
+            && self.closing.contains_key(&id)
+            && self.engine.output(id).is_empty()
+        {
+            self.outputs.push_back(ChatOutput::Close(id));
+        }
     }
 
-    /// `id` is closed (by the peer or by us); the backend forgets it.
+    /// `id` is closed (by the peer or by us); the transport forgets it.
     pub fn closed(&mut self, now: Now, id: ConnId) {
+        self.closing.remove(&id);
         self.n_conns -= 1;
         self.counters.closed += 1;
         self.engine.handle_closed(now, id);
@@ -348,8 +374,8 @@ impl<S: Storage> ChatCore<S> {
     }
 
     /// The end of a loop turn: cross-shard input, timers, group commit, and the messages the
-    /// commit released to other shards. The backend then writes [`ChatCore::take_dirty`] and
-    /// [`ChatCore::take_closing`]. Returns an error only when the log fails (the shard must
+    /// commit released to other shards; then what the transport must do is queued for
+    /// [`ChatCore::poll_output`]. Returns an error only when the log fails (the shard must
     /// stop: acknowledging without durability is not an option).
     pub fn end_turn(&mut self, now: Now) -> io::Result<()> {
         let received = &mut self.received;
@@ -390,6 +416,7 @@ impl<S: Storage> ChatCore<S> {
         }
         self.engine.give_back_outbox(outbox);
         self.mailbox.flush();
+        self.queue_outputs(now);
         Ok(())
     }
 
@@ -459,44 +486,44 @@ impl<S: Storage> ChatCore<S> {
         Ok(any)
     }
 
-    /// Connections with output to write.
-    pub fn take_dirty(&mut self) -> Vec<ConnId> {
-        self.engine.take_dirty()
+    /// What the transport does next, until `None`: queued by the end of the turn (output the
+    /// turn released, connections the engine closed or whose time to flush is up) and by
+    /// [`ChatCore::written`] (a closing connection flushed).
+    pub fn poll_output(&mut self) -> Option<ChatOutput> {
+        self.outputs.pop_front()
     }
 
-    /// A list from [`ChatCore::take_dirty`], done with (its capacity serves the next turn).
-    pub fn give_back_dirty(&mut self, v: Vec<ConnId>) {
-        self.engine.give_back_dirty(v);
-    }
-
-    /// A list from [`ChatCore::take_closing`], done with.
-    pub fn give_back_closing(&mut self, v: Vec<ConnId>) {
-        self.engine.give_back_closing(v);
-    }
-
-    /// Connections to close once their output is flushed; [`ChatCore::take_overdue`] names
-    /// them again if that takes longer than [`CLOSE_FLUSH_US`].
-    pub fn take_closing(&mut self, now: Now) -> Vec<ConnId> {
-        let ids = self.engine.take_closing();
-        for &id in &ids {
+    /// After the end of turn: a [`ChatOutput::Transmit`] for every connection with new output,
+    /// the engine's closes (a close at once when there is nothing to flush), and a
+    /// [`ChatOutput::Close`] for every closing connection still open whose [`CLOSE_FLUSH_US`]
+    /// is up (or the oldest ones, beyond [`MAX_CONNS`] deadlines).
+    fn queue_outputs(&mut self, now: Now) {
+        let dirty = self.engine.take_dirty();
+        self.outputs
+            .extend(dirty.iter().map(|&id| ChatOutput::Transmit(id)));
+        self.engine.give_back_dirty(dirty);
+        let closing = self.engine.take_closing();
+        for &id in &closing {
             self.flush_deadlines
                 .push_back((id, now.mono_us + CLOSE_FLUSH_US));
+            self.closing.insert(id, ());
+            self.outputs
+                .push_back(if self.engine.output(id).is_empty() {
+                    ChatOutput::Close(id)
+                } else {
+                    ChatOutput::Transmit(id)
+                });
         }
-        ids
-    }
-
-    /// Closing connections whose time to flush is up (or the oldest ones, beyond
-    /// [`MAX_CONNS`] entries): the backend closes those still open.
-    pub fn take_overdue(&mut self, now: Now) -> Vec<ConnId> {
-        let mut due = Vec::new();
+        self.engine.give_back_closing(closing);
         while let Some(&(id, at)) = self.flush_deadlines.front() {
             if at > now.mono_us && self.flush_deadlines.len() <= MAX_CONNS {
                 break;
             }
             self.flush_deadlines.pop_front();
-            due.push(id);
+            if self.closing.contains_key(&id) {
+                self.outputs.push_back(ChatOutput::Close(id));
+            }
         }
-        due
     }
 
     /// The descriptor that wakes this shard when another one sends to it.

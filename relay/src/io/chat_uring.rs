@@ -49,7 +49,7 @@ use super::{
 use crate::chat::map::Map;
 use crate::chat::msg::ConnId;
 use crate::engine::Now;
-use crate::io::chat_io::{ChatCore, ChatIoCounters, MAX_CONNS};
+use crate::io::chat_io::{ChatCore, ChatIoCounters, ChatOutput, MAX_CONNS};
 use crate::io::storage::Storage;
 use crate::io::IoCounters;
 use io_uring::types::{DestinationSlot, Fd, Fixed};
@@ -138,8 +138,6 @@ struct Conn {
     want_send: bool,
     /// The last send found no room: wait for POLLOUT before the next.
     wait_writable: bool,
-    /// Close once the output is flushed.
-    closing: bool,
     /// Closed for the engine; waits for its operations to end.
     dead: bool,
     recv_cancelled: bool,
@@ -385,7 +383,6 @@ impl UringChat {
             want_recv: true,
             want_send: false,
             wait_writable: false,
-            closing: false,
             dead: false,
             recv_cancelled: false,
             send_cancelled: false,
@@ -567,26 +564,18 @@ impl UringChat {
         io: &mut IoCounters,
     ) {
         self.now = now;
-        let dirty = core.take_dirty();
-        for &id in &dirty {
-            if let Some(c) = self.conns.get_mut(&id) {
-                c.want_send = true;
-                self.enqueue(id);
+        while let Some(o) = core.poll_output() {
+            match o {
+                ChatOutput::Transmit(id) => {
+                    if let Some(c) = self.conns.get_mut(&id) {
+                        c.want_send = true;
+                        self.enqueue(id);
+                    }
+                }
+                // Flushed after the engine closed it, or a closing peer that does not read:
+                // its send in flight is cancelled.
+                ChatOutput::Close(id) => self.close(core, id),
             }
-        }
-        core.give_back_dirty(dirty);
-        let closing = core.take_closing(now);
-        for &id in &closing {
-            if let Some(c) = self.conns.get_mut(&id) {
-                c.closing = true;
-                c.want_send = true;
-                self.enqueue(id);
-            }
-        }
-        core.give_back_closing(closing);
-        // A closing peer that does not read: its send in flight is cancelled.
-        for id in core.take_overdue(now) {
-            self.close(core, id);
         }
         // Publish the buffers the engine is done with before receives are re-armed.
         self.bufs.sync();
@@ -793,8 +782,7 @@ impl UringChat {
     }
 
     /// Queues a send of the start of `id`'s output, or a wait for room to send after a send
-    /// that found none; closes a closing connection whose output is flushed. Returns false when
-    /// the SQ had no room.
+    /// that found none. Returns false when the SQ had no room.
     fn start_send<S: Storage>(
         &mut self,
         core: &mut ChatCore<S>,
@@ -814,9 +802,6 @@ impl UringChat {
             let out = core.output(id);
             if out.is_empty() {
                 c.want_send = false;
-                if c.closing {
-                    self.close(core, id);
-                }
                 return true;
             }
             let n = out.len().min(SEND_CHUNK);

@@ -19,7 +19,7 @@
 //! named, in one order per chat. A failure names its seed; `SIM_SEEDS` and `SIM_FIRST_SEED`
 //! choose the seeds (`cargo test --release -p relay sim_ -- --nocapture`).
 
-use super::chat_io::ChatCore;
+use super::chat_io::{ChatCore, ChatOutput};
 use super::mailbox::mailboxes;
 use super::shard_loop::{Clock, ShardLoop, Transport};
 use super::storage::{FaultRng as Rng, MemDisk, MemStorage, SharedDisk, StorageFaults};
@@ -117,8 +117,6 @@ struct Shard {
     conns: BTreeMap<ConnId, u64>,
     /// Connections with output the transport could not write yet (EAGAIN, short write).
     want_write: Vec<ConnId>,
-    /// Connections the engine closes once their output is written.
-    closing: Vec<ConnId>,
 }
 
 impl Shard {
@@ -142,7 +140,6 @@ struct SimTransport<'a> {
     shard: usize,
     conns: &'a mut BTreeMap<ConnId, u64>,
     want_write: &'a mut Vec<ConnId>,
-    closing: &'a mut Vec<ConnId>,
     clients: &'a mut BTreeMap<u64, Client>,
     rng: &'a mut Rng,
     /// The run's faults, or none (settling).
@@ -159,7 +156,6 @@ impl SimTransport<'_> {
         let Some(user) = self.conns.remove(&id) else {
             return;
         };
-        self.closing.retain(|&c| c != id);
         self.want_write.retain(|&c| c != id);
         core.closed(now, id);
         let c = self.clients.get_mut(&user).expect("user");
@@ -238,51 +234,47 @@ impl Transport<MemStorage> for SimTransport<'_> {
         }
     }
 
-    /// The released bytes, maybe cut short or refused (EAGAIN).
+    /// What the core says: the released bytes, maybe cut short or refused (EAGAIN), and
+    /// closes; output the client could not take waits for the next turn.
     fn chat_output(&mut self, core: &mut ChatCore<MemStorage>, now: Now) -> std::io::Result<()> {
-        let mut dirty = core.take_dirty();
-        self.want_write.append(&mut dirty);
-        core.give_back_dirty(dirty);
-        let mut closing = core.take_closing(now);
-        self.closing.extend(closing.iter().copied());
-        self.want_write.append(&mut closing);
-        core.give_back_closing(closing);
-        self.want_write.sort_unstable();
-        self.want_write.dedup();
         let max_io = self.max_io();
-        let want = std::mem::take(self.want_write);
-        for id in want {
-            let Some(&user) = self.conns.get(&id) else {
-                continue;
-            };
-            let out_len = core.output(id).len();
-            let blocked = self.faults.is_some_and(|f| self.rng.chance(f.eagain));
-            let n = if blocked {
-                0
-            } else {
-                out_len.min(1 + self.rng.below(max_io as u64) as usize)
-            };
-            let bytes = core.output(id)[..n].to_vec();
-            self.clients
-                .get_mut(&user)
-                .expect("user")
-                .from_relay
-                .extend_from_slice(&bytes);
-            if n > 0 {
-                core.written(now, id, n);
-            }
-            if core.output(id).is_empty() {
-                if self.closing.contains(&id) {
-                    self.close(core, now, id);
+        let mut want = std::mem::take(self.want_write);
+        loop {
+            while let Some(o) = core.poll_output() {
+                match o {
+                    ChatOutput::Transmit(id) => want.push(id),
+                    ChatOutput::Close(id) => self.close(core, now, id),
                 }
-            } else {
-                self.want_write.push(id);
+            }
+            if want.is_empty() {
+                return Ok(());
+            }
+            want.sort_unstable();
+            want.dedup();
+            for id in std::mem::take(&mut want) {
+                let Some(&user) = self.conns.get(&id) else {
+                    continue;
+                };
+                let out_len = core.output(id).len();
+                let blocked = self.faults.is_some_and(|f| self.rng.chance(f.eagain));
+                let n = if blocked {
+                    0
+                } else {
+                    out_len.min(1 + self.rng.below(max_io as u64) as usize)
+                };
+                let bytes = core.output(id)[..n].to_vec();
+                self.clients
+                    .get_mut(&user)
+                    .expect("user")
+                    .from_relay
+                    .extend_from_slice(&bytes);
+                // A closing connection flushed now is queued to close.
+                core.written(now, id, n);
+                if !core.output(id).is_empty() {
+                    self.want_write.push(id);
+                }
             }
         }
-        for id in core.take_overdue(now) {
-            self.close(core, now, id);
-        }
-        Ok(())
     }
 
     /// Output the client could not take yet: the shard stays awake.
@@ -400,7 +392,6 @@ impl World {
                     last_turn_us: 0,
                     conns: BTreeMap::new(),
                     want_write: Vec::new(),
-                    closing: Vec::new(),
                 }
             })
             .collect();
@@ -565,7 +556,6 @@ impl World {
             shard: i,
             conns: &mut s.conns,
             want_write: &mut s.want_write,
-            closing: &mut s.closing,
             clients: &mut self.clients,
             rng: &mut self.rng,
             faults: faults.then_some(self.faults),
