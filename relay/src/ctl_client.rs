@@ -223,7 +223,8 @@ pub fn register(
     ctl: &Ctl,
     identity: &Identity,
     deadline: Instant,
-) -> Result<HeartbeatReply, String> {
+) -> Result<HeartbeatReply, crate::error::Error> {
+    use crate::error::Error;
     let zero_load = (0..identity.shards)
         .map(|shard| ShardLoad {
             shard,
@@ -233,8 +234,13 @@ pub fn register(
     loop {
         match heartbeat(ctl, identity, false, zero_load.clone()) {
             Ok(reply) => return Ok(reply),
-            Err(e) if e.refused || Instant::now() >= deadline => {
-                return Err(format!("cannot register with ctl: {e}"))
+            Err(e) if e.refused => {
+                return Err(Error::CtlRefused(format!("cannot register with ctl: {e}")))
+            }
+            Err(e) if Instant::now() >= deadline => {
+                return Err(Error::CtlUnavailable(format!(
+                    "cannot register with ctl: {e}"
+                )))
             }
             Err(e) => {
                 eprintln!("relay: ctl not reachable yet ({e}); retrying");

@@ -2,6 +2,7 @@
 
 use clap::Parser;
 use relay::config::{Config, Flags};
+use relay::error::Error;
 use relay::runtime::Relay;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -12,8 +13,8 @@ use std::time::{Duration, Instant};
 fn register_with_ctl(
     cfg: &mut Config,
     url: &str,
-) -> Result<(relay::ctl_client::Ctl, relay::ctl_client::Identity), String> {
-    let ctl = relay::ctl_client::Ctl::new(url, cfg.ctl_token.clone())?;
+) -> Result<(relay::ctl_client::Ctl, relay::ctl_client::Identity), Error> {
+    let ctl = relay::ctl_client::Ctl::new(url, cfg.ctl_token.clone()).map_err(Error::Config)?;
     let shards = if cfg.shards == 0 {
         relay::io::sys::available_cpus()
     } else {
@@ -35,7 +36,9 @@ fn register_with_ctl(
         relay::ctl_client::register(&ctl, &identity, Instant::now() + Duration::from_secs(30))?;
     match &cfg.public_key {
         Some(k) if !k.trim().eq_ignore_ascii_case(reply.public_key.trim()) => {
-            return Err("the configured public key differs from ctl's".into());
+            return Err(Error::CtlRefused(
+                "the configured public key differs from ctl's".into(),
+            ));
         }
         Some(_) => {}
         None => cfg.public_key = Some(reply.public_key),
@@ -53,23 +56,24 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("relay: error: {e}");
-            ExitCode::FAILURE
+            ExitCode::from(e.exit_code())
         }
     }
 }
 
-fn run(flags: &Flags) -> Result<(), String> {
-    let mut cfg = Config::load(flags)?;
+fn run(flags: &Flags) -> Result<(), Error> {
+    let mut cfg = Config::load(flags).map_err(Error::Config)?;
     // Every chat connection takes a descriptor (batch) or a registered-file slot (uring, where
     // the limit applies per ring): the soft limit alone would cap chat near 1,024 connections.
     relay::io::sys::raise_nofile_limit();
     // Block the stop signals before any thread starts, so every thread inherits the mask and
     // only the main thread receives them, synchronously, in `wait_for_stop_signal`.
-    let signals = relay::signals::block_stop_signals().map_err(|e| format!("sigprocmask: {e}"))?;
+    let signals =
+        relay::signals::block_stop_signals().map_err(|e| Error::host("sigprocmask", e))?;
     let listener = match cfg.metrics {
         Some(addr) => Some(
             std::net::TcpListener::bind(addr)
-                .map_err(|e| format!("cannot bind metrics {addr}: {e}"))?,
+                .map_err(|e| Error::host(format!("cannot bind metrics {addr}"), e))?,
         ),
         None => None,
     };
@@ -90,7 +94,7 @@ fn run(flags: &Flags) -> Result<(), String> {
         std::thread::Builder::new()
             .name("ctl".into())
             .spawn(move || ctl_loop.run())
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| Error::host("cannot spawn the ctl thread", e))?;
     }
     eprintln!(
         "relay: backend {} ({})",
@@ -99,12 +103,14 @@ fn run(flags: &Flags) -> Result<(), String> {
     );
     let metrics = match listener {
         Some(l) => {
-            let addr = l.local_addr().map_err(|e| e.to_string())?;
+            let addr = l
+                .local_addr()
+                .map_err(|e| Error::host("metrics address", e))?;
             let (stats, backend) = (relay.stats.clone(), relay.backend);
             std::thread::Builder::new()
                 .name("metrics".into())
                 .spawn(move || relay::metrics::serve(l, stats, backend))
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| Error::host("cannot spawn the metrics thread", e))?;
             addr.to_string()
         }
         None => "off".into(),

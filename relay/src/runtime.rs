@@ -3,6 +3,7 @@
 
 use crate::config::{Config, IoChoice};
 use crate::engine::{Command, EngineConfig, Shard};
+use crate::error::{Error, ShardError};
 use crate::io::{self, Backend, ShardCtx, ShardStats};
 use crate::ring::{self, Producer};
 use proto::token::TokenVerifier;
@@ -26,7 +27,7 @@ pub struct Relay {
     /// Command rings to each shard, in shard order; taken by the control-plane client.
     pub commands: Vec<Producer<Command>>,
     stop: Arc<AtomicBool>,
-    threads: Vec<JoinHandle<std::io::Result<()>>>,
+    threads: Vec<JoinHandle<Result<(), ShardError>>>,
 }
 
 /// Commands queued per shard at most; a full ring makes the sender retry on its next round.
@@ -34,12 +35,15 @@ pub const COMMAND_RING_CAPACITY: usize = 1024;
 
 /// Chooses the backend: an explicit choice must work; `auto` takes `batch`, the faster one on
 /// our benchmark (perf/RESULTS.md), and says whether io_uring would have been available.
-pub fn choose_backend(choice: IoChoice) -> Result<(Backend, String), String> {
+pub fn choose_backend(choice: IoChoice) -> Result<(Backend, String), Error> {
     match choice {
         IoChoice::Batch => Ok((Backend::Batch, "requested with --io batch".into())),
         IoChoice::Uring => match io::probe_uring() {
             Ok(()) => Ok((Backend::Uring, "requested with --io uring".into())),
-            Err(e) => Err(format!("--io uring: io_uring unavailable: {e}")),
+            Err(e) => Err(Error::host(
+                "--io uring: io_uring unavailable",
+                std::io::Error::new(std::io::ErrorKind::Unsupported, e),
+            )),
         },
         IoChoice::Auto => {
             let uring = match io::probe_uring() {
@@ -56,14 +60,14 @@ pub fn choose_backend(choice: IoChoice) -> Result<(Backend, String), String> {
 
 impl Relay {
     /// Binds every shard's socket and starts the shard threads.
-    pub fn start(cfg: &Config) -> Result<Self, String> {
+    pub fn start(cfg: &Config) -> Result<Self, Error> {
         let (backend, backend_reason) = choose_backend(cfg.io)?;
-        let key_hex = cfg
-            .public_key
-            .as_deref()
-            .ok_or("no public key configured (public_key or --public-key)")?;
-        let key = proto::token::public_key_from_hex(key_hex)
-            .ok_or("public key is not 64 hex digits of a valid Ed25519 key")?;
+        let key_hex = cfg.public_key.as_deref().ok_or_else(|| {
+            Error::Config("no public key configured (public_key or --public-key)".into())
+        })?;
+        let key = proto::token::public_key_from_hex(key_hex).ok_or_else(|| {
+            Error::Config("public key is not 64 hex digits of a valid Ed25519 key".into())
+        })?;
         let verifier = TokenVerifier::new(key, cfg.relay_id);
         let n_shards = if cfg.shards == 0 {
             io::sys::available_cpus()
@@ -71,14 +75,14 @@ impl Relay {
             cfg.shards
         };
         if n_shards > usize::from(u16::MAX) || usize::from(cfg.base_port) + n_shards > 65_536 {
-            return Err(format!(
+            return Err(Error::Config(format!(
                 "{n_shards} shards do not fit above port {}",
                 cfg.base_port
-            ));
+            )));
         }
         let mut mailboxes = match cfg.chat.port {
             Some(_) => io::mailbox::mailboxes(n_shards, cfg.chat.ring_capacity)
-                .map_err(|e| format!("eventfd: {e}"))?,
+                .map_err(|e| Error::host("eventfd", e))?,
             None => Vec::new(),
         }
         .into_iter();
@@ -97,9 +101,11 @@ impl Relay {
         for shard_idx in 0..n_shards {
             let port = cfg.base_port + shard_idx as u16;
             let socket = bind(SocketAddr::new(cfg.bind, port), cfg.socket_buffer_bytes)?;
-            relay
-                .addrs
-                .push(socket.local_addr().map_err(|e| e.to_string())?);
+            relay.addrs.push(
+                socket
+                    .local_addr()
+                    .map_err(|e| Error::host("getsockname", e))?,
+            );
             let stats = Arc::new(ShardStats::default());
             relay.stats.push(stats.clone());
             let (producer, consumer) = ring::ring(COMMAND_RING_CAPACITY);
@@ -124,21 +130,21 @@ impl Relay {
             let thread = std::thread::Builder::new()
                 .name(format!("shard-{shard_idx}"))
                 .spawn(move || run_shard(backend, engine_cfg, verifier, socket, ctx, pin, chat))
-                .map_err(|e| format!("cannot spawn shard thread: {e}"))?;
+                .map_err(|e| Error::host("cannot spawn shard thread", e))?;
             relay.threads.push(thread);
         }
         Ok(relay)
     }
 
     /// Asks every shard to stop and waits for them. Returns the first shard error.
-    pub fn shutdown(self) -> Result<(), String> {
+    pub fn shutdown(self) -> Result<(), Error> {
         self.stop.store(true, Ordering::Relaxed);
         let mut result = Ok(());
         for (i, t) in self.threads.into_iter().enumerate() {
             let r = match t.join() {
                 Ok(Ok(())) => Ok(()),
-                Ok(Err(e)) => Err(format!("shard {i}: {e}")),
-                Err(_) => Err(format!("shard {i} panicked")),
+                Ok(Err(e)) => Err(e.into_error(i as u16)),
+                Err(_) => Err(Error::Bug(format!("shard {i} panicked"))),
             };
             result = result.and(r);
         }
@@ -159,14 +165,16 @@ fn chat_parts(
     shard_idx: usize,
     n_shards: usize,
     mailbox: io::mailbox::Mailbox,
-) -> Result<io::chat_io::ChatParts, String> {
+) -> Result<io::chat_io::ChatParts, Error> {
     let port = usize::from(base) + shard_idx;
-    let port = u16::try_from(port).map_err(|_| format!("chat port {port} out of range"))?;
+    let port =
+        u16::try_from(port).map_err(|_| Error::Config(format!("chat port {port} out of range")))?;
     let addr = SocketAddr::new(cfg.bind, port);
-    let listener =
-        std::net::TcpListener::bind(addr).map_err(|e| format!("cannot bind TCP {addr}: {e}"))?;
+    let listener = std::net::TcpListener::bind(addr)
+        .map_err(|e| Error::host(format!("cannot bind TCP {addr}"), e))?;
     let dir = cfg.chat.data_dir.join(format!("shard-{shard_idx}"));
-    std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| Error::host(format!("cannot create {}", dir.display()), e))?;
     let engine = crate::chat::ChatShard::new(
         shard_idx as u16,
         n_shards as u16,
@@ -194,8 +202,9 @@ fn chat_parts(
     })
 }
 
-fn bind(addr: SocketAddr, buffer_bytes: usize) -> Result<UdpSocket, String> {
-    let socket = UdpSocket::bind(addr).map_err(|e| format!("cannot bind UDP {addr}: {e}"))?;
+fn bind(addr: SocketAddr, buffer_bytes: usize) -> Result<UdpSocket, Error> {
+    let socket =
+        UdpSocket::bind(addr).map_err(|e| Error::host(format!("cannot bind UDP {addr}"), e))?;
     let fd = socket.as_raw_fd();
     // Best effort: the kernel caps these at net.core.{r,w}mem_max (see `cargo xtask tune`).
     for (opt, name) in [
@@ -217,7 +226,7 @@ fn run_shard(
     ctx: ShardCtx,
     pin: Option<usize>,
     chat: Option<io::chat_io::ChatParts>,
-) -> std::io::Result<()> {
+) -> Result<(), ShardError> {
     if let Some(cpu) = pin {
         if let Err(e) = io::sys::pin_to_cpus(&[cpu]) {
             eprintln!(

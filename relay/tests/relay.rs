@@ -676,6 +676,39 @@ macro_rules! for_backend {
     };
 }
 
+/// A relay that cannot start says why and exits with the code of who is to blame
+/// (relay/src/error.rs): the operator's configuration (78, which `dist/relay.service` does not
+/// restart on), or a resource the host refused (71).
+#[test]
+fn startup_errors_exit_with_the_code_of_who_is_to_blame() {
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_relay"))
+            .args(["--io", "batch", "--bind", "127.0.0.1", "--no-pin"])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("relay runs");
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        (out.status.code(), err)
+    };
+    let key = proto::token::hex(SigningKey::from_bytes(&[42; 32]).verifying_key().as_bytes());
+    let (code, err) = run(&["--config", "/nonexistent/relay.toml"]);
+    assert_eq!(code, Some(78), "{err}");
+    assert!(err.contains("cannot read /nonexistent/relay.toml"), "{err}");
+    let (code, err) = run(&["--shards", "1", "--base-port", "20000"]);
+    assert_eq!(code, Some(78), "{err}");
+    assert!(err.contains("no public key configured"), "{err}");
+    // The port is taken (by this test): the host's refusal.
+    let taken = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    let (code, err) = run(&["--shards", "1", "--base-port", &port, "--public-key", &key]);
+    assert_eq!(code, Some(71), "{err}");
+    assert!(
+        err.contains(&format!("cannot bind UDP 127.0.0.1:{port}")),
+        "{err}"
+    );
+}
+
 #[path = "relay/chat.rs"]
 mod chat;
 #[path = "relay/ctl_e2e.rs"]

@@ -197,6 +197,7 @@ mod tests {
             "LimitMEMLOCK=infinity",
             "CPUAffinity=",
             "Restart=on-failure",
+            "RestartPreventExitStatus=77 78",
             "KillSignal=SIGTERM",
             "KillMode=mixed",
             "TimeoutStopSec=",

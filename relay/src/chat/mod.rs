@@ -156,6 +156,7 @@ pub mod records;
 
 use crate::engine::Now;
 use msg::{ConnId, ShardMsg, ToOwner};
+pub use owner::ReplayError;
 use proto::token::TokenVerifier;
 use std::collections::VecDeque;
 use std::net::IpAddr;
@@ -404,12 +405,12 @@ impl ChatShard {
     }
 
     /// Replays one recovered log record.
-    pub fn replay(&mut self, lsn: u64, kind: u8, payload: &[u8]) -> Result<(), String> {
+    pub fn replay(&mut self, lsn: u64, kind: u8, payload: &[u8]) -> Result<(), ReplayError> {
         self.owner.replay(lsn, kind, payload)
     }
 
     /// Completes recovery; fails if the records replayed are inconsistent.
-    pub fn finish_replay(&mut self) -> Result<(), String> {
+    pub fn finish_replay(&mut self) -> Result<(), ReplayError> {
         self.owner.finish_replay()
     }
 

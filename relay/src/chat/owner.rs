@@ -153,6 +153,37 @@ struct Stream {
 /// The last batch taken for commit: what each record belongs to, and the actions waiting on it.
 type Committing = (Vec<RecOwner>, Vec<(u16, ShardMsg)>);
 
+/// A log whose records do not replay: corruption (a damaged disk, or records lost), never a
+/// peer's doing. The shard does not start on it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReplayError {
+    /// The record at `lsn` of kind `kind` does not decode.
+    Undecodable { lsn: u64, kind: u8 },
+    /// A chat snapshot with next seq 0 (seqs start at 1).
+    ZeroNextSeq { lsn: u64, chat: u64 },
+    /// An entry with seq 0 or the largest seq.
+    BadSeq { lsn: u64, seq: u64 },
+    /// Entries of `chat` but no snapshot of it.
+    NoSnapshot { chat: u64 },
+}
+
+impl std::fmt::Display for ReplayError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Undecodable { lsn, kind } => {
+                write!(f, "undecodable chat record of kind {kind} at lsn {lsn}")
+            }
+            Self::ZeroNextSeq { lsn, chat } => {
+                write!(f, "chat {chat} with next seq 0 at lsn {lsn}")
+            }
+            Self::BadSeq { lsn, seq } => write!(f, "entry with seq {seq} at lsn {lsn}"),
+            Self::NoSnapshot { chat } => write!(f, "entries for chat {chat} but no snapshot of it"),
+        }
+    }
+}
+
+impl std::error::Error for ReplayError {}
+
 /// The owner role of one shard.
 pub struct Owner {
     shard: u16,
@@ -921,15 +952,14 @@ impl Owner {
 
     /// Rebuilds state from one recovered record (in log order), through the same `Owner::apply`
     /// as the live path.
-    pub fn replay(&mut self, lsn: u64, kind: u8, payload: &[u8]) -> Result<(), String> {
-        let rec = records::decode(kind, payload)
-            .ok_or_else(|| format!("undecodable chat record at lsn {lsn}"))?;
+    pub fn replay(&mut self, lsn: u64, kind: u8, payload: &[u8]) -> Result<(), ReplayError> {
+        let rec = records::decode(kind, payload).ok_or(ReplayError::Undecodable { lsn, kind })?;
         match &rec {
             Rec::Chat(c) if c.next_seq == 0 => {
-                return Err(format!("chat {} with next seq 0 at lsn {lsn}", c.chat));
+                return Err(ReplayError::ZeroNextSeq { lsn, chat: c.chat });
             }
             Rec::Entry(e) if e.seq == 0 || e.seq == u64::MAX => {
-                return Err(format!("entry with seq {} at lsn {lsn}", e.seq));
+                return Err(ReplayError::BadSeq { lsn, seq: e.seq });
             }
             _ => {}
         }
@@ -1097,9 +1127,9 @@ impl Owner {
 
     /// Completes recovery: drops what members have acknowledged (or who left) and recounts the
     /// inboxes. Fails if a chat had entries but no snapshot (a log that lost records).
-    pub fn finish_replay(&mut self) -> Result<(), String> {
-        if let Some((id, _)) = self.chats.iter().find(|(_, c)| c.state_lsn.is_none()) {
-            return Err(format!("entries for chat {id} but no snapshot of it"));
+    pub fn finish_replay(&mut self) -> Result<(), ReplayError> {
+        if let Some((&chat, _)) = self.chats.iter().find(|(_, c)| c.state_lsn.is_none()) {
+            return Err(ReplayError::NoSnapshot { chat });
         }
         self.pending_per_user.clear();
         self.pending_per_sender.clear();

@@ -1379,7 +1379,12 @@ fn entries_without_any_snapshot_of_their_chat_fail_recovery() {
         shard.replay(lsn, *k, p).unwrap();
     }
     let err = shard.finish_replay().unwrap_err();
-    assert!(err.contains("no snapshot"), "{err}");
+    assert_eq!(
+        err,
+        crate::chat::owner::ReplayError::NoSnapshot {
+            chat: ids::direct_chat(alice, bob)
+        }
+    );
 }
 
 /// A reader too slow for its output limit: an entry that does not fit is deferred (fetched

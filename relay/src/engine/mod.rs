@@ -152,6 +152,75 @@ pub struct Shard {
     counters: Counters,
 }
 
+/// Why a Binding request was refused, by who is to blame: the peer (a bad or expired token, a
+/// failed integrity check, a token for elsewhere, a removed participant) or a limit (rate,
+/// room, shard, drain). Each maps to a drop reason and a STUN error response.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BindRefusal {
+    /// Peer: no USERNAME attribute.
+    NoUsername,
+    /// Peer: the token does not verify.
+    BadToken,
+    /// Peer: MESSAGE-INTEGRITY does not match the token's key.
+    BadIntegrity,
+    /// Peer: the token has expired (a refresh must bring a new one).
+    Expired,
+    /// Peer: the token names another relay.
+    WrongRelay,
+    /// Peer: the token is not a room token for this shard.
+    WrongShard,
+    /// Peer: the participant, or the whole room, was removed.
+    Removed,
+    /// Limit: new bindings on this shard are arriving faster than its budget.
+    RateLimited,
+    /// Limit: the room holds its most participants.
+    RoomFull,
+    /// Limit: the shard holds its most rooms.
+    ShardFull,
+    /// Limit: the relay is draining and takes no new room.
+    Draining,
+}
+
+impl BindRefusal {
+    /// Whether the peer is to blame (else a limit of this relay is).
+    pub fn peer_fault(self) -> bool {
+        !matches!(
+            self,
+            Self::RateLimited | Self::RoomFull | Self::ShardFull | Self::Draining
+        )
+    }
+
+    /// The drop counter it is counted under.
+    pub fn drop_reason(self) -> DropReason {
+        match self {
+            Self::NoUsername | Self::BadToken => DropReason::BadToken,
+            Self::BadIntegrity => DropReason::BadIntegrity,
+            Self::Expired => DropReason::ExpiredToken,
+            Self::WrongRelay | Self::WrongShard => DropReason::WrongScope,
+            Self::Removed => DropReason::NotPermitted,
+            Self::RateLimited => DropReason::RateLimited,
+            Self::RoomFull => DropReason::ParticipantLimit,
+            Self::ShardFull | Self::Draining => DropReason::RoomLimit,
+        }
+    }
+
+    /// The STUN error response: code and reason phrase (PROTOCOL.md).
+    pub fn stun_error(self) -> (u16, &'static str) {
+        match self {
+            Self::NoUsername => (400, "Bad Request"),
+            Self::BadToken | Self::BadIntegrity => (401, "Unauthorized"),
+            Self::Expired => (401, "Token expired"),
+            Self::WrongRelay => (403, "Wrong relay"),
+            Self::WrongShard => (403, "Wrong shard"),
+            Self::Removed => (403, "Removed"),
+            Self::RateLimited => (503, "Try later"),
+            Self::RoomFull => (403, "Room full"),
+            Self::ShardFull => (403, "Shard full"),
+            Self::Draining => (403, "Draining"),
+        }
+    }
+}
+
 impl Shard {
     /// An empty shard with index `shard_idx` that trusts tokens checked by `verifier`.
     pub fn new(cfg: EngineConfig, shard_idx: u16, verifier: TokenVerifier, now: Now) -> Self {
@@ -334,9 +403,10 @@ impl Shard {
                 Ok(n) if n <= data.len() => Decision::Reply(n),
                 _ => Decision::Drop(DropReason::ReplySuppressed),
             },
-            Err((reason, code, text)) => {
+            Err(refusal) => {
                 // Count the real reason even when no error response is sent.
-                self.counters.drop(reason);
+                self.counters.drop(refusal.drop_reason());
+                let (code, text) = refusal.stun_error();
                 match stun::write_binding_error(reply, &txid, code, text) {
                     Ok(n) if n <= data.len() => Decision::Reply(n),
                     _ => Decision::Drop(DropReason::ReplySuppressed),
@@ -352,40 +422,37 @@ impl Shard {
         now: Now,
         src: SocketAddr,
         msg: &StunMessage<'_>,
-    ) -> Result<[u8; 20], (DropReason, u16, &'static str)> {
-        const UNAUTHORIZED: (DropReason, u16, &str) = (DropReason::BadToken, 401, "Unauthorized");
-        let username = msg
-            .username()
-            .ok_or((DropReason::BadToken, 400, "Bad Request"))?;
+    ) -> Result<[u8; 20], BindRefusal> {
+        let username = msg.username().ok_or(BindRefusal::NoUsername)?;
         let key = proto::token::stun_key(username);
         // A refresh from a bound address with the same token skips the signature check.
         if let Some(b) = self.lookup(&src) {
             let p = self.participant_mut(b);
             if p.stun_key == key {
                 msg.verify_integrity(&key)
-                    .map_err(|_| (DropReason::BadIntegrity, 401, "Unauthorized"))?;
+                    .map_err(|_| BindRefusal::BadIntegrity)?;
                 if p.expires_at <= now.unix_s {
-                    return Err((DropReason::ExpiredToken, 401, "Token expired"));
+                    return Err(BindRefusal::Expired);
                 }
                 p.last_refresh_us = now.mono_us;
                 return Ok(key);
             }
         }
         if !self.new_bindings.try_take(1, now.mono_us) {
-            return Err((DropReason::RateLimited, 503, "Try later"));
+            return Err(BindRefusal::RateLimited);
         }
         let claims = self
             .verifier
             .verify_text(username, now.unix_s)
             .map_err(|e| match e {
-                TokenError::Expired => (DropReason::ExpiredToken, 401, "Token expired"),
-                TokenError::WrongRelay => (DropReason::WrongScope, 403, "Wrong relay"),
-                _ => UNAUTHORIZED,
+                TokenError::Expired => BindRefusal::Expired,
+                TokenError::WrongRelay => BindRefusal::WrongRelay,
+                _ => BindRefusal::BadToken,
             })?;
         msg.verify_integrity(&key)
-            .map_err(|_| (DropReason::BadIntegrity, 401, "Unauthorized"))?;
+            .map_err(|_| BindRefusal::BadIntegrity)?;
         if claims.kind != TokenKind::Room || claims.shard_idx != self.shard_idx {
-            return Err((DropReason::WrongScope, 403, "Wrong shard"));
+            return Err(BindRefusal::WrongShard);
         }
         let refused_until = |pid| {
             self.removed
@@ -394,7 +461,7 @@ impl Shard {
                 .unwrap_or(0)
         };
         if refused_until(claims.participant_id).max(refused_until(WHOLE_ROOM)) > now.unix_s {
-            return Err((DropReason::NotPermitted, 403, "Removed"));
+            return Err(BindRefusal::Removed);
         }
         self.attach(now, src, &claims, key)?;
         Ok(key)
@@ -408,7 +475,7 @@ impl Shard {
         src: SocketAddr,
         claims: &proto::token::Claims,
         key: [u8; 20],
-    ) -> Result<(), (DropReason, u16, &'static str)> {
+    ) -> Result<(), BindRefusal> {
         // A different participant bound to this address is replaced.
         if let Some(old) = self.lookup(&src) {
             self.unbind(old);
@@ -463,7 +530,7 @@ impl Shard {
             if room.is_empty() {
                 self.release_room(room_slot);
             }
-            return Err((DropReason::ParticipantLimit, 403, "Room full"));
+            return Err(BindRefusal::RoomFull);
         };
         self.n_participants += 1;
         self.counters.bindings_created += 1;
@@ -478,15 +545,15 @@ impl Shard {
     }
 
     /// The slot of room `id`, created if absent and the shard has room for it.
-    fn room_slot(&mut self, id: u64) -> Result<u32, (DropReason, u16, &'static str)> {
+    fn room_slot(&mut self, id: u64) -> Result<u32, BindRefusal> {
         if let Some(&slot) = self.room_by_id.get(&id) {
             return Ok(slot);
         }
         if self.room_by_id.len() >= self.cfg.max_rooms {
-            return Err((DropReason::RoomLimit, 403, "Shard full"));
+            return Err(BindRefusal::ShardFull);
         }
         if self.draining {
-            return Err((DropReason::RoomLimit, 403, "Draining"));
+            return Err(BindRefusal::Draining);
         }
         let room = Room::new(id, self.cfg.max_participants_per_room);
         let slot = match self.free_rooms.pop() {

@@ -465,3 +465,37 @@ fn removed_participants_and_closed_rooms_cannot_bind_again_with_their_tokens() {
     f.join(2, 10, 2);
     f.shard.check_invariants();
 }
+
+/// A refused Binding names who is to blame: a peer's fault is a 4xx that tells the client what
+/// to fix (a new token, another shard); a limit is never a 401, so that a client at a full room
+/// or a busy shard does not fetch tokens in a loop.
+#[test]
+fn bind_refusals_blame_the_peer_or_a_limit() {
+    use super::BindRefusal::*;
+    let all = [
+        NoUsername,
+        BadToken,
+        BadIntegrity,
+        Expired,
+        WrongRelay,
+        WrongShard,
+        Removed,
+        RateLimited,
+        RoomFull,
+        ShardFull,
+        Draining,
+    ];
+    for r in all {
+        let (code, text) = r.stun_error();
+        assert!(!text.is_empty());
+        if r.peer_fault() {
+            assert!((400..500).contains(&code), "{r:?}: {code}");
+        } else {
+            assert!(matches!(code, 403 | 503), "{r:?}: {code}");
+            assert!(matches!(
+                r.drop_reason(),
+                DropReason::RateLimited | DropReason::ParticipantLimit | DropReason::RoomLimit
+            ));
+        }
+    }
+}

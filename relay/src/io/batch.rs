@@ -15,6 +15,7 @@ use super::{
     IoCounters, ShardCtx, MAX_BATCHES_PER_TURN, MAX_DATAGRAM, MAX_WAIT_MS, RX_BATCH, TX_BATCH,
 };
 use crate::engine::{Now, Shard, Verdict};
+use crate::error::ShardError;
 use std::io;
 use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::os::fd::{AsRawFd, RawFd};
@@ -311,15 +312,16 @@ pub fn run(
     socket: &UdpSocket,
     ctx: &ShardCtx,
     chat: Option<ChatParts>,
-) -> io::Result<()> {
+) -> Result<(), ShardError> {
     match chat {
         None => {
-            let mut batch = Batch::media_only(socket)?;
+            let mut batch = Batch::media_only(socket).map_err(ShardError::Transport)?;
             ShardLoop::<LogStorage>::new(None).run(engine, &mut batch, ctx, ctx)
         }
         Some(parts) => {
-            let (core, listener) = ChatCore::open(parts)?;
-            let mut batch = Batch::with_chat(socket, &core, listener)?;
+            let (core, listener) = ChatCore::open(parts).map_err(ShardError::Storage)?;
+            let mut batch =
+                Batch::with_chat(socket, &core, listener).map_err(ShardError::Transport)?;
             ShardLoop::new(Some(core)).run(engine, &mut batch, ctx, ctx)
         }
     }

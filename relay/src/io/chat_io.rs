@@ -226,9 +226,11 @@ impl<S: Storage> ChatCore<S> {
         for (lsn, kind, payload) in records {
             engine
                 .replay(lsn, kind, payload)
-                .map_err(io::Error::other)?;
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
         }
-        engine.finish_replay().map_err(io::Error::other)?;
+        engine
+            .finish_replay()
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
         for lsn in engine.take_dead() {
             storage.mark_dead(Lsn(lsn));
         }

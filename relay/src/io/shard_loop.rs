@@ -28,6 +28,7 @@ use super::chat_io::ChatCore;
 use super::storage::Storage;
 use super::{IoCounters, ShardCtx, MAX_WAIT_MS, PUBLISH_INTERVAL_US};
 use crate::engine::{Now, Shard};
+use crate::error::ShardError;
 use std::io;
 
 /// The time the shard reads: the host's clocks in the relay, virtual time in the simulation.
@@ -113,7 +114,7 @@ impl<S: Storage> ShardLoop<S> {
         transport: &mut T,
         clock: &C,
         ctx: &ShardCtx,
-    ) -> io::Result<()> {
+    ) -> Result<(), ShardError> {
         let result = loop {
             match self.turn(engine, transport, clock, ctx) {
                 Ok(Turn::Continue) => {}
@@ -126,30 +127,37 @@ impl<S: Storage> ShardLoop<S> {
     }
 
     /// One turn, in the order of the module documentation. An error is the transport's or the
-    /// storage's (the shard must stop: acknowledging without durability is not an option).
+    /// storage's, and says which (the shard must stop: acknowledging without durability is not
+    /// an option).
     pub fn turn<T: Transport<S>, C: Clock>(
         &mut self,
         engine: &mut Shard,
         transport: &mut T,
         clock: &C,
         ctx: &ShardCtx,
-    ) -> io::Result<Turn> {
+    ) -> Result<Turn, ShardError> {
         if ctx.stopping() {
             if self.chat.as_mut().is_none_or(|c| c.stop_turn(clock.now())) {
                 return Ok(Turn::Stopped);
             }
             self.wait_us = self.wait_us.min(STOP_WAIT_US);
         }
-        transport.wait(self.wait_us)?;
+        transport
+            .wait(self.wait_us)
+            .map_err(ShardError::Transport)?;
         if let Some(chat) = &self.chat {
             chat.woke();
         }
-        transport.media(engine, clock)?;
+        transport
+            .media(engine, clock)
+            .map_err(ShardError::Transport)?;
         if let Some(chat) = &mut self.chat {
             let now = clock.now();
             transport.chat_input(chat, now);
-            chat.end_turn(now)?;
-            transport.chat_output(chat, now)?;
+            chat.end_turn(now).map_err(ShardError::Storage)?;
+            transport
+                .chat_output(chat, now)
+                .map_err(ShardError::Transport)?;
         }
         let now = clock.now();
         ctx.housekeeping(engine, now);

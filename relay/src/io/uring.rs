@@ -32,6 +32,7 @@ use super::{
     IoCounters, ShardCtx, MAX_BATCHES_PER_TURN, MAX_DATAGRAM, MAX_WAIT_MS, RX_BATCH, TX_BATCH,
 };
 use crate::engine::{Now, Shard, Verdict};
+use crate::error::ShardError;
 use io_uring::types::{CancelBuilder, Fd, RecvMsgOut, SubmitArgs, Timespec};
 use io_uring::{cqueue, opcode, squeue, IoUring};
 use std::collections::VecDeque;
@@ -1043,7 +1044,7 @@ pub fn run(
     socket: &UdpSocket,
     ctx: &ShardCtx,
     chat: Option<ChatParts>,
-) -> io::Result<()> {
+) -> Result<(), ShardError> {
     let report = run_with(engine, socket, ctx, LIMITS, chat)?;
     let s = report.stats;
     if s.rx_nobufs + s.rx_errors + s.reclaims > 0 {
@@ -1071,17 +1072,18 @@ fn run_with(
     ctx: &ShardCtx,
     limits: Limits,
     chat: Option<ChatParts>,
-) -> io::Result<Report> {
+) -> Result<Report, ShardError> {
     let (core, listener) = match chat {
         Some(parts) => {
-            let (core, listener) = ChatCore::open(parts)?;
+            let (core, listener) = ChatCore::open(parts).map_err(ShardError::Storage)?;
             (Some(core), Some(listener))
         }
         None => (None, None),
     };
     let chat = listener.zip(core.as_ref().map(|c| (c.waker_fd(), c.max_conns())));
     let chat = chat.map(|(l, (waker, max))| (l, waker, max));
-    let mut driver = Driver::new(socket.as_raw_fd(), ctx.shard_idx, limits, chat)?;
+    let mut driver = Driver::new(socket.as_raw_fd(), ctx.shard_idx, limits, chat)
+        .map_err(ShardError::Transport)?;
     let mut shard = ShardLoop::new(core);
     let result = shard.run(engine, &mut driver, ctx, ctx);
     let report = driver.shutdown(shard.chat_mut());
@@ -1210,7 +1212,7 @@ mod tests {
         key: SigningKey,
         stop: Arc<AtomicBool>,
         stats: Arc<ShardStats>,
-        thread: JoinHandle<io::Result<Report>>,
+        thread: JoinHandle<Result<Report, crate::error::ShardError>>,
     }
 
     impl Harness {
@@ -1390,7 +1392,7 @@ mod tests {
         dir: std::path::PathBuf,
         stop: Arc<AtomicBool>,
         stats: Arc<ShardStats>,
-        thread: JoinHandle<io::Result<Report>>,
+        thread: JoinHandle<Result<Report, crate::error::ShardError>>,
     }
 
     impl ChatHarness {

@@ -404,6 +404,11 @@ fn relays_must_present_ctls_relay_token_when_it_has_one() {
         let out = cmd.stdin(Stdio::null()).output().expect("relay runs");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "a refused relay fails: {err}");
+        assert_eq!(
+            out.status.code(),
+            Some(77),
+            "EX_NOPERM: not restarted by systemd"
+        );
         assert!(
             err.contains("HTTP 40") && err.contains("ctl refused this relay's credentials"),
             "the error says why: {err}"
