@@ -6,6 +6,7 @@
 
 use proto::chat::{Encoder, Frame};
 use relay::chat::log::{LogConfig, SyncMode};
+use relay::chat::msg::ConnId;
 use relay::chat::ChatConfig;
 use relay::engine::Now;
 use relay::io::chat_io::ChatCore;
@@ -17,7 +18,7 @@ struct Shard {
     _listener: std::net::TcpListener,
     dir: std::path::PathBuf,
     now: Now,
-    conn: u64,
+    conn: ConnId,
     inbuf: Vec<u8>,
 }
 
@@ -56,7 +57,7 @@ impl Shard {
     }
 
     /// Logs `user` in on a new connection; returns its id.
-    fn connect(&mut self, user: u64) -> u64 {
+    fn connect(&mut self, user: u64) -> ConnId {
         let conn = self
             .core
             .accept(self.now, std::net::IpAddr::from([127, 0, 0, 1]));
@@ -69,7 +70,7 @@ impl Shard {
     }
 
     /// The frames queued for `conn`, taken as written.
-    fn take(&mut self, conn: u64) -> Vec<Got> {
+    fn take(&mut self, conn: ConnId) -> Vec<Got> {
         let out = self.core.output(conn).to_vec();
         self.core.written(self.now, conn, out.len());
         let mut got = Vec::new();
@@ -92,7 +93,7 @@ impl Shard {
 
     /// `conn` acknowledges every MSG in `got` (the highest seq of each chat; 1,000 chats a
     /// frame at most).
-    fn ack(&mut self, conn: u64, got: &[Got]) {
+    fn ack(&mut self, conn: ConnId, got: &[Got]) {
         let mut last = std::collections::BTreeMap::new();
         for g in got {
             if let Got::Msg { chat, seq, .. } = g {

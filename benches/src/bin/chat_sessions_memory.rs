@@ -40,7 +40,7 @@ fn main() {
         ChatConfig::default(),
         relay::chat::log::LogConfig::default(),
     );
-    let mut table: HashMap<u64, ConnSlot> = HashMap::new();
+    let mut table: HashMap<relay::chat::msg::ConnId, ConnSlot> = HashMap::new();
     let ip = std::net::IpAddr::from([127, 0, 0, 1]);
     let base = benches::CountingBytes::live();
     println!("| sessions | heap bytes | bytes per session | marginal bytes per session |");

@@ -39,7 +39,7 @@ fn main() {
                 from: Origin {
                     user: a,
                     home: 0,
-                    conn: i,
+                    conn: relay::chat::msg::ConnId(i),
                 },
                 msg_id,
                 chat: proto::chat::ids::direct_chat(a, b),

@@ -28,7 +28,7 @@ fn row(what: &str, n: usize, before: usize, bound: &str) {
 }
 
 struct Session {
-    id: u64,
+    id: relay::chat::msg::ConnId,
     inbuf: Vec<u8>,
 }
 

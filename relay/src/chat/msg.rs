@@ -4,9 +4,17 @@
 use crate::chat::records::MsgFrame;
 use proto::chat::MsgId;
 
-/// A session on a home shard: connection id and the epoch of the session's user binding, so
-/// that answers for a closed session are recognised and dropped.
-pub type ConnId = u64;
+/// A chat connection on its shard, named by the transport's accept and never reused while the
+/// shard runs (so that answers for a closed session are recognised and dropped). Transports
+/// carry it in their own tags (an epoll event's data, io_uring user data below the kind bits).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConnId(pub u64);
+
+impl std::fmt::Display for ConnId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "conn {}", self.0)
+    }
+}
 
 /// One message between shards, by the role it is for on the receiving shard: the owner of a
 /// chat, or the home of a user. A ring carries both.
@@ -293,7 +301,7 @@ mod tests {
             from: Origin {
                 user: 1,
                 home: 0,
-                conn: 1,
+                conn: ConnId(1),
             },
             msg_id: [1; 16],
             chat: 2,

@@ -154,7 +154,7 @@ impl Sim {
                 .collect(),
             rings: (0..N_SHARDS).map(|_| VecDeque::new()).collect(),
             clients: HashMap::new(),
-            next_conn: 1,
+            next_conn: ConnId(1),
             cfg,
             pipelined: false,
             pipes: (0..N_SHARDS).map(|_| Default::default()).collect(),
@@ -203,7 +203,7 @@ impl Sim {
 
     fn connect_raw(&mut self, user: u64, shard: u16) -> ConnId {
         let conn = self.next_conn;
-        self.next_conn += 1;
+        self.next_conn.0 += 1;
         assert!(self.shards[usize::from(shard)].handle_accept(
             self.now,
             conn,

@@ -125,7 +125,8 @@ impl EpollChat {
         match tag {
             TAG_LISTENER => self.accept(core, now),
             TAG_WAKER => core.drain_waker(),
-            id => {
+            tag => {
+                let id = ConnId(tag);
                 if events
                     & (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLHUP | libc::EPOLLERR) as u32
                     != 0
@@ -192,7 +193,7 @@ impl EpollChat {
             let fd = stream.as_raw_fd();
             let id = core.accept(now, peer.ip());
             let events = (libc::EPOLLIN | libc::EPOLLRDHUP) as u32;
-            if epoll_ctl(self.epfd, libc::EPOLL_CTL_ADD, fd, events, id).is_err() {
+            if epoll_ctl(self.epfd, libc::EPOLL_CTL_ADD, fd, events, id.0).is_err() {
                 core.closed(now, id);
                 continue;
             }
@@ -332,14 +333,14 @@ impl EpollChat {
             // The registration changes only if the call succeeds (ENOMEM): the next write
             // tries again.
             let fd = c.stream.as_raw_fd();
-            if epoll_ctl(self.epfd, libc::EPOLL_CTL_MOD, fd, events, id).is_ok() {
+            if epoll_ctl(self.epfd, libc::EPOLL_CTL_MOD, fd, events, id.0).is_ok() {
                 c.want_write = want;
                 // Output waiting for room is written while reading is paused too.
                 let paused = self.paused_set.as_raw_fd();
                 let _ = if want {
-                    epoll_ctl(paused, libc::EPOLL_CTL_ADD, fd, libc::EPOLLOUT as u32, id)
+                    epoll_ctl(paused, libc::EPOLL_CTL_ADD, fd, libc::EPOLLOUT as u32, id.0)
                 } else {
-                    epoll_ctl(paused, libc::EPOLL_CTL_DEL, fd, 0, id)
+                    epoll_ctl(paused, libc::EPOLL_CTL_DEL, fd, 0, id.0)
                 };
             }
         }
@@ -347,10 +348,16 @@ impl EpollChat {
 
     fn close<S: Storage>(&mut self, core: &mut ChatCore<S>, now: Now, id: ConnId) {
         if let Some(c) = self.conns.remove(&id) {
-            let _ = epoll_ctl(self.epfd, libc::EPOLL_CTL_DEL, c.stream.as_raw_fd(), 0, id);
+            let _ = epoll_ctl(
+                self.epfd,
+                libc::EPOLL_CTL_DEL,
+                c.stream.as_raw_fd(),
+                0,
+                id.0,
+            );
             if c.want_write {
                 let paused = self.paused_set.as_raw_fd();
-                let _ = epoll_ctl(paused, libc::EPOLL_CTL_DEL, c.stream.as_raw_fd(), 0, id);
+                let _ = epoll_ctl(paused, libc::EPOLL_CTL_DEL, c.stream.as_raw_fd(), 0, id.0);
             }
             core.closed(now, id);
             drop(c);

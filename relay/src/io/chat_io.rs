@@ -32,7 +32,7 @@ use std::net::{IpAddr, TcpListener};
 use std::path::PathBuf;
 
 /// Connection ids start here (epoll tags and io_uring user data below it are the shard's own).
-pub const FIRST_CONN_ID: ConnId = 16;
+pub const FIRST_CONN_ID: ConnId = ConnId(16);
 /// Largest read buffer per connection: a whole frame and a bit. The engine consumes every whole
 /// frame, so what stays between reads is less than one frame.
 pub const MAX_INBUF: usize = proto::chat::MAX_FRAME + proto::chat::LEN_BYTES + 4096;
@@ -315,7 +315,7 @@ impl<S: Storage> ChatCore<S> {
     /// error and a close for it (the per-address cap).
     pub fn accept(&mut self, now: Now, ip: IpAddr) -> ConnId {
         let id = self.next_id;
-        self.next_id += 1;
+        self.next_id.0 += 1;
         self.n_conns += 1;
         self.counters.accepted += 1;
         self.engine.handle_accept(now, id, ip);

@@ -338,9 +338,9 @@ impl UringChat {
                     self.wake_armed = false;
                 }
             }
-            UD_CHAT_RECV => self.received(id, res, flags),
-            UD_CHAT_SEND => self.sent(core, id, res),
-            UD_CHAT_POLL => self.writable(core, id, res),
+            UD_CHAT_RECV => self.received(ConnId(id), res, flags),
+            UD_CHAT_SEND => self.sent(core, ConnId(id), res),
+            UD_CHAT_POLL => self.writable(core, ConnId(id), res),
             // A cancel's own result (done, or already finished) needs nothing.
             _ => debug_assert_eq!(ud & UD_KIND, UD_CHAT_CANCEL),
         }
@@ -373,7 +373,7 @@ impl UringChat {
             return;
         }
         let id = core.accept(self.now, peer.ip());
-        debug_assert_eq!(id & UD_KIND, 0, "connection ids stay below the kind bits");
+        debug_assert_eq!(id.0 & UD_KIND, 0, "connection ids stay below the kind bits");
         let conn = Conn {
             slot,
             inbuf: Vec::new(),
@@ -733,12 +733,12 @@ impl UringChat {
         };
         let fd = Fixed(c.slot);
         if c.dead {
-            let recv = (c.recv_armed && !c.recv_cancelled).then_some(UD_CHAT_RECV | id);
+            let recv = (c.recv_armed && !c.recv_cancelled).then_some(UD_CHAT_RECV | id.0);
             let send = c.send_ud.filter(|_| !c.send_cancelled);
             for target in [recv, send].into_iter().flatten() {
                 let sqe = opcode::AsyncCancel::new(target)
                     .build()
-                    .user_data(UD_CHAT_CANCEL | id);
+                    .user_data(UD_CHAT_CANCEL | id.0);
                 if !self.push(ring, io, &sqe) {
                     return Service::SqFull;
                 }
@@ -759,7 +759,7 @@ impl UringChat {
             } else {
                 let sqe = opcode::RecvMulti::new(fd, CHAT_BGID)
                     .build()
-                    .user_data(UD_CHAT_RECV | id);
+                    .user_data(UD_CHAT_RECV | id.0);
                 if !self.push(ring, io, &sqe) {
                     return Service::SqFull;
                 }
@@ -795,7 +795,7 @@ impl UringChat {
         };
         let fd = Fixed(c.slot);
         let (sqe, ud) = if c.wait_writable {
-            let ud = UD_CHAT_POLL | id;
+            let ud = UD_CHAT_POLL | id.0;
             let sqe = opcode::PollAdd::new(fd, libc::POLLOUT as u32).build();
             (sqe.user_data(ud), ud)
         } else {
@@ -810,7 +810,7 @@ impl UringChat {
             }
             c.out.clear();
             c.out.extend_from_slice(&out[..n]);
-            let ud = UD_CHAT_SEND | id;
+            let ud = UD_CHAT_SEND | id.0;
             let sqe = opcode::Send::new(fd, c.out.as_ptr(), n as u32)
                 .flags(self.send_flags)
                 .build();
