@@ -52,14 +52,16 @@ fn main() {
             if i % 4096 == 4095 {
                 // Commit as a shard would, so that the batch does not grow without bound.
                 let batch = owner.take_batch();
-                let lsns: Vec<u64> = (0..batch.len() as u64).collect();
+                let lsns: Vec<relay::chat::log::Lsn> =
+                    (0..batch.len() as u64).map(relay::chat::log::Lsn).collect();
                 owner.handle_committed(&lsns);
                 owner.out.clear();
                 owner.dead.clear();
             }
         }
         let batch = owner.take_batch();
-        let lsns: Vec<u64> = (0..batch.len() as u64).collect();
+        let lsns: Vec<relay::chat::log::Lsn> =
+            (0..batch.len() as u64).map(relay::chat::log::Lsn).collect();
         owner.handle_committed(&lsns);
         let t = Instant::now();
         owner.checkpoint();

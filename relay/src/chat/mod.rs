@@ -155,6 +155,7 @@ pub mod pipeline;
 pub mod records;
 
 use crate::engine::Now;
+use log::Lsn;
 use msg::{ConnId, ShardMsg, ToOwner};
 pub use owner::ReplayError;
 use proto::token::TokenVerifier;
@@ -223,7 +224,7 @@ pub struct ChatShard {
 /// the per-turn lists keep their capacity instead of growing again from nothing every turn.
 #[derive(Default)]
 struct Spare {
-    dead: Vec<u64>,
+    dead: Vec<Lsn>,
     outbox: Vec<(u16, ShardMsg)>,
     dirty: Vec<ConnId>,
     closing: Vec<ConnId>,
@@ -340,18 +341,18 @@ impl ChatShard {
     }
 
     /// The records taken last are durable at these LSNs.
-    pub fn handle_committed(&mut self, now: Now, lsns: &[u64]) {
+    pub fn handle_committed(&mut self, now: Now, lsns: &[Lsn]) {
         self.owner.handle_committed(lsns);
         self.pump(now);
     }
 
     /// LSNs of records that became dead.
-    pub fn take_dead(&mut self) -> Vec<u64> {
+    pub fn take_dead(&mut self) -> Vec<Lsn> {
         std::mem::replace(&mut self.owner.dead, std::mem::take(&mut self.spare.dead))
     }
 
     /// A list from [`ChatShard::take_dead`], done with.
-    pub fn give_back_dead(&mut self, v: Vec<u64>) {
+    pub fn give_back_dead(&mut self, v: Vec<Lsn>) {
         self.spare.dead = emptied(v);
     }
 
@@ -405,7 +406,7 @@ impl ChatShard {
     }
 
     /// Replays one recovered log record.
-    pub fn replay(&mut self, lsn: u64, kind: u8, payload: &[u8]) -> Result<(), ReplayError> {
+    pub fn replay(&mut self, lsn: Lsn, kind: u8, payload: &[u8]) -> Result<(), ReplayError> {
         self.owner.replay(lsn, kind, payload)
     }
 

@@ -12,6 +12,7 @@
 //! Sans-IO: outputs are drained by the engine ([`Owner::take_batch`], `out`).
 
 use super::dedup::Dedup;
+use super::log::Lsn;
 use super::map::Map;
 use super::msg::{Origin, ShardMsg, Submit, ToHome, ToOwner};
 use super::records::{
@@ -44,7 +45,7 @@ struct Stored {
     frame: MsgFrame,
     /// Audience members that have not acknowledged it yet.
     unacked: Audience,
-    lsn: Option<u64>,
+    lsn: Option<Lsn>,
     committed: bool,
 }
 
@@ -55,7 +56,7 @@ struct Chat {
     next_seq: u64,
     members: Vec<Member>,
     pending: VecDeque<Stored>,
-    state_lsn: Option<u64>,
+    state_lsn: Option<Lsn>,
 }
 
 impl Chat {
@@ -95,7 +96,7 @@ impl Chat {
 /// Each gone entry a client wrote comes off its author's count in `by_sender`.
 fn drop_settled(
     pending: &mut VecDeque<Stored>,
-    dead: &mut Vec<u64>,
+    dead: &mut Vec<Lsn>,
     frames: &mut FramePool,
     by_sender: &mut Map<u64, usize>,
 ) {
@@ -158,11 +159,11 @@ type Committing = (Vec<RecOwner>, Vec<(u16, ShardMsg)>);
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ReplayError {
     /// The record at `lsn` of kind `kind` does not decode.
-    Undecodable { lsn: u64, kind: u8 },
+    Undecodable { lsn: Lsn, kind: u8 },
     /// A chat snapshot with next seq 0 (seqs start at 1).
-    ZeroNextSeq { lsn: u64, chat: u64 },
+    ZeroNextSeq { lsn: Lsn, chat: u64 },
     /// An entry with seq 0 or the largest seq.
-    BadSeq { lsn: u64, seq: u64 },
+    BadSeq { lsn: Lsn, seq: u64 },
     /// Entries of `chat` but no snapshot of it.
     NoSnapshot { chat: u64 },
 }
@@ -171,12 +172,12 @@ impl std::fmt::Display for ReplayError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::Undecodable { lsn, kind } => {
-                write!(f, "undecodable chat record of kind {kind} at lsn {lsn}")
+                write!(f, "undecodable chat record of kind {kind} at lsn {}", lsn.0)
             }
             Self::ZeroNextSeq { lsn, chat } => {
-                write!(f, "chat {chat} with next seq 0 at lsn {lsn}")
+                write!(f, "chat {chat} with next seq 0 at lsn {}", lsn.0)
             }
-            Self::BadSeq { lsn, seq } => write!(f, "entry with seq {seq} at lsn {lsn}"),
+            Self::BadSeq { lsn, seq } => write!(f, "entry with seq {seq} at lsn {}", lsn.0),
             Self::NoSnapshot { chat } => write!(f, "entries for chat {chat} but no snapshot of it"),
         }
     }
@@ -214,7 +215,7 @@ pub struct Owner {
     /// Chats still to snapshot in the running checkpoint.
     checkpoint_todo: Vec<u64>,
     /// LSNs of records that became dead; the driver marks them in the log.
-    pub dead: Vec<u64>,
+    pub dead: Vec<Lsn>,
     /// Messages to other shards (or this one) that need no durability.
     pub out: Vec<(u16, ShardMsg)>,
     /// Entries accepted (not counting duplicates).
@@ -797,7 +798,7 @@ impl Owner {
 
     /// The records of the last batch are durable at these LSNs (same order): file the LSNs,
     /// mark the entries committed and release "sent" and deliveries.
-    pub fn handle_committed(&mut self, lsns: &[u64]) {
+    pub fn handle_committed(&mut self, lsns: &[Lsn]) {
         let Some((mut owners, mut actions)) = self.committing.take() else {
             return;
         };
@@ -912,7 +913,7 @@ impl Owner {
             Some(lsn) => segment_starts
                 .iter()
                 .copied()
-                .take_while(|&start| start <= lsn)
+                .take_while(|&start| start <= lsn.0)
                 .last()
                 .unwrap_or(0)
                 .min(newest),
@@ -921,7 +922,7 @@ impl Owner {
         self.checkpoint_todo.extend(
             self.chats
                 .iter()
-                .filter(|(_, c)| c.state_lsn.is_some_and(|l| l < cutoff))
+                .filter(|(_, c)| c.state_lsn.is_some_and(|l| l.0 < cutoff))
                 .map(|(&id, _)| id),
         );
         if self.checkpoint_todo.is_empty() {
@@ -952,7 +953,7 @@ impl Owner {
 
     /// Rebuilds state from one recovered record (in log order), through the same `Owner::apply`
     /// as the live path.
-    pub fn replay(&mut self, lsn: u64, kind: u8, payload: &[u8]) -> Result<(), ReplayError> {
+    pub fn replay(&mut self, lsn: Lsn, kind: u8, payload: &[u8]) -> Result<(), ReplayError> {
         let rec = records::decode(kind, payload).ok_or(ReplayError::Undecodable { lsn, kind })?;
         match &rec {
             Rec::Chat(c) if c.next_seq == 0 => {
@@ -973,7 +974,7 @@ impl Owner {
     /// recovery, [`Owner::replay`] applies each record read back (`lsn` is known). So the
     /// state after a restart is the state before it, but for what `finish_replay` settles.
     /// Returns, for an acknowledgement, the authors owed a DELIVERED receipt.
-    fn apply(&mut self, rec: Rec, lsn: Option<u64>) -> Audience {
+    fn apply(&mut self, rec: Rec, lsn: Option<Lsn>) -> Audience {
         match rec {
             Rec::Chat(c) => {
                 self.apply_snapshot(c, lsn);
@@ -989,7 +990,7 @@ impl Owner {
 
     /// A chat's new membership and counters. Members it no longer has leave the chat: they
     /// no longer hold its entries back.
-    fn apply_snapshot(&mut self, c: ChatRec, lsn: Option<u64>) {
+    fn apply_snapshot(&mut self, c: ChatRec, lsn: Option<Lsn>) {
         let old = self.chats.remove(&c.chat);
         let mut state_lsn = old.as_ref().and_then(|o| o.state_lsn);
         if let Some(lsn) = lsn {
@@ -1053,7 +1054,7 @@ impl Owner {
     /// entries may come before its snapshot: a checkpoint's snapshot follows entries still
     /// waiting for a recipient once the segment with the previous snapshot is gone. The
     /// snapshot, further on, fills in the rest; `finish_replay` fails if it never comes.
-    fn apply_entry(&mut self, e: EntryRec, lsn: Option<u64>) {
+    fn apply_entry(&mut self, e: EntryRec, lsn: Option<Lsn>) {
         let chat = self.chats.entry(e.chat).or_insert_with(|| Chat {
             group: false,
             creator: 0,
@@ -1084,7 +1085,7 @@ impl Owner {
 
     /// `user` has `chat` up to `seq` (cumulative). Returns the authors of the messages, edits
     /// and deletes it acknowledged who are still members (owed a DELIVERED receipt).
-    fn apply_ack(&mut self, chat_id: u64, user: u64, seq: u64, lsn: Option<u64>) -> Audience {
+    fn apply_ack(&mut self, chat_id: u64, user: u64, seq: u64, lsn: Option<Lsn>) -> Audience {
         // An acknowledgement is spent once applied: nothing reads it again but a replay.
         self.dead.extend(lsn);
         let mut senders = Audience::new();

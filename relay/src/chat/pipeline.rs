@@ -7,19 +7,21 @@
 //! mark made while records wait to be taken rides with the next batch; one made while only a
 //! batch is in flight rides with that batch; one made with nothing outstanding applies at once.
 
+use crate::chat::log::Lsn;
+
 /// See the module documentation.
 #[derive(Debug, Default)]
 pub struct CommitPipeline {
     in_flight: Option<InFlight>,
-    next_dead: Vec<u64>,
+    next_dead: Vec<Lsn>,
     /// The emptied lists of the last batch ([`CommitPipeline::give_back`]).
     spare: InFlight,
 }
 
 #[derive(Debug, Default)]
 struct InFlight {
-    lsns: Vec<u64>,
-    dead: Vec<u64>,
+    lsns: Vec<Lsn>,
+    dead: Vec<Lsn>,
 }
 
 impl CommitPipeline {
@@ -36,7 +38,7 @@ impl CommitPipeline {
     /// Dead marks the engine just produced, while `records_waiting` (the engine holds records
     /// not yet taken). Moves the marks that must wait out of `dead`; what stays there may be
     /// applied to the log now.
-    pub fn dead(&mut self, dead: &mut Vec<u64>, records_waiting: bool) {
+    pub fn dead(&mut self, dead: &mut Vec<Lsn>, records_waiting: bool) {
         if records_waiting {
             self.next_dead.append(dead);
         } else if let Some(f) = &mut self.in_flight {
@@ -45,12 +47,12 @@ impl CommitPipeline {
     }
 
     /// An empty list for the Lsns of the next batch.
-    pub fn lsn_list(&mut self) -> Vec<u64> {
+    pub fn lsn_list(&mut self) -> Vec<Lsn> {
         std::mem::take(&mut self.spare.lsns)
     }
 
     /// A batch was taken, appended at `lsns` and its sync started.
-    pub fn started(&mut self, lsns: Vec<u64>) {
+    pub fn started(&mut self, lsns: Vec<Lsn>) {
         debug_assert!(self.in_flight.is_none(), "one batch in flight at a time");
         let dead = std::mem::replace(&mut self.next_dead, std::mem::take(&mut self.spare.dead));
         self.in_flight = Some(InFlight { lsns, dead });
@@ -58,12 +60,12 @@ impl CommitPipeline {
 
     /// The batch's sync succeeded: its Lsns (for the engine's `handle_committed`) and the dead
     /// marks that may now be applied. `None` if nothing was in flight.
-    pub fn finished(&mut self) -> Option<(Vec<u64>, Vec<u64>)> {
+    pub fn finished(&mut self) -> Option<(Vec<Lsn>, Vec<Lsn>)> {
         self.in_flight.take().map(|f| (f.lsns, f.dead))
     }
 
     /// The lists [`CommitPipeline::finished`] returned, done with.
-    pub fn give_back(&mut self, mut lsns: Vec<u64>, mut dead: Vec<u64>) {
+    pub fn give_back(&mut self, mut lsns: Vec<Lsn>, mut dead: Vec<Lsn>) {
         lsns.clear();
         dead.clear();
         // A checkpoint's batch can be as long as there are chats: not kept.
@@ -86,27 +88,28 @@ mod tests {
     #[test]
     fn marks_wait_for_everything_produced_before_them() {
         let mut p = CommitPipeline::new();
+        let l = |v: &[u64]| v.iter().map(|&n| Lsn(n)).collect::<Vec<Lsn>>();
         let dead = |p: &mut CommitPipeline, marks: &[u64], waiting: bool| {
-            let mut v = marks.to_vec();
+            let mut v = l(marks);
             p.dead(&mut v, waiting);
             v
         };
         // Nothing outstanding: at once.
-        assert_eq!(dead(&mut p, &[1], false), vec![1]);
+        assert_eq!(dead(&mut p, &[1], false), l(&[1]));
         // Records waiting: with the next batch, not the one in flight.
-        p.started(vec![10, 11]);
+        p.started(l(&[10, 11]));
         assert!(dead(&mut p, &[2], true).is_empty());
         // Only the batch in flight is outstanding: with it.
         assert!(dead(&mut p, &[3], false).is_empty());
         assert_eq!(p.held_dead(), 2);
         let (lsns, marks) = p.finished().unwrap();
-        assert_eq!((&lsns[..], &marks[..]), (&[10, 11][..], &[3][..]));
+        assert_eq!((lsns.clone(), marks.clone()), (l(&[10, 11]), l(&[3])));
         // Lists given back are reused empty.
         p.give_back(lsns, marks);
         let list = p.lsn_list();
         assert!(list.is_empty() && list.capacity() >= 2);
-        p.started(vec![12]);
-        assert_eq!(p.finished(), Some((vec![12], vec![2])));
+        p.started(l(&[12]));
+        assert_eq!(p.finished(), Some((l(&[12]), l(&[2]))));
         assert_eq!(p.finished(), None);
         assert_eq!(p.held_dead(), 0);
     }

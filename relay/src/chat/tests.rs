@@ -2,6 +2,7 @@
 //! crashes, shard rings as queues, clients as byte streams. Failures replay from their seed.
 
 use super::*;
+use crate::chat::log::Lsn;
 use crate::engine::Now;
 use ed25519_dalek::SigningKey;
 use proto::chat::{code, ids, kind, Encoder, Frame, MsgId};
@@ -95,8 +96,8 @@ struct MemLog {
 }
 
 impl MemLog {
-    fn mark_dead(&mut self, lsn: u64) {
-        self.dead.insert(lsn);
+    fn mark_dead(&mut self, lsn: Lsn) {
+        self.dead.insert(lsn.0);
         while let Some((&first, _)) = self.durable.first_key_value() {
             if !self.dead.remove(&first) {
                 break;
@@ -173,7 +174,7 @@ impl Sim {
             .collect();
         for (shard, log) in self.shards.iter_mut().zip(&mut self.logs) {
             for (&lsn, (k, p)) in &log.durable {
-                shard.replay(lsn, *k, p).unwrap();
+                shard.replay(Lsn(lsn), *k, p).unwrap();
             }
             shard.finish_replay().unwrap();
             shard.check_invariants();
@@ -293,14 +294,14 @@ impl Sim {
                 } else if commit && self.shards[i].has_records() {
                     let log = &mut self.logs[i];
                     let records = self.shards[i].take_records();
-                    let lsns: Vec<u64> = records
+                    let lsns: Vec<Lsn> = records
                         .iter()
                         .map(|(kind, payload)| {
                             let r = (kind, payload.to_vec());
                             let lsn = log.next_lsn;
                             log.next_lsn += 1;
                             log.durable.insert(lsn, r);
-                            lsn
+                            Lsn(lsn)
                         })
                         .collect();
                     self.shards[i].give_back_records(records);
@@ -390,7 +391,7 @@ impl Sim {
             let lsn = log.next_lsn;
             log.next_lsn += 1;
             self.flying[i].push((lsn, r));
-            lsns.push(lsn);
+            lsns.push(Lsn(lsn));
         }
         self.shards[i].give_back_records(records);
         self.pipes[i].started(lsns);
@@ -1376,7 +1377,7 @@ fn entries_without_any_snapshot_of_their_chat_fail_recovery() {
     let verifier = TokenVerifier::new(key().verifying_key(), 0);
     let mut shard = ChatShard::new(owner as u16, N_SHARDS, ChatConfig::default(), verifier);
     for (&lsn, (k, p)) in log.iter() {
-        shard.replay(lsn, *k, p).unwrap();
+        shard.replay(Lsn(lsn), *k, p).unwrap();
     }
     let err = shard.finish_replay().unwrap_err();
     assert_eq!(

@@ -225,14 +225,14 @@ impl<S: Storage> ChatCore<S> {
     ) -> io::Result<Self> {
         for (lsn, kind, payload) in records {
             engine
-                .replay(lsn, kind, payload)
+                .replay(Lsn(lsn), kind, payload)
                 .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
         }
         engine
             .finish_replay()
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
         for lsn in engine.take_dead() {
-            storage.mark_dead(Lsn(lsn));
+            storage.mark_dead(lsn);
         }
         Ok(Self {
             engine,
@@ -398,7 +398,7 @@ impl<S: Storage> ChatCore<S> {
         let mut dead = self.engine.take_dead();
         self.pipeline.dead(&mut dead, waiting);
         for &lsn in &dead {
-            self.storage.mark_dead(Lsn(lsn));
+            self.storage.mark_dead(lsn);
             compact = true;
         }
         self.engine.give_back_dead(dead);
@@ -452,7 +452,7 @@ impl<S: Storage> ChatCore<S> {
         let records = self.engine.take_records();
         let mut lsns = self.pipeline.lsn_list();
         for (kind, payload) in records.iter() {
-            lsns.push(self.storage.append(kind, payload)?.0);
+            lsns.push(self.storage.append(kind, payload)?);
         }
         self.counters.records += records.len() as u64;
         self.engine.give_back_records(records);
@@ -482,7 +482,7 @@ impl<S: Storage> ChatCore<S> {
         self.engine.handle_committed(now, &lsns);
         let any = !dead.is_empty();
         for &lsn in &dead {
-            self.storage.mark_dead(Lsn(lsn));
+            self.storage.mark_dead(lsn);
         }
         self.pipeline.give_back(lsns, dead);
         Ok(any)
