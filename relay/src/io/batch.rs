@@ -1,9 +1,11 @@
 //! The `batch` backend: recvmmsg(2) + sendmmsg(2), two system calls per loop turn.
 //!
-//! Per loop turn: the first recvmmsg blocks until a datagram arrives (MSG_WAITFORONE, bounded
-//! by a receive timeout); up to [`MAX_BATCHES_PER_TURN`] times it receives up to [`RX_BATCH`] datagrams with one recvmmsg,
-//! runs each through the engine, and sends every copy it asks for with one sendmmsg per batch. A
-//! fan-out to N subscribers queues N message headers that all point at the same received
+//! [`Batch`] is the shard loop's [`Transport`] (`io/shard_loop.rs` has the turn). Its media
+//! step: the first recvmmsg blocks until a datagram arrives (MSG_WAITFORONE, bounded by a
+//! receive timeout; with chat, the turn's epoll_wait does the waiting instead); up to
+//! [`MAX_BATCHES_PER_TURN`] times it receives up to [`RX_BATCH`] datagrams with one recvmmsg,
+//! runs each through the engine, and sends every copy it asks for with one sendmmsg per batch.
+//! A fan-out to N subscribers queues N message headers that all point at the same received
 //! buffer: no copy per subscriber.
 
 use super::chat_epoll::EpollChat;
@@ -172,7 +174,7 @@ struct Epolled {
 
 impl Batch {
     /// Media only on `socket`: the first receive of a turn blocks (MSG_WAITFORONE) for at most
-    /// [`WAIT_MS`], so that the stop flag and the engine's timers are looked at regularly
+    /// `WAIT_MS` (10 ms), so that the stop flag and the engine's timers are looked at regularly
     /// without a poll(2) per turn.
     pub fn media_only(socket: &UdpSocket) -> io::Result<Self> {
         socket.set_read_timeout(Some(Duration::from_millis(WAIT_MS)))?;

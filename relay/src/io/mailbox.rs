@@ -213,7 +213,7 @@ impl Mailbox {
             }
             self.took[from] = n > before;
         }
-        if n > 0 {
+        if n > 0 && !mutations::skip_wake_blocked_senders() {
             self.wake_blocked_senders();
         }
         n
@@ -275,6 +275,33 @@ impl Mailbox {
     /// Marks this shard awake.
     pub fn woke(&self) {
         self.wakers[self.me].sleeping.store(false, Ordering::SeqCst);
+    }
+}
+
+/// Switches that put a fixed bug back, so that a test can show the simulation catches it
+/// (`io/sim.rs`). Compiled to constants outside tests.
+pub(crate) mod mutations {
+    #[cfg(test)]
+    thread_local! {
+        static SKIP_WAKE_BLOCKED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+
+    /// The receiver does not wake a sender that sleeps blocked on its full ring (the bug fixed
+    /// by the wake in `Mailbox::receive`): on this thread, until reset.
+    #[cfg(test)]
+    pub(crate) fn set_skip_wake_blocked_senders(on: bool) {
+        SKIP_WAKE_BLOCKED.with(|c| c.set(on));
+    }
+
+    #[cfg(test)]
+    pub(crate) fn skip_wake_blocked_senders() -> bool {
+        SKIP_WAKE_BLOCKED.with(std::cell::Cell::get)
+    }
+
+    #[cfg(not(test))]
+    #[inline(always)]
+    pub(crate) const fn skip_wake_blocked_senders() -> bool {
+        false
     }
 }
 

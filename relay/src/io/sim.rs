@@ -817,6 +817,19 @@ fn seeds() -> std::ops::Range<u64> {
     first..first + env("SIM_SEEDS", 200)
 }
 
+/// The simulation catches a bug the review once found by hand (8101cdc): with the receiver's
+/// wake of a sender blocked on its full ring put back out (`mailbox::mutations`), seed 1 fails
+/// at once with a shard asleep on spilled messages.
+#[test]
+fn sim_catches_a_lost_wake_of_a_blocked_sender() {
+    super::mailbox::mutations::set_skip_wake_blocked_senders(true);
+    let caught = std::panic::catch_unwind(|| run(1, 400).crashes);
+    super::mailbox::mutations::set_skip_wake_blocked_senders(false);
+    let err = caught.expect_err("the simulation misses the lost wake-up");
+    let what = err.downcast_ref::<String>().cloned().unwrap_or_default();
+    assert!(what.contains("sleeps with work waiting"), "{what}");
+}
+
 #[test]
 fn sim_every_sent_message_reaches_every_recipient_once_through_faults() {
     let (mut crashes, mut sent) = (0, 0);

@@ -1,12 +1,13 @@
 //! The `uring` backend: io_uring with multishot RecvMsg into a provided-buffer ring and fan-out
 //! as N SendMsg SQEs over one buffer.
 //!
-//! One loop turn: reap every completion (sends release their slot and their reference on the
-//! received buffer; receives queue the buffer they filled), run up to
+//! The `Driver` is the shard loop's [`Transport`] (`io/shard_loop.rs` has the turn). Its
+//! wait re-arms the receive if it ended and makes the turn's one `io_uring_enter`, which
+//! submits everything queued and waits for a completion (bounded by the loop's timeout), then
+//! reaps every completion: sends release their slot and their reference on the received buffer,
+//! receives queue the buffer they filled. Its media step runs up to
 //! [`RX_BATCH`] × [`MAX_BATCHES_PER_TURN`] queued datagrams through the engine, queueing one
-//! SendMsg per copy, fire timers, publish counters, re-arm the receive if it ended, then make
-//! one `io_uring_enter` that submits everything queued and waits for a completion, bounded by
-//! the engine's next timer and [`MAX_WAIT_MS`].
+//! SendMsg per copy.
 //!
 //! Ownership. A buffer the kernel filled belongs to the driver until its reference count drops
 //! to zero: one reference while the datagram is queued or being handled, plus one per SendMsg in
@@ -21,8 +22,8 @@
 //! the media path can have outstanding.
 //!
 //! When the shard serves chat, the same ring carries its TCP operations (`chat_uring.rs`):
-//! their completions are handed over in `Driver::reap`, and their work runs once per turn
-//! after the datagrams. Chat never uses the SQ entries reserved for the media path.
+//! their completions are kept in `Driver::reap` and handled in the turn's chat step, after the
+//! datagrams. Chat never uses the SQ entries reserved for the media path.
 
 use super::chat_io::{ChatCore, ChatParts};
 use super::shard_loop::{Clock, ShardLoop, Transport};
