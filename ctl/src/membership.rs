@@ -5,6 +5,13 @@
 //! A relay registers with its first heartbeat and is dead once `dead_after` (3 s) passes
 //! without one. Dead relays stay listed (state `dead`) until `forget_after` so that operators
 //! see them, then are forgotten.
+//!
+//! Silence is counted on ctl's own running time. ctl looks every tick (250 ms, and before every
+//! placement); a stretch between two looks longer than [`POLL_GAP`] is time ctl was not
+//! running (stopped, a VM migration, a stalled runtime, a lock held across a slow fsync), and
+//! is not held against the relays: their heartbeats were waiting for ctl, not missing. A
+//! relay that did die meanwhile is seen dead that much later. (A relay cut off while ctl runs
+//! is still declared dead after `dead_after`.)
 #![forbid(unsafe_code)]
 
 use serde::{Deserialize, Serialize};
@@ -257,12 +264,18 @@ pub enum HeartbeatOutcome {
     Refreshed,
 }
 
+/// The longest ctl is expected to go between two looks at the table (two ticks). Beyond it,
+/// the rest of the gap does not count as any relay's silence.
+pub const POLL_GAP: Duration = Duration::from_millis(500);
+
 /// The membership table.
 #[derive(Debug)]
 pub struct Membership {
     relays: BTreeMap<u32, Relay>,
     dead_after: Duration,
     forget_after: Duration,
+    /// When [`Membership::poll_deaths`] last looked.
+    last_poll: Option<Instant>,
 }
 
 impl Membership {
@@ -271,6 +284,7 @@ impl Membership {
             relays: BTreeMap::new(),
             dead_after,
             forget_after,
+            last_poll: None,
         }
     }
 
@@ -301,9 +315,20 @@ impl Membership {
         Ok(HeartbeatOutcome::Registered)
     }
 
-    /// Marks relays silent for `dead_after` as dead and returns the ids that died just now.
-    /// Also forgets relays dead for `forget_after`.
+    /// Marks relays silent for `dead_after` of ctl's running time as dead and returns the ids
+    /// that died just now. Also forgets relays dead for `forget_after`.
     pub fn poll_deaths(&mut self, now: Instant) -> Vec<u32> {
+        let gap = self
+            .last_poll
+            .map_or(Duration::ZERO, |last| now.saturating_duration_since(last));
+        self.last_poll = Some(self.last_poll.map_or(now, |last| last.max(now)));
+        // ctl did not run for the part of the gap beyond POLL_GAP: not the relays' silence.
+        let stalled = gap.saturating_sub(POLL_GAP);
+        if !stalled.is_zero() {
+            for relay in self.relays.values_mut().filter(|r| !r.dead) {
+                relay.last_seen = (relay.last_seen + stalled).min(now);
+            }
+        }
         let mut died = Vec::new();
         for relay in self.relays.values_mut() {
             if !relay.dead && now.saturating_duration_since(relay.last_seen) >= self.dead_after {
@@ -378,6 +403,18 @@ mod tests {
         Membership::new(Duration::from_secs(3), Duration::from_secs(60))
     }
 
+    /// Polls every 250 ms, as ctl's ticker does, from `from` to `to` (both included); returns
+    /// the deaths in order.
+    fn poll_every_tick(m: &mut Membership, from: Instant, to: Instant) -> Vec<(u32, Duration)> {
+        let mut died = Vec::new();
+        let mut t = from;
+        while t <= to {
+            died.extend(m.poll_deaths(t).into_iter().map(|id| (id, t - from)));
+            t += Duration::from_millis(250);
+        }
+        died
+    }
+
     #[test]
     fn registers_refreshes_dies_and_revives() {
         let t0 = Instant::now();
@@ -392,19 +429,50 @@ mod tests {
             Ok(HeartbeatOutcome::Refreshed)
         );
         assert!(
-            m.poll_deaths(t0 + 3 * s).is_empty(),
+            poll_every_tick(&mut m, t0 + s, t0 + 3 * s).is_empty(),
             "2 s of silence is not death"
         );
-        assert_eq!(m.poll_deaths(t0 + 4 * s), vec![7]);
-        assert!(m.poll_deaths(t0 + 5 * s).is_empty(), "reported once");
+        let died = poll_every_tick(&mut m, t0 + 3 * s + s / 4, t0 + 5 * s);
+        assert_eq!(
+            died,
+            vec![(7, s * 3 / 4)],
+            "dead at 3 s of silence, reported once"
+        );
         assert_eq!(m.get(7).unwrap().liveness(), Liveness::Dead);
         assert_eq!(
             m.handle_heartbeat(t0 + 6 * s, hb(7)),
             Ok(HeartbeatOutcome::Revived)
         );
         assert!(m.get(7).unwrap().takes_new());
-        m.poll_deaths(t0 + 100 * s);
+        poll_every_tick(&mut m, t0 + 6 * s, t0 + 100 * s);
         assert!(m.get(7).is_none(), "forgotten after forget_after");
+    }
+
+    /// ctl stopped for 4.5 s (SIGSTOP, a VM migration): the relays' heartbeats waited for it,
+    /// so the pause is not their silence. Without them afterwards, a relay dies 3 s of ctl's
+    /// running time after its last one; one that died during the pause is seen that much later.
+    #[test]
+    fn a_pause_of_ctl_is_not_silence_of_the_relays() {
+        let t0 = Instant::now();
+        let s = Duration::from_secs(1);
+        let mut m = table();
+        m.handle_heartbeat(t0, hb(7)).unwrap();
+        assert!(poll_every_tick(&mut m, t0, t0 + s).is_empty());
+        // ctl does not run from t0 + 1 s to t0 + 5.5 s; the next look is at t0 + 5.5 s.
+        let resume = t0 + s * 11 / 2;
+        assert!(
+            m.poll_deaths(resume).is_empty(),
+            "5.5 s since the last heartbeat, but ctl ran for 1.5 s of it"
+        );
+        m.handle_heartbeat(resume + s / 10, hb(7)).unwrap();
+        assert!(poll_every_tick(&mut m, resume, resume + 2 * s).is_empty());
+        // Then silence while ctl runs: dead after 3 s of it, as ever.
+        let died = poll_every_tick(&mut m, resume + 2 * s, resume + 5 * s);
+        assert_eq!(died.len(), 1);
+        assert!(
+            (s * 11 / 10..=s * 13 / 10).contains(&died[0].1),
+            "dead 3 s after the heartbeat at resume + 0.1 s: {died:?}"
+        );
     }
 
     #[test]

@@ -448,3 +448,89 @@ fn relays_must_present_ctls_relay_token_when_it_has_one() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// ctl stopped (SIGSTOP) for 4.5 s during a meeting, then resumed: before, it declared the
+/// relay dead after 3 s, sent it CloseRoom when its heartbeats came back, and every refresh and
+/// new join got STUN 403 "Removed". ctl now counts a relay's silence on its own running time
+/// (`ctl::membership::POLL_GAP`), so its pause is nobody's death: media flows throughout, the
+/// participants' refreshes and a new join work at once, no relay died.
+#[test]
+fn a_paused_ctl_ends_no_meeting() {
+    let dir = std::env::temp_dir().join(format!("relay-ctl-pause-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let (ctl_proc, ctl) = start_ctl(&dir, "127.0.0.1:0");
+    // Ports 32,400-32,759: below the ephemeral range, beside the other ctl tests' blocks.
+    let base = 32_400 + (std::process::id() % 60) as u16 * 6;
+    let _relay = start_relay(ctl, 1, base);
+    wait_until("relay alive", Duration::from_secs(5), || {
+        http(ctl, "GET", "/health", None, None).1["relays_alive"] == 1
+    });
+    let (status, m) = http(
+        ctl,
+        "POST",
+        "/v1/meetings",
+        Some(&serde_json::json!({"title": "pause"})),
+        None,
+    );
+    assert_eq!(status, 201, "{m}");
+    let code = m["code"].as_str().unwrap().to_string();
+    let publisher = bind(&m["join"]);
+    let guest = bind(&join(ctl, &code, "guest"));
+    let mut seq = 0u16;
+    let mut send = |n: u16| {
+        for _ in 0..n {
+            publisher.send(&rtp(0xCA5E, seq, 200));
+            seq += 1;
+        }
+    };
+    send(20);
+    assert_eq!(seqs(&guest.drain(Duration::from_millis(300))).len(), 20);
+
+    let pid = ctl_proc.child.id() as libc::pid_t;
+    // SAFETY: signals to our own child process.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+    // Media goes on while ctl is stopped: 45 packets over 4.5 s.
+    for _ in 0..45 {
+        send(1);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGCONT) }, 0);
+    assert_eq!(
+        seqs(&guest.drain(Duration::from_millis(300))).len(),
+        45,
+        "the relay forwarded everything while ctl was stopped"
+    );
+    // ctl catches up with the relay's heartbeats; give it two of them.
+    std::thread::sleep(Duration::from_millis(2_000));
+    let resumed = Instant::now();
+    assert_eq!(http(ctl, "GET", "/health", None, None).1["relays_alive"], 1);
+    let metrics = {
+        let mut s = TcpStream::connect(ctl).unwrap();
+        write!(
+            s,
+            "GET /metrics HTTP/1.1\r\nHost: ctl\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut m = String::new();
+        s.read_to_string(&mut m).unwrap();
+        m
+    };
+    assert!(
+        metrics.lines().any(|l| l == "ctl_relay_deaths_total 0"),
+        "no relay declared dead: {metrics}"
+    );
+    // The participants' refreshes and a new join work (they got 403 "Removed" before).
+    assert_eq!(publisher.bind().0, proto::stun::Class::Success);
+    assert_eq!(guest.bind().0, proto::stun::Class::Success);
+    let late = bind(&join(ctl, &code, "late"));
+    assert!(
+        resumed.elapsed() < Duration::from_secs(2),
+        "joins work within 2 s"
+    );
+    send(10);
+    assert_eq!(seqs(&late.drain(Duration::from_millis(300))).len(), 10);
+    assert_eq!(seqs(&guest.drain(Duration::from_millis(300))).len(), 10);
+    drop(ctl_proc);
+    let _ = std::fs::remove_dir_all(&dir);
+}
