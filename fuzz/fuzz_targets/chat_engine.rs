@@ -67,14 +67,6 @@ impl FuzzIo {
     }
 }
 
-struct FuzzClock(Now);
-
-impl Clock for FuzzClock {
-    fn now(&self) -> Now {
-        self.0
-    }
-}
-
 impl Transport<MemStorage> for FuzzIo {
     fn wait(&mut self, _timeout_us: u64) -> std::io::Result<()> {
         Ok(())
@@ -201,7 +193,7 @@ fuzz_target!(|data: &[u8]| {
         // Both shards' turns on the relay's loop, a few rounds: rings, commits, output.
         for _ in 0..8 {
             for s in shards.iter_mut() {
-                s.lp.turn(&mut s.media, &mut s.io, &FuzzClock(now), &s.ctx).expect("in-memory storage without failures");
+                s.lp.turn(&mut s.media, &mut s.io, &now, &s.ctx).expect("in-memory storage without failures");
                 s.lp.chat().expect("a chat shard").engine().check_invariants();
             }
         }

@@ -76,15 +76,6 @@ impl BenchIo {
     }
 }
 
-/// The benchmark's one instant.
-struct Fixed(Now);
-
-impl Clock for Fixed {
-    fn now(&self) -> Now {
-        self.0
-    }
-}
-
 impl Transport<LogStorage> for BenchIo {
     fn wait(&mut self, _timeout_us: u64) -> std::io::Result<()> {
         Ok(())
@@ -155,12 +146,7 @@ impl Bench {
         self.io.to = from;
         encode(&mut self.io.pending);
         self.lp
-            .turn(
-                &mut self.media,
-                &mut self.io,
-                &Fixed(benches::NOW),
-                &self.ctx,
-            )
+            .turn(&mut self.media, &mut self.io, &benches::NOW, &self.ctx)
             .expect("turn");
         self.io.take_msgs()
     }

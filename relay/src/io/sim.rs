@@ -125,15 +125,6 @@ impl Shard {
     }
 }
 
-/// Virtual time.
-struct SimClock(Now);
-
-impl Clock for SimClock {
-    fn now(&self) -> Now {
-        self.0
-    }
-}
-
 /// The simulation's transport for one turn of shard `shard`: clients' bytes in and out, with
 /// short reads and writes, EAGAIN, hang-ups after data and failed accepts.
 struct SimTransport<'a> {
@@ -561,7 +552,7 @@ impl World {
             faults: faults.then_some(self.faults),
         };
         if s.lp
-            .turn(&mut s.media, &mut transport, &SimClock(now), &s.ctx)
+            .turn(&mut s.media, &mut transport, &now, &s.ctx)
             .is_err()
         {
             self.crash();
