@@ -10,7 +10,7 @@
 //! machine: read the order of magnitude.
 
 use proto::chat::kind;
-use relay::chat::msg::{Origin, Submit};
+use relay::chat::msg::{ChatId, Origin, Submit, UserId};
 use relay::chat::owner::Owner;
 use relay::chat::records::Body;
 use relay::chat::ChatConfig;
@@ -32,7 +32,7 @@ fn main() {
         // One shard owns everything; every chat is direct, between users 2i+1 and 2i+2.
         let mut owner = Owner::new(0, 1, ChatConfig::default());
         for i in 0..n {
-            let (a, b) = (2 * i + 1, 2 * i + 2);
+            let (a, b) = (UserId(2 * i + 1), UserId(2 * i + 2));
             let mut msg_id = [0u8; 16];
             msg_id[..8].copy_from_slice(&i.to_le_bytes());
             let s = Submit {
@@ -42,8 +42,8 @@ fn main() {
                     conn: relay::chat::msg::ConnId(i),
                 },
                 msg_id,
-                chat: proto::chat::ids::direct_chat(a, b),
-                to: b,
+                chat: ChatId::direct(a, b),
+                to: Some(b),
                 kind: kind::TEXT,
                 ref_id: [0; 16],
                 body: Body::from_slice(b"hello"),

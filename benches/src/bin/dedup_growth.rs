@@ -5,6 +5,7 @@
 //! Wall-clock times on a shared machine: read the slowest few, not the exact figures.
 
 use relay::chat::dedup::Dedup;
+use relay::chat::msg::{ChatId, Seq, UserId};
 use std::time::{Duration, Instant};
 
 fn main() {
@@ -19,7 +20,7 @@ fn main() {
         let mut id = [0u8; 16];
         id[..8].copy_from_slice(&i.wrapping_mul(0x9E37_79B9_7F4A_7C15).to_le_bytes());
         let t = Instant::now();
-        d.insert(i % 1000, id, 1, i);
+        d.insert(UserId(i % 1000), id, ChatId(1), Seq(i));
         let took = t.elapsed();
         if slowest.len() < 8 || took > slowest[slowest.len() - 1].0 {
             slowest.push((took, i));

@@ -11,6 +11,7 @@
 //! involved have been warmed up once (so that a row does not include a table's first
 //! allocation).
 
+use relay::chat::msg::{ChatId, Seq, UserId};
 use relay::chat::ChatConfig;
 use relay::engine::Now;
 use relay::io::chat_io::{ChatCore, ChatOutput};
@@ -209,7 +210,7 @@ fn main() {
         id
     };
     for i in 0..CAP {
-        d.insert(1, key(i), 7, i as u64);
+        d.insert(UserId(1), key(i), ChatId(7), Seq(i as u64));
     }
     row(
         "chat: a remembered request (sender, message id -> chat, seq), up to the capacity",
@@ -219,7 +220,7 @@ fn main() {
     );
     let before = live();
     for i in CAP..2 * CAP {
-        d.insert(1, key(i), 7, i as u64);
+        d.insert(UserId(1), key(i), ChatId(7), Seq(i as u64));
     }
     row(
         "chat: the same past the capacity (the oldest are overwritten)",

@@ -26,6 +26,7 @@
 //!   before it is needed. The slowest insert left, 1.3-1.4 ms, frees the old index at the end
 //!   of the last migration (`benches/src/bin/dedup_growth.rs` times them).
 
+use crate::chat::msg::{ChatId, Seq, UserId};
 use foldhash::fast::SeedableRandomState;
 use proto::chat::MsgId;
 use std::hash::BuildHasher;
@@ -43,10 +44,10 @@ struct Bucket([u64; SLOTS]);
 
 #[derive(Clone, Copy)]
 struct Entry {
-    sender: u64,
+    sender: UserId,
     msg_id: MsgId,
-    chat: u64,
-    seq: u64,
+    chat: ChatId,
+    seq: Seq,
 }
 
 /// The previous index during a growth, and the inserts `next..until` not yet placed in the
@@ -110,7 +111,7 @@ impl Dedup {
         }
     }
 
-    fn hash(&self, sender: u64, msg_id: &MsgId) -> u64 {
+    fn hash(&self, sender: UserId, msg_id: &MsgId) -> u64 {
         self.hasher.hash_one((sender, msg_id))
     }
 
@@ -132,7 +133,7 @@ impl Dedup {
     }
 
     /// What `(sender, msg_id)` was given, if it is among the last `capacity` inserts.
-    pub fn get(&self, sender: u64, msg_id: &MsgId) -> Option<(u64, u64)> {
+    pub fn get(&self, sender: UserId, msg_id: &MsgId) -> Option<(ChatId, Seq)> {
         let h = self.hash(sender, msg_id);
         self.find(&self.index, h, sender, msg_id).or_else(|| {
             let old = &self.growing.as_ref()?.index;
@@ -141,7 +142,13 @@ impl Dedup {
     }
 
     /// The entry of `(sender, msg_id)` (hash `h`) through `index`.
-    fn find(&self, index: &[Bucket], h: u64, sender: u64, msg_id: &MsgId) -> Option<(u64, u64)> {
+    fn find(
+        &self,
+        index: &[Bucket],
+        h: u64,
+        sender: UserId,
+        msg_id: &MsgId,
+    ) -> Option<(ChatId, Seq)> {
         let tag = h >> 32;
         let bucket = &index[(h as usize) & (index.len() - 1)];
         for &slot in &bucket.0 {
@@ -162,7 +169,7 @@ impl Dedup {
 
     /// Starts loading the bucket of `(sender, msg_id)` into the cache, so that a [`Dedup::get`]
     /// a little later does not wait for memory.
-    pub fn prefetch(&self, sender: u64, msg_id: &MsgId) {
+    pub fn prefetch(&self, sender: UserId, msg_id: &MsgId) {
         let h = self.hash(sender, msg_id);
         prefetch_bucket(&self.index, h);
         // While growing a new id misses in the new index and is looked up in the old one too.
@@ -173,7 +180,7 @@ impl Dedup {
 
     /// Remembers that `(sender, msg_id)` was given `(chat, seq)`; the entry `capacity` inserts
     /// old is forgotten. The caller has checked with [`Dedup::get`] that it is new.
-    pub fn insert(&mut self, sender: u64, msg_id: MsgId, chat: u64, seq: u64) {
+    pub fn insert(&mut self, sender: UserId, msg_id: MsgId, chat: ChatId, seq: Seq) {
         let n = self.inserted;
         let entry = Entry {
             sender,
@@ -302,9 +309,9 @@ mod tests {
             let mut model: VecDeque<u64> = VecDeque::new();
             let n = capacity as u64 * 5 + 17;
             for i in 0..n {
-                let sender = i % 13;
+                let sender = UserId(i % 13);
                 assert_eq!(d.get(sender, &id(i)), None, "{i} is new");
-                d.insert(sender, id(i), i * 3, i + 1);
+                d.insert(sender, id(i), ChatId(i * 3), Seq(i + 1));
                 model.push_back(i);
                 if model.len() > capacity {
                     model.pop_front();
@@ -312,18 +319,26 @@ mod tests {
                 // Spot checks every step, a full sweep now and then.
                 let probe = [model[0], *model.back().unwrap(), model[model.len() / 2]];
                 for j in probe {
-                    assert_eq!(d.get(j % 13, &id(j)), Some((j * 3, j + 1)), "{j} after {i}");
+                    assert_eq!(
+                        d.get(UserId(j % 13), &id(j)),
+                        Some((ChatId(j * 3), Seq(j + 1))),
+                        "{j} after {i}"
+                    );
                 }
                 if i % 997 == 0 || i + 1 == n {
                     for j in 0..=i {
-                        let want = model.contains(&j).then_some((j * 3, j + 1));
-                        assert_eq!(d.get(j % 13, &id(j)), want, "{j} after {i}, cap {capacity}");
+                        let want = model.contains(&j).then_some((ChatId(j * 3), Seq(j + 1)));
+                        assert_eq!(
+                            d.get(UserId(j % 13), &id(j)),
+                            want,
+                            "{j} after {i}, cap {capacity}"
+                        );
                     }
                 }
             }
             // Same id, other sender: another request.
             let last = n - 1;
-            assert_eq!(d.get(last % 13 + 1, &id(last)), None);
+            assert_eq!(d.get(UserId(last % 13 + 1), &id(last)), None);
             assert_eq!(d.early_evictions(), 0, "capacity {capacity}");
         }
     }
@@ -336,7 +351,7 @@ mod tests {
         let mut d = Dedup::with_hasher(capacity, SeedableRandomState::fixed());
         let n = 3 * capacity as u64;
         for i in 0..n {
-            d.insert(i % 1000, id(i), 1, i);
+            d.insert(UserId(i % 1000), id(i), ChatId(1), Seq(i));
         }
         let rate = d.early_evictions() as f64 / n as f64;
         println!(
@@ -344,7 +359,10 @@ mod tests {
             d.early_evictions()
         );
         assert!(rate < 1e-5, "{rate:.2e} per insert");
-        assert_eq!(d.get((n - 1) % 1000, &id(n - 1)), Some((1, n - 1)));
+        assert_eq!(
+            d.get(UserId((n - 1) % 1000), &id(n - 1)),
+            Some((ChatId(1), Seq(n - 1)))
+        );
     }
 
     #[test]
@@ -360,12 +378,16 @@ mod tests {
         for i in 0..capacity as u64 {
             let before = d.n_placed;
             let was_growing = d.growing.is_some();
-            d.insert(i % 1000, id(i), 1, i);
+            d.insert(UserId(i % 1000), id(i), ChatId(1), Seq(i));
             worst = worst.max(d.n_placed - before);
             growths += u64::from(!was_growing && d.growing.is_some());
             if d.growing.is_some() && i % 4099 == 0 {
                 for j in (0..=i).step_by(37) {
-                    assert_eq!(d.get(j % 1000, &id(j)), Some((1, j)), "{j} after {i}");
+                    assert_eq!(
+                        d.get(UserId(j % 1000), &id(j)),
+                        Some((ChatId(1), Seq(j))),
+                        "{j} after {i}"
+                    );
                 }
             }
         }
@@ -382,18 +404,18 @@ mod tests {
         let mut d = Dedup::new(1000);
         // Find 17 keys that share a bucket of the initial index (64 buckets).
         let mask = d.index.len() as u64 - 1;
-        let want = d.hash(1, &id(0)) & mask;
+        let want = d.hash(UserId(1), &id(0)) & mask;
         let same: Vec<u64> = (0..)
-            .filter(|&i| d.hash(1, &id(i)) & mask == want)
+            .filter(|&i| d.hash(UserId(1), &id(i)) & mask == want)
             .take(SLOTS + 1)
             .collect();
         for &i in &same {
-            d.insert(1, id(i), 0, i);
+            d.insert(UserId(1), id(i), ChatId(0), Seq(i));
         }
         assert_eq!(d.early_evictions(), 1);
-        assert_eq!(d.get(1, &id(same[0])), None, "the oldest gave way");
+        assert_eq!(d.get(UserId(1), &id(same[0])), None, "the oldest gave way");
         for &i in &same[1..] {
-            assert_eq!(d.get(1, &id(i)), Some((0, i)));
+            assert_eq!(d.get(UserId(1), &id(i)), Some((ChatId(0), Seq(i))));
         }
     }
 }

@@ -3,7 +3,9 @@
 //! deliver into the sessions' bounded outbound buffers, with the backlog flow control.
 
 use super::map::Map;
-use super::msg::{ConnId, Origin, ShardMsg, Submit, SubmitPool, ToHome, ToOwner};
+use super::msg::{
+    ChatId, ConnId, Origin, Seq, ShardMsg, Submit, SubmitPool, ToHome, ToOwner, UserId,
+};
 use super::ChatConfig;
 use crate::engine::limits::TokenBucket;
 use crate::engine::Now;
@@ -35,14 +37,14 @@ fn chunk_budget(window: u16, owners: usize) -> u16 {
 #[derive(Debug)]
 struct Session {
     ip: IpAddr,
-    user: Option<u64>,
+    user: Option<UserId>,
     epoch: u64,
     opened_us: u64,
     out: Vec<u8>,
     /// When the outbound buffer last made progress while non-empty.
     stalled_since_us: Option<u64>,
     /// MSG frames sent and not yet acknowledged: (chat, seq).
-    inflight: VecDeque<(u64, u64)>,
+    inflight: VecDeque<(ChatId, Seq)>,
     backlog: Option<Backlog>,
     /// Live deliveries were dropped for lack of room: fetch the backlog again when drained.
     resync: bool,
@@ -51,7 +53,7 @@ struct Session {
     rate: TokenBucket,
     closing: bool,
     /// Users whose presence this session watches (at most `MAX_PRESENCE_WATCH`).
-    watching: Vec<u64>,
+    watching: Vec<UserId>,
 }
 
 /// Watchers one user may have at most; further watches are answered once and not kept.
@@ -75,7 +77,7 @@ pub struct HomeCounters {
 }
 
 /// A GROUPS answer being assembled: owners still to answer, groups so far.
-type GroupList = (u16, Vec<(u64, Vec<u64>)>);
+type GroupList = (u16, Vec<(ChatId, Vec<UserId>)>);
 
 /// The home role of one shard.
 pub struct Home {
@@ -84,13 +86,13 @@ pub struct Home {
     cfg: ChatConfig,
     verifier: TokenVerifier,
     sessions: Map<ConnId, Session>,
-    users: Map<u64, ConnId>,
+    users: Map<UserId, ConnId>,
     per_ip: Map<IpAddr, u32>,
     next_epoch: u64,
     /// Pending GROUPS answers: conn -> (owners still to answer, groups so far).
     group_lists: Map<ConnId, GroupList>,
     /// Users homed here -> who watches their presence, and the watchers' home shards.
-    watchers: Map<u64, Vec<(u64, u16)>>,
+    watchers: Map<UserId, Vec<(UserId, u16)>>,
     /// Messages to other shards (or this one).
     pub out: Vec<(u16, ShardMsg)>,
     /// Sessions with bytes to write.
@@ -197,9 +199,9 @@ impl Home {
         }
     }
 
-    fn send_watch(&mut self, watcher: u64, target: u64, watch: bool) {
+    fn send_watch(&mut self, watcher: UserId, target: UserId, watch: bool) {
         self.out.push((
-            ids::home_shard(target, self.n_shards),
+            target.home_shard(self.n_shards),
             ShardMsg::ToHome(ToHome::PresenceWatch {
                 watcher,
                 watcher_home: self.shard,
@@ -210,7 +212,7 @@ impl Home {
     }
 
     /// Tells everyone watching `user` (homed here) that it came online or went offline.
-    fn announce(&mut self, user: u64, online: bool) {
+    fn announce(&mut self, user: UserId, online: bool) {
         if let Some(ws) = self.watchers.get(&user) {
             for &(to, home) in ws {
                 self.out.push((
@@ -224,8 +226,11 @@ impl Home {
     /// A session's new watch list: unwatch what left it, watch what joined it.
     /// Costs one request plus one per 16 users added or removed, so that alternating large
     /// sets cannot turn one request into hundreds of cross-shard messages.
-    fn presence_watch(&mut self, now: Now, conn: ConnId, user: u64, users: &[u8]) {
-        let mut new: Vec<u64> = proto::chat::u64s(users).filter(|&u| u != 0).collect();
+    fn presence_watch(&mut self, now: Now, conn: ConnId, user: UserId, users: &[u8]) {
+        let mut new: Vec<UserId> = proto::chat::u64s(users)
+            .filter(|&u| u != 0)
+            .map(UserId)
+            .collect();
         new.sort_unstable();
         new.dedup();
         let Some(s) = self.sessions.get_mut(&conn) else {
@@ -252,7 +257,7 @@ impl Home {
     }
 
     /// A watch request for `target`, homed here: (un)register it and answer with the state.
-    fn watch(&mut self, watcher: u64, watcher_home: u16, target: u64, watch: bool) {
+    fn watch(&mut self, watcher: UserId, watcher_home: u16, target: UserId, watch: bool) {
         let ws = self.watchers.entry(target).or_default();
         ws.retain(|&(w, _)| w != watcher);
         if watch {
@@ -408,10 +413,11 @@ impl Home {
                     return self.error(conn, code::INVALID, &msg_id, "invalid kind, chat or body");
                 }
                 let chat = if chat_id == 0 {
-                    ids::direct_chat(user, to)
+                    ChatId::direct(user, UserId(to))
                 } else {
-                    chat_id
+                    ChatId(chat_id)
                 };
+                let to = (to != 0).then_some(UserId(to));
                 let s = Submit {
                     from,
                     msg_id,
@@ -435,13 +441,15 @@ impl Home {
                     // refused.
                     let oldest = self.sessions.get(&conn).and_then(|s| s.inflight.front());
                     let needed = oldest.is_some_and(|&(chat, seq)| {
-                        proto::chat::ack_pairs(pairs).any(|(c, q)| c == chat && q >= seq)
+                        proto::chat::ack_pairs(pairs)
+                            .any(|(c, q)| ChatId(c) == chat && Seq(q) >= seq)
                     });
                     if !needed {
                         return self.error(conn, code::RATE_LIMITED, &[0; 16], "slow down");
                     }
                 }
                 for (chat, seq) in proto::chat::ack_pairs(pairs) {
+                    let (chat, seq) = (ChatId(chat), Seq(seq));
                     self.route_to_owner(chat, ShardMsg::ToOwner(ToOwner::Ack { user, chat, seq }));
                     if let Some(s) = self.sessions.get_mut(&conn) {
                         s.inflight.retain(|&(c, q)| c != chat || q > seq);
@@ -456,8 +464,8 @@ impl Home {
                 if members.len() / 8 > self.cfg.max_group_members {
                     return self.error(conn, code::INVALID, &msg_id, "group too large");
                 }
-                let chat = ids::group_chat(user, &msg_id);
-                let members = proto::chat::u64s(members).collect();
+                let chat = ChatId::group(user, &msg_id);
+                let members = proto::chat::u64s(members).map(UserId).collect();
                 self.route_to_owner(
                     chat,
                     ShardMsg::ToOwner(ToOwner::CreateGroup {
@@ -482,13 +490,14 @@ impl Home {
                     return;
                 }
                 let add = matches!(frame, Frame::GroupAdd { .. });
+                let chat = ChatId(chat_id);
                 self.route_to_owner(
-                    chat_id,
+                    chat,
                     ShardMsg::ToOwner(ToOwner::ChangeMember {
                         from,
                         msg_id,
-                        chat: chat_id,
-                        target,
+                        chat,
+                        target: UserId(target),
                         add,
                     }),
                 );
@@ -497,12 +506,13 @@ impl Home {
                 if !self.take_rate(now, conn, &msg_id) {
                     return;
                 }
+                let chat = ChatId(chat_id);
                 self.route_to_owner(
-                    chat_id,
+                    chat,
                     ShardMsg::ToOwner(ToOwner::ChangeMember {
                         from,
                         msg_id,
-                        chat: chat_id,
+                        chat,
                         target: user,
                         add: false,
                     }),
@@ -536,18 +546,17 @@ impl Home {
                 if !self.take_quietly(now, conn, 1) {
                     return;
                 }
-                if chat_id != 0 && ids::is_group(chat_id) {
+                let chat = ChatId(chat_id);
+                if chat_id != 0 && chat.is_group() {
                     self.route_to_owner(
-                        chat_id,
-                        ShardMsg::ToOwner(ToOwner::TypingInGroup {
-                            from: user,
-                            chat: chat_id,
-                        }),
+                        chat,
+                        ShardMsg::ToOwner(ToOwner::TypingInGroup { from: user, chat }),
                     );
                 } else if to != 0 {
-                    let chat = ids::direct_chat(user, to);
+                    let to = UserId(to);
+                    let chat = ChatId::direct(user, to);
                     self.out.push((
-                        ids::home_shard(to, self.n_shards),
+                        to.home_shard(self.n_shards),
                         ShardMsg::ToHome(ToHome::Typing {
                             from: user,
                             chat,
@@ -582,8 +591,8 @@ impl Home {
             .is_some_and(|s| s.rate.try_take(n, now.mono_us))
     }
 
-    fn route_to_owner(&mut self, chat: u64, msg: ShardMsg) {
-        self.out.push((ids::owner_shard(chat, self.n_shards), msg));
+    fn route_to_owner(&mut self, chat: ChatId, msg: ShardMsg) {
+        self.out.push((chat.owner_shard(self.n_shards), msg));
     }
 
     fn hello(&mut self, now: Now, conn: ConnId, version: u16, token: &[u8]) {
@@ -609,6 +618,7 @@ impl Home {
                 "token is not a chat token for this shard",
             );
         }
+        let user = UserId(user);
         // One session per user: a new one replaces the old (and the user stays online).
         match self.users.insert(user, conn) {
             Some(old) => {
@@ -634,7 +644,7 @@ impl Home {
         s.user = Some(user);
         s.epoch = epoch;
         let window = self.cfg.window;
-        self.queue(conn, |e| e.welcome(user, window));
+        self.queue(conn, |e| e.welcome(user.0, window));
         self.start_backlog(conn);
     }
 
@@ -717,7 +727,7 @@ impl Home {
                     self.submits.give_back(b);
                 }
                 if self.is_current(to) {
-                    self.queue(to.conn, |e| e.sent(&msg_id, chat, seq));
+                    self.queue(to.conn, |e| e.sent(&msg_id, chat.0, seq.0));
                 }
             }
             ToHome::Failed {
@@ -751,13 +761,18 @@ impl Home {
                 *left -= 1;
                 if *left == 0 {
                     let (_, acc) = self.group_lists.remove(&to.conn).expect("present above");
+                    // To the wire's ids (in place: same layout, no allocation).
+                    let acc: Vec<(u64, Vec<u64>)> = acc
+                        .into_iter()
+                        .map(|(chat, members)| (chat.0, members.into_iter().map(|u| u.0).collect()))
+                        .collect();
                     self.queue(to.conn, |e| e.groups(&acc));
                 }
             }
             ToHome::Typing { from, chat, to } => {
                 if let Some(&conn) = self.users.get(&to) {
-                    let peer = if ids::is_group(chat) { chat } else { 0 };
-                    self.queue_capped(conn, |e| e.typing(peer, from));
+                    let peer = if chat.is_group() { chat.0 } else { 0 };
+                    self.queue_capped(conn, |e| e.typing(peer, from.0));
                 }
             }
             ToHome::PresenceWatch {
@@ -774,7 +789,7 @@ impl Home {
                         .get(&conn)
                         .is_some_and(|s| s.watching.binary_search(&user).is_ok())
                     {
-                        self.queue_capped(conn, |e| e.presence(user, online));
+                        self.queue_capped(conn, |e| e.presence(user.0, online));
                     }
                 }
             }
@@ -785,7 +800,14 @@ impl Home {
         self.users.get(&o.user) == Some(&o.conn)
     }
 
-    fn deliver(&mut self, user: u64, chat: u64, seq: u64, frame: &[u8], backlog: Option<u64>) {
+    fn deliver(
+        &mut self,
+        user: UserId,
+        chat: ChatId,
+        seq: Seq,
+        frame: &[u8],
+        backlog: Option<u64>,
+    ) {
         let Some(&conn) = self.users.get(&user) else {
             return;
         };
@@ -798,7 +820,7 @@ impl Home {
         // A live entry sent before this session's backlog request reached its owner: the
         // owner's stream will carry it, in order. Delivering it now would put it ahead of
         // older entries still to come from the stream.
-        let owner = usize::from(ids::owner_shard(chat, self.n_shards));
+        let owner = usize::from(chat.owner_shard(self.n_shards));
         if backlog.is_none()
             && s.backlog
                 .as_ref()
@@ -830,7 +852,7 @@ impl Home {
         }
     }
 
-    fn backlog_chunk(&mut self, user: u64, epoch: u64, owner: u16, more: bool) {
+    fn backlog_chunk(&mut self, user: UserId, epoch: u64, owner: u16, more: bool) {
         let Some(&conn) = self.users.get(&user) else {
             return;
         };

@@ -2,7 +2,7 @@
 //! shard talks to the owner shards of the user's chats and back.
 
 use crate::chat::records::MsgFrame;
-use proto::chat::MsgId;
+use proto::chat::{ids, MsgId};
 
 /// A chat connection on its shard, named by the transport's accept and never reused while the
 /// shard runs (so that answers for a closed session are recognised and dropped). Transports
@@ -13,6 +13,84 @@ pub struct ConnId(pub u64);
 impl std::fmt::Display for ConnId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "conn {}", self.0)
+    }
+}
+
+/// A user (nonzero): the participant id of the chat token ctl issues when it places the user.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct UserId(pub u64);
+
+impl UserId {
+    /// The shard of a relay with `n_shards` shards that holds this user's sessions.
+    #[inline]
+    pub const fn home_shard(self, n_shards: u16) -> u16 {
+        ids::home_shard(self.0, n_shards)
+    }
+}
+
+impl std::fmt::Display for UserId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "user {}", self.0)
+    }
+}
+
+/// A chat, derived by its opener's home: from both users (direct) or creator and msg id (group).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ChatId(pub u64);
+
+impl ChatId {
+    /// The direct chat between `a` and `b` (the same for both; top bit clear).
+    #[inline]
+    pub const fn direct(a: UserId, b: UserId) -> Self {
+        Self(ids::direct_chat(a.0, b.0))
+    }
+
+    /// The group `creator` creates with the request `msg_id` (top bit set).
+    #[inline]
+    pub fn group(creator: UserId, msg_id: &MsgId) -> Self {
+        Self(ids::group_chat(creator.0, msg_id))
+    }
+
+    /// Whether this is a group's id.
+    #[inline]
+    pub const fn is_group(self) -> bool {
+        ids::is_group(self.0)
+    }
+
+    /// The shard of a relay with `n_shards` shards that owns (sequences and stores) this chat.
+    #[inline]
+    pub const fn owner_shard(self, n_shards: u16) -> u16 {
+        ids::owner_shard(self.0, n_shards)
+    }
+}
+
+impl std::fmt::Display for ChatId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "chat {}", self.0)
+    }
+}
+
+/// A place in one chat's total order, assigned by the chat's owner from 1 up (0: none yet).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Seq(pub u64);
+
+impl Seq {
+    /// The seq after this one.
+    #[inline]
+    pub const fn next(self) -> Self {
+        Self(self.0 + 1)
+    }
+
+    /// The seq before this one (of a seq from 1 up).
+    #[inline]
+    pub const fn prev(self) -> Self {
+        Self(self.0 - 1)
+    }
+}
+
+impl std::fmt::Display for Seq {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "seq {}", self.0)
     }
 }
 
@@ -34,11 +112,11 @@ pub enum ToOwner {
     /// Home -> owner: the user has received the chat up to `seq`.
     Ack {
         /// User.
-        user: u64,
+        user: UserId,
         /// Chat.
-        chat: u64,
+        chat: ChatId,
         /// Cumulative seq.
-        seq: u64,
+        seq: Seq,
     },
     /// Home -> owner: create a group.
     CreateGroup {
@@ -47,9 +125,9 @@ pub enum ToOwner {
         /// Client message id (deduplication).
         msg_id: MsgId,
         /// The group's id.
-        chat: u64,
+        chat: ChatId,
         /// Members besides the creator.
-        members: Vec<u64>,
+        members: Vec<UserId>,
     },
     /// Home -> owner: add or remove `target`.
     ChangeMember {
@@ -58,16 +136,16 @@ pub enum ToOwner {
         /// Client message id.
         msg_id: MsgId,
         /// Group.
-        chat: u64,
+        chat: ChatId,
         /// The member concerned.
-        target: u64,
+        target: UserId,
         /// Add or remove.
         add: bool,
     },
     /// Home -> owner: start streaming `user`'s stored backlog (epoch identifies the session).
     BacklogStart {
         /// User.
-        user: u64,
+        user: UserId,
         /// Session epoch.
         epoch: u64,
         /// Home shard.
@@ -78,7 +156,7 @@ pub enum ToOwner {
     /// Home -> owner: the session has room for the next chunk.
     BacklogMore {
         /// User.
-        user: u64,
+        user: UserId,
         /// Session epoch.
         epoch: u64,
         /// Entries this chunk may hold at most.
@@ -87,7 +165,7 @@ pub enum ToOwner {
     /// Home -> owner: the session is gone.
     BacklogCancel {
         /// User.
-        user: u64,
+        user: UserId,
     },
     /// Home -> owner: list the groups `user` belongs to.
     ListGroups {
@@ -97,9 +175,9 @@ pub enum ToOwner {
     /// Home -> owner: a typing indicator in a group, for every member.
     TypingInGroup {
         /// Typist.
-        from: u64,
+        from: UserId,
         /// Group.
-        chat: u64,
+        chat: ChatId,
     },
 }
 
@@ -109,29 +187,29 @@ pub enum ToHome {
     /// Home -> home (direct), or owner -> each member's home (group): a typing indicator.
     Typing {
         /// Typist.
-        from: u64,
+        from: UserId,
         /// Chat.
-        chat: u64,
+        chat: ChatId,
         /// Recipient.
-        to: u64,
+        to: UserId,
     },
     /// Home (watcher's) -> home (target's): start or stop telling `watcher` about `target`.
     PresenceWatch {
         /// The watching user and its home shard.
-        watcher: u64,
+        watcher: UserId,
         /// The watcher's home shard.
         watcher_home: u16,
         /// The watched user (homed on the receiving shard).
-        target: u64,
+        target: UserId,
         /// Start (true) or stop.
         watch: bool,
     },
     /// Home (target's) -> home (watcher's): `user` is online or offline now.
     Presence {
         /// The watcher to tell.
-        to: u64,
+        to: UserId,
         /// The watched user.
-        user: u64,
+        user: UserId,
         /// Whether it has a session.
         online: bool,
     },
@@ -142,9 +220,9 @@ pub enum ToHome {
         /// Client message id.
         msg_id: MsgId,
         /// Chat.
-        chat: u64,
+        chat: ChatId,
         /// Assigned seq.
-        seq: u64,
+        seq: Seq,
         /// The box of the SEND's [`Submit`], going back to the pool of the home shard that
         /// made it (see [`SubmitPool`]); `None` for group requests.
         spent: Option<Box<Submit>>,
@@ -163,11 +241,11 @@ pub enum ToHome {
     /// Owner -> home: deliver an encoded MSG frame to `user`.
     Deliver {
         /// Recipient.
-        user: u64,
+        user: UserId,
         /// Chat and seq of the entry, for the window.
-        chat: u64,
+        chat: ChatId,
         /// Seq.
-        seq: u64,
+        seq: Seq,
         /// The MSG frame, encoded once by the owner and shared.
         frame: MsgFrame,
         /// `Some(epoch)` when part of a backlog stream.
@@ -176,7 +254,7 @@ pub enum ToHome {
     /// Owner -> home: a backlog chunk is complete; `more` when the owner has more for `user`.
     BacklogChunk {
         /// User.
-        user: u64,
+        user: UserId,
         /// Session epoch.
         epoch: u64,
         /// Owner shard.
@@ -189,7 +267,7 @@ pub enum ToHome {
         /// Requesting user, its home and session.
         to: Origin,
         /// (chat, members) of the groups owned here that the user belongs to.
-        groups: Vec<(u64, Vec<u64>)>,
+        groups: Vec<(ChatId, Vec<UserId>)>,
     },
 }
 
@@ -197,7 +275,7 @@ pub enum ToHome {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Origin {
     /// User.
-    pub user: u64,
+    pub user: UserId,
     /// Home shard.
     pub home: u16,
     /// Session.
@@ -212,9 +290,10 @@ pub struct Submit {
     /// Client message id.
     pub msg_id: MsgId,
     /// Chat (resolved by the home shard for direct messages).
-    pub chat: u64,
-    /// Recipient of a direct message (0 for groups).
-    pub to: u64,
+    pub chat: ChatId,
+    /// Recipient of a direct message (`None` for groups; the home never makes it user 0,
+    /// which is "nobody" on the wire).
+    pub to: Option<UserId>,
     /// Kind.
     pub kind: u8,
     /// Referenced id.
@@ -299,13 +378,13 @@ mod tests {
     fn kept_submit_boxes_are_bounded_and_hold_no_long_body() {
         let submit = |body: &[u8]| Submit {
             from: Origin {
-                user: 1,
+                user: UserId(1),
                 home: 0,
                 conn: ConnId(1),
             },
             msg_id: [1; 16],
-            chat: 2,
-            to: 3,
+            chat: ChatId(2),
+            to: Some(UserId(3)),
             kind: 1,
             ref_id: [0; 16],
             body: crate::chat::records::Body::from_slice(body),

@@ -14,33 +14,33 @@
 use super::dedup::Dedup;
 use super::log::Lsn;
 use super::map::Map;
-use super::msg::{Origin, ShardMsg, Submit, ToHome, ToOwner};
+use super::msg::{ChatId, Origin, Seq, ShardMsg, Submit, ToHome, ToOwner, UserId};
 use super::records::{
     self, Audience, Body, ChatRec, EntryRec, FramePool, MemberRec, MsgFrame, Rec,
 };
 use super::ChatConfig;
-use proto::chat::{code, ids, kind, Encoder, Entry, MsgId};
+use proto::chat::{code, kind, Encoder, Entry, MsgId};
 use std::collections::VecDeque;
 
 /// What a log record belongs to, so that its LSN can be filed once known.
 #[derive(Clone, Copy, Debug)]
 enum RecOwner {
-    Entry { chat: u64, seq: u64 },
-    Chat { chat: u64 },
+    Entry { chat: ChatId, seq: Seq },
+    Chat { chat: ChatId },
     Ack,
 }
 
 #[derive(Debug)]
 struct Member {
-    user: u64,
-    joined_after: u64,
-    acked: u64,
+    user: UserId,
+    joined_after: Seq,
+    acked: Seq,
 }
 
 #[derive(Debug)]
 struct Stored {
-    seq: u64,
-    sender: u64,
+    seq: Seq,
+    sender: UserId,
     kind: u8,
     frame: MsgFrame,
     /// Audience members that have not acknowledged it yet.
@@ -52,8 +52,8 @@ struct Stored {
 #[derive(Debug)]
 struct Chat {
     group: bool,
-    creator: u64,
-    next_seq: u64,
+    creator: UserId,
+    next_seq: Seq,
     members: Vec<Member>,
     pending: VecDeque<Stored>,
     state_lsn: Option<Lsn>,
@@ -67,10 +67,10 @@ impl Chat {
         self.group && self.members.is_empty() && self.pending.is_empty()
     }
 
-    fn member(&self, user: u64) -> Option<&Member> {
+    fn member(&self, user: UserId) -> Option<&Member> {
         self.members.iter().find(|m| m.user == user)
     }
-    fn snapshot(&self, chat: u64) -> ChatRec {
+    fn snapshot(&self, chat: ChatId) -> ChatRec {
         ChatRec {
             chat,
             group: self.group,
@@ -98,7 +98,7 @@ fn drop_settled(
     pending: &mut VecDeque<Stored>,
     dead: &mut Vec<Lsn>,
     frames: &mut FramePool,
-    by_sender: &mut Map<u64, usize>,
+    by_sender: &mut Map<UserId, usize>,
 ) {
     let settled = |s: &Stored| s.committed && s.unacked.is_empty();
     while let Some(s) = pending.pop_front_if(|s| settled(s)) {
@@ -122,7 +122,7 @@ fn drop_settled(
 }
 
 /// `user` is no longer a member of `chat`; a list left empty is removed.
-fn forget_membership(member_of: &mut Map<u64, Vec<u64>>, user: u64, chat: u64) {
+fn forget_membership(member_of: &mut Map<UserId, Vec<ChatId>>, user: UserId, chat: ChatId) {
     if let Some(list) = member_of.get_mut(&user) {
         list.retain(|&c| c != chat);
         if list.is_empty() {
@@ -133,7 +133,7 @@ fn forget_membership(member_of: &mut Map<u64, Vec<u64>>, user: u64, chat: u64) {
 
 /// One less for `user`; a count that reaches zero is removed (the maps would otherwise keep
 /// an entry for every user ever counted).
-fn count_down(counts: &mut Map<u64, usize>, user: u64) {
+fn count_down(counts: &mut Map<UserId, usize>, user: UserId) {
     if let Some(n) = counts.get_mut(&user) {
         *n = n.saturating_sub(1);
         if *n == 0 {
@@ -148,7 +148,7 @@ struct Stream {
     epoch: u64,
     home: u16,
     /// Per chat, the last seq sent in this stream.
-    cursors: Map<u64, u64>,
+    cursors: Map<ChatId, Seq>,
 }
 
 /// The last batch taken for commit: what each record belongs to, and the actions waiting on it.
@@ -161,11 +161,11 @@ pub enum ReplayError {
     /// The record at `lsn` of kind `kind` does not decode.
     Undecodable { lsn: Lsn, kind: u8 },
     /// A chat snapshot with next seq 0 (seqs start at 1).
-    ZeroNextSeq { lsn: Lsn, chat: u64 },
+    ZeroNextSeq { lsn: Lsn, chat: ChatId },
     /// An entry with seq 0 or the largest seq.
-    BadSeq { lsn: Lsn, seq: u64 },
+    BadSeq { lsn: Lsn, seq: Seq },
     /// Entries of `chat` but no snapshot of it.
-    NoSnapshot { chat: u64 },
+    NoSnapshot { chat: ChatId },
 }
 
 impl std::fmt::Display for ReplayError {
@@ -175,10 +175,10 @@ impl std::fmt::Display for ReplayError {
                 write!(f, "undecodable chat record of kind {kind} at lsn {}", lsn.0)
             }
             Self::ZeroNextSeq { lsn, chat } => {
-                write!(f, "chat {chat} with next seq 0 at lsn {}", lsn.0)
+                write!(f, "{chat} with next seq 0 at lsn {}", lsn.0)
             }
-            Self::BadSeq { lsn, seq } => write!(f, "entry with seq {seq} at lsn {}", lsn.0),
-            Self::NoSnapshot { chat } => write!(f, "entries for chat {chat} but no snapshot of it"),
+            Self::BadSeq { lsn, seq } => write!(f, "entry with {seq} at lsn {}", lsn.0),
+            Self::NoSnapshot { chat } => write!(f, "entries for {chat} but no snapshot of it"),
         }
     }
 }
@@ -190,16 +190,16 @@ pub struct Owner {
     shard: u16,
     n_shards: u16,
     cfg: ChatConfig,
-    chats: Map<u64, Chat>,
+    chats: Map<ChatId, Chat>,
     /// Chats owned here that each user belongs to.
-    member_of: Map<u64, Vec<u64>>,
+    member_of: Map<UserId, Vec<ChatId>>,
     dedup: Dedup,
-    pending_per_user: Map<u64, usize>,
+    pending_per_user: Map<UserId, usize>,
     /// Stored entries each user wrote (kinds a client sends) that not every recipient has
     /// acknowledged: bounded like an inbox, so that writing to users who never come (made-up
     /// ids among them) cannot fill the relay.
-    pending_per_sender: Map<u64, usize>,
-    streams: Map<u64, Stream>,
+    pending_per_sender: Map<UserId, usize>,
+    streams: Map<UserId, Stream>,
     /// Records to append, and what each belongs to.
     records: records::Batch,
     rec_owners: Vec<RecOwner>,
@@ -211,9 +211,9 @@ pub struct Owner {
     spare_records: records::Batch,
     spare_committing: Committing,
     /// Chats of the batch being committed (kept for its capacity).
-    touched: Vec<u64>,
+    touched: Vec<ChatId>,
     /// Chats still to snapshot in the running checkpoint.
-    checkpoint_todo: Vec<u64>,
+    checkpoint_todo: Vec<ChatId>,
     /// LSNs of records that became dead; the driver marks them in the log.
     pub dead: Vec<Lsn>,
     /// Messages to other shards (or this one) that need no durability.
@@ -375,16 +375,21 @@ impl Owner {
             return;
         }
         let s = spent.as_deref_mut().expect("not taken: no answer yet");
-        if !ids::is_group(s.chat) && !self.chats.contains_key(&s.chat) {
-            if s.to == 0 || s.to == s.from.user || ids::direct_chat(s.from.user, s.to) != s.chat {
+        if !s.chat.is_group() && !self.chats.contains_key(&s.chat) {
+            let author = s.from.user;
+            let Some(to) =
+                s.to.filter(|&to| to != author && ChatId::direct(author, to) == s.chat)
+            else {
                 return self.fail(s.from, s.msg_id, code::INVALID, "bad direct chat");
-            }
-            self.open_direct(s.chat, s.from.user, s.to);
+            };
+            self.open_direct(s.chat, author, to);
         }
         let Some(chat) = self.chats.get(&s.chat) else {
             return self.fail(s.from, s.msg_id, code::UNKNOWN_CHAT, "unknown chat");
         };
-        if chat.member(s.from.user).is_none() || (!chat.group && chat.member(s.to).is_none()) {
+        if chat.member(s.from.user).is_none()
+            || (!chat.group && s.to.is_none_or(|to| chat.member(to).is_none()))
+        {
             return self.fail(s.from, s.msg_id, code::NOT_MEMBER, "not a member");
         }
         let seq = chat.next_seq;
@@ -430,19 +435,19 @@ impl Owner {
     }
 
     /// Creates the direct chat between `a` and `b` and records it.
-    fn open_direct(&mut self, id: u64, a: u64, b: u64) {
+    fn open_direct(&mut self, id: ChatId, a: UserId, b: UserId) {
         let members = [a, b]
             .map(|user| MemberRec {
                 user,
-                joined_after: 0,
-                acked: 0,
+                joined_after: Seq(0),
+                acked: Seq(0),
             })
             .into();
         self.log_snapshot(ChatRec {
             chat: id,
             group: false,
-            creator: 0,
-            next_seq: 1,
+            creator: UserId(0),
+            next_seq: Seq(1),
             members,
         });
     }
@@ -456,7 +461,7 @@ impl Owner {
     }
 
     /// Writes the current state of `chat` again (a checkpoint): no change to apply.
-    fn write_snapshot(&mut self, chat: u64) {
+    fn write_snapshot(&mut self, chat: ChatId) {
         let c = self.chats.get(&chat).expect("snapshot of a live chat");
         let snapshot = c.snapshot(chat);
         self.records
@@ -501,7 +506,7 @@ impl Owner {
             .and_then(|c| c.pending.back())
             .expect("the entry just applied");
         for &user in &stored.unacked {
-            let home = ids::home_shard(user, self.n_shards);
+            let home = user.home_shard(self.n_shards);
             let d = ShardMsg::ToHome(ToHome::Deliver {
                 user,
                 chat: chat_id,
@@ -513,7 +518,7 @@ impl Owner {
         }
     }
 
-    fn ack(&mut self, user: u64, chat_id: u64, seq: u64, now_ms: u64) {
+    fn ack(&mut self, user: UserId, chat_id: ChatId, seq: Seq, now_ms: u64) {
         let Some(chat) = self.chats.get(&chat_id) else {
             return;
         };
@@ -522,7 +527,7 @@ impl Owner {
         };
         // Clamped to what exists first: an ACK beyond it, repeated, must not write a record
         // each time.
-        let seq = seq.min(chat.next_seq - 1);
+        let seq = seq.min(chat.next_seq.prev());
         if seq <= m.acked {
             return;
         }
@@ -551,7 +556,7 @@ impl Owner {
                 ref_id: [0; 16],
                 ts_ms: now_ms,
                 audience: senders,
-                body: Body::from_slice(&seq.to_le_bytes()),
+                body: Body::from_slice(&seq.0.to_le_bytes()),
             };
             self.append_entry(e, None);
         }
@@ -561,8 +566,8 @@ impl Owner {
         &mut self,
         from: Origin,
         msg_id: MsgId,
-        chat_id: u64,
-        members: Vec<u64>,
+        chat_id: ChatId,
+        members: Vec<UserId>,
         now_ms: u64,
     ) {
         if self.answer_duplicate(from, msg_id, &mut None) {
@@ -571,16 +576,16 @@ impl Owner {
         // Without duplicates, in the order given (linear: the list is up to
         // `max_group_members` long, and checked for that by the home shard).
         let mut all = vec![from.user];
-        let mut seen: Map<u64, ()> = Map::default();
+        let mut seen: Map<UserId, ()> = Map::default();
         seen.insert(from.user, ());
         for m in members {
-            if m != 0 && seen.insert(m, ()).is_none() {
+            if m != UserId(0) && seen.insert(m, ()).is_none() {
                 all.push(m);
             }
         }
         if all.len() > self.cfg.max_group_members
             || self.chats.contains_key(&chat_id)
-            || !ids::is_group(chat_id)
+            || !chat_id.is_group()
         {
             return self.fail(from, msg_id, code::INVALID, "group too large or id in use");
         }
@@ -588,22 +593,22 @@ impl Owner {
             .iter()
             .map(|&user| MemberRec {
                 user,
-                joined_after: 0,
-                acked: 0,
+                joined_after: Seq(0),
+                acked: Seq(0),
             })
             .collect();
         self.log_snapshot(ChatRec {
             chat: chat_id,
             group: true,
             creator: from.user,
-            next_seq: 1,
+            next_seq: Seq(1),
             members,
         });
-        let body: Body = all.iter().flat_map(|u| u.to_le_bytes()).collect();
+        let body: Body = all.iter().flat_map(|u| u.0.to_le_bytes()).collect();
         let audience = Audience::from_slice(&all[1..]);
         let e = EntryRec {
             chat: chat_id,
-            seq: 1,
+            seq: Seq(1),
             sender: from.user,
             msg_id,
             kind: kind::GROUP_CREATED,
@@ -619,8 +624,8 @@ impl Owner {
         &mut self,
         from: Origin,
         msg_id: MsgId,
-        chat_id: u64,
-        target: u64,
+        chat_id: ChatId,
+        target: UserId,
         add: bool,
         now_ms: u64,
     ) {
@@ -637,7 +642,7 @@ impl Owner {
         let present = chat.member(target).is_some();
         let mut rec = chat.snapshot(chat_id);
         let k = if add {
-            if present || target == 0 || chat.members.len() >= self.cfg.max_group_members {
+            if present || target == UserId(0) || chat.members.len() >= self.cfg.max_group_members {
                 return self.fail(
                     from,
                     msg_id,
@@ -648,8 +653,8 @@ impl Owner {
             // The new member sees the announcement of its own arrival and everything after.
             rec.members.push(MemberRec {
                 user: target,
-                joined_after: seq - 1,
-                acked: seq - 1,
+                joined_after: seq.prev(),
+                acked: seq.prev(),
             });
             kind::MEMBER_ADDED
         } else {
@@ -680,7 +685,7 @@ impl Owner {
             ref_id: [0; 16],
             ts_ms: now_ms,
             audience,
-            body: Body::from_slice(&target.to_le_bytes()),
+            body: Body::from_slice(&target.0.to_le_bytes()),
         };
         self.append_entry(e, Some((from, None)));
     }
@@ -688,7 +693,7 @@ impl Owner {
     /// Sends the next chunk of `user`'s committed, unacknowledged entries (in seq order per
     /// chat), at most `budget` (the home's share of the session's window for this owner) and
     /// `backlog_chunk`, then a BacklogChunk marker saying whether more remains.
-    fn stream_chunk(&mut self, user: u64, epoch: u64, budget: u16) {
+    fn stream_chunk(&mut self, user: UserId, epoch: u64, budget: u16) {
         let Some(stream) = self.streams.get_mut(&user).filter(|s| s.epoch == epoch) else {
             return;
         };
@@ -698,7 +703,7 @@ impl Owner {
             let Some(chat) = self.chats.get(chat_id) else {
                 continue;
             };
-            let cursor = stream.cursors.entry(*chat_id).or_insert(0);
+            let cursor = stream.cursors.entry(*chat_id).or_insert(Seq(0));
             let from = *cursor;
             for s in chat
                 .pending
@@ -757,7 +762,7 @@ impl Owner {
         ));
     }
 
-    fn typing(&mut self, from: u64, chat_id: u64) {
+    fn typing(&mut self, from: UserId, chat_id: ChatId) {
         let Some(chat) = self.chats.get(&chat_id) else {
             return;
         };
@@ -765,7 +770,7 @@ impl Owner {
             return;
         }
         for m in chat.members.iter().filter(|m| m.user != from) {
-            let home = ids::home_shard(m.user, self.n_shards);
+            let home = m.user.home_shard(self.n_shards);
             self.out.push((
                 home,
                 ShardMsg::ToHome(ToHome::Typing {
@@ -868,7 +873,7 @@ impl Owner {
     /// dead already, and since the log deletes only a dead prefix, the last snapshot, which
     /// says "no members", is still there whenever an older one is, so a replay drops the group
     /// again in `finish_replay`).
-    fn forget(&mut self, chat: u64) {
+    fn forget(&mut self, chat: ChatId) {
         if let Some(c) = self.chats.remove(&chat) {
             self.dead.extend(c.state_lsn);
         }
@@ -956,10 +961,10 @@ impl Owner {
     pub fn replay(&mut self, lsn: Lsn, kind: u8, payload: &[u8]) -> Result<(), ReplayError> {
         let rec = records::decode(kind, payload).ok_or(ReplayError::Undecodable { lsn, kind })?;
         match &rec {
-            Rec::Chat(c) if c.next_seq == 0 => {
+            Rec::Chat(c) if c.next_seq == Seq(0) => {
                 return Err(ReplayError::ZeroNextSeq { lsn, chat: c.chat });
             }
-            Rec::Entry(e) if e.seq == 0 || e.seq == u64::MAX => {
+            Rec::Entry(e) if e.seq == Seq(0) || e.seq == Seq(u64::MAX) => {
                 return Err(ReplayError::BadSeq { lsn, seq: e.seq });
             }
             _ => {}
@@ -1036,7 +1041,9 @@ impl Owner {
                 acked: m.acked,
             })
             .collect();
-        let next_seq = c.next_seq.max(pending.back().map_or(1, |s| s.seq + 1));
+        let next_seq = c
+            .next_seq
+            .max(pending.back().map_or(Seq(1), |s| s.seq.next()));
         self.chats.insert(
             c.chat,
             Chat {
@@ -1057,13 +1064,13 @@ impl Owner {
     fn apply_entry(&mut self, e: EntryRec, lsn: Option<Lsn>) {
         let chat = self.chats.entry(e.chat).or_insert_with(|| Chat {
             group: false,
-            creator: 0,
-            next_seq: 1,
+            creator: UserId(0),
+            next_seq: Seq(1),
             members: Vec::new(),
             pending: VecDeque::new(),
             state_lsn: None,
         });
-        chat.next_seq = chat.next_seq.max(e.seq + 1);
+        chat.next_seq = chat.next_seq.max(e.seq.next());
         let frame = encode_frame(&mut self.frames, &e);
         for u in &e.audience {
             *self.pending_per_user.entry(*u).or_default() += 1;
@@ -1085,7 +1092,7 @@ impl Owner {
 
     /// `user` has `chat` up to `seq` (cumulative). Returns the authors of the messages, edits
     /// and deletes it acknowledged who are still members (owed a DELIVERED receipt).
-    fn apply_ack(&mut self, chat_id: u64, user: u64, seq: u64, lsn: Option<Lsn>) -> Audience {
+    fn apply_ack(&mut self, chat_id: ChatId, user: UserId, seq: Seq, lsn: Option<Lsn>) -> Audience {
         // An acknowledgement is spent once applied: nothing reads it again but a replay.
         self.dead.extend(lsn);
         let mut senders = Audience::new();
@@ -1135,7 +1142,7 @@ impl Owner {
         self.pending_per_user.clear();
         self.pending_per_sender.clear();
         for c in self.chats.values_mut() {
-            let acked: Map<u64, u64> = c.members.iter().map(|m| (m.user, m.acked)).collect();
+            let acked: Map<UserId, Seq> = c.members.iter().map(|m| (m.user, m.acked)).collect();
             for s in c.pending.iter_mut() {
                 s.unacked
                     .retain(|u| acked.get(u).is_some_and(|&a| a < s.seq));
@@ -1154,7 +1161,7 @@ impl Owner {
                 *self.pending_per_sender.entry(s.sender).or_default() += 1;
             }
         }
-        let abandoned: Vec<u64> = self
+        let abandoned: Vec<ChatId> = self
             .chats
             .iter()
             .filter(|(_, c)| c.is_abandoned())
@@ -1184,27 +1191,20 @@ impl Owner {
     /// Checks the owner's internal invariants; for tests, the simulation and fuzzing (like the
     /// media engine's `Shard::check_invariants`). Panics on the first violation.
     pub fn check_invariants(&self) {
-        let mut per_user: Map<u64, usize> = Map::default();
-        let mut per_sender: Map<u64, usize> = Map::default();
+        let mut per_user: Map<UserId, usize> = Map::default();
+        let mut per_sender: Map<UserId, usize> = Map::default();
         for (&id, c) in &self.chats {
-            assert!(c.next_seq >= 1, "chat {id}: next seq 0");
-            let mut last = 0;
+            assert!(c.next_seq >= Seq(1), "{id}: next seq 0");
+            let mut last = Seq(0);
             for s in &c.pending {
-                assert!(s.seq > last, "chat {id}: pending out of seq order");
-                assert!(
-                    s.seq < c.next_seq,
-                    "chat {id}: seq {} not below next",
-                    s.seq
-                );
-                assert_eq!(
-                    s.committed,
-                    s.lsn.is_some(),
-                    "chat {id}: committed iff filed"
-                );
+                assert!(s.seq > last, "{id}: pending out of seq order");
+                assert!(s.seq < c.next_seq, "{id}: {} not below next", s.seq);
+                assert_eq!(s.committed, s.lsn.is_some(), "{id}: committed iff filed");
                 for (i, u) in s.unacked.iter().enumerate() {
                     assert!(
                         !s.unacked[..i].contains(u),
-                        "chat {id}: audience repeats {u}"
+                        "{id}: audience repeats {}",
+                        u.0
                     );
                     *per_user.entry(*u).or_default() += 1;
                 }
@@ -1216,31 +1216,31 @@ impl Owner {
             for (i, m) in c.members.iter().enumerate() {
                 assert!(
                     c.members[..i].iter().all(|n| n.user != m.user),
-                    "chat {id}: member {} twice",
-                    m.user
+                    "{id}: member {} twice",
+                    m.user.0
                 );
                 assert!(
                     self.member_of.get(&m.user).is_some_and(|l| l.contains(&id)),
-                    "chat {id}: member {} not indexed",
-                    m.user
+                    "{id}: member {} not indexed",
+                    m.user.0
                 );
             }
-            assert!(!c.is_abandoned(), "chat {id}: abandoned group kept");
+            assert!(!c.is_abandoned(), "{id}: abandoned group kept");
         }
         for (&user, list) in &self.member_of {
-            assert!(!list.is_empty(), "user {user}: empty membership list kept");
+            assert!(!list.is_empty(), "{user}: empty membership list kept");
             for (i, chat) in list.iter().enumerate() {
-                assert!(!list[..i].contains(chat), "user {user}: chat {chat} twice");
+                assert!(!list[..i].contains(chat), "{user}: {chat} twice");
                 assert!(
                     self.chats
                         .get(chat)
                         .is_some_and(|c| c.member(user).is_some()),
-                    "user {user}: indexed in chat {chat} without being a member"
+                    "{user}: indexed in {chat} without being a member"
                 );
             }
         }
-        let sorted = |m: &Map<u64, usize>| {
-            let mut v: Vec<(u64, usize)> = m.iter().map(|(&k, &v)| (k, v)).collect();
+        let sorted = |m: &Map<UserId, usize>| {
+            let mut v: Vec<(UserId, usize)> = m.iter().map(|(&k, &v)| (k, v)).collect();
             v.sort_unstable();
             v
         };
@@ -1285,7 +1285,7 @@ impl Owner {
                 c.group, c.creator, c.next_seq
             );
         }
-        let sorted = |m: &Map<u64, usize>| {
+        let sorted = |m: &Map<UserId, usize>| {
             let mut v: Vec<_> = m.iter().map(|(&k, &v)| (k, v)).collect();
             v.sort_unstable();
             v
@@ -1320,10 +1320,10 @@ fn remember(dedup: &mut Dedup, e: &EntryRec) {
 
 /// The id of a relay-generated DELIVERED receipt: derived from the acknowledging user and seq,
 /// so that the same acknowledgement makes the same frame. Receipts are not deduplicated.
-fn receipt_id(user: u64, seq: u64) -> MsgId {
+fn receipt_id(user: UserId, seq: Seq) -> MsgId {
     let mut id = [0u8; 16];
-    id[..8].copy_from_slice(&user.to_le_bytes());
-    id[8..].copy_from_slice(&seq.to_le_bytes());
+    id[..8].copy_from_slice(&user.0.to_le_bytes());
+    id[8..].copy_from_slice(&seq.0.to_le_bytes());
     id[0] ^= 0xd1;
     id
 }
@@ -1332,9 +1332,9 @@ fn receipt_id(user: u64, seq: u64) -> MsgId {
 fn encode_frame(frames: &mut FramePool, e: &EntryRec) -> MsgFrame {
     frames.make(|out| {
         Encoder::new(out).msg(&Entry {
-            chat_id: e.chat,
-            seq: e.seq,
-            sender: e.sender,
+            chat_id: e.chat.0,
+            seq: e.seq.0,
+            sender: e.sender.0,
             msg_id: e.msg_id,
             kind: e.kind,
             ref_id: e.ref_id,

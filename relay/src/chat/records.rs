@@ -10,6 +10,7 @@
 //! All integers little-endian. A CHAT record is a snapshot of a chat's membership and counters;
 //! the newest one wins.
 
+use crate::chat::msg::{ChatId, Seq, UserId};
 use proto::chat::MsgId;
 use std::sync::Arc;
 
@@ -21,7 +22,7 @@ pub const ACK: u8 = 2;
 pub const CHAT: u8 = 3;
 
 /// An entry's audience: inline up to 2 users (every direct chat's), on the heap beyond.
-pub type Audience = smallvec::SmallVec<[u64; 2]>;
+pub type Audience = smallvec::SmallVec<[UserId; 2]>;
 
 /// Bodies up to this many bytes are held inline in [`Body`].
 pub const BODY_INLINE: usize = 128;
@@ -115,11 +116,11 @@ impl FramePool {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EntryRec {
     /// Chat.
-    pub chat: u64,
+    pub chat: ChatId,
     /// Sequence number.
-    pub seq: u64,
+    pub seq: Seq,
     /// Author.
-    pub sender: u64,
+    pub sender: UserId,
     /// Author's message id.
     pub msg_id: MsgId,
     /// Kind.
@@ -138,24 +139,24 @@ pub struct EntryRec {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MemberRec {
     /// User.
-    pub user: u64,
+    pub user: UserId,
     /// The member sees entries with a larger seq.
-    pub joined_after: u64,
+    pub joined_after: Seq,
     /// The member has acknowledged the chat up to this seq.
-    pub acked: u64,
+    pub acked: Seq,
 }
 
 /// A chat snapshot.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ChatRec {
     /// Chat.
-    pub chat: u64,
+    pub chat: ChatId,
     /// Group or direct.
     pub group: bool,
-    /// Creator (groups) or 0.
-    pub creator: u64,
+    /// Creator (groups) or user 0.
+    pub creator: UserId,
     /// Next sequence number to assign.
-    pub next_seq: u64,
+    pub next_seq: Seq,
     /// Members.
     pub members: Vec<MemberRec>,
 }
@@ -168,11 +169,11 @@ pub enum Rec {
     /// An acknowledgement.
     Ack {
         /// Chat.
-        chat: u64,
+        chat: ChatId,
         /// User.
-        user: u64,
+        user: UserId,
         /// Cumulative seq.
-        seq: u64,
+        seq: Seq,
     },
     /// A snapshot.
     Chat(ChatRec),
@@ -185,37 +186,37 @@ fn put(out: &mut Vec<u8>, v: u64) {
 /// Appends an entry record's payload to `out`.
 pub fn encode_entry(out: &mut Vec<u8>, e: &EntryRec) {
     out.reserve(75 + 8 * e.audience.len() + e.body.len());
-    put(out, e.chat);
-    put(out, e.seq);
-    put(out, e.sender);
+    put(out, e.chat.0);
+    put(out, e.seq.0);
+    put(out, e.sender.0);
     out.extend_from_slice(&e.msg_id);
     out.push(e.kind);
     out.extend_from_slice(&e.ref_id);
     put(out, e.ts_ms);
     out.extend_from_slice(&(e.audience.len() as u16).to_le_bytes());
-    e.audience.iter().for_each(|u| put(out, *u));
+    e.audience.iter().for_each(|u| put(out, u.0));
     out.extend_from_slice(&e.body);
 }
 
 /// Appends an ack record's payload to `out`.
-pub fn encode_ack(out: &mut Vec<u8>, chat: u64, user: u64, seq: u64) {
-    put(out, chat);
-    put(out, user);
-    put(out, seq);
+pub fn encode_ack(out: &mut Vec<u8>, chat: ChatId, user: UserId, seq: Seq) {
+    put(out, chat.0);
+    put(out, user.0);
+    put(out, seq.0);
 }
 
 /// Appends a chat snapshot's payload to `out`.
 pub fn encode_chat(out: &mut Vec<u8>, c: &ChatRec) {
     out.reserve(27 + 24 * c.members.len());
-    put(out, c.chat);
+    put(out, c.chat.0);
     out.push(u8::from(c.group));
-    put(out, c.creator);
-    put(out, c.next_seq);
+    put(out, c.creator.0);
+    put(out, c.next_seq.0);
     out.extend_from_slice(&(c.members.len() as u16).to_le_bytes());
     for m in &c.members {
-        put(out, m.user);
-        put(out, m.joined_after);
-        put(out, m.acked);
+        put(out, m.user.0);
+        put(out, m.joined_after.0);
+        put(out, m.acked.0);
     }
 }
 
@@ -295,16 +296,18 @@ pub fn decode(kind: u8, payload: &[u8]) -> Option<Rec> {
     match kind {
         ENTRY => {
             let (chat, seq, sender, msg_id, kind, ref_id, ts_ms) = (
-                r.u64()?,
-                r.u64()?,
-                r.u64()?,
+                ChatId(r.u64()?),
+                Seq(r.u64()?),
+                UserId(r.u64()?),
                 r.id()?,
                 r.u8()?,
                 r.id()?,
                 r.u64()?,
             );
             let n = r.u16()?;
-            let audience = (0..n).map(|_| r.u64()).collect::<Option<Audience>>()?;
+            let audience = (0..n)
+                .map(|_| r.u64().map(UserId))
+                .collect::<Option<Audience>>()?;
             Some(Rec::Entry(EntryRec {
                 chat,
                 seq,
@@ -319,21 +322,26 @@ pub fn decode(kind: u8, payload: &[u8]) -> Option<Rec> {
         }
         ACK => {
             let rec = Rec::Ack {
-                chat: r.u64()?,
-                user: r.u64()?,
-                seq: r.u64()?,
+                chat: ChatId(r.u64()?),
+                user: UserId(r.u64()?),
+                seq: Seq(r.u64()?),
             };
             r.0.is_empty().then_some(rec)
         }
         CHAT => {
-            let (chat, group, creator, next_seq) = (r.u64()?, r.u8()? == 1, r.u64()?, r.u64()?);
+            let (chat, group, creator, next_seq) = (
+                ChatId(r.u64()?),
+                r.u8()? == 1,
+                UserId(r.u64()?),
+                Seq(r.u64()?),
+            );
             let n = r.u16()?;
             let members = (0..n)
                 .map(|_| {
                     Some(MemberRec {
-                        user: r.u64()?,
-                        joined_after: r.u64()?,
-                        acked: r.u64()?,
+                        user: UserId(r.u64()?),
+                        joined_after: Seq(r.u64()?),
+                        acked: Seq(r.u64()?),
                     })
                 })
                 .collect::<Option<Vec<_>>>()?;
@@ -356,39 +364,39 @@ mod tests {
     #[test]
     fn records_round_trip() {
         let e = EntryRec {
-            chat: 1,
-            seq: 2,
-            sender: 3,
+            chat: ChatId(1),
+            seq: Seq(2),
+            sender: UserId(3),
             msg_id: [4; 16],
             kind: 0,
             ref_id: [0; 16],
             ts_ms: 5,
-            audience: Audience::from_slice(&[6, 7]),
+            audience: Audience::from_slice(&[UserId(6), UserId(7)]),
             body: Body::from_slice(b"hello"),
         };
         let mut b = Batch::default();
         b.push(ENTRY, |out| encode_entry(out, &e));
-        b.push(ACK, |out| encode_ack(out, 1, 2, 3));
+        b.push(ACK, |out| encode_ack(out, ChatId(1), UserId(2), Seq(3)));
         assert_eq!(b.len(), 2);
         let recs: Vec<(u8, &[u8])> = b.iter().collect();
         assert_eq!(decode(recs[0].0, recs[0].1), Some(Rec::Entry(e)));
         assert_eq!(
             decode(recs[1].0, recs[1].1),
             Some(Rec::Ack {
-                chat: 1,
-                user: 2,
-                seq: 3
+                chat: ChatId(1),
+                user: UserId(2),
+                seq: Seq(3)
             })
         );
         let c = ChatRec {
-            chat: 9,
+            chat: ChatId(9),
             group: true,
-            creator: 1,
-            next_seq: 10,
+            creator: UserId(1),
+            next_seq: Seq(10),
             members: vec![MemberRec {
-                user: 1,
-                joined_after: 0,
-                acked: 4,
+                user: UserId(1),
+                joined_after: Seq(0),
+                acked: Seq(4),
             }],
         };
         let mut out = Vec::new();

@@ -1383,7 +1383,7 @@ fn entries_without_any_snapshot_of_their_chat_fail_recovery() {
     assert_eq!(
         err,
         crate::chat::owner::ReplayError::NoSnapshot {
-            chat: ids::direct_chat(alice, bob)
+            chat: crate::chat::msg::ChatId(ids::direct_chat(alice, bob))
         }
     );
 }

@@ -308,15 +308,15 @@ pub(crate) mod mutations {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::chat::msg::ToOwner;
+    use crate::chat::msg::{ToOwner, UserId};
 
     fn msg(user: u64) -> ShardMsg {
-        ShardMsg::ToOwner(ToOwner::BacklogCancel { user })
+        ShardMsg::ToOwner(ToOwner::BacklogCancel { user: UserId(user) })
     }
 
     fn user(m: &ShardMsg) -> u64 {
         match m {
-            ShardMsg::ToOwner(ToOwner::BacklogCancel { user }) => *user,
+            ShardMsg::ToOwner(ToOwner::BacklogCancel { user }) => user.0,
             other => panic!("{other:?}"),
         }
     }
