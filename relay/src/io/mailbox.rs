@@ -232,7 +232,20 @@ impl Mailbox {
         // announcing the sleep. One fence per turn that received anything.
         fence(Ordering::SeqCst);
         for from in 0..n {
-            if std::mem::take(&mut self.took[from])
+            let took = std::mem::take(&mut self.took[from]);
+            if took && mutations::receiver_clears_flags() {
+                // The bug before 3d4b42c: the receiver cleared the flag whether or not the
+                // sender slept.
+                if self
+                    .blocked_flag(from, self.me)
+                    .swap(false, Ordering::SeqCst)
+                    && self.wakers[from].sleeping.load(Ordering::SeqCst)
+                {
+                    self.wakers[from].wake();
+                }
+                continue;
+            }
+            if took
                 && self.wakers[from].sleeping.load(Ordering::SeqCst)
                 && self.blocked_flag(from, self.me).load(Ordering::SeqCst)
             {
@@ -284,6 +297,25 @@ pub(crate) mod mutations {
     #[cfg(test)]
     thread_local! {
         static SKIP_WAKE_BLOCKED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+        static RECEIVER_CLEARS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+
+    /// The receiver clears a sender's "blocked" flag when it takes from the ring, asleep or
+    /// not (the bug fixed in 3d4b42c): on this thread, until reset.
+    #[cfg(test)]
+    pub(crate) fn set_receiver_clears_flags(on: bool) {
+        RECEIVER_CLEARS.with(|c| c.set(on));
+    }
+
+    #[cfg(test)]
+    pub(crate) fn receiver_clears_flags() -> bool {
+        RECEIVER_CLEARS.with(std::cell::Cell::get)
+    }
+
+    #[cfg(not(test))]
+    #[inline(always)]
+    pub(crate) const fn receiver_clears_flags() -> bool {
+        false
     }
 
     /// The receiver does not wake a sender that sleeps blocked on its full ring (the bug fixed
@@ -364,6 +396,48 @@ mod tests {
         b0.woke();
         b0.flush();
         assert!(!b0.backlogged());
+    }
+
+    /// The schedule behind 3d4b42c, scripted: the receiver's turn is cut between its pops and
+    /// its wake check, and the sender, awake in between, uses the room and fills the ring
+    /// again. The sender then sleeps; the receiver's next pops must wake it. Run once as the
+    /// code is, once with the old receiver (`mutations::set_receiver_clears_flags`), which
+    /// cleared the flag at the wake check and so left the sender asleep with room in its ring.
+    #[test]
+    fn a_sender_that_refills_its_ring_before_the_wake_check_is_still_woken() {
+        let schedule = |old_receiver: bool| -> bool {
+            mutations::set_receiver_clears_flags(old_receiver);
+            let mut boxes = mailboxes(2, 16).unwrap();
+            let mut b1 = boxes.pop().unwrap();
+            let mut b0 = boxes.pop().unwrap();
+            for u in 0..40 {
+                b0.send(1, msg(u));
+            }
+            b0.flush();
+            assert_eq!(b0.spill_depth(), 24);
+            // Shard 1's turn, first half: its pops.
+            mutations::set_skip_wake_blocked_senders(true);
+            assert_eq!(b1.receive(|_| {}), 16);
+            mutations::set_skip_wake_blocked_senders(false);
+            // Shard 0, awake, uses the room: the ring is full again, 8 still spill.
+            b0.flush();
+            assert_eq!(b0.spill_depth(), 8);
+            // Shard 1's turn, second half: its wake check sees shard 0 awake.
+            b1.wake_blocked_senders();
+            assert!(!woken(&b0));
+            // Shard 0 can do nothing (no room, no message): it sleeps.
+            assert!(b0.prepare_sleep());
+            // Shard 1's next turn makes room: shard 0 must be woken.
+            assert_eq!(b1.receive(|_| {}), 16);
+            let woke = woken(&b0);
+            mutations::set_receiver_clears_flags(false);
+            woke
+        };
+        assert!(schedule(false), "the sender sleeps with room in its ring");
+        assert!(
+            !schedule(true),
+            "the old receiver is not caught: the schedule does not show the bug"
+        );
     }
 
     #[test]
