@@ -18,8 +18,10 @@ pub const MAX_PER_POLL: usize = 256;
 pub enum Command {
     /// Stop forwarding for this participant and forget its binding.
     RemoveParticipant { room: u64, participant: u64 },
-    /// Drop the room and every participant in it.
-    CloseRoom { room: u64 },
+    /// Drop the room and every participant in it, and refuse the room's tokens that expire at
+    /// or before `fence` (unix seconds): every token issued before the command. Tokens issued
+    /// later expire later, so the room can come back to the relay with fresh tokens.
+    CloseRoom { room: u64, fence: u64 },
     /// Take nothing new; keep existing rooms.
     Drain,
     /// Back into service.
@@ -96,13 +98,13 @@ mod tests {
                 room: 1,
                 participant: 2,
             },
-            Command::CloseRoom { room: 1 },
+            Command::CloseRoom { room: 1, fence: 9 },
             Command::Drain,
             Command::Undrain,
         ];
         assert_eq!(
             serde_json::to_string(&cmds).unwrap(),
-            r#"[{"type":"remove_participant","room":1,"participant":2},{"type":"close_room","room":1},{"type":"drain"},{"type":"undrain"}]"#
+            r#"[{"type":"remove_participant","room":1,"participant":2},{"type":"close_room","room":1,"fence":9},{"type":"drain"},{"type":"undrain"}]"#
         );
     }
 
@@ -116,10 +118,10 @@ mod tests {
         assert_eq!(q.take(7), vec![Command::Drain, Command::Undrain]);
         assert!(q.take(7).is_empty(), "at most once");
         for room in 0..MAX_QUEUED as u64 + 1 {
-            q.push(1, Command::CloseRoom { room });
+            q.push(1, Command::CloseRoom { room, fence: 9 });
         }
         assert_eq!(q.n_dropped(), 1);
-        assert_eq!(q.take(1)[0], Command::CloseRoom { room: 1 });
+        assert_eq!(q.take(1)[0], Command::CloseRoom { room: 1, fence: 9 });
         q.clear(1);
         assert_eq!(q.n_queued(), 0);
     }

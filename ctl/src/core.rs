@@ -158,8 +158,9 @@ pub struct Core {
     swept_after_grace: bool,
     /// When idle meetings are next looked for.
     next_expiry_sweep: Instant,
-    /// Rooms moved off each relay while it was dead, to close there if it comes back.
-    evicted: BTreeMap<u32, Vec<u64>>,
+    /// Rooms moved off each relay while it was dead, to close there if it comes back, each
+    /// with the fence of its `CloseRoom`: the latest expiry of a token issued for it there.
+    evicted: BTreeMap<u32, Vec<(u64, u64)>>,
     pub stats: Stats,
 }
 
@@ -451,7 +452,7 @@ impl Core {
                 None => Record::Released { scope, id },
             };
             self.stats.moves += 1;
-            self.note_eviction(scope, Slot::of(m.from).relay_id, id);
+            self.note_eviction(scope, Slot::of(m.from).relay_id, id, now);
             // A failed write leaves the old placement on record; the sweep retries it.
             let _ = self.commit(record);
         }
@@ -491,21 +492,31 @@ impl Core {
 
     /// Remembers that a room moved off `relay_id`, so that if the relay comes back (it was
     /// cut off, not dead) it is told to close the room rather than keep half the meeting.
-    fn note_eviction(&mut self, scope: Scope, relay_id: u32, id: u64) {
+    ///
+    /// Every token for the room on that relay was issued before now, so it expires by
+    /// [`Core::fence`]; a token issued once the room may return there (the relay must heartbeat
+    /// again first, seconds later) expires after it.
+    fn note_eviction(&mut self, scope: Scope, relay_id: u32, id: u64, now: &Now) {
         if scope == Scope::Room {
-            self.evicted.entry(relay_id).or_default().push(id);
+            let fence = self.fence(now);
+            self.evicted.entry(relay_id).or_default().push((id, fence));
         }
+    }
+
+    /// The expiry of a token issued now: the fence that refuses every token issued so far.
+    fn fence(&self, now: &Now) -> u64 {
+        now.unix_s + self.cfg.token_ttl_s
     }
 
     /// A relay came back: close the rooms that moved away while it was gone.
     fn close_evicted(&mut self, relay_id: u32) {
-        for room in self.evicted.remove(&relay_id).unwrap_or_default() {
+        for (room, fence) in self.evicted.remove(&relay_id).unwrap_or_default() {
             let back = self
                 .placed
                 .get(&(Scope::Room, room))
                 .is_some_and(|p| p.relay_id == relay_id);
             if !back {
-                self.send(relay_id, Command::CloseRoom { room });
+                self.send(relay_id, Command::CloseRoom { room, fence });
             }
         }
     }
@@ -520,7 +531,7 @@ impl Core {
             .map(|m| m.id)
             .collect();
         for id in idle {
-            if self.close_meeting(id).is_ok() {
+            if self.close_meeting(now, id).is_ok() {
                 self.stats.meetings_expired += 1;
             }
         }
@@ -561,7 +572,7 @@ impl Core {
         self.stats.placements += 1;
         if let Some(relay_id) = from.filter(|&r| r != placed.relay_id) {
             self.stats.moves += 1;
-            self.note_eviction(scope, relay_id, id);
+            self.note_eviction(scope, relay_id, id, now);
         }
         Ok(placed)
     }
@@ -893,15 +904,19 @@ impl Core {
     pub fn end(&mut self, now: &Now, meeting_id: u64, auth: Option<&str>) -> Result<(), ApiError> {
         let m = self.meeting(meeting_id)?;
         self.check_host(m, auth.ok_or(ApiError::Unauthenticated)?, now)?;
-        self.close_meeting(meeting_id)?;
+        self.close_meeting(now, meeting_id)?;
         self.stats.meetings_ended += 1;
         Ok(())
     }
 
     /// Forgets a meeting, its code and its placement; its relay closes the room.
-    fn close_meeting(&mut self, meeting_id: u64) -> Result<(), ApiError> {
+    fn close_meeting(&mut self, now: &Now, meeting_id: u64) -> Result<(), ApiError> {
         self.commit(Record::MeetingEnded(meeting_id))?;
-        self.send_to_room(meeting_id, Command::CloseRoom { room: meeting_id });
+        let close = Command::CloseRoom {
+            room: meeting_id,
+            fence: self.fence(now),
+        };
+        self.send_to_room(meeting_id, close);
         self.release(Scope::Room, meeting_id)
     }
 

@@ -299,9 +299,11 @@ fn forged_expired_and_foreign_host_tokens_are_refused() {
         Err(ApiError::TokenExpired)
     );
     rig.core.end(&now, id, Some(&host_a)).unwrap();
+    let fence = now.unix_s + Config::default().token_ttl_s;
     assert_eq!(
         rig.core.take_commands(4),
-        vec![Command::CloseRoom { room: id }]
+        vec![Command::CloseRoom { room: id, fence }],
+        "every token issued so far is refused"
     );
     assert_eq!(rig.join(20, &a.code), Err(ApiError::UnknownMeeting));
     assert!(rig.core.placement(Scope::Room, id).is_none());
@@ -496,9 +498,14 @@ fn idle_meetings_expire_and_rejoins_keep_them_alive() {
         rig.core.meetings().get(busy.meeting_id).is_some(),
         "busy one kept"
     );
-    assert!(rig.core.take_commands(1).contains(&Command::CloseRoom {
-        room: idle.meeting_id
-    }));
+    let closed = rig.core.take_commands(1);
+    assert!(
+        closed
+            .iter()
+            .any(|c| matches!(c, Command::CloseRoom { room, .. }
+            if *room == idle.meeting_id)),
+        "{closed:?}"
+    );
 }
 
 #[test]
@@ -514,14 +521,29 @@ fn a_relay_that_comes_back_closes_the_rooms_that_moved_away() {
     assert_eq!(rig.join(3_000, &m.code).unwrap().relay_id, 2);
     rig.beat(4_000, &[1, 2]);
     let cmds = rig.core.take_commands(1);
+    // The fence covers every token issued for relay 1 before the move (at 3 s).
+    let fence = rig.at(3_000).unix_s + Config::default().token_ttl_s;
     assert!(
-        cmds.contains(&Command::CloseRoom { room: m.meeting_id }),
+        cmds.contains(&Command::CloseRoom {
+            room: m.meeting_id,
+            fence
+        }),
         "{cmds:?}"
     );
     assert_eq!(
         rig.join(4_100, &m.code).unwrap().relay_id,
         2,
         "the room stays moved"
+    );
+    // Relay 2 dies: the room comes back to relay 1, whose fence must not refuse the fresh
+    // tokens (before, relay 1 refused the room until the old tokens had expired: an hour).
+    rig.beat(6_000, &[1]);
+    let back = rig.join(7_100, &m.code).unwrap();
+    assert_eq!(back.relay_id, 1, "the room is back on relay 1");
+    assert!(
+        back.expires_at > fence,
+        "a fresh token ({}) expires after the fence ({fence})",
+        back.expires_at
     );
 }
 

@@ -307,7 +307,17 @@ fn meeting_lifecycle_create_join_leave_remove_end() {
     let (_, cmd) = relay
         .next_command(Duration::from_secs(1))
         .expect("close_room");
-    assert_eq!(cmd, json!({"type": "close_room", "room": id}));
+    assert_eq!(
+        (&cmd["type"], &cmd["room"]),
+        (&json!("close_room"), &json!(id))
+    );
+    // The fence refuses every token issued so far: they expire within the hour from now.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let fence = cmd["fence"].as_u64().expect("close_room names a fence");
+    assert!((now + 3599..=now + 3601).contains(&fence), "{cmd}");
     let (s, v) = ctl.join(code);
     assert_eq!((s, v["code"].as_str()), (404, Some("unknown_meeting")));
 }

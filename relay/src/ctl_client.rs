@@ -76,8 +76,16 @@ struct Commands {
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
 #[serde(tag = "type", rename_all = "snake_case")]
 enum WireCommand {
-    RemoveParticipant { room: u64, participant: u64 },
-    CloseRoom { room: u64 },
+    RemoveParticipant {
+        room: u64,
+        participant: u64,
+    },
+    CloseRoom {
+        room: u64,
+        /// Absent from an older ctl: the relay fences the tokens it has seen.
+        #[serde(default)]
+        fence: u64,
+    },
     Drain,
     Undrain,
 }
@@ -331,7 +339,9 @@ impl CtlLoop {
             WireCommand::RemoveParticipant { room, participant } => {
                 (Command::RemoveParticipant { room, participant }, draining)
             }
-            WireCommand::CloseRoom { room } => (Command::CloseRoom { room }, draining),
+            WireCommand::CloseRoom { room, fence } => {
+                (Command::CloseRoom { room, fence }, draining)
+            }
             WireCommand::Drain => (Command::SetDraining(true), true),
             WireCommand::Undrain => (Command::SetDraining(false), false),
         };
@@ -410,7 +420,7 @@ mod tests {
     #[test]
     fn parses_commands_and_urls() {
         let c: Commands = serde_json::from_str(
-            r#"{"commands":[{"type":"remove_participant","room":1,"participant":2},{"type":"close_room","room":3},{"type":"drain"},{"type":"undrain"}]}"#,
+            r#"{"commands":[{"type":"remove_participant","room":1,"participant":2},{"type":"close_room","room":3},{"type":"close_room","room":4,"fence":99},{"type":"drain"},{"type":"undrain"}]}"#,
         )
         .unwrap();
         assert_eq!(
@@ -420,7 +430,8 @@ mod tests {
                     room: 1,
                     participant: 2
                 },
-                WireCommand::CloseRoom { room: 3 },
+                WireCommand::CloseRoom { room: 3, fence: 0 },
+                WireCommand::CloseRoom { room: 4, fence: 99 },
                 WireCommand::Drain,
                 WireCommand::Undrain
             ]

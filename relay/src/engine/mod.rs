@@ -108,17 +108,21 @@ pub enum Command {
         /// Participant id.
         participant: u64,
     },
-    /// Unbind every participant of a room.
+    /// Unbind every participant of a room, and refuse its tokens that expire at or before
+    /// `fence` (unix seconds; ctl's latest expiry of a token issued before the command, 0 when
+    /// ctl names none): tokens issued later, when the room comes back, are taken.
     CloseRoom {
         /// Room id.
         room: u64,
+        /// Tokens for the room expiring at or before this are refused.
+        fence: u64,
     },
     /// Refuse new rooms (existing rooms go on) while `true`.
     SetDraining(bool),
 }
 
 /// Removed participants and closed rooms remembered at most (their tokens stay refused until
-/// they expire).
+/// they expire; a closed room's, only those issued before it closed).
 pub const MAX_REMOVED: usize = 65_536;
 
 /// Stand-in participant id for "every participant of the room".
@@ -460,7 +464,10 @@ impl Shard {
                 .copied()
                 .unwrap_or(0)
         };
-        if refused_until(claims.participant_id).max(refused_until(WHOLE_ROOM)) > now.unix_s {
+        // A removed participant stays out while any token it may hold is valid; a closed room
+        // refuses the tokens issued before it closed, which expire by its fence.
+        let removed = refused_until(claims.participant_id) > now.unix_s;
+        if removed || claims.expires_at <= refused_until(WHOLE_ROOM) {
             return Err(BindRefusal::Removed);
         }
         self.attach(now, src, &claims, key)?;
@@ -659,9 +666,11 @@ impl Shard {
                 }
                 self.remove_participant(room, participant);
             }
-            Command::CloseRoom { room } => {
-                if let Some(until) = self.token_expiry(room, None) {
-                    self.remember_removed(room, WHOLE_ROOM, until);
+            Command::CloseRoom { room, fence } => {
+                let seen = self.token_expiry(room, None).unwrap_or(0);
+                let fence = fence.max(seen);
+                if fence > 0 {
+                    self.remember_removed(room, WHOLE_ROOM, fence);
                 }
                 self.close_room(room);
             }

@@ -418,7 +418,8 @@ fn commands_remove_close_and_drain() {
         participant: 3,
     });
     assert_eq!(f.send(addr(1), &rtp(1, 1)), Ok(vec![2]));
-    f.shard.handle_command(Command::CloseRoom { room: 10 });
+    f.shard
+        .handle_command(Command::CloseRoom { room: 10, fence: 0 });
     assert_eq!(f.send(addr(1), &rtp(1, 2)), Err("unbound".into()));
     assert_eq!((f.shard.n_rooms(), f.shard.n_participants()), (1, 1));
     f.shard.handle_command(Command::SetDraining(true));
@@ -451,12 +452,31 @@ fn removed_participants_and_closed_rooms_cannot_bind_again_with_their_tokens() {
         "no way back in"
     );
     assert_eq!(f.send(addr(1), &rtp(1, 1)), Err("no_route".into()));
-    f.shard.handle_command(Command::CloseRoom { room: 20 });
     let t = f.token(20, 5, Permissions::ALL);
+    let fence = f.now.unix_s + 60;
+    f.shard
+        .handle_command(Command::CloseRoom { room: 20, fence });
     assert_eq!(
         f.send(addr(5), &Fixture::request(&t)),
         Err("error 403".into()),
-        "a closed room stays closed"
+        "a closed room refuses a token issued before it closed, even one never seen here"
+    );
+    // The room comes back here later (its other relay died): ctl's fresh tokens expire after
+    // the fence and bind, while the old ones stay refused.
+    f.now.unix_s += 5;
+    f.now.mono_us += 5_000_000;
+    f.shard.handle_timeout(f.now);
+    let fresh = f.token(20, 6, Permissions::ALL);
+    assert!(fresh != t);
+    assert_eq!(
+        f.send(addr(6), &Fixture::request(&fresh)),
+        Err("ok".into()),
+        "a token issued after the close binds"
+    );
+    assert_eq!(
+        f.send(addr(5), &Fixture::request(&t)),
+        Err("error 403".into()),
+        "the old one is still refused"
     );
     // Once the refused tokens would have expired anyway, the ids are free again.
     f.now.unix_s += 61;
