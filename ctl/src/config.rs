@@ -12,6 +12,11 @@ use std::path::PathBuf;
 pub struct Config {
     /// Address the HTTP API listens on (port 0: any free port, printed at start-up).
     pub listen: SocketAddr,
+    /// If set, a second listener for the relay routes (heartbeat, command poll) and the admin
+    /// routes, with its own connection slots; `listen` then serves only the client routes, so
+    /// that no client (slow, trickling or hostile) can hold a slot a heartbeat needs. Unset:
+    /// `listen` serves every route.
+    pub internal_listen: Option<SocketAddr>,
     /// Directory for the key pair and the journal; created if absent.
     pub data_dir: PathBuf,
     /// Base of join links, `{public_url}/j/{code}`; default `http://{listen}`.
@@ -40,6 +45,8 @@ pub struct Config {
     pub max_body_bytes: usize,
     /// Open HTTP connections at once; more wait in the listen backlog.
     pub max_connections: usize,
+    /// Open connections at once on `internal_listen` (relays hold two each).
+    pub max_internal_connections: usize,
     /// Joins with an unknown code allowed per client address per minute (0: no limit).
     pub join_failures_per_minute: u32,
     /// Candidates kept per placement (k >= 2).
@@ -80,6 +87,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            internal_listen: None,
             data_dir: PathBuf::from("ctl-data"),
             public_url: None,
             admin_token: None,
@@ -92,6 +100,7 @@ impl Default for Config {
             max_meetings: 100_000,
             max_body_bytes: 16 * 1024,
             max_connections: 1024,
+            max_internal_connections: 256,
             join_failures_per_minute: 30,
             placement_candidates: 3,
             load_cap: 1.25,
@@ -122,8 +131,19 @@ impl Config {
         if self.max_participants == 0 || self.max_meetings == 0 {
             bail!("max_participants and max_meetings must be positive");
         }
-        if !(1..=65_536).contains(&self.max_connections) {
-            bail!("max_connections must be in 1..=65536");
+        for (name, n) in [
+            ("max_connections", self.max_connections),
+            ("max_internal_connections", self.max_internal_connections),
+        ] {
+            if !(1..=65_536).contains(&n) {
+                bail!("{name} must be in 1..=65536");
+            }
+        }
+        if self
+            .internal_listen
+            .is_some_and(|a| a == self.listen && a.port() != 0)
+        {
+            bail!("internal_listen must differ from listen");
         }
         if !(256..=1 << 20).contains(&self.max_body_bytes) {
             bail!("max_body_bytes must be in 256..=1048576");
@@ -176,6 +196,9 @@ mod tests {
         assert!(Config::from_toml("journal_slack_records = 15").is_err());
         assert!(Config::from_toml("journal_slack_records = 64").is_ok());
         assert!(Config::from_toml("placement_candidates = 9").is_err());
+        assert!(Config::from_toml("max_internal_connections = 0").is_err());
+        let same = "listen = \"127.0.0.1:9000\"\ninternal_listen = \"127.0.0.1:9000\"";
+        assert!(Config::from_toml(same).is_err());
         assert!(Config::from_toml("load_cap = nan").is_err());
         assert!(Config::from_toml("admin_token = \"short\"").is_err());
         assert!(Config::from_toml("relay_token = \"short\"").is_err());

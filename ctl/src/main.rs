@@ -1,8 +1,8 @@
 //! `ctl`: the control daemon and its command-line tools.
 //!
 //! ```text
-//! ctl serve [--config ctl.toml] [--listen ADDR] [--data-dir DIR] [--public-url URL]
-//!                                     run the daemon (prints `ready listen=ADDR` first)
+//! ctl serve [--config ctl.toml] [--listen ADDR] [--internal-listen ADDR] [--data-dir DIR]
+//!           [--public-url URL]        run the daemon (prints `ready listen=ADDR` first)
 //! ctl relays | rooms | home USER | drain RELAY | undrain RELAY  [--ctl URL] [--json]
 //!                                     ask a running ctl (admin token: $CTL_ADMIN_TOKEN)
 //! ctl keygen --key ctl.key            create a key pair (secret seed, hex) and print the public key
@@ -105,7 +105,17 @@ fn run(args: Vec<String>) -> Result<()> {
 
 /// `ctl serve`: the configuration file, then flags over it.
 fn serve(args: &[String]) -> Result<()> {
-    let flags = Flags::parse(args, &["config", "listen", "data-dir", "public-url"], &[])?;
+    let flags = Flags::parse(
+        args,
+        &[
+            "config",
+            "listen",
+            "internal-listen",
+            "data-dir",
+            "public-url",
+        ],
+        &[],
+    )?;
     let mut cfg = match flags.get("config") {
         Some(path) => {
             let text =
@@ -118,6 +128,12 @@ fn serve(args: &[String]) -> Result<()> {
         cfg.listen = v
             .parse()
             .with_context(|| format!("--listen: not an address: {v:?}"))?;
+    }
+    if let Some(v) = flags.get("internal-listen") {
+        cfg.internal_listen = Some(
+            v.parse()
+                .with_context(|| format!("--internal-listen: not an address: {v:?}"))?,
+        );
     }
     if let Some(v) = flags.get("data-dir") {
         cfg.data_dir = PathBuf::from(v);

@@ -426,19 +426,61 @@ async fn metrics(State(app): State<Shared>) -> Response {
     (StatusCode::OK, [(header::CONTENT_TYPE, ct)], text).into_response()
 }
 
+/// Which listener a route is served on when ctl has an internal listener.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Reach {
+    /// Clients: meetings, joins.
+    Client,
+    /// Relays (heartbeat, command poll) and operators (admin routes, metrics).
+    Internal,
+    /// Both listeners (health, the public key).
+    Both,
+}
+
+/// The routes one listener serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Serves {
+    /// Every route: ctl has one listener.
+    All,
+    /// The client listener of a ctl with an internal listener.
+    Client,
+    /// The internal listener.
+    Internal,
+}
+
+impl Serves {
+    fn serves(self, reach: Reach) -> bool {
+        match (self, reach) {
+            (Serves::All, _) | (_, Reach::Both) => true,
+            (Serves::Client, r) => r == Reach::Client,
+            (Serves::Internal, r) => r == Reach::Internal,
+        }
+    }
+}
+
 /// Builds a router while recording every (method, path) it serves, so that a test can hold
 /// the OpenAPI description to exactly this list.
 struct Routes {
     router: Router<Shared>,
     list: Vec<(&'static str, &'static str)>,
+    serves: Serves,
 }
 
 impl Routes {
-    fn add<H, T>(mut self, method: &'static str, path: &'static str, handler: H) -> Self
+    fn add<H, T>(
+        mut self,
+        method: &'static str,
+        path: &'static str,
+        reach: Reach,
+        handler: H,
+    ) -> Self
     where
         H: Handler<T, Shared>,
         T: 'static,
     {
+        if !self.serves.serves(reach) {
+            return self;
+        }
         let filter = match method {
             "GET" => MethodFilter::GET,
             "POST" => MethodFilter::POST,
@@ -451,32 +493,49 @@ impl Routes {
     }
 }
 
-/// The API: the router and the list of (method, path) it serves.
-pub fn router(app: Shared, max_body_bytes: usize) -> (Router, Vec<(&'static str, &'static str)>) {
+/// The API as one listener serves it: the router and the list of (method, path) it serves.
+pub fn router(
+    app: Shared,
+    max_body_bytes: usize,
+    serves: Serves,
+) -> (Router, Vec<(&'static str, &'static str)>) {
+    use Reach::{Both, Client, Internal};
     let r = Routes {
         router: Router::new(),
         list: Vec::new(),
+        serves,
     };
     let r = r
-        .add("POST", "/v1/relays/heartbeat", heartbeat)
-        .add("GET", "/v1/relays/{relay_id}/commands", relay_commands)
-        .add("GET", "/v1/relays", list_relays)
-        .add("POST", "/v1/relays/{relay_id}/drain", drain_relay)
-        .add("POST", "/v1/relays/{relay_id}/undrain", undrain_relay)
-        .add("POST", "/v1/meetings", create_meeting)
-        .add("POST", "/v1/join", join)
-        .add("POST", "/v1/meetings/{meeting_id}/leave", leave)
+        .add("POST", "/v1/relays/heartbeat", Internal, heartbeat)
+        .add(
+            "GET",
+            "/v1/relays/{relay_id}/commands",
+            Internal,
+            relay_commands,
+        )
+        .add("GET", "/v1/relays", Internal, list_relays)
+        .add("POST", "/v1/relays/{relay_id}/drain", Internal, drain_relay)
+        .add(
+            "POST",
+            "/v1/relays/{relay_id}/undrain",
+            Internal,
+            undrain_relay,
+        )
+        .add("POST", "/v1/meetings", Client, create_meeting)
+        .add("POST", "/v1/join", Client, join)
+        .add("POST", "/v1/meetings/{meeting_id}/leave", Client, leave)
         .add(
             "DELETE",
             "/v1/meetings/{meeting_id}/participants/{participant_id}",
+            Client,
             remove_participant,
         )
-        .add("DELETE", "/v1/meetings/{meeting_id}", end_meeting)
-        .add("GET", "/v1/rooms", list_rooms)
-        .add("GET", "/v1/users/{user_id}/home", user_home)
-        .add("GET", "/v1/public-key", public_key)
-        .add("GET", "/health", health)
-        .add("GET", "/metrics", metrics);
+        .add("DELETE", "/v1/meetings/{meeting_id}", Client, end_meeting)
+        .add("GET", "/v1/rooms", Internal, list_rooms)
+        .add("GET", "/v1/users/{user_id}/home", Internal, user_home)
+        .add("GET", "/v1/public-key", Both, public_key)
+        .add("GET", "/health", Both, health)
+        .add("GET", "/metrics", Internal, metrics);
     let router = r
         .router
         .fallback(|| async { ApiError::NotFound })
@@ -498,7 +557,8 @@ async fn ticker(app: Shared) {
 }
 
 /// `ctl serve`: opens the data directory (creating the key pair on first start), binds, prints
-/// `ready listen=ADDR` as the first line of stdout, and serves until SIGINT or SIGTERM.
+/// `ready listen=ADDR` (then ` internal=ADDR` when it has an internal listener) as the first
+/// line of stdout, and serves until SIGINT or SIGTERM.
 pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     use anyhow::Context;
     use std::io::Write;
@@ -509,22 +569,55 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         .create(&cfg.data_dir)
         .with_context(|| format!("cannot create {}", cfg.data_dir.display()))?;
     let key = crate::keys::load_or_create(&cfg.data_dir.join(crate::keys::KEY_FILE))?;
-    let listener = tokio::net::TcpListener::bind(cfg.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", cfg.listen))?;
+    let bind = |a: std::net::SocketAddr| async move {
+        tokio::net::TcpListener::bind(a)
+            .await
+            .with_context(|| format!("cannot listen on {a}"))
+    };
+    let listener = bind(cfg.listen).await?;
+    let internal = match cfg.internal_listen {
+        Some(a) => Some(bind(a).await?),
+        None => None,
+    };
     let addr = listener.local_addr()?;
     let mut cfg = cfg;
     cfg.listen = addr;
+    let mut ready = format!("ready listen={addr}");
+    if let Some(l) = &internal {
+        let a = l.local_addr()?;
+        cfg.internal_listen = Some(a);
+        ready.push_str(&format!(" internal={a}"));
+    }
     let (max_body, max_connections) = (cfg.max_body_bytes, cfg.max_connections);
+    let max_internal = cfg.max_internal_connections;
     let data_dir = cfg.data_dir.clone();
     let core = Core::open(cfg, key, &data_dir, Now::system())
         .with_context(|| format!("cannot open the journal in {}", data_dir.display()))?;
     let app = App::new(core);
-    let (router, _) = router(app.clone(), max_body);
-    tokio::spawn(ticker(app));
-    println!("ready listen={addr}");
+    tokio::spawn(ticker(app.clone()));
+    // One shutdown signal for both listeners.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+    let mut serves = Serves::All;
+    let internal = internal.map(|l| {
+        serves = Serves::Client;
+        let (router, _) = router(app.clone(), max_body, Serves::Internal);
+        let stop = stopped(stop_rx.clone());
+        tokio::spawn(crate::listener::serve(l, router, max_internal, stop))
+    });
+    let (router, _) = router(app, max_body, serves);
+    println!("{ready}");
     std::io::stdout().flush()?;
-    crate::listener::serve(listener, router, max_connections, shutdown_signal()).await;
+    crate::listener::serve(listener, router, max_connections, stopped(stop_rx)).await;
+    if let Some(task) = internal {
+        let _ = task.await;
+    }
     Ok(())
 }
 
@@ -575,7 +668,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let key = ed25519_dalek::SigningKey::from_bytes(&[1; 32]);
         let core = Core::open(Config::default(), key, &dir, Now::system()).unwrap();
-        let (_, list) = router(App::new(core), 1024);
+        let (_, list) = router(App::new(core), 1024, Serves::All);
         std::fs::remove_dir_all(&dir).unwrap();
         list.iter()
             .map(|(m, p)| (m.to_string(), p.to_string()))
@@ -614,6 +707,32 @@ mod tests {
             headings,
             "API.md `### `METHOD path`` headings"
         );
+    }
+
+    #[test]
+    fn an_internal_listener_takes_the_relay_and_admin_routes_from_clients() {
+        let dir = std::env::temp_dir().join(format!("ctl-reach-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let key = ed25519_dalek::SigningKey::from_bytes(&[1; 32]);
+        let core = Core::open(Config::default(), key, &dir, Now::system()).unwrap();
+        let app = App::new(core);
+        let (_, client) = router(app.clone(), 1024, Serves::Client);
+        let (_, internal) = router(app, 1024, Serves::Internal);
+        std::fs::remove_dir_all(&dir).unwrap();
+        let has = |l: &[(&str, &str)], p: &str| l.iter().any(|(_, q)| *q == p);
+        for p in [
+            "/v1/relays/heartbeat",
+            "/v1/relays",
+            "/v1/rooms",
+            "/metrics",
+        ] {
+            assert!(!has(&client, p) && has(&internal, p), "{p}");
+        }
+        for p in ["/v1/join", "/v1/meetings"] {
+            assert!(has(&client, p) && !has(&internal, p), "{p}");
+        }
+        assert!(has(&client, "/health") && has(&internal, "/health"));
+        assert_eq!(client.len() + internal.len(), served_routes().len() + 2);
     }
 
     #[test]

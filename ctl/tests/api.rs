@@ -18,6 +18,8 @@ use std::time::{Duration, Instant};
 struct Ctl {
     child: Child,
     url: String,
+    /// The internal listener's URL, when ctl was started with one.
+    internal: Option<String>,
 }
 
 impl Ctl {
@@ -46,13 +48,18 @@ impl Ctl {
         BufReader::new(stdout)
             .read_line(&mut line)
             .expect("read ready line");
-        let addr = line
+        let rest = line
             .trim()
             .strip_prefix("ready listen=")
             .unwrap_or_else(|| panic!("first line is `ready listen=ADDR`, got {line:?}"));
+        let (addr, internal) = match rest.split_once(" internal=") {
+            Some((a, i)) => (a, Some(format!("http://{i}"))),
+            None => (rest, None),
+        };
         Self {
             child,
             url: format!("http://{addr}"),
+            internal,
         }
     }
 
@@ -860,4 +867,89 @@ fn fuzzed_requests_to_every_route_never_get_a_5xx() {
     eprintln!("{n} fuzzed requests by status: {by_status:?}");
     let (s, _) = ctl.json("GET", "/health", None, None);
     assert_eq!(s, 200, "still serving");
+}
+
+/// 1,100 connections trickling request bodies into the client listener hold all of its 1,024
+/// slots (a request there waits); the relay routes live on the internal listener, with slots
+/// of their own: heartbeats are answered at once and no relay is declared dead.
+#[test]
+fn trickling_clients_cannot_delay_heartbeats_on_the_internal_listener() {
+    use std::io::Write;
+    use std::net::TcpStream;
+    let dir = temp_dir("trickle");
+    let ctl = Ctl::start_with(&dir, &["--internal-listen", "127.0.0.1:0"]);
+    let internal = ctl
+        .internal
+        .clone()
+        .expect("ready line names the internal listener");
+    let hb = heartbeat_body(7, "serving");
+    let r = client::json(&ctl.url, "POST", "/v1/relays/heartbeat", Some(&hb)).unwrap();
+    assert_eq!(r.status, 404, "relay routes are not on the client listener");
+    let r = client::json(&internal, "POST", "/v1/join", Some("{}")).unwrap();
+    assert_eq!(
+        r.status, 404,
+        "client routes are not on the internal listener"
+    );
+    let _relay = FakeRelay::start(&internal, 1);
+
+    let addr = ctl.url.strip_prefix("http://").unwrap().to_string();
+    let head = "POST /v1/join HTTP/1.1\r\nHost: ctl\r\nContent-Type: application/json\r\n\
+                Content-Length: 4096\r\n\r\n{";
+    let mut conns: Vec<TcpStream> = (0..1_100)
+        .map(|i| {
+            let mut s = TcpStream::connect(&addr).unwrap_or_else(|e| panic!("conn {i}: {e}"));
+            s.write_all(head.as_bytes()).unwrap();
+            s
+        })
+        .collect();
+    let started = Instant::now();
+    let mut latencies = Vec::new();
+    let mut next_trickle = started;
+    while started.elapsed() < Duration::from_secs(8) {
+        if Instant::now() >= next_trickle {
+            // One byte a second on each: a body that is coming, just slowly.
+            for s in &mut conns {
+                let _ = s.write_all(b" ");
+            }
+            next_trickle += Duration::from_secs(1);
+        }
+        let t = Instant::now();
+        let r = client::json(&internal, "POST", "/v1/relays/heartbeat", Some(&hb)).unwrap();
+        latencies.push(t.elapsed());
+        assert_eq!(r.status, 200, "{}", r.text());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The control: the trickle really holds the client listener's slots.
+    let starved = client::request(
+        &ctl.url,
+        "GET",
+        "/health",
+        &[],
+        None,
+        Duration::from_secs(1),
+    );
+    assert!(
+        starved.is_err(),
+        "the client listener still had a free slot"
+    );
+    let (s, relays) = {
+        let r = client::json(&internal, "GET", "/v1/relays", None).unwrap();
+        (r.status, serde_json::from_slice::<Value>(&r.body).unwrap())
+    };
+    assert_eq!(s, 200);
+    for r in relays["relays"].as_array().unwrap() {
+        assert_eq!(r["state"], "serving", "{r}");
+    }
+    latencies.sort();
+    let pct = |p: usize| latencies[(latencies.len() - 1) * p / 100];
+    eprintln!(
+        "heartbeats under 1,100 trickling clients: {} answered, median {:?}, p99 {:?}, max {:?}",
+        latencies.len(),
+        pct(50),
+        pct(99),
+        latencies.last().unwrap()
+    );
+    assert!(latencies.len() >= 50);
+    assert!(pct(99) < Duration::from_millis(100), "p99 {:?}", pct(99));
+    drop(conns);
 }
