@@ -13,6 +13,9 @@ pub struct HeartbeatAnswer {
     /// ctl's Ed25519 public key, hex.
     pub public_key: String,
     pub heartbeat_ms: u64,
+    /// How long from sending this heartbeat the relay may take new joins, milliseconds; 0
+    /// while it has rooms to close first (it came back after they moved).
+    pub lease_ms: u64,
 }
 
 /// Answer to a relay's command poll.

@@ -76,6 +76,11 @@ impl Queues {
         self.woken.pop()
     }
 
+    /// Commands waiting for one relay.
+    pub fn pending(&self, relay_id: u32) -> usize {
+        self.by_relay.get(&relay_id).map_or(0, VecDeque::len)
+    }
+
     /// Commands waiting, over all relays.
     pub fn n_queued(&self) -> usize {
         self.by_relay.values().map(VecDeque::len).sum()

@@ -170,6 +170,18 @@ impl Config {
         Ok(())
     }
 
+    /// The lease a heartbeat grants, milliseconds: how long a relay may take new joins
+    /// without hearing from ctl. Shorter than `dead_after_ms` by a sixth of it (at least
+    /// 500 ms, at most half): the relay counts its lease from when it sent the heartbeat,
+    /// ctl counts a relay's silence from when it received one, so by the time ctl declares
+    /// the relay dead and moves its rooms, the lease has lapsed for at least that margin.
+    pub fn lease_ms(&self) -> u64 {
+        let margin = (self.dead_after_ms / 6)
+            .max(500)
+            .min(self.dead_after_ms / 2);
+        self.dead_after_ms - margin
+    }
+
     /// Base URL of join links.
     pub fn public_url(&self) -> String {
         match &self.public_url {
@@ -187,6 +199,21 @@ mod tests {
     fn shipped_example_parses_to_the_defaults() {
         let cfg = Config::from_toml(include_str!("../ctl.toml")).unwrap();
         assert_eq!(cfg, Config::default());
+    }
+
+    #[test]
+    fn the_lease_lapses_before_the_relay_is_declared_dead() {
+        assert_eq!(Config::default().lease_ms(), 2_500);
+        for (hb, dead) in [(1_000, 2_000), (1_000, 3_000), (100, 200), (2_000, 60_000)] {
+            let text = format!("heartbeat_ms = {hb}\ndead_after_ms = {dead}");
+            let cfg = Config::from_toml(&text).unwrap();
+            let lease = cfg.lease_ms();
+            assert!(
+                lease >= hb,
+                "a lease outlasts one heartbeat: {lease} < {hb}"
+            );
+            assert!(lease + (dead / 6).min(500) <= dead, "{lease} vs {dead}");
+        }
     }
 
     #[test]

@@ -17,7 +17,7 @@ use crate::placement::{Key, Move, Node, NodeId, NodeState, Placement, Placer, Pl
 use ed25519_dalek::SigningKey;
 use proto::token::{Claims, Permissions, TokenKind, TokenVerifier, TOKEN_TEXT_LEN};
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -161,6 +161,9 @@ pub struct Core {
     /// Rooms moved off each relay while it was dead, to close there if it comes back, each
     /// with the fence of its `CloseRoom`: the latest expiry of a token issued for it there.
     evicted: BTreeMap<u32, Vec<(u64, u64)>>,
+    /// Relays that came back and have not yet taken the `CloseRoom`s of their moved rooms: no
+    /// lease for them until they have, so that they take no join for a room that moved.
+    fencing: BTreeSet<u32>,
     pub stats: Stats,
 }
 
@@ -209,6 +212,7 @@ impl Core {
             swept_after_grace: false,
             next_expiry_sweep: now.mono,
             evicted: BTreeMap::new(),
+            fencing: BTreeSet::new(),
             stats: Stats::default(),
             cfg,
         };
@@ -325,6 +329,9 @@ impl Core {
     /// Takes the commands waiting for `relay_id` (at most once).
     pub fn take_commands(&mut self, relay_id: u32) -> Vec<Command> {
         let cmds = self.queues.take(relay_id);
+        if self.queues.pending(relay_id) == 0 {
+            self.fencing.remove(&relay_id);
+        }
         self.stats.commands_delivered += cmds.len() as u64;
         cmds
     }
@@ -379,9 +386,15 @@ impl Core {
             self.close_evicted(relay_id);
         }
         self.sync_nodes(relay_id, before, now);
+        let lease_ms = if self.fencing.contains(&relay_id) {
+            0
+        } else {
+            self.cfg.lease_ms()
+        };
         Ok(HeartbeatAnswer {
             public_key: self.public_key_hex.clone(),
             heartbeat_ms: self.cfg.heartbeat_ms,
+            lease_ms,
         })
     }
 
@@ -482,6 +495,7 @@ impl Core {
         for relay_id in self.members.poll_deaths(now.mono) {
             self.stats.relay_deaths += 1;
             self.queues.clear(relay_id);
+            self.fencing.remove(&relay_id);
             let shards = self.members.get(relay_id).map_or(0, |r| r.shards);
             for shard_idx in 0..shards {
                 self.remove_node(relay_id, shard_idx, now);
@@ -517,6 +531,7 @@ impl Core {
                 .is_some_and(|p| p.relay_id == relay_id);
             if !back {
                 self.send(relay_id, Command::CloseRoom { room, fence });
+                self.fencing.insert(relay_id);
             }
         }
     }

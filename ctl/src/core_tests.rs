@@ -519,8 +519,16 @@ fn a_relay_that_comes_back_closes_the_rooms_that_moved_away() {
     rig.beat(2_900, &[2]);
     // No tick between: the join itself notices that relay 1 has been silent for 3 s.
     assert_eq!(rig.join(3_000, &m.code).unwrap().relay_id, 2);
-    rig.beat(4_000, &[1, 2]);
+    rig.run_to(4_000);
+    let back = rig.core.handle_heartbeat(&rig.at(4_000), hb(1, 2)).unwrap();
+    assert_eq!(
+        back.lease_ms, 0,
+        "no lease while its rooms wait to be closed"
+    );
+    rig.beat(4_000, &[2]);
     let cmds = rig.core.take_commands(1);
+    let next = rig.core.handle_heartbeat(&rig.at(4_100), hb(1, 2)).unwrap();
+    assert_eq!(next.lease_ms, 2_500, "a lease once it has taken them");
     // The fence covers every token issued for relay 1 before the move (at 3 s).
     let fence = rig.at(3_000).unix_s + Config::default().token_ttl_s;
     assert!(

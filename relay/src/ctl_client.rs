@@ -66,6 +66,10 @@ pub struct HeartbeatReply {
     /// Requested heartbeat period.
     #[serde(default)]
     pub heartbeat_ms: Option<u64>,
+    /// The lease: how long from sending the heartbeat the relay may take new joins (0: not
+    /// yet). Absent from an older ctl, which fences nothing.
+    #[serde(default)]
+    pub lease_ms: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -270,6 +274,10 @@ pub struct CtlLoop {
     pub commands: Vec<Producer<Command>>,
     /// Set when the process is stopping.
     pub stop: Arc<AtomicBool>,
+    /// The origin of the shards' monotonic clock.
+    pub origin: Instant,
+    /// The lease of the registration: (when its heartbeat was sent, at the latest; lease_ms).
+    pub first_lease: Option<(Instant, u64)>,
 }
 
 impl CtlLoop {
@@ -279,13 +287,36 @@ impl CtlLoop {
         let mut draining = false;
         let mut last = Snapshot::take(&self.stats);
         let mut next_heartbeat = Instant::now();
+        // The end of the lease, and whether its lapse was reported.
+        let mut lease: Option<(Instant, bool)> = None;
+        if let Some((sent, ms)) = self.first_lease {
+            lease = self.grant(sent, ms).map(|end| (end, false));
+        }
         while !self.stop.load(Ordering::Relaxed) {
             if Instant::now() >= next_heartbeat {
                 let now = Snapshot::take(&self.stats);
                 let load = now.rates_since(&last);
                 last = now;
-                if let Err(e) = heartbeat(&self.ctl, &self.identity, draining, load) {
-                    eprintln!("relay: {e}");
+                let sent = Instant::now();
+                match heartbeat(&self.ctl, &self.identity, draining, load) {
+                    Ok(reply) => {
+                        if let Some(end) = reply.lease_ms.and_then(|ms| self.grant(sent, ms)) {
+                            if lease.is_some_and(|(_, lapsed)| lapsed) {
+                                eprintln!("relay: lease from ctl renewed: taking new joins");
+                            }
+                            lease = Some((end, false));
+                        }
+                    }
+                    Err(e) => eprintln!("relay: {e}"),
+                }
+                if let Some((end, lapsed)) = &mut lease {
+                    if !*lapsed && Instant::now() >= *end {
+                        *lapsed = true;
+                        eprintln!(
+                            "relay: lease from ctl lapsed: taking no new joins until ctl \
+                             answers (ctl may move this relay's rooms)"
+                        );
+                    }
                 }
                 next_heartbeat += HEARTBEAT_INTERVAL;
                 if next_heartbeat < Instant::now() {
@@ -307,6 +338,18 @@ impl CtlLoop {
                 }
             }
         }
+    }
+
+    /// Hands the shards a lease of `ms` from `sent` (0: none); returns its end.
+    fn grant(&mut self, sent: Instant, ms: u64) -> Option<Instant> {
+        if ms == 0 {
+            return None;
+        }
+        let lease = Duration::from_millis(ms);
+        let until = sent.saturating_duration_since(self.origin) + lease;
+        let until_us = u64::try_from(until.as_micros()).unwrap_or(u64::MAX);
+        self.send_to_shards(Command::Lease { until_us });
+        Some(sent + lease)
     }
 
     fn poll_commands(&self, wait: Duration) -> Result<Vec<WireCommand>, String> {
@@ -345,6 +388,12 @@ impl CtlLoop {
             WireCommand::Drain => (Command::SetDraining(true), true),
             WireCommand::Undrain => (Command::SetDraining(false), false),
         };
+        self.send_to_shards(cmd);
+        draining
+    }
+
+    /// Hands `cmd` to every shard.
+    fn send_to_shards(&mut self, cmd: Command) {
         for (i, ring) in self.commands.iter_mut().enumerate() {
             // The shard drains 64 commands per turn (every ~10 ms): a full ring is a burst far
             // beyond what ctl sends; retry briefly, then report.
@@ -360,7 +409,6 @@ impl CtlLoop {
                 std::thread::sleep(Duration::from_millis(1));
             }
         }
-        draining
     }
 }
 

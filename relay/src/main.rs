@@ -9,11 +9,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// What registering with ctl gives: ctl, what the relay reports, and the registration's lease
+/// (sent no later than this instant; milliseconds).
+type Registered = (
+    relay::ctl_client::Ctl,
+    relay::ctl_client::Identity,
+    Option<(Instant, u64)>,
+);
+
 /// Registers with ctl before the shards start; takes ctl's public key when none is configured.
-fn register_with_ctl(
-    cfg: &mut Config,
-    url: &str,
-) -> Result<(relay::ctl_client::Ctl, relay::ctl_client::Identity), Error> {
+fn register_with_ctl(cfg: &mut Config, url: &str) -> Result<Registered, Error> {
     let ctl = relay::ctl_client::Ctl::new(url, cfg.ctl_token.clone()).map_err(Error::Config)?;
     let shards = if cfg.shards == 0 {
         relay::io::sys::available_cpus()
@@ -32,8 +37,9 @@ fn register_with_ctl(
         labels: cfg.labels.clone(),
         chat_port: cfg.chat.port,
     };
-    let reply =
-        relay::ctl_client::register(&ctl, &identity, Instant::now() + Duration::from_secs(30))?;
+    let sent = Instant::now();
+    let reply = relay::ctl_client::register(&ctl, &identity, sent + Duration::from_secs(30))?;
+    let lease = reply.lease_ms.map(|ms| (sent, ms));
     match &cfg.public_key {
         Some(k) if !k.trim().eq_ignore_ascii_case(reply.public_key.trim()) => {
             return Err(Error::CtlRefused(
@@ -47,7 +53,7 @@ fn register_with_ctl(
         "relay: registered with ctl at {} as relay {}",
         ctl.addr, cfg.relay_id
     );
-    Ok((ctl, identity))
+    Ok((ctl, identity, lease))
 }
 
 fn main() -> ExitCode {
@@ -83,13 +89,15 @@ fn run(flags: &Flags) -> Result<(), Error> {
     };
     let mut relay = Relay::start(&cfg)?;
     let stop_ctl = Arc::new(AtomicBool::new(false));
-    if let Some((ctl, identity)) = ctl {
+    if let Some((ctl, identity, first_lease)) = ctl {
         let ctl_loop = relay::ctl_client::CtlLoop {
             ctl,
             identity,
             stats: relay.stats.clone(),
             commands: std::mem::take(&mut relay.commands),
             stop: stop_ctl.clone(),
+            origin: relay.origin,
+            first_lease,
         };
         std::thread::Builder::new()
             .name("ctl".into())

@@ -26,6 +26,8 @@ pub struct Relay {
     pub addrs: Vec<SocketAddr>,
     /// Command rings to each shard, in shard order; taken by the control-plane client.
     pub commands: Vec<Producer<Command>>,
+    /// The origin of the shards' monotonic clock (`engine::Now::mono_us` counts from it).
+    pub origin: Instant,
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<Result<(), ShardError>>>,
 }
@@ -95,6 +97,7 @@ impl Relay {
             stats: Vec::new(),
             addrs: Vec::new(),
             commands: Vec::new(),
+            origin,
             stop: stop.clone(),
             threads: Vec::new(),
         };

@@ -119,6 +119,12 @@ pub enum Command {
     },
     /// Refuse new rooms (existing rooms go on) while `true`.
     SetDraining(bool),
+    /// ctl's lease: take new joins until `until_us` (the engine's monotonic clock). Without
+    /// one (no ctl, or a ctl that grants none) a shard is never fenced.
+    Lease {
+        /// End of the lease.
+        until_us: u64,
+    },
 }
 
 /// Removed participants and closed rooms remembered at most (their tokens stay refused until
@@ -151,6 +157,8 @@ pub struct Shard {
     /// the unix time until which their tokens stay refused. Bounded by [`MAX_REMOVED`].
     removed: FxHashMap<(u64, u64), u64>,
     next_sweep_us: u64,
+    /// End of ctl's lease ([`Command::Lease`]); `None` before the first (never fenced).
+    lease_until_us: Option<u64>,
     /// Scratch destination list for RTCP feedback routing; capacity reserved up front.
     scratch: Vec<SocketAddr>,
     counters: Counters,
@@ -183,6 +191,9 @@ pub enum BindRefusal {
     ShardFull,
     /// Limit: the relay is draining and takes no new room.
     Draining,
+    /// Limit: the relay's lease from ctl lapsed (it is cut off from ctl, which may have moved
+    /// the room): no new participant, no new room, until ctl answers again.
+    NoLease,
 }
 
 impl BindRefusal {
@@ -190,7 +201,7 @@ impl BindRefusal {
     pub fn peer_fault(self) -> bool {
         !matches!(
             self,
-            Self::RateLimited | Self::RoomFull | Self::ShardFull | Self::Draining
+            Self::RateLimited | Self::RoomFull | Self::ShardFull | Self::Draining | Self::NoLease
         )
     }
 
@@ -204,7 +215,7 @@ impl BindRefusal {
             Self::Removed => DropReason::NotPermitted,
             Self::RateLimited => DropReason::RateLimited,
             Self::RoomFull => DropReason::ParticipantLimit,
-            Self::ShardFull | Self::Draining => DropReason::RoomLimit,
+            Self::ShardFull | Self::Draining | Self::NoLease => DropReason::RoomLimit,
         }
     }
 
@@ -221,6 +232,7 @@ impl BindRefusal {
             Self::RoomFull => (403, "Room full"),
             Self::ShardFull => (403, "Shard full"),
             Self::Draining => (403, "Draining"),
+            Self::NoLease => (503, "No lease"),
         }
     }
 }
@@ -233,6 +245,7 @@ impl Shard {
         Self {
             scratch: Vec::with_capacity(cfg.max_participants_per_room),
             next_sweep_us: now.mono_us + sweep_interval_us(&cfg),
+            lease_until_us: None,
             cfg,
             shard_idx,
             verifier,
@@ -483,6 +496,19 @@ impl Shard {
         claims: &proto::token::Claims,
         key: [u8; 20],
     ) -> Result<(), BindRefusal> {
+        // Fencing: once the lease lapsed, ctl may have moved the room elsewhere; only
+        // participants already here (a refresh, a NAT rebinding) are taken.
+        if self.lease_until_us.is_some_and(|t| now.mono_us >= t) {
+            let here = self
+                .room_by_id
+                .get(&claims.scope_id)
+                .and_then(|&s| self.rooms[s as usize].as_ref())
+                .and_then(|r| r.slot_of(claims.participant_id))
+                .is_some();
+            if !here {
+                return Err(BindRefusal::NoLease);
+            }
+        }
         // A different participant bound to this address is replaced.
         if let Some(old) = self.lookup(&src) {
             self.unbind(old);
@@ -675,6 +701,10 @@ impl Shard {
                 self.close_room(room);
             }
             Command::SetDraining(on) => self.draining = on,
+            Command::Lease { until_us } => {
+                self.lease_until_us =
+                    Some(self.lease_until_us.map_or(until_us, |t| t.max(until_us)));
+            }
         }
     }
 

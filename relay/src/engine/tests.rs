@@ -435,6 +435,58 @@ fn commands_remove_close_and_drain() {
     f.shard.check_invariants();
 }
 
+/// Fencing: a shard whose lease from ctl lapsed takes no new participant and no new room
+/// (ctl may have moved the room), but keeps its participants: their refreshes, a NAT
+/// rebinding and their media go on. A renewed lease lifts it.
+#[test]
+fn without_a_lease_a_shard_takes_no_new_join_but_keeps_its_participants() {
+    let mut f = Fixture::new(EngineConfig::default());
+    let both = Permissions::PUBLISH | Permissions::SUBSCRIBE;
+    f.join(1, 10, 1);
+    f.join(2, 10, 2);
+    let until_us = f.now.mono_us + 1_000_000;
+    f.shard.handle_command(Command::Lease { until_us });
+    f.join(3, 10, 3);
+    f.now.mono_us = until_us;
+    let t4 = f.token(10, 4, both);
+    assert_eq!(
+        f.send(addr(4), &Fixture::request(&t4)),
+        Err("error 503".into()),
+        "no new participant"
+    );
+    let t5 = f.token(30, 1, both);
+    assert_eq!(
+        f.send(addr(5), &Fixture::request(&t5)),
+        Err("error 503".into()),
+        "no new room"
+    );
+    assert_eq!(
+        f.shard.counters().drops[DropReason::RoomLimit as usize],
+        2,
+        "counted as a limit"
+    );
+    let t1 = f.token(10, 1, both);
+    assert_eq!(
+        f.send(addr(1), &Fixture::request(&t1)),
+        Err("ok".into()),
+        "a refresh"
+    );
+    let t2 = f.token(10, 2, both);
+    assert_eq!(
+        f.send(addr(7), &Fixture::request(&t2)),
+        Err("ok".into()),
+        "a NAT rebinding"
+    );
+    assert_eq!(f.send(addr(1), &rtp(1, 1)), Ok(vec![3, 7]));
+    // An older grant arriving late does not shorten the lease; a new one lifts the fence.
+    f.shard.handle_command(Command::Lease { until_us: 5 });
+    f.shard.handle_command(Command::Lease {
+        until_us: f.now.mono_us + 1_000_000,
+    });
+    f.join(4, 10, 4);
+    f.shard.check_invariants();
+}
+
 #[test]
 fn removed_participants_and_closed_rooms_cannot_bind_again_with_their_tokens() {
     let mut f = Fixture::new(EngineConfig::default());

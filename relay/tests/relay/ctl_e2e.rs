@@ -5,9 +5,11 @@
 use super::{rtp, seqs, Client};
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// The ctl binary: beside the relay binary (`cargo test --workspace` builds both first); built
@@ -532,5 +534,197 @@ fn a_paused_ctl_ends_no_meeting() {
     assert_eq!(seqs(&late.drain(Duration::from_millis(300))).len(), 10);
     assert_eq!(seqs(&guest.drain(Duration::from_millis(300))).len(), 10);
     drop(ctl_proc);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The relay's link to ctl, through a proxy the test can cut and heal, while the relay's
+/// clients still reach it directly.
+struct Link {
+    addr: SocketAddr,
+    cut: Arc<AtomicBool>,
+}
+
+impl Link {
+    fn start(to: SocketAddr) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let cut = Arc::new(AtomicBool::new(false));
+        let flag = cut.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(a) = conn else { continue };
+                if flag.load(Ordering::SeqCst) {
+                    continue; // dropped: the relay sees its connection closed
+                }
+                let Ok(b) = TcpStream::connect(to) else {
+                    continue;
+                };
+                let pairs = [(a.try_clone().unwrap(), b.try_clone().unwrap()), (b, a)];
+                for (mut from, mut into) in pairs {
+                    let flag = flag.clone();
+                    std::thread::spawn(move || {
+                        from.set_read_timeout(Some(Duration::from_millis(50)))
+                            .unwrap();
+                        let mut buf = [0u8; 16 * 1024];
+                        while !flag.load(Ordering::SeqCst) {
+                            match from.read(&mut buf) {
+                                Ok(0) => break,
+                                Ok(n) if into.write_all(&buf[..n]).is_err() => break,
+                                Ok(_) => {}
+                                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
+                                Err(_) => break,
+                            }
+                        }
+                        let _ = from.shutdown(Shutdown::Both);
+                        let _ = into.shutdown(Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Self { addr, cut }
+    }
+
+    fn set_cut(&self, cut: bool) {
+        self.cut.store(cut, Ordering::SeqCst);
+    }
+}
+
+/// A relay cut off from ctl (its link to ctl down) while its clients still reach it. Its lease
+/// lapses 2.5 s after it sent its last answered heartbeat, before ctl declares it dead (3 s
+/// after it last heard from it) and moves its room: from then on it takes no new participant
+/// (STUN 503 "No lease"), while the participants it has keep their media. When the link heals,
+/// ctl has it close the moved room (with a fence for every token issued before) before it grants
+/// a new lease: its participants get 403 "Removed" and join again through ctl, on the relay the
+/// room moved to. No relay takes a new join for the room once ctl has moved it.
+#[test]
+fn a_relay_cut_off_from_ctl_takes_no_new_join_once_its_lease_lapses() {
+    let dir = std::env::temp_dir().join(format!("relay-ctl-cut-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("ctl.toml");
+    std::fs::write(&config, "max_participants = 1000\n").unwrap();
+    let (_ctl_proc, ctl) = start_ctl_with(
+        &dir.join("data"),
+        "127.0.0.1:0",
+        &["--config", config.to_str().unwrap()],
+    );
+    // Ports 29,400-29,999: below the ephemeral range, apart from the other tests' blocks.
+    let base = 29_400 + (std::process::id() % 60) as u16 * 10;
+    let link = Link::start(ctl);
+    let _relay1 = start_relay(link.addr, 1, base);
+    let _relay2 = start_relay(ctl, 2, base + 2);
+    wait_until("both relays alive", Duration::from_secs(5), || {
+        http(ctl, "GET", "/health", None, None).1["relays_alive"] == 2
+    });
+    let m = (0..100)
+        .map(|_| {
+            let body = serde_json::json!({"title": "cut"});
+            let (status, m) = http(ctl, "POST", "/v1/meetings", Some(&body), None);
+            assert_eq!(status, 201, "{m}");
+            m
+        })
+        .find(|m| m["join"]["relay_id"] == 1)
+        .expect("a meeting on relay 1 among 100");
+    let code = m["code"].as_str().unwrap().to_string();
+    let host = bind(&m["join"]);
+    let guest = bind(&join(ctl, &code, "guest"));
+    // Tokens for new participants on relay 1, taken before the cut and each tried once.
+    let mut fresh = (0..40)
+        .map(|i| join(ctl, &code, &format!("new{i}")))
+        .collect::<Vec<_>>()
+        .into_iter();
+    let try_fresh = |j: Value| {
+        assert_eq!(j["relay_id"], 1);
+        let relay: SocketAddr = format!("127.0.0.1:{}", j["udp_port"]).parse().unwrap();
+        let (class, code, _) = Client::new(relay, j["token"].as_str().unwrap().into()).bind();
+        (class == proto::stun::Class::Success, code)
+    };
+    let mut seq = 0u16;
+    let mut sent = 0usize;
+    let mut send = |n: u16| {
+        for _ in 0..n {
+            host.send(&rtp(0xC07, seq, 200));
+            seq += 1;
+        }
+        sent += usize::from(n);
+    };
+    send(10);
+    assert_eq!(seqs(&guest.drain(Duration::from_millis(300))).len(), 10);
+
+    link.set_cut(true);
+    let cut_at = Instant::now();
+    let refused_at = loop {
+        assert!(
+            cut_at.elapsed() < Duration::from_secs(3),
+            "relay 1 still takes new participants 3 s after the cut"
+        );
+        match try_fresh(fresh.next().unwrap()) {
+            (true, _) => {}
+            (false, Some(503)) => break Instant::now(),
+            other => panic!("a new participant on relay 1 got {other:?}"),
+        }
+        send(1);
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    // ctl declares relay 1 dead and moves the room to relay 2.
+    let (moved_at, on2) = loop {
+        let j = join(ctl, &code, "after");
+        if j["relay_id"] == 2 {
+            break (Instant::now(), j);
+        }
+        assert!(
+            cut_at.elapsed() < Duration::from_secs(6),
+            "the room did not move within 6 s of the cut"
+        );
+        send(1);
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    eprintln!(
+        "cut: relay 1 refused new participants after {:?}; ctl moved the room after {:?}",
+        refused_at - cut_at,
+        moved_at - cut_at
+    );
+    assert!(refused_at < moved_at, "relay 1 was fenced before the move");
+    let newcomer = bind(&on2);
+    assert_eq!(
+        try_fresh(fresh.next().unwrap()),
+        (false, Some(503)),
+        "relay 1 takes no new participant once the room moved"
+    );
+    // The participants relay 1 had keep their media, and their refreshes work.
+    send(10);
+    let got = seqs(&guest.drain(Duration::from_millis(300))).len();
+    assert_eq!(
+        got,
+        sent - 10,
+        "the guest got everything sent since the cut"
+    );
+    assert_eq!(
+        host.bind().0,
+        proto::stun::Class::Success,
+        "a refresh on relay 1"
+    );
+
+    link.set_cut(false);
+    // Relay 1 heartbeats again; ctl has it close the moved room before it grants a lease.
+    wait_until(
+        "relay 1 closes the moved room",
+        Duration::from_secs(5),
+        || host.bind().1 == Some(403),
+    );
+    assert_eq!(
+        try_fresh(fresh.next().unwrap()),
+        (false, Some(403)),
+        "a token issued before the move is fenced on relay 1"
+    );
+    // The old participants join again through ctl, where the room is now.
+    let again = join(ctl, &code, "host again");
+    assert_eq!(again["relay_id"], 2);
+    let host2 = bind(&again);
+    for s in 0..10u16 {
+        host2.send(&rtp(0xC08, s, 200));
+    }
+    assert_eq!(seqs(&newcomer.drain(Duration::from_millis(300))).len(), 10);
     let _ = std::fs::remove_dir_all(&dir);
 }
