@@ -1,6 +1,14 @@
-//! The control state machine: membership, placement, meetings, tokens and command queues, with
-//! every change made durable in the journal before it is applied. No networking and no clock:
-//! each input carries a [`Now`]; the HTTP layer (`server`) holds one `Core` behind a mutex.
+//! The control state machine: membership, placement, meetings, tokens and command queues. No
+//! networking and no clock: each input carries a [`Now`]; the HTTP layer (`server`) holds one
+//! `Core` behind a mutex.
+//!
+//! Storage: every change is encoded into the journal's [`Stager`] as it is applied. With the
+//! journal attached (the default, and the tests), each change is written and synced before it
+//! is applied, and a failed write changes nothing. Detached ([`Core::detach_journal`]), the
+//! server's writer thread takes what was staged ([`Core::take_batch`]) and writes it with the
+//! lock released, so heartbeats never wait on a disk; the server answers a request only once
+//! the changes it saw are durable ([`Core::staged_seq`], [`Core::durable_seq`]). After a failed
+//! write ctl refuses new changes (503 `storage`) until a full rewrite of its state succeeds.
 //!
 //! Driver contract: after every call that may queue commands (`join`, `leave`, `remove`, `end`,
 //! `set_drain`, `tick`), drain [`Core::poll_woken`] and wake the long polls of those relays; call
@@ -10,7 +18,7 @@
 use crate::commands::{Command, Queues};
 use crate::config::Config;
 use crate::error::ApiError;
-use crate::journal::{Journal, JournalError};
+use crate::journal::{Batch, Journal, JournalError, Stager};
 use crate::meetings::{Meeting, Meetings, Seeds, MAX_NAME_LEN};
 use crate::membership::{Heartbeat, HeartbeatError, HeartbeatOutcome, Membership, Relay};
 use crate::placement::{Key, Move, Node, NodeId, NodeState, Placement, Placer, PlacerConfig};
@@ -101,7 +109,7 @@ pub struct Placed {
 /// buffer loses serde_json's reading of numeric map keys (participant ids) from strings.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-enum Record {
+pub(crate) enum Record {
     Meeting(Meeting),
     MeetingEnded(u64),
     Placed(Placed),
@@ -151,7 +159,11 @@ pub struct Core {
     /// which the placer (fresh at every start) does not know.
     per_slot: HashMap<(Scope, u32, u16), u64>,
     meetings: Meetings,
-    journal: Journal<Record>,
+    /// The file, while the core writes it itself (inline); `None` once a writer thread has it.
+    journal: Option<Journal<Record>>,
+    stager: Stager<Record>,
+    /// A detached write failed: new changes are refused until a full rewrite succeeds.
+    journal_failed: bool,
     queues: Queues,
     started: Instant,
     /// Placements on relays not heard from since start are left alone until the grace ends.
@@ -206,7 +218,9 @@ impl Core {
             ids: HashMap::new(),
             per_slot: HashMap::new(),
             meetings: Meetings::default(),
-            journal,
+            stager: Stager::new(records.len()),
+            journal: Some(journal),
+            journal_failed: false,
             queues: Queues::default(),
             started: now.mono,
             swept_after_grace: false,
@@ -253,14 +267,96 @@ impl Core {
         *n = n.saturating_add_signed(delta);
     }
 
-    /// Makes `r` durable, then applies it. On a storage error nothing changes.
+    /// Stages `r` and applies it; with the journal attached, makes it durable first. On a
+    /// storage error nothing changes.
     fn commit(&mut self, r: Record) -> Result<(), ApiError> {
-        if self.journal.append(&r).is_err() {
+        if self.journal_failed {
+            return Err(ApiError::Storage);
+        }
+        self.stager.stage(&r);
+        if self.write_inline().is_err() {
             self.stats.journal_errors += 1;
             return Err(ApiError::Storage);
         }
         self.apply(r);
         Ok(())
+    }
+
+    /// With the journal attached, writes whatever is staged.
+    fn write_inline(&mut self) -> Result<(), JournalError> {
+        let Some(journal) = &mut self.journal else {
+            return Ok(());
+        };
+        let Some(batch) = self.stager.take() else {
+            return Ok(());
+        };
+        journal.write(&batch)?;
+        self.stager.written(batch.seq);
+        if batch.is_snapshot() {
+            self.stats.compactions += 1;
+        }
+        Ok(())
+    }
+
+    /// Hands the journal to a writer thread: from now on changes are staged, and the writer
+    /// takes them with [`Core::take_batch`] and reports with [`Core::batch_written`].
+    pub(crate) fn detach_journal(&mut self) -> Option<Journal<Record>> {
+        self.journal.take()
+    }
+
+    /// What the writer should write next: everything staged since the last batch, or after a
+    /// failed write the whole state (a failed append may have lost records it had taken).
+    pub fn take_batch(&mut self) -> Option<Batch> {
+        if self.journal_failed {
+            self.stage_snapshot();
+        }
+        self.stager.take()
+    }
+
+    /// The writer's report on a batch it took: written and synced, or failed.
+    pub fn batch_written(&mut self, batch: &Batch, ok: bool) {
+        if ok {
+            self.stager.written(batch.seq);
+            self.journal_failed = false;
+            if batch.is_snapshot() {
+                self.stats.compactions += 1;
+            }
+        } else {
+            self.journal_failed = true;
+            self.stats.journal_errors += 1;
+        }
+    }
+
+    /// The sequence number of the last change made (durable or not).
+    pub fn staged_seq(&self) -> u64 {
+        self.stager.staged_seq()
+    }
+
+    /// The sequence number of the last change known durable.
+    pub fn durable_seq(&self) -> u64 {
+        self.stager.durable_seq()
+    }
+
+    /// With the journal detached, the sequence number a request that saw the current state
+    /// must see durable before it is answered (None: nothing it saw is still in flight).
+    pub fn unsynced(&self) -> Option<u64> {
+        (self.journal.is_none() && self.durable_seq() < self.staged_seq())
+            .then(|| self.staged_seq())
+    }
+
+    /// Whether a detached writer has something to take.
+    pub fn has_staged(&self) -> bool {
+        self.journal.is_none() && (self.journal_failed || self.durable_seq() < self.staged_seq())
+    }
+
+    fn stage_snapshot(&mut self) {
+        let records: Vec<Record> = self
+            .meetings
+            .iter()
+            .map(|m| Record::Meeting(m.clone()))
+            .chain(self.placed.values().map(|p| Record::Placed(p.clone())))
+            .collect();
+        self.stager.stage_snapshot(records.iter());
     }
 
     /// Whether ctl is still within `dead_after` of its start, re-learning membership.
@@ -638,18 +734,13 @@ impl Core {
 
     fn maybe_compact(&mut self) {
         let live = self.meetings.len() + self.placed.len();
-        if self.journal.n_appended() <= 2 * live + self.cfg.journal_slack_records {
+        if self.journal_failed || self.stager.on_file() <= 2 * live + self.cfg.journal_slack_records
+        {
             return;
         }
-        let records: Vec<Record> = self
-            .meetings
-            .iter()
-            .map(|m| Record::Meeting(m.clone()))
-            .chain(self.placed.values().map(|p| Record::Placed(p.clone())))
-            .collect();
-        match self.journal.compact(records.iter()) {
-            Ok(()) => self.stats.compactions += 1,
-            Err(_) => self.stats.journal_errors += 1,
+        self.stage_snapshot();
+        if self.write_inline().is_err() {
+            self.stats.journal_errors += 1;
         }
     }
 }

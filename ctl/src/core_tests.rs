@@ -464,6 +464,51 @@ fn the_journal_is_compacted_and_still_replays_the_same_state() {
     assert_eq!(rig.core.meetings().get(c.meeting_id).cloned(), before);
 }
 
+/// Detached (the server's writer thread has the file): changes are staged and applied, and
+/// handed over as one batch; after a failed write new changes are refused before they are
+/// applied, and the next batch is the whole state, after which changes are taken again.
+#[test]
+fn a_detached_journal_groups_changes_and_rewrites_everything_after_a_failure() {
+    let mut rig = Rig::new("detached");
+    let mut journal = rig.core.detach_journal().unwrap();
+    rig.beat(0, &[1]);
+    assert_eq!(rig.core.unsynced(), None, "heartbeats stage nothing");
+    let a = rig.create(0);
+    let b = rig.create(0);
+    let staged = rig.core.unsynced().expect("two creates wait for the disk");
+    let batch = rig.core.take_batch().unwrap();
+    assert!(!batch.is_snapshot());
+    assert_eq!(batch.seq, staged);
+    assert!(rig.core.take_batch().is_none(), "taken once");
+    rig.core.batch_written(&batch, false);
+    assert_eq!(rig.core.stats.journal_errors, 1);
+    let n = rig.core.meetings().len();
+    let refused = rig
+        .core
+        .create_meeting(&rig.at(0), CreateMeeting::default());
+    assert!(matches!(refused, Err(ApiError::Storage)));
+    assert_eq!(
+        rig.core.meetings().len(),
+        n,
+        "a refused change is not applied"
+    );
+    let rewrite = rig.core.take_batch().unwrap();
+    assert!(rewrite.is_snapshot(), "after a failure, the whole state");
+    journal.write(&rewrite).unwrap();
+    rig.core.batch_written(&rewrite, true);
+    assert_eq!(rig.core.unsynced(), None);
+    let c = rig.create(0);
+    let batch = rig.core.take_batch().unwrap();
+    journal.write(&batch).unwrap();
+    rig.core.batch_written(&batch, true);
+    drop(journal);
+    rig.restart(100);
+    for m in [a, b, c] {
+        assert!(rig.core.meetings().get(m.meeting_id).is_some());
+    }
+    assert_eq!(rig.core.meetings().len(), 3);
+}
+
 #[test]
 fn idle_meetings_expire_and_rejoins_keep_them_alive() {
     let mut rig = Rig::new("expiry");

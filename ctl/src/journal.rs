@@ -52,12 +52,115 @@ impl From<std::io::Error> for JournalError {
     }
 }
 
-/// An open journal of records of type `R`.
+/// Encoded records on their way to the file, in commit order: either a tail to append, or a
+/// snapshot of the whole live state (with what was committed after it) that replaces the file.
+#[derive(Debug, Default)]
+pub struct Batch {
+    snapshot: bool,
+    bytes: Vec<u8>,
+    /// Records in `bytes`.
+    records: usize,
+    /// The stager's sequence number of the last record this batch makes durable.
+    pub seq: u64,
+}
+
+impl Batch {
+    /// Whether writing this batch replaces the file (a compaction).
+    pub fn is_snapshot(&self) -> bool {
+        self.snapshot
+    }
+}
+
+/// The sans-IO half of the journal: encodes records as they are committed and hands them to
+/// whoever writes the file, as one [`Batch`] however many were committed meanwhile (a group
+/// commit). Sequence numbers count records committed since open; a batch with `seq = n` makes
+/// every record up to `n` durable once written.
+pub struct Stager<R> {
+    pending: Batch,
+    seq: u64,
+    durable: u64,
+    /// Records the file holds (or will, once `pending` is written) since its last rewrite.
+    on_file: usize,
+    _records: PhantomData<fn(R)>,
+}
+
+impl<R: Serialize> Stager<R> {
+    /// A stager for a journal that holds `on_file` records.
+    pub fn new(on_file: usize) -> Self {
+        Self {
+            pending: Batch::default(),
+            seq: 0,
+            durable: 0,
+            on_file,
+            _records: PhantomData,
+        }
+    }
+
+    /// Adds one record; returns its sequence number.
+    pub fn stage(&mut self, record: &R) -> u64 {
+        self.pending
+            .bytes
+            .extend_from_slice(encode(record).as_bytes());
+        self.pending.records += 1;
+        self.on_file += 1;
+        self.seq += 1;
+        self.pending.seq = self.seq;
+        self.seq
+    }
+
+    /// Replaces everything pending with a snapshot of `live`, the whole state as of now: once
+    /// written, the file holds exactly `live` (and what is staged after it).
+    pub fn stage_snapshot<'a>(&mut self, live: impl IntoIterator<Item = &'a R>)
+    where
+        R: 'a,
+    {
+        let mut batch = Batch {
+            snapshot: true,
+            seq: self.seq,
+            ..Batch::default()
+        };
+        for record in live {
+            batch.bytes.extend_from_slice(encode(record).as_bytes());
+            batch.records += 1;
+        }
+        self.on_file = batch.records;
+        self.pending = batch;
+    }
+
+    /// What is pending, if anything, as one batch to write.
+    pub fn take(&mut self) -> Option<Batch> {
+        (self.pending.seq > self.durable || self.pending.snapshot)
+            .then(|| std::mem::take(&mut self.pending))
+    }
+
+    /// A batch up to `seq` was written and synced.
+    pub fn written(&mut self, seq: u64) {
+        self.durable = self.durable.max(seq);
+    }
+
+    /// The sequence number of the last record staged.
+    pub fn staged_seq(&self) -> u64 {
+        self.seq
+    }
+
+    /// The sequence number of the last record known durable.
+    pub fn durable_seq(&self) -> u64 {
+        self.durable
+    }
+
+    /// Records the file will hold once everything staged is written.
+    pub fn on_file(&self) -> usize {
+        self.on_file
+    }
+}
+
+/// An open journal of records of type `R`: the file half, which writes [`Batch`]es.
 pub struct Journal<R> {
     path: PathBuf,
     file: File,
-    /// Records appended since the last compaction (or since open, counting replayed ones).
-    n_appended: usize,
+    /// The file's length after the last successful write: a failed append is cut back to it,
+    /// so that a torn line never sits in front of later good ones.
+    len: u64,
     _records: PhantomData<fn(R)>,
 }
 
@@ -80,52 +183,49 @@ impl<R: Serialize + DeserializeOwned> Journal<R> {
         let journal = Self {
             path: path.to_path_buf(),
             file,
-            n_appended: records.len(),
+            len: good_len,
             _records: PhantomData,
         };
         Ok((journal, records))
     }
 
-    /// Appends one record and makes it durable.
-    pub fn append(&mut self, record: &R) -> Result<(), JournalError> {
-        let line = encode(record);
-        self.file.write_all(line.as_bytes())?;
-        self.file.sync_data()?;
-        self.n_appended += 1;
+    /// Writes `batch` and makes it durable: appends a tail (then `fdatasync`), or rewrites the
+    /// file from a snapshot. On an error the file holds what it held before.
+    pub fn write(&mut self, batch: &Batch) -> Result<(), JournalError> {
+        if batch.snapshot {
+            return self.replace(&batch.bytes);
+        }
+        let appended = self
+            .file
+            .write_all(&batch.bytes)
+            .and_then(|()| self.file.sync_data());
+        if let Err(e) = appended {
+            // Best effort: the next write starts from a whole line either way if this works,
+            // and the next open cuts a torn tail if it does not.
+            let _ = self.file.set_len(self.len);
+            return Err(e.into());
+        }
+        self.len += batch.bytes.len() as u64;
         Ok(())
     }
 
-    /// Records appended since the last compaction.
-    pub fn n_appended(&self) -> usize {
-        self.n_appended
-    }
-
-    /// Replaces the journal with exactly `live`, atomically.
-    pub fn compact<'a>(&mut self, live: impl IntoIterator<Item = &'a R>) -> Result<(), JournalError>
-    where
-        R: 'a,
-    {
+    /// Replaces the file with `bytes`, atomically: a temporary file, fsync'd, renamed over it.
+    fn replace(&mut self, bytes: &[u8]) -> Result<(), JournalError> {
         let tmp = self.path.with_extension("tmp");
-        let tmp_file = OpenOptions::new()
+        let mut tmp_file = OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(true)
             .mode(0o600)
             .open(&tmp)?;
-        let mut out = std::io::BufWriter::new(tmp_file);
-        let mut n = 0;
-        for record in live {
-            out.write_all(encode(record).as_bytes())?;
-            n += 1;
-        }
-        let file = out.into_inner().map_err(|e| e.into_error())?;
-        file.sync_all()?;
+        tmp_file.write_all(bytes)?;
+        tmp_file.sync_all()?;
         std::fs::rename(&tmp, &self.path)?;
         if let Some(dir) = self.path.parent() {
             File::open(dir)?.sync_all()?;
         }
         self.file = OpenOptions::new().append(true).open(&self.path)?;
-        self.n_appended = n;
+        self.len = bytes.len() as u64;
         Ok(())
     }
 }
@@ -201,24 +301,36 @@ mod tests {
         dir.join("j")
     }
 
+    /// Stages `records` one by one and writes them as one batch.
+    fn append(j: &mut Journal<Rec>, st: &mut Stager<Rec>, records: &[Rec]) {
+        for r in records {
+            st.stage(r);
+        }
+        let batch = st.take().expect("staged");
+        j.write(&batch).unwrap();
+        st.written(batch.seq);
+    }
+
     #[test]
     fn appends_survive_reopen() {
         let path = temp("reopen");
         let (mut j, recs) = Journal::<Rec>::open(&path).unwrap();
         assert!(recs.is_empty());
-        j.append(&rec(1)).unwrap();
-        j.append(&rec(2)).unwrap();
+        let mut st = Stager::new(0);
+        append(&mut j, &mut st, &[rec(1)]);
+        append(&mut j, &mut st, &[rec(2), rec(3)]);
+        assert_eq!((st.staged_seq(), st.durable_seq(), st.on_file()), (3, 3, 3));
+        assert!(st.take().is_none(), "nothing left to write");
         drop(j);
-        let (j, recs) = Journal::<Rec>::open(&path).unwrap();
-        assert_eq!(recs, vec![rec(1), rec(2)]);
-        assert_eq!(j.n_appended(), 2);
+        let (_, recs) = Journal::<Rec>::open(&path).unwrap();
+        assert_eq!(recs, vec![rec(1), rec(2), rec(3)]);
     }
 
     #[test]
     fn torn_tail_is_cut_and_appends_continue() {
         let path = temp("torn");
         let (mut j, _) = Journal::<Rec>::open(&path).unwrap();
-        j.append(&rec(1)).unwrap();
+        append(&mut j, &mut Stager::new(0), &[rec(1)]);
         drop(j);
         let full = std::fs::read(&path).unwrap();
         let mut torn = full.clone();
@@ -227,7 +339,7 @@ mod tests {
         let (mut j, recs) = Journal::<Rec>::open(&path).unwrap();
         assert_eq!(recs, vec![rec(1)]);
         assert_eq!(std::fs::read(&path).unwrap(), full);
-        j.append(&rec(3)).unwrap();
+        append(&mut j, &mut Stager::new(1), &[rec(3)]);
         drop(j);
         assert_eq!(Journal::<Rec>::open(&path).unwrap().1, vec![rec(1), rec(3)]);
     }
@@ -236,8 +348,7 @@ mod tests {
     fn corruption_in_the_middle_refuses_to_open() {
         let path = temp("corrupt");
         let (mut j, _) = Journal::<Rec>::open(&path).unwrap();
-        j.append(&rec(1)).unwrap();
-        j.append(&rec(2)).unwrap();
+        append(&mut j, &mut Stager::new(0), &[rec(1), rec(2)]);
         drop(j);
         let mut bytes = std::fs::read(&path).unwrap();
         bytes[12] ^= 0x20; // inside the first record's JSON
@@ -252,15 +363,36 @@ mod tests {
     fn compaction_keeps_exactly_the_live_records() {
         let path = temp("compact");
         let (mut j, _) = Journal::<Rec>::open(&path).unwrap();
-        for k in 0..10 {
-            j.append(&rec(k)).unwrap();
-        }
+        let mut st = Stager::new(0);
+        append(&mut j, &mut st, &(0..10).map(rec).collect::<Vec<_>>());
         let live = [rec(7), rec(9)];
-        j.compact(live.iter()).unwrap();
-        assert_eq!(j.n_appended(), 2);
-        j.append(&rec(11)).unwrap();
+        st.stage_snapshot(live.iter());
+        assert_eq!(st.on_file(), 2);
+        append(&mut j, &mut st, &[rec(11)]);
+        assert_eq!(st.on_file(), 3);
         drop(j);
         let (_, recs) = Journal::<Rec>::open(&path).unwrap();
         assert_eq!(recs, vec![rec(7), rec(9), rec(11)]);
+    }
+
+    /// Records staged after a snapshot but before it is written go into the new file after it;
+    /// records staged before it are dropped (the snapshot holds their effect).
+    #[test]
+    fn a_snapshot_replaces_what_was_pending_and_keeps_what_follows() {
+        let path = temp("snapshot-pending");
+        let (mut j, _) = Journal::<Rec>::open(&path).unwrap();
+        let mut st = Stager::new(0);
+        append(&mut j, &mut st, &[rec(1)]);
+        st.stage(&rec(2));
+        st.stage_snapshot([rec(1), rec(2)].iter());
+        st.stage(&rec(3));
+        let batch = st.take().unwrap();
+        assert!(batch.is_snapshot());
+        assert_eq!(batch.seq, 3);
+        j.write(&batch).unwrap();
+        st.written(batch.seq);
+        drop(j);
+        let (_, recs) = Journal::<Rec>::open(&path).unwrap();
+        assert_eq!(recs, vec![rec(1), rec(2), rec(3)]);
     }
 }

@@ -22,7 +22,7 @@ use axum::Extension;
 use axum::Router;
 use serde::{de::DeserializeOwned, Serialize};
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::sync::Notify;
 
@@ -33,16 +33,32 @@ const TICK: Duration = Duration::from_millis(250);
 /// While membership is re-learned after a restart, a join whose room's relay has not yet
 /// heartbeated is retried this often, until the relay shows up or the grace ends.
 const GRACE_RETRY: Duration = Duration::from_millis(100);
+/// How long a request waits for its changes to become durable before it is answered 503
+/// `storage` (the journal writer is failing, or the disk is that slow).
+const STORAGE_WAIT: Duration = Duration::from_secs(5);
+/// The journal writer's pause after a failed write, before it tries a full rewrite.
+const REWRITE_BACKOFF: Duration = Duration::from_millis(500);
 
 /// Shared state of the handlers.
 pub struct App {
     core: Mutex<Core>,
+    /// Signalled (with `core`) when changes are staged for the journal writer.
+    staged: Condvar,
+    /// What the journal writer has done: the last change it made durable, and its failures.
+    durable: tokio::sync::watch::Sender<Synced>,
     /// One notifier per relay id with a poll in flight, woken when commands are queued.
     wakers: Mutex<HashMap<u32, Arc<Notify>>>,
     admin_token: Option<Secret>,
     relay_token: Option<Secret>,
     max_body_bytes: usize,
     join_guard: Mutex<JoinGuard>,
+}
+
+/// The journal writer's progress, for requests waiting on it.
+#[derive(Clone, Copy, Debug, Default)]
+struct Synced {
+    seq: u64,
+    failures: u64,
 }
 
 /// The client's address, attached to each request by the accept loop.
@@ -60,6 +76,8 @@ impl App {
         let join_guard = Mutex::new(JoinGuard::new(core.config().join_failures_per_minute));
         Arc::new(Self {
             core: Mutex::new(core),
+            staged: Condvar::new(),
+            durable: tokio::sync::watch::Sender::new(Synced::default()),
             wakers: Mutex::new(HashMap::new()),
             admin_token,
             relay_token,
@@ -74,13 +92,51 @@ impl App {
         self.core.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Runs `f` on the core, then wakes the long polls of relays that got commands.
+    /// Runs `f` on the core, then wakes the journal writer if `f` staged changes and the long
+    /// polls of relays that got commands. Answers at once: for a request whose answer must
+    /// wait for its changes to be durable, use [`App::durable`].
     pub fn with_core<T>(&self, f: impl FnOnce(&mut Core) -> T) -> T {
-        let (out, woken) = {
+        self.run(f).0
+    }
+
+    /// Runs `f` on the core like [`App::with_core`], and returns once every change `f` made or
+    /// saw is durable; 503 `storage` if a write fails meanwhile or takes longer than
+    /// [`STORAGE_WAIT`]. Such a change may still become durable with the writer's next full
+    /// rewrite (as with any request that times out); changes made after a failure are refused
+    /// before they are applied, until a rewrite succeeds.
+    pub async fn durable<T>(&self, f: impl FnOnce(&mut Core) -> T) -> Result<T> {
+        let (out, unsynced) = self.run(f);
+        if let Some(seq) = unsynced {
+            self.synced(seq).await?;
+        }
+        Ok(out)
+    }
+
+    /// Waits until the journal writer has made `seq` durable, or has failed a write.
+    async fn synced(&self, seq: u64) -> Result<()> {
+        let mut rx = self.durable.subscribe();
+        let failures = rx.borrow().failures;
+        let wait = rx.wait_for(|d| d.seq >= seq || d.failures > failures);
+        let reached = match tokio::time::timeout(STORAGE_WAIT, wait).await {
+            Ok(Ok(d)) => d.seq >= seq,
+            _ => false,
+        };
+        if reached {
+            Ok(())
+        } else {
+            Err(ApiError::Storage)
+        }
+    }
+
+    fn run<T>(&self, f: impl FnOnce(&mut Core) -> T) -> (T, Option<u64>) {
+        let (out, unsynced, woken) = {
             let mut core = self.lock();
             let out = f(&mut core);
+            if core.has_staged() {
+                self.staged.notify_one();
+            }
             let woken: Vec<u32> = std::iter::from_fn(|| core.poll_woken()).collect();
-            (out, woken)
+            (out, core.unsynced(), woken)
         };
         let wakers = self.wakers.lock().unwrap_or_else(|e| e.into_inner());
         for relay_id in woken {
@@ -88,7 +144,52 @@ impl App {
                 n.notify_waiters();
             }
         }
-        out
+        (out, unsynced)
+    }
+
+    /// The journal writer (a thread of its own): takes what is staged with the core's lock
+    /// held only for the hand-over, and writes and syncs it with the lock released, so that
+    /// heartbeats and every other request that reads or stages never wait on the disk. Every
+    /// change staged while a write is under way goes into the next write (a group commit).
+    fn write_journal(&self, mut journal: crate::journal::Journal<crate::core::Record>) {
+        // Fault injection for tests: a disk this much slower on every write.
+        let delay = std::env::var("CTL_FAULT_JOURNAL_DELAY_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map(Duration::from_millis);
+        let mut failing = false;
+        loop {
+            let batch = {
+                let mut core = self.lock();
+                loop {
+                    if let Some(batch) = core.take_batch() {
+                        break batch;
+                    }
+                    core = self.staged.wait(core).unwrap_or_else(|e| e.into_inner());
+                }
+            };
+            if let Some(d) = delay {
+                std::thread::sleep(d);
+            }
+            let written = journal.write(&batch);
+            match (&written, failing) {
+                (Err(e), false) => eprintln!(
+                    "ctl: journal write failed ({e}); changes are refused (503 storage) until \
+                     a full rewrite of the state succeeds"
+                ),
+                (Ok(()), true) => eprintln!("ctl: the journal is written again"),
+                _ => {}
+            }
+            failing = written.is_err();
+            self.with_core(|c| c.batch_written(&batch, written.is_ok()));
+            self.durable.send_modify(|d| match written {
+                Ok(()) => d.seq = d.seq.max(batch.seq),
+                Err(_) => d.failures += 1,
+            });
+            if written.is_err() {
+                std::thread::sleep(REWRITE_BACKOFF);
+            }
+        }
     }
 
     fn waker(&self, relay_id: u32) -> Arc<Notify> {
@@ -239,6 +340,10 @@ async fn relay_commands(
     loop {
         // Registered before the queue is checked, so a wake in between is not lost.
         let notified = waker.notified();
+        // Commands go out once the changes that queued them are durable.
+        if let Some(seq) = app.with_core(|c| c.unsynced()) {
+            let _ = app.synced(seq).await;
+        }
         let commands = app.with_core(|c| c.take_commands(relay_id));
         if !commands.is_empty() || tokio::time::timeout_at(deadline, notified).await.is_err() {
             return json(StatusCode::OK, &CommandsAnswer { commands });
@@ -250,8 +355,13 @@ async fn create_meeting(
     State(app): State<Shared>,
     body: std::result::Result<Bytes, BytesRejection>,
 ) -> Response {
-    let r = parse_optional_body::<CreateMeeting>(&app, body)
-        .and_then(|req| app.with_core(|c| c.create_meeting(&Now::system(), req)));
+    let r = match parse_optional_body::<CreateMeeting>(&app, body) {
+        Ok(req) => app
+            .durable(|c| c.create_meeting(&Now::system(), req))
+            .await
+            .and_then(|r| r),
+        Err(e) => Err(e),
+    };
     match r {
         Ok(created) => json(StatusCode::CREATED, &created),
         Err(e) => e.into_response(),
@@ -284,7 +394,9 @@ async fn join(
 async fn join_in_grace(app: &App, req: JoinRequest, auth: Option<&str>) -> Result<Joined> {
     loop {
         let now = Now::system();
-        let (r, grace) = app.with_core(|c| (c.join(&now, req.clone(), auth), c.in_grace(&now)));
+        let (r, grace) = app
+            .durable(|c| (c.join(&now, req.clone(), auth), c.in_grace(&now)))
+            .await?;
         match r {
             Err(ApiError::NoRelay) if grace => tokio::time::sleep(GRACE_RETRY).await,
             r => return r,
@@ -297,17 +409,18 @@ async fn leave(
     headers: HeaderMap,
     path: std::result::Result<Path<String>, PathRejection>,
 ) -> Response {
-    let r = one_segment(path)
-        .and_then(|s| id::<u64>(&s, "meeting id"))
-        .and_then(|m| {
-            let p = app.with_core(|c| c.leave(&Now::system(), m, bearer(&headers)))?;
-            Ok(Done {
-                meeting_id: m,
-                participant_id: Some(p),
-                status: "left".into(),
-            })
-        });
-    ok(r)
+    let r = async {
+        let m = id::<u64>(&one_segment(path)?, "meeting id")?;
+        let p = app
+            .durable(|c| c.leave(&Now::system(), m, bearer(&headers)))
+            .await??;
+        Ok(Done {
+            meeting_id: m,
+            participant_id: Some(p),
+            status: "left".into(),
+        })
+    };
+    ok(r.await)
 }
 
 async fn remove_participant(
@@ -315,19 +428,21 @@ async fn remove_participant(
     headers: HeaderMap,
     path: std::result::Result<Path<(String, String)>, PathRejection>,
 ) -> Response {
-    let r = two_segments(path).and_then(|(m, p)| {
+    let r = async {
+        let (m, p) = two_segments(path)?;
         let (m, p) = (
             id::<u64>(&m, "meeting id")?,
             id::<u64>(&p, "participant id")?,
         );
-        app.with_core(|c| c.remove(&Now::system(), m, p, bearer(&headers)))?;
+        app.durable(|c| c.remove(&Now::system(), m, p, bearer(&headers)))
+            .await??;
         Ok(Done {
             meeting_id: m,
             participant_id: Some(p),
             status: "removed".into(),
         })
-    });
-    ok(r)
+    };
+    ok(r.await)
 }
 
 async fn end_meeting(
@@ -335,17 +450,17 @@ async fn end_meeting(
     headers: HeaderMap,
     path: std::result::Result<Path<String>, PathRejection>,
 ) -> Response {
-    let r = one_segment(path)
-        .and_then(|s| id::<u64>(&s, "meeting id"))
-        .and_then(|m| {
-            app.with_core(|c| c.end(&Now::system(), m, bearer(&headers)))?;
-            Ok(Done {
-                meeting_id: m,
-                participant_id: None,
-                status: "ended".into(),
-            })
-        });
-    ok(r)
+    let r = async {
+        let m = id::<u64>(&one_segment(path)?, "meeting id")?;
+        app.durable(|c| c.end(&Now::system(), m, bearer(&headers)))
+            .await??;
+        Ok(Done {
+            meeting_id: m,
+            participant_id: None,
+            status: "ended".into(),
+        })
+    };
+    ok(r.await)
 }
 
 async fn user_home(
@@ -353,11 +468,12 @@ async fn user_home(
     headers: HeaderMap,
     path: std::result::Result<Path<String>, PathRejection>,
 ) -> Response {
-    let r = app.check_admin(&headers).and_then(|()| {
+    let r = async {
+        app.check_admin(&headers)?;
         let user = id::<u64>(&one_segment(path)?, "user id")?;
-        app.with_core(|c| c.user_home(&Now::system(), user))
-    });
-    ok(r)
+        app.durable(|c| c.user_home(&Now::system(), user)).await?
+    };
+    ok(r.await)
 }
 
 async fn list_relays(State(app): State<Shared>, headers: HeaderMap) -> Response {
@@ -593,7 +709,16 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     let data_dir = cfg.data_dir.clone();
     let core = Core::open(cfg, key, &data_dir, Now::system())
         .with_context(|| format!("cannot open the journal in {}", data_dir.display()))?;
+    let mut core = core;
+    let journal = core
+        .detach_journal()
+        .expect("a freshly opened core has its journal");
     let app = App::new(core);
+    let writer = app.clone();
+    std::thread::Builder::new()
+        .name("ctl-journal".into())
+        .spawn(move || writer.write_journal(journal))
+        .context("cannot start the journal writer")?;
     tokio::spawn(ticker(app.clone()));
     // One shutdown signal for both listeners.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

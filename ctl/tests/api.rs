@@ -35,10 +35,15 @@ impl Ctl {
     }
 
     fn start_with(dir: &Path, extra: &[&str]) -> Self {
+        Self::start_env(dir, extra, &[])
+    }
+
+    fn start_env(dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_ctl"))
             .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(dir)
             .args(extra)
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -952,4 +957,163 @@ fn trickling_clients_cannot_delay_heartbeats_on_the_internal_listener() {
     assert!(latencies.len() >= 50);
     assert!(pct(99) < Duration::from_millis(100), "p99 {:?}", pct(99));
     drop(conns);
+}
+
+/// A disk that takes 1 s for every journal write (`CTL_FAULT_JOURNAL_DELAY_MS`): changes wait
+/// for it, heartbeats do not. The journal is written by a thread of its own with ctl's lock
+/// released, so heartbeats are answered at once and no relay is declared dead; 16 creates at
+/// once share a few writes (a group commit), not 16 one after another; each is answered only
+/// once durable, and all of them are there after a kill -9.
+#[test]
+fn a_slow_disk_delays_changes_not_heartbeats() {
+    let dir = temp_dir("slow-disk");
+    let ctl = Ctl::start_env(&dir, &[], &[("CTL_FAULT_JOURNAL_DELAY_MS", "1000")]);
+    let _relay = FakeRelay::start(&ctl.url, 1);
+    let started = Instant::now();
+    let creators: Vec<_> = (0..16)
+        .map(|_| {
+            let url = ctl.url.clone();
+            std::thread::spawn(move || {
+                let t = Instant::now();
+                let r = client::json(&url, "POST", "/v1/meetings", Some("{}")).unwrap();
+                let v: Value = serde_json::from_slice(&r.body).unwrap_or(Value::Null);
+                (t.elapsed(), r.status, v)
+            })
+        })
+        .collect();
+    let hb = heartbeat_body(2, "serving");
+    let mut latencies = Vec::new();
+    while !creators.iter().all(|c| c.is_finished()) {
+        assert!(started.elapsed() < Duration::from_secs(30), "creates hang");
+        let t = Instant::now();
+        let r = client::json(&ctl.url, "POST", "/v1/relays/heartbeat", Some(&hb)).unwrap();
+        latencies.push(t.elapsed());
+        assert_eq!(r.status, 200, "{}", r.text());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let all = started.elapsed();
+    let created: Vec<(Duration, u16, Value)> =
+        creators.into_iter().map(|c| c.join().unwrap()).collect();
+    for (took, status, v) in &created {
+        assert_eq!(*status, 201, "{v}");
+        // The control: the delay is in effect, and a create waits for its write.
+        assert!(
+            *took >= Duration::from_millis(950),
+            "a create took {took:?}"
+        );
+    }
+    latencies.sort();
+    let pct = |p: usize| latencies[(latencies.len() * p / 100).min(latencies.len() - 1)];
+    eprintln!(
+        "slow disk (1 s a write): 16 creates at once done in {all:?}; heartbeats meanwhile: {} \
+         answered, median {:?}, p99 {:?}, max {:?}",
+        latencies.len(),
+        pct(50),
+        pct(99),
+        latencies.last().unwrap()
+    );
+    assert!(
+        all < Duration::from_secs(6),
+        "16 creates took {all:?}: one write each, not grouped"
+    );
+    assert!(latencies.len() >= 10);
+    assert!(pct(99) < Duration::from_millis(100), "p99 {:?}", pct(99));
+    let (_, health) = ctl.json("GET", "/health", None, None);
+    assert_eq!(health["relays_alive"], 2, "no relay was declared dead");
+    ctl.kill();
+
+    let ctl = Ctl::start(&dir);
+    let _relay = FakeRelay::start(&ctl.url, 1);
+    for (_, _, m) in &created {
+        let (s, j) = ctl.join(m["code"].as_str().unwrap());
+        assert_eq!(s, 200, "a meeting answered 201 is there after kill -9: {j}");
+    }
+}
+
+/// A journal on a file system that fills up (a 256 KiB tmpfs; root). The change whose write
+/// fails is answered 503 `storage`; from then on every change is refused with 503 before it is
+/// applied, while heartbeats are answered; once space is back the next change succeeds (ctl
+/// rewrites its whole state first). After a kill -9 every change answered 201 is there, and
+/// none refused after the failure (the one in flight when the write failed may be: like a
+/// request that timed out, its outcome is unknown to its client).
+#[test]
+fn a_full_disk_gets_503_storage_and_loses_nothing_acknowledged() {
+    let dir = temp_dir("full-disk");
+    let status = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=256k", "ctl-full-disk"])
+        .arg(&dir)
+        .status()
+        .expect("run mount");
+    assert!(status.success(), "mounting a tmpfs needs root");
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(dir.clone());
+    let data = dir.join("data");
+    let ctl = Ctl::start(&data);
+    let _relay = FakeRelay::start(&ctl.url, 1);
+    let mut acknowledged = vec![ctl.create()];
+    // Fill the file system.
+    let filler = dir.join("filler");
+    let mut f = std::fs::File::create(&filler).unwrap();
+    let chunk = vec![0u8; 4096];
+    while std::io::Write::write_all(&mut f, &chunk).is_ok() {}
+    drop(f);
+    let create = || ctl.json("POST", "/v1/meetings", Some("{}"), None);
+    // The journal's last page may still hold a few records.
+    let failed = (0..20).find_map(|_| match create() {
+        (201, v) => {
+            acknowledged.push(v);
+            None
+        }
+        (s, v) => Some((s, v)),
+    });
+    let (s, v) = failed.expect("a full disk refuses a create within 20");
+    assert_eq!((s, &v["code"]), (503, &json!("storage")), "{v}");
+    for _ in 0..3 {
+        let t = Instant::now();
+        let (s, v) = create();
+        assert_eq!((s, &v["code"]), (503, &json!("storage")), "{v}");
+        assert!(t.elapsed() < Duration::from_secs(1), "refused at once");
+    }
+    let hb = heartbeat_body(2, "serving");
+    let r = client::json(&ctl.url, "POST", "/v1/relays/heartbeat", Some(&hb)).unwrap();
+    assert_eq!(r.status, 200, "heartbeats are answered on a full disk");
+    std::fs::remove_file(&filler).unwrap();
+    let again = (0..50)
+        .find_map(|_| match create() {
+            (201, v) => Some(v),
+            (s, v) => {
+                assert_eq!((s, &v["code"]), (503, &json!("storage")), "{v}");
+                std::thread::sleep(Duration::from_millis(200));
+                None
+            }
+        })
+        .expect("creates succeed again within 10 s of space coming back");
+    acknowledged.push(again);
+    let metrics = ctl.call("GET", "/metrics", None, None).text();
+    let errors = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("ctl_journal_errors_total "))
+        .and_then(|n| n.trim().parse::<u64>().ok())
+        .expect("ctl_journal_errors_total in /metrics");
+    assert!(errors >= 1, "journal errors are counted");
+    ctl.kill();
+
+    let ctl = Ctl::start(&data);
+    let _relay = FakeRelay::start(&ctl.url, 1);
+    for m in &acknowledged {
+        let (s, j) = ctl.join(m["code"].as_str().unwrap());
+        assert_eq!(s, 200, "a meeting answered 201 is there after kill -9: {j}");
+    }
+    let (_, health) = ctl.json("GET", "/health", None, None);
+    let n = health["meetings"].as_u64().unwrap() as usize;
+    assert!(
+        (acknowledged.len()..=acknowledged.len() + 1).contains(&n),
+        "{n} meetings after the restart, {} acknowledged",
+        acknowledged.len()
+    );
 }
