@@ -4,7 +4,7 @@
 //!
 //! Storage: every change is encoded into the journal's [`Stager`] as it is applied. With the
 //! journal attached (the default, and the tests), each change is written and synced before it
-//! is applied, and a failed write changes nothing. Detached ([`Core::detach_journal`]), the
+//! is applied, and a failed write changes nothing. Detached (`Core::detach_journal`), the
 //! server's writer thread takes what was staged ([`Core::take_batch`]) and writes it with the
 //! lock released, so heartbeats never wait on a disk; the server answers a request only once
 //! the changes it saw are durable ([`Core::staged_seq`], [`Core::durable_seq`]). After a failed

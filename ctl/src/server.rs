@@ -101,7 +101,7 @@ impl App {
 
     /// Runs `f` on the core like [`App::with_core`], and returns once every change `f` made or
     /// saw is durable; 503 `storage` if a write fails meanwhile or takes longer than
-    /// [`STORAGE_WAIT`]. Such a change may still become durable with the writer's next full
+    /// `STORAGE_WAIT`. Such a change may still become durable with the writer's next full
     /// rewrite (as with any request that times out); changes made after a failure are refused
     /// before they are applied, until a rewrite succeeds.
     pub async fn durable<T>(&self, f: impl FnOnce(&mut Core) -> T) -> Result<T> {
