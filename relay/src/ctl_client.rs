@@ -298,10 +298,15 @@ impl CtlLoop {
                 let load = now.rates_since(&last);
                 last = now;
                 let sent = Instant::now();
+                let mut stale = false;
                 match heartbeat(&self.ctl, &self.identity, draining, load) {
                     Ok(reply) => {
                         if let Some(end) = reply.lease_ms.and_then(|ms| self.grant(sent, ms)) {
-                            if lease.is_some_and(|(_, lapsed)| lapsed) {
+                            if end <= Instant::now() {
+                                // ctl held this heartbeat past its own lease (it was stopped,
+                                // or slow): ask again at once rather than a second later.
+                                stale = true;
+                            } else if lease.is_some_and(|(_, lapsed)| lapsed) {
                                 eprintln!("relay: lease from ctl renewed: taking new joins");
                             }
                             lease = Some((end, false));
@@ -321,6 +326,9 @@ impl CtlLoop {
                 next_heartbeat += HEARTBEAT_INTERVAL;
                 if next_heartbeat < Instant::now() {
                     next_heartbeat = Instant::now() + HEARTBEAT_INTERVAL;
+                }
+                if stale {
+                    next_heartbeat = Instant::now();
                 }
             }
             let wait = next_heartbeat

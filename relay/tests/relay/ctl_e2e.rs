@@ -451,19 +451,25 @@ fn relays_must_present_ctls_relay_token_when_it_has_one() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// ctl stopped (SIGSTOP) for 4.5 s during a meeting, then resumed: before, it declared the
-/// relay dead after 3 s, sent it CloseRoom when its heartbeats came back, and every refresh and
-/// new join got STUN 403 "Removed". ctl now counts a relay's silence on its own running time
-/// (`ctl::membership::POLL_GAP`), so its pause is nobody's death: media flows throughout, the
-/// participants' refreshes and a new join work at once, no relay died.
+/// A relay with media and chat (one 1:1 conversation) while ctl is stopped (SIGSTOP) for 10 s,
+/// then resumed, then killed (SIGKILL) and started again on its data directory. ctl counts a
+/// relay's silence on its own running time (`ctl::membership::POLL_GAP`), so its pause is
+/// nobody's death, and relays serve without it: no room is closed, no packet and no message is
+/// lost, the participants' refreshes work throughout. New participants are refused (STUN 503
+/// "No lease") while the relay's lease is lapsed, and are taken again within 2 s of ctl's
+/// return, after the pause and after the restart.
 #[test]
-fn a_paused_ctl_ends_no_meeting() {
+fn a_paused_or_restarted_ctl_ends_no_meeting_and_loses_no_message() {
+    use relay::chat::client::{Client as ChatClient, Event};
     let dir = std::env::temp_dir().join(format!("relay-ctl-pause-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let (ctl_proc, ctl) = start_ctl(&dir, "127.0.0.1:0");
+    let (ctl_proc, ctl) = start_ctl(&dir.join("ctl"), "127.0.0.1:0");
     // Ports 32,400-32,759: below the ephemeral range, beside the other ctl tests' blocks.
     let base = 32_400 + (std::process::id() % 60) as u16 * 6;
-    let _relay = start_relay(ctl, 1, base);
+    let mut cmd = relay_command(ctl, 1, base);
+    cmd.args(["--chat-port", &(base + 3).to_string()])
+        .args(["--data-dir", dir.join("relay").to_str().unwrap()]);
+    let _relay = Proc::start(cmd);
     wait_until("relay alive", Duration::from_secs(5), || {
         http(ctl, "GET", "/health", None, None).1["relays_alive"] == 1
     });
@@ -478,35 +484,86 @@ fn a_paused_ctl_ends_no_meeting() {
     let code = m["code"].as_str().unwrap().to_string();
     let publisher = bind(&m["join"]);
     let guest = bind(&join(ctl, &code, "guest"));
+    let chat = |user: u64| {
+        let (status, h) = http(ctl, "GET", &format!("/v1/users/{user}/home"), None, None);
+        assert_eq!(status, 200, "{h}");
+        let addr: SocketAddr = format!("{}:{}", h["host"].as_str().unwrap(), h["chat_port"])
+            .parse()
+            .unwrap();
+        ChatClient::connect(addr, h["token"].as_str().unwrap(), Duration::from_secs(5))
+            .expect("chat session")
+    };
+    let (a, b) = (21u64, 22u64);
+    let mut author = chat(a);
+    let mut reader = chat(b);
+    // The reader takes what comes, acknowledging as it goes, until told to stop.
+    let stop = Arc::new(AtomicBool::new(false));
+    let reading = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut got = Vec::new();
+            while !stop.load(Ordering::SeqCst) {
+                if let Some(Event::Message(m)) = reader.recv(Duration::from_millis(50)).unwrap() {
+                    got.push(m.body.to_vec());
+                    reader.ack_all().unwrap();
+                }
+            }
+            got
+        })
+    };
     let mut seq = 0u16;
-    let mut send = |n: u16| {
-        for _ in 0..n {
-            publisher.send(&rtp(0xCA5E, seq, 200));
-            seq += 1;
+    let mut said = 0u32;
+    // One tick of load: a packet from the publisher and a message from the author.
+    let mut load = |author: &mut ChatClient| {
+        publisher.send(&rtp(0xCA5E, seq, 200));
+        seq += 1;
+        author
+            .send_direct(b, format!("m{said}").as_bytes())
+            .unwrap();
+        said += 1;
+    };
+    // A new participant: one bind attempt with a fresh token (None: refused with `code`).
+    let newcomer = |name: &str| {
+        let j = join(ctl, &code, name);
+        let addr: SocketAddr = format!("{}:{}", j["relay_host"].as_str().unwrap(), j["udp_port"])
+            .parse()
+            .unwrap();
+        let c = Client::new(addr, j["token"].as_str().unwrap().to_string());
+        match c.bind() {
+            (proto::stun::Class::Success, _, _) => Ok(c),
+            (_, code, _) => Err(code),
         }
     };
-    send(20);
-    assert_eq!(seqs(&guest.drain(Duration::from_millis(300))).len(), 20);
+    // How long after `from` a new participant is taken (refusals must be 503 "No lease").
+    let taken_after = |from: Instant, name: &str| loop {
+        match newcomer(name) {
+            Ok(c) => break (from.elapsed(), c),
+            Err(Some(503)) => std::thread::sleep(Duration::from_millis(50)),
+            Err(other) => panic!("a new participant got {other:?}"),
+        }
+        assert!(
+            from.elapsed() < Duration::from_secs(10),
+            "no new join within 10 s"
+        );
+    };
 
     let pid = ctl_proc.child.id() as libc::pid_t;
     // SAFETY: signals to our own child process.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
-    // Media goes on while ctl is stopped: 45 packets over 4.5 s.
-    for _ in 0..45 {
-        send(1);
+    // Media and chat go on while ctl is stopped: 100 ticks over 10 s.
+    for _ in 0..100 {
+        load(&mut author);
         std::thread::sleep(Duration::from_millis(100));
     }
-    // SAFETY: as above.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGCONT) }, 0);
     assert_eq!(
         seqs(&guest.drain(Duration::from_millis(300))).len(),
-        45,
-        "the relay forwarded everything while ctl was stopped"
+        100,
+        "the relay forwarded every packet while ctl was stopped"
     );
-    // ctl catches up with the relay's heartbeats; give it two of them.
-    std::thread::sleep(Duration::from_millis(2_000));
-    let resumed = Instant::now();
-    assert_eq!(http(ctl, "GET", "/health", None, None).1["relays_alive"], 1);
+    assert_eq!(publisher.bind().0, proto::stun::Class::Success, "a refresh");
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGCONT) }, 0);
+    let (after_pause, late) = taken_after(Instant::now(), "late");
     let metrics = {
         let mut s = TcpStream::connect(ctl).unwrap();
         write!(
@@ -522,17 +579,45 @@ fn a_paused_ctl_ends_no_meeting() {
         metrics.lines().any(|l| l == "ctl_relay_deaths_total 0"),
         "no relay declared dead: {metrics}"
     );
-    // The participants' refreshes and a new join work (they got 403 "Removed" before).
+
+    // ctl killed and started again on its data directory, at the same address.
+    drop(ctl_proc);
+    for _ in 0..20 {
+        load(&mut author);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (ctl_proc, again) = start_ctl(&dir.join("ctl"), &ctl.to_string());
+    assert_eq!(again, ctl);
+    let (after_restart, later) = taken_after(Instant::now(), "later");
+    eprintln!(
+        "ctl paused 10 s: a new participant was taken {after_pause:?} after it resumed; \
+         restarted: {after_restart:?} after it was ready"
+    );
+    assert!(after_pause < Duration::from_secs(2), "{after_pause:?}");
+    assert!(after_restart < Duration::from_secs(2), "{after_restart:?}");
+    for _ in 0..10 {
+        load(&mut author);
+    }
+    assert_eq!(seqs(&guest.drain(Duration::from_millis(300))).len(), 30);
+    assert_eq!(seqs(&late.drain(Duration::from_millis(300))).len(), 30);
+    assert_eq!(seqs(&later.drain(Duration::from_millis(300))).len(), 10);
     assert_eq!(publisher.bind().0, proto::stun::Class::Success);
     assert_eq!(guest.bind().0, proto::stun::Class::Success);
-    let late = bind(&join(ctl, &code, "late"));
-    assert!(
-        resumed.elapsed() < Duration::from_secs(2),
-        "joins work within 2 s"
-    );
-    send(10);
-    assert_eq!(seqs(&late.drain(Duration::from_millis(300))).len(), 10);
-    assert_eq!(seqs(&guest.drain(Duration::from_millis(300))).len(), 10);
+
+    // Every message was acknowledged as sent, and delivered once, in order.
+    let mut sent = 0;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while sent < said && Instant::now() < deadline {
+        if let Some(Event::Sent { .. }) = author.recv(Duration::from_millis(100)).unwrap() {
+            sent += 1;
+        }
+    }
+    assert_eq!(sent, said, "SENT for every message");
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::SeqCst);
+    let got = reading.join().unwrap();
+    let want: Vec<Vec<u8>> = (0..said).map(|i| format!("m{i}").into_bytes()).collect();
+    assert_eq!(got, want, "every message delivered once, in order");
     drop(ctl_proc);
     let _ = std::fs::remove_dir_all(&dir);
 }
