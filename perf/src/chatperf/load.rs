@@ -33,6 +33,31 @@ pub enum Target {
     Nats(u16),
     /// Redis pub/sub: receiver `i` subscribes to channel `c.i`, its sender publishes there.
     Redis(u16),
+    /// Redis Streams, the durable peer (its server runs with `appendfsync always`): sender `i`
+    /// appends to stream `s.i` (XADD, answered once fsync'd: its SENT); receiver `i` reads it
+    /// in a consumer group (XREADGROUP), then acknowledges and deletes what it got (XACK,
+    /// XDEL), as the relay deletes an entry on its recipient's ACK.
+    RedisStreams(u16),
+}
+
+/// The consumer group read receiver `i` keeps outstanding on its stream.
+fn xreadgroup(out: &mut Vec<u8>, stream: &str) {
+    wire::resp_cmd(
+        out,
+        &[
+            b"XREADGROUP",
+            b"GROUP",
+            b"g",
+            b"c",
+            b"COUNT",
+            b"256",
+            b"BLOCK",
+            b"0",
+            b"STREAMS",
+            stream.as_bytes(),
+            b">",
+        ],
+    );
 }
 
 /// The load's shape.
@@ -185,7 +210,7 @@ fn specs(target: &Target, pairs: usize) -> Vec<PairSpec> {
                         super::servers::token(key, receiver, *shards),
                     )
                 }
-                Target::Nats(p) | Target::Redis(p) => {
+                Target::Nats(p) | Target::Redis(p) | Target::RedisStreams(p) => {
                     let a = SocketAddr::from(([127, 0, 0, 1], *p));
                     (a, a, String::new(), String::new())
                 }
@@ -319,6 +344,34 @@ async fn redis_login(
     }
 }
 
+/// Redis Streams receiver: creates its stream and consumer group, then leaves its first
+/// XREADGROUP queued.
+async fn streams_login(addr: SocketAddr, stream: &str, deadline: Instant) -> anyhow::Result<Conn> {
+    let mut c = Conn::connect(addr, None).await?;
+    wire::resp_cmd(
+        &mut c.out,
+        &[
+            b"XGROUP",
+            b"CREATE",
+            stream.as_bytes(),
+            b"g",
+            b"$",
+            b"MKSTREAM",
+        ],
+    );
+    loop {
+        c.exchange(deadline).await?;
+        if let Some((v, _)) = wire::resp_parse(&c.inb).map_err(anyhow::Error::msg)? {
+            if let Resp::Error(e) = v {
+                bail!("Redis error {}", String::from_utf8_lossy(e));
+            }
+            c.inb.clear();
+            xreadgroup(&mut c.out, stream);
+            return Ok(c);
+        }
+    }
+}
+
 /// What one pair measured.
 struct PairStats {
     delivered: u64,
@@ -379,6 +432,7 @@ async fn pair_loop(
 ) -> anyhow::Result<()> {
     let subject = match target {
         Target::Nats(_) => format!("p.{}", spec.idx),
+        Target::RedisStreams(_) => format!("s.{}", spec.idx),
         _ => format!("c.{}", spec.idx),
     };
     let interval = cfg.rate_per_pair.map(|r| Duration::from_secs_f64(1.0 / r));
@@ -390,8 +444,9 @@ async fn pair_loop(
     let mut body = vec![0u8; cfg.size.max(16)];
     let mut in_flight = 0usize;
     let mut seq = 0u64;
-    // The relay: (seq, send time in ns) of SENDs not yet answered with SENT, oldest first
-    // (SENTs come in order: one chat, one owner). Bounded; a lost answer only drops a sample.
+    // The relay (and Redis Streams): (seq, send time in ns) of SENDs (XADDs) not yet answered
+    // with SENT (an XADD reply), oldest first (they come in order: one chat, one owner; one
+    // connection). Bounded; a lost answer only drops a sample.
     let unanswered_cap = 4 * cfg.window;
     let mut unanswered: std::collections::VecDeque<(u64, u64)> =
         std::collections::VecDeque::with_capacity(unanswered_cap);
@@ -443,6 +498,16 @@ async fn pair_loop(
                 Target::Nats(_) => wire::nats_pub(&mut s.out, &subject, &body),
                 Target::Redis(_) => {
                     wire::resp_cmd(&mut s.out, &[b"PUBLISH", subject.as_bytes(), &body])
+                }
+                Target::RedisStreams(_) => {
+                    if unanswered.len() >= unanswered_cap {
+                        unanswered.pop_front();
+                    }
+                    unanswered.push_back((seq, clock.ns(t)));
+                    wire::resp_cmd(
+                        &mut s.out,
+                        &[b"XADD", subject.as_bytes(), b"*", b"m", &body],
+                    )
                 }
             }
             in_flight += 1;
@@ -519,6 +584,38 @@ async fn pair_loop(
                     }
                 }
             }
+            Target::RedisStreams(_) => {
+                while let Some((v, n)) =
+                    wire::resp_parse(&r.inb[at..]).map_err(anyhow::Error::msg)?
+                {
+                    at += n;
+                    // XACK and XDEL answer with integers; XREADGROUP with the entries.
+                    if let Resp::Error(e) = v {
+                        error(
+                            st,
+                            format!("receiver: Redis {}", String::from_utf8_lossy(e)),
+                        );
+                        continue;
+                    }
+                    let Some(entries) = wire::resp_stream_entries(&v) else {
+                        continue;
+                    };
+                    let mut ids: Vec<&[u8]> = Vec::with_capacity(entries.len() + 3);
+                    for (id, p) in entries {
+                        deliver(st, p, &mut in_flight);
+                        ids.push(id);
+                    }
+                    if !ids.is_empty() {
+                        let mut ack: Vec<&[u8]> = vec![b"XACK", subject.as_bytes(), b"g"];
+                        ack.extend_from_slice(&ids);
+                        wire::resp_cmd(&mut r.out, &ack);
+                        let mut del: Vec<&[u8]> = vec![b"XDEL", subject.as_bytes()];
+                        del.extend_from_slice(&ids);
+                        wire::resp_cmd(&mut r.out, &del);
+                    }
+                    xreadgroup(&mut r.out, &subject);
+                }
+            }
         }
         r.inb.drain(..at);
         // The sender: SENT, DELIVERED receipts (acknowledged), errors, keepalives.
@@ -583,6 +680,28 @@ async fn pair_loop(
                     }
                 }
             }
+            Target::RedisStreams(_) => {
+                while let Some((v, n)) =
+                    wire::resp_parse(&s.inb[at..]).map_err(anyhow::Error::msg)?
+                {
+                    at += n;
+                    match v {
+                        Resp::Bulk(Some(_)) => {
+                            if let Some((_, t)) = unanswered.pop_front() {
+                                if counted {
+                                    let _ = st.sent_hist.record(now_ns.saturating_sub(t).max(1));
+                                }
+                            }
+                        }
+                        Resp::Error(e) => {
+                            unanswered.pop_front();
+                            in_flight = in_flight.saturating_sub(1);
+                            error(st, format!("sender: Redis {}", String::from_utf8_lossy(e)));
+                        }
+                        _ => {}
+                    }
+                }
+            }
         }
         s.inb.drain(..at);
     }
@@ -609,6 +728,10 @@ async fn login(
         Target::Redis(_) => (
             redis_login(spec.s_addr, None, deadline).await?,
             redis_login(spec.r_addr, Some(&sub), deadline).await?,
+        ),
+        Target::RedisStreams(_) => (
+            redis_login(spec.s_addr, None, deadline).await?,
+            streams_login(spec.r_addr, &format!("s.{}", spec.idx), deadline).await?,
         ),
     })
 }

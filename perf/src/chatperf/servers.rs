@@ -347,6 +347,25 @@ impl PubSub {
         Self::wait(Proc::spawn(cmd, dir, Stdio::null())?, port)
     }
 
+    /// `redis-server --port PORT --save '' --appendonly yes --appendfsync always`: every write
+    /// is fsync'd before it is answered (the durable peer of the relay's chat).
+    pub fn redis_durable(bin: &Path) -> anyhow::Result<Self> {
+        let port = free_ports(1, false)?;
+        let dir = temp_dir("redis-aof")?;
+        let mut cmd = Command::new(bin);
+        cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args([
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+            ])
+            .args(["--dir", dir.to_str().context("utf-8 path")?]);
+        Self::wait(Proc::spawn(cmd, dir, Stdio::null())?, port)
+    }
+
     fn wait(mut proc: Proc, port: u16) -> anyhow::Result<Self> {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {

@@ -158,6 +158,36 @@ pub fn resp_message<'a>(v: &Resp<'a>) -> Option<&'a [u8]> {
     }
 }
 
+/// The entries of an XREADGROUP reply (`[[stream, [[id, [field, value]], ...]]]`) as
+/// (id, value) pairs; `None` if `v` is not one.
+pub fn resp_stream_entries<'a>(v: &Resp<'a>) -> Option<Vec<(&'a [u8], &'a [u8])>> {
+    let Resp::Array(streams) = v else {
+        return None;
+    };
+    let mut out = Vec::new();
+    for stream in streams {
+        let Resp::Array(pair) = stream else {
+            return None;
+        };
+        let [Resp::Bulk(Some(_)), Resp::Array(entries)] = pair.as_slice() else {
+            return None;
+        };
+        for entry in entries {
+            let Resp::Array(e) = entry else {
+                return None;
+            };
+            let [Resp::Bulk(Some(id)), Resp::Array(fields)] = e.as_slice() else {
+                return None;
+            };
+            let [Resp::Bulk(Some(_)), Resp::Bulk(Some(value))] = fields.as_slice() else {
+                return None;
+            };
+            out.push((*id, *value));
+        }
+    }
+    Some(out)
+}
+
 /// Fills `body` (at least 16 bytes) with the send time (ns since the run's epoch) and a
 /// sequence number, then a filler.
 pub fn stamp(body: &mut [u8], t_ns: u64, seq: u64) {
@@ -356,5 +386,21 @@ mod tests {
         assert!((p50 - 500.0).abs() < 1.0, "{p50}");
         assert!((p99 - 990.0).abs() < 1.5, "{p99}");
         assert!((max - 1000.0).abs() < 1.5, "{max}");
+    }
+
+    #[test]
+    fn stream_entries_of_an_xreadgroup_reply() {
+        let reply =
+            b"*1\r\n*2\r\n$3\r\ns.0\r\n*2\r\n*2\r\n$3\r\n1-0\r\n*2\r\n$1\r\nm\r\n$2\r\nhi\r\n\
+                      *2\r\n$3\r\n1-1\r\n*2\r\n$1\r\nm\r\n$3\r\nyou\r\n";
+        let (v, n) = resp_parse(reply).unwrap().unwrap();
+        assert_eq!(n, reply.len());
+        assert_eq!(
+            resp_stream_entries(&v),
+            Some(vec![(&b"1-0"[..], &b"hi"[..]), (&b"1-1"[..], &b"you"[..])])
+        );
+        assert_eq!(resp_stream_entries(&Resp::Int(1)), None);
+        let (xadd, _) = resp_parse(b"$3\r\n1-0\r\n").unwrap().unwrap();
+        assert_eq!(resp_stream_entries(&xadd), None);
     }
 }
