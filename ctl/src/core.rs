@@ -7,7 +7,7 @@
 //! is applied, and a failed write changes nothing. Detached (`Core::detach_journal`), the
 //! server's writer thread takes what was staged ([`Core::take_batch`]) and writes it with the
 //! lock released, so heartbeats never wait on a disk; the server answers a request only once
-//! the changes it saw are durable ([`Core::staged_seq`], [`Core::durable_seq`]). After a failed
+//! the changes it saw are durable ([`Core::unsynced`]). After a failed
 //! write ctl refuses new changes (503 `storage`) until a full rewrite of its state succeeds.
 //!
 //! Driver contract: after every call that may queue commands (`join`, `leave`, `remove`, `end`,
@@ -327,26 +327,16 @@ impl Core {
         }
     }
 
-    /// The sequence number of the last change made (durable or not).
-    pub fn staged_seq(&self) -> u64 {
-        self.stager.staged_seq()
-    }
-
-    /// The sequence number of the last change known durable.
-    pub fn durable_seq(&self) -> u64 {
-        self.stager.durable_seq()
-    }
-
     /// With the journal detached, the sequence number a request that saw the current state
     /// must see durable before it is answered (None: nothing it saw is still in flight).
     pub fn unsynced(&self) -> Option<u64> {
-        (self.journal.is_none() && self.durable_seq() < self.staged_seq())
-            .then(|| self.staged_seq())
+        let staged = self.stager.staged_seq();
+        (self.journal.is_none() && self.stager.durable_seq() < staged).then_some(staged)
     }
 
     /// Whether a detached writer has something to take.
     pub fn has_staged(&self) -> bool {
-        self.journal.is_none() && (self.journal_failed || self.durable_seq() < self.staged_seq())
+        self.journal.is_none() && self.journal_failed || self.unsynced().is_some()
     }
 
     fn stage_snapshot(&mut self) {

@@ -58,8 +58,6 @@ impl From<std::io::Error> for JournalError {
 pub struct Batch {
     snapshot: bool,
     bytes: Vec<u8>,
-    /// Records in `bytes`.
-    records: usize,
     /// The stager's sequence number of the last record this batch makes durable.
     pub seq: u64,
 }
@@ -101,7 +99,6 @@ impl<R: Serialize> Stager<R> {
         self.pending
             .bytes
             .extend_from_slice(encode(record).as_bytes());
-        self.pending.records += 1;
         self.on_file += 1;
         self.seq += 1;
         self.pending.seq = self.seq;
@@ -119,11 +116,12 @@ impl<R: Serialize> Stager<R> {
             seq: self.seq,
             ..Batch::default()
         };
+        let mut records = 0;
         for record in live {
             batch.bytes.extend_from_slice(encode(record).as_bytes());
-            batch.records += 1;
+            records += 1;
         }
-        self.on_file = batch.records;
+        self.on_file = records;
         self.pending = batch;
     }
 

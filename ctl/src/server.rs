@@ -355,14 +355,12 @@ async fn create_meeting(
     State(app): State<Shared>,
     body: std::result::Result<Bytes, BytesRejection>,
 ) -> Response {
-    let r = match parse_optional_body::<CreateMeeting>(&app, body) {
-        Ok(req) => app
-            .durable(|c| c.create_meeting(&Now::system(), req))
-            .await
-            .and_then(|r| r),
-        Err(e) => Err(e),
+    let r = async {
+        let req = parse_optional_body::<CreateMeeting>(&app, body)?;
+        app.durable(|c| c.create_meeting(&Now::system(), req))
+            .await?
     };
-    match r {
+    match r.await {
         Ok(created) => json(StatusCode::CREATED, &created),
         Err(e) => e.into_response(),
     }
@@ -707,9 +705,8 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     let (max_body, max_connections) = (cfg.max_body_bytes, cfg.max_connections);
     let max_internal = cfg.max_internal_connections;
     let data_dir = cfg.data_dir.clone();
-    let core = Core::open(cfg, key, &data_dir, Now::system())
+    let mut core = Core::open(cfg, key, &data_dir, Now::system())
         .with_context(|| format!("cannot open the journal in {}", data_dir.display()))?;
-    let mut core = core;
     let journal = core
         .detach_journal()
         .expect("a freshly opened core has its journal");

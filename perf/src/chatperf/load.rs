@@ -321,17 +321,10 @@ async fn nats_login(
     }
 }
 
-/// Redis: SUBSCRIBE and wait for its confirmation, or PING and wait for PONG.
-async fn redis_login(
-    addr: SocketAddr,
-    sub: Option<&str>,
-    deadline: Instant,
-) -> anyhow::Result<Conn> {
+/// Redis: sends `cmd` (SUBSCRIBE, PING, XGROUP CREATE) and waits for its answer.
+async fn redis_login(addr: SocketAddr, cmd: &[&[u8]], deadline: Instant) -> anyhow::Result<Conn> {
     let mut c = Conn::connect(addr, None).await?;
-    match sub {
-        Some(s) => wire::resp_cmd(&mut c.out, &[b"SUBSCRIBE", s.as_bytes()]),
-        None => wire::resp_cmd(&mut c.out, &[b"PING"]),
-    }
+    wire::resp_cmd(&mut c.out, cmd);
     loop {
         c.exchange(deadline).await?;
         if let Some((v, _)) = wire::resp_parse(&c.inb).map_err(anyhow::Error::msg)? {
@@ -339,34 +332,6 @@ async fn redis_login(
                 bail!("Redis error {}", String::from_utf8_lossy(e));
             }
             c.inb.clear();
-            return Ok(c);
-        }
-    }
-}
-
-/// Redis Streams receiver: creates its stream and consumer group, then leaves its first
-/// XREADGROUP queued.
-async fn streams_login(addr: SocketAddr, stream: &str, deadline: Instant) -> anyhow::Result<Conn> {
-    let mut c = Conn::connect(addr, None).await?;
-    wire::resp_cmd(
-        &mut c.out,
-        &[
-            b"XGROUP",
-            b"CREATE",
-            stream.as_bytes(),
-            b"g",
-            b"$",
-            b"MKSTREAM",
-        ],
-    );
-    loop {
-        c.exchange(deadline).await?;
-        if let Some((v, _)) = wire::resp_parse(&c.inb).map_err(anyhow::Error::msg)? {
-            if let Resp::Error(e) = v {
-                bail!("Redis error {}", String::from_utf8_lossy(e));
-            }
-            c.inb.clear();
-            xreadgroup(&mut c.out, stream);
             return Ok(c);
         }
     }
@@ -726,13 +691,25 @@ async fn login(
             nats_login(spec.r_addr, Some(&sub), deadline).await?,
         ),
         Target::Redis(_) => (
-            redis_login(spec.s_addr, None, deadline).await?,
-            redis_login(spec.r_addr, Some(&sub), deadline).await?,
+            redis_login(spec.s_addr, &[b"PING"], deadline).await?,
+            redis_login(spec.r_addr, &[b"SUBSCRIBE", sub.as_bytes()], deadline).await?,
         ),
-        Target::RedisStreams(_) => (
-            redis_login(spec.s_addr, None, deadline).await?,
-            streams_login(spec.r_addr, &format!("s.{}", spec.idx), deadline).await?,
-        ),
+        Target::RedisStreams(_) => {
+            // The receiver creates its stream and consumer group, then leaves its first
+            // XREADGROUP queued.
+            let stream = format!("s.{}", spec.idx);
+            let group = [
+                b"XGROUP",
+                b"CREATE",
+                stream.as_bytes(),
+                b"g",
+                b"$",
+                b"MKSTREAM",
+            ];
+            let mut r = redis_login(spec.r_addr, &group, deadline).await?;
+            xreadgroup(&mut r.out, &stream);
+            (redis_login(spec.s_addr, &[b"PING"], deadline).await?, r)
+        }
     })
 }
 

@@ -322,10 +322,26 @@ fn ctl_places_meetings_on_live_relays_and_survives_failures() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// `user`'s chat home as ctl answers it, and a session opened there with its token.
+fn chat_home(ctl: SocketAddr, user: u64) -> (Value, relay::chat::client::Client) {
+    let (status, h) = http(ctl, "GET", &format!("/v1/users/{user}/home"), None, None);
+    assert_eq!(status, 200, "{h}");
+    let addr: SocketAddr = format!("{}:{}", h["host"].as_str().unwrap(), h["chat_port"])
+        .parse()
+        .unwrap();
+    let session = relay::chat::client::Client::connect(
+        addr,
+        h["token"].as_str().unwrap(),
+        Duration::from_secs(5),
+    )
+    .expect("chat session");
+    (h, session)
+}
+
 /// A user's chat home looked up through ctl leads to a working chat session on the relay.
 #[test]
 fn chat_homes_from_ctl_work_on_the_relay() {
-    use relay::chat::client::{Client as ChatClient, Event};
+    use relay::chat::client::Event;
     let dir = std::env::temp_dir().join(format!("relay-ctl-chat-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let (_ctl_proc, ctl) = start_ctl(&dir.join("ctl"), "127.0.0.1:0");
@@ -353,17 +369,12 @@ fn chat_homes_from_ctl_work_on_the_relay() {
         http(ctl, "GET", "/health", None, None).1["relays_alive"] == 1
     });
     let home = |user: u64| {
-        let (status, h) = http(ctl, "GET", &format!("/v1/users/{user}/home"), None, None);
-        assert_eq!(status, 200, "{h}");
+        let (h, session) = chat_home(ctl, user);
         assert_eq!(
             h["shard_idx"].as_u64(),
             Some(u64::from(proto::chat::ids::home_shard(user, 2)))
         );
-        let addr: SocketAddr = format!("{}:{}", h["host"].as_str().unwrap(), h["chat_port"])
-            .parse()
-            .unwrap();
-        ChatClient::connect(addr, h["token"].as_str().unwrap(), Duration::from_secs(5))
-            .expect("chat session")
+        session
     };
     let (a, b) = (11u64, 12u64);
     let mut ca = home(a);
@@ -484,15 +495,7 @@ fn a_paused_or_restarted_ctl_ends_no_meeting_and_loses_no_message() {
     let code = m["code"].as_str().unwrap().to_string();
     let publisher = bind(&m["join"]);
     let guest = bind(&join(ctl, &code, "guest"));
-    let chat = |user: u64| {
-        let (status, h) = http(ctl, "GET", &format!("/v1/users/{user}/home"), None, None);
-        assert_eq!(status, 200, "{h}");
-        let addr: SocketAddr = format!("{}:{}", h["host"].as_str().unwrap(), h["chat_port"])
-            .parse()
-            .unwrap();
-        ChatClient::connect(addr, h["token"].as_str().unwrap(), Duration::from_secs(5))
-            .expect("chat session")
-    };
+    let chat = |user: u64| chat_home(ctl, user).1;
     let (a, b) = (21u64, 22u64);
     let mut author = chat(a);
     let mut reader = chat(b);
