@@ -16,6 +16,20 @@ pub struct HeartbeatAnswer {
     /// How long from sending this heartbeat the relay may take new joins, milliseconds; 0
     /// while it has rooms to close first (it came back after they moved).
     pub lease_ms: u64,
+    /// For a relay with a link port, once the cluster has formed and ctl has it on disk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterView>,
+}
+
+/// What a linked relay needs to serve chat as one of a cluster (PROTOCOL.md section 8).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ClusterView {
+    /// The chat owners, fixed: owner index -> shard address (relay number * 256 + shard).
+    pub owners: Vec<u16>,
+    /// Where the other linked relays listen for links: relay number -> "host:port".
+    pub links: BTreeMap<u32, String>,
+    /// This relay's link credential: a token of kind "relay" naming it, signed by ctl.
+    pub link_token: String,
 }
 
 /// Answer to a relay's command poll.

@@ -57,6 +57,11 @@ pub struct Config {
     /// The journal is compacted (rewritten with only the live records) once it holds more than
     /// twice the live records plus this many: its disk bound, in records.
     pub journal_slack_records: usize,
+    /// Relays whose shards own the chats of the cluster (0: relays serve chat alone). Once
+    /// this many relays with a link port have registered, ctl fixes the list of chat owners
+    /// (all their shards) for good and hands it to every linked relay; a relay added later
+    /// homes users and rooms but owns no chat (ARCHITECTURE.md, "Chat across relays").
+    pub cluster_relays: usize,
 }
 
 /// A credential read from the configuration: `Debug` does not show it.
@@ -105,6 +110,7 @@ impl Default for Config {
             placement_candidates: 3,
             load_cap: 1.25,
             journal_slack_records: 1024,
+            cluster_relays: 0,
         }
     }
 }
@@ -124,6 +130,9 @@ impl Config {
         }
         if self.meeting_idle_s < self.token_ttl_s {
             bail!("meeting_idle_s must be at least token_ttl_s");
+        }
+        if self.cluster_relays > 255 {
+            bail!("cluster_relays: at most 255 relays own chats");
         }
         if self.heartbeat_ms == 0 || self.dead_after_ms < 2 * self.heartbeat_ms {
             bail!("dead_after_ms must be at least two heartbeats");

@@ -113,7 +113,12 @@ pub(crate) enum Record {
     Meeting(Meeting),
     MeetingEnded(u64),
     Placed(Placed),
-    Released { scope: Scope, id: u64 },
+    Released {
+        scope: Scope,
+        id: u64,
+    },
+    /// The cluster's chat owners (shard addresses), fixed once and for good.
+    Cluster(Vec<u16>),
 }
 
 /// Counters for `/metrics`.
@@ -176,6 +181,10 @@ pub struct Core {
     /// Relays that came back and have not yet taken the `CloseRoom`s of their moved rooms: no
     /// lease for them until they have, so that they take no join for a room that moved.
     fencing: BTreeSet<u32>,
+    /// The chat owners of the cluster (shard addresses), once formed.
+    cluster: Option<Vec<u16>>,
+    /// The stager's sequence number of the record that formed it (0: restored from disk).
+    cluster_seq: u64,
     pub stats: Stats,
 }
 
@@ -227,6 +236,8 @@ impl Core {
             next_expiry_sweep: now.mono,
             evicted: BTreeMap::new(),
             fencing: BTreeSet::new(),
+            cluster: None,
+            cluster_seq: 0,
             stats: Stats::default(),
             cfg,
         };
@@ -250,6 +261,7 @@ impl Core {
                     self.count_slot(&old, -1);
                 }
             }
+            Record::Cluster(owners) => self.cluster = Some(owners),
             Record::Released { scope, id } => {
                 self.ids.remove(&(scope, key(id)));
                 if let Some(old) = self.placed.remove(&(scope, id)) {
@@ -345,6 +357,7 @@ impl Core {
             .iter()
             .map(|m| Record::Meeting(m.clone()))
             .chain(self.placed.values().map(|p| Record::Placed(p.clone())))
+            .chain(self.cluster.iter().map(|o| Record::Cluster(o.clone())))
             .collect();
         self.stager.stage_snapshot(records.iter());
     }
@@ -477,10 +490,67 @@ impl Core {
         } else {
             self.cfg.lease_ms()
         };
+        self.form_cluster();
         Ok(HeartbeatAnswer {
             public_key: self.public_key_hex.clone(),
             heartbeat_ms: self.cfg.heartbeat_ms,
             lease_ms,
+            cluster: self.cluster_view(relay_id, now),
+        })
+    }
+
+    /// Fixes the chat owners once `cluster_relays` relays with link ports are alive: every
+    /// shard of each, by relay number. Never changes them again (a chat never moves).
+    fn form_cluster(&mut self) {
+        if self.cluster.is_some() || self.cfg.cluster_relays == 0 {
+            return;
+        }
+        let mut linked: Vec<(u32, u16)> = self
+            .members
+            .iter()
+            .filter(|r| !r.dead && r.link_port.is_some() && (1..=255).contains(&r.id))
+            .map(|r| (r.id, r.shards.min(256)))
+            .collect();
+        if linked.len() < self.cfg.cluster_relays {
+            return;
+        }
+        linked.sort_unstable();
+        let owners = linked
+            .iter()
+            .flat_map(|&(id, shards)| (0..shards).map(move |s| ((id as u16) << 8) | s))
+            .collect();
+        // Durable before any relay hears of it (`cluster_view` waits for the writer).
+        if self.commit(Record::Cluster(owners)).is_ok() {
+            self.cluster_seq = self.stager.staged_seq();
+        }
+    }
+
+    /// The cluster as relay `relay_id` should see it, once formed and durable.
+    fn cluster_view(&self, relay_id: u32, now: &Now) -> Option<ClusterView> {
+        let owners = self.cluster.as_ref()?;
+        if self.stager.durable_seq() < self.cluster_seq && self.journal.is_none() {
+            return None;
+        }
+        self.members.get(relay_id)?.link_port?;
+        let links = self
+            .members
+            .iter()
+            .filter(|r| !r.dead && r.id != relay_id)
+            .filter_map(|r| Some((r.id, format!("{}:{}", r.host, r.link_port?))))
+            .collect();
+        let claims = Claims {
+            kind: TokenKind::Relay,
+            permissions: Permissions::default(),
+            relay_id: 0,
+            shard_idx: 0,
+            expires_at: now.unix_s + self.cfg.token_ttl_s,
+            scope_id: u64::from(relay_id),
+            participant_id: 0,
+        };
+        Some(ClusterView {
+            owners: owners.clone(),
+            links,
+            link_token: claims.sign_text(&self.key),
         })
     }
 

@@ -26,6 +26,7 @@ fn hb(relay_id: u32, shards: u16) -> Heartbeat {
         state: RelayState::Serving,
         load: vec![ShardLoad::default()],
         chat_port: None,
+        link_port: None,
     }
 }
 
@@ -634,4 +635,61 @@ fn user_load_is_counted_from_the_record_across_restarts() {
         40,
         "restored placements count"
     );
+}
+
+#[test]
+fn the_cluster_forms_once_with_its_chat_owners_fixed_for_good() {
+    let dir = std::env::temp_dir().join(format!("ctl-core-{}-cluster", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = Config {
+        cluster_relays: 2,
+        ..Config::default()
+    };
+    let t0 = Instant::now();
+    let now = |ms: u64| Now {
+        mono: t0 + Duration::from_millis(ms),
+        unix_s: 1_700_000_000 + ms / 1000,
+    };
+    let open =
+        |ms| Core::open(cfg.clone(), SigningKey::from_bytes(&[7; 32]), &dir, now(ms)).unwrap();
+    let linked = |id, shards| Heartbeat {
+        link_port: Some(7000 + id as u16),
+        ..hb(id, shards)
+    };
+    let mut core = open(0);
+    // One linked relay is not a cluster of two; a relay without links never gets a view.
+    let a = core.handle_heartbeat(&now(0), linked(3, 2)).unwrap();
+    assert_eq!(a.cluster, None);
+    core.handle_heartbeat(&now(0), hb(9, 4)).unwrap();
+    let b = core.handle_heartbeat(&now(10), linked(1, 3)).unwrap();
+    let view = b.cluster.expect("formed by the second linked relay");
+    // Every shard of both, by relay number: relay 1's three, then relay 3's two.
+    assert_eq!(view.owners, vec![0x100, 0x101, 0x102, 0x300, 0x301]);
+    assert_eq!(
+        view.links.get(&3).map(String::as_str),
+        Some("10.0.0.3:7003")
+    );
+    assert!(!view.links.contains_key(&1), "not itself");
+    assert!(
+        !view.links.contains_key(&9),
+        "a relay without links is no peer"
+    );
+    let claims = core
+        .verifier
+        .verify_text(view.link_token.as_bytes(), now(10).unix_s)
+        .unwrap();
+    assert_eq!((claims.kind, claims.scope_id), (TokenKind::Relay, 1));
+    assert_eq!(
+        core.handle_heartbeat(&now(20), hb(9, 4)).unwrap().cluster,
+        None
+    );
+    // A relay added later changes no owner, and neither does a restart.
+    let c = core.handle_heartbeat(&now(30), linked(2, 8)).unwrap();
+    assert_eq!(c.cluster.unwrap().owners, view.owners);
+    drop(core);
+    let mut core = open(40);
+    let again = core.handle_heartbeat(&now(40), linked(2, 8)).unwrap();
+    assert_eq!(again.cluster.unwrap().owners, view.owners);
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -71,6 +71,9 @@ pub struct Heartbeat {
     /// TCP port of the relay's chat listener, once relays have one.
     #[serde(default)]
     pub chat_port: Option<u16>,
+    /// TCP port of the relay's links to the other relays of the cluster.
+    #[serde(default)]
+    pub link_port: Option<u16>,
 }
 
 /// Why a heartbeat was refused. All are the relay's fault.
@@ -163,6 +166,7 @@ pub struct Relay {
     pub nic_gbps: f64,
     pub labels: BTreeMap<String, String>,
     pub chat_port: Option<u16>,
+    pub link_port: Option<u16>,
     /// The state the relay last reported.
     pub reported: RelayState,
     /// An operator asked ctl to drain it (takes effect at once, before the relay confirms).
@@ -194,6 +198,7 @@ impl Relay {
             nic_gbps: 0.0,
             labels: BTreeMap::new(),
             chat_port: None,
+            link_port: None,
             reported: hb.state,
             drain_requested: false,
             last_seen: now,
@@ -221,6 +226,7 @@ impl Relay {
         self.nic_gbps = hb.nic_gbps;
         self.labels = hb.labels;
         self.chat_port = hb.chat_port;
+        self.link_port = hb.link_port;
         self.reported = hb.state;
         self.last_seen = now;
         self.dead = false;
@@ -396,6 +402,7 @@ mod tests {
                 ..ShardLoad::default()
             }],
             chat_port: None,
+            link_port: None,
         }
     }
 

@@ -38,6 +38,9 @@ pub enum TokenKind {
     Room,
     /// A user's chat home (`scope_id` is the user id).
     User,
+    /// A relay's link credential (`scope_id` is the relay's number in its cluster): presented
+    /// when it dials another relay (PROTOCOL.md section 8).
+    Relay,
 }
 
 /// Permission bits carried by a token.
@@ -128,6 +131,7 @@ impl Claims {
         b[1] = match self.kind {
             TokenKind::Room => 1,
             TokenKind::User => 2,
+            TokenKind::Relay => 3,
         };
         b[2] = self.permissions.0;
         b[4..8].copy_from_slice(&self.relay_id.to_le_bytes());
@@ -145,6 +149,7 @@ impl Claims {
         let kind = match b[1] {
             1 => TokenKind::Room,
             2 => TokenKind::User,
+            3 => TokenKind::Relay,
             _ => return Err(TokenError::InvalidField),
         };
         if b[2] & !Permissions::ALL.0 != 0 || b[3] != 0 || b[10] != 0 || b[11] != 0 {

@@ -57,6 +57,10 @@ pub struct Flags {
     /// TCP port of shard 0's chat listener; shard i listens on chat_port + i. Enables chat.
     #[arg(long)]
     pub chat_port: Option<u16>,
+    /// TCP port of the relay links: chat with the other relays of ctl's cluster
+    /// (`[chat] link_port`; needs chat, ctl and a relay id of 1 to 255).
+    #[arg(long)]
+    pub link_port: Option<u16>,
     /// Directory of the chat logs (one subdirectory per shard).
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
@@ -108,6 +112,10 @@ pub struct ChatSettings {
     pub port: Option<u16>,
     /// Directory of the per-shard logs.
     pub data_dir: PathBuf,
+    /// TCP port of the relay links (on `bind`, advertised with `advertise_host`): with it the
+    /// relay serves chat as one of ctl's cluster, and waits for the cluster to form before it
+    /// starts; without it, it serves chat alone.
+    pub link_port: Option<u16>,
     /// fdatasync on every commit (turning it off loses durability; for benchmarks only).
     pub sync: bool,
     /// Run each commit's fdatasync on a per-shard sync thread while the shard serves on
@@ -153,6 +161,7 @@ impl Default for ChatSettings {
         Self {
             port: None,
             data_dir: PathBuf::from("relay-data"),
+            link_port: None,
             sync: true,
             sync_thread: true,
             window: c.window,
@@ -299,6 +308,7 @@ impl Config {
         cfg.pin &= !flags.no_pin;
         cfg.ctl = flags.ctl.clone().or(cfg.ctl);
         cfg.chat.port = flags.chat_port.or(cfg.chat.port);
+        cfg.chat.link_port = flags.link_port.or(cfg.chat.link_port);
         if let Some(d) = &flags.data_dir {
             cfg.chat.data_dir = d.clone();
         }
@@ -345,6 +355,20 @@ impl Config {
             return Err(
                 "ctl_token must be at least 16 printable ASCII characters, without spaces".into(),
             );
+        }
+        if self.chat.link_port.is_some()
+            && (self.ctl.is_none()
+                || self.chat.port.is_none()
+                || !(1..=255).contains(&self.relay_id))
+        {
+            return Err(
+                "[chat] link_port needs chat, ctl and a relay_id of 1 to 255 (its \
+                        number in the cluster)"
+                    .into(),
+            );
+        }
+        if self.chat.link_port.is_some() && self.shards > 256 {
+            return Err("a linked relay has at most 256 shards".into());
         }
         if self.ctl.is_some() && self.relay_id == 0 {
             return Err("a relay that talks to ctl needs a nonzero relay_id (--relay-id)".into());

@@ -37,6 +37,9 @@ pub struct Identity {
     /// TCP port of shard 0's chat listener, when chat is on.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub chat_port: Option<u16>,
+    /// TCP port of the relay links, when the relay is one of a cluster.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub link_port: Option<u16>,
 }
 
 #[derive(Serialize)]
@@ -70,6 +73,37 @@ pub struct HeartbeatReply {
     /// yet). Absent from an older ctl, which fences nothing.
     #[serde(default)]
     pub lease_ms: Option<u64>,
+    /// The cluster, for a relay with a link port once it has formed.
+    #[serde(default)]
+    pub cluster: Option<ClusterView>,
+}
+
+/// What a linked relay learns of its cluster from ctl (PROTOCOL.md section 8).
+#[derive(Clone, Debug, Deserialize)]
+pub struct ClusterView {
+    /// The chat owners, fixed: owner index -> shard address (relay number * 256 + shard).
+    pub owners: Vec<u16>,
+    /// The other linked relays: relay number -> "host:port" of their link listener.
+    pub links: BTreeMap<u32, String>,
+    /// This relay's link credential.
+    pub link_token: String,
+}
+
+impl ClusterView {
+    /// The peers and token as the link thread keeps them (unresolvable addresses skipped).
+    pub fn directory(&self) -> crate::io::link::Directory {
+        crate::io::link::Directory {
+            token: self.link_token.clone(),
+            peers: self
+                .links
+                .iter()
+                .filter_map(|(&id, a)| {
+                    let addr = a.to_socket_addrs().ok()?.next()?;
+                    Some((u8::try_from(id).ok()?, addr))
+                })
+                .collect(),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -278,6 +312,8 @@ pub struct CtlLoop {
     pub origin: Instant,
     /// The lease of the registration: (when its heartbeat was sent, at the latest; lease_ms).
     pub first_lease: Option<(Instant, u64)>,
+    /// The link thread's view of the cluster, kept current from the heartbeats' answers.
+    pub links: Option<Arc<std::sync::Mutex<crate::io::link::Directory>>>,
 }
 
 impl CtlLoop {
@@ -301,6 +337,9 @@ impl CtlLoop {
                 let mut stale = false;
                 match heartbeat(&self.ctl, &self.identity, draining, load) {
                     Ok(reply) => {
+                        if let (Some(dir), Some(c)) = (&self.links, &reply.cluster) {
+                            *dir.lock().unwrap_or_else(|e| e.into_inner()) = c.directory();
+                        }
                         if let Some(end) = reply.lease_ms.and_then(|ms| self.grant(sent, ms)) {
                             if end <= Instant::now() {
                                 // ctl held this heartbeat past its own lease (it was stopped,
@@ -510,6 +549,7 @@ mod tests {
             nic_gbps: 25.0,
             labels: BTreeMap::from([("region".into(), "local".into())]),
             chat_port: Some(41000),
+            link_port: None,
         };
         let hb = Heartbeat {
             identity: &identity,

@@ -15,6 +15,7 @@ type Registered = (
     relay::ctl_client::Ctl,
     relay::ctl_client::Identity,
     Option<(Instant, u64)>,
+    Option<relay::ctl_client::ClusterView>,
 );
 
 /// Registers with ctl before the shards start; takes ctl's public key when none is configured.
@@ -36,9 +37,32 @@ fn register_with_ctl(cfg: &mut Config, url: &str) -> Result<Registered, Error> {
         nic_gbps: cfg.nic_gbps,
         labels: cfg.labels.clone(),
         chat_port: cfg.chat.port,
+        link_port: cfg.chat.link_port,
     };
-    let sent = Instant::now();
-    let reply = relay::ctl_client::register(&ctl, &identity, sent + Duration::from_secs(30))?;
+    let mut sent = Instant::now();
+    let mut reply = relay::ctl_client::register(&ctl, &identity, sent + Duration::from_secs(30))?;
+    // A linked relay serves chat only as one of its cluster: it waits for ctl to form it.
+    if cfg.chat.link_port.is_some() {
+        let deadline = sent + Duration::from_secs(600);
+        let mut said = false;
+        while reply.cluster.is_none() {
+            if Instant::now() >= deadline {
+                return Err(Error::CtlUnavailable(
+                    "ctl formed no cluster in 10 minutes (ctl's cluster_relays: how many \
+                     linked relays it waits for)"
+                        .into(),
+                ));
+            }
+            if !said {
+                eprintln!("relay: waiting for ctl to form the cluster");
+                said = true;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+            sent = Instant::now();
+            reply = relay::ctl_client::register(&ctl, &identity, sent + Duration::from_secs(30))?;
+        }
+    }
+    let cluster = reply.cluster.clone();
     let lease = reply.lease_ms.map(|ms| (sent, ms));
     match &cfg.public_key {
         Some(k) if !k.trim().eq_ignore_ascii_case(reply.public_key.trim()) => {
@@ -53,7 +77,7 @@ fn register_with_ctl(cfg: &mut Config, url: &str) -> Result<Registered, Error> {
         "relay: registered with ctl at {} as relay {}",
         ctl.addr, cfg.relay_id
     );
-    Ok((ctl, identity, lease))
+    Ok((ctl, identity, lease, cluster))
 }
 
 fn main() -> ExitCode {
@@ -87,9 +111,10 @@ fn run(flags: &Flags) -> Result<(), Error> {
         Some(url) => Some(register_with_ctl(&mut cfg, &url)?),
         None => None,
     };
-    let mut relay = Relay::start(&cfg)?;
+    let cluster = ctl.as_ref().and_then(|c| c.3.as_ref());
+    let mut relay = Relay::start(&cfg, cluster)?;
     let stop_ctl = Arc::new(AtomicBool::new(false));
-    if let Some((ctl, identity, first_lease)) = ctl {
+    if let Some((ctl, identity, first_lease, _)) = ctl {
         let ctl_loop = relay::ctl_client::CtlLoop {
             ctl,
             identity,
@@ -98,6 +123,7 @@ fn run(flags: &Flags) -> Result<(), Error> {
             stop: stop_ctl.clone(),
             origin: relay.origin,
             first_lease,
+            links: relay.links.as_ref().map(|(dir, _)| dir.clone()),
         };
         std::thread::Builder::new()
             .name("ctl".into())
@@ -115,9 +141,10 @@ fn run(flags: &Flags) -> Result<(), Error> {
                 .local_addr()
                 .map_err(|e| Error::host("metrics address", e))?;
             let (stats, backend) = (relay.stats.clone(), relay.backend);
+            let links = relay.links.as_ref().map(|(_, s)| s.clone());
             std::thread::Builder::new()
                 .name("metrics".into())
-                .spawn(move || relay::metrics::serve(l, stats, backend))
+                .spawn(move || relay::metrics::serve(l, stats, backend, links))
                 .map_err(|e| Error::host("cannot spawn the metrics thread", e))?;
             addr.to_string()
         }

@@ -2,10 +2,12 @@
 //! Off the packet path: it reads counters the shards publish every 100 ms.
 
 use crate::engine::DropReason;
+use crate::io::link::LinkStats;
 use crate::io::{Backend, ShardStats};
 use std::fmt::Write as _;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -69,12 +71,37 @@ fn family(out: &mut String, stats: &[Arc<ShardStats>], fields: &[&str], gauges: 
     }
 }
 
+/// Renders the link thread's counters (`relay_link_*`, PROTOCOL.md section 8).
+pub fn render_links(l: &LinkStats) -> String {
+    let mut out = String::new();
+    let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    for (name, kind, v) in [
+        ("relay_link_frames_out_total", "counter", get(&l.frames_out)),
+        ("relay_link_writes_total", "counter", get(&l.writes)),
+        ("relay_link_frames_in_total", "counter", get(&l.frames_in)),
+        ("relay_link_refused_total", "counter", get(&l.refused)),
+        ("relay_link_bad_frames_total", "counter", get(&l.bad_frames)),
+        ("relay_link_bounced_total", "counter", get(&l.bounced)),
+        ("relay_link_dropped_total", "counter", get(&l.dropped)),
+        ("relay_link_ups_total", "counter", get(&l.ups)),
+        ("relay_links_up", "gauge", get(&l.up_now)),
+    ] {
+        let _ = writeln!(out, "# TYPE {name} {kind}\n{name} {v}");
+    }
+    out
+}
+
 /// Serves the endpoint on `listener` until the process ends. One request per connection, each
 /// bounded by a 2 s timeout, so a slow client cannot hold the thread.
-pub fn serve(listener: TcpListener, stats: Vec<Arc<ShardStats>>, backend: Backend) {
+pub fn serve(
+    listener: TcpListener,
+    stats: Vec<Arc<ShardStats>>,
+    backend: Backend,
+    links: Option<Arc<LinkStats>>,
+) {
     for conn in listener.incoming() {
         let Ok(conn) = conn else { continue };
-        let _ = respond(conn, &stats, backend);
+        let _ = respond(conn, &stats, backend, links.as_deref());
     }
 }
 
@@ -82,6 +109,7 @@ fn respond(
     mut conn: TcpStream,
     stats: &[Arc<ShardStats>],
     backend: Backend,
+    links: Option<&LinkStats>,
 ) -> std::io::Result<()> {
     conn.set_read_timeout(Some(Duration::from_secs(2)))?;
     conn.set_write_timeout(Some(Duration::from_secs(2)))?;
@@ -95,7 +123,9 @@ fn respond(
     }
     let line = req[..n].split(|&b| b == b'\r').next().unwrap_or(&[]);
     let (status, body) = if line.starts_with(b"GET /metrics") {
-        ("200 OK", render(stats, backend))
+        let mut text = render(stats, backend);
+        text.extend(links.map(render_links));
+        ("200 OK", text)
     } else if line.starts_with(b"GET /health") {
         ("200 OK", "ok\n".to_string())
     } else {

@@ -1,7 +1,9 @@
 //! Thread-per-core runtime: one pinned thread per shard, each with its own UDP socket
 //! (`base_port + shard_idx`), its own engine and its own I/O backend instance.
 
+use crate::chat::msg::Place;
 use crate::config::{Config, IoChoice};
+use crate::ctl_client::ClusterView;
 use crate::engine::{Command, EngineConfig, Shard};
 use crate::error::{Error, ShardError};
 use crate::io::{self, Backend, ShardCtx, ShardStats};
@@ -10,7 +12,7 @@ use proto::token::TokenVerifier;
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
@@ -28,6 +30,9 @@ pub struct Relay {
     pub commands: Vec<Producer<Command>>,
     /// The origin of the shards' monotonic clock (`engine::Now::mono_us` counts from it).
     pub origin: Instant,
+    /// The link thread's directory (kept current by the control thread) and counters, when
+    /// the relay is one of a cluster.
+    pub links: Option<(Arc<Mutex<io::link::Directory>>, Arc<io::link::LinkStats>)>,
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<Result<(), ShardError>>>,
 }
@@ -61,8 +66,9 @@ pub fn choose_backend(choice: IoChoice) -> Result<(Backend, String), Error> {
 }
 
 impl Relay {
-    /// Binds every shard's socket and starts the shard threads.
-    pub fn start(cfg: &Config) -> Result<Self, Error> {
+    /// Binds every shard's socket and starts the shard threads; with `cluster` (a linked
+    /// relay), the link thread too.
+    pub fn start(cfg: &Config, cluster: Option<&ClusterView>) -> Result<Self, Error> {
         let (backend, backend_reason) = choose_backend(cfg.io)?;
         let key_hex = cfg.public_key.as_deref().ok_or_else(|| {
             Error::Config("no public key configured (public_key or --public-key)".into())
@@ -86,9 +92,53 @@ impl Relay {
             Some(_) => io::mailbox::mailboxes(n_shards, cfg.chat.ring_capacity)
                 .map_err(|e| Error::host("eventfd", e))?,
             None => Vec::new(),
-        }
-        .into_iter();
+        };
         let stop = Arc::new(AtomicBool::new(false));
+        // A linked relay: its number is its id; the link thread takes the other relays' chat.
+        let (places, links) = match (cluster, cfg.chat.link_port, cfg.chat.port) {
+            (Some(c), Some(port), Some(_)) => {
+                let me = u8::try_from(cfg.relay_id)
+                    .map_err(|_| Error::Config("a linked relay's id is 1 to 255".into()))?;
+                let hub = io::mailbox::link_ports(&mut mailboxes, me, cfg.chat.ring_capacity)
+                    .map_err(|e| Error::host("eventfd", e))?;
+                let addr = SocketAddr::new(cfg.bind, port);
+                let listener = std::net::TcpListener::bind(addr)
+                    .map_err(|e| Error::host(format!("cannot bind TCP {addr}"), e))?;
+                let dir = Arc::new(Mutex::new(c.directory()));
+                let link_stats = Arc::new(io::link::LinkStats::default());
+                let links = io::link::Links::new(
+                    hub,
+                    listener,
+                    dir.clone(),
+                    verifier.clone(),
+                    me,
+                    link_stats.clone(),
+                    stop.clone(),
+                )
+                .map_err(|e| Error::host("link listener", e))?;
+                std::thread::Builder::new()
+                    .name("links".into())
+                    .spawn(move || links.run())
+                    .map_err(|e| Error::host("cannot spawn the link thread", e))?;
+                let owners: Arc<[u16]> = c.owners.iter().copied().collect();
+                let places = (0..n_shards)
+                    .map(|s| Place {
+                        addr: crate::chat::msg::addr(me, s as u16),
+                        n_local: n_shards as u16,
+                        owners: owners.clone(),
+                    })
+                    .collect();
+                (places, Some((dir, link_stats)))
+            }
+            _ => (
+                (0..n_shards)
+                    .map(|s| Place::standalone(s as u16, n_shards as u16))
+                    .collect::<Vec<_>>(),
+                None,
+            ),
+        };
+        let mut places = places.into_iter();
+        let mut mailboxes = mailboxes.into_iter();
         let origin = Instant::now();
         let allowed = io::sys::process_cpus();
         let mut relay = Relay {
@@ -98,6 +148,7 @@ impl Relay {
             addrs: Vec::new(),
             commands: Vec::new(),
             origin,
+            links,
             stop: stop.clone(),
             threads: Vec::new(),
         };
@@ -121,7 +172,7 @@ impl Relay {
                     &verifier,
                     base,
                     shard_idx,
-                    n_shards,
+                    places.next().expect("one place per shard"),
                     mailboxes.next().expect("one mailbox per shard"),
                 )?),
                 None => None,
@@ -166,7 +217,7 @@ fn chat_parts(
     verifier: &TokenVerifier,
     base: u16,
     shard_idx: usize,
-    n_shards: usize,
+    place: Place,
     mailbox: io::mailbox::Mailbox,
 ) -> Result<io::chat_io::ChatParts, Error> {
     let port = usize::from(base) + shard_idx;
@@ -178,12 +229,7 @@ fn chat_parts(
     let dir = cfg.chat.data_dir.join(format!("shard-{shard_idx}"));
     std::fs::create_dir_all(&dir)
         .map_err(|e| Error::host(format!("cannot create {}", dir.display()), e))?;
-    let engine = crate::chat::ChatShard::new(
-        shard_idx as u16,
-        n_shards as u16,
-        cfg.chat.engine(),
-        verifier.clone(),
-    );
+    let engine = crate::chat::ChatShard::at(place, cfg.chat.engine(), verifier.clone());
     let sync = if cfg.chat.sync {
         crate::chat::log::SyncMode::Data
     } else {

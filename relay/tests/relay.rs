@@ -711,6 +711,8 @@ fn startup_errors_exit_with_the_code_of_who_is_to_blame() {
 
 #[path = "relay/chat.rs"]
 mod chat;
+#[path = "relay/cluster.rs"]
+mod cluster;
 #[path = "relay/ctl_e2e.rs"]
 mod ctl_e2e;
 

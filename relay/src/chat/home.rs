@@ -4,7 +4,7 @@
 
 use super::map::Map;
 use super::msg::{
-    ChatId, ConnId, Origin, Seq, ShardMsg, Submit, SubmitPool, ToHome, ToOwner, UserId,
+    ChatId, ConnId, Origin, Place, Seq, ShardMsg, Submit, SubmitPool, ToHome, ToOwner, UserId,
 };
 use super::ChatConfig;
 use crate::engine::limits::TokenBucket;
@@ -83,6 +83,10 @@ type GroupList = (u16, Vec<(ChatId, Vec<UserId>)>);
 pub struct Home {
     shard: u16,
     n_shards: u16,
+    /// This shard's address (what owners answer to).
+    addr: u16,
+    /// Chat owners in the cluster.
+    n_owners: u16,
     cfg: ChatConfig,
     verifier: TokenVerifier,
     sessions: Map<ConnId, Session>,
@@ -91,8 +95,10 @@ pub struct Home {
     next_epoch: u64,
     /// Pending GROUPS answers: conn -> (owners still to answer, groups so far).
     group_lists: Map<ConnId, GroupList>,
-    /// Users homed here -> who watches their presence, and the watchers' home shards.
+    /// Users whose presence is kept here -> who watches it, and the watchers' homes.
     watchers: Map<UserId, Vec<(UserId, u16)>>,
+    /// Users whose presence is kept here -> the homes where they have a session now.
+    present: Map<UserId, Vec<u16>>,
     /// Messages to other shards (or this one).
     pub out: Vec<(u16, ShardMsg)>,
     /// Sessions with bytes to write.
@@ -107,10 +113,12 @@ pub struct Home {
 
 impl Home {
     /// An empty home role.
-    pub fn new(shard: u16, n_shards: u16, cfg: ChatConfig, verifier: TokenVerifier) -> Self {
+    pub fn new(place: &Place, cfg: ChatConfig, verifier: TokenVerifier) -> Self {
         Self {
-            shard,
-            n_shards,
+            shard: place.shard(),
+            n_shards: place.n_local,
+            addr: place.addr,
+            n_owners: place.n_owners(),
             cfg,
             verifier,
             sessions: Map::default(),
@@ -119,6 +127,7 @@ impl Home {
             next_epoch: 1,
             group_lists: Map::default(),
             watchers: Map::default(),
+            present: Map::default(),
             out: Vec::new(),
             dirty: Vec::new(),
             submits: SubmitPool::default(),
@@ -187,31 +196,70 @@ impl Home {
         if let Some(user) = s.user {
             if self.users.get(&user) == Some(&conn) {
                 self.users.remove(&user);
-                for shard in 0..self.n_shards {
-                    self.out
-                        .push((shard, ShardMsg::ToOwner(ToOwner::BacklogCancel { user })));
+                let home = self.addr;
+                for owner in 0..self.n_owners {
+                    self.out.push((
+                        owner,
+                        ShardMsg::ToOwner(ToOwner::BacklogCancel { user, home }),
+                    ));
                 }
                 for &target in &s.watching {
                     self.send_watch(user, target, false);
                 }
-                self.announce(user, false);
+                self.send_presence(user, false);
             }
         }
     }
 
+    /// The owner index of the shard that keeps `user`'s presence: wherever the user's session
+    /// is (on any relay), its home reports there, and watchers register there.
+    fn presence_keeper(&self, user: UserId) -> u16 {
+        ids::owner_shard(user.0, self.n_owners)
+    }
+
     fn send_watch(&mut self, watcher: UserId, target: UserId, watch: bool) {
         self.out.push((
-            target.home_shard(self.n_shards),
-            ShardMsg::ToHome(ToHome::PresenceWatch {
+            self.presence_keeper(target),
+            ShardMsg::ToOwner(ToOwner::PresenceWatch {
                 watcher,
-                watcher_home: self.shard,
+                watcher_home: self.addr,
                 target,
                 watch,
             }),
         ));
     }
 
-    /// Tells everyone watching `user` (homed here) that it came online or went offline.
+    fn send_presence(&mut self, user: UserId, online: bool) {
+        self.out.push((
+            self.presence_keeper(user),
+            ShardMsg::ToOwner(ToOwner::PresenceState {
+                user,
+                home: self.addr,
+                online,
+            }),
+        ));
+    }
+
+    /// A session of `user` opened or closed at `home`; kept here, announced to the watchers
+    /// when the user comes online (its first home) or goes offline (its last).
+    pub fn presence_state(&mut self, user: UserId, home: u16, online: bool) {
+        let homes = self.present.entry(user).or_default();
+        let was = !homes.is_empty();
+        homes.retain(|&h| h != home);
+        if online {
+            homes.push(home);
+        }
+        let is = !homes.is_empty();
+        if !is {
+            self.present.remove(&user);
+        }
+        if was != is {
+            self.announce(user, is);
+        }
+    }
+
+    /// Tells everyone watching `user` (its presence kept here) that it came online or went
+    /// offline.
     fn announce(&mut self, user: UserId, online: bool) {
         if let Some(ws) = self.watchers.get(&user) {
             for &(to, home) in ws {
@@ -256,15 +304,16 @@ impl Home {
         }
     }
 
-    /// A watch request for `target`, homed here: (un)register it and answer with the state.
-    fn watch(&mut self, watcher: UserId, watcher_home: u16, target: UserId, watch: bool) {
+    /// A watch request for `target`, its presence kept here: (un)register it and answer with
+    /// the state.
+    pub fn watch(&mut self, watcher: UserId, watcher_home: u16, target: UserId, watch: bool) {
         let ws = self.watchers.entry(target).or_default();
         ws.retain(|&(w, _)| w != watcher);
         if watch {
             if ws.len() < MAX_WATCHERS_PER_USER {
                 ws.push((watcher, watcher_home));
             }
-            let online = self.users.contains_key(&target);
+            let online = self.present.contains_key(&target);
             self.out.push((
                 watcher_home,
                 ShardMsg::ToHome(ToHome::Presence {
@@ -390,7 +439,7 @@ impl Home {
         };
         let from = Origin {
             user,
-            home: self.shard,
+            home: self.addr,
             conn,
         };
         match frame {
@@ -532,12 +581,12 @@ impl Home {
                 }
                 if self
                     .group_lists
-                    .insert(conn, (self.n_shards, Vec::new()))
+                    .insert(conn, (self.n_owners, Vec::new()))
                     .is_none()
                 {
-                    for shard in 0..self.n_shards {
+                    for owner in 0..self.n_owners {
                         self.out
-                            .push((shard, ShardMsg::ToOwner(ToOwner::ListGroups { from })));
+                            .push((owner, ShardMsg::ToOwner(ToOwner::ListGroups { from })));
                     }
                 }
             }
@@ -555,14 +604,14 @@ impl Home {
                 } else if to != 0 {
                     let to = UserId(to);
                     let chat = ChatId::direct(user, to);
-                    self.out.push((
-                        to.home_shard(self.n_shards),
-                        ShardMsg::ToHome(ToHome::Typing {
+                    self.route_to_owner(
+                        chat,
+                        ShardMsg::ToOwner(ToOwner::TypingDirect {
                             from: user,
-                            chat,
                             to,
+                            chat,
                         }),
-                    ));
+                    );
                 }
             }
             Frame::Ping { nonce } => {
@@ -592,7 +641,7 @@ impl Home {
     }
 
     fn route_to_owner(&mut self, chat: ChatId, msg: ShardMsg) {
-        self.out.push((chat.owner_shard(self.n_shards), msg));
+        self.out.push((chat.owner_shard(self.n_owners), msg));
     }
 
     fn hello(&mut self, now: Now, conn: ConnId, version: u16, token: &[u8]) {
@@ -633,7 +682,7 @@ impl Home {
                 }
                 self.fatal(old, code::INVALID, "replaced by a new session");
             }
-            None => self.announce(user, true),
+            None => self.send_presence(user, true),
         }
         let epoch = self.next_epoch;
         self.next_epoch += 1;
@@ -651,7 +700,7 @@ impl Home {
     fn start_backlog(&mut self, conn: ConnId) {
         let epoch = self.next_epoch;
         self.next_epoch += 1;
-        let n = usize::from(self.n_shards);
+        let n = usize::from(self.n_owners);
         let Some(s) = self.sessions.get_mut(&conn) else {
             return;
         };
@@ -664,13 +713,13 @@ impl Home {
             more: vec![false; n],
         });
         let budget = chunk_budget(self.cfg.window, n);
-        for shard in 0..self.n_shards {
+        for owner in 0..self.n_owners {
             self.out.push((
-                shard,
+                owner,
                 ShardMsg::ToOwner(ToOwner::BacklogStart {
                     user,
                     epoch,
-                    home: self.shard,
+                    home: self.addr,
                     budget,
                 }),
             ));
@@ -698,7 +747,7 @@ impl Home {
             .filter(|&o| !b.answered[o] || b.more[o])
             .count();
         let budget = chunk_budget(self.cfg.window, left);
-        for owner in 0..usize::from(self.n_shards) {
+        for owner in 0..usize::from(self.n_owners) {
             if b.answered[owner] && b.more[owner] {
                 b.answered[owner] = false;
                 self.out.push((
@@ -775,12 +824,7 @@ impl Home {
                     self.queue_capped(conn, |e| e.typing(peer, from.0));
                 }
             }
-            ToHome::PresenceWatch {
-                watcher,
-                watcher_home,
-                target,
-                watch,
-            } => self.watch(watcher, watcher_home, target, watch),
+            ToHome::LinkUp => self.relink(),
             ToHome::Presence { to, user, online } => {
                 // Only to a session that still watches `user` (an unwatch may be in flight).
                 if let Some(&conn) = self.users.get(&to) {
@@ -792,6 +836,29 @@ impl Home {
                         self.queue_capped(conn, |e| e.presence(user.0, online));
                     }
                 }
+            }
+        }
+    }
+
+    /// A link to another relay came up (again): requests, deliveries and acknowledgements
+    /// that crossed it while it was down may be lost. Every session restarts its backlog (the
+    /// client ignores what it has already seen; what it missed is still stored at its owner,
+    /// since nothing is deleted before its acknowledgement), and reports its presence and
+    /// watches again.
+    fn relink(&mut self) {
+        let conns: Vec<ConnId> = self.users.values().copied().collect();
+        for conn in conns {
+            let Some(s) = self.sessions.get(&conn) else {
+                continue;
+            };
+            let (Some(user), false) = (s.user, s.closing) else {
+                continue;
+            };
+            let watching = s.watching.clone();
+            self.start_backlog(conn);
+            self.send_presence(user, true);
+            for t in watching {
+                self.send_watch(user, t, true);
             }
         }
     }
@@ -820,7 +887,7 @@ impl Home {
         // A live entry sent before this session's backlog request reached its owner: the
         // owner's stream will carry it, in order. Delivering it now would put it ahead of
         // older entries still to come from the stream.
-        let owner = usize::from(chat.owner_shard(self.n_shards));
+        let owner = usize::from(chat.owner_shard(self.n_owners));
         if backlog.is_none()
             && s.backlog
                 .as_ref()

@@ -158,6 +158,7 @@ pub mod msg;
 pub mod owner;
 pub mod pipeline;
 pub mod records;
+pub mod wire;
 
 use crate::engine::Now;
 use log::Lsn;
@@ -217,7 +218,7 @@ impl Default for ChatConfig {
 
 /// The chat engine of one shard: home and owner roles and the messages between them.
 pub struct ChatShard {
-    shard: u16,
+    place: msg::Place,
     home: home::Home,
     owner: owner::Owner,
     local: VecDeque<ShardMsg>,
@@ -251,10 +252,15 @@ pub(crate) const MAX_KEPT_LEN: usize = 1 << 16;
 impl ChatShard {
     /// The engine of shard `shard` of `n_shards`.
     pub fn new(shard: u16, n_shards: u16, cfg: ChatConfig, verifier: TokenVerifier) -> Self {
+        Self::at(msg::Place::standalone(shard, n_shards), cfg, verifier)
+    }
+
+    /// The engine of the shard at `place` in a cluster of linked relays.
+    pub fn at(place: msg::Place, cfg: ChatConfig, verifier: TokenVerifier) -> Self {
         Self {
-            shard,
-            home: home::Home::new(shard, n_shards, cfg.clone(), verifier),
-            owner: owner::Owner::new(shard, n_shards, cfg),
+            home: home::Home::new(&place, cfg.clone(), verifier),
+            owner: owner::Owner::at(&place, cfg),
+            place,
             local: VecDeque::new(),
             outbox: Vec::new(),
             spare: Spare::default(),
@@ -266,7 +272,12 @@ impl ChatShard {
     fn pump(&mut self, now: Now) {
         loop {
             for (dest, m) in self.home.out.drain(..).chain(self.owner.out.drain(..)) {
-                if dest == self.shard {
+                // The owner role is addressed by owner index, the home role by address.
+                let dest = match m {
+                    ShardMsg::ToOwner(_) => self.place.owners[usize::from(dest)],
+                    ShardMsg::ToHome(_) => dest,
+                };
+                if dest == self.place.addr {
                     self.local.push_back(m);
                 } else {
                     self.outbox.push((dest, m));
@@ -290,6 +301,15 @@ impl ChatShard {
                 if let Some(spent) = self.owner.submit(s, now_ms) {
                     self.home.submits.give_back(spent);
                 }
+            }
+            ShardMsg::ToOwner(ToOwner::PresenceWatch {
+                watcher,
+                watcher_home,
+                target,
+                watch,
+            }) => self.home.watch(watcher, watcher_home, target, watch),
+            ShardMsg::ToOwner(ToOwner::PresenceState { user, home, online }) => {
+                self.home.presence_state(user, home, online)
             }
             ShardMsg::ToOwner(m) => self.owner.handle(m, now_ms),
             ShardMsg::ToHome(m) => self.home.handle(m),
@@ -439,7 +459,12 @@ impl ChatShard {
 
     /// This shard's index.
     pub fn shard(&self) -> u16 {
-        self.shard
+        self.place.shard()
+    }
+
+    /// Where this shard sits in its cluster.
+    pub fn place(&self) -> &msg::Place {
+        &self.place
     }
 
     /// Stored entries not yet acknowledged by all their recipients.

@@ -94,8 +94,72 @@ impl std::fmt::Display for Seq {
     }
 }
 
+/// A shard's address in a cluster: its relay's number in the high byte, the shard in the low
+/// one (relay 0 is a relay on its own). A relay alone has the addresses 0..n_shards, so a
+/// home's address is its shard, as before relays were linked.
+#[inline]
+pub const fn addr(relay: u8, shard: u16) -> u16 {
+    ((relay as u16) << 8) | (shard & 0xff)
+}
+
+/// The relay number of an address.
+#[inline]
+pub const fn addr_relay(addr: u16) -> u8 {
+    (addr >> 8) as u8
+}
+
+/// The shard of an address, on its relay.
+#[inline]
+pub const fn addr_shard(addr: u16) -> u16 {
+    addr & 0xff
+}
+
+/// Where a shard sits: its address, its relay's shard count, and the address of every chat
+/// owner of the cluster. The owner list is fixed when the cluster forms (ctl records it): a
+/// chat's owner is `owners[chat.owner_shard(owners.len())]` for as long as the cluster lives,
+/// so no chat ever moves, and a relay added later homes users and rooms but owns no chat.
+#[derive(Clone, Debug)]
+pub struct Place {
+    /// This shard's address ([`addr`]).
+    pub addr: u16,
+    /// Shards on this relay (a user's home shard here is a function of it).
+    pub n_local: u16,
+    /// Owner index -> the address of the shard owning the chats of that index.
+    pub owners: std::sync::Arc<[u16]>,
+}
+
+impl Place {
+    /// Shard `shard` of a relay of `n_shards` on its own: it and its siblings own every chat.
+    pub fn standalone(shard: u16, n_shards: u16) -> Self {
+        Self {
+            addr: shard,
+            n_local: n_shards,
+            owners: (0..n_shards).collect(),
+        }
+    }
+
+    /// This shard, on its relay.
+    pub fn shard(&self) -> u16 {
+        addr_shard(self.addr)
+    }
+
+    /// The number of chat owners in the cluster.
+    pub fn n_owners(&self) -> u16 {
+        self.owners.len() as u16
+    }
+
+    /// This shard's owner index, if it owns chats.
+    pub fn owner_index(&self) -> Option<u16> {
+        self.owners
+            .iter()
+            .position(|&a| a == self.addr)
+            .map(|i| i as u16)
+    }
+}
+
 /// One message between shards, by the role it is for on the receiving shard: the owner of a
-/// chat, or the home of a user. A ring carries both.
+/// chat, or the home of a user. A ring carries both. Messages to the owner role are addressed
+/// by owner index (see [`Place`]), messages to the home role by shard address.
 #[derive(Clone, Debug)]
 pub enum ShardMsg {
     /// To the owner role ([`crate::chat::owner`]).
@@ -166,6 +230,8 @@ pub enum ToOwner {
     BacklogCancel {
         /// User.
         user: UserId,
+        /// The home whose session it was (a newer one elsewhere is not cancelled).
+        home: u16,
     },
     /// Home -> owner: list the groups `user` belongs to.
     ListGroups {
@@ -179,12 +245,43 @@ pub enum ToOwner {
         /// Group.
         chat: ChatId,
     },
+    /// Home -> owner of the direct chat: a typing indicator for `to`, wherever its session is
+    /// (every owner knows that, from the session's backlog request).
+    TypingDirect {
+        /// Typist.
+        from: UserId,
+        /// Recipient.
+        to: UserId,
+        /// The direct chat.
+        chat: ChatId,
+    },
+    /// Watcher's home -> the shard keeping `target`'s presence (owner index
+    /// `owner_shard(target)`): start or stop telling `watcher` about `target`.
+    PresenceWatch {
+        /// The watching user.
+        watcher: UserId,
+        /// The watcher's home (address).
+        watcher_home: u16,
+        /// The watched user.
+        target: UserId,
+        /// Start (true) or stop.
+        watch: bool,
+    },
+    /// A user's home -> the shard keeping its presence: a session opened or closed there.
+    PresenceState {
+        /// User.
+        user: UserId,
+        /// The home (address) of the session.
+        home: u16,
+        /// Opened (true) or closed.
+        online: bool,
+    },
 }
 
 /// What an owner, or another home, tells a user's home shard.
 #[derive(Clone, Debug)]
 pub enum ToHome {
-    /// Home -> home (direct), or owner -> each member's home (group): a typing indicator.
+    /// Owner -> the recipient's home: a typing indicator.
     Typing {
         /// Typist.
         from: UserId,
@@ -193,18 +290,7 @@ pub enum ToHome {
         /// Recipient.
         to: UserId,
     },
-    /// Home (watcher's) -> home (target's): start or stop telling `watcher` about `target`.
-    PresenceWatch {
-        /// The watching user and its home shard.
-        watcher: UserId,
-        /// The watcher's home shard.
-        watcher_home: u16,
-        /// The watched user (homed on the receiving shard).
-        target: UserId,
-        /// Start (true) or stop.
-        watch: bool,
-    },
-    /// Home (target's) -> home (watcher's): `user` is online or offline now.
+    /// Presence keeper -> home (watcher's): `user` is online or offline now.
     Presence {
         /// The watcher to tell.
         to: UserId,
@@ -262,6 +348,9 @@ pub enum ToHome {
         /// Whether more remains.
         more: bool,
     },
+    /// The link thread -> every home of its relay: a link to another relay came up (again),
+    /// and what crossed it while it was down may be lost. Never sent over a link.
+    LinkUp,
     /// Owner -> home: this owner's part of a GROUPS answer.
     GroupsPart {
         /// Requesting user, its home and session.

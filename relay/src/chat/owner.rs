@@ -187,8 +187,11 @@ impl std::error::Error for ReplayError {}
 
 /// The owner role of one shard.
 pub struct Owner {
-    shard: u16,
-    n_shards: u16,
+    /// This shard's owner index (what BacklogChunk names).
+    index: u16,
+    /// Where each user's session is (its home's address), from its backlog request: live
+    /// deliveries and typing go there; a user with none gets its entries from its next backlog.
+    located: Map<UserId, u16>,
     cfg: ChatConfig,
     chats: Map<ChatId, Chat>,
     /// Chats owned here that each user belongs to.
@@ -223,11 +226,16 @@ pub struct Owner {
 }
 
 impl Owner {
-    /// An empty owner for shard `shard` of `n_shards`.
+    /// An empty owner for shard `shard` of a relay of `n_shards` on its own.
     pub fn new(shard: u16, n_shards: u16, cfg: ChatConfig) -> Self {
+        Self::at(&super::msg::Place::standalone(shard, n_shards), cfg)
+    }
+
+    /// An empty owner at `place` (a shard that owns no chat answers to nobody).
+    pub fn at(place: &super::msg::Place, cfg: ChatConfig) -> Self {
         Self {
-            shard,
-            n_shards,
+            index: place.owner_index().unwrap_or(u16::MAX),
+            located: Map::default(),
             dedup: Dedup::new(cfg.dedup_capacity),
             cfg,
             chats: Map::default(),
@@ -296,6 +304,7 @@ impl Owner {
                 home,
                 budget,
             } => {
+                self.located.insert(user, home);
                 self.streams.insert(
                     user,
                     Stream {
@@ -311,11 +320,24 @@ impl Owner {
                 epoch,
                 budget,
             } => self.stream_chunk(user, epoch, budget),
-            ToOwner::BacklogCancel { user } => {
-                self.streams.remove(&user);
+            ToOwner::BacklogCancel { user, home } => {
+                // A newer session elsewhere (its request may pass this one) stays.
+                if self.located.get(&user) == Some(&home) {
+                    self.located.remove(&user);
+                    self.streams.remove(&user);
+                }
             }
             ToOwner::ListGroups { from } => self.list_groups(from),
             ToOwner::TypingInGroup { from, chat } => self.typing(from, chat),
+            ToOwner::TypingDirect { from, to, chat } => {
+                if let Some(&home) = self.located.get(&to) {
+                    self.out
+                        .push((home, ShardMsg::ToHome(ToHome::Typing { from, chat, to })));
+                }
+            }
+            ToOwner::PresenceWatch { .. } | ToOwner::PresenceState { .. } => {
+                unreachable!("presence is the home role's (ChatShard::dispatch)")
+            }
         }
     }
 
@@ -506,7 +528,8 @@ impl Owner {
             .and_then(|c| c.pending.back())
             .expect("the entry just applied");
         for &user in &stored.unacked {
-            let home = user.home_shard(self.n_shards);
+            // Addressed when released (`handle_committed`), to where the user is then.
+            let home = u16::MAX;
             let d = ShardMsg::ToHome(ToHome::Deliver {
                 user,
                 chat: chat_id,
@@ -739,7 +762,7 @@ impl Owner {
             ShardMsg::ToHome(ToHome::BacklogChunk {
                 user,
                 epoch,
-                owner: self.shard,
+                owner: self.index,
                 more,
             }),
         ));
@@ -770,7 +793,9 @@ impl Owner {
             return;
         }
         for m in chat.members.iter().filter(|m| m.user != from) {
-            let home = m.user.home_shard(self.n_shards);
+            let Some(&home) = self.located.get(&m.user) else {
+                continue;
+            };
             self.out.push((
                 home,
                 ShardMsg::ToHome(ToHome::Typing {
@@ -859,10 +884,19 @@ impl Owner {
         }
         // A user whose backlog is being streamed gets these entries from the stream, in order,
         // now that they are committed.
+        // Everyone else gets them where its session is now, if it has one.
         let streams = &self.streams;
-        self.out.extend(actions.drain(..).filter(
-            |(_, a)| !matches!(a, ShardMsg::ToHome(ToHome::Deliver { user, .. }) if streams.contains_key(user)),
-        ));
+        let located = &self.located;
+        self.out
+            .extend(actions.drain(..).filter_map(|(to, a)| match &a {
+                ShardMsg::ToHome(ToHome::Deliver { user, .. }) => {
+                    if streams.contains_key(user) {
+                        return None;
+                    }
+                    located.get(user).map(|&home| (home, a))
+                }
+                _ => Some((to, a)),
+            }));
         owners.clear();
         if owners.capacity().max(actions.capacity()) <= super::MAX_KEPT_LEN {
             self.spare_committing = (owners, actions);

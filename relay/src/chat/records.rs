@@ -39,6 +39,11 @@ pub type Body = smallvec::SmallVec<[u8; BODY_INLINE]>;
 pub struct MsgFrame(Arc<Vec<u8>>);
 
 impl MsgFrame {
+    /// A frame of its own holding `bytes` (one that came over a relay link).
+    pub fn from_bytes(bytes: &[u8]) -> Self {
+        Self(Arc::new(bytes.to_vec()))
+    }
+
     /// The frame's bytes.
     pub fn as_bytes(&self) -> &[u8] {
         &self.0

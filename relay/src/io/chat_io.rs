@@ -414,7 +414,7 @@ impl<S: Storage> ChatCore<S> {
         }
         let mut outbox = self.engine.take_outbox();
         for (to, m) in outbox.drain(..) {
-            self.mailbox.send(to, m);
+            self.mailbox.send_to(to, m);
         }
         self.engine.give_back_outbox(outbox);
         self.mailbox.flush();

@@ -29,7 +29,7 @@ pub struct Waker {
 }
 
 impl Waker {
-    fn new() -> io::Result<Self> {
+    pub(crate) fn new() -> io::Result<Self> {
         // SAFETY: eventfd returns a new descriptor or -1.
         let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
         if fd < 0 {
@@ -47,7 +47,7 @@ impl Waker {
         self.fd.as_raw_fd()
     }
 
-    fn wake(&self) {
+    pub(crate) fn wake(&self) {
         let one: u64 = 1;
         // SAFETY: writes 8 bytes from a live u64 to our eventfd. A full counter (EAGAIN) means
         // a wake-up is already pending, which is all we need.
@@ -80,6 +80,87 @@ pub struct Mailbox {
     blocked: Arc<Vec<AtomicBool>>,
     /// The inbound rings the last `receive` took messages from.
     took: Vec<bool>,
+    /// This relay's number in its cluster (0 alone), the high byte of its shards' addresses.
+    relay: u8,
+    /// The shard's ends of the link thread's rings, when relays are linked.
+    link: Option<LinkPort>,
+}
+
+/// A shard's ends of the rings to and from the link thread (`io::link`).
+struct LinkPort {
+    tx: Producer<(u16, ShardMsg)>,
+    rx: Consumer<ShardMsg>,
+    /// Messages for other relays the full ring refused, retried first, in order.
+    overflow: VecDeque<(u16, ShardMsg)>,
+    waker: Arc<Waker>,
+    pushed: bool,
+}
+
+/// The link thread's ends of every shard's link rings.
+pub struct LinkHub {
+    /// Per shard: messages for shards on other relays, with their addresses.
+    pub from_shards: Vec<Consumer<(u16, ShardMsg)>>,
+    /// Per shard: messages that came over a link.
+    pub to_shards: Vec<Producer<ShardMsg>>,
+    shard_wakers: Arc<Vec<Waker>>,
+    /// Wakes the link thread.
+    pub waker: Arc<Waker>,
+}
+
+impl LinkHub {
+    /// Wakes shard `i` if it sleeps (after pushing to it, or taking from it).
+    pub fn wake_shard(&self, i: usize) {
+        fence(Ordering::SeqCst);
+        if self.shard_wakers[i].sleeping.load(Ordering::SeqCst) {
+            self.shard_wakers[i].wake();
+        }
+    }
+
+    /// Announces that the link thread is about to sleep; false (cancelled) when a shard has
+    /// already queued something for it.
+    pub fn prepare_sleep(&self) -> bool {
+        self.waker.sleeping.store(true, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
+        if self.from_shards.iter().any(Consumer::peek_nonempty) {
+            self.waker.sleeping.store(false, Ordering::SeqCst);
+            return false;
+        }
+        true
+    }
+
+    /// Marks the link thread awake and clears its wake-ups.
+    pub fn woke(&self) {
+        self.waker.sleeping.store(false, Ordering::SeqCst);
+        self.waker.drain();
+    }
+}
+
+/// Gives the shards of relay number `relay` their ends of the link thread's rings (each
+/// `capacity` messages) and returns the link thread's ends.
+pub fn link_ports(boxes: &mut [Mailbox], relay: u8, capacity: usize) -> io::Result<LinkHub> {
+    let waker = Arc::new(Waker::new()?);
+    let mut from_shards = Vec::new();
+    let mut to_shards = Vec::new();
+    for b in boxes.iter_mut() {
+        let (tx, from) = ring::ring(capacity);
+        let (to, rx) = ring::ring(capacity);
+        from_shards.push(from);
+        to_shards.push(to);
+        b.relay = relay;
+        b.link = Some(LinkPort {
+            tx,
+            rx,
+            overflow: VecDeque::new(),
+            waker: waker.clone(),
+            pushed: false,
+        });
+    }
+    Ok(LinkHub {
+        from_shards,
+        to_shards,
+        shard_wakers: boxes.first().map(|b| b.wakers.clone()).unwrap_or_default(),
+        waker,
+    })
 }
 
 /// Builds the mailboxes of `n` shards, each ring holding `capacity` messages.
@@ -100,6 +181,8 @@ pub fn mailboxes(n: usize, capacity: usize) -> io::Result<Vec<Mailbox>> {
             to_wake: vec![false; n],
             blocked: blocked.clone(),
             took: vec![false; n],
+            relay: 0,
+            link: None,
         })
         .collect();
     for from in 0..n {
@@ -118,6 +201,29 @@ impl Mailbox {
     /// This shard's waker.
     pub fn waker(&self) -> &Waker {
         &self.wakers[self.me]
+    }
+
+    /// Queues `m` for the shard at address `to` (`chat::msg::addr`): on this relay by its
+    /// ring, on another by the link thread. Never loses it here (a full ring spills).
+    pub fn send_to(&mut self, to: u16, m: ShardMsg) {
+        use crate::chat::msg::{addr_relay, addr_shard};
+        if addr_relay(to) == self.relay {
+            return self.send(addr_shard(to), m);
+        }
+        let Some(link) = self.link.as_mut() else {
+            debug_assert!(false, "an address on another relay without links");
+            return;
+        };
+        if !link.overflow.is_empty() {
+            link.overflow.push_back((to, m));
+            self.spilled += 1;
+            return;
+        }
+        if let Err(m) = link.tx.push((to, m)) {
+            link.overflow.push_back(m);
+            self.spilled += 1;
+        }
+        link.pushed = true;
     }
 
     /// Queues `m` for shard `to`. Never loses it: a full ring spills into a local queue that
@@ -171,9 +277,23 @@ impl Mailbox {
                 flag.store(false, Ordering::Relaxed);
             }
         }
+        if let Some(link) = self.link.as_mut() {
+            while let Some(m) = link.overflow.pop_front() {
+                if let Err(m) = link.tx.push(m) {
+                    link.overflow.push_front(m);
+                    break;
+                }
+                link.pushed = true;
+            }
+        }
         // Pair with the receiver's fence in `prepare_sleep`: either it sees our messages or we
         // see that it sleeps.
         fence(Ordering::SeqCst);
+        if let Some(link) = self.link.as_mut() {
+            if std::mem::take(&mut link.pushed) && link.waker.sleeping.load(Ordering::SeqCst) {
+                link.waker.wake();
+            }
+        }
         for to in 0..self.to_wake.len() {
             if std::mem::take(&mut self.to_wake[to])
                 && self.wakers[to].sleeping.load(Ordering::SeqCst)
@@ -191,6 +311,7 @@ impl Mailbox {
     /// Whether messages wait in the spill queues.
     pub fn backlogged(&self) -> bool {
         self.overflow.iter().any(|q| !q.is_empty())
+            || self.link.as_ref().is_some_and(|l| !l.overflow.is_empty())
     }
 
     /// Takes up to [`MAX_RECV_PER_TURN`] messages from the inbound rings, starting each turn
@@ -212,6 +333,13 @@ impl Mailbox {
                 n += 1;
             }
             self.took[from] = n > before;
+        }
+        if let Some(link) = self.link.as_mut() {
+            while n < MAX_RECV_PER_TURN {
+                let Some(m) = link.rx.pop() else { break };
+                handle(m);
+                n += 1;
+            }
         }
         if n > 0 && !mutations::skip_wake_blocked_senders() {
             self.wake_blocked_senders();
@@ -256,7 +384,8 @@ impl Mailbox {
 
     /// Messages waiting in the spill queues now.
     pub fn spill_depth(&self) -> usize {
-        self.overflow.iter().map(VecDeque::len).sum()
+        self.overflow.iter().map(VecDeque::len).sum::<usize>()
+            + self.link.as_ref().map_or(0, |l| l.overflow.len())
     }
 
     /// Announces that this shard is about to sleep; returns false (and cancels) when a
@@ -283,6 +412,9 @@ impl Mailbox {
                 .iter()
                 .zip(&self.outbound)
                 .any(|(q, ring)| !q.is_empty() && ring.as_ref().is_some_and(Producer::has_room))
+            || self.link.as_ref().is_some_and(|l| {
+                l.rx.peek_nonempty() || (!l.overflow.is_empty() && l.tx.has_room())
+            })
     }
 
     /// Marks this shard awake.
@@ -343,12 +475,15 @@ mod tests {
     use crate::chat::msg::{ToOwner, UserId};
 
     fn msg(user: u64) -> ShardMsg {
-        ShardMsg::ToOwner(ToOwner::BacklogCancel { user: UserId(user) })
+        ShardMsg::ToOwner(ToOwner::BacklogCancel {
+            user: UserId(user),
+            home: 0,
+        })
     }
 
     fn user(m: &ShardMsg) -> u64 {
         match m {
-            ShardMsg::ToOwner(ToOwner::BacklogCancel { user }) => user.0,
+            ShardMsg::ToOwner(ToOwner::BacklogCancel { user, .. }) => user.0,
             other => panic!("{other:?}"),
         }
     }

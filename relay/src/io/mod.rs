@@ -78,6 +78,7 @@
 pub mod batch;
 pub mod chat_epoll;
 pub mod chat_io;
+pub mod link;
 pub mod mailbox;
 pub mod shard_loop;
 #[cfg(test)]

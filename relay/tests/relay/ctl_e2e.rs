@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 /// The ctl binary: beside the relay binary (`cargo test --workspace` builds both first); built
 /// on demand when this package's tests run alone.
-fn ctl_binary() -> PathBuf {
+pub(crate) fn ctl_binary() -> PathBuf {
     let relay = PathBuf::from(env!("CARGO_BIN_EXE_relay"));
     let ctl = relay.with_file_name("ctl");
     if !ctl.exists() {
@@ -30,13 +30,13 @@ fn ctl_binary() -> PathBuf {
     ctl
 }
 
-struct Proc {
+pub(crate) struct Proc {
     child: Child,
     first_line: String,
 }
 
 impl Proc {
-    fn start(mut cmd: Command) -> Self {
+    pub(crate) fn start(mut cmd: Command) -> Self {
         let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -53,14 +53,14 @@ impl Proc {
         Self { child, first_line }
     }
 
-    fn field(&self, name: &str) -> String {
+    pub(crate) fn field(&self, name: &str) -> String {
         self.first_line
             .split_whitespace()
             .find_map(|w| w.strip_prefix(&format!("{name}=")).map(str::to_string))
             .unwrap_or_else(|| panic!("no {name} in {:?}", self.first_line))
     }
 
-    fn kill9(&mut self) {
+    pub(crate) fn kill9(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -118,7 +118,7 @@ fn relay_command(ctl: SocketAddr, id: u32, base_port: u16) -> Command {
 }
 
 /// One HTTP request; returns status and JSON body.
-fn http(
+pub(crate) fn http(
     ctl: SocketAddr,
     method: &str,
     path: &str,
@@ -144,7 +144,7 @@ fn http(
     (status, serde_json::from_str(json).unwrap_or(Value::Null))
 }
 
-fn wait_until(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
+pub(crate) fn wait_until(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + within;
     while !f() {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");

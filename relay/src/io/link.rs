@@ -1,0 +1,614 @@
+//! Relay links: chat messages between shards on different relays (DESIGN.md section 8,
+//! PROTOCOL.md section 8), on one thread per relay, off the shards' threads.
+//!
+//! Every relay dials every other relay of its cluster once and sends on that connection only;
+//! it reads on the connections the others dialed. A dialer first sends a HELLO with its link
+//! token (signed by ctl for its relay number); the acceptor verifies it with ctl's public key
+//! and refuses (closes, counts) anything else, before reading a single message.
+//!
+//! Shards hand the thread messages for other relays by their link rings
+//! ([`super::mailbox::link_ports`]); the thread encodes them ([`crate::chat::wire`]) into one
+//! buffer per destination relay and writes each buffer with one `write` per round, so a busy
+//! link carries many frames per system call (Discord's Manifold pattern; counted in
+//! [`LinkStats`]). Bounds: a destination's buffer holds at most [`OUT_LIMIT`] bytes; past it the
+//! thread stops taking from the shard that filled it (the shard spills and then stops reading
+//! its clients, as for a full ring between its own shards). A link's read buffer holds one
+//! frame of at most [`crate::chat::wire::MAX_LINK_FRAME`]; a frame for a shard whose ring is
+//! full is held and the link is not read until it fits (TCP pushes back on the sender).
+//!
+//! A destination whose link is down (not yet dialed, refused, broken): requests that would be
+//! stored (SEND, group changes) are answered at once with ERROR 13 (retryable, not stored; the
+//! client retries with the same message id, so the owner's deduplication keeps it
+//! exactly-once); everything else is dropped. A broken link's unsent buffer is answered the
+//! same way. Nothing acknowledged is lost by this: an entry lives in its owner's log until its
+//! recipient acknowledges it. So when a link comes up (again), in either direction, every
+//! home of this relay restarts its sessions' backlogs ([`ToHome::LinkUp`]): what was dropped
+//! is streamed again from the owners, and clients ignore what they already have. A dialer
+//! retries with a backoff doubling from 100 ms to 5 s; connecting runs on a short-lived
+//! thread, so a dead peer never stalls the others.
+
+use super::mailbox::LinkHub;
+use crate::chat::msg::{addr_relay, addr_shard, ShardMsg, ToHome};
+use crate::chat::wire;
+use proto::token::{TokenKind, TokenVerifier};
+use std::collections::{BTreeMap, VecDeque};
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Bytes queued for one destination relay at most.
+pub const OUT_LIMIT: usize = 4 << 20;
+/// Time a dialer has to send its HELLO.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+/// The first bytes of a link HELLO.
+const MAGIC: &[u8; 4] = b"RLNK";
+/// Link protocol version.
+const LINK_VERSION: u16 = 1;
+/// Connections being dialed or greeted at most (a stranger's connections beyond it are
+/// closed at once).
+const MAX_HANDSHAKES: usize = 64;
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// What ctl told this relay about its cluster: its number, its link token, its peers.
+#[derive(Clone, Debug, Default)]
+pub struct Directory {
+    /// This relay's link token (text), presented when dialing.
+    pub token: String,
+    /// The other relays: number -> link address.
+    pub peers: BTreeMap<u8, SocketAddr>,
+}
+
+/// Counters of the link thread, read by the metrics endpoint.
+#[derive(Debug, Default)]
+pub struct LinkStats {
+    /// Frames written to links.
+    pub frames_out: AtomicU64,
+    /// `write` calls that carried them.
+    pub writes: AtomicU64,
+    /// Frames read from links and handed to shards.
+    pub frames_in: AtomicU64,
+    /// Connections refused: no or a bad HELLO, or a bad token.
+    pub refused: AtomicU64,
+    /// Links closed for a frame that does not decode or is for no shard of this relay.
+    pub bad_frames: AtomicU64,
+    /// Requests answered with ERROR 13 because their owner's relay was unreachable.
+    pub bounced: AtomicU64,
+    /// Messages dropped because their relay was unreachable (restored by the resync).
+    pub dropped: AtomicU64,
+    /// Links (re)established, both directions.
+    pub ups: AtomicU64,
+    /// Outbound links up now.
+    pub up_now: AtomicU64,
+}
+
+/// An outbound link: to one relay.
+struct Out {
+    addr: SocketAddr,
+    stream: Option<TcpStream>,
+    connecting: bool,
+    next_try: Instant,
+    backoff: Duration,
+    buf: Vec<u8>,
+    frames: u64,
+}
+
+/// An inbound link: from one relay, once it has said HELLO.
+struct In {
+    stream: TcpStream,
+    buf: Vec<u8>,
+    relay: Option<u8>,
+    deadline: Instant,
+    /// A message for a shard whose ring was full.
+    held: Option<(usize, ShardMsg)>,
+}
+
+/// A dialer's result: the relay and its connection, greeted.
+type Dialed = (u8, io::Result<TcpStream>);
+
+/// The link thread of one relay.
+pub struct Links {
+    hub: LinkHub,
+    listener: TcpListener,
+    dir: Arc<Mutex<Directory>>,
+    verifier: TokenVerifier,
+    me: u8,
+    outs: BTreeMap<u8, Out>,
+    ins: Vec<In>,
+    /// Per shard: a message taken from its ring and not yet placed.
+    stash: Vec<Option<(u16, ShardMsg)>>,
+    /// Per shard: messages for it that found its ring full (answers and link-up notices;
+    /// at most one per message taken, and taking stops while any waits).
+    to_shard: Vec<VecDeque<ShardMsg>>,
+    pushed: Vec<bool>,
+    dialed: (mpsc::Sender<Dialed>, mpsc::Receiver<Dialed>),
+    stats: Arc<LinkStats>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Links {
+    /// The link thread of relay number `me`, on `listener` (non-blocking).
+    pub fn new(
+        hub: LinkHub,
+        listener: TcpListener,
+        dir: Arc<Mutex<Directory>>,
+        verifier: TokenVerifier,
+        me: u8,
+        stats: Arc<LinkStats>,
+        stop: Arc<AtomicBool>,
+    ) -> io::Result<Self> {
+        listener.set_nonblocking(true)?;
+        let n = hub.to_shards.len();
+        Ok(Self {
+            hub,
+            listener,
+            dir,
+            verifier,
+            me,
+            outs: BTreeMap::new(),
+            ins: Vec::new(),
+            stash: (0..n).map(|_| None).collect(),
+            to_shard: (0..n).map(|_| VecDeque::new()).collect(),
+            pushed: vec![false; n],
+            dialed: mpsc::channel(),
+            stats,
+            stop,
+        })
+    }
+
+    /// Runs until the stop flag is set.
+    pub fn run(mut self) {
+        let mut last_dir = Instant::now() - Duration::from_secs(1);
+        while !self.stop.load(Ordering::Relaxed) {
+            let now = Instant::now();
+            if now.duration_since(last_dir) >= Duration::from_millis(250) {
+                last_dir = now;
+                self.refresh_directory(now);
+            }
+            self.dial(now);
+            self.take_dialed(now);
+            self.accept(now);
+            self.take_from_shards(now);
+            self.write(now);
+            self.read(now);
+            self.push_to_shards();
+            self.sleep(now);
+        }
+    }
+
+    fn refresh_directory(&mut self, now: Instant) {
+        let peers = self.dir.lock().expect("directory lock").peers.clone();
+        for (&relay, &addr) in &peers {
+            if relay == self.me {
+                continue;
+            }
+            let out = self.outs.entry(relay).or_insert_with(|| Out {
+                addr,
+                stream: None,
+                connecting: false,
+                next_try: now,
+                backoff: BACKOFF_MIN,
+                buf: Vec::new(),
+                frames: 0,
+            });
+            out.addr = addr;
+        }
+    }
+
+    fn dial(&mut self, now: Instant) {
+        let token = self.dir.lock().expect("directory lock").token.clone();
+        for (&relay, out) in &mut self.outs {
+            if out.stream.is_some() || out.connecting || now < out.next_try || token.is_empty() {
+                continue;
+            }
+            out.connecting = true;
+            let (addr, tx, me, token) = (out.addr, self.dialed.0.clone(), self.me, token.clone());
+            let waker = self.hub.waker.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("link-dial-{relay}"))
+                .spawn(move || {
+                    let r = dial_one(addr, me, &token);
+                    let _ = tx.send((relay, r));
+                    waker.wake();
+                });
+            if spawned.is_err() {
+                out.connecting = false;
+                out.next_try = now + out.backoff;
+            }
+        }
+    }
+
+    fn take_dialed(&mut self, now: Instant) {
+        while let Ok((relay, r)) = self.dialed.1.try_recv() {
+            let Some(out) = self.outs.get_mut(&relay) else {
+                continue;
+            };
+            out.connecting = false;
+            match r.and_then(|s| s.set_nonblocking(true).map(|()| s)) {
+                Ok(s) => {
+                    let _ = s.set_nodelay(true);
+                    eprintln!("relay: link to relay {relay} ({}) up", out.addr);
+                    out.stream = Some(s);
+                    out.backoff = BACKOFF_MIN;
+                    self.stats.up_now.fetch_add(1, Ordering::Relaxed);
+                    self.link_up();
+                }
+                Err(e) => {
+                    if out.backoff == BACKOFF_MIN {
+                        eprintln!("relay: link to relay {relay} ({}): {e}", out.addr);
+                    }
+                    out.next_try = now + out.backoff;
+                    out.backoff = (out.backoff * 2).min(BACKOFF_MAX);
+                }
+            }
+        }
+    }
+
+    /// Tells every shard that a link came up: its homes resync their sessions.
+    fn link_up(&mut self) {
+        self.stats.ups.fetch_add(1, Ordering::Relaxed);
+        for q in &mut self.to_shard {
+            q.push_back(ShardMsg::ToHome(ToHome::LinkUp));
+        }
+    }
+
+    fn accept(&mut self, now: Instant) {
+        loop {
+            match self.listener.accept() {
+                Ok((s, _)) => {
+                    let greeting = self.ins.iter().filter(|i| i.relay.is_none()).count();
+                    if greeting >= MAX_HANDSHAKES || s.set_nonblocking(true).is_err() {
+                        self.stats.refused.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                    let _ = s.set_nodelay(true);
+                    self.ins.push(In {
+                        stream: s,
+                        buf: Vec::new(),
+                        relay: None,
+                        deadline: now + HELLO_TIMEOUT,
+                        held: None,
+                    });
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(_) => break,
+            }
+        }
+    }
+
+    /// Takes messages from the shards' rings into the destinations' buffers.
+    fn take_from_shards(&mut self, _now: Instant) {
+        for i in 0..self.stash.len() {
+            let mut took = false;
+            loop {
+                // A full ring back to a shard stops taking: each message may need an answer.
+                if self.to_shard.iter().any(|q| q.len() > 1024) {
+                    break;
+                }
+                let Some((dest, m)) = self.stash[i]
+                    .take()
+                    .or_else(|| self.hub.from_shards[i].pop())
+                else {
+                    break;
+                };
+                took = true;
+                let relay = addr_relay(dest);
+                match self.outs.get_mut(&relay) {
+                    Some(out) if out.stream.is_some() => {
+                        if out.buf.len() >= OUT_LIMIT {
+                            self.stash[i] = Some((dest, m));
+                            break;
+                        }
+                        wire::encode(&mut out.buf, dest, &m);
+                        out.frames += 1;
+                    }
+                    _ => self.unreachable(m),
+                }
+            }
+            if took {
+                // It may sleep waiting for room in its ring.
+                self.hub.wake_shard(i);
+            }
+        }
+    }
+
+    /// A message for a relay that cannot be reached now.
+    fn unreachable(&mut self, m: ShardMsg) {
+        match wire::unreachable(m) {
+            Some((home, answer)) if addr_relay(home) == self.me => {
+                self.stats.bounced.fetch_add(1, Ordering::Relaxed);
+                if let Some(q) = self.to_shard.get_mut(usize::from(addr_shard(home))) {
+                    q.push_back(answer);
+                }
+            }
+            _ => {
+                self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn write(&mut self, now: Instant) {
+        let mut broken = Vec::new();
+        for (&relay, out) in &mut self.outs {
+            let Some(s) = out.stream.as_mut() else {
+                continue;
+            };
+            if out.buf.is_empty() {
+                continue;
+            }
+            match s.write(&out.buf) {
+                Ok(n) => {
+                    self.stats.writes.fetch_add(1, Ordering::Relaxed);
+                    out.buf.drain(..n);
+                    if out.buf.is_empty() {
+                        self.stats
+                            .frames_out
+                            .fetch_add(std::mem::take(&mut out.frames), Ordering::Relaxed);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    eprintln!("relay: link to relay {relay}: {e}");
+                    broken.push(relay);
+                }
+            }
+        }
+        // An outbound link is never read: a readable one has been closed by its peer.
+        for (&relay, out) in &self.outs {
+            if let Some(s) = &out.stream {
+                let mut b = [0u8; 64];
+                match s.peek(&mut b) {
+                    Ok(0) => broken.push(relay),
+                    Ok(_) => broken.push(relay),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(_) => broken.push(relay),
+                }
+            }
+        }
+        broken.sort_unstable();
+        broken.dedup();
+        for relay in broken {
+            self.down(relay, now);
+        }
+    }
+
+    /// The link to `relay` broke: its unsent frames are answered as unreachable.
+    fn down(&mut self, relay: u8, now: Instant) {
+        let Some(out) = self.outs.get_mut(&relay) else {
+            return;
+        };
+        if out.stream.take().is_some() {
+            self.stats.up_now.fetch_sub(1, Ordering::Relaxed);
+        }
+        out.next_try = now + out.backoff;
+        out.frames = 0;
+        let buf = std::mem::take(&mut out.buf);
+        let mut at = 0;
+        while let Ok(Some(n)) = wire::frame_len(&buf[at..]) {
+            if let Ok((_, m)) = wire::decode(&buf[at..at + n]) {
+                self.unreachable(m);
+            }
+            at += n;
+        }
+    }
+
+    fn read(&mut self, now: Instant) {
+        let n_shards = self.hub.to_shards.len();
+        let mut i = 0;
+        while i < self.ins.len() {
+            match self.read_one(i, now, n_shards) {
+                Ok(()) => i += 1,
+                Err(why) => {
+                    let link = self.ins.swap_remove(i);
+                    match link.relay {
+                        Some(r) => {
+                            if why.starts_with("bad link frame")
+                                || why.starts_with("a frame for")
+                                || why == "frame too large"
+                            {
+                                self.stats.bad_frames.fetch_add(1, Ordering::Relaxed);
+                            }
+                            eprintln!("relay: link from relay {r} closed: {why}");
+                        }
+                        None => {
+                            self.stats.refused.fetch_add(1, Ordering::Relaxed);
+                            eprintln!("relay: link refused: {why}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reads what link `i` has; an error closes it.
+    fn read_one(&mut self, i: usize, now: Instant, n_shards: usize) -> Result<(), String> {
+        let link = &mut self.ins[i];
+        if link.relay.is_none() && now >= link.deadline {
+            return Err("no HELLO in time".into());
+        }
+        if let Some((shard, m)) = link.held.take() {
+            if let Err(m) = self.hub.to_shards[shard].push(m) {
+                link.held = Some((shard, m));
+                return Ok(());
+            }
+            self.pushed[shard] = true;
+        }
+        let mut chunk = [0u8; 64 * 1024];
+        loop {
+            let link = &mut self.ins[i];
+            if link.held.is_some() {
+                return Ok(());
+            }
+            // Whole frames first; read more only when none is complete.
+            match link.relay {
+                None => {
+                    if let Some(relay) = self.hello(i, now)? {
+                        let link = &mut self.ins[i];
+                        link.relay = Some(relay);
+                        eprintln!("relay: link from relay {relay} up");
+                        self.link_up();
+                        continue;
+                    }
+                }
+                Some(_) => {
+                    if let Some(n) = wire::frame_len(&link.buf).map_err(|e| e.to_string())? {
+                        let (dest, m) = wire::decode(&link.buf[..n]).map_err(|e| e.to_string())?;
+                        link.buf.drain(..n);
+                        let shard = usize::from(addr_shard(dest));
+                        if addr_relay(dest) != self.me || shard >= n_shards {
+                            return Err(format!("a frame for address {dest:#06x}"));
+                        }
+                        self.stats.frames_in.fetch_add(1, Ordering::Relaxed);
+                        if let Err(m) = self.hub.to_shards[shard].push(m) {
+                            link.held = Some((shard, m));
+                            return Ok(());
+                        }
+                        self.pushed[shard] = true;
+                        continue;
+                    }
+                }
+            }
+            let link = &mut self.ins[i];
+            if link.buf.len() >= wire::MAX_LINK_FRAME + 4 {
+                return Err("frame too large".into());
+            }
+            match link.stream.read(&mut chunk) {
+                Ok(0) => return Err("closed by the peer".into()),
+                Ok(n) => link.buf.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    }
+
+    /// Checks link `i`'s HELLO once it is all there: MAGIC, version, relay number, token.
+    fn hello(&mut self, i: usize, _now: Instant) -> Result<Option<u8>, String> {
+        let buf = &self.ins[i].buf;
+        if buf.len() < 4 + 2 + 1 + 2 {
+            if !MAGIC.starts_with(&buf[..buf.len().min(4)]) {
+                return Err("not a relay link".into());
+            }
+            return Ok(None);
+        }
+        if &buf[..4] != MAGIC {
+            return Err("not a relay link".into());
+        }
+        let version = u16::from_le_bytes([buf[4], buf[5]]);
+        if version != LINK_VERSION {
+            return Err(format!("link version {version}"));
+        }
+        let relay = buf[6];
+        let len = usize::from(u16::from_le_bytes([buf[7], buf[8]]));
+        if len > 256 {
+            return Err("token too long".into());
+        }
+        if buf.len() < 9 + len {
+            return Ok(None);
+        }
+        let now_s = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let claims = self
+            .verifier
+            .verify_text(&buf[9..9 + len], now_s)
+            .map_err(|e| format!("relay {relay}: {e}"))?;
+        if claims.kind != TokenKind::Relay || claims.scope_id != u64::from(relay) || relay == 0 {
+            return Err(format!("relay {relay}: not its link token"));
+        }
+        self.ins[i].buf.drain(..9 + len);
+        Ok(Some(relay))
+    }
+
+    fn push_to_shards(&mut self) {
+        for (i, q) in self.to_shard.iter_mut().enumerate() {
+            while let Some(m) = q.pop_front() {
+                if let Err(m) = self.hub.to_shards[i].push(m) {
+                    q.push_front(m);
+                    break;
+                }
+                self.pushed[i] = true;
+            }
+        }
+        for i in 0..self.pushed.len() {
+            if std::mem::take(&mut self.pushed[i]) {
+                self.hub.wake_shard(i);
+            }
+        }
+    }
+
+    fn sleep(&mut self, now: Instant) {
+        // Work left: a stash, answers, or bytes a link could take without waiting.
+        let busy = self.stash.iter().any(Option::is_some)
+            || self.to_shard.iter().any(|q| !q.is_empty())
+            || self.ins.iter().any(|l| l.held.is_some());
+        let mut fds = vec![libc::pollfd {
+            fd: self.hub.waker.fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        fds.push(libc::pollfd {
+            fd: self.listener.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        });
+        for out in self.outs.values() {
+            if let Some(s) = &out.stream {
+                let out_events = if out.buf.is_empty() { 0 } else { libc::POLLOUT };
+                fds.push(libc::pollfd {
+                    fd: s.as_raw_fd(),
+                    events: libc::POLLIN | out_events,
+                    revents: 0,
+                });
+            }
+        }
+        for l in self.ins.iter().filter(|l| l.held.is_none()) {
+            fds.push(libc::pollfd {
+                fd: l.stream.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            });
+        }
+        let mut timeout = Duration::from_millis(250);
+        for out in self.outs.values() {
+            if out.stream.is_none() && !out.connecting {
+                timeout = timeout.min(out.next_try.saturating_duration_since(now));
+            }
+        }
+        if busy {
+            timeout = Duration::from_millis(1);
+        }
+        if !self.hub.prepare_sleep() {
+            timeout = Duration::ZERO;
+        }
+        // SAFETY: `fds` is a live, initialised array of `fds.len()` pollfd structures.
+        unsafe {
+            libc::poll(
+                fds.as_mut_ptr(),
+                fds.len() as libc::nfds_t,
+                timeout.as_millis() as libc::c_int,
+            )
+        };
+        self.hub.woke();
+    }
+}
+
+/// Dials `addr` and says HELLO as relay `me` with `token`.
+fn dial_one(addr: SocketAddr, me: u8, token: &str) -> io::Result<TcpStream> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_write_timeout(Some(Duration::from_secs(2)))?;
+    let mut hello = Vec::with_capacity(9 + token.len());
+    hello.extend_from_slice(MAGIC);
+    hello.extend_from_slice(&LINK_VERSION.to_le_bytes());
+    hello.push(me);
+    hello.extend_from_slice(&(token.len() as u16).to_le_bytes());
+    hello.extend_from_slice(token.as_bytes());
+    s.write_all(&hello)?;
+    s.set_write_timeout(None)?;
+    Ok(s)
+}

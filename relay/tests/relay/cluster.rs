@@ -1,0 +1,558 @@
+//! Chat across relays: one ctl and three linked relays, each on its own loopback address,
+//! as real processes.
+
+use super::ctl_e2e::{ctl_binary, http, wait_until, Proc};
+use proto::chat::{code, kind, MsgId};
+use relay::chat::client::{new_msg_id, Client, Event, Message};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+struct Cluster {
+    ctl: SocketAddr,
+    _ctl_proc: Proc,
+    relays: Vec<Proc>,
+}
+
+/// The address of relay `id` of the cluster of test `net`: a loopback address of its own, which
+/// no other test binds (they use 127.0.0.1), so that fixed ports cannot collide.
+fn host(net: u8, id: u32) -> String {
+    format!("127.0.{net}.{id}")
+}
+
+/// Ports of every cluster relay, each on its own address.
+const BASE_PORT: u16 = 33_000;
+
+/// ctl waiting for `n` linked relays, and `n` relays of 2 shards on `host(net, 1..=n)`.
+fn start_cluster(dir: &Path, n: u32, net: u8) -> Cluster {
+    std::fs::create_dir_all(dir).unwrap();
+    let cfg = dir.join("ctl.toml");
+    std::fs::write(&cfg, format!("cluster_relays = {n}\n")).unwrap();
+    let mut cmd = Command::new(ctl_binary());
+    cmd.args(["serve", "--config", cfg.to_str().unwrap()])
+        .args(["--listen", "127.0.0.1:0"])
+        .args(["--data-dir", dir.join("ctl").to_str().unwrap()]);
+    let ctl_proc = Proc::start(cmd);
+    let ctl: SocketAddr = ctl_proc.field("listen").parse().unwrap();
+    // Each relay waits for the others before it says it is ready: start them together.
+    let starting: Vec<_> = (1..=n)
+        .map(|id| {
+            let cmd = relay_command(dir, ctl, net, id);
+            std::thread::spawn(move || Proc::start(cmd))
+        })
+        .collect();
+    let relays = starting.into_iter().map(|t| t.join().unwrap()).collect();
+    Cluster {
+        ctl,
+        _ctl_proc: ctl_proc,
+        relays,
+    }
+}
+
+/// Relay `id` of the cluster of test `net`, on its data directory under `dir`.
+fn relay_command(dir: &Path, ctl: SocketAddr, net: u8, id: u32) -> Command {
+    let host = host(net, id);
+    let base = BASE_PORT;
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_relay"));
+    cmd.args(["--io", "batch", "--shards", "2", "--no-pin"])
+        .args(["--metrics", &format!("{host}:0")])
+        .args(["--bind", &host, "--advertise-host", &host])
+        .args(["--base-port", &base.to_string()])
+        .args(["--chat-port", &(base + 4).to_string()])
+        .args(["--link-port", &(base + 8).to_string()])
+        .args(["--relay-id", &id.to_string()])
+        .args([
+            "--data-dir",
+            dir.join(format!("relay-{id}")).to_str().unwrap(),
+        ])
+        .args(["--ctl", &format!("http://{ctl}")])
+        .env_remove("RELAY_CTL_TOKEN");
+    cmd
+}
+
+/// A user's session at the home ctl gives it, and what it has seen.
+struct User {
+    id: u64,
+    relay: u64,
+    c: Client,
+    /// Messages, per chat, in arrival order.
+    msgs: BTreeMap<u64, Vec<Message>>,
+    sent: HashMap<MsgId, (u64, u64)>,
+    /// Requests answered with ERROR 13 (the owner's relay not reachable yet): sent again.
+    retry: Vec<MsgId>,
+    typing: Vec<(u64, u64)>,
+    presence: Vec<(u64, bool)>,
+}
+
+impl User {
+    fn connect(ctl: SocketAddr, id: u64) -> Self {
+        let (status, h) = http(ctl, "GET", &format!("/v1/users/{id}/home"), None, None);
+        assert_eq!(status, 200, "{h}");
+        let addr: SocketAddr = format!("{}:{}", h["host"].as_str().unwrap(), h["chat_port"])
+            .parse()
+            .unwrap();
+        let c = Client::connect(addr, h["token"].as_str().unwrap(), Duration::from_secs(5))
+            .expect("chat session");
+        Self {
+            id,
+            relay: h["relay_id"].as_u64().unwrap(),
+            c,
+            msgs: BTreeMap::new(),
+            sent: HashMap::new(),
+            retry: Vec::new(),
+            typing: Vec::new(),
+            presence: Vec::new(),
+        }
+    }
+
+    /// Takes what has arrived, waiting at most `wait` for the first event.
+    fn pump(&mut self, wait: Duration) {
+        let mut wait = wait;
+        while let Some(e) = self.c.recv(wait).expect("session open") {
+            wait = Duration::ZERO;
+            match e {
+                Event::Message(m) => self.msgs.entry(m.chat).or_default().push(m),
+                Event::Sent { msg_id, chat, seq } => {
+                    assert!(
+                        self.sent.insert(msg_id, (chat, seq)).is_none(),
+                        "user {}: SENT twice for one id",
+                        self.id
+                    );
+                }
+                Event::Error {
+                    code: code::UNAVAILABLE,
+                    msg_id,
+                    ..
+                } => self.retry.push(msg_id),
+                Event::Error { code, text, .. } => panic!("user {}: error {code}: {text}", self.id),
+                Event::Typing { chat, from } => self.typing.push((chat, from)),
+                Event::Presence { user, online } => self.presence.push((user, online)),
+                Event::BacklogEnd | Event::Groups(_) | Event::Pong => {}
+            }
+        }
+    }
+
+    fn texts(&self, chat: u64) -> Vec<(u64, Vec<u8>)> {
+        self.msgs
+            .get(&chat)
+            .into_iter()
+            .flatten()
+            .filter(|m| m.kind == kind::TEXT)
+            .map(|m| (m.sender, m.body.clone()))
+            .collect()
+    }
+}
+
+/// A SEND, kept so that an ERROR 13 can be answered by sending it again with the same id.
+#[derive(Clone)]
+struct Send {
+    id: MsgId,
+    chat: u64,
+    to: u64,
+    kind: u8,
+    ref_id: MsgId,
+    body: Vec<u8>,
+}
+
+fn send(u: &mut User, s: &Send) {
+    u.c.queue(|e| e.send(&s.id, s.chat, s.to, s.kind, &s.ref_id, &s.body));
+    u.c.flush().unwrap();
+}
+
+/// Pumps every session, resending what got ERROR 13, until `done` or `within` passes.
+fn pump_until(
+    users: &mut [User],
+    sends: &HashMap<MsgId, (usize, Send)>,
+    within: Duration,
+    what: &str,
+    mut done: impl FnMut(&[User]) -> bool,
+) {
+    let deadline = Instant::now() + within;
+    // A SEND not answered in 2 s is sent again with the same id, as a client does (PROTOCOL.md
+    // 7.3, 8): its SENT may have been lost with a link that was not up yet.
+    let mut last_try: HashMap<MsgId, Instant> = HashMap::new();
+    loop {
+        for u in users.iter_mut() {
+            u.pump(Duration::from_millis(2));
+        }
+        let now = Instant::now();
+        for (id, (i, s)) in sends {
+            let Some(u) = users.get_mut(*i) else { continue };
+            if u.sent.contains_key(id) {
+                continue;
+            }
+            let t = last_try.entry(*id).or_insert(now);
+            if now.duration_since(*t) >= Duration::from_secs(2) {
+                *t = now;
+                send(u, s);
+            }
+        }
+        for u in users.iter_mut() {
+            for id in std::mem::take(&mut u.retry) {
+                let (_, s) = sends.get(&id).expect("an ERROR 13 for a request we made");
+                std::thread::sleep(Duration::from_millis(20));
+                send(u, s);
+            }
+        }
+        if done(users) {
+            return;
+        }
+        if Instant::now() >= deadline {
+            for u in users.iter() {
+                eprintln!(
+                    "user {} (relay {}): {} SENT, texts per chat {:?}",
+                    u.id,
+                    u.relay,
+                    u.sent.len(),
+                    u.msgs
+                        .iter()
+                        .map(|(c, m)| (c % 1000, m.len()))
+                        .collect::<Vec<_>>()
+                );
+            }
+            panic!("timed out waiting for {what}");
+        }
+    }
+}
+
+#[test]
+fn sixty_users_on_three_relays_chat_exactly_once_in_order_with_receipts_typing_and_presence() {
+    let dir = std::env::temp_dir().join(format!("relay-cluster-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let cluster = start_cluster(&dir, 3, 1);
+    assert_eq!(cluster.relays.len(), 3);
+    wait_until("three relays alive", Duration::from_secs(10), || {
+        http(cluster.ctl, "GET", "/health", None, None).1["relays_alive"] == 3
+    });
+    let mut users: Vec<User> = (1..=60).map(|id| User::connect(cluster.ctl, id)).collect();
+    let per_relay: BTreeMap<u64, usize> = users.iter().fold(BTreeMap::new(), |mut m, u| {
+        *m.entry(u.relay).or_default() += 1;
+        m
+    });
+    assert_eq!(
+        per_relay.len(),
+        3,
+        "every relay homes some users: {per_relay:?}"
+    );
+    let n = users.len();
+    let mut sends: HashMap<MsgId, (usize, Send)> = HashMap::new();
+    // 1:1: each user writes 3 messages to the next one (the last to the first).
+    let partner = |i: usize| (i + 1) % n;
+    let crossing = (0..n)
+        .filter(|&i| users[i].relay != users[partner(i)].relay)
+        .count();
+    assert!(crossing >= 20, "only {crossing} of the pairs cross relays");
+    for k in 0..3u8 {
+        for i in 0..n {
+            let to = users[partner(i)].id;
+            let s = Send {
+                id: new_msg_id(),
+                chat: 0,
+                to,
+                kind: kind::TEXT,
+                ref_id: [0; 16],
+                body: vec![k, i as u8],
+            };
+            send(&mut users[i], &s);
+            sends.insert(s.id, (i, s));
+        }
+    }
+    // A group of 12 with members on every relay, created by user 1.
+    let members: Vec<u64> = (2..=12).collect();
+    let create = new_msg_id();
+    users[0].c.queue(|e| e.group_create(&create, &members));
+    users[0].c.flush().unwrap();
+    let mut group = 0;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut tried = Instant::now();
+    while group == 0 {
+        assert!(Instant::now() < deadline, "group never created");
+        users[0].pump(Duration::from_millis(50));
+        if let Some(&(chat, _)) = users[0].sent.get(&create) {
+            group = chat;
+        }
+        // Refused (ERROR 13) or unanswered for 2 s: the same request again.
+        if users[0].retry.contains(&create) || tried.elapsed() >= Duration::from_secs(2) {
+            users[0].retry.retain(|id| *id != create);
+            tried = Instant::now();
+            std::thread::sleep(Duration::from_millis(100));
+            users[0].c.queue(|e| e.group_create(&create, &members));
+            users[0].c.flush().unwrap();
+        }
+    }
+    let group_relays: BTreeSet<u64> = users[..12].iter().map(|u| u.relay).collect();
+    assert_eq!(group_relays.len(), 3, "the group spans every relay");
+    for i in [2usize, 5, 9] {
+        for k in 0..2u8 {
+            let s = Send {
+                id: new_msg_id(),
+                chat: group,
+                to: 0,
+                kind: kind::TEXT,
+                ref_id: [0; 16],
+                body: vec![b'g', k, i as u8],
+            };
+            send(&mut users[i], &s);
+            sends.insert(s.id, (i, s));
+        }
+    }
+    let all_sent = |users: &[User], sends: &HashMap<MsgId, (usize, Send)>| {
+        sends
+            .iter()
+            .all(|(id, (i, _))| users[*i].sent.contains_key(id))
+    };
+    let direct = |a: u64, b: u64| proto::chat::ids::direct_chat(a, b);
+    // Users 3, 6 and 10 wrote two each; nobody gets its own entries back.
+    let group_texts_for = |id: u64| if [3, 6, 10].contains(&id) { 4 } else { 6 };
+    pump_until(
+        &mut users,
+        &sends,
+        Duration::from_secs(60),
+        "every SENT and every delivery",
+        |users| {
+            all_sent(users, &sends)
+                && (0..n).all(|i| {
+                    let from = users[(i + n - 1) % n].id;
+                    users[i].texts(direct(from, users[i].id)).len() >= 3
+                })
+                && users[..12]
+                    .iter()
+                    .all(|u| u.texts(group).len() >= group_texts_for(u.id))
+        },
+    );
+    // Exactly once and in order: each recipient has its predecessor's three, in send order.
+    for i in 0..n {
+        let from = (i + n - 1) % n;
+        let got = users[i].texts(direct(users[from].id, users[i].id));
+        let want: Vec<(u64, Vec<u8>)> = (0..3u8)
+            .map(|k| (users[from].id, vec![k, from as u8]))
+            .collect();
+        assert_eq!(
+            got, want,
+            "user {} from user {}",
+            users[i].id, users[from].id
+        );
+    }
+    // One total order per chat: every member saw the group's entries in seq order, each once,
+    // and a seq names the same entry for every member.
+    let mut by_seq: BTreeMap<u64, MsgId> = BTreeMap::new();
+    for u in &users[..12] {
+        let seqs: Vec<u64> = u.msgs[&group].iter().map(|m| m.seq).collect();
+        assert!(
+            seqs.windows(2).all(|w| w[0] < w[1]),
+            "user {}: {seqs:?}",
+            u.id
+        );
+        assert_eq!(u.texts(group).len(), group_texts_for(u.id), "user {}", u.id);
+        for m in &u.msgs[&group] {
+            assert_eq!(
+                *by_seq.entry(m.seq).or_insert(m.msg_id),
+                m.msg_id,
+                "seq {}",
+                m.seq
+            );
+        }
+    }
+    assert_eq!(by_seq.len(), 7, "the creation and six texts");
+    // SENT carries the seq the recipients saw.
+    for (id, (i, s)) in &sends {
+        let (chat, seq) = users[*i].sent[id];
+        let to = if s.chat == 0 { partner(*i) } else { 1 };
+        let seen = users[to].msgs[&chat]
+            .iter()
+            .find(|m| m.msg_id == *id)
+            .unwrap();
+        assert_eq!(seen.seq, seq);
+    }
+    // Receipts: every recipient acknowledges (DELIVERED for the author) and sends READ.
+    let mut reads = HashMap::new();
+    for i in 0..n {
+        users[i].c.ack_all().unwrap();
+        let from = (i + n - 1) % n;
+        let last = users[i].msgs[&direct(users[from].id, users[i].id)]
+            .last()
+            .unwrap()
+            .clone();
+        let s = Send {
+            id: new_msg_id(),
+            chat: 0,
+            to: users[from].id,
+            kind: kind::READ,
+            ref_id: last.msg_id,
+            body: last.seq.to_le_bytes().to_vec(),
+        };
+        send(&mut users[i], &s);
+        reads.insert(s.id, (i, s));
+    }
+    pump_until(
+        &mut users,
+        &reads,
+        Duration::from_secs(30),
+        "DELIVERED and READ for every author",
+        |users| {
+            (0..n).all(|i| {
+                let to = users[partner(i)].id;
+                let chat = users[i].msgs.get(&direct(users[i].id, to));
+                let has = |k| chat.is_some_and(|c| c.iter().any(|m| m.kind == k));
+                has(kind::DELIVERED) && has(kind::READ)
+            })
+        },
+    );
+    // Typing, direct and in the group, from relay to relay.
+    let (a, b) = (0..n)
+        .find(|&i| users[i].relay != users[partner(i)].relay)
+        .map(|i| (i, partner(i)))
+        .unwrap();
+    let to = users[b].id;
+    users[a].c.queue(|e| e.typing(0, to));
+    users[a].c.flush().unwrap();
+    let from_a = users[a].id;
+    let g = (1..12).find(|&i| users[i].relay != users[0].relay).unwrap();
+    users[0].c.queue(|e| e.typing(group, 0));
+    users[0].c.flush().unwrap();
+    pump_until(
+        &mut users,
+        &HashMap::new(),
+        Duration::from_secs(10),
+        "typing",
+        |users| users[b].typing.contains(&(0, from_a)) && users[g].typing.contains(&(group, 1)),
+    );
+    // Presence: a watcher on one relay sees a user on another come and go.
+    let (w, t) = (0..n)
+        .flat_map(|w| (0..n).map(move |t| (w, t)))
+        .find(|&(w, t)| users[w].relay != users[t].relay && w != t && t != b)
+        .unwrap();
+    let target = users[t].id;
+    users[w].c.watch_presence(&[target]).unwrap();
+    pump_until(
+        &mut users,
+        &HashMap::new(),
+        Duration::from_secs(10),
+        "online",
+        |users| users[w].presence.contains(&(target, true)),
+    );
+    let gone = users.remove(t);
+    drop(gone);
+    let w = if w > t { w - 1 } else { w };
+    pump_until(
+        &mut users,
+        &HashMap::new(),
+        Duration::from_secs(10),
+        "offline",
+        |users| users[w].presence.contains(&(target, false)),
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Reads a counter from a relay's metrics endpoint (0 when absent).
+fn metric(relay: &Proc, name: &str) -> u64 {
+    let addr: SocketAddr = relay.field("metrics").parse().unwrap();
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    use std::io::{Read, Write};
+    write!(s, "GET /metrics HTTP/1.1\r\nHost: r\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Whether the relay closes `s` within 10 s (reads to the end; what it sent is ignored).
+fn closed_by_relay(s: &mut std::net::TcpStream) -> bool {
+    use std::io::Read;
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut buf = [0u8; 256];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => {}
+            Err(e) => return e.kind() == std::io::ErrorKind::ConnectionReset,
+        }
+    }
+}
+
+fn link_hello(relay: u8, token: &str) -> Vec<u8> {
+    let mut h = b"RLNK".to_vec();
+    h.extend_from_slice(&1u16.to_le_bytes());
+    h.push(relay);
+    h.extend_from_slice(&(token.len() as u16).to_le_bytes());
+    h.extend_from_slice(token.as_bytes());
+    h
+}
+
+#[test]
+fn strangers_and_garbage_on_a_relay_link_are_refused_and_counted_and_chat_goes_on() {
+    use std::io::Write;
+    let dir = std::env::temp_dir().join(format!("relay-cluster-bad-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let cluster = start_cluster(&dir, 2, 2);
+    let mut users: Vec<User> = (1..=20).map(|id| User::connect(cluster.ctl, id)).collect();
+    let a = users.iter().position(|u| u.relay == 1).unwrap();
+    let b = users.iter().position(|u| u.relay == 2).unwrap();
+    let relay1 = &cluster.relays[0];
+    let link: SocketAddr = format!("{}:{}", host(2, 1), BASE_PORT + 8).parse().unwrap();
+    let attack = |bytes: &[u8]| {
+        let mut s = std::net::TcpStream::connect(link).unwrap();
+        s.write_all(bytes).unwrap();
+        assert!(closed_by_relay(&mut s), "the relay closes it");
+    };
+    let refused_before = metric(relay1, "relay_link_refused_total");
+    // Not a link at all.
+    attack(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+    // A user's chat token is not a relay's credential.
+    let (_, home) = http(cluster.ctl, "GET", "/v1/users/1/home", None, None);
+    attack(&link_hello(2, home["token"].as_str().unwrap()));
+    // A made-up token.
+    attack(&link_hello(2, &"A".repeat(proto::token::TOKEN_TEXT_LEN)));
+    // A real relay token, claimed for another relay number: a stranger registers as relay 9
+    // (ctl has no relay_token here) and presents its token as relay 2.
+    let (status, answer) = http(
+        cluster.ctl,
+        "POST",
+        "/v1/relays/heartbeat",
+        Some(&serde_json::json!({
+            "relay_id": 9, "host": "127.0.2.9", "udp_base_port": 40000, "shards": 1,
+            "nic_gbps": 1.0, "state": "serving", "link_port": 1
+        })),
+        None,
+    );
+    assert_eq!(status, 200, "{answer}");
+    let token9 = answer["cluster"]["link_token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    attack(&link_hello(2, &token9));
+    let refused = metric(relay1, "relay_link_refused_total") - refused_before;
+    assert_eq!(refused, 4, "each stranger is refused and counted");
+    // Relay 9's own token is a link; garbage after it closes that link and is counted.
+    let mut hello = link_hello(9, &token9);
+    hello.extend_from_slice(&[12, 0, 0, 0, 0xff, 0xff, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10]);
+    attack(&hello);
+    assert_eq!(metric(relay1, "relay_link_bad_frames_total"), 1);
+    // The relays' own links and their users noticed nothing.
+    let mut sends = HashMap::new();
+    for (from, to) in [(a, b), (b, a)] {
+        let s = Send {
+            id: new_msg_id(),
+            chat: 0,
+            to: users[to].id,
+            kind: kind::TEXT,
+            ref_id: [0; 16],
+            body: b"still here".to_vec(),
+        };
+        send(&mut users[from], &s);
+        sends.insert(s.id, (from, s));
+    }
+    let chat = proto::chat::ids::direct_chat(users[a].id, users[b].id);
+    pump_until(
+        &mut users,
+        &sends,
+        Duration::from_secs(20),
+        "chat",
+        |users| users[a].texts(chat).len() == 1 && users[b].texts(chat).len() == 1,
+    );
+    assert!(metric(relay1, "relay_links_up") >= 1);
+    let _ = std::fs::remove_dir_all(&dir);
+}
