@@ -753,9 +753,22 @@ impl Core {
         self.reap(now);
         if let Some(p) = self.placed.get(&(scope, id)) {
             match self.members.get(p.relay_id) {
-                Some(r) if r.keeps_existing() && p.shard_idx < r.shards => return Ok(p.clone()),
+                // A room stays on a draining relay until it ends; a user's chat home moves
+                // (the relay ends its sessions, PROTOCOL.md 7.2).
+                Some(r)
+                    if r.keeps_existing()
+                        && (scope == Scope::Room || r.takes_new())
+                        && p.shard_idx < r.shards =>
+                {
+                    return Ok(p.clone())
+                }
                 // Just restarted: the relay may still be alive and about to heartbeat.
                 None if self.in_grace(now) => return Err(ApiError::NoRelay),
+                // A user on a draining relay: the placer keeps a key on a draining node, so it
+                // lets go of it first.
+                Some(r) if r.keeps_existing() => {
+                    let _ = self.placer_mut(scope).release(key(id));
+                }
                 _ => {}
             }
         }

@@ -204,6 +204,10 @@ fn draining_relays_get_nothing_new_and_keep_their_rooms() {
     let mut rig = Rig::new("drain");
     rig.beat(0, &[1, 2]);
     let before: Vec<Created> = (0..10).map(|i| rig.create(i)).collect();
+    let homed_on_1 = (1..50)
+        .filter(|&u| rig.core.user_home(&rig.at(0), u).unwrap().relay_id == 1)
+        .count();
+    assert!(homed_on_1 > 0);
     rig.core.set_drain(1, true, &rig.at(100)).unwrap();
     assert_eq!(rig.core.take_commands(1), vec![Command::Drain]);
     for i in 0..20 {
@@ -213,6 +217,11 @@ fn draining_relays_get_nothing_new_and_keep_their_rooms() {
         let was = c.join.as_ref().unwrap().relay_id;
         assert_eq!(rig.join(300, &c.code).unwrap().relay_id, was);
     }
+    // Users' chat homes do not stay: the relay ends its sessions, and they go elsewhere.
+    assert!(
+        (1..50).all(|u| rig.core.user_home(&rig.at(300), u).unwrap().relay_id == 2),
+        "no chat home on a draining relay"
+    );
     assert_eq!(
         rig.core.set_drain(9, true, &rig.at(300)),
         Err(ApiError::UnknownRelay)

@@ -99,6 +99,8 @@ pub struct Home {
     watchers: Map<UserId, Vec<(UserId, u16)>>,
     /// Users whose presence is kept here -> the homes where they have a session now.
     present: Map<UserId, Vec<u16>>,
+    /// The relay is draining: sessions are ended, HELLOs refused.
+    draining: bool,
     /// Messages to other shards (or this one).
     pub out: Vec<(u16, ShardMsg)>,
     /// Sessions with bytes to write.
@@ -128,6 +130,7 @@ impl Home {
             group_lists: Map::default(),
             watchers: Map::default(),
             present: Map::default(),
+            draining: false,
             out: Vec::new(),
             dirty: Vec::new(),
             submits: SubmitPool::default(),
@@ -389,16 +392,28 @@ impl Home {
     /// it already has queued, and closed once that is flushed; input from now on is ignored.
     /// Not counted as an error.
     pub fn stop_sessions(&mut self) {
+        self.end_sessions("the relay is stopping; reconnect");
+    }
+
+    /// While draining (ctl's word), every session is ended as at a stop and a HELLO is refused
+    /// the same way: the user's home is elsewhere now (PROTOCOL.md 7.2). Returns whether the
+    /// state changed.
+    pub fn set_draining(&mut self, on: bool) -> bool {
+        if on == self.draining {
+            return false;
+        }
+        self.draining = on;
+        if on {
+            self.end_sessions("the relay is draining; reconnect");
+        }
+        true
+    }
+
+    fn end_sessions(&mut self, why: &'static str) {
         let conns: Vec<ConnId> = self.sessions.keys().copied().collect();
         for conn in conns {
             if self.sessions.get(&conn).is_some_and(|s| !s.closing) {
-                self.queue(conn, |e| {
-                    e.error(
-                        code::UNAVAILABLE,
-                        &[0; 16],
-                        "the relay is stopping; reconnect",
-                    )
-                });
+                self.queue(conn, |e| e.error(code::UNAVAILABLE, &[0; 16], why));
                 if let Some(s) = self.sessions.get_mut(&conn) {
                     s.closing = true;
                 }
@@ -647,6 +662,9 @@ impl Home {
     fn hello(&mut self, now: Now, conn: ConnId, version: u16, token: &[u8]) {
         if version != proto::chat::VERSION {
             return self.fatal(conn, code::BAD_VERSION, "unsupported version");
+        }
+        if self.draining {
+            return self.fatal(conn, code::UNAVAILABLE, "the relay is draining; reconnect");
         }
         let claims = match self.verifier.verify_text(token, now.unix_s) {
             Ok(c) => c,

@@ -406,6 +406,14 @@ impl ChatShard {
         self.home.stop_sessions();
     }
 
+    /// The relay is draining (or not any more): sessions end, HELLOs are refused. Returns
+    /// whether that changed anything.
+    pub fn set_draining(&mut self, now: Now, on: bool) -> bool {
+        let changed = self.home.set_draining(on);
+        self.pump(now);
+        changed
+    }
+
     /// Connections to close once flushed.
     pub fn take_closing(&mut self) -> Vec<ConnId> {
         std::mem::replace(

@@ -724,6 +724,11 @@ impl Shard {
         rtcp_route::apply_subscription(room, participant_id, sub, self.cfg.max_subscriptions)
     }
 
+    /// Whether ctl drains the relay (`Command::SetDraining`).
+    pub fn draining(&self) -> bool {
+        self.draining
+    }
+
     /// When [`Shard::handle_timeout`] must next be called, in monotonic microseconds.
     pub fn poll_timeout(&self) -> u64 {
         self.next_sweep_us

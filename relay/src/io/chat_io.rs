@@ -277,6 +277,12 @@ impl<S: Storage> ChatCore<S> {
         }
     }
 
+    /// Follows ctl's drain (the media engine's state): sessions end and HELLOs are refused
+    /// while it lasts ([`ChatShard::set_draining`]). Returns whether that changed anything.
+    pub fn set_draining(&mut self, now: Now, on: bool) -> bool {
+        self.engine.set_draining(now, on)
+    }
+
     /// Open connections at most (`[chat] max_conns`, clamped to [`MAX_CONNS`]).
     pub fn max_conns(&self) -> usize {
         self.max_conns

@@ -169,12 +169,18 @@ impl<S: Storage> ShardLoop<S> {
         }
         let now = clock.now();
         ctx.housekeeping(engine, now);
+        // A drain just begun: the sessions' ERROR 13s go out next turn, without a wait.
+        let drained = self
+            .chat
+            .as_mut()
+            .is_some_and(|c| c.set_draining(now, engine.draining()));
         if now.mono_us >= self.next_publish_us {
             self.publish(engine, transport, ctx);
             self.next_publish_us = now.mono_us + PUBLISH_INTERVAL_US;
         }
-        let sleep =
-            !transport.must_not_sleep() && self.chat.as_mut().is_none_or(ChatCore::prepare_sleep);
+        let sleep = !drained
+            && !transport.must_not_sleep()
+            && self.chat.as_mut().is_none_or(ChatCore::prepare_sleep);
         self.wait_us = if sleep {
             let chat = self.chat.as_ref().map_or(u64::MAX, ChatCore::poll_timeout);
             engine

@@ -82,6 +82,8 @@ struct User {
     sent: HashMap<MsgId, (u64, u64)>,
     /// Requests answered with ERROR 13 (the owner's relay not reachable yet): sent again.
     retry: Vec<MsgId>,
+    /// ERROR 13s seen.
+    unavailable: u64,
     typing: Vec<(u64, u64)>,
     presence: Vec<(u64, bool)>,
 }
@@ -102,6 +104,7 @@ impl User {
             msgs: BTreeMap::new(),
             sent: HashMap::new(),
             retry: Vec::new(),
+            unavailable: 0,
             typing: Vec::new(),
             presence: Vec::new(),
         }
@@ -109,28 +112,65 @@ impl User {
 
     /// Takes what has arrived, waiting at most `wait` for the first event.
     fn pump(&mut self, wait: Duration) {
+        self.try_pump(wait).expect("session open");
+    }
+
+    /// [`User::pump`]; an error when the session is gone.
+    fn try_pump(&mut self, wait: Duration) -> std::io::Result<()> {
         let mut wait = wait;
-        while let Some(e) = self.c.recv(wait).expect("session open") {
+        while let Some(e) = self.c.recv(wait)? {
             wait = Duration::ZERO;
             match e {
                 Event::Message(m) => self.msgs.entry(m.chat).or_default().push(m),
                 Event::Sent { msg_id, chat, seq } => {
-                    assert!(
-                        self.sent.insert(msg_id, (chat, seq)).is_none(),
-                        "user {}: SENT twice for one id",
-                        self.id
-                    );
+                    // A SEND sent again may be answered twice: with the same seq.
+                    let first = *self.sent.entry(msg_id).or_insert((chat, seq));
+                    assert_eq!(first, (chat, seq), "user {}: two SENTs differ", self.id);
                 }
                 Event::Error {
                     code: code::UNAVAILABLE,
                     msg_id,
                     ..
-                } => self.retry.push(msg_id),
+                } => {
+                    self.unavailable += 1;
+                    self.retry.push(msg_id);
+                }
                 Event::Error { code, text, .. } => panic!("user {}: error {code}: {text}", self.id),
                 Event::Typing { chat, from } => self.typing.push((chat, from)),
                 Event::Presence { user, online } => self.presence.push((user, online)),
                 Event::BacklogEnd | Event::Groups(_) | Event::Pong => {}
             }
+        }
+        Ok(())
+    }
+
+    /// A new session at the home ctl gives now, keeping what the client has seen; retried
+    /// every 100 ms until `within` passes.
+    fn reconnect(&mut self, ctl: SocketAddr, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            assert!(Instant::now() < deadline, "user {} found no home", self.id);
+            let (status, h) = http(
+                ctl,
+                "GET",
+                &format!("/v1/users/{}/home", self.id),
+                None,
+                None,
+            );
+            if status == 200 {
+                let addr: SocketAddr =
+                    format!("{}:{}", h["host"].as_str().unwrap(), h["chat_port"])
+                        .parse()
+                        .unwrap();
+                let token = h["token"].as_str().unwrap();
+                if let Ok(mut c) = Client::connect(addr, token, Duration::from_secs(1)) {
+                    c.set_last_seqs(self.c.last_seqs().clone());
+                    self.c = c;
+                    self.relay = h["relay_id"].as_u64().unwrap();
+                    return;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(100));
         }
     }
 
@@ -555,4 +595,248 @@ fn strangers_and_garbage_on_a_relay_link_are_refused_and_counted_and_chat_goes_o
     );
     assert!(metric(relay1, "relay_links_up") >= 1);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// What a run of [`chat_under_load`] saw.
+struct LoadRun {
+    cluster: Cluster,
+    users: Vec<User>,
+    /// Users of relay 2 when the load began.
+    homed: Vec<usize>,
+    /// User -> time from the event to its new session.
+    rehomed: BTreeMap<u64, Duration>,
+    messages: usize,
+}
+
+/// 12 users on a cluster of 3 (test `net`) write to each other for 10 s, every 100 ms each to
+/// the next one; `event(elapsed, cluster)` runs before each round and returns true once it has
+/// done what the test is about (from then on reconnections count as rehoming). Afterwards
+/// every message is sent again until SENT, and checked: delivered exactly once, in its chat's
+/// order, with the seq its SENT gave.
+fn chat_under_load(
+    name: &str,
+    net: u8,
+    mut event: impl FnMut(Duration, &mut Cluster) -> bool,
+) -> LoadRun {
+    let dir = std::env::temp_dir().join(format!("relay-cluster-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut cluster = start_cluster(&dir, 3, net);
+    let ctl = cluster.ctl;
+    let mut users: Vec<User> = (1..=12).map(|id| User::connect(ctl, id)).collect();
+    let homed: Vec<usize> = (0..users.len()).filter(|&i| users[i].relay == 2).collect();
+    assert!(!homed.is_empty(), "relay 2 homes some users");
+    let n = users.len();
+    let partner = |i: usize| (i + 1) % n;
+    let mut sends: HashMap<MsgId, (usize, Send)> = HashMap::new();
+    let mut last_try: HashMap<MsgId, Instant> = HashMap::new();
+    let start = Instant::now();
+    let mut happened: Option<Instant> = None;
+    let mut rehomed: BTreeMap<u64, Duration> = BTreeMap::new();
+    let mut k = 0u32;
+    while start.elapsed() < Duration::from_secs(10) {
+        if event(start.elapsed(), &mut cluster) && happened.is_none() {
+            happened = Some(Instant::now());
+        }
+        for i in 0..n {
+            let to = users[partner(i)].id;
+            let s = Send {
+                id: new_msg_id(),
+                chat: 0,
+                to,
+                kind: kind::TEXT,
+                ref_id: [0; 16],
+                body: k.to_le_bytes().to_vec(),
+            };
+            k += 1;
+            last_try.insert(s.id, Instant::now());
+            send_or_reconnect(&mut users[i], &s, ctl, happened, &mut rehomed);
+            sends.insert(s.id, (i, s));
+        }
+        let tick = Instant::now() + Duration::from_millis(100);
+        while Instant::now() < tick {
+            for (i, u) in users.iter_mut().enumerate() {
+                if u.try_pump(Duration::from_millis(1)).is_err() {
+                    u.reconnect(ctl, Duration::from_secs(10));
+                    if let Some(t) = happened {
+                        rehomed.entry(u.id).or_insert(t.elapsed());
+                    }
+                }
+                resend(u, i, &sends, &mut last_try);
+            }
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        for (i, u) in users.iter_mut().enumerate() {
+            if u.try_pump(Duration::from_millis(2)).is_err() {
+                u.reconnect(ctl, Duration::from_secs(10));
+            }
+            resend(u, i, &sends, &mut last_try);
+        }
+        let sent = sends
+            .iter()
+            .all(|(id, (i, _))| users[*i].sent.contains_key(id));
+        let delivered = (0..n).all(|i| {
+            let from = (i + n - 1) % n;
+            let chat = proto::chat::ids::direct_chat(users[from].id, users[i].id);
+            users[i].texts(chat).len() >= sends.values().filter(|(f, _)| *f == from).count()
+        });
+        if sent && delivered {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "sent {sent}, delivered {delivered}"
+        );
+    }
+    for i in 0..n {
+        let from = (i + n - 1) % n;
+        let chat = proto::chat::ids::direct_chat(users[from].id, users[i].id);
+        let got = &users[i].msgs[&chat];
+        let seqs: Vec<u64> = got.iter().map(|m| m.seq).collect();
+        assert!(
+            seqs.windows(2).all(|w| w[0] < w[1]),
+            "user {}: order",
+            users[i].id
+        );
+        let ids: BTreeSet<MsgId> = got.iter().map(|m| m.msg_id).collect();
+        assert_eq!(
+            ids.len(),
+            got.len(),
+            "user {}: a message twice",
+            users[i].id
+        );
+        for (id, (f, _)) in sends.iter().filter(|(_, (f, _))| *f == from) {
+            let (_, seq) = users[*f].sent[id];
+            let m = got.iter().find(|m| m.msg_id == *id);
+            assert_eq!(
+                m.map(|m| m.seq),
+                Some(seq),
+                "user {}: message lost",
+                users[i].id
+            );
+        }
+        assert_eq!(
+            got.len(),
+            sends.values().filter(|(f, _)| *f == from).count()
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    LoadRun {
+        cluster,
+        users,
+        homed,
+        rehomed,
+        messages: sends.len(),
+    }
+}
+
+#[test]
+fn kill_9_of_a_relay_under_chat_load_rehomes_its_users_and_loses_nothing_sent() {
+    // Relay 2 is killed at 2 s and started again on its data directory at 7 s; meanwhile its
+    // users are rehomed and the chats it owns refuse SENDs (ERROR 13, sent again until it is
+    // back).
+    let (mut killed, mut restarted) = (false, false);
+    let run = chat_under_load("kill", 3, |t, cluster| {
+        if !killed && t >= Duration::from_secs(2) {
+            cluster.relays[1].kill9();
+            killed = true;
+        }
+        if !restarted && t >= Duration::from_secs(7) {
+            let dir =
+                std::env::temp_dir().join(format!("relay-cluster-kill-{}", std::process::id()));
+            cluster.relays[1] = Proc::start(relay_command(&dir, cluster.ctl, 3, 2));
+            restarted = true;
+        }
+        killed
+    });
+    for &i in &run.homed {
+        let u = &run.users[i];
+        let t = run.rehomed.get(&u.id).copied();
+        assert!(
+            t.is_some_and(|t| t <= Duration::from_secs(5)),
+            "user {} rehomed after {t:?}",
+            u.id
+        );
+        assert_ne!(u.relay, 2, "user {} still on the dead relay", u.id);
+    }
+    let unavailable: u64 = run.users.iter().map(|u| u.unavailable).sum();
+    assert!(unavailable > 0, "no SEND met the dead owner");
+    eprintln!(
+        "kill -9: {} messages, {unavailable} ERROR 13 while the owner was dead, users rehomed \
+         after at most {:?}",
+        run.messages,
+        run.rehomed.values().max()
+    );
+}
+
+#[test]
+fn a_drained_relay_under_chat_load_hands_its_sessions_over_and_loses_nothing() {
+    let mut drained = false;
+    let run = chat_under_load("drain", 4, |t, cluster| {
+        if !drained && t >= Duration::from_secs(2) {
+            let (status, body) = http(cluster.ctl, "POST", "/v1/relays/2/drain", None, None);
+            assert_eq!(status, 200, "{body}");
+            drained = true;
+        }
+        drained
+    });
+    for &i in &run.homed {
+        let u = &run.users[i];
+        assert_ne!(u.relay, 2, "user {} still on the drained relay", u.id);
+        assert!(run.rehomed.contains_key(&u.id), "user {} never moved", u.id);
+    }
+    // The drained relay holds no session, and still owns its chats (they were served).
+    let relay2 = &run.cluster.relays[1];
+    let sessions: u64 = (0..2)
+        .map(|s| metric(relay2, &format!("relay_chat_sessions{{shard=\"{s}\"}}")))
+        .sum();
+    assert_eq!(sessions, 0, "sessions left on the drained relay");
+    eprintln!(
+        "drain: {} messages, sessions moved after at most {:?}",
+        run.messages,
+        run.rehomed.values().max()
+    );
+}
+
+/// Sends `s`; a session found closed is replaced first (and the time since the event noted).
+fn send_or_reconnect(
+    u: &mut User,
+    s: &Send,
+    ctl: SocketAddr,
+    killed_at: Option<Instant>,
+    rehomed: &mut BTreeMap<u64, Duration>,
+) {
+    u.c.queue(|e| e.send(&s.id, s.chat, s.to, s.kind, &s.ref_id, &s.body));
+    if u.c.flush().is_err() {
+        u.reconnect(ctl, Duration::from_secs(10));
+        if let Some(t) = killed_at {
+            rehomed.entry(u.id).or_insert(t.elapsed());
+        }
+        send(u, s);
+    }
+}
+
+/// Sends again, with the same id, what got ERROR 13 or no SENT for 2 s.
+fn resend(
+    u: &mut User,
+    i: usize,
+    sends: &HashMap<MsgId, (usize, Send)>,
+    last_try: &mut HashMap<MsgId, Instant>,
+) {
+    let now = Instant::now();
+    let retry: BTreeSet<MsgId> = std::mem::take(&mut u.retry).into_iter().collect();
+    for (id, (f, s)) in sends.iter().filter(|(_, (f, _))| *f == i) {
+        debug_assert_eq!(*f, i);
+        if u.sent.contains_key(id) {
+            continue;
+        }
+        let t = last_try.entry(*id).or_insert(now);
+        let due = now.duration_since(*t) >= Duration::from_secs(2);
+        if due || (retry.contains(id) && now.duration_since(*t) >= Duration::from_millis(200)) {
+            *t = now;
+            u.c.queue(|e| e.send(&s.id, s.chat, s.to, s.kind, &s.ref_id, &s.body));
+            let _ = u.c.flush();
+        }
+    }
 }
