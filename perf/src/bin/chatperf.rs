@@ -7,6 +7,7 @@
 //! chatperf idle-memory [--conns N] [--shards N] [--io batch|uring] [--timeout-s S] [--sources K] [--relay-bin PATH]
 //! chatperf ab --base PATH [--rounds N] [--users N] [--seconds S] [--shards N] [--io batch|uring]
 //! chatperf fsync [--writers N] [--size B] [--syncs N]
+//! chatperf cross [--rounds N] [--users N] [--seconds S] [--io batch|uring]
 //! ```
 
 #[path = "../chatperf/idle.rs"]
@@ -33,7 +34,8 @@ const USAGE: &str = "usage:
                [--shards N] [--io batch|uring] [--relay-bin PATH] [--rate R] [--inline-sync] [--no-sync] [--split-cores] [--quick]
   chatperf idle-memory [--conns N] [--shards N] [--io batch|uring] [--timeout-s S] [--sources K] [--relay-bin PATH]
   chatperf ab --base PATH [--rounds N] [--users N] [--seconds S] [--shards N] [--io batch|uring]
-  chatperf fsync [--writers N] [--size B] [--syncs N]";
+  chatperf fsync [--writers N] [--size B] [--syncs N]
+  chatperf cross [--rounds N] [--users N] [--seconds S] [--io batch|uring]";
 
 /// `--name value` flags.
 struct Flags(Vec<(String, Option<String>)>);
@@ -294,8 +296,9 @@ fn relay_row(setup: &RelaySetup<'_>, cfg: LoadCfg, base: u64, name: &str) -> Row
         let pid = relay.proc.pid();
         let (cpu0, cpu1) = (Cell::new(None), Cell::new(None));
         let (written0, written1) = (Cell::new(None), Cell::new(None));
+        let home = (std::net::Ipv4Addr::LOCALHOST, relay.chat_port);
         let target = Target::Relay {
-            chat_port: relay.chat_port,
+            homes: [home, home],
             shards: relay.shards,
             key: Box::new(relay.key.clone()),
             base,
@@ -717,6 +720,208 @@ fn cmd_ab(flags: &Flags) -> anyhow::Result<bool> {
     Ok(true)
 }
 
+/// One side of `chatperf cross`: delivered/s, p50 and p99 send-to-deliver (us), server CPU
+/// (cores), and frames per link write (cross only).
+struct CrossSample {
+    rate: f64,
+    p50: f64,
+    p99: f64,
+    cores: f64,
+    frames_per_write: Option<f64>,
+}
+
+/// Runs the load against relays already started: `homes` of senders and receivers.
+fn cross_sample(
+    relays: &[servers::Relay],
+    homes: [(std::net::Ipv4Addr, u16); 2],
+    cfg: LoadCfg,
+    base: u64,
+) -> anyhow::Result<CrossSample> {
+    let shards = relays[0].shards;
+    let target = Target::Relay {
+        homes,
+        shards,
+        key: Box::new(relays[0].key.clone()),
+        base,
+    };
+    let links = |relays: &[servers::Relay]| -> (u64, u64) {
+        relays
+            .iter()
+            .filter_map(|r| r.metrics_text().ok())
+            .map(|t| {
+                (
+                    wire::metric_sum(&t, "relay_link_frames_out_total"),
+                    wire::metric_sum(&t, "relay_link_writes_total"),
+                )
+            })
+            .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
+    };
+    let (l0, l1) = (Cell::new((0, 0)), Cell::new((0, 0)));
+    let (c0, c1) = (Cell::new(Vec::new()), Cell::new(Vec::new()));
+    let marks = |relays: &[servers::Relay]| -> Vec<Option<CpuMark>> {
+        relays.iter().map(|r| CpuMark::now(r.proc.pid())).collect()
+    };
+    let res = load::run(
+        &target,
+        cfg,
+        || {
+            l0.set(links(relays));
+            c0.set(marks(relays));
+        },
+        || {
+            c1.set(marks(relays));
+            l1.set(links(relays));
+        },
+    )?;
+    if res.errors > 0 {
+        bail!(
+            "{} errors, the first: {}",
+            res.errors,
+            res.first_error.unwrap_or_default()
+        );
+    }
+    let cores = c0
+        .take()
+        .into_iter()
+        .zip(c1.take())
+        .filter_map(|(a, b)| CpuMark::cores(a, b))
+        .map(|(server, _)| server)
+        .sum();
+    let ((f0, w0), (f1, w1)) = (l0.get(), l1.get());
+    let (p50, p99, _) = wire::percentiles_us(&res.hist);
+    Ok(CrossSample {
+        rate: res.rate,
+        p50,
+        p99,
+        cores,
+        frames_per_write: (w1 > w0).then(|| (f1 - f0) as f64 / (w1 - w0) as f64),
+    })
+}
+
+/// `chatperf cross`: 1:1 chat between users homed on two linked relays (ctl and two relays of
+/// one shard each, each relay on its own loopback address) against users homed on one relay of
+/// two shards, in alternating rounds of one run: the same shard threads either way.
+fn cmd_cross(flags: &Flags) -> anyhow::Result<bool> {
+    flags.check(&["rounds", "users", "seconds", "io"])?;
+    let bin = relay_bin(&Flags(Vec::new()))?;
+    let ctl_bin = bin.with_file_name("ctl");
+    if !ctl_bin.is_file() {
+        bail!(
+            "{} not found (cargo build --release -p ctl)",
+            ctl_bin.display()
+        );
+    }
+    let rounds: usize = flags.get("rounds", 3)?;
+    let users: usize = flags.get("users", 200)?;
+    let seconds: f64 = flags.get("seconds", 5.0)?;
+    let io: String = flags.get("io", "batch".to_string())?;
+    if users < 2 || rounds == 0 || rounds > 50 || seconds <= 0.0 || seconds > 600.0 {
+        bail!("need --users >= 2, 1 <= --rounds <= 50, 0 < --seconds <= 600");
+    }
+    let cfg = LoadCfg {
+        pairs: users / 2,
+        window: 32,
+        size: 100,
+        warmup: Duration::from_secs(1),
+        measure: Duration::from_secs_f64(seconds),
+        rate_per_pair: None,
+        threads: 2,
+    };
+    let chat_toml = "sync = true\nmsgs_per_s = 1000000\nsync_thread = true";
+    println!(
+        "chatperf cross: {rounds} alternating rounds of {} users, {seconds} s measured, io={io}; \
+         same: one relay of 2 shards; cross: senders on relay 1, receivers on relay 2 (1 shard \
+         each, linked, ctl forming the cluster), chats owned half by each",
+        cfg.pairs * 2
+    );
+    let mut same = Vec::new();
+    let mut cross = Vec::new();
+    for round in 1..=rounds {
+        let base = round as u64 * 1_000_000;
+        let order = if round % 2 == 1 {
+            [false, true]
+        } else {
+            [true, false]
+        };
+        for is_cross in order {
+            let sample = if is_cross {
+                let ctl = servers::Ctl::start(&ctl_bin, 2)?;
+                let hosts = [
+                    std::net::Ipv4Addr::new(127, 0, 3, 1),
+                    std::net::Ipv4Addr::new(127, 0, 3, 2),
+                ];
+                let starting = [1u32, 2]
+                    .into_iter()
+                    .map(|id| {
+                        let host = hosts[id as usize - 1];
+                        servers::Relay::spawn(&bin, &io, 1, chat_toml, Some((ctl.addr, id, host)))
+                    })
+                    .collect::<anyhow::Result<Vec<_>>>()?;
+                let relays = starting
+                    .into_iter()
+                    .map(servers::Starting::ready)
+                    .collect::<anyhow::Result<Vec<_>>>()?;
+                // The links come up just after the cluster forms.
+                std::thread::sleep(Duration::from_millis(500));
+                let homes = [
+                    (hosts[0], relays[0].chat_port),
+                    (hosts[1], relays[1].chat_port),
+                ];
+                let s = cross_sample(&relays, homes, cfg, base);
+                drop(ctl);
+                s
+            } else {
+                let relay = servers::Relay::start(&bin, &io, 2, chat_toml)?;
+                let home = (std::net::Ipv4Addr::LOCALHOST, relay.chat_port);
+                cross_sample(std::slice::from_ref(&relay), [home, home], cfg, base)
+            }
+            .with_context(|| {
+                format!("round {round}, {}", if is_cross { "cross" } else { "same" })
+            })?;
+            println!(
+                "round {round} {:5}: {:>9} delivered/s, p50 {:8.0} us, p99 {:8.0} us, server \
+                 {:.2} cores{}",
+                if is_cross { "cross" } else { "same" },
+                fmt_rate(sample.rate),
+                sample.p50,
+                sample.p99,
+                sample.cores,
+                sample
+                    .frames_per_write
+                    .map_or(String::new(), |f| format!(", {f:.1} frames per link write"))
+            );
+            if is_cross {
+                cross.push(sample);
+            } else {
+                same.push(sample);
+            }
+        }
+    }
+    let median = |v: Vec<f64>| -> f64 {
+        let mut v = v;
+        v.sort_by(f64::total_cmp);
+        let n = v.len();
+        if n % 2 == 1 {
+            v[n / 2]
+        } else {
+            (v[n / 2 - 1] + v[n / 2]) / 2.0
+        }
+    };
+    let m = |v: &[CrossSample], f: fn(&CrossSample) -> f64| median(v.iter().map(f).collect());
+    let (rs, rc) = (m(&same, |s| s.rate), m(&cross, |s| s.rate));
+    let (ps, pc) = (m(&same, |s| s.p99), m(&cross, |s| s.p99));
+    let fpw = median(cross.iter().filter_map(|s| s.frames_per_write).collect());
+    println!(
+        "median delivered/s: same {}, cross {} ({:.2}x); p99: same {ps:.0} us, cross {pc:.0} us \
+         ({:.2}x); frames per link write {fpw:.1}",
+        fmt_rate(rs),
+        fmt_rate(rc),
+        rc / rs,
+        pc / ps
+    );
+    Ok(true)
+}
+
 fn cmd_idle(flags: &Flags) -> anyhow::Result<bool> {
     flags.check(&[
         "conns",
@@ -856,6 +1061,7 @@ fn main() {
         Some("idle-client") => Flags::parse(&args[1..]).and_then(|f| cmd_idle_client(&f)),
         Some("fsync") => Flags::parse(&args[1..]).and_then(|f| cmd_fsync(&f)),
         Some("ab") => Flags::parse(&args[1..]).and_then(|f| cmd_ab(&f)),
+        Some("cross") => Flags::parse(&args[1..]).and_then(|f| cmd_cross(&f)),
         Some("-h" | "--help" | "help") => {
             println!("{USAGE}");
             Ok(true)

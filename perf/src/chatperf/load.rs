@@ -20,8 +20,9 @@ use tokio::net::TcpStream;
 pub enum Target {
     /// The relay's chat: users `base + 2i + 1` send to `base + 2i + 2`.
     Relay {
-        /// Chat port of shard 0.
-        chat_port: u16,
+        /// Where senders and where receivers are homed: a relay's address and the chat port
+        /// of its shard 0 (the same relay twice, or two linked relays).
+        homes: [(std::net::Ipv4Addr, u16); 2],
         /// Shards.
         shards: u16,
         /// Token key.
@@ -194,18 +195,15 @@ fn specs(target: &Target, pairs: usize) -> Vec<PairSpec> {
             };
             let (s_addr, r_addr, s_token, r_token) = match target {
                 Target::Relay {
-                    chat_port,
-                    shards,
-                    key,
-                    ..
+                    homes, shards, key, ..
                 } => {
-                    let addr = |u| {
+                    let addr = |u, (ip, port): (std::net::Ipv4Addr, u16)| {
                         let shard = chat::ids::home_shard(u, *shards);
-                        SocketAddr::from(([127, 0, 0, 1], chat_port + shard))
+                        SocketAddr::from((ip, port + shard))
                     };
                     (
-                        addr(sender),
-                        addr(receiver),
+                        addr(sender, homes[0]),
+                        addr(receiver, homes[1]),
                         super::servers::token(key, sender, *shards),
                         super::servers::token(key, receiver, *shards),
                     )

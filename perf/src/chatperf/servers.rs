@@ -191,16 +191,31 @@ impl Relay {
     /// Starts `bin` with `shards` shards and the `[chat]` settings of `chat_toml` and waits for
     /// its `ready` line.
     pub fn start(bin: &Path, io: &str, shards: u16, chat_toml: &str) -> anyhow::Result<Self> {
+        Self::spawn(bin, io, shards, chat_toml, None)?.ready()
+    }
+
+    /// Starts `bin` as one of a cluster when `linked` is given (ctl's address, the relay's id
+    /// and its own loopback address); [`Starting::ready`] waits for it.
+    pub fn spawn(
+        bin: &Path,
+        io: &str,
+        shards: u16,
+        chat_toml: &str,
+        linked: Option<(SocketAddr, u32, std::net::Ipv4Addr)>,
+    ) -> anyhow::Result<Starting> {
         let dir = temp_dir("relay")?;
         let cfg = dir.join("relay.toml");
         std::fs::write(&cfg, format!("[chat]\n{chat_toml}\n"))?;
         let key = test_key();
+        let host = linked
+            .map_or(std::net::Ipv4Addr::LOCALHOST, |l| l.2)
+            .to_string();
         let chat_port = free_ports(shards, false)?;
         let base_port = free_ports(shards, true)?;
         let mut cmd = Command::new(bin);
         cmd.args(["--config", cfg.to_str().context("utf-8 path")?])
             .args(["--io", io, "--shards", &shards.to_string()])
-            .args(["--bind", "127.0.0.1", "--base-port", &base_port.to_string()])
+            .args(["--bind", &host, "--base-port", &base_port.to_string()])
             .args(["--chat-port", &chat_port.to_string()])
             .args([
                 "--data-dir",
@@ -210,8 +225,44 @@ impl Relay {
                 "--public-key",
                 &proto::token::hex(key.verifying_key().as_bytes()),
             ])
-            .args(["--metrics", "127.0.0.1:0", "--no-pin"]);
-        let mut proc = Proc::spawn(cmd, dir, Stdio::piped())?;
+            .args(["--metrics", &format!("{host}:0"), "--no-pin"]);
+        if let Some((ctl, id, _)) = linked {
+            cmd.args([
+                "--ctl",
+                &format!("http://{ctl}"),
+                "--relay-id",
+                &id.to_string(),
+            ])
+            .args(["--advertise-host", &host])
+            .args(["--link-port", &free_ports(1, false)?.to_string()]);
+        }
+        let proc = Proc::spawn(cmd, dir, Stdio::piped())?;
+        Ok(Starting {
+            proc,
+            chat_port,
+            shards,
+            key,
+        })
+    }
+}
+
+/// A relay started and not yet ready (a linked one waits for its cluster to form).
+pub struct Starting {
+    proc: Proc,
+    chat_port: u16,
+    shards: u16,
+    key: SigningKey,
+}
+
+impl Starting {
+    /// Waits for the relay's `ready` line.
+    pub fn ready(self) -> anyhow::Result<Relay> {
+        let Self {
+            mut proc,
+            chat_port,
+            shards,
+            key,
+        } = self;
         let stdout = proc.child.stdout.take().context("relay stdout")?;
         let mut reader = BufReader::new(stdout);
         let mut line = String::new();
@@ -229,7 +280,7 @@ impl Relay {
         if port != chat_port {
             bail!("relay chat port {port}, asked {chat_port}");
         }
-        Ok(Self {
+        Ok(Relay {
             proc,
             chat_port,
             shards,
@@ -237,7 +288,9 @@ impl Relay {
             key,
         })
     }
+}
 
+impl Relay {
     /// The Prometheus text.
     pub fn metrics_text(&self) -> anyhow::Result<String> {
         let mut s = TcpStream::connect_timeout(&self.metrics, Duration::from_secs(2))?;
@@ -270,6 +323,49 @@ impl Relay {
     pub fn rss(&self) -> anyhow::Result<u64> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.proc.pid()))?;
         wire::vm_rss(&status).context("no VmRSS")
+    }
+}
+
+/// ctl, holding the harness's key (so that the tokens the harness signs are ctl's), forming a
+/// cluster of `relays` linked relays.
+pub struct Ctl {
+    /// The process (killed on drop).
+    _proc: Proc,
+    /// Where it listens.
+    pub addr: SocketAddr,
+}
+
+impl Ctl {
+    /// Starts `bin` (`ctl serve`) and waits for its `ready` line.
+    pub fn start(bin: &Path, relays: usize) -> anyhow::Result<Self> {
+        let dir = temp_dir("ctl")?;
+        let data = dir.join("data");
+        std::fs::create_dir_all(&data)?;
+        let key = data.join("ctl.key");
+        std::fs::write(
+            &key,
+            format!("{}\n", proto::token::hex(&test_key().to_bytes())),
+        )?;
+        std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+        let cfg = dir.join("ctl.toml");
+        std::fs::write(&cfg, format!("cluster_relays = {relays}\n"))?;
+        let mut cmd = Command::new(bin);
+        cmd.args(["serve", "--config", cfg.to_str().context("utf-8 path")?])
+            .args(["--listen", "127.0.0.1:0"])
+            .args(["--data-dir", data.to_str().context("utf-8 path")?]);
+        let mut proc = Proc::spawn(cmd, dir, Stdio::piped())?;
+        let stdout = proc.child.stdout.take().context("ctl stdout")?;
+        let mut reader = BufReader::new(stdout);
+        let mut line = String::new();
+        reader.read_line(&mut line)?;
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut reader, &mut std::io::sink());
+        });
+        let addr = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("listen=")?.parse().ok())
+            .with_context(|| format!("ctl printed {line:?}; log:\n{}", proc.log_tail()))?;
+        Ok(Self { _proc: proc, addr })
     }
 }
 

@@ -95,6 +95,9 @@ struct Out {
     backoff: Duration,
     buf: Vec<u8>,
     frames: u64,
+    /// The last poll saw it readable or hung up: an outbound link is never read, so its peer
+    /// closed it.
+    hup: bool,
 }
 
 /// An inbound link: from one relay, once it has said HELLO.
@@ -105,6 +108,8 @@ struct In {
     deadline: Instant,
     /// A message for a shard whose ring was full.
     held: Option<(usize, ShardMsg)>,
+    /// The last poll saw it readable (or it is new): worth a `read`.
+    readable: bool,
 }
 
 /// A dialer's result: the relay and its connection, greeted.
@@ -128,6 +133,10 @@ pub struct Links {
     dialed: (mpsc::Sender<Dialed>, mpsc::Receiver<Dialed>),
     stats: Arc<LinkStats>,
     stop: Arc<AtomicBool>,
+    /// The last poll saw the listener readable (or nothing has polled yet).
+    accept_ready: bool,
+    /// When the directory was last read for dialing.
+    last_dial: Instant,
 }
 
 impl Links {
@@ -157,6 +166,8 @@ impl Links {
             dialed: mpsc::channel(),
             stats,
             stop,
+            accept_ready: true,
+            last_dial: Instant::now(),
         })
     }
 
@@ -194,12 +205,22 @@ impl Links {
                 backoff: BACKOFF_MIN,
                 buf: Vec::new(),
                 frames: 0,
+                hup: false,
             });
             out.addr = addr;
         }
     }
 
     fn dial(&mut self, now: Instant) {
+        // Nothing to dial, or dialed less than 50 ms ago: no lock, no token copy.
+        let due = self
+            .outs
+            .values()
+            .any(|o| o.stream.is_none() && !o.connecting && now >= o.next_try);
+        if !due || now.duration_since(self.last_dial) < Duration::from_millis(50) {
+            return;
+        }
+        self.last_dial = now;
         let token = self.dir.lock().expect("directory lock").token.clone();
         for (&relay, out) in &mut self.outs {
             if out.stream.is_some() || out.connecting || now < out.next_try || token.is_empty() {
@@ -257,6 +278,9 @@ impl Links {
     }
 
     fn accept(&mut self, now: Instant) {
+        if !std::mem::take(&mut self.accept_ready) {
+            return;
+        }
         loop {
             match self.listener.accept() {
                 Ok((s, _)) => {
@@ -272,6 +296,7 @@ impl Links {
                         relay: None,
                         deadline: now + HELLO_TIMEOUT,
                         held: None,
+                        readable: true,
                     });
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -359,15 +384,9 @@ impl Links {
             }
         }
         // An outbound link is never read: a readable one has been closed by its peer.
-        for (&relay, out) in &self.outs {
-            if let Some(s) = &out.stream {
-                let mut b = [0u8; 64];
-                match s.peek(&mut b) {
-                    Ok(0) => broken.push(relay),
-                    Ok(_) => broken.push(relay),
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(_) => broken.push(relay),
-                }
+        for (&relay, out) in &mut self.outs {
+            if std::mem::take(&mut out.hup) && out.stream.is_some() {
+                broken.push(relay);
             }
         }
         broken.sort_unstable();
@@ -439,6 +458,7 @@ impl Links {
             self.pushed[shard] = true;
         }
         let mut chunk = [0u8; 64 * 1024];
+        let mut may_read = std::mem::take(&mut self.ins[i].readable);
         loop {
             let link = &mut self.ins[i];
             if link.held.is_some() {
@@ -477,9 +497,16 @@ impl Links {
             if link.buf.len() >= wire::MAX_LINK_FRAME + 4 {
                 return Err("frame too large".into());
             }
+            // Only after a poll said so (a short read means the socket is empty for now).
+            if !may_read {
+                return Ok(());
+            }
             match link.stream.read(&mut chunk) {
                 Ok(0) => return Err("closed by the peer".into()),
-                Ok(n) => link.buf.extend_from_slice(&chunk[..n]),
+                Ok(n) => {
+                    may_read = n == chunk.len();
+                    link.buf.extend_from_slice(&chunk[..n]);
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e.to_string()),
@@ -587,7 +614,7 @@ impl Links {
             timeout = Duration::ZERO;
         }
         // SAFETY: `fds` is a live, initialised array of `fds.len()` pollfd structures.
-        unsafe {
+        let n = unsafe {
             libc::poll(
                 fds.as_mut_ptr(),
                 fds.len() as libc::nfds_t,
@@ -595,6 +622,23 @@ impl Links {
             )
         };
         self.hub.woke();
+        if n < 0 {
+            // EINTR: look at everything again.
+            self.accept_ready = true;
+            self.ins.iter_mut().for_each(|l| l.readable = true);
+            return;
+        }
+        // The same order as above: the waker, the listener, the outbound links with a stream,
+        // the inbound links not held.
+        let mut revents = fds.iter().map(|f| f.revents).skip(1);
+        self.accept_ready = revents.next().is_some_and(|r| r != 0);
+        for out in self.outs.values_mut().filter(|o| o.stream.is_some()) {
+            let r = revents.next().unwrap_or(0);
+            out.hup = r & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0;
+        }
+        for l in self.ins.iter_mut().filter(|l| l.held.is_none()) {
+            l.readable |= revents.next().is_some_and(|r| r != 0);
+        }
     }
 }
 
