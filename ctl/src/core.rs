@@ -562,6 +562,7 @@ impl Core {
             return;
         };
         let now_shape = (relay.shards, shard_weight(relay), relay.takes_new());
+        let linked_or_alone = self.cfg.cluster_relays == 0 || relay.link_port.is_some();
         let loads: Vec<u64> = (0..relay.shards)
             .map(|s| u64::from(relay.shard_rooms(s)))
             .collect();
@@ -579,9 +580,14 @@ impl Core {
                     state,
                 };
                 // Weights were validated with the heartbeat: finite, positive, normal.
-                for scope in [Scope::Room, Scope::User] {
-                    let _ = self.placer_mut(scope).upsert_node(node);
-                }
+                let _ = self.rooms.upsert_node(node);
+                // In a cluster, a relay without links homes no user: its users could not reach
+                // the chats owned elsewhere.
+                let user_node = Node {
+                    state: if linked_or_alone { state } else { NodeState::Draining },
+                    ..node
+                };
+                let _ = self.users.upsert_node(user_node);
             }
             let old_shards = before.map_or(0, |b| b.0);
             for shard_idx in shards..old_shards {

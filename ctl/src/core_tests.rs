@@ -693,6 +693,8 @@ fn the_cluster_forms_once_with_its_chat_owners_fixed_for_good() {
         core.handle_heartbeat(&now(20), hb(9, 4)).unwrap().cluster,
         None
     );
+    // Users are homed on linked relays only (relay 9 has the most shards and no links).
+    assert!((1..200).all(|u| core.user_home(&now(20), u).unwrap().relay_id != 9));
     // A relay added later changes no owner, and neither does a restart.
     let c = core.handle_heartbeat(&now(30), linked(2, 8)).unwrap();
     assert_eq!(c.cluster.unwrap().owners, view.owners);
