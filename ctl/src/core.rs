@@ -584,7 +584,11 @@ impl Core {
                 // In a cluster, a relay without links homes no user: its users could not reach
                 // the chats owned elsewhere.
                 let user_node = Node {
-                    state: if linked_or_alone { state } else { NodeState::Draining },
+                    state: if linked_or_alone {
+                        state
+                    } else {
+                        NodeState::Draining
+                    },
                     ..node
                 };
                 let _ = self.users.upsert_node(user_node);

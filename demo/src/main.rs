@@ -226,23 +226,31 @@ fn install_signal_handlers() {
     }
 }
 
-fn start_ctl(dir: &TempDir, ip: &str) -> Result<(Proc, SocketAddr), String> {
+/// Starts ctl; with `cluster` relays > 0 it forms a chat cluster of that many linked relays.
+fn start_ctl(dir: &TempDir, ip: &str, cluster: usize) -> Result<(Proc, SocketAddr), String> {
     let mut cmd = Command::new(procs::binary("ctl")?);
     cmd.args(["serve", "--listen", &format!("{ip}:0"), "--data-dir"])
         .arg(dir.0.join("ctl"));
+    if cluster > 0 {
+        let cfg = dir.0.join("ctl.toml");
+        std::fs::write(&cfg, format!("cluster_relays = {cluster}\n"))
+            .map_err(|e| format!("{}: {e}", cfg.display()))?;
+        cmd.arg("--config").arg(cfg);
+    }
     let p = Proc::start("ctl", cmd, &dir.0.join("ctl.log"))?;
     let addr = procs::addr(&p, "listen")?;
     Ok((p, addr))
 }
 
 /// Starts relay `id` against ctl with `shards` shards (0: one per core), chat enabled, on free
-/// ports; retries on a port race.
+/// ports, linked to the other relays of ctl's cluster when `linked`; retries on a port race.
 fn start_relay(
     dir: &TempDir,
     ctl: SocketAddr,
     id: u32,
     shards: usize,
     ns: Option<&netns::Netns>,
+    linked: bool,
 ) -> Result<Proc, String> {
     let n = if shards == 0 {
         std::thread::available_parallelism().map_or(1, |n| n.get())
@@ -253,6 +261,9 @@ fn start_relay(
     for _ in 0..3 {
         let relay = procs::binary("relay")?;
         // A fresh namespace has every port free; on loopback look for free ones.
+        // On loopback relay `id` takes 127.0.0.`id` (relay 1 the usual address), so that
+        // relays started together never race for the same ports.
+        let lo = format!("127.0.0.{id}");
         let (mut cmd, ip, (base, chat)) = match ns {
             Some(ns) => (
                 ns.command(&relay),
@@ -261,8 +272,8 @@ fn start_relay(
             ),
             None => (
                 Command::new(&relay),
-                "127.0.0.1",
-                procs::free_ports("127.0.0.1", n as u16)?,
+                lo.as_str(),
+                procs::free_ports(&lo, n as u16)?,
             ),
         };
         cmd.args([
@@ -281,6 +292,10 @@ fn start_relay(
         ])
         .arg("--data-dir")
         .arg(dir.0.join(format!("relay{id}")));
+        if linked {
+            // Right above the chat ports (a taken one makes the start fail and retry).
+            cmd.args(["--link-port", &(chat + n as u16).to_string()]);
+        }
         match Proc::start(
             &format!("relay {id}"),
             cmd,
@@ -320,8 +335,8 @@ fn run(a: RunArgs) -> Result<bool, String> {
         a.duration,
         dir.0.display()
     );
-    let (mut ctl_proc, ctl) = start_ctl(&dir, "127.0.0.1")?;
-    let mut relay = start_relay(&dir, ctl, 1, 0, None)?;
+    let (mut ctl_proc, ctl) = start_ctl(&dir, "127.0.0.1", 0)?;
+    let mut relay = start_relay(&dir, ctl, 1, 0, None, false)?;
     let metrics = procs::addr(&relay, "metrics")?;
     wait_relays(ctl, 1)?;
     eprintln!("demo: ctl at http://{ctl}; relay: {}", relay.ready_line());
@@ -498,28 +513,39 @@ fn print_how_to_connect(ctl: SocketAddr, relays: &[&Proc]) {
 
 fn up(relays: usize, shards: usize, use_netns: bool) -> Result<bool, String> {
     let dir = TempDir::new()?;
-    let namespaces: Vec<netns::Netns> = if use_netns {
-        (1..=relays as u32)
-            .map(netns::Netns::create)
-            .collect::<Result<_, _>>()?
+    let bridge = if use_netns {
+        Some(netns::Bridge::create()?)
     } else {
-        Vec::new()
+        None
     };
-    // With namespaces ctl listens on relay 1's gateway, which every namespace routes to.
+    let namespaces: Vec<netns::Netns> = match &bridge {
+        Some(b) => (1..=relays as u32)
+            .map(|i| netns::Netns::create(b, i))
+            .collect::<Result<_, _>>()?,
+        None => Vec::new(),
+    };
+    // With namespaces ctl listens on the bridge, every namespace's gateway.
     let ctl_ip = namespaces
         .first()
         .map_or("127.0.0.1", |n| n.host_ip.as_str());
-    let (mut ctl_proc, ctl) = start_ctl(&dir, ctl_ip)?;
-    let mut procs = Vec::new();
-    for id in 1..=relays as u32 {
-        procs.push(start_relay(
-            &dir,
-            ctl,
-            id,
-            shards,
-            namespaces.get(id as usize - 1),
-        )?);
-    }
+    // The relays form one messenger: chat between users homed on different relays crosses
+    // their links (PROTOCOL.md section 8). Each waits for the others, so they start together.
+    let (mut ctl_proc, ctl) = start_ctl(&dir, ctl_ip, relays)?;
+    let mut procs = std::thread::scope(|s| {
+        let starting: Vec<_> = (1..=relays as u32)
+            .map(|id| {
+                let (dir, ns) = (&dir, namespaces.get(id as usize - 1));
+                s.spawn(move || start_relay(dir, ctl, id, shards, ns, true))
+            })
+            .collect();
+        starting
+            .into_iter()
+            .map(|t| {
+                t.join()
+                    .unwrap_or_else(|_| Err("a relay starter panicked".into()))
+            })
+            .collect::<Result<Vec<_>, String>>()
+    })?;
     wait_relays(ctl, relays as u64)?;
     match namespaces.is_empty() {
         true => println!(
@@ -553,6 +579,7 @@ fn up(relays: usize, shards: usize, use_netns: bool) -> Result<bool, String> {
     let clean = procs.iter_mut().map(Proc::stop).fold(true, |a, b| a & b) & ctl_proc.stop();
     drop(procs);
     drop(namespaces);
+    drop(bridge);
     drop(dir);
     println!("up: stopped; temporary files removed");
     Ok(clean)

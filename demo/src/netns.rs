@@ -1,14 +1,16 @@
-//! Network namespaces for `demo up` when run as root: relay i lives in its own namespace,
-//! joined to this one by a veth pair, `10.N.i.1` on this side and `10.N.i.2` inside, where N
-//! depends on the process id so that two `up`s do not collide. Relays reach ctl through their
-//! default route; people on this host reach the relays directly. Dropping one removes it.
+//! Network namespaces for `demo up` when run as root: relay i lives in its own namespace at
+//! `10.N.i.2`, joined by a veth pair to a bridge on this side at `10.N.0.1` (N depends on the
+//! process id so that two `up`s do not collide). The bridge switches between namespaces, so
+//! relays reach each other (their links) without IP forwarding on this host; they reach ctl
+//! at the bridge's address, and people on this host reach the relays directly. Dropping a
+//! namespace removes it; dropping the bridge (after them) removes it.
 
 use std::process::{Command, Stdio};
 
 pub struct Netns {
     name: String,
     veth: String,
-    /// This side of the veth pair: the relay's gateway (and where ctl listens for relay 1).
+    /// The bridge's address: the relay's gateway, where ctl listens.
     pub host_ip: String,
     /// The relay's address inside the namespace.
     pub ns_ip: String,
@@ -43,16 +45,46 @@ pub fn available() -> bool {
             .is_ok_and(|s| s.success())
 }
 
+/// The bridge every namespace of this process hangs off.
+pub struct Bridge {
+    name: String,
+    /// Its address: the namespaces' gateway.
+    pub ip: String,
+}
+
+fn net() -> u32 {
+    200 + std::process::id() % 50
+}
+
+impl Bridge {
+    /// The bridge of this process.
+    pub fn create() -> Result<Self, String> {
+        let br = Self {
+            name: format!("rubr{}", std::process::id() % 100_000),
+            ip: format!("10.{}.0.1", net()),
+        };
+        ip(&["link", "add", &br.name, "type", "bridge"])?;
+        ip(&["addr", "add", &format!("{}/16", br.ip), "dev", &br.name])?;
+        ip(&["link", "set", &br.name, "up"])?;
+        Ok(br)
+    }
+}
+
+impl Drop for Bridge {
+    fn drop(&mut self) {
+        let _ = ip(&["link", "del", &self.name]);
+    }
+}
+
 impl Netns {
-    /// Namespace `i` (1-based) for this process.
-    pub fn create(i: u32) -> Result<Self, String> {
+    /// Namespace `i` (1-based) for this process, on `bridge`.
+    pub fn create(bridge: &Bridge, i: u32) -> Result<Self, String> {
         let pid = std::process::id();
-        let net = 200 + pid % 50;
         let ns = Self {
             name: format!("relay-up-{pid}-{i}"),
             veth: format!("ru{}h{i}", pid % 100_000),
-            host_ip: format!("10.{net}.{i}.1"),
-            ns_ip: format!("10.{net}.{i}.2"),
+            host_ip: bridge.ip.clone(),
+            ns_ip: format!("10.{}.{i}.2", net()),
         };
         let peer = format!("ru{}n{i}", pid % 100_000);
         ip(&["netns", "add", &ns.name])?;
@@ -61,20 +93,14 @@ impl Netns {
             "link", "add", &ns.veth, "type", "veth", "peer", "name", &peer,
         ])?;
         ip(&["link", "set", &peer, "netns", &ns.name])?;
-        ip(&[
-            "addr",
-            "add",
-            &format!("{}/24", ns.host_ip),
-            "dev",
-            &ns.veth,
-        ])?;
+        ip(&["link", "set", &ns.veth, "master", &bridge.name])?;
         ip(&["link", "set", &ns.veth, "up"])?;
         let inside = |args: &[&str]| {
             let mut all = vec!["netns", "exec", &ns.name, "ip"];
             all.extend_from_slice(args);
             ip(&all)
         };
-        inside(&["addr", "add", &format!("{}/24", ns.ns_ip), "dev", &peer])?;
+        inside(&["addr", "add", &format!("{}/16", ns.ns_ip), "dev", &peer])?;
         inside(&["link", "set", &peer, "up"])?;
         inside(&["link", "set", "lo", "up"])?;
         inside(&["route", "add", "default", "via", &ns.host_ip])?;
