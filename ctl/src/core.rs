@@ -763,11 +763,14 @@ impl Core {
         self.reap(now);
         if let Some(p) = self.placed.get(&(scope, id)) {
             match self.members.get(p.relay_id) {
-                // A room stays on a draining relay until it ends; a user's chat home moves
-                // (the relay ends its sessions, PROTOCOL.md 7.2).
+                // A room stays on a draining relay until it ends; in a cluster a user's chat
+                // home moves (the relay ends its sessions, PROTOCOL.md 7.2; alone, the relay
+                // keeps them: the user's chats are stored there).
                 Some(r)
                     if r.keeps_existing()
-                        && (scope == Scope::Room || r.takes_new())
+                        && (scope == Scope::Room
+                            || r.takes_new()
+                            || self.cfg.cluster_relays == 0)
                         && p.shard_idx < r.shards =>
                 {
                     return Ok(p.clone())

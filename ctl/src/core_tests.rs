@@ -217,11 +217,11 @@ fn draining_relays_get_nothing_new_and_keep_their_rooms() {
         let was = c.join.as_ref().unwrap().relay_id;
         assert_eq!(rig.join(300, &c.code).unwrap().relay_id, was);
     }
-    // Users' chat homes do not stay: the relay ends its sessions, and they go elsewhere.
-    assert!(
-        (1..50).all(|u| rig.core.user_home(&rig.at(300), u).unwrap().relay_id == 2),
-        "no chat home on a draining relay"
-    );
+    // Alone (no cluster), a relay keeps its users' chat homes: their chats are stored there.
+    let still_on_1 = (1..50)
+        .filter(|&u| rig.core.user_home(&rig.at(300), u).unwrap().relay_id == 1)
+        .count();
+    assert_eq!(still_on_1, homed_on_1);
     assert_eq!(
         rig.core.set_drain(9, true, &rig.at(300)),
         Err(ApiError::UnknownRelay)
@@ -695,6 +695,15 @@ fn the_cluster_forms_once_with_its_chat_owners_fixed_for_good() {
     );
     // Users are homed on linked relays only (relay 9 has the most shards and no links).
     assert!((1..200).all(|u| core.user_home(&now(20), u).unwrap().relay_id != 9));
+    // In a cluster a draining relay's users are homed elsewhere (it ends their sessions).
+    let on_3: Vec<u64> = (1..200)
+        .filter(|&u| core.user_home(&now(20), u).unwrap().relay_id == 3)
+        .collect();
+    assert!(!on_3.is_empty());
+    core.set_drain(3, true, &now(20)).unwrap();
+    assert!(on_3
+        .iter()
+        .all(|&u| core.user_home(&now(20), u).unwrap().relay_id == 1));
     // A relay added later changes no owner, and neither does a restart.
     let c = core.handle_heartbeat(&now(30), linked(2, 8)).unwrap();
     assert_eq!(c.cluster.unwrap().owners, view.owners);

@@ -99,6 +99,20 @@ impl Relay {
             (Some(c), Some(port), Some(_)) => {
                 let me = u8::try_from(cfg.relay_id)
                     .map_err(|_| Error::Config("a linked relay's id is 1 to 255".into()))?;
+                // The owner list names this relay's shards as they were when the cluster
+                // formed: a relay restarted with fewer cannot serve the chats it owns.
+                if let Some(a) = c.owners.iter().find(|&&a| {
+                    crate::chat::msg::addr_relay(a) == me
+                        && usize::from(crate::chat::msg::addr_shard(a)) >= n_shards
+                }) {
+                    return Err(Error::Config(format!(
+                        "this relay owns the chats of its shard {} (ctl fixed the cluster's \
+                         owners), but runs {n_shards} shards: give it at least {}",
+                        crate::chat::msg::addr_shard(*a),
+                        crate::chat::msg::addr_shard(*a) + 1
+                    )));
+                }
+                let owners: Arc<[u16]> = c.owners.iter().copied().collect();
                 let hub = io::mailbox::link_ports(&mut mailboxes, me, cfg.chat.ring_capacity)
                     .map_err(|e| Error::host("eventfd", e))?;
                 let addr = SocketAddr::new(cfg.bind, port);
@@ -112,6 +126,7 @@ impl Relay {
                     dir.clone(),
                     verifier.clone(),
                     me,
+                    owners.clone(),
                     link_stats.clone(),
                     stop.clone(),
                 )
@@ -120,7 +135,6 @@ impl Relay {
                     .name("links".into())
                     .spawn(move || links.run())
                     .map_err(|e| Error::host("cannot spawn the link thread", e))?;
-                let owners: Arc<[u16]> = c.owners.iter().copied().collect();
                 let places = (0..n_shards)
                     .map(|s| Place {
                         addr: crate::chat::msg::addr(me, s as u16),

@@ -101,6 +101,8 @@ pub struct Home {
     present: Map<UserId, Vec<u16>>,
     /// The relay is draining: sessions are ended, HELLOs refused.
     draining: bool,
+    /// One of a cluster of linked relays (its users can be homed elsewhere).
+    linked: bool,
     /// Messages to other shards (or this one).
     pub out: Vec<(u16, ShardMsg)>,
     /// Sessions with bytes to write.
@@ -131,6 +133,7 @@ impl Home {
             watchers: Map::default(),
             present: Map::default(),
             draining: false,
+            linked: super::msg::addr_relay(place.addr) != 0,
             out: Vec::new(),
             dirty: Vec::new(),
             submits: SubmitPool::default(),
@@ -399,7 +402,9 @@ impl Home {
     /// the same way: the user's home is elsewhere now (PROTOCOL.md 7.2). Returns whether the
     /// state changed.
     pub fn set_draining(&mut self, on: bool) -> bool {
-        if on == self.draining {
+        // A relay on its own keeps its sessions: its users' chats are stored here, and ctl
+        // does not move them (it moves users only between the linked relays of a cluster).
+        if on == self.draining || !self.linked {
             return false;
         }
         self.draining = on;
@@ -723,6 +728,9 @@ impl Home {
             return;
         };
         let Some(user) = s.user else { return };
+        if s.closing {
+            return;
+        }
         s.epoch = epoch;
         s.resync = false;
         s.backlog = Some(Backlog {
@@ -772,6 +780,7 @@ impl Home {
                     owner as u16,
                     ShardMsg::ToOwner(ToOwner::BacklogMore {
                         user,
+                        home: self.addr,
                         epoch: b.epoch,
                         budget,
                     }),
@@ -820,12 +829,15 @@ impl Home {
                 owner,
                 more,
             } => self.backlog_chunk(user, epoch, owner, more),
-            ToHome::GroupsPart { to, groups } => {
+            ToHome::GroupsPart { to, groups, last } => {
                 let Some((left, acc)) = self.group_lists.get_mut(&to.conn) else {
                     return;
                 };
                 acc.extend(groups);
-                *left -= 1;
+                if !last {
+                    return;
+                }
+                *left = left.saturating_sub(1);
                 if *left == 0 {
                     let (_, acc) = self.group_lists.remove(&to.conn).expect("present above");
                     // To the wire's ids (in place: same layout, no allocation).
@@ -947,7 +959,11 @@ impl Home {
         let Some(b) = s.backlog.as_mut().filter(|b| b.epoch == epoch) else {
             return;
         };
-        b.answered[usize::from(owner)] = true;
+        // The owner index comes from another shard, maybe another relay: checked.
+        let Some(answered) = b.answered.get_mut(usize::from(owner)) else {
+            return;
+        };
+        *answered = true;
         b.more[usize::from(owner)] = more;
         if b.answered.iter().all(|&a| a) && !b.more.iter().any(|&m| m) {
             s.backlog = None;

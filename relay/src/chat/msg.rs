@@ -221,6 +221,8 @@ pub enum ToOwner {
     BacklogMore {
         /// User.
         user: UserId,
+        /// Home shard (address).
+        home: u16,
         /// Session epoch.
         epoch: u64,
         /// Entries this chunk may hold at most.
@@ -351,12 +353,15 @@ pub enum ToHome {
     /// The link thread -> every home of its relay: a link to another relay came up (again),
     /// and what crossed it while it was down may be lost. Never sent over a link.
     LinkUp,
-    /// Owner -> home: this owner's part of a GROUPS answer.
+    /// Owner -> home: a piece of this owner's part of a GROUPS answer (pieces keep a link
+    /// frame small; `last` ends the owner's part).
     GroupsPart {
         /// Requesting user, its home and session.
         to: Origin,
         /// (chat, members) of the groups owned here that the user belongs to.
         groups: Vec<(ChatId, Vec<UserId>)>,
+        /// The owner's last piece.
+        last: bool,
     },
 }
 

@@ -142,6 +142,9 @@ fn count_down(counts: &mut Map<UserId, usize>, user: UserId) {
     }
 }
 
+/// Homes an owner keeps for one user at most (sessions on as many relays at once).
+const MAX_HOMES_PER_USER: usize = 8;
+
 /// A backlog being streamed to a user's session.
 #[derive(Debug)]
 struct Stream {
@@ -191,7 +194,8 @@ pub struct Owner {
     index: u16,
     /// Where each user's session is (its home's address), from its backlog request: live
     /// deliveries and typing go there; a user with none gets its entries from its next backlog.
-    located: Map<UserId, u16>,
+    /// (Usually one home; two while a user moves between relays, in either order.)
+    located: Map<UserId, smallvec::SmallVec<[u16; 2]>>,
     cfg: ChatConfig,
     chats: Map<ChatId, Chat>,
     /// Chats owned here that each user belongs to.
@@ -202,7 +206,8 @@ pub struct Owner {
     /// acknowledged: bounded like an inbox, so that writing to users who never come (made-up
     /// ids among them) cannot fill the relay.
     pending_per_sender: Map<UserId, usize>,
-    streams: Map<UserId, Stream>,
+    /// Backlogs being streamed, per user and home.
+    streams: Map<(UserId, u16), Stream>,
     /// Records to append, and what each belongs to.
     records: records::Batch,
     rec_owners: Vec<RecOwner>,
@@ -304,33 +309,41 @@ impl Owner {
                 home,
                 budget,
             } => {
-                self.located.insert(user, home);
+                // Each home's session is its own: a home's requests never undo another's,
+                // whichever order they arrive in from different relays.
+                let homes = self.located.entry(user).or_default();
+                if !homes.contains(&home) && homes.len() < MAX_HOMES_PER_USER {
+                    homes.push(home);
+                }
                 self.streams.insert(
-                    user,
+                    (user, home),
                     Stream {
                         epoch,
                         home,
                         cursors: Map::default(),
                     },
                 );
-                self.stream_chunk(user, epoch, budget);
+                self.stream_chunk(user, home, epoch, budget);
             }
             ToOwner::BacklogMore {
                 user,
+                home,
                 epoch,
                 budget,
-            } => self.stream_chunk(user, epoch, budget),
+            } => self.stream_chunk(user, home, epoch, budget),
             ToOwner::BacklogCancel { user, home } => {
-                // A newer session elsewhere (its request may pass this one) stays.
-                if self.located.get(&user) == Some(&home) {
-                    self.located.remove(&user);
-                    self.streams.remove(&user);
+                if let Some(homes) = self.located.get_mut(&user) {
+                    homes.retain(|h| *h != home);
+                    if homes.is_empty() {
+                        self.located.remove(&user);
+                    }
                 }
+                self.streams.remove(&(user, home));
             }
             ToOwner::ListGroups { from } => self.list_groups(from),
             ToOwner::TypingInGroup { from, chat } => self.typing(from, chat),
             ToOwner::TypingDirect { from, to, chat } => {
-                if let Some(&home) = self.located.get(&to) {
+                for &home in self.located.get(&to).into_iter().flatten() {
                     self.out
                         .push((home, ShardMsg::ToHome(ToHome::Typing { from, chat, to })));
                 }
@@ -716,8 +729,12 @@ impl Owner {
     /// Sends the next chunk of `user`'s committed, unacknowledged entries (in seq order per
     /// chat), at most `budget` (the home's share of the session's window for this owner) and
     /// `backlog_chunk`, then a BacklogChunk marker saying whether more remains.
-    fn stream_chunk(&mut self, user: UserId, epoch: u64, budget: u16) {
-        let Some(stream) = self.streams.get_mut(&user).filter(|s| s.epoch == epoch) else {
+    fn stream_chunk(&mut self, user: UserId, home: u16, epoch: u64, budget: u16) {
+        let Some(stream) = self
+            .streams
+            .get_mut(&(user, home))
+            .filter(|s| s.epoch == epoch)
+        else {
             return;
         };
         let mut budget = self.cfg.backlog_chunk.min(usize::from(budget)).max(1);
@@ -755,7 +772,7 @@ impl Owner {
         let home = stream.home;
         if !more {
             // Caught up: entries committed from now on are delivered live.
-            self.streams.remove(&user);
+            self.streams.remove(&(user, home));
         }
         self.out.push((
             home,
@@ -769,19 +786,37 @@ impl Owner {
     }
 
     fn list_groups(&mut self, from: Origin) {
-        let groups = self
-            .member_of
-            .get(&from.user)
-            .into_iter()
-            .flatten()
-            .filter_map(|id| {
-                let c = self.chats.get(id).filter(|c| c.group)?;
-                Some((*id, c.members.iter().map(|m| m.user).collect()))
-            })
-            .collect();
+        // Pieces of at most this many members (a link frame of about 32 KiB).
+        const PIECE_MEMBERS: usize = 4096;
+        let mut piece: Vec<(ChatId, Vec<UserId>)> = Vec::new();
+        let mut members = 0;
+        let groups = self.member_of.get(&from.user).into_iter().flatten();
+        for id in groups {
+            let Some(c) = self.chats.get(id).filter(|c| c.group) else {
+                continue;
+            };
+            if members + c.members.len() > PIECE_MEMBERS && !piece.is_empty() {
+                let groups = std::mem::take(&mut piece);
+                self.out.push((
+                    from.home,
+                    ShardMsg::ToHome(ToHome::GroupsPart {
+                        to: from,
+                        groups,
+                        last: false,
+                    }),
+                ));
+                members = 0;
+            }
+            members += c.members.len();
+            piece.push((*id, c.members.iter().map(|m| m.user).collect()));
+        }
         self.out.push((
             from.home,
-            ShardMsg::ToHome(ToHome::GroupsPart { to: from, groups }),
+            ShardMsg::ToHome(ToHome::GroupsPart {
+                to: from,
+                groups: piece,
+                last: true,
+            }),
         ));
     }
 
@@ -793,17 +828,16 @@ impl Owner {
             return;
         }
         for m in chat.members.iter().filter(|m| m.user != from) {
-            let Some(&home) = self.located.get(&m.user) else {
-                continue;
-            };
-            self.out.push((
-                home,
-                ShardMsg::ToHome(ToHome::Typing {
-                    from,
-                    chat: chat_id,
-                    to: m.user,
-                }),
-            ));
+            for &home in self.located.get(&m.user).into_iter().flatten() {
+                self.out.push((
+                    home,
+                    ShardMsg::ToHome(ToHome::Typing {
+                        from,
+                        chat: chat_id,
+                        to: m.user,
+                    }),
+                ));
+            }
         }
     }
 
@@ -885,18 +919,31 @@ impl Owner {
         // A user whose backlog is being streamed gets these entries from the stream, in order,
         // now that they are committed.
         // Everyone else gets them where its session is now, if it has one.
-        let streams = &self.streams;
-        let located = &self.located;
-        self.out
-            .extend(actions.drain(..).filter_map(|(to, a)| match &a {
-                ShardMsg::ToHome(ToHome::Deliver { user, .. }) => {
-                    if streams.contains_key(user) {
-                        return None;
-                    }
-                    located.get(user).map(|&home| (home, a))
+        let (streams, located, out) = (&self.streams, &self.located, &mut self.out);
+        for (to, a) in actions.drain(..) {
+            let user = match &a {
+                ShardMsg::ToHome(ToHome::Deliver { user, .. }) => *user,
+                _ => {
+                    out.push((to, a));
+                    continue;
                 }
-                _ => Some((to, a)),
-            }));
+            };
+            let mut homes = located
+                .get(&user)
+                .into_iter()
+                .flatten()
+                .filter(|&&h| !streams.contains_key(&(user, h)))
+                .copied()
+                .peekable();
+            while let Some(home) = homes.next() {
+                if homes.peek().is_some() {
+                    out.push((home, a.clone()));
+                } else {
+                    out.push((home, a));
+                    break;
+                }
+            }
+        }
         owners.clear();
         if owners.capacity().max(actions.capacity()) <= super::MAX_KEPT_LEN {
             self.spare_committing = (owners, actions);

@@ -1864,3 +1864,84 @@ fn a_senders_bound_holds_after_a_restart() {
     assert_eq!(sent, 1, "{got:?}");
     assert!(got.contains(&Got::Error(code::INBOX_FULL)), "{got:?}");
 }
+
+/// A user moving between relays: the backlog requests of its two homes reach an owner in either
+/// order, and one home's cancel never takes the other's deliveries (it took them all when an
+/// owner kept one home per user: a late request from the old home, then its cancel, left the
+/// new session with nothing live).
+#[test]
+fn an_owner_delivers_to_each_home_of_a_user_and_a_cancel_removes_only_its_own() {
+    use crate::chat::msg::{addr, ChatId, ConnId, Origin, Submit, ToHome, ToOwner, UserId};
+    let verifier = TokenVerifier::new(key().verifying_key(), 0);
+    let mut shard = ChatShard::new(0, 1, ChatConfig::default(), verifier);
+    let now = Now {
+        mono_us: 1,
+        unix_s: 1_700_000_000,
+    };
+    let (alice, bob) = (UserId(5), UserId(6));
+    let (old, new) = (addr(1, 0), addr(2, 0));
+    let start = |home, epoch| {
+        ShardMsg::ToOwner(ToOwner::BacklogStart {
+            user: bob,
+            epoch,
+            home,
+            budget: 64,
+        })
+    };
+    shard.handle_shard_msgs(
+        now,
+        [
+            start(new, 1),
+            start(old, 9),
+            ShardMsg::ToOwner(ToOwner::BacklogCancel {
+                user: bob,
+                home: old,
+            }),
+        ],
+    );
+    let send = |n: u64| {
+        ShardMsg::ToOwner(ToOwner::Submit(Box::new(Submit {
+            from: Origin {
+                user: alice,
+                home: addr(3, 0),
+                conn: ConnId(1),
+            },
+            msg_id: id(n),
+            chat: ChatId::direct(alice, bob),
+            to: Some(bob),
+            kind: kind::TEXT,
+            ref_id: [0; 16],
+            body: crate::chat::records::Body::from_slice(b"hi"),
+        })))
+    };
+    let mut next_lsn = 1;
+    let mut commit = |shard: &mut ChatShard| {
+        let records = shard.take_records();
+        let lsns: Vec<Lsn> = records
+            .iter()
+            .map(|_| {
+                next_lsn += 1;
+                Lsn(next_lsn)
+            })
+            .collect();
+        shard.give_back_records(records);
+        shard.handle_committed(now, &lsns);
+        shard.take_outbox()
+    };
+    let delivered_to = |out: &[(u16, ShardMsg)]| -> Vec<u16> {
+        out.iter()
+            .filter(|(_, m)| matches!(m, ShardMsg::ToHome(ToHome::Deliver { .. })))
+            .map(|(to, _)| *to)
+            .collect()
+    };
+    commit(&mut shard);
+    shard.handle_shard_msgs(now, [send(1)]);
+    assert_eq!(delivered_to(&commit(&mut shard)), vec![new]);
+    // Both homes at once (the old one's request came after the new one's): both get it.
+    shard.handle_shard_msgs(now, [start(old, 10)]);
+    commit(&mut shard);
+    shard.handle_shard_msgs(now, [send(2)]);
+    let mut both = delivered_to(&commit(&mut shard));
+    both.sort_unstable();
+    assert_eq!(both, vec![old, new]);
+}

@@ -163,11 +163,13 @@ pub fn encode(out: &mut Vec<u8>, dest: u16, m: &ShardMsg) {
             }
             ToOwner::BacklogMore {
                 user,
+                home,
                 epoch,
                 budget,
             } => {
                 w.u8(tag::BACKLOG_MORE);
                 w.u64(user.0);
+                w.u16(*home);
                 w.u64(*epoch);
                 w.u16(*budget);
             }
@@ -276,9 +278,10 @@ pub fn encode(out: &mut Vec<u8>, dest: u16, m: &ShardMsg) {
                 w.u8(u8::from(*more));
             }
             ToHome::LinkUp => w.u8(tag::LINK_UP),
-            ToHome::GroupsPart { to, groups } => {
+            ToHome::GroupsPart { to, groups, last } => {
                 w.u8(tag::GROUPS_PART);
                 w.origin(to);
+                w.u8(u8::from(*last));
                 w.0.extend_from_slice(&(groups.len() as u32).to_le_bytes());
                 for (chat, members) in groups {
                     w.u64(chat.0);
@@ -421,6 +424,7 @@ pub fn decode(frame: &[u8]) -> Result<(u16, ShardMsg), BadFrame> {
         }),
         tag::BACKLOG_MORE => ShardMsg::ToOwner(ToOwner::BacklogMore {
             user: r.user()?,
+            home: r.u16()?,
             epoch: r.u64()?,
             budget: r.u16()?,
         }),
@@ -481,7 +485,8 @@ pub fn decode(frame: &[u8]) -> Result<(u16, ShardMsg), BadFrame> {
             let seq = Seq(r.u64()?);
             let backlog = r.u64()?.checked_sub(1);
             let frame = r.bytes()?;
-            if frame.len() > proto::chat::MAX_FRAME {
+            // A MSG frame with its length prefix (a SEND of the largest body makes one).
+            if frame.len() > proto::chat::MAX_FRAME + proto::chat::LEN_BYTES {
                 return Err(BadFrame("MSG frame too large"));
             }
             ShardMsg::ToHome(ToHome::Deliver {
@@ -500,6 +505,7 @@ pub fn decode(frame: &[u8]) -> Result<(u16, ShardMsg), BadFrame> {
         }),
         tag::GROUPS_PART => {
             let to = r.origin()?;
+            let last = r.flag()?;
             let n = r.u32()? as usize;
             // Each group takes at least 12 bytes: no count can ask for more than is there.
             if n > r.0.len() / 12 {
@@ -509,7 +515,7 @@ pub fn decode(frame: &[u8]) -> Result<(u16, ShardMsg), BadFrame> {
             for _ in 0..n {
                 groups.push((ChatId(r.u64()?), r.users()?));
             }
-            ShardMsg::ToHome(ToHome::GroupsPart { to, groups })
+            ShardMsg::ToHome(ToHome::GroupsPart { to, groups, last })
         }
         _ => return Err(BadFrame("unknown tag")),
     };
@@ -519,13 +525,34 @@ pub fn decode(frame: &[u8]) -> Result<(u16, ShardMsg), BadFrame> {
     Ok((dest, m))
 }
 
-/// The failure a home gets for a request its chat's owner could not be sent (its link is
-/// down): retryable, the request was not stored (PROTOCOL.md 7.5, ERROR 13).
-pub fn unreachable(m: ShardMsg) -> Option<(u16, ShardMsg)> {
+/// The answer a home gets for a message to an owner that could not be sent (its link is
+/// down), given the owner's index when known: for a request, ERROR 13 (retryable, not stored;
+/// PROTOCOL.md section 8); for a backlog request, "nothing more" (the link's return resyncs
+/// the session); for a group list, an empty last piece. Nothing for the rest.
+pub fn unreachable(m: ShardMsg, owner: Option<u16>) -> Option<(u16, ShardMsg)> {
     let (to, msg_id) = match m {
         ShardMsg::ToOwner(ToOwner::Submit(s)) => (s.from, s.msg_id),
         ShardMsg::ToOwner(ToOwner::CreateGroup { from, msg_id, .. })
         | ShardMsg::ToOwner(ToOwner::ChangeMember { from, msg_id, .. }) => (from, msg_id),
+        ShardMsg::ToOwner(ToOwner::ListGroups { from }) => {
+            let part = ToHome::GroupsPart {
+                to: from,
+                groups: Vec::new(),
+                last: true,
+            };
+            return Some((from.home, ShardMsg::ToHome(part)));
+        }
+        ShardMsg::ToOwner(ToOwner::BacklogStart {
+            user, epoch, home, ..
+        }) => {
+            let chunk = ToHome::BacklogChunk {
+                user,
+                epoch,
+                owner: owner?,
+                more: false,
+            };
+            return Some((home, ShardMsg::ToHome(chunk)));
+        }
         _ => return None,
     };
     Some((
@@ -589,6 +616,7 @@ mod tests {
             }),
             ShardMsg::ToOwner(ToOwner::BacklogMore {
                 user: UserId(1),
+                home: 0x0300,
                 epoch: 5,
                 budget: 64,
             }),
@@ -663,6 +691,7 @@ mod tests {
             ShardMsg::ToHome(ToHome::GroupsPart {
                 to: origin(),
                 groups: vec![(ChatId(1), vec![UserId(1), UserId(2)]), (ChatId(2), vec![])],
+                last: true,
             }),
         ]
     }
@@ -696,6 +725,25 @@ mod tests {
             at += n;
         }
         assert_eq!(at, buf.len());
+    }
+
+    #[test]
+    fn the_largest_msg_frame_crosses_a_link() {
+        // A SEND of the largest body makes a MSG frame of MAX_FRAME plus its length prefix;
+        // refusing it closed the link, again after every resync.
+        let mut pool = super::super::records::FramePool::default();
+        let frame = pool.make(|v| v.resize(proto::chat::MAX_FRAME + proto::chat::LEN_BYTES, 7));
+        let m = ShardMsg::ToHome(ToHome::Deliver {
+            user: UserId(1),
+            chat: ChatId(2),
+            seq: Seq(3),
+            frame,
+            backlog: None,
+        });
+        let mut buf = Vec::new();
+        encode(&mut buf, 1, &m);
+        assert_eq!(frame_len(&buf).unwrap(), Some(buf.len()));
+        assert!(decode(&buf).is_ok());
     }
 
     #[test]

@@ -98,6 +98,12 @@ struct Out {
     /// The last poll saw it readable or hung up: an outbound link is never read, so its peer
     /// closed it.
     hup: bool,
+    /// Bytes at the front of `buf` that finish a frame already partly written.
+    partial: usize,
+    /// Since when the buffer has been full (a peer that stopped reading is cut off).
+    full_since: Option<Instant>,
+    /// When the link came up (its backoff is reset once it has stayed up a while).
+    up_since: Option<Instant>,
 }
 
 /// An inbound link: from one relay, once it has said HELLO.
@@ -110,6 +116,8 @@ struct In {
     held: Option<(usize, ShardMsg)>,
     /// The last poll saw it readable (or it is new): worth a `read`.
     readable: bool,
+    /// A newer link from the same relay replaced it: closed at the next read.
+    replaced: bool,
 }
 
 /// A dialer's result: the relay and its connection, greeted.
@@ -137,16 +145,20 @@ pub struct Links {
     accept_ready: bool,
     /// When the directory was last read for dialing.
     last_dial: Instant,
+    /// The cluster's chat owners (to answer a backlog request for an unreachable one).
+    owners: Arc<[u16]>,
 }
 
 impl Links {
     /// The link thread of relay number `me`, on `listener` (non-blocking).
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         hub: LinkHub,
         listener: TcpListener,
         dir: Arc<Mutex<Directory>>,
         verifier: TokenVerifier,
         me: u8,
+        owners: Arc<[u16]>,
         stats: Arc<LinkStats>,
         stop: Arc<AtomicBool>,
     ) -> io::Result<Self> {
@@ -168,6 +180,7 @@ impl Links {
             stop,
             accept_ready: true,
             last_dial: Instant::now(),
+            owners,
         })
     }
 
@@ -206,6 +219,9 @@ impl Links {
                 buf: Vec::new(),
                 frames: 0,
                 hup: false,
+                partial: 0,
+                full_since: None,
+                up_since: None,
             });
             out.addr = addr;
         }
@@ -252,9 +268,12 @@ impl Links {
             match r.and_then(|s| s.set_nonblocking(true).map(|()| s)) {
                 Ok(s) => {
                     let _ = s.set_nodelay(true);
+                    let _ = set_user_timeout(&s);
                     eprintln!("relay: link to relay {relay} ({}) up", out.addr);
                     out.stream = Some(s);
-                    out.backoff = BACKOFF_MIN;
+                    out.up_since = Some(now);
+                    out.partial = 0;
+                    out.full_since = None;
                     self.stats.up_now.fetch_add(1, Ordering::Relaxed);
                     self.link_up();
                 }
@@ -269,11 +288,14 @@ impl Links {
         }
     }
 
-    /// Tells every shard that a link came up: its homes resync their sessions.
+    /// Tells every shard that a link came up: its homes resync their sessions (once for any
+    /// number of links that came up before the shard took the notice).
     fn link_up(&mut self) {
         self.stats.ups.fetch_add(1, Ordering::Relaxed);
         for q in &mut self.to_shard {
-            q.push_back(ShardMsg::ToHome(ToHome::LinkUp));
+            if !matches!(q.back(), Some(ShardMsg::ToHome(ToHome::LinkUp))) {
+                q.push_back(ShardMsg::ToHome(ToHome::LinkUp));
+            }
         }
     }
 
@@ -283,13 +305,36 @@ impl Links {
         }
         loop {
             match self.listener.accept() {
-                Ok((s, _)) => {
+                Ok((s, from)) => {
                     let greeting = self.ins.iter().filter(|i| i.relay.is_none()).count();
-                    if greeting >= MAX_HANDSHAKES || s.set_nonblocking(true).is_err() {
-                        self.stats.refused.fetch_add(1, Ordering::Relaxed);
+                    if greeting >= MAX_HANDSHAKES {
+                        // Full of strangers' connections: a known peer's address takes the
+                        // slot of the oldest one that is not a peer's.
+                        let known = self.known_peer(&from);
+                        let victim = known
+                            .then(|| {
+                                self.ins.iter().position(|l| {
+                                    l.relay.is_none()
+                                        && !l.stream.peer_addr().is_ok_and(|a| self.known_peer(&a))
+                                })
+                            })
+                            .flatten();
+                        match victim {
+                            Some(i) => {
+                                self.ins.swap_remove(i);
+                                self.stats.refused.fetch_add(1, Ordering::Relaxed);
+                            }
+                            None => {
+                                self.stats.refused.fetch_add(1, Ordering::Relaxed);
+                                continue;
+                            }
+                        }
+                    }
+                    if s.set_nonblocking(true).is_err() {
                         continue;
                     }
                     let _ = s.set_nodelay(true);
+                    let _ = set_user_timeout(&s);
                     self.ins.push(In {
                         stream: s,
                         buf: Vec::new(),
@@ -297,6 +342,7 @@ impl Links {
                         deadline: now + HELLO_TIMEOUT,
                         held: None,
                         readable: true,
+                        replaced: false,
                     });
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -325,13 +371,14 @@ impl Links {
                 match self.outs.get_mut(&relay) {
                     Some(out) if out.stream.is_some() => {
                         if out.buf.len() >= OUT_LIMIT {
+                            out.full_since.get_or_insert(Instant::now());
                             self.stash[i] = Some((dest, m));
                             break;
                         }
                         wire::encode(&mut out.buf, dest, &m);
                         out.frames += 1;
                     }
-                    _ => self.unreachable(m),
+                    _ => self.unreachable(dest, m),
                 }
             }
             if took {
@@ -341,9 +388,22 @@ impl Links {
         }
     }
 
-    /// A message for a relay that cannot be reached now.
-    fn unreachable(&mut self, m: ShardMsg) {
-        match wire::unreachable(m) {
+    /// Whether `addr` is a peer relay's (by IP).
+    fn known_peer(&self, addr: &SocketAddr) -> bool {
+        self.dir
+            .lock()
+            .map(|d| d.peers.values().any(|p| p.ip() == addr.ip()))
+            .unwrap_or(false)
+    }
+
+    /// A message for the shard at `dest`, on a relay that cannot be reached now.
+    fn unreachable(&mut self, dest: u16, m: ShardMsg) {
+        let owner = self
+            .owners
+            .iter()
+            .position(|&a| a == dest)
+            .map(|i| i as u16);
+        match wire::unreachable(m, owner) {
             Some((home, answer)) if addr_relay(home) == self.me => {
                 self.stats.bounced.fetch_add(1, Ordering::Relaxed);
                 if let Some(q) = self.to_shard.get_mut(usize::from(addr_shard(home))) {
@@ -368,7 +428,11 @@ impl Links {
             match s.write(&out.buf) {
                 Ok(n) => {
                     self.stats.writes.fetch_add(1, Ordering::Relaxed);
+                    out.partial = partial_after(&out.buf, out.partial, n);
                     out.buf.drain(..n);
+                    if out.buf.len() < OUT_LIMIT {
+                        out.full_since = None;
+                    }
                     if out.buf.is_empty() {
                         self.stats
                             .frames_out
@@ -383,10 +447,27 @@ impl Links {
                 }
             }
         }
-        // An outbound link is never read: a readable one has been closed by its peer.
+        // An outbound link is never read: a readable one has been closed by its peer. One
+        // whose buffer stayed full for 5 s has a peer that stopped reading: cut off, its
+        // requests answered, and the resync after the next link-up restores the rest.
         for (&relay, out) in &mut self.outs {
-            if std::mem::take(&mut out.hup) && out.stream.is_some() {
+            if out.stream.is_none() {
+                continue;
+            }
+            if std::mem::take(&mut out.hup)
+                || out
+                    .full_since
+                    .is_some_and(|t| now.duration_since(t) >= STALL_LIMIT)
+            {
                 broken.push(relay);
+            }
+            // Backoff starts over only for a link that stayed up (one refused at once does not
+            // redial every 100 ms).
+            if out
+                .up_since
+                .is_some_and(|t| now.duration_since(t) >= Duration::from_secs(5))
+            {
+                out.backoff = BACKOFF_MIN;
             }
         }
         broken.sort_unstable();
@@ -405,12 +486,16 @@ impl Links {
             self.stats.up_now.fetch_sub(1, Ordering::Relaxed);
         }
         out.next_try = now + out.backoff;
+        out.backoff = (out.backoff * 2).min(BACKOFF_MAX);
+        out.up_since = None;
+        out.full_since = None;
         out.frames = 0;
         let buf = std::mem::take(&mut out.buf);
-        let mut at = 0;
+        // The frame partly written (if any) went; the rest is answered.
+        let mut at = std::mem::take(&mut out.partial).min(buf.len());
         while let Ok(Some(n)) = wire::frame_len(&buf[at..]) {
-            if let Ok((_, m)) = wire::decode(&buf[at..at + n]) {
-                self.unreachable(m);
+            if let Ok((dest, m)) = wire::decode(&buf[at..at + n]) {
+                self.unreachable(dest, m);
             }
             at += n;
         }
@@ -450,6 +535,9 @@ impl Links {
         if link.relay.is_none() && now >= link.deadline {
             return Err("no HELLO in time".into());
         }
+        if link.replaced {
+            return Err("replaced by a newer link from the same relay".into());
+        }
         if let Some((shard, m)) = link.held.take() {
             if let Err(m) = self.hub.to_shards[shard].push(m) {
                 link.held = Some((shard, m));
@@ -468,6 +556,13 @@ impl Links {
             match link.relay {
                 None => {
                     if let Some(relay) = self.hello(i, now)? {
+                        // An older link from the same relay (its process restarted, or it
+                        // redialed) is read no more: frames from two links could interleave.
+                        for (j, l) in self.ins.iter_mut().enumerate() {
+                            if j != i && l.relay == Some(relay) {
+                                l.replaced = true;
+                            }
+                        }
                         let link = &mut self.ins[i];
                         link.relay = Some(relay);
                         eprintln!("relay: link from relay {relay} up");
@@ -642,6 +737,49 @@ impl Links {
     }
 }
 
+/// How long a peer may leave its link's buffer full before it is cut off.
+const STALL_LIMIT: Duration = Duration::from_secs(5);
+
+/// Where the first whole frame starts in `buf` after `n` bytes of it were written, given that
+/// its first `partial` bytes finished a frame already partly written: the bytes of the frame
+/// now partly written that are still to go (0 at a frame boundary).
+fn partial_after(buf: &[u8], partial: usize, n: usize) -> usize {
+    if n < partial {
+        return partial - n;
+    }
+    let mut at = partial;
+    while at < n {
+        let Some(len) = buf.get(at..at + 4) else {
+            break;
+        };
+        let len = 4 + u32::from_le_bytes(len.try_into().expect("4 bytes")) as usize;
+        if at + len > n {
+            return at + len - n;
+        }
+        at += len;
+    }
+    0
+}
+
+/// Unacknowledged data older than this breaks the connection (a peer gone without a FIN).
+fn set_user_timeout(s: &TcpStream) -> io::Result<()> {
+    let ms: libc::c_uint = 10_000;
+    // SAFETY: setsockopt on a live socket with a pointer to a live c_uint and its size.
+    let r = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_USER_TIMEOUT,
+            (&ms as *const libc::c_uint).cast(),
+            std::mem::size_of::<libc::c_uint>() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Dials `addr` and says HELLO as relay `me` with `token`.
 fn dial_one(addr: SocketAddr, me: u8, token: &str) -> io::Result<TcpStream> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
@@ -655,4 +793,28 @@ fn dial_one(addr: SocketAddr, me: u8, token: &str) -> io::Result<TcpStream> {
     s.write_all(&hello)?;
     s.set_write_timeout(None)?;
     Ok(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::partial_after;
+
+    #[test]
+    fn a_partial_write_is_tracked_to_the_next_frame_boundary() {
+        // Two frames of 4 + 6 and 4 + 2 bytes.
+        let mut buf = vec![6, 0, 0, 0, 1, 2, 3, 4, 5, 6];
+        buf.extend_from_slice(&[2, 0, 0, 0, 7, 8]);
+        assert_eq!(partial_after(&buf, 0, 0), 0);
+        assert_eq!(
+            partial_after(&buf, 0, 3),
+            7,
+            "inside the first frame's length"
+        );
+        assert_eq!(partial_after(&buf, 0, 10), 0, "at the boundary");
+        assert_eq!(partial_after(&buf, 0, 12), 4, "inside the second frame");
+        // The buffer after 12 bytes went: 4 bytes finish a frame, then whole frames.
+        let rest = &buf[12..];
+        assert_eq!(partial_after(rest, 4, 1), 3);
+        assert_eq!(partial_after(rest, 4, 4), 0);
+    }
 }
