@@ -660,7 +660,19 @@ impl Core {
     fn reap(&mut self, now: &Now) {
         for relay_id in self.members.poll_deaths(now.mono) {
             self.stats.relay_deaths += 1;
-            self.queues.clear(relay_id);
+            // The rooms it was still to close stay owed: if it comes back again it is told
+            // again (and gets no lease until it has taken them), or it would serve them
+            // beside the relays they moved to.
+            while self.queues.pending(relay_id) > 0 {
+                for cmd in self.queues.take(relay_id) {
+                    if let Command::CloseRoom { room, fence } = cmd {
+                        self.evicted
+                            .entry(relay_id)
+                            .or_default()
+                            .push((room, fence));
+                    }
+                }
+            }
             self.fencing.remove(&relay_id);
             let shards = self.members.get(relay_id).map_or(0, |r| r.shards);
             for shard_idx in 0..shards {

@@ -713,3 +713,44 @@ fn the_cluster_forms_once_with_its_chat_owners_fixed_for_good() {
     assert_eq!(again.cluster.unwrap().owners, view.owners);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A relay that comes back and dies again before it takes its `close_room`s is told again
+/// when it comes back the second time (the commands were dropped with its queue, and it then
+/// got a lease while still serving a room that had moved).
+#[test]
+fn close_rooms_owed_to_a_relay_survive_its_second_death() {
+    let mut rig = Rig::new("owed");
+    rig.beat(0, &[1, 2]);
+    let m = (0..50)
+        .map(|i| rig.create(i))
+        .find(|c| c.join.as_ref().unwrap().relay_id == 1)
+        .expect("some room on relay 1");
+    rig.beat(2_900, &[2]);
+    assert_eq!(rig.join(3_000, &m.code).unwrap().relay_id, 2);
+    rig.run_to(4_000);
+    let back = rig.core.handle_heartbeat(&rig.at(4_000), hb(1, 2)).unwrap();
+    assert_eq!(back.lease_ms, 0);
+    // Dead again before its command poll: 3 s of silence, relay 2 alive throughout (so the
+    // room stays on relay 2 and nothing else tells relay 1 about it).
+    for ms in [4_500, 5_500, 6_500, 7_500] {
+        rig.beat(ms, &[2]);
+    }
+    assert!(rig.core.members().get(1).unwrap().dead);
+    let again = rig.core.handle_heartbeat(&rig.at(8_000), hb(1, 2)).unwrap();
+    assert_eq!(again.lease_ms, 0, "still owes the close");
+    let mut cmds = Vec::new();
+    loop {
+        let more = rig.core.take_commands(1);
+        if more.is_empty() {
+            break;
+        }
+        cmds.extend(more);
+    }
+    assert!(
+        cmds.iter()
+            .any(|c| matches!(c, Command::CloseRoom { room, .. } if *room == m.meeting_id)),
+        "{cmds:?}"
+    );
+    let next = rig.core.handle_heartbeat(&rig.at(8_100), hb(1, 2)).unwrap();
+    assert_eq!(next.lease_ms, 2_500);
+}
