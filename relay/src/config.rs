@@ -147,6 +147,9 @@ pub struct ChatSettings {
     /// is answered with its original SENT instead of being stored twice (1,024 to 2^24). Each
     /// costs about 72 bytes once that many have passed (perf/SOAK.md, "Memory budget").
     pub dedup_capacity: usize,
+    /// Chats (direct and groups) one user may be in, per owner shard; a new one beyond it is
+    /// refused with ERROR 8 "too many chats".
+    pub max_chats_per_user: usize,
 }
 
 /// Bounds of `[chat] segment_bytes`.
@@ -174,6 +177,7 @@ impl Default for ChatSettings {
             msgs_per_s: c.msgs_per_s,
             segment_bytes: crate::chat::log::LogConfig::default().segment_bytes,
             dedup_capacity: c.dedup_capacity,
+            max_chats_per_user: c.max_chats_per_user,
         }
     }
 }
@@ -190,6 +194,7 @@ impl ChatSettings {
             msgs_per_s: self.msgs_per_s,
             msgs_burst: self.msgs_per_s.saturating_mul(2),
             dedup_capacity: self.dedup_capacity,
+            max_chats_per_user: self.max_chats_per_user.max(1),
             ..crate::chat::ChatConfig::default()
         }
     }

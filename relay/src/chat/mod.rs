@@ -187,6 +187,10 @@ pub struct ChatConfig {
     pub max_pending_per_user: usize,
     /// Members per group.
     pub max_group_members: usize,
+    /// Chats (direct and groups) one user may be in, per owner shard: a new chat beyond it
+    /// is refused (INBOX_FULL, "too many chats"), so that one session cannot fill an owner
+    /// with chats to made-up users, nor add a victim to endless groups.
+    pub max_chats_per_user: usize,
     /// Connections per remote address.
     pub max_conns_per_ip: u32,
     /// Entries per backlog chunk.
@@ -207,6 +211,7 @@ impl Default for ChatConfig {
             msgs_burst: 2_000,
             max_pending_per_user: 100_000,
             max_group_members: proto::chat::MAX_GROUP_MEMBERS,
+            max_chats_per_user: 10_000,
             max_conns_per_ip: 100_000,
             backlog_chunk: 128,
             // 40 MiB of entries and 32 MiB of index per owner shard, once that many

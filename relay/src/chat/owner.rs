@@ -417,6 +417,10 @@ impl Owner {
             else {
                 return self.fail(s.from, s.msg_id, code::INVALID, "bad direct chat");
             };
+            // Every limit before the chat exists: a refused SEND leaves no chat behind.
+            if let Some(why) = self.new_chat_refusal(author, &[to]) {
+                return self.fail(s.from, s.msg_id, code::INBOX_FULL, why);
+            }
             self.open_direct(s.chat, author, to);
         }
         let Some(chat) = self.chats.get(&s.chat) else {
@@ -467,6 +471,35 @@ impl Owner {
             body: std::mem::take(&mut s.body),
         };
         self.append_entry(e, Some((from, spent.take())));
+    }
+
+    /// Chats owned here that `user` is in.
+    fn chats_of(&self, user: UserId) -> usize {
+        self.member_of.get(&user).map_or(0, Vec::len)
+    }
+
+    /// Why a new chat of `author` with `others` must be refused, checked before anything is
+    /// created: a chat too many for any of them, a recipient's inbox full, or too many of the
+    /// author's entries undelivered.
+    fn new_chat_refusal(&self, author: UserId, others: &[UserId]) -> Option<&'static str> {
+        let count = |m: &Map<UserId, usize>, u: &UserId| m.get(u).copied().unwrap_or(0);
+        let limit = self.cfg.max_pending_per_user;
+        if std::iter::once(&author)
+            .chain(others)
+            .any(|&u| self.chats_of(u) >= self.cfg.max_chats_per_user)
+        {
+            return Some("too many chats");
+        }
+        if others
+            .iter()
+            .any(|u| count(&self.pending_per_user, u) >= limit)
+        {
+            return Some("recipient inbox full");
+        }
+        if !others.is_empty() && count(&self.pending_per_sender, &author) >= limit {
+            return Some("too many of your messages are undelivered");
+        }
+        None
     }
 
     /// Creates the direct chat between `a` and `b` and records it.
@@ -625,6 +658,10 @@ impl Owner {
         {
             return self.fail(from, msg_id, code::INVALID, "group too large or id in use");
         }
+        // Its GROUP_CREATED entry goes to every member: counted like a message.
+        if let Some(why) = self.new_chat_refusal(from.user, &all[1..]) {
+            return self.fail(from, msg_id, code::INBOX_FULL, why);
+        }
         let members = all
             .iter()
             .map(|&user| MemberRec {
@@ -685,6 +722,9 @@ impl Owner {
                     code::INVALID,
                     "already a member or group full",
                 );
+            }
+            if self.chats_of(target) >= self.cfg.max_chats_per_user {
+                return self.fail(from, msg_id, code::INBOX_FULL, "too many chats");
             }
             // The new member sees the announcement of its own arrival and everything after.
             rec.members.push(MemberRec {

@@ -1945,3 +1945,56 @@ fn an_owner_delivers_to_each_home_of_a_user_and_a_cancel_removes_only_its_own() 
     both.sort_unstable();
     assert_eq!(both, vec![old, new]);
 }
+
+/// One session writing to made-up users, or making groups of them, cannot fill an owner with
+/// chats: past `max_chats_per_user` a new chat is refused before anything is created (a
+/// refused SEND to a new user id had created the chat and written its snapshot first).
+#[test]
+fn a_session_creates_no_more_chats_than_its_cap_and_a_refusal_leaves_nothing() {
+    let cap = 2;
+    let mut sim = Sim::new(ChatConfig {
+        max_chats_per_user: cap,
+        ..ChatConfig::default()
+    });
+    let (alice, _, _) = users();
+    sim.connect(alice);
+    for (n, to) in (1_000..1_040u64).enumerate() {
+        sim.send(alice, |e| {
+            e.send(&id(n as u64), 0, to, kind::TEXT, &[0; 16], b"hi")
+        });
+    }
+    let got = sim.take(alice);
+    let sent = got.iter().filter(|g| matches!(g, Got::Sent { .. })).count();
+    let refused = got
+        .iter()
+        .filter(|g| **g == Got::Error(code::INBOX_FULL))
+        .count();
+    let chats: usize = sim.shards.iter().map(|s| s.n_chats()).sum();
+    // At most `cap` chats of alice's at each owner shard.
+    assert!(sent <= cap * usize::from(N_SHARDS), "{sent} sent");
+    assert_eq!(sent + refused, 40, "every SEND answered");
+    assert_eq!(chats, sent, "a refused SEND created no chat");
+    let snapshots = sim
+        .logs
+        .iter()
+        .flat_map(|l| l.durable.values())
+        .filter(|(k, _)| *k == records::CHAT)
+        .count();
+    assert_eq!(snapshots, sent, "nor wrote a snapshot");
+    // Groups count too: 30 new groups of made-up users make at most `cap` more chats of
+    // alice's per owner shard.
+    for n in 100..130u64 {
+        sim.send(alice, |e| e.group_create(&id(n), &[n * 10, n * 10 + 1]));
+    }
+    let got = sim.take(alice);
+    let groups = got.iter().filter(|g| matches!(g, Got::Sent { .. })).count();
+    let refused = got
+        .iter()
+        .filter(|g| **g == Got::Error(code::INBOX_FULL))
+        .count();
+    assert_eq!(groups + refused, 30, "{got:?}");
+    let chats: usize = sim.shards.iter().map(|s| s.n_chats()).sum();
+    assert!(chats <= cap * usize::from(N_SHARDS), "{chats} chats");
+    assert_eq!(chats, sent + groups);
+    sim.shards.iter().for_each(ChatShard::check_invariants);
+}

@@ -51,6 +51,7 @@ const REASONS: &[&str] = &[
     "already a member or group full",
     "only the creator removes others",
     "the chat's owner is unreachable; retry",
+    "too many chats",
 ];
 /// The text of a reason not in [`REASONS`].
 const OTHER_REASON: &str = "refused by the chat's owner";
