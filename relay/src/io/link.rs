@@ -110,6 +110,9 @@ struct Out {
 struct In {
     stream: TcpStream,
     buf: Vec<u8>,
+    /// Where the frames not yet taken start in `buf` (consumed bytes go once per read, not
+    /// once per frame: a read carries hundreds).
+    start: usize,
     relay: Option<u8>,
     deadline: Instant,
     /// A message for a shard whose ring was full.
@@ -338,6 +341,7 @@ impl Links {
                     self.ins.push(In {
                         stream: s,
                         buf: Vec::new(),
+                        start: 0,
                         relay: None,
                         deadline: now + HELLO_TIMEOUT,
                         held: None,
@@ -571,9 +575,11 @@ impl Links {
                     }
                 }
                 Some(_) => {
-                    if let Some(n) = wire::frame_len(&link.buf).map_err(|e| e.to_string())? {
-                        let (dest, m) = wire::decode(&link.buf[..n]).map_err(|e| e.to_string())?;
-                        link.buf.drain(..n);
+                    let at = link.start;
+                    if let Some(n) = wire::frame_len(&link.buf[at..]).map_err(|e| e.to_string())? {
+                        let (dest, m) =
+                            wire::decode(&link.buf[at..at + n]).map_err(|e| e.to_string())?;
+                        link.start += n;
                         let shard = usize::from(addr_shard(dest));
                         if addr_relay(dest) != self.me || shard >= n_shards {
                             return Err(format!("a frame for address {dest:#06x}"));
@@ -589,6 +595,10 @@ impl Links {
                 }
             }
             let link = &mut self.ins[i];
+            if link.start > 0 {
+                link.buf.drain(..link.start);
+                link.start = 0;
+            }
             if link.buf.len() >= wire::MAX_LINK_FRAME + 4 {
                 return Err("frame too large".into());
             }
