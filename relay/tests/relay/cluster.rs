@@ -684,10 +684,30 @@ fn chat_under_load(
         if sent && delivered {
             break;
         }
-        assert!(
-            Instant::now() < deadline,
-            "sent {sent}, delivered {delivered}"
-        );
+        if Instant::now() >= deadline {
+            for (id, (i, s)) in &sends {
+                if !users[*i].sent.contains_key(id) {
+                    let chat = proto::chat::ids::direct_chat(users[*i].id, s.to);
+                    eprintln!(
+                        "no SENT: user {} (relay {}) to {}, chat {chat}",
+                        users[*i].id, users[*i].relay, s.to
+                    );
+                }
+            }
+            for i in 0..n {
+                let from = (i + n - 1) % n;
+                let chat = proto::chat::ids::direct_chat(users[from].id, users[i].id);
+                let want = sends.values().filter(|(f, _)| *f == from).count();
+                let got = users[i].texts(chat).len();
+                if got < want {
+                    eprintln!(
+                        "user {} (relay {}) has {got} of {want} from user {} (relay {})",
+                        users[i].id, users[i].relay, users[from].id, users[from].relay
+                    );
+                }
+            }
+            panic!("sent {sent}, delivered {delivered}");
+        }
     }
     for i in 0..n {
         let from = (i + n - 1) % n;
