@@ -16,7 +16,10 @@
 //! frame of at most [`crate::chat::wire::MAX_LINK_FRAME`]; a frame for a shard whose ring is
 //! full is held and the link is not read until it fits (TCP pushes back on the sender).
 //!
-//! A destination whose link is down (not yet dialed, refused, broken): requests that would be
+//! A link being dialed queues what is for it, within the same bound: its peer resyncs on the
+//! HELLO, which may arrive before this thread sees the dial finish, and the answers to that
+//! resync must not be dropped. A destination whose link is down (not being dialed, refused,
+//! broken; a failed dial's queue included): requests that would be
 //! stored (SEND, group changes) are answered at once with ERROR 13 (retryable, not stored; the
 //! client retries with the same message id, so the owner's deduplication keeps it
 //! exactly-once); everything else is dropped. A broken link's unsent buffer is answered the
@@ -284,8 +287,8 @@ impl Links {
                     if out.backoff == BACKOFF_MIN {
                         eprintln!("relay: link to relay {relay} ({}): {e}", out.addr);
                     }
-                    out.next_try = now + out.backoff;
-                    out.backoff = (out.backoff * 2).min(BACKOFF_MAX);
+                    // What was queued while dialing is answered as for a broken link.
+                    self.down(relay, now);
                 }
             }
         }
@@ -373,7 +376,11 @@ impl Links {
                 took = true;
                 let relay = addr_relay(dest);
                 match self.outs.get_mut(&relay) {
-                    Some(out) if out.stream.is_some() => {
+                    // A link being dialed queues: its peer learns that it is up (and resyncs
+                    // its homes) from its HELLO, which may come before this thread sees the
+                    // dial finish. Dropping the answers to that resync would leave the peer's
+                    // sessions waiting for backlogs that never come.
+                    Some(out) if out.stream.is_some() || out.connecting => {
                         if out.buf.len() >= OUT_LIMIT {
                             out.full_since.get_or_insert(Instant::now());
                             self.stash[i] = Some((dest, m));

@@ -73,6 +73,19 @@ impl ChatRelay {
                 20_000 + (std::process::id() % 8) as u16 * 1_200 + slot * 4
             })
         };
+        if let Some(port) = chat_port {
+            // A relay killed with SIGKILL may hold its listener a while longer: with io_uring
+            // the kernel releases files its ring still references after the process is gone.
+            // Wait for the port rather than spend every start attempt at once.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while std::net::TcpListener::bind(("127.0.0.1", port)).is_err() {
+                assert!(
+                    Instant::now() < deadline,
+                    "chat port {port} still held 10 s after its relay was killed"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
         let chosen = std::sync::Mutex::new(0u16);
         let relay = RelayProc::start_limited(io, SHARDS, nofile, |_| {
             let port = pick();
