@@ -62,6 +62,17 @@ pub struct Config {
     /// (all their shards) for good and hands it to every linked relay; a relay added later
     /// homes users and rooms but owns no chat (ARCHITECTURE.md, "Chat across relays").
     pub cluster_relays: usize,
+    /// If set (`redis://host:port/db`), ctl keeps its state in Redis instead of the journal,
+    /// and any number of ctl processes with the same `redis_url` serve one cluster: one of
+    /// them at a time (the holder of a lease in Redis) runs the state machine, the others pass
+    /// requests to it (ARCHITECTURE.md, "ctl on Redis").
+    pub redis_url: Option<Secret>,
+    /// The Redis lease of the acting ctl, milliseconds: how long the others wait after it
+    /// falls silent before one of them takes over. Renewed every fifth of it.
+    pub redis_lease_ms: u64,
+    /// With `redis_url`: the address the other ctl processes reach this one at, when it
+    /// listens on an unspecified address (0.0.0.0 or ::).
+    pub advertise_ip: Option<std::net::IpAddr>,
 }
 
 /// A credential read from the configuration: `Debug` does not show it.
@@ -111,6 +122,9 @@ impl Default for Config {
             load_cap: 1.25,
             journal_slack_records: 1024,
             cluster_relays: 0,
+            redis_url: None,
+            redis_lease_ms: 3000,
+            advertise_ip: None,
         }
     }
 }
@@ -167,6 +181,21 @@ impl Config {
         }
         if !(16..=1 << 20).contains(&self.journal_slack_records) {
             bail!("journal_slack_records must be in 16..=1048576");
+        }
+        if !(500..=60_000).contains(&self.redis_lease_ms) {
+            bail!("redis_lease_ms must be in 500..=60000");
+        }
+        if self.redis_url.is_some() {
+            let unspecified = self.listen.ip().is_unspecified()
+                || self
+                    .internal_listen
+                    .is_some_and(|a| a.ip().is_unspecified());
+            if unspecified && self.advertise_ip.is_none() {
+                bail!(
+                    "with redis_url, a ctl listening on an unspecified address needs \
+                     advertise_ip: the address the other ctl processes reach it at"
+                );
+            }
         }
         for (name, token) in [
             ("admin_token", &self.admin_token),

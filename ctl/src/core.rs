@@ -209,6 +209,14 @@ impl Core {
         now: Now,
     ) -> Result<Self, JournalError> {
         let (journal, records) = Journal::open(&data_dir.join("state.journal"))?;
+        let mut core = Self::restore(cfg, key, records, now);
+        core.journal = Some(journal);
+        Ok(core)
+    }
+
+    /// Rebuilds the state from `records` (in commit order) with no journal attached: changes
+    /// are staged for a writer ([`Core::take_batch`]), as with a detached journal.
+    pub(crate) fn restore(cfg: Config, key: SigningKey, records: Vec<Record>, now: Now) -> Self {
         let placer_cfg = PlacerConfig {
             n_candidates: cfg.placement_candidates,
             load_cap: cfg.load_cap,
@@ -228,7 +236,7 @@ impl Core {
             per_slot: HashMap::new(),
             meetings: Meetings::default(),
             stager: Stager::new(records.len()),
-            journal: Some(journal),
+            journal: None,
             journal_failed: false,
             queues: Queues::default(),
             started: now.mono,
@@ -244,7 +252,7 @@ impl Core {
         for r in records {
             core.apply(r);
         }
-        Ok(core)
+        core
     }
 
     fn apply(&mut self, r: Record) {

@@ -48,6 +48,9 @@ pub enum ApiError {
     Timeout,
     /// Too many failed join-code lookups from this address; retry in a minute.
     TooManyRequests,
+    /// ctl on Redis: no ctl process holds the lease now (Redis unreachable, or a takeover
+    /// under way).
+    NoLeader,
 }
 
 impl ApiError {
@@ -64,7 +67,7 @@ impl ApiError {
             MeetingFull | TooManyMeetings => 409,
             TooManyRequests => 429,
             BodyTooLarge(_) => 413,
-            NoRelay | TooManyRelays | Storage => 503,
+            NoRelay | TooManyRelays | Storage | NoLeader => 503,
         }
     }
 
@@ -95,6 +98,7 @@ impl ApiError {
             Storage => "storage",
             Timeout => "timeout",
             TooManyRequests => "too_many_requests",
+            NoLeader => "no_leader",
         }
     }
 
@@ -141,6 +145,7 @@ impl fmt::Display for ApiError {
             TooManyRequests => {
                 f.write_str("too many unknown join codes from this address; retry in a minute")
             }
+            NoLeader => f.write_str("no ctl process is acting now (Redis unreachable or a takeover under way); retry shortly"),
         }
     }
 }

@@ -22,6 +22,7 @@ pub mod config;
 pub mod core;
 pub mod error;
 pub mod guard;
+pub mod ha;
 pub mod journal;
 pub mod keys;
 pub mod listener;

@@ -52,6 +52,9 @@ pub struct App {
     relay_token: Option<Secret>,
     max_body_bytes: usize,
     join_guard: Mutex<JoinGuard>,
+    /// ctl on Redis: this process stopped acting (its lease lapsed); the writer and the
+    /// ticker of this state stop, and nothing it stages is written.
+    retired: std::sync::atomic::AtomicBool,
 }
 
 /// The journal writer's progress, for requests waiting on it.
@@ -65,7 +68,7 @@ struct Synced {
 #[derive(Clone, Copy, Debug)]
 pub struct Peer(pub std::net::IpAddr);
 
-type Shared = Arc<App>;
+pub(crate) type Shared = Arc<App>;
 type Result<T> = std::result::Result<T, ApiError>;
 
 impl App {
@@ -83,7 +86,20 @@ impl App {
             relay_token,
             max_body_bytes,
             join_guard,
+            retired: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// Stops this state's writer and ticker (ctl on Redis: another process acts now).
+    pub(crate) fn retire(&self) {
+        self.retired
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let _core = self.lock();
+        self.staged.notify_all();
+    }
+
+    fn is_retired(&self) -> bool {
+        self.retired.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     fn lock(&self) -> MutexGuard<'_, Core> {
@@ -151,7 +167,8 @@ impl App {
     /// held only for the hand-over, and writes and syncs it with the lock released, so that
     /// heartbeats and every other request that reads or stages never wait on the disk. Every
     /// change staged while a write is under way goes into the next write (a group commit).
-    fn write_journal(&self, mut journal: crate::journal::Journal<crate::core::Record>) {
+    /// Returns once the state is retired.
+    pub(crate) fn write_journal(&self, mut journal: impl Store) {
         // Fault injection for tests: a disk this much slower on every write.
         let delay = std::env::var("CTL_FAULT_JOURNAL_DELAY_MS")
             .ok()
@@ -162,6 +179,9 @@ impl App {
             let batch = {
                 let mut core = self.lock();
                 loop {
+                    if self.is_retired() {
+                        return;
+                    }
                     if let Some(batch) = core.take_batch() {
                         break batch;
                     }
@@ -174,10 +194,11 @@ impl App {
             let written = journal.write(&batch);
             match (&written, failing) {
                 (Err(e), false) => eprintln!(
-                    "ctl: journal write failed ({e}); changes are refused (503 storage) until \
-                     a full rewrite of the state succeeds"
+                    "ctl: {} write failed ({e}); changes are refused (503 storage) until \
+                     a full rewrite of the state succeeds",
+                    journal.name()
                 ),
-                (Ok(()), true) => eprintln!("ctl: the journal is written again"),
+                (Ok(()), true) => eprintln!("ctl: the {} is written again", journal.name()),
                 _ => {}
             }
             failing = written.is_err();
@@ -207,6 +228,24 @@ impl App {
     /// The relay routes (heartbeat, command poll) when `relay_token` is set.
     fn check_relay(&self, headers: &HeaderMap) -> Result<()> {
         check_bearer(self.relay_token.as_ref().map(Secret::expose), headers)
+    }
+}
+
+/// Where the writer makes batches durable: the journal file, or Redis ([`crate::ha`]).
+pub(crate) trait Store {
+    /// For log lines: "journal", "Redis".
+    fn name(&self) -> &'static str;
+    /// Makes `batch` durable, or fails leaving what was durable as it was.
+    fn write(&mut self, batch: &crate::journal::Batch) -> std::result::Result<(), String>;
+}
+
+impl Store for crate::journal::Journal<crate::core::Record> {
+    fn name(&self) -> &'static str {
+        "journal"
+    }
+
+    fn write(&mut self, batch: &crate::journal::Batch) -> std::result::Result<(), String> {
+        crate::journal::Journal::write(self, batch).map_err(|e| e.to_string())
     }
 }
 
@@ -660,11 +699,11 @@ pub fn router(
     (router, r.list)
 }
 
-/// Runs the periodic work until the process ends.
-async fn ticker(app: Shared) {
+/// Runs the periodic work until the state is retired.
+pub(crate) async fn ticker(app: Shared) {
     let mut every = tokio::time::interval(TICK);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
+    while !app.is_retired() {
         every.tick().await;
         app.with_core(|c| c.tick(&Now::system()));
     }
@@ -704,19 +743,35 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     }
     let (max_body, max_connections) = (cfg.max_body_bytes, cfg.max_connections);
     let max_internal = cfg.max_internal_connections;
-    let data_dir = cfg.data_dir.clone();
-    let mut core = Core::open(cfg, key, &data_dir, Now::system())
-        .with_context(|| format!("cannot open the journal in {}", data_dir.display()))?;
-    let journal = core
-        .detach_journal()
-        .expect("a freshly opened core has its journal");
-    let app = App::new(core);
-    let writer = app.clone();
-    std::thread::Builder::new()
-        .name("ctl-journal".into())
-        .spawn(move || writer.write_journal(journal))
-        .context("cannot start the journal writer")?;
-    tokio::spawn(ticker(app.clone()));
+    let (client_serves, internal_serves) = match internal {
+        Some(_) => (Serves::Client, Some(Serves::Internal)),
+        None => (Serves::All, None),
+    };
+    // The router of each listener: over this process's own state, or (ctl on Redis) over
+    // whichever process acts now.
+    let routers: Box<dyn Fn(Serves) -> Router> = match cfg.redis_url.clone() {
+        Some(url) => {
+            let ha = crate::ha::Ha::start(cfg, key, url.expose())?;
+            ready.push_str(&format!(" node={}", ha.node_id()));
+            Box::new(move |serves| crate::ha::router(ha.clone(), serves))
+        }
+        None => {
+            let data_dir = cfg.data_dir.clone();
+            let mut core = Core::open(cfg, key, &data_dir, Now::system())
+                .with_context(|| format!("cannot open the journal in {}", data_dir.display()))?;
+            let journal = core
+                .detach_journal()
+                .expect("a freshly opened core has its journal");
+            let app = App::new(core);
+            let writer = app.clone();
+            std::thread::Builder::new()
+                .name("ctl-journal".into())
+                .spawn(move || writer.write_journal(journal))
+                .context("cannot start the journal writer")?;
+            tokio::spawn(ticker(app.clone()));
+            Box::new(move |serves| router(app.clone(), max_body, serves).0)
+        }
+    };
     // One shutdown signal for both listeners.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
@@ -726,14 +781,16 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
-    let mut serves = Serves::All;
-    let internal = internal.map(|l| {
-        serves = Serves::Client;
-        let (router, _) = router(app.clone(), max_body, Serves::Internal);
+    let internal = internal.zip(internal_serves).map(|(l, serves)| {
         let stop = stopped(stop_rx.clone());
-        tokio::spawn(crate::listener::serve(l, router, max_internal, stop))
+        tokio::spawn(crate::listener::serve(
+            l,
+            routers(serves),
+            max_internal,
+            stop,
+        ))
     });
-    let (router, _) = router(app, max_body, serves);
+    let router = routers(client_serves);
     println!("{ready}");
     std::io::stdout().flush()?;
     crate::listener::serve(listener, router, max_connections, stopped(stop_rx)).await;

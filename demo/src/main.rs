@@ -30,7 +30,7 @@ const MAX_LOSS_PERCENT: f64 = 0.5;
 const USAGE: &str = "\
 usage: demo [run] [--duration SECONDS] [--rooms N] [--participants N] [--messages-per-s R]
             [--keep-running]
-       demo up [--relays N] [--shards N] [--no-netns]
+       demo up [--relays N] [--shards N] [--ctl N] [--no-netns]
        demo soak [--duration SECONDS] [--warmup SECONDS] [--sample-s SECONDS] [--relays N]
                  [--shards N] [--meetings N] [--users N] [--out DIR] [--dedup-capacity N]
                  [--segment-bytes N] [--token-ttl-s N] [--journal-slack N]
@@ -42,7 +42,9 @@ usage: demo [run] [--duration SECONDS] [--rooms N] [--participants N] [--message
   --keep-running       after the summary keep ctl and the relay up until Ctrl-C
   up                   ctl + N relays (default 2, 1 shard each) for trying things by hand;
                        as root each relay gets its own network namespace (--no-netns: all on
-                       loopback); prints how to connect; Ctrl-C stops everything
+                       loopback); --ctl N > 1: N ctl processes on one redis-server (ctl on
+                       Redis: kill one and another takes over); prints how to connect; Ctrl-C
+                       stops everything
   soak                 ctl + relays under churn (meetings, joins, leaves, NAT rebinding, token
                        renewal, chat users going offline and back, groups created and left),
                        sampled every --sample-s (10) into DIR/soak.csv and DIR/soak.svg
@@ -64,7 +66,7 @@ fn main() -> ExitCode {
     install_signal_handlers();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
-        Some("up") => parse_up(&args[1..]).and_then(|(relays, shards, ns)| up(relays, shards, ns)),
+        Some("up") => parse_up(&args[1..]).and_then(up),
         Some("-h" | "--help") => {
             println!("{USAGE}");
             return ExitCode::SUCCESS;
@@ -192,8 +194,16 @@ fn parse_span(v: &str) -> Option<Duration> {
     (n.is_finite() && n >= 0.0).then(|| Duration::from_secs_f64(n * unit))
 }
 
-fn parse_up(args: &[String]) -> Result<(usize, usize, bool), String> {
-    let (mut relays, mut shards) = (2usize, 1usize);
+/// What `demo up` starts.
+struct UpArgs {
+    relays: usize,
+    shards: usize,
+    ctls: usize,
+    use_netns: bool,
+}
+
+fn parse_up(args: &[String]) -> Result<UpArgs, String> {
+    let (mut relays, mut shards, mut ctls) = (2usize, 1usize, 1usize);
     let mut use_netns = netns::available();
     let mut i = 0;
     while i < args.len() {
@@ -205,14 +215,72 @@ fn parse_up(args: &[String]) -> Result<(usize, usize, bool), String> {
             }
             "--relays" => relays = value(args, i, "--relays")?,
             "--shards" => shards = value(args, i, "--shards")?,
+            "--ctl" => ctls = value(args, i, "--ctl")?,
             other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
         }
         i += 2;
     }
-    if !(1..=16).contains(&relays) || !(1..=64).contains(&shards) {
-        return Err("--relays must be 1..=16 and --shards 1..=64".into());
+    if !(1..=16).contains(&relays) || !(1..=64).contains(&shards) || !(1..=5).contains(&ctls) {
+        return Err("--relays must be 1..=16, --shards 1..=64 and --ctl 1..=5".into());
     }
-    Ok((relays, shards, use_netns))
+    Ok(UpArgs {
+        relays,
+        shards,
+        ctls,
+        use_netns,
+    })
+}
+
+/// A `redis-server` for ctl on Redis, persisting every write; stopped when dropped.
+struct Redis {
+    child: std::process::Child,
+    url: String,
+}
+
+impl Redis {
+    fn start(dir: &TempDir, ip: &str) -> Result<Self, String> {
+        let (port, _) = procs::free_ports(ip, 1)?;
+        let data = dir.0.join("redis");
+        std::fs::create_dir_all(&data).map_err(|e| format!("{}: {e}", data.display()))?;
+        let log = std::fs::File::create(dir.0.join("redis.log")).map_err(|e| e.to_string())?;
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", ip])
+            .arg("--dir")
+            .arg(&data)
+            .args([
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--save",
+                "",
+            ])
+            // Bound to loopback or the namespaces' bridge only; protected mode would refuse
+            // the bridge's other addresses for want of a password.
+            .args(["--protected-mode", "no"])
+            .stdout(log)
+            .spawn()
+            .map_err(|e| format!("redis-server (Debian package redis-server): {e}"))?;
+        let mut r = Self {
+            child,
+            url: format!("redis://{ip}:{port}/0"),
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect((ip, port)).is_err() {
+            if std::time::Instant::now() >= deadline || !matches!(r.child.try_wait(), Ok(None)) {
+                return Err(format!("redis-server did not start on {ip}:{port}"));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(r)
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 extern "C" fn on_signal(_: libc::c_int) {
@@ -226,18 +294,36 @@ fn install_signal_handlers() {
     }
 }
 
-/// Starts ctl; with `cluster` relays > 0 it forms a chat cluster of that many linked relays.
-fn start_ctl(dir: &TempDir, ip: &str, cluster: usize) -> Result<(Proc, SocketAddr), String> {
+/// Starts ctl; with `cluster` relays > 0 it forms a chat cluster of that many linked relays;
+/// with `redis`, it is process `n` of a ctl on Redis.
+fn start_ctl(
+    dir: &TempDir,
+    ip: &str,
+    cluster: usize,
+    redis: Option<(&Redis, usize)>,
+) -> Result<(Proc, SocketAddr), String> {
     let mut cmd = Command::new(procs::binary("ctl")?);
+    let n = redis.map_or(1, |(_, n)| n);
+    let name = if n == 1 {
+        "ctl".to_string()
+    } else {
+        format!("ctl{n}")
+    };
     cmd.args(["serve", "--listen", &format!("{ip}:0"), "--data-dir"])
-        .arg(dir.0.join("ctl"));
+        .arg(dir.0.join(&name));
+    let mut toml = String::new();
     if cluster > 0 {
-        let cfg = dir.0.join("ctl.toml");
-        std::fs::write(&cfg, format!("cluster_relays = {cluster}\n"))
-            .map_err(|e| format!("{}: {e}", cfg.display()))?;
+        toml.push_str(&format!("cluster_relays = {cluster}\n"));
+    }
+    if let Some((r, _)) = redis {
+        toml.push_str(&format!("redis_url = \"{}\"\n", r.url));
+    }
+    if !toml.is_empty() {
+        let cfg = dir.0.join(format!("{name}.toml"));
+        std::fs::write(&cfg, toml).map_err(|e| format!("{}: {e}", cfg.display()))?;
         cmd.arg("--config").arg(cfg);
     }
-    let p = Proc::start("ctl", cmd, &dir.0.join("ctl.log"))?;
+    let p = Proc::start(&name, cmd, &dir.0.join(format!("{name}.log")))?;
     let addr = procs::addr(&p, "listen")?;
     Ok((p, addr))
 }
@@ -246,7 +332,7 @@ fn start_ctl(dir: &TempDir, ip: &str, cluster: usize) -> Result<(Proc, SocketAdd
 /// ports, linked to the other relays of ctl's cluster when `linked`; retries on a port race.
 fn start_relay(
     dir: &TempDir,
-    ctl: SocketAddr,
+    ctl: &str,
     id: u32,
     shards: usize,
     ns: Option<&netns::Netns>,
@@ -276,22 +362,17 @@ fn start_relay(
                 procs::free_ports(&lo, n as u16)?,
             ),
         };
-        cmd.args([
-            "--ctl",
-            &format!("http://{ctl}"),
-            "--relay-id",
-            &id.to_string(),
-        ])
-        .args(["--bind", ip, "--advertise-host", ip])
-        .args(["--shards", &n.to_string(), "--base-port", &base.to_string()])
-        .args([
-            "--chat-port",
-            &chat.to_string(),
-            "--metrics",
-            &format!("{ip}:0"),
-        ])
-        .arg("--data-dir")
-        .arg(dir.0.join(format!("relay{id}")));
+        cmd.args(["--ctl", ctl, "--relay-id", &id.to_string()])
+            .args(["--bind", ip, "--advertise-host", ip])
+            .args(["--shards", &n.to_string(), "--base-port", &base.to_string()])
+            .args([
+                "--chat-port",
+                &chat.to_string(),
+                "--metrics",
+                &format!("{ip}:0"),
+            ])
+            .arg("--data-dir")
+            .arg(dir.0.join(format!("relay{id}")));
         if linked {
             // Right above the chat ports (a taken one makes the start fail and retry).
             cmd.args(["--link-port", &(chat + n as u16).to_string()]);
@@ -335,8 +416,8 @@ fn run(a: RunArgs) -> Result<bool, String> {
         a.duration,
         dir.0.display()
     );
-    let (mut ctl_proc, ctl) = start_ctl(&dir, "127.0.0.1", 0)?;
-    let mut relay = start_relay(&dir, ctl, 1, 0, None, false)?;
+    let (mut ctl_proc, ctl) = start_ctl(&dir, "127.0.0.1", 0, None)?;
+    let mut relay = start_relay(&dir, &format!("http://{ctl}"), 1, 0, None, false)?;
     let metrics = procs::addr(&relay, "metrics")?;
     wait_relays(ctl, 1)?;
     eprintln!("demo: ctl at http://{ctl}; relay: {}", relay.ready_line());
@@ -511,7 +592,13 @@ fn print_how_to_connect(ctl: SocketAddr, relays: &[&Proc]) {
     println!("  drain:   CTL_URL=http://{ctl} target/release/ctl drain <relay id>");
 }
 
-fn up(relays: usize, shards: usize, use_netns: bool) -> Result<bool, String> {
+fn up(a: UpArgs) -> Result<bool, String> {
+    let UpArgs {
+        relays,
+        shards,
+        ctls,
+        use_netns,
+    } = a;
     let dir = TempDir::new()?;
     let bridge = if use_netns {
         Some(netns::Bridge::create()?)
@@ -528,14 +615,33 @@ fn up(relays: usize, shards: usize, use_netns: bool) -> Result<bool, String> {
     let ctl_ip = namespaces
         .first()
         .map_or("127.0.0.1", |n| n.host_ip.as_str());
+    // More than one ctl: ctl on Redis, every process given to every relay.
+    let redis = match ctls {
+        1 => None,
+        _ => Some(Redis::start(&dir, ctl_ip)?),
+    };
+    let mut ctl_procs = Vec::new();
     // The relays form one messenger: chat between users homed on different relays crosses
     // their links (PROTOCOL.md section 8). Each waits for the others, so they start together.
-    let (mut ctl_proc, ctl) = start_ctl(&dir, ctl_ip, relays)?;
+    for n in 1..=ctls {
+        ctl_procs.push(start_ctl(
+            &dir,
+            ctl_ip,
+            relays,
+            redis.as_ref().map(|r| (r, n)),
+        )?);
+    }
+    let ctl = ctl_procs[0].1;
+    let ctl_urls: Vec<String> = ctl_procs
+        .iter()
+        .map(|(_, a)| format!("http://{a}"))
+        .collect();
+    let ctl_list = ctl_urls.join(",");
     let mut procs = std::thread::scope(|s| {
         let starting: Vec<_> = (1..=relays as u32)
             .map(|id| {
-                let (dir, ns) = (&dir, namespaces.get(id as usize - 1));
-                s.spawn(move || start_relay(dir, ctl, id, shards, ns, true))
+                let (dir, ns, ctl_list) = (&dir, namespaces.get(id as usize - 1), &ctl_list);
+                s.spawn(move || start_relay(dir, ctl_list, id, shards, ns, true))
             })
             .collect();
         starting
@@ -547,22 +653,35 @@ fn up(relays: usize, shards: usize, use_netns: bool) -> Result<bool, String> {
             .collect::<Result<Vec<_>, String>>()
     })?;
     wait_relays(ctl, relays as u64)?;
+    let ctl_text = match ctls {
+        1 => "ctl".to_string(),
+        n => format!("{n} ctl processes on one redis-server"),
+    };
     match namespaces.is_empty() {
         true => println!(
-            "up: ctl and {relays} relays on loopback; data in {}",
+            "up: {ctl_text} and {relays} relays on loopback; data in {}",
             dir.0.display()
         ),
         false => {
             let names: Vec<&str> = namespaces.iter().map(|n| n.name()).collect();
             println!(
-                "up: ctl and {relays} relays, each in its own network namespace ({}); data in {}",
+                "up: {ctl_text} and {relays} relays, each in its own network namespace ({}); data in {}",
                 names.join(", "),
                 dir.0.display()
             );
         }
     }
     print_how_to_connect(ctl, &procs.iter().collect::<Vec<_>>());
+    if let Some(r) = &redis {
+        println!(
+            "  ctl on Redis ({}): every one of {} serves; kill the acting one (its log says",
+            r.url,
+            ctl_urls.join(" ")
+        );
+        println!("           \"acting\") and another takes over within 3 s");
+    }
     println!("Ctrl-C stops everything.");
+    let mut gone = vec![false; ctl_procs.len()];
     while !STOP.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(200));
         for (i, p) in procs.iter_mut().enumerate() {
@@ -571,13 +690,24 @@ fn up(relays: usize, shards: usize, use_netns: bool) -> Result<bool, String> {
                 STOP.store(true, Ordering::Relaxed);
             }
         }
-        if !ctl_proc.alive() {
-            eprintln!("up: ctl exited; its log:\n{}", ctl_proc.log_tail(20));
+        for (i, (p, _)) in ctl_procs.iter_mut().enumerate() {
+            if !gone[i] && !p.alive() {
+                gone[i] = true;
+                eprintln!("up: {} exited; its log:\n{}", p.name(), p.log_tail(20));
+            }
+        }
+        // One ctl: its end is the end. Several: the others serve on until all are gone.
+        if gone.iter().all(|g| *g) {
             STOP.store(true, Ordering::Relaxed);
         }
     }
-    let clean = procs.iter_mut().map(Proc::stop).fold(true, |a, b| a & b) & ctl_proc.stop();
+    let mut clean = procs.iter_mut().map(Proc::stop).fold(true, |a, b| a & b);
+    for (i, (p, _)) in ctl_procs.iter_mut().enumerate() {
+        let stopped = p.stop();
+        clean &= stopped || gone[i];
+    }
     drop(procs);
+    drop(redis);
     drop(namespaces);
     drop(bridge);
     drop(dir);

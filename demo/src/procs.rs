@@ -86,6 +86,11 @@ impl Proc {
 
     /// Whether it is still running.
     /// The process id.
+    /// The name it was started with.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }

@@ -48,7 +48,8 @@ pub struct Flags {
     /// Binding TTL in milliseconds.
     #[arg(long)]
     pub binding_ttl_ms: Option<u64>,
-    /// ctl's address, `http://host:port`; without it the relay runs standalone.
+    /// ctl's address, `http://host:port` (or several, comma-separated: the processes of a ctl
+    /// on Redis); without it the relay runs standalone.
     #[arg(long)]
     pub ctl: Option<String>,
     /// Host name or address clients reach this relay at (reported to ctl).
@@ -224,7 +225,8 @@ pub struct Config {
     pub pin: bool,
     /// Socket buffer sizes requested, bytes.
     pub socket_buffer_bytes: usize,
-    /// ctl's address, `http://host:port`; none to run standalone.
+    /// ctl's address, `http://host:port` (comma-separated for several ctl processes); none to
+    /// run standalone.
     pub ctl: Option<String>,
     /// The secret ctl's `relay_token` asks relays for (at least 16 characters), sent with
     /// every heartbeat and command poll. The environment variable `RELAY_CTL_TOKEN`, when set

@@ -144,20 +144,37 @@ pub fn parse_url(url: &str) -> Result<SocketAddr, String> {
 /// Where ctl is and what the relay proves itself with.
 #[derive(Clone, Debug)]
 pub struct Ctl {
-    /// ctl's address.
-    pub addr: SocketAddr,
+    /// ctl's addresses: one, or every process of a ctl on Redis (any of them serves).
+    addrs: Vec<SocketAddr>,
+    /// The one tried first; the next after a request to it fails.
+    current: Arc<std::sync::atomic::AtomicUsize>,
     /// Sent as `Authorization: Bearer <token>` on every request when set (ctl's
     /// `relay_token`; PROTOCOL.md section 6).
     pub token: Option<crate::config::Secret>,
 }
 
 impl Ctl {
-    /// ctl at `url` (`http://host:port`), with `token` if any.
+    /// ctl at `url` (`http://host:port`, or several separated by commas: the processes of
+    /// a ctl on Redis), with `token` if any.
     pub fn new(url: &str, token: Option<crate::config::Secret>) -> Result<Self, String> {
         Ok(Self {
-            addr: parse_url(url)?,
+            addrs: url
+                .split(',')
+                .map(|u| parse_url(u.trim()))
+                .collect::<Result<_, _>>()?,
+            current: Arc::default(),
             token,
         })
+    }
+
+    /// The address requests go to now.
+    pub fn addr(&self) -> SocketAddr {
+        self.addrs[self.current.load(Ordering::Relaxed) % self.addrs.len()]
+    }
+
+    /// The next address, after a request to this one failed.
+    fn rotate(&self) {
+        self.current.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -197,7 +214,21 @@ fn request(
     body: &[u8],
     timeout: Duration,
 ) -> Result<(u16, Vec<u8>), String> {
-    let (addr, token) = (ctl.addr, ctl.token.as_ref().map(|t| t.expose()));
+    let r = request_once(ctl, method, path, body, timeout);
+    if r.is_err() {
+        ctl.rotate();
+    }
+    r
+}
+
+fn request_once(
+    ctl: &Ctl,
+    method: &str,
+    path: &str,
+    body: &[u8],
+    timeout: Duration,
+) -> Result<(u16, Vec<u8>), String> {
+    let (addr, token) = (ctl.addr(), ctl.token.as_ref().map(|t| t.expose()));
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1))
         .map_err(|e| format!("connect {addr}: {e}"))?;
     s.set_read_timeout(Some(timeout))

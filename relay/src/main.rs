@@ -75,7 +75,8 @@ fn register_with_ctl(cfg: &mut Config, url: &str) -> Result<Registered, Error> {
     }
     eprintln!(
         "relay: registered with ctl at {} as relay {}",
-        ctl.addr, cfg.relay_id
+        ctl.addr(),
+        cfg.relay_id
     );
     Ok((ctl, identity, lease, cluster))
 }

@@ -715,6 +715,8 @@ mod chat;
 mod cluster;
 #[path = "relay/ctl_e2e.rs"]
 mod ctl_e2e;
+#[path = "relay/ha.rs"]
+mod ha;
 
 for_backend!(batch);
 for_backend!(uring);

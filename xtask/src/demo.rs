@@ -17,7 +17,8 @@ pub fn demo(args: &[String]) -> Result {
         .args(args))
 }
 
-/// `cargo xtask up [--relays N] [--shards N]`: ctl and N relays until Ctrl-C.
+/// `cargo xtask up [--relays N] [--shards N] [--ctl N]`: ctl (or N on Redis) and N relays
+/// until Ctrl-C.
 pub fn up(args: &[String]) -> Result {
     build()?;
     run(Command::new(root().join("target/release/demo"))

@@ -3,7 +3,8 @@
 //!
 //! - `demo [--duration S] [--rooms N] [--participants N] [--keep-running]`: the local demo,
 //!   ctl and a relay with simulated participants and a summary table (demo/).
-//! - `up [--relays N] [--shards N]`: ctl and N linked relays (namespaces as root) until Ctrl-C.
+//! - `up [--relays N] [--shards N] [--ctl N]`: ctl (N on Redis) and N linked relays (namespaces
+//!   as root) until Ctrl-C.
 //! - `soak [--duration 1h] [ARGS]`: ctl and relays under churn for a long run, sampled into a
 //!   CSV and an SVG; fails if memory, descriptors or disk kept growing (perf/SOAK.md).
 //! - `test [--quick]`: format check, clippy and rustdoc (warnings denied), every unit and integration test

@@ -60,6 +60,10 @@ impl Proc {
             .unwrap_or_else(|| panic!("no {name} in {:?}", self.first_line))
     }
 
+    pub(crate) fn pid(&self) -> libc::pid_t {
+        self.child.id() as libc::pid_t
+    }
+
     pub(crate) fn kill9(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
