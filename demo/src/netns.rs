@@ -1,6 +1,7 @@
 //! Network namespaces for `demo up` when run as root: relay i lives in its own namespace at
 //! `10.N.i.2`, joined by a veth pair to a bridge on this side at `10.N.0.1` (N depends on the
-//! process id so that two `up`s do not collide). The bridge switches between namespaces, so
+//! process id and the bridge's number, so that two `up`s, or tests of one process, do not
+//! collide). The relay's integration tests use this file too (`relay/tests/relay.rs`). The bridge switches between namespaces, so
 //! relays reach each other (their links) without IP forwarding on this host; they reach ctl
 //! at the bridge's address, and people on this host reach the relays directly. Dropping a
 //! namespace removes it; dropping the bridge (after them) removes it.
@@ -45,23 +46,31 @@ pub fn available() -> bool {
             .is_ok_and(|s| s.success())
 }
 
-/// The bridge every namespace of this process hangs off.
+/// The bridge namespaces hang off.
 pub struct Bridge {
     name: String,
+    /// Its number in this process.
+    k: u32,
+    /// The second octet of its network, 10.N.0.0/16.
+    net: u32,
     /// Its address: the namespaces' gateway.
     pub ip: String,
-}
-
-fn net() -> u32 {
-    200 + std::process::id() % 50
 }
 
 impl Bridge {
     /// The bridge of this process.
     pub fn create() -> Result<Self, String> {
+        Self::numbered(0)
+    }
+
+    /// Bridge `k` (0..10) of this process: several may exist at once.
+    pub fn numbered(k: u32) -> Result<Self, String> {
+        let net = 200 + (std::process::id() * 10 + k) % 50;
         let br = Self {
-            name: format!("rubr{}", std::process::id() % 100_000),
-            ip: format!("10.{}.0.1", net()),
+            name: format!("rubr{}x{k}", std::process::id() % 100_000),
+            k,
+            net,
+            ip: format!("10.{net}.0.1"),
         };
         ip(&["link", "add", &br.name, "type", "bridge"])?;
         ip(&["addr", "add", &format!("{}/16", br.ip), "dev", &br.name])?;
@@ -80,13 +89,14 @@ impl Netns {
     /// Namespace `i` (1-based) for this process, on `bridge`.
     pub fn create(bridge: &Bridge, i: u32) -> Result<Self, String> {
         let pid = std::process::id();
+        let k = bridge.k;
         let ns = Self {
-            name: format!("relay-up-{pid}-{i}"),
-            veth: format!("ru{}h{i}", pid % 100_000),
+            name: format!("relay-up-{pid}-{k}-{i}"),
+            veth: format!("ru{}{k}h{i}", pid % 10_000),
             host_ip: bridge.ip.clone(),
-            ns_ip: format!("10.{}.{i}.2", net()),
+            ns_ip: format!("10.{}.{i}.2", bridge.net),
         };
-        let peer = format!("ru{}n{i}", pid % 100_000);
+        let peer = format!("ru{}{k}n{i}", pid % 10_000);
         ip(&["netns", "add", &ns.name])?;
         // From here on, drop cleans up whatever was made.
         ip(&[

@@ -717,6 +717,11 @@ mod cluster;
 mod ctl_e2e;
 #[path = "relay/ha.rs"]
 mod ha;
+// Network namespaces for the cluster tests, shared with `cargo xtask up` (not every function
+// is used here).
+#[allow(dead_code)]
+#[path = "../../demo/src/netns.rs"]
+mod netns;
 
 for_backend!(batch);
 for_backend!(uring);

@@ -1,5 +1,6 @@
-//! Chat across relays: one ctl and three linked relays, each on its own loopback address,
-//! as real processes.
+//! Chat across relays: one ctl and three linked relays as real processes, each relay in its
+//! own network namespace with its own address (as root, as `cargo xtask up` runs them), or
+//! else each on its own loopback address.
 
 use super::ctl_e2e::{ctl_binary, http, wait_until, Proc};
 use proto::chat::{code, kind, MsgId};
@@ -14,32 +15,74 @@ struct Cluster {
     ctl: SocketAddr,
     _ctl_proc: Proc,
     relays: Vec<Proc>,
+    /// Dropped after the processes.
+    hosts: Hosts,
 }
 
-/// The address of relay `id` of the cluster of test `net`: a loopback address of its own, which
-/// no other test binds (they use 127.0.0.1), so that fixed ports cannot collide.
-fn host(net: u8, id: u32) -> String {
-    format!("127.0.{net}.{id}")
+/// Where the relays of one test's cluster (number `net`) live.
+struct Hosts {
+    net: u8,
+    /// A bridge and a namespace per relay (root), or none (loopback addresses).
+    spaces: Option<(super::netns::Bridge, Vec<super::netns::Netns>)>,
+}
+
+impl Hosts {
+    fn new(net: u8, n: u32) -> Self {
+        let spaces = super::netns::available().then(|| {
+            let bridge = super::netns::Bridge::numbered(u32::from(net)).expect("a bridge");
+            let spaces = (1..=n)
+                .map(|i| super::netns::Netns::create(&bridge, i).expect("a namespace"))
+                .collect();
+            (bridge, spaces)
+        });
+        Self { net, spaces }
+    }
+
+    /// The address of relay `id`: in its namespace, or a loopback address of its own that no
+    /// other test binds (they use 127.0.0.1), so that fixed ports cannot collide.
+    fn relay(&self, id: u32) -> String {
+        match &self.spaces {
+            Some((_, spaces)) => spaces[id as usize - 1].ns_ip.clone(),
+            None => format!("127.0.{}.{id}", self.net),
+        }
+    }
+
+    /// Where ctl listens: the bridge (every namespace's gateway), or loopback.
+    fn ctl(&self) -> String {
+        match &self.spaces {
+            Some((bridge, _)) => bridge.ip.clone(),
+            None => "127.0.0.1".into(),
+        }
+    }
+
+    /// `program` as relay `id` runs it.
+    fn command(&self, id: u32, program: &Path) -> Command {
+        match &self.spaces {
+            Some((_, spaces)) => spaces[id as usize - 1].command(program),
+            None => Command::new(program),
+        }
+    }
 }
 
 /// Ports of every cluster relay, each on its own address.
 const BASE_PORT: u16 = 33_000;
 
-/// ctl waiting for `n` linked relays, and `n` relays of 2 shards on `host(net, 1..=n)`.
+/// ctl waiting for `n` linked relays, and `n` relays of 2 shards, each on its own host.
 fn start_cluster(dir: &Path, n: u32, net: u8) -> Cluster {
     std::fs::create_dir_all(dir).unwrap();
+    let hosts = Hosts::new(net, n);
     let cfg = dir.join("ctl.toml");
     std::fs::write(&cfg, format!("cluster_relays = {n}\n")).unwrap();
     let mut cmd = Command::new(ctl_binary());
     cmd.args(["serve", "--config", cfg.to_str().unwrap()])
-        .args(["--listen", "127.0.0.1:0"])
+        .args(["--listen", &format!("{}:0", hosts.ctl())])
         .args(["--data-dir", dir.join("ctl").to_str().unwrap()]);
     let ctl_proc = Proc::start(cmd);
     let ctl: SocketAddr = ctl_proc.field("listen").parse().unwrap();
     // Each relay waits for the others before it says it is ready: start them together.
     let starting: Vec<_> = (1..=n)
         .map(|id| {
-            let cmd = relay_command(dir, ctl, net, id);
+            let cmd = relay_command(dir, ctl, &hosts, id);
             std::thread::spawn(move || Proc::start(cmd))
         })
         .collect();
@@ -48,14 +91,15 @@ fn start_cluster(dir: &Path, n: u32, net: u8) -> Cluster {
         ctl,
         _ctl_proc: ctl_proc,
         relays,
+        hosts,
     }
 }
 
-/// Relay `id` of the cluster of test `net`, on its data directory under `dir`.
-fn relay_command(dir: &Path, ctl: SocketAddr, net: u8, id: u32) -> Command {
-    let host = host(net, id);
+/// Relay `id` of a cluster, on its data directory under `dir`.
+fn relay_command(dir: &Path, ctl: SocketAddr, hosts: &Hosts, id: u32) -> Command {
+    let host = hosts.relay(id);
     let base = BASE_PORT;
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_relay"));
+    let mut cmd = hosts.command(id, Path::new(env!("CARGO_BIN_EXE_relay")));
     cmd.args(["--io", "batch", "--shards", "2", "--no-pin"])
         .args(["--metrics", &format!("{host}:0")])
         .args(["--bind", &host, "--advertise-host", &host])
@@ -544,7 +588,9 @@ fn strangers_and_garbage_on_a_relay_link_are_refused_and_counted_and_chat_goes_o
     let a = users.iter().position(|u| u.relay == 1).unwrap();
     let b = users.iter().position(|u| u.relay == 2).unwrap();
     let relay1 = &cluster.relays[0];
-    let link: SocketAddr = format!("{}:{}", host(2, 1), BASE_PORT + 8).parse().unwrap();
+    let link: SocketAddr = format!("{}:{}", cluster.hosts.relay(1), BASE_PORT + 8)
+        .parse()
+        .unwrap();
     let attack = |bytes: &[u8]| {
         let mut s = std::net::TcpStream::connect(link).unwrap();
         s.write_all(bytes).unwrap();
@@ -777,7 +823,7 @@ fn kill_9_of_a_relay_under_chat_load_rehomes_its_users_and_loses_nothing_sent() 
         if !restarted && t >= Duration::from_secs(7) {
             let dir =
                 std::env::temp_dir().join(format!("relay-cluster-kill-{}", std::process::id()));
-            cluster.relays[1] = Proc::start(relay_command(&dir, cluster.ctl, 3, 2));
+            cluster.relays[1] = Proc::start(relay_command(&dir, cluster.ctl, &cluster.hosts, 2));
             restarted = true;
         }
         killed

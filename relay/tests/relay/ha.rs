@@ -1,6 +1,6 @@
 //! ctl on Redis: two ctl processes over one Debian `redis-server` serve one cluster, as real
-//! processes on loopback. Either answers every route; the acting one is killed, paused and cut
-//! off from Redis, and no meeting notices.
+//! processes on loopback. Either answers every route; each is killed under a stream of creates
+//! and joins through both, the acting one is paused, Redis is stopped, and no meeting notices.
 
 use super::ctl_e2e::{ctl_binary, http, wait_until, Proc};
 use super::{rtp, seqs, Client};
@@ -9,6 +9,8 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// A `redis-server` of the test's own, persisting every write (as ctl asks of its Redis).
@@ -147,6 +149,77 @@ fn joined_within(ctl: SocketAddr, code: &str, name: &str) -> (Duration, Client) 
     }
 }
 
+/// One request; `None` when ctl cannot be reached or does not answer.
+fn try_http(ctl: SocketAddr, method: &str, path: &str, body: &Value) -> Option<(u16, Value)> {
+    let mut s = TcpStream::connect_timeout(&ctl, Duration::from_secs(1)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    let body = body.to_string();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: ctl\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .ok()?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).ok()?;
+    let status = resp.split_whitespace().nth(1)?.parse().ok()?;
+    let json = resp.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    Some((status, serde_json::from_str(json).unwrap_or(Value::Null)))
+}
+
+/// What a client behind a load balancer did: meetings made (code, and where the join put its
+/// participant), and requests sent again to the other process after one failed.
+#[derive(Default)]
+struct Streamed {
+    made: Vec<(String, String)>,
+    retried: u32,
+}
+
+/// One request through process `i % 2`, moving to the other after a failure or a 503, until
+/// one answers (within 10 s).
+fn call(
+    addrs: [SocketAddr; 2],
+    i: &mut usize,
+    retried: &mut u32,
+    path: &str,
+    body: &Value,
+) -> (u16, Value) {
+    let from = Instant::now();
+    loop {
+        match try_http(addrs[*i % 2], "POST", path, body) {
+            Some((status, v)) if status != 503 => return (status, v),
+            _ => {
+                *retried += 1;
+                *i += 1;
+            }
+        }
+        assert!(
+            from.elapsed() < Duration::from_secs(10),
+            "no ctl answered {path} in 10 s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Makes meetings and joins each through the process the create did not use, until `stop`.
+fn stream_creates_and_joins(addrs: [SocketAddr; 2], stop: &AtomicBool) -> Streamed {
+    let mut out = Streamed::default();
+    let mut i = 0;
+    while !stop.load(Ordering::SeqCst) {
+        let body = json!({"title": "stream"});
+        let (status, m) = call(addrs, &mut i, &mut out.retried, "/v1/meetings", &body);
+        assert_eq!(status, 201, "{m}");
+        i += 1;
+        let body = json!({"code": m["code"], "name": "s"});
+        let (status, j) = call(addrs, &mut i, &mut out.retried, "/v1/join", &body);
+        assert_eq!(status, 200, "{j}");
+        let at = format!("{}:{}", j["relay_host"], j["udp_port"]);
+        out.made.push((m["code"].as_str().unwrap().to_string(), at));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    out
+}
+
 /// A meeting created through `ctl`, retried while it answers 503 (within 5 s).
 fn created_within(ctl: SocketAddr, title: &str) -> Value {
     let from = Instant::now();
@@ -239,6 +312,21 @@ fn two_ctls_on_redis_serve_one_cluster_and_no_takeover_ends_a_meeting() {
         }
     };
 
+    // A client making meetings and joining them through both, in turn, as behind a load
+    // balancer, and sending a failed request again to the other one; until after step 1.
+    let stop = Arc::new(AtomicBool::new(false));
+    let stream = {
+        let stop = stop.clone();
+        std::thread::spawn(move || stream_creates_and_joins(addrs, &stop))
+    };
+    // 0. The process that does not act killed under the stream, and restarted at its address.
+    std::thread::sleep(Duration::from_millis(500));
+    procs[1 - first].take().unwrap().kill9();
+    std::thread::sleep(Duration::from_secs(1));
+    let (again, _) = start_ctl(&dir.join("b-again"), &config, &follower.to_string());
+    procs[1 - first] = Some(again);
+    std::thread::sleep(Duration::from_secs(1));
+
     // 1. The acting ctl killed: the other takes over within the lease, from the state in
     // Redis; media never stops, no relay is declared dead, and new participants join.
     procs[first].take().unwrap().kill9();
@@ -255,6 +343,30 @@ fn two_ctls_on_redis_serve_one_cluster_and_no_takeover_ends_a_meeting() {
     );
     assert_eq!(metric(follower, "ctl_relay_deaths_total"), Some(0));
     let survivor = 1 - first;
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::SeqCst);
+    let streamed = stream.join().unwrap();
+    eprintln!(
+        "stream through both: {} meetings made and joined, {} requests sent again to the other",
+        streamed.made.len(),
+        streamed.retried
+    );
+    assert!(streamed.retried > 0, "the stream met the kills");
+    // Meetings, placements and the key survived both kills: every meeting the stream made is
+    // joined at the place it was, with a token the relay takes.
+    let (_, key_after) = http(follower, "GET", "/v1/public-key", None, None);
+    assert_eq!(key_after, k1, "the key survives");
+    for (code, at) in &streamed.made {
+        let (status, j) = http(
+            follower,
+            "POST",
+            "/v1/join",
+            Some(&json!({"code": code, "name": "check"})),
+            None,
+        );
+        assert_eq!(status, 200, "{code}: {j}");
+        assert_eq!(&format!("{}:{}", j["relay_host"], j["udp_port"]), at);
+    }
 
     // 2. Restarted (at its address, which the relay knows), it follows and passes requests on.
     let (again, c) = start_ctl(&dir.join("again"), &config, &addrs[first].to_string());
