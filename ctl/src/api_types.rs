@@ -190,3 +190,48 @@ pub struct Health {
     /// True for `dead_after` after start, while membership is re-learned from heartbeats.
     pub relearning: bool,
 }
+
+/// `POST /v1/verification/sessions` body.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StartVerification {
+    /// The phone number, with its country code (`+1 202 555 0143`).
+    pub number: String,
+}
+
+/// A verification session started.
+#[derive(Clone, Debug, Serialize)]
+pub struct VerificationStarted {
+    pub session_id: String,
+    /// The number in E.164.
+    pub number: String,
+    /// Whether a code went out now (else the number waits for its schedule: resend later).
+    pub code_sent: bool,
+    /// Seconds until the number may get another code.
+    pub next_code_in_s: u64,
+    pub expires_in_s: u64,
+}
+
+/// A code sent again.
+#[derive(Clone, Debug, Serialize)]
+pub struct CodeResent {
+    pub next_code_in_s: u64,
+}
+
+/// `POST /v1/verification/sessions/{id}/verify` body.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VerifyCode {
+    pub code: String,
+}
+
+/// A device signed in.
+#[derive(Clone, Debug, Serialize)]
+pub struct SignedIn {
+    pub user_id: u64,
+    /// The device's credential: `Authorization: Bearer <it>` on the `/v1/me` routes. Shown
+    /// once; ctl keeps only its SHA-256.
+    pub device_credential: String,
+    /// Whether this sign-in created the account.
+    pub new_account: bool,
+}

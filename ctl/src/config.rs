@@ -73,6 +73,11 @@ pub struct Config {
     /// With `redis_url`: the address the other ctl processes reach this one at, when it
     /// listens on an unspecified address (0.0.0.0 or ::).
     pub advertise_ip: Option<std::net::IpAddr>,
+    /// Where sign-in codes go: this URL gets an HTTP POST per code (ctl/API.md, "Accounts");
+    /// unset, they are appended to `DATA_DIR/sms-outbox.jsonl`.
+    pub sms_webhook_url: Option<String>,
+    /// Sent as `Authorization: Bearer <sms_webhook_token>` with each POST when set.
+    pub sms_webhook_token: Option<Secret>,
 }
 
 /// A credential read from the configuration: `Debug` does not show it.
@@ -125,6 +130,8 @@ impl Default for Config {
             redis_url: None,
             redis_lease_ms: 3000,
             advertise_ip: None,
+            sms_webhook_url: None,
+            sms_webhook_token: None,
         }
     }
 }
@@ -197,6 +204,13 @@ impl Config {
                 );
             }
         }
+        if self
+            .sms_webhook_url
+            .as_ref()
+            .is_some_and(|u| !u.starts_with("http://"))
+        {
+            bail!("sms_webhook_url must be an http:// URL (a local bridge to the provider)");
+        }
         for (name, token) in [
             ("admin_token", &self.admin_token),
             ("relay_token", &self.relay_token),
@@ -218,6 +232,17 @@ impl Config {
             .max(500)
             .min(self.dead_after_ms / 2);
         self.dead_after_ms - margin
+    }
+
+    /// Where sign-in codes go.
+    pub fn sms_gateway(&self) -> crate::sms::Gateway {
+        match &self.sms_webhook_url {
+            Some(url) => crate::sms::Gateway::Webhook {
+                url: url.clone(),
+                token: self.sms_webhook_token.clone(),
+            },
+            None => crate::sms::Gateway::Outbox(self.data_dir.join("sms-outbox.jsonl")),
+        }
     }
 
     /// Base URL of join links.

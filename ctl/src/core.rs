@@ -15,6 +15,7 @@
 //! [`Core::tick`] at least every 500 ms.
 #![forbid(unsafe_code)]
 
+use crate::accounts::{AccountRecord, Accounts, Refusal, Sms, Verifier};
 use crate::commands::{Command, Queues};
 use crate::config::Config;
 use crate::error::ApiError;
@@ -119,6 +120,8 @@ pub(crate) enum Record {
     },
     /// The cluster's chat owners (shard addresses), fixed once and for good.
     Cluster(Vec<u16>),
+    /// A sign-in's account or device, or an account deleted.
+    Account(AccountRecord),
 }
 
 /// Counters for `/metrics`.
@@ -185,6 +188,10 @@ pub struct Core {
     cluster: Option<Vec<u16>>,
     /// The stager's sequence number of the record that formed it (0: restored from disk).
     cluster_seq: u64,
+    /// Accounts by phone number, and their device credentials (durable).
+    accounts: Accounts,
+    /// Verification sessions under way (in memory: a restart asks for a new code).
+    sign_ins: Verifier,
     pub stats: Stats,
 }
 
@@ -246,6 +253,8 @@ impl Core {
             fencing: BTreeSet::new(),
             cluster: None,
             cluster_seq: 0,
+            accounts: Accounts::default(),
+            sign_ins: Verifier::default(),
             stats: Stats::default(),
             cfg,
         };
@@ -270,6 +279,7 @@ impl Core {
                 }
             }
             Record::Cluster(owners) => self.cluster = Some(owners),
+            Record::Account(r) => self.accounts.apply(&r),
             Record::Released { scope, id } => {
                 self.ids.remove(&(scope, key(id)));
                 if let Some(old) = self.placed.remove(&(scope, id)) {
@@ -366,6 +376,7 @@ impl Core {
             .map(|m| Record::Meeting(m.clone()))
             .chain(self.placed.values().map(|p| Record::Placed(p.clone())))
             .chain(self.cluster.iter().map(|o| Record::Cluster(o.clone())))
+            .chain(self.accounts.records().map(Record::Account))
             .collect();
         self.stager.stage_snapshot(records.iter());
     }
@@ -658,6 +669,7 @@ impl Core {
         if now.mono >= self.next_expiry_sweep {
             self.next_expiry_sweep = now.mono + EXPIRY_SWEEP;
             self.expire_idle(now);
+            self.sign_ins.sweep(now.mono);
         }
         self.maybe_compact();
     }
@@ -1182,3 +1194,119 @@ fn bounded_name(s: Option<String>, field: &str) -> Result<String, ApiError> {
 #[cfg(test)]
 #[path = "core_tests.rs"]
 mod tests;
+
+/// Sign-in by phone (ctl/API.md, "Accounts"): verification sessions in memory, accounts and
+/// device credentials durable.
+impl Core {
+    /// Starts a verification session for the number `input` with id `id` and first code
+    /// `code` (random, from the caller); the code to send, if the number may get one now.
+    pub fn start_verification(
+        &mut self,
+        now: &Now,
+        input: &str,
+        id: String,
+        code: [u8; 6],
+    ) -> Result<(VerificationStarted, Option<Sms>), ApiError> {
+        let number = crate::accounts::normalize(input).map_err(refused)?;
+        let (sms, next) = self
+            .sign_ins
+            .start(now.mono, &number, id.clone(), code)
+            .map_err(refused)?;
+        let started = VerificationStarted {
+            session_id: id,
+            number,
+            code_sent: sms.is_some(),
+            next_code_in_s: next,
+            expires_in_s: crate::accounts::SESSION_TTL.as_secs(),
+        };
+        Ok((started, sms))
+    }
+
+    /// A new code for session `id`, if its number may get one now.
+    pub fn resend_code(
+        &mut self,
+        now: &Now,
+        id: &str,
+        code: [u8; 6],
+    ) -> Result<(CodeResent, Sms), ApiError> {
+        let (sms, next) = self.sign_ins.resend(now.mono, id, code).map_err(refused)?;
+        Ok((
+            CodeResent {
+                next_code_in_s: next,
+            },
+            sms,
+        ))
+    }
+
+    /// Checks `code` for session `id`; on a match, signs the number in: its account (made
+    /// now, with the unused id `new_user`, on the first sign-in) gets `credential` as its one
+    /// device credential, replacing any other device's.
+    pub fn verify(
+        &mut self,
+        now: &Now,
+        id: &str,
+        code: &str,
+        from: std::net::IpAddr,
+        new_user: u64,
+        credential: String,
+    ) -> Result<SignedIn, ApiError> {
+        if self.journal_failed {
+            return Err(ApiError::Storage);
+        }
+        let number = self
+            .sign_ins
+            .check(now.mono, id, code, from)
+            .map_err(refused)?;
+        let (user_id, new_account) = match self.accounts.user(&number) {
+            Some(u) => (u, false),
+            None => {
+                if self.accounts.exists(new_user) || new_user == 0 {
+                    return Err(ApiError::Storage);
+                }
+                self.commit(Record::Account(AccountRecord::Created {
+                    number,
+                    user_id: new_user,
+                }))?;
+                (new_user, true)
+            }
+        };
+        self.commit(Record::Account(AccountRecord::Device {
+            user_id,
+            credential_sha256: proto::token::hex(&crate::accounts::credential_hash(&credential)),
+        }))?;
+        Ok(SignedIn {
+            user_id,
+            device_credential: credential,
+            new_account,
+        })
+    }
+
+    /// The account whose device credential `credential` is.
+    pub fn device_user(&self, credential: Option<&str>) -> Result<u64, ApiError> {
+        let c = credential.ok_or(ApiError::Unauthenticated)?;
+        self.accounts
+            .by_credential(c)
+            .ok_or(ApiError::BadCredentials)
+    }
+
+    /// Removes account `user_id`: its number's mapping and its device credential.
+    pub fn delete_account(&mut self, user_id: u64) -> Result<(), ApiError> {
+        self.commit(Record::Account(AccountRecord::Deleted { user_id }))
+    }
+
+    /// Accounts on record.
+    pub fn account_count(&self) -> usize {
+        self.accounts.len()
+    }
+}
+
+fn refused(r: Refusal) -> ApiError {
+    match r {
+        Refusal::InvalidNumber(why) => ApiError::InvalidNumber(why),
+        Refusal::UnknownSession => ApiError::UnknownSession,
+        Refusal::RetryAfter(s) => ApiError::RetryAfter(s),
+        Refusal::WrongCode(left) => ApiError::WrongCode(left),
+        Refusal::CodeExpired => ApiError::CodeExpired,
+        Refusal::Full => ApiError::TooManySessions,
+    }
+}

@@ -754,3 +754,59 @@ fn close_rooms_owed_to_a_relay_survive_its_second_death() {
     let next = rig.core.handle_heartbeat(&rig.at(8_100), hb(1, 2)).unwrap();
     assert_eq!(next.lease_ms, 2_500);
 }
+
+#[test]
+fn a_second_device_replaces_the_first_and_accounts_survive_restarts() {
+    let mut rig = Rig::new("accounts");
+    let ip: std::net::IpAddr = "192.0.2.1".parse().unwrap();
+    let now = rig.at(0);
+    let (started, sms) = rig
+        .core
+        .start_verification(&now, "+1 202 555 0143", "a".into(), [1, 2, 3, 4, 5, 6])
+        .unwrap();
+    assert_eq!(started.number, "+12025550143");
+    assert!(sms.is_some_and(|s| s.body.contains("123456")));
+    let first = rig
+        .core
+        .verify(&now, "a", "123456", ip, 77, "cred-one".into())
+        .unwrap();
+    assert_eq!((first.user_id, first.new_account), (77, true));
+    // A new device a minute later: the same account, and only the new credential works.
+    let later = rig.at(61_000);
+    let (_, sms) = rig
+        .core
+        .start_verification(&later, "+12025550143", "b".into(), [6, 5, 4, 3, 2, 1])
+        .unwrap();
+    assert!(sms.is_some());
+    let second = rig
+        .core
+        .verify(&later, "b", "654321", ip, 78, "cred-two".into())
+        .unwrap();
+    assert_eq!((second.user_id, second.new_account), (77, false));
+    assert_eq!(
+        rig.core.device_user(Some("cred-one")),
+        Err(ApiError::BadCredentials)
+    );
+    assert_eq!(rig.core.device_user(Some("cred-two")), Ok(77));
+    assert_eq!(rig.core.device_user(None), Err(ApiError::Unauthenticated));
+    rig.restart(62_000);
+    assert_eq!(rig.core.device_user(Some("cred-two")), Ok(77));
+    assert_eq!(rig.core.account_count(), 1);
+    // Deleted: gone for good, and the number signs in as a new account.
+    rig.core.delete_account(77).unwrap();
+    rig.restart(63_000);
+    assert_eq!(rig.core.account_count(), 0);
+    assert_eq!(
+        rig.core.device_user(Some("cred-two")),
+        Err(ApiError::BadCredentials)
+    );
+    let t = rig.at(200_000);
+    rig.core
+        .start_verification(&t, "+12025550143", "c".into(), [0; 6])
+        .unwrap();
+    let third = rig
+        .core
+        .verify(&t, "c", "000000", ip, 79, "cred-three".into())
+        .unwrap();
+    assert_eq!((third.user_id, third.new_account), (79, true));
+}

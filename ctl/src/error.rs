@@ -51,6 +51,20 @@ pub enum ApiError {
     /// ctl on Redis: no ctl process holds the lease now (Redis unreachable, or a takeover
     /// under way).
     NoLeader,
+    /// Not a phone number ctl takes (with why).
+    InvalidNumber(String),
+    /// No such verification session (never made, over, or used up).
+    UnknownSession,
+    /// Too early or too many; retry after this many seconds.
+    RetryAfter(u64),
+    /// The code does not match; this many checks are left in the session.
+    WrongCode(u32),
+    /// The session's code has expired; ask for another.
+    CodeExpired,
+    /// Too many verification sessions under way.
+    TooManySessions,
+    /// The SMS gateway did not take the code.
+    SmsGateway,
 }
 
 impl ApiError {
@@ -58,16 +72,18 @@ impl ApiError {
     pub fn status(&self) -> u16 {
         use ApiError::*;
         match self {
-            BadJson(_) | BadRequest(_) | Invalid(_) | CannotRemoveHost => 400,
-            Unauthenticated | BadCredentials | BadToken(_) | TokenExpired => 401,
+            BadJson(_) | BadRequest(_) | Invalid(_) | CannotRemoveHost | InvalidNumber(_) => 400,
+            Unauthenticated | BadCredentials | BadToken(_) | TokenExpired | WrongCode(_) => 401,
             WrongMeeting | NotHost => 403,
-            UnknownMeeting | UnknownParticipant | UnknownRelay | NotFound => 404,
+            UnknownMeeting | UnknownParticipant | UnknownRelay | NotFound | UnknownSession => 404,
+            CodeExpired => 410,
             MethodNotAllowed => 405,
             Timeout => 408,
             MeetingFull | TooManyMeetings => 409,
-            TooManyRequests => 429,
+            TooManyRequests | RetryAfter(_) => 429,
+            SmsGateway => 502,
             BodyTooLarge(_) => 413,
-            NoRelay | TooManyRelays | Storage | NoLeader => 503,
+            NoRelay | TooManyRelays | Storage | NoLeader | TooManySessions => 503,
         }
     }
 
@@ -99,12 +115,25 @@ impl ApiError {
             Timeout => "timeout",
             TooManyRequests => "too_many_requests",
             NoLeader => "no_leader",
+            InvalidNumber(_) => "invalid_number",
+            UnknownSession => "unknown_session",
+            RetryAfter(_) => "retry_later",
+            WrongCode(_) => "wrong_code",
+            CodeExpired => "code_expired",
+            TooManySessions => "too_many_sessions",
+            SmsGateway => "sms_gateway",
         }
     }
 
     /// The JSON error body, `{"error": "...", "code": "..."}`.
     pub fn body(&self) -> String {
-        serde_json::json!({"error": self.to_string(), "code": self.code()}).to_string()
+        let mut v = serde_json::json!({"error": self.to_string(), "code": self.code()});
+        match self {
+            ApiError::RetryAfter(s) => v["retry_after_s"] = (*s).into(),
+            ApiError::WrongCode(left) => v["checks_left"] = (*left).into(),
+            _ => {}
+        }
+        v.to_string()
     }
 }
 
@@ -146,6 +175,13 @@ impl fmt::Display for ApiError {
                 f.write_str("too many unknown join codes from this address; retry in a minute")
             }
             NoLeader => f.write_str("no ctl process is acting now (Redis unreachable or a takeover under way); retry shortly"),
+            InvalidNumber(why) => write!(f, "not a phone number: {why}"),
+            UnknownSession => f.write_str("no such verification session (over or used up): start a new one"),
+            RetryAfter(s) => write!(f, "too early or too many attempts; retry in {s} s"),
+            WrongCode(left) => write!(f, "wrong code; {left} checks left in this session"),
+            CodeExpired => f.write_str("the code has expired; ask for a new one"),
+            TooManySessions => f.write_str("too many verifications under way; retry shortly"),
+            SmsGateway => f.write_str("the SMS gateway did not take the code; retry shortly"),
         }
     }
 }

@@ -15,6 +15,7 @@
 pub mod placement;
 
 // The daemon (see `core` for the state machine and `server` for its HTTP driver).
+pub mod accounts;
 pub mod api_types;
 pub mod client;
 pub mod commands;
@@ -30,4 +31,5 @@ pub mod meetings;
 pub mod membership;
 pub mod metrics;
 pub mod server;
+pub mod sms;
 pub mod views;

@@ -55,6 +55,8 @@ pub struct App {
     /// ctl on Redis: this process stopped acting (its lease lapsed); the writer and the
     /// ticker of this state stop, and nothing it stages is written.
     retired: std::sync::atomic::AtomicBool,
+    /// Where sign-in codes go.
+    sms: crate::sms::Gateway,
 }
 
 /// The journal writer's progress, for requests waiting on it.
@@ -77,6 +79,7 @@ impl App {
         let relay_token = core.config().relay_token.clone();
         let max_body_bytes = core.config().max_body_bytes;
         let join_guard = Mutex::new(JoinGuard::new(core.config().join_failures_per_minute));
+        let sms = core.config().sms_gateway();
         Arc::new(Self {
             core: Mutex::new(core),
             staged: Condvar::new(),
@@ -87,6 +90,7 @@ impl App {
             max_body_bytes,
             join_guard,
             retired: std::sync::atomic::AtomicBool::new(false),
+            sms,
         })
     }
 
@@ -390,6 +394,122 @@ async fn relay_commands(
     }
 }
 
+/// `n` random bytes (for session ids and credentials).
+fn random_bytes<const N: usize>() -> Result<[u8; N]> {
+    let mut b = [0u8; N];
+    getrandom::getrandom(&mut b).map_err(|_| ApiError::Storage)?;
+    Ok(b)
+}
+
+/// Six uniformly random decimal digits (bytes of 250 and above are drawn again).
+fn random_code() -> Result<[u8; 6]> {
+    let mut code = [0u8; 6];
+    let mut i = 0;
+    while i < 6 {
+        for b in random_bytes::<16>()? {
+            if b < 250 && i < 6 {
+                code[i] = b % 10;
+                i += 1;
+            }
+        }
+    }
+    Ok(code)
+}
+
+impl App {
+    /// Hands a sign-in code to the gateway, off the runtime's thread.
+    async fn send_sms(&self, sms: crate::accounts::Sms) -> Result<()> {
+        let gateway = self.sms.clone();
+        let unix_s = Now::system().unix_s;
+        let sent = tokio::task::spawn_blocking(move || gateway.send(&sms, unix_s)).await;
+        match sent {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => {
+                eprintln!("ctl: {e}");
+                Err(ApiError::SmsGateway)
+            }
+            Err(_) => Err(ApiError::SmsGateway),
+        }
+    }
+}
+
+async fn start_verification(
+    State(app): State<Shared>,
+    body: std::result::Result<Bytes, BytesRejection>,
+) -> Response {
+    let r = async {
+        let req = parse_body::<StartVerification>(&app, body)?;
+        let id = proto::token::hex(&random_bytes::<16>()?);
+        let code = random_code()?;
+        let (started, sms) =
+            app.with_core(|c| c.start_verification(&Now::system(), &req.number, id, code))?;
+        if let Some(sms) = sms {
+            app.send_sms(sms).await?;
+        }
+        Ok::<_, ApiError>(started)
+    };
+    match r.await {
+        Ok(started) => json(StatusCode::CREATED, &started),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn resend_code(
+    State(app): State<Shared>,
+    path: std::result::Result<Path<String>, PathRejection>,
+) -> Response {
+    let r = async {
+        let id = one_segment(path)?;
+        let code = random_code()?;
+        let (resent, sms) = app.with_core(|c| c.resend_code(&Now::system(), &id, code))?;
+        app.send_sms(sms).await?;
+        Ok::<_, ApiError>(resent)
+    };
+    ok(r.await)
+}
+
+async fn verify_code(
+    State(app): State<Shared>,
+    peer: Option<Extension<Peer>>,
+    path: std::result::Result<Path<String>, PathRejection>,
+    body: std::result::Result<Bytes, BytesRejection>,
+) -> Response {
+    let r = async {
+        let id = one_segment(path)?;
+        let req = parse_body::<VerifyCode>(&app, body)?;
+        let from = peer.map_or(
+            std::net::IpAddr::from([0, 0, 0, 0]),
+            |Extension(Peer(ip))| ip,
+        );
+        // A fresh user id (below 2^53, so that JSON clients read it exactly) in case this is
+        // the number's first sign-in, and the device's credential.
+        let new_user = (u64::from_le_bytes(random_bytes::<8>()?) >> 11).max(1);
+        let credential = proto::token::hex(&random_bytes::<32>()?);
+        app.durable(|c| c.verify(&Now::system(), &id, &req.code, from, new_user, credential))
+            .await?
+    };
+    ok(r.await)
+}
+
+async fn my_home(State(app): State<Shared>, headers: HeaderMap) -> Response {
+    let r = async {
+        let user = app.with_core(|c| c.device_user(bearer(&headers)))?;
+        app.durable(|c| c.user_home(&Now::system(), user)).await?
+    };
+    ok(r.await)
+}
+
+async fn delete_me(State(app): State<Shared>, headers: HeaderMap) -> Response {
+    let r = async {
+        let user = app.with_core(|c| c.device_user(bearer(&headers)))?;
+        app.durable(|c| c.delete_account(user)).await?
+    };
+    match r.await {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
 async fn create_meeting(
     State(app): State<Shared>,
     body: std::result::Result<Bytes, BytesRejection>,
@@ -686,6 +806,26 @@ pub fn router(
         .add("DELETE", "/v1/meetings/{meeting_id}", Client, end_meeting)
         .add("GET", "/v1/rooms", Internal, list_rooms)
         .add("GET", "/v1/users/{user_id}/home", Internal, user_home)
+        .add(
+            "POST",
+            "/v1/verification/sessions",
+            Client,
+            start_verification,
+        )
+        .add(
+            "POST",
+            "/v1/verification/sessions/{session_id}/resend",
+            Client,
+            resend_code,
+        )
+        .add(
+            "POST",
+            "/v1/verification/sessions/{session_id}/verify",
+            Client,
+            verify_code,
+        )
+        .add("GET", "/v1/me/home", Client, my_home)
+        .add("DELETE", "/v1/me", Client, delete_me)
         .add("GET", "/v1/public-key", Both, public_key)
         .add("GET", "/health", Both, health)
         .add("GET", "/metrics", Internal, metrics);
@@ -858,7 +998,7 @@ mod tests {
     fn openapi_lists_exactly_the_served_routes() {
         let served = served_routes();
         let documented = openapi_routes(include_str!("../openapi.yaml"));
-        assert_eq!(served.len(), 15);
+        assert_eq!(served.len(), 20);
         let missing: Vec<_> = served.difference(&documented).collect();
         let extra: Vec<_> = documented.difference(&served).collect();
         assert!(

@@ -1117,3 +1117,107 @@ fn a_full_disk_gets_503_storage_and_loses_nothing_acknowledged() {
         acknowledged.len()
     );
 }
+
+/// The newest code the outbox holds for `number`.
+fn code_in_outbox(dir: &Path, number: &str) -> String {
+    let text = std::fs::read_to_string(dir.join("sms-outbox.jsonl")).expect("an outbox");
+    let line = text
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .rfind(|v| v["to"] == number)
+        .unwrap_or_else(|| panic!("no code for {number}"));
+    line["body"]
+        .as_str()
+        .unwrap()
+        .chars()
+        .filter(char::is_ascii_digit)
+        .collect()
+}
+
+#[test]
+fn sign_in_by_phone_gives_a_device_credential_and_only_its_own_chat_token() {
+    let dir = temp_dir("sign-in");
+    let ctl = Ctl::start(&dir);
+    let _relay = FakeRelay::start(&ctl.url, 1);
+    let start = |number: &str| {
+        let body = json!({ "number": number }).to_string();
+        ctl.json("POST", "/v1/verification/sessions", Some(&body), None)
+    };
+    // Not numbers: refused, and nothing is sent.
+    for bad in ["2025550143", "+1 555", "call me", "+999 1234567"] {
+        let (s, v) = start(bad);
+        assert_eq!(
+            (s, v["code"].as_str()),
+            (400, Some("invalid_number")),
+            "{bad}: {v}"
+        );
+    }
+    assert!(!dir.join("sms-outbox.jsonl").exists());
+    // A number, as people write it: normalised, and a code goes out.
+    let (s, v) = start("+1 (202) 555-0143");
+    assert_eq!(s, 201, "{v}");
+    assert_eq!(v["number"], "+12025550143");
+    assert_eq!(
+        (v["code_sent"].as_bool(), v["next_code_in_s"].as_u64()),
+        (Some(true), Some(60))
+    );
+    let session = v["session_id"].as_str().unwrap().to_string();
+    let code = code_in_outbox(&dir, "+12025550143");
+    assert_eq!(code.len(), 6);
+    // A resend before the minute is up waits; a second session does not reset the schedule.
+    let path = |what: &str| format!("/v1/verification/sessions/{session}/{what}");
+    let (s, v) = ctl.json("POST", &path("resend"), None, None);
+    assert_eq!((s, v["code"].as_str()), (429, Some("retry_later")), "{v}");
+    assert!(v["retry_after_s"]
+        .as_u64()
+        .is_some_and(|r| (1..=60).contains(&r)));
+    let (s, v) = start("+12025550143");
+    assert_eq!((s, v["code_sent"].as_bool()), (201, Some(false)), "{v}");
+    // A wrong code counts down; the right one signs in, once.
+    let verify = |code: &str| {
+        let body = json!({ "code": code }).to_string();
+        ctl.json("POST", &path("verify"), Some(&body), None)
+    };
+    let wrong = if code == "000000" { "111111" } else { "000000" };
+    let (s, v) = verify(wrong);
+    assert_eq!(
+        (s, v["code"].as_str(), v["checks_left"].as_u64()),
+        (401, Some("wrong_code"), Some(4))
+    );
+    let (s, signed) = verify(&code);
+    assert_eq!(s, 200, "{signed}");
+    assert_eq!(signed["new_account"], true);
+    let user = signed["user_id"].as_u64().unwrap();
+    let credential = signed["device_credential"].as_str().unwrap().to_string();
+    let (s, v) = verify(&code);
+    assert_eq!(
+        (s, v["code"].as_str()),
+        (404, Some("unknown_session")),
+        "single use"
+    );
+    // The credential gets its own home and a token for that user only.
+    let (s, home) = ctl.json("GET", "/v1/me/home", None, Some(&credential));
+    assert_eq!(s, 200, "{home}");
+    assert_eq!(home["user_id"].as_u64(), Some(user));
+    let (_, pk) = ctl.json("GET", "/v1/public-key", None, None);
+    let key = proto::token::public_key_from_hex(pk["public_key"].as_str().unwrap()).unwrap();
+    let claims = proto::token::TokenVerifier::new(key, 0)
+        .verify_text(home["token"].as_str().unwrap().as_bytes(), 0)
+        .unwrap();
+    assert_eq!((claims.scope_id, claims.participant_id), (user, user));
+    let (s, v) = ctl.json("GET", "/v1/me/home", None, None);
+    assert_eq!((s, v["code"].as_str()), (401, Some("unauthenticated")));
+    let (s, v) = ctl.json("GET", "/v1/me/home", None, Some(&"0".repeat(64)));
+    assert_eq!((s, v["code"].as_str()), (401, Some("bad_credentials")));
+    // Durable: a kill -9 and a restart keep the account and the credential.
+    ctl.kill();
+    let ctl = Ctl::start(&dir);
+    let _relay = FakeRelay::start(&ctl.url, 1);
+    let (s, again) = ctl.json("GET", "/v1/me/home", None, Some(&credential));
+    assert_eq!((s, again["user_id"].as_u64()), (200, Some(user)), "{again}");
+    // Deleted: the credential is refused from then on.
+    let r = ctl.call("DELETE", "/v1/me", None, Some(&credential));
+    assert_eq!(r.status, 204, "{}", r.text());
+    let (s, _) = ctl.json("GET", "/v1/me/home", None, Some(&credential));
+    assert_eq!(s, 401);
+}

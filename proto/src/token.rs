@@ -258,7 +258,8 @@ pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn hex_decode<const N: usize>(s: &str) -> Option<[u8; N]> {
+/// `N` bytes from `2 * N` hex digits (either case).
+pub fn hex_decode<const N: usize>(s: &str) -> Option<[u8; N]> {
     let s = s.as_bytes();
     if s.len() != 2 * N {
         return None;
