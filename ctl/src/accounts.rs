@@ -292,6 +292,38 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// Numbers one contact-discovery request may carry (well inside the 16 KiB default body).
+pub const DISCOVERY_BATCH: usize = 500;
+/// Numbers one account may look up per day (ctl/API.md, "Accounts", says why this many).
+pub const DISCOVERY_PER_DAY: u32 = 5_000;
+const DAY: Duration = Duration::from_secs(24 * 3600);
+
+/// What each account has spent of its daily contact-discovery budget (in memory).
+#[derive(Default)]
+pub struct DiscoveryBudget {
+    spent: HashMap<u64, (Instant, u32)>,
+}
+
+impl DiscoveryBudget {
+    /// Spends `n` lookups of `user`'s day; what is left, or when to retry if `n` do not fit
+    /// (then nothing is spent).
+    pub fn spend(&mut self, now: Instant, user: u64, n: u32) -> Result<u32, Refusal> {
+        if self.spent.len() >= MAX_TRACKED {
+            self.spent
+                .retain(|_, (since, _)| now.duration_since(*since) < DAY);
+        }
+        let (since, used) = self.spent.entry(user).or_insert((now, 0));
+        if now.duration_since(*since) >= DAY {
+            (*since, *used) = (now, 0);
+        }
+        if used.saturating_add(n) > DISCOVERY_PER_DAY {
+            return Err(Refusal::RetryAfter(secs(DAY - now.duration_since(*since))));
+        }
+        *used += n;
+        Ok(DISCOVERY_PER_DAY - *used)
+    }
+}
+
 /// A change to the accounts, as the journal (or Redis) keeps it.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -397,11 +429,31 @@ pub fn credential_hash(credential: &str) -> [u8; 32] {
 mod tests {
     use super::*;
 
+    #[test]
+    fn discovery_spends_a_daily_budget_and_refuses_past_it_whole() {
+        let t = Instant::now();
+        let mut b = DiscoveryBudget::default();
+        assert_eq!(b.spend(t, 1, 1_000), Ok(4_000));
+        assert_eq!(b.spend(t, 1, 4_000), Ok(0));
+        assert_eq!(b.spend(t, 1, 1), Err(Refusal::RetryAfter(24 * 3600)));
+        assert_eq!(b.spend(t, 2, 10), Ok(4_990), "per account");
+        let later = t + DAY - Duration::from_secs(10);
+        assert_eq!(b.spend(later, 1, 1), Err(Refusal::RetryAfter(10)));
+        assert_eq!(b.spend(t + DAY, 1, 5_000), Ok(0), "a new day");
+    }
+
     const NUMBER: &str = "+12025550143";
     const HOME: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(192, 0, 2, 1));
 
     fn code_of(sms: &Sms) -> String {
         sms.body.chars().filter(char::is_ascii_digit).collect()
+    }
+
+    #[test]
+    fn constant_time_eq_compares_whole_strings() {
+        assert!(constant_time_eq(b"secret", b"secret"));
+        assert!(!constant_time_eq(b"secret", b"secreT"));
+        assert!(!constant_time_eq(b"secret", b"secret2"));
     }
 
     #[test]

@@ -235,3 +235,29 @@ pub struct SignedIn {
     /// Whether this sign-in created the account.
     pub new_account: bool,
 }
+
+/// `POST /v1/contacts/discover` body.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiscoverContacts {
+    /// Phone numbers from the address book, with country codes (at most 500).
+    pub numbers: Vec<String>,
+}
+
+/// A number that is a user.
+#[derive(Clone, Debug, Serialize)]
+pub struct Contact {
+    /// E.164.
+    pub number: String,
+    pub user_id: u64,
+}
+
+/// Which numbers are users.
+#[derive(Clone, Debug, Serialize)]
+pub struct Discovered {
+    pub users: Vec<Contact>,
+    /// Entries that were not valid numbers (not charged).
+    pub invalid: usize,
+    /// Lookups left today.
+    pub budget_left: u32,
+}

@@ -15,7 +15,7 @@
 //! [`Core::tick`] at least every 500 ms.
 #![forbid(unsafe_code)]
 
-use crate::accounts::{AccountRecord, Accounts, Refusal, Sms, Verifier};
+use crate::accounts::{AccountRecord, Accounts, DiscoveryBudget, Refusal, Sms, Verifier};
 use crate::commands::{Command, Queues};
 use crate::config::Config;
 use crate::error::ApiError;
@@ -192,6 +192,8 @@ pub struct Core {
     accounts: Accounts,
     /// Verification sessions under way (in memory: a restart asks for a new code).
     sign_ins: Verifier,
+    /// Contact-discovery lookups each account has spent today (in memory).
+    discovery: DiscoveryBudget,
     pub stats: Stats,
 }
 
@@ -255,6 +257,7 @@ impl Core {
             cluster_seq: 0,
             accounts: Accounts::default(),
             sign_ins: Verifier::default(),
+            discovery: DiscoveryBudget::default(),
             stats: Stats::default(),
             cfg,
         };
@@ -1292,6 +1295,37 @@ impl Core {
     /// Removes account `user_id`: its number's mapping and its device credential.
     pub fn delete_account(&mut self, user_id: u64) -> Result<(), ApiError> {
         self.commit(Record::Account(AccountRecord::Deleted { user_id }))
+    }
+
+    /// Which of `numbers` (E.164, normalised by the caller, outside the lock) are users,
+    /// charged to `user`'s daily budget; `invalid` is how many the caller could not normalise.
+    pub fn discover(
+        &mut self,
+        now: &Now,
+        user: u64,
+        numbers: std::collections::BTreeSet<String>,
+        invalid: usize,
+    ) -> Result<Discovered, ApiError> {
+        if numbers.len() + invalid > crate::accounts::DISCOVERY_BATCH {
+            return Err(ApiError::Invalid(format!(
+                "at most {} numbers per request",
+                crate::accounts::DISCOVERY_BATCH
+            )));
+        }
+        let n = u32::try_from(numbers.len()).unwrap_or(u32::MAX);
+        let budget_left = self.discovery.spend(now.mono, user, n).map_err(refused)?;
+        let users = numbers
+            .into_iter()
+            .filter_map(|number| {
+                let user_id = self.accounts.user(&number)?;
+                Some(Contact { number, user_id })
+            })
+            .collect();
+        Ok(Discovered {
+            users,
+            invalid,
+            budget_left,
+        })
     }
 
     /// Accounts on record.

@@ -499,6 +499,36 @@ async fn my_home(State(app): State<Shared>, headers: HeaderMap) -> Response {
     ok(r.await)
 }
 
+async fn discover_contacts(
+    State(app): State<Shared>,
+    headers: HeaderMap,
+    body: std::result::Result<Bytes, BytesRejection>,
+) -> Response {
+    let r = (|| {
+        let user = app.with_core(|c| c.device_user(bearer(&headers)))?;
+        let req = parse_body::<DiscoverContacts>(&app, body)?;
+        if req.numbers.len() > crate::accounts::DISCOVERY_BATCH {
+            return Err(ApiError::Invalid(format!(
+                "at most {} numbers per request",
+                crate::accounts::DISCOVERY_BATCH
+            )));
+        }
+        // Normalised before the lock: parsing is the expensive part.
+        let mut numbers = std::collections::BTreeSet::new();
+        let mut invalid = 0;
+        for n in &req.numbers {
+            match crate::accounts::normalize(n) {
+                Ok(e164) => {
+                    numbers.insert(e164);
+                }
+                Err(_) => invalid += 1,
+            }
+        }
+        app.with_core(|c| c.discover(&Now::system(), user, numbers, invalid))
+    })();
+    ok(r)
+}
+
 async fn delete_me(State(app): State<Shared>, headers: HeaderMap) -> Response {
     let r = async {
         let user = app.with_core(|c| c.device_user(bearer(&headers)))?;
@@ -826,6 +856,7 @@ pub fn router(
         )
         .add("GET", "/v1/me/home", Client, my_home)
         .add("DELETE", "/v1/me", Client, delete_me)
+        .add("POST", "/v1/contacts/discover", Client, discover_contacts)
         .add("GET", "/v1/public-key", Both, public_key)
         .add("GET", "/health", Both, health)
         .add("GET", "/metrics", Internal, metrics);
@@ -998,7 +1029,7 @@ mod tests {
     fn openapi_lists_exactly_the_served_routes() {
         let served = served_routes();
         let documented = openapi_routes(include_str!("../openapi.yaml"));
-        assert_eq!(served.len(), 20);
+        assert_eq!(served.len(), 21);
         let missing: Vec<_> = served.difference(&documented).collect();
         let extra: Vec<_> = documented.difference(&served).collect();
         assert!(

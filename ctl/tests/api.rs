@@ -1215,6 +1215,62 @@ fn sign_in_by_phone_gives_a_device_credential_and_only_its_own_chat_token() {
     let _relay = FakeRelay::start(&ctl.url, 1);
     let (s, again) = ctl.json("GET", "/v1/me/home", None, Some(&credential));
     assert_eq!((s, again["user_id"].as_u64()), (200, Some(user)), "{again}");
+    // Contact discovery: a second user signs in; the first finds it among its numbers.
+    let body = json!({ "number": "+44 20 7946 0958" }).to_string();
+    let (s, v) = ctl.json("POST", "/v1/verification/sessions", Some(&body), None);
+    assert_eq!(s, 201, "{v}");
+    let second = v["session_id"].as_str().unwrap().to_string();
+    let code2 = code_in_outbox(&dir, "+442079460958");
+    let body = json!({ "code": code2 }).to_string();
+    let (s, other) = ctl.json(
+        "POST",
+        &format!("/v1/verification/sessions/{second}/verify"),
+        Some(&body),
+        None,
+    );
+    assert_eq!(s, 200, "{other}");
+    let book = json!({"numbers": ["+44 20 7946 0958", "+1 202 555 0199", "not a number",
+                                   "+442079460958"]})
+    .to_string();
+    let (s, found) = ctl.json(
+        "POST",
+        "/v1/contacts/discover",
+        Some(&book),
+        Some(&credential),
+    );
+    assert_eq!(s, 200, "{found}");
+    assert_eq!(
+        found["users"],
+        json!([{"number": "+442079460958", "user_id": other["user_id"]}])
+    );
+    assert_eq!(
+        (found["invalid"].as_u64(), found["budget_left"].as_u64()),
+        (Some(1), Some(4_998))
+    );
+    let (s, _) = ctl.json("POST", "/v1/contacts/discover", Some(&book), None);
+    assert_eq!(s, 401, "only for a signed-in device");
+    // Walking the number space runs out of budget.
+    let mut refused_at = None;
+    for batch in 0..11 {
+        let numbers: Vec<String> = (0..500)
+            .map(|i| format!("+1202555{:04}", batch * 500 + i))
+            .collect();
+        let body = json!({ "numbers": numbers }).to_string();
+        let (s, v) = ctl.json(
+            "POST",
+            "/v1/contacts/discover",
+            Some(&body),
+            Some(&credential),
+        );
+        if s == 429 {
+            assert_eq!(v["code"], "retry_later");
+            refused_at = Some(batch);
+            break;
+        }
+        assert_eq!(s, 200, "{v}");
+    }
+    // 2 + 9 x 500 = 4,502 spent: the tenth batch does not fit in 5,000 and is refused whole.
+    assert_eq!(refused_at, Some(9));
     // Deleted: the credential is refused from then on.
     let r = ctl.call("DELETE", "/v1/me", None, Some(&credential));
     assert_eq!(r.status, 204, "{}", r.text());
