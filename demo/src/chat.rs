@@ -10,6 +10,7 @@ use proto::chat::{kind, MsgId};
 use relay::chat::client::{Client, Event};
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -68,31 +69,70 @@ pub struct Outcome {
     pub seen_online: HashSet<u64>,
 }
 
-/// Each user's home through ctl (`GET /v1/users/{id}/home`), waiting for the relay to report
-/// its chat listener.
-pub fn homes(ctl: SocketAddr, users: &[u64]) -> Result<Vec<Home>, String> {
-    users
+/// Signs each of `numbers` in by phone, as a client does: a verification session, the code
+/// from ctl's SMS outbox (`outbox`, the development gateway), the device credential it gives;
+/// then the user's own home with that credential (`GET /v1/me/home`).
+pub fn sign_in(ctl: SocketAddr, outbox: &Path, numbers: &[String]) -> Result<Vec<Home>, String> {
+    numbers
         .iter()
-        .map(|&user| {
-            let deadline = Instant::now() + Duration::from_secs(10);
-            loop {
-                let h = http::expect(ctl, "GET", &format!("/v1/users/{user}/home"), None, 200)?;
-                if let (Some(host), Some(port)) = (h["host"].as_str(), h["chat_port"].as_u64()) {
-                    return Ok(Home {
-                        user,
-                        addr: format!("{host}:{port}")
-                            .parse()
-                            .map_err(|_| format!("bad chat home {h}"))?,
-                        token: h["token"].as_str().ok_or("home without token")?.to_string(),
-                    });
-                }
-                if Instant::now() > deadline {
-                    return Err(format!("ctl reports no chat port for user {user}: {h}"));
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
+        .map(|number| {
+            let body = serde_json::json!({ "number": number });
+            let s = http::expect(ctl, "POST", "/v1/verification/sessions", Some(&body), 201)?;
+            let (Some(id), Some(e164)) = (s["session_id"].as_str(), s["number"].as_str()) else {
+                return Err(format!("verification session without an id: {s}"));
+            };
+            let code = code_in_outbox(outbox, e164)?;
+            let body = serde_json::json!({ "code": code });
+            let path = format!("/v1/verification/sessions/{id}/verify");
+            let v = http::expect(ctl, "POST", &path, Some(&body), 200)?;
+            let (Some(user), Some(credential)) =
+                (v["user_id"].as_u64(), v["device_credential"].as_str())
+            else {
+                return Err(format!("sign-in without a credential: {v}"));
+            };
+            wait_home(user, || http::get_as(ctl, "/v1/me/home", credential))
         })
         .collect()
+}
+
+/// The newest code in the outbox for `number`.
+fn code_in_outbox(outbox: &Path, number: &str) -> Result<String, String> {
+    let text = std::fs::read_to_string(outbox).map_err(|e| format!("{}: {e}", outbox.display()))?;
+    let line = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .rfind(|v| v["to"] == number)
+        .ok_or_else(|| format!("no code for {number} in {}", outbox.display()))?;
+    Ok(line["body"]
+        .as_str()
+        .unwrap_or_default()
+        .chars()
+        .filter(char::is_ascii_digit)
+        .collect())
+}
+
+/// A user's home from `fetch`, asked again until the relay reports its chat listener.
+fn wait_home(
+    user: u64,
+    fetch: impl Fn() -> Result<serde_json::Value, String>,
+) -> Result<Home, String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let h = fetch()?;
+        if let (Some(host), Some(port)) = (h["host"].as_str(), h["chat_port"].as_u64()) {
+            return Ok(Home {
+                user,
+                addr: format!("{host}:{port}")
+                    .parse()
+                    .map_err(|_| format!("bad chat home {h}"))?,
+                token: h["token"].as_str().ok_or("home without token")?.to_string(),
+            });
+        }
+        if Instant::now() > deadline {
+            return Err(format!("ctl reports no chat port for user {user}: {h}"));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 fn io(e: std::io::Error) -> String {

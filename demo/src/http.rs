@@ -38,6 +38,25 @@ pub fn expect(
     }
 }
 
+/// `GET path` with `Authorization: Bearer <credential>`; anything but 200 is an error.
+pub fn get_as(ctl: SocketAddr, path: &str, credential: &str) -> Result<Value, String> {
+    let auth = format!("Bearer {credential}");
+    let r = client::request(
+        &format!("http://{ctl}"),
+        "GET",
+        path,
+        &[("Authorization", &auth)],
+        None,
+        Duration::from_secs(10),
+    )
+    .map_err(|e| format!("ctl GET {path}: {e}"))?;
+    let v = serde_json::from_slice(&r.body).unwrap_or(Value::Null);
+    match r.status {
+        200 => Ok(v),
+        status => Err(format!("ctl GET {path}: {status} {v}")),
+    }
+}
+
 /// The sum of every sample of metric `name` on a Prometheus text endpoint.
 pub fn metric_sum(addr: SocketAddr, name: &str) -> Result<u64, String> {
     let r = client::request(

@@ -439,17 +439,25 @@ fn run(a: RunArgs) -> Result<bool, String> {
                 .collect::<Result<_, String>>()
         })
         .collect::<Result<_, _>>()?;
-    let members: Vec<Vec<u64>> = (0..a.rooms)
+    // Every chat user signs in by phone (fictional 555-01xx numbers), its code read from ctl's
+    // SMS outbox, and chats as the account it got.
+    let outbox = dir.0.join("ctl").join("sms-outbox.jsonl");
+    let homes: Vec<Vec<chat::Home>> = (0..a.rooms)
         .map(|r| {
-            (0..a.participants)
-                .map(|p| 1_000 * (r as u64 + 1) + p as u64)
-                .collect()
+            let numbers: Vec<String> = (0..a.participants)
+                .map(|p| format!("+1 202 555 {:04}", 100 + r * a.participants + p))
+                .collect();
+            chat::sign_in(ctl, &outbox, &numbers)
         })
-        .collect();
-    let homes: Vec<Vec<chat::Home>> = members
-        .iter()
-        .map(|m| chat::homes(ctl, m))
         .collect::<Result<_, _>>()?;
+    let members: Vec<Vec<u64>> = homes
+        .iter()
+        .map(|room| room.iter().map(|h| h.user).collect())
+        .collect();
+    println!(
+        "signed in {} chat users by phone (codes from the SMS outbox), each with its own home",
+        homes.iter().map(Vec::len).sum::<usize>()
+    );
 
     let media_live = Arc::new(media::Live::default());
     let chat_live = Arc::new(chat::Live::default());
@@ -588,7 +596,9 @@ fn print_how_to_connect(ctl: SocketAddr, relays: &[&Proc]) {
     }
     println!("  meeting: curl -s -XPOST http://{ctl}/v1/meetings");
     println!("  join:    curl -s -XPOST http://{ctl}/v1/join -d '{{\"code\": \"<code>\"}}'");
-    println!("  chat:    curl -s http://{ctl}/v1/users/42/home   (host, chat_port, token; PROTOCOL.md §7)");
+    println!("  sign in: curl -s -XPOST http://{ctl}/v1/verification/sessions -d '{{\"number\": \"+1 202 555 0143\"}}'");
+    println!("           (the code goes to ctl's sms-outbox.jsonl; then POST .../verify, GET /v1/me/home: ctl/API.md)");
+    println!("  chat:    curl -s http://{ctl}/v1/users/42/home   (admin route: host, chat_port, token; PROTOCOL.md §7)");
     println!("  drain:   CTL_URL=http://{ctl} target/release/ctl drain <relay id>");
 }
 
