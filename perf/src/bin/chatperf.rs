@@ -18,6 +18,10 @@ mod load;
 mod servers;
 #[path = "../chatperf/wire.rs"]
 mod wire;
+// Network namespaces for `cross` (as root), shared with `cargo xtask up`.
+#[allow(dead_code)]
+#[path = "../../../demo/src/netns.rs"]
+mod netns;
 // Shared with `perf`, which also uses the tick-based user/system split.
 #[allow(dead_code)]
 #[path = "../procstat.rs"]
@@ -831,7 +835,8 @@ fn cmd_cross(flags: &Flags) -> anyhow::Result<bool> {
     println!(
         "chatperf cross: {rounds} alternating rounds of {} users, {seconds} s measured, io={io}; \
          same: one relay of 2 shards; cross: senders on relay 1, receivers on relay 2 (1 shard \
-         each, linked, ctl forming the cluster), chats owned half by each",
+         each, linked, ctl forming the cluster; each in a network namespace as root), chats \
+         owned half by each",
         cfg.pairs * 2
     );
     let mut same = Vec::new();
@@ -845,16 +850,44 @@ fn cmd_cross(flags: &Flags) -> anyhow::Result<bool> {
         };
         for is_cross in order {
             let sample = if is_cross {
-                let ctl = servers::Ctl::start(&ctl_bin, 2)?;
-                let hosts = [
-                    std::net::Ipv4Addr::new(127, 0, 3, 1),
-                    std::net::Ipv4Addr::new(127, 0, 3, 2),
-                ];
+                // As root each relay gets a network namespace of its own (veth pairs on one
+                // bridge, where ctl listens); else a loopback address of its own.
+                let spaces = match netns::available() {
+                    true => {
+                        let bridge = netns::Bridge::numbered(round as u32 % 10)
+                            .map_err(anyhow::Error::msg)?;
+                        let spaces = (1..=2)
+                            .map(|i| netns::Netns::create(&bridge, i))
+                            .collect::<Result<Vec<_>, _>>()
+                            .map_err(anyhow::Error::msg)?;
+                        Some((bridge, spaces))
+                    }
+                    false => None,
+                };
+                let (ctl_ip, hosts) = match &spaces {
+                    Some((bridge, spaces)) => (
+                        bridge.ip.parse()?,
+                        [spaces[0].ns_ip.parse()?, spaces[1].ns_ip.parse()?],
+                    ),
+                    None => (
+                        std::net::Ipv4Addr::LOCALHOST,
+                        [
+                            std::net::Ipv4Addr::new(127, 0, 3, 1),
+                            std::net::Ipv4Addr::new(127, 0, 3, 2),
+                        ],
+                    ),
+                };
+                let ctl = servers::Ctl::start(&ctl_bin, 2, ctl_ip)?;
                 let starting = [1u32, 2]
                     .into_iter()
                     .map(|id| {
-                        let host = hosts[id as usize - 1];
-                        servers::Relay::spawn(&bin, &io, 1, chat_toml, Some((ctl.addr, id, host)))
+                        let i = id as usize - 1;
+                        let host = hosts[i];
+                        let cmd = match &spaces {
+                            Some((_, spaces)) => spaces[i].command(&bin),
+                            None => std::process::Command::new(&bin),
+                        };
+                        servers::Relay::spawn_in(cmd, &io, 1, chat_toml, Some((ctl.addr, id, host)))
                     })
                     .collect::<anyhow::Result<Vec<_>>>()?;
                 let relays = starting
@@ -868,7 +901,9 @@ fn cmd_cross(flags: &Flags) -> anyhow::Result<bool> {
                     (hosts[1], relays[1].chat_port),
                 ];
                 let s = cross_sample(&relays, homes, cfg, base);
+                drop(relays);
                 drop(ctl);
+                drop(spaces);
                 s
             } else {
                 let relay = servers::Relay::start(&bin, &io, 2, chat_toml)?;

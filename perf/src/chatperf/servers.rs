@@ -203,6 +203,17 @@ impl Relay {
         chat_toml: &str,
         linked: Option<(SocketAddr, u32, std::net::Ipv4Addr)>,
     ) -> anyhow::Result<Starting> {
+        Self::spawn_in(Command::new(bin), io, shards, chat_toml, linked)
+    }
+
+    /// [`Relay::spawn`] with `cmd` running the binary (in a network namespace, say).
+    pub fn spawn_in(
+        mut cmd: Command,
+        io: &str,
+        shards: u16,
+        chat_toml: &str,
+        linked: Option<(SocketAddr, u32, std::net::Ipv4Addr)>,
+    ) -> anyhow::Result<Starting> {
         let dir = temp_dir("relay")?;
         let cfg = dir.join("relay.toml");
         std::fs::write(&cfg, format!("[chat]\n{chat_toml}\n"))?;
@@ -212,7 +223,6 @@ impl Relay {
             .to_string();
         let chat_port = free_ports(shards, false)?;
         let base_port = free_ports(shards, true)?;
-        let mut cmd = Command::new(bin);
         cmd.args(["--config", cfg.to_str().context("utf-8 path")?])
             .args(["--io", io, "--shards", &shards.to_string()])
             .args(["--bind", &host, "--base-port", &base_port.to_string()])
@@ -337,7 +347,7 @@ pub struct Ctl {
 
 impl Ctl {
     /// Starts `bin` (`ctl serve`) and waits for its `ready` line.
-    pub fn start(bin: &Path, relays: usize) -> anyhow::Result<Self> {
+    pub fn start(bin: &Path, relays: usize, ip: std::net::Ipv4Addr) -> anyhow::Result<Self> {
         let dir = temp_dir("ctl")?;
         let data = dir.join("data");
         std::fs::create_dir_all(&data)?;
@@ -351,7 +361,7 @@ impl Ctl {
         std::fs::write(&cfg, format!("cluster_relays = {relays}\n"))?;
         let mut cmd = Command::new(bin);
         cmd.args(["serve", "--config", cfg.to_str().context("utf-8 path")?])
-            .args(["--listen", "127.0.0.1:0"])
+            .args(["--listen", &format!("{ip}:0")])
             .args(["--data-dir", data.to_str().context("utf-8 path")?]);
         let mut proc = Proc::spawn(cmd, dir, Stdio::piped())?;
         let stdout = proc.child.stdout.take().context("ctl stdout")?;
