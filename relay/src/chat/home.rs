@@ -264,6 +264,32 @@ impl Home {
         }
     }
 
+    /// Relay `relay` is gone: the sessions it homed are offline (each watcher hears it for
+    /// a user with no session left elsewhere), and its sessions' watches are dropped.
+    fn relay_down(&mut self, relay: u8) {
+        let on_it = |h: u16| super::msg::addr_relay(h) == relay;
+        let users: Vec<UserId> = self
+            .present
+            .iter()
+            .filter(|(_, homes)| homes.iter().any(|&h| on_it(h)))
+            .map(|(&u, _)| u)
+            .collect();
+        for user in users {
+            let homes: Vec<u16> = self.present[&user]
+                .iter()
+                .copied()
+                .filter(|&h| on_it(h))
+                .collect();
+            for home in homes {
+                self.presence_state(user, home, false);
+            }
+        }
+        for ws in self.watchers.values_mut() {
+            ws.retain(|&(_, home)| !on_it(home));
+        }
+        self.watchers.retain(|_, ws| !ws.is_empty());
+    }
+
     /// Tells everyone watching `user` (its presence kept here) that it came online or went
     /// offline.
     fn announce(&mut self, user: UserId, online: bool) {
@@ -855,6 +881,7 @@ impl Home {
                 }
             }
             ToHome::LinkUp => self.relink(),
+            ToHome::RelayDown(relay) => self.relay_down(relay),
             ToHome::Presence { to, user, online } => {
                 // Only to a session that still watches `user` (an unwatch may be in flight).
                 if let Some(&conn) = self.users.get(&to) {

@@ -353,6 +353,11 @@ pub enum ToHome {
     /// The link thread -> every home of its relay: a link to another relay came up (again),
     /// and what crossed it while it was down may be lost. Never sent over a link.
     LinkUp,
+    /// The link thread -> every home of its relay: the link from relay N closed (N died,
+    /// restarted or was cut off). The presence kept here for sessions homed on N, and the
+    /// watches of its sessions, are dropped: those users come back online with their sessions,
+    /// wherever those reopen. Never sent over a link.
+    RelayDown(u8),
     /// Owner -> home: a piece of this owner's part of a GROUPS answer (pieces keep a link
     /// frame small; `last` ends the owner's part).
     GroupsPart {

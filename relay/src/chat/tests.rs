@@ -827,6 +827,50 @@ fn presence_reaches_watchers_across_shards_and_stops_when_unwatched() {
     assert_eq!(kept, 0, "watch entries left after the watcher left");
 }
 
+/// A relay's link closing takes its users offline for their watchers elsewhere: the keeper
+/// of b's presence heard b's session open on relay 2, then relay 2 went down.
+#[test]
+fn a_relay_going_down_takes_its_users_offline_for_their_watchers() {
+    let mut sim = Sim::new(ChatConfig::default());
+    let (a, b, _) = users();
+    sim.connect(a);
+    sim.send(a, |e| e.presence_watch(&[b]));
+    assert_eq!(
+        presence(sim.take(a)),
+        vec![Got::Presence {
+            user: b,
+            online: false
+        }]
+    );
+    let keeper = usize::from(ids::owner_shard(b, N_SHARDS));
+    let on_relay_2 = super::msg::addr(2, 0);
+    sim.rings[keeper].push_back(ShardMsg::ToOwner(ToOwner::PresenceState {
+        user: super::msg::UserId(b),
+        home: on_relay_2,
+        online: true,
+    }));
+    sim.run();
+    assert_eq!(
+        presence(sim.take(a)),
+        vec![Got::Presence {
+            user: b,
+            online: true
+        }]
+    );
+    // Another relay's departure changes nothing; relay 2's takes b offline, once.
+    let offline = vec![Got::Presence {
+        user: b,
+        online: false,
+    }];
+    for (relay, want) in [(3u8, vec![]), (2, offline), (2, vec![])] {
+        for ring in &mut sim.rings {
+            ring.push_back(ShardMsg::ToHome(super::msg::ToHome::RelayDown(relay)));
+        }
+        sim.run();
+        assert_eq!(presence(sim.take(a)), want, "relay {relay} down");
+    }
+}
+
 /// With pipelined commits, a SEND retried while its original is in the batch being synced is
 /// answered when that batch is durable, even though the retry makes no record of its own.
 #[test]

@@ -36,6 +36,8 @@ mod tag {
     pub const GROUPS_PART: u8 = 38;
     /// Local only: refused from a link.
     pub const LINK_UP: u8 = 39;
+    /// Local only: refused from a link.
+    pub const RELAY_DOWN: u8 = 40;
 }
 
 /// The reasons an owner gives (`ToHome::Failed` carries a static text; the far side gets it
@@ -279,6 +281,10 @@ pub fn encode(out: &mut Vec<u8>, dest: u16, m: &ShardMsg) {
                 w.u8(u8::from(*more));
             }
             ToHome::LinkUp => w.u8(tag::LINK_UP),
+            ToHome::RelayDown(relay) => {
+                w.u8(tag::RELAY_DOWN);
+                w.u8(*relay);
+            }
             ToHome::GroupsPart { to, groups, last } => {
                 w.u8(tag::GROUPS_PART);
                 w.origin(to);

@@ -26,7 +26,9 @@
 //! same way. Nothing acknowledged is lost by this: an entry lives in its owner's log until its
 //! recipient acknowledges it. So when a link comes up (again), in either direction, every
 //! home of this relay restarts its sessions' backlogs ([`ToHome::LinkUp`]): what was dropped
-//! is streamed again from the owners, and clients ignore what they already have. A dialer
+//! is streamed again from the owners, and clients ignore what they already have. A link from
+//! a relay closing (not replaced by a newer one) tells every home that relay is down
+//! ([`ToHome::RelayDown`]): the presence its sessions had here goes offline. A dialer
 //! retries with a backoff doubling from 100 ms to 5 s; connecting runs on a short-lived
 //! thread, so a dead peer never stalls the others.
 
@@ -305,6 +307,14 @@ impl Links {
         }
     }
 
+    /// Tells every shard that relay `relay`'s link closed: its homes' sessions are offline
+    /// until they open again (the presence its users had here would otherwise stay).
+    fn relay_down(&mut self, relay: u8) {
+        for q in &mut self.to_shard {
+            q.push_back(ShardMsg::ToHome(ToHome::RelayDown(relay)));
+        }
+    }
+
     fn accept(&mut self, now: Instant) {
         if !std::mem::take(&mut self.accept_ready) {
             return;
@@ -529,6 +539,9 @@ impl Links {
                                 self.stats.bad_frames.fetch_add(1, Ordering::Relaxed);
                             }
                             eprintln!("relay: link from relay {r} closed: {why}");
+                            if !link.replaced {
+                                self.relay_down(r);
+                            }
                         }
                         None => {
                             self.stats.refused.fetch_add(1, Ordering::Relaxed);
