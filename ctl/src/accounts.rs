@@ -414,6 +414,11 @@ impl Accounts {
         self.number_of.len()
     }
 
+    /// Records a rewrite of the accounts holds (an account and its device each).
+    pub fn record_count(&self) -> usize {
+        self.number_of.len() + self.device_of.len()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.number_of.is_empty()
     }

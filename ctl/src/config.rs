@@ -57,6 +57,9 @@ pub struct Config {
     /// The journal is compacted (rewritten with only the live records) once it holds more than
     /// twice the live records plus this many: its disk bound, in records.
     pub journal_slack_records: usize,
+    /// ... or once it holds more than twice the bytes of its last rewrite plus this many: its
+    /// disk bound, in bytes.
+    pub journal_slack_bytes: u64,
     /// Relays whose shards own the chats of the cluster (0: relays serve chat alone). Once
     /// this many relays with a link port have registered, ctl fixes the list of chat owners
     /// (all their shards) for good and hands it to every linked relay; a relay added later
@@ -126,6 +129,7 @@ impl Default for Config {
             placement_candidates: 3,
             load_cap: 1.25,
             journal_slack_records: 1024,
+            journal_slack_bytes: 1 << 20,
             cluster_relays: 0,
             redis_url: None,
             redis_lease_ms: 3000,
@@ -188,6 +192,9 @@ impl Config {
         }
         if !(16..=1 << 20).contains(&self.journal_slack_records) {
             bail!("journal_slack_records must be in 16..=1048576");
+        }
+        if !(1 << 16..=1 << 30).contains(&self.journal_slack_bytes) {
+            bail!("journal_slack_bytes must be in 65536..=1073741824");
         }
         if !(500..=60_000).contains(&self.redis_lease_ms) {
             bail!("redis_lease_ms must be in 500..=60000");

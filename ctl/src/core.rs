@@ -853,10 +853,20 @@ impl Core {
         Ok(())
     }
 
+    /// Rewrites the journal with only the live state once it holds more than twice the live
+    /// records plus `journal_slack_records`, or more than twice the bytes of the last rewrite
+    /// plus `journal_slack_bytes`: by count alone, a loop of changes to large records (a join
+    /// and a leave with the longest names in a full meeting rewrite its whole record each)
+    /// would grow it by the largest record's size times the slack.
     fn maybe_compact(&mut self) {
-        let live = self.meetings.len() + self.placed.len();
-        if self.journal_failed || self.stager.on_file() <= 2 * live + self.cfg.journal_slack_records
-        {
+        let live = self.meetings.len()
+            + self.placed.len()
+            + self.accounts.record_count()
+            + usize::from(self.cluster.is_some());
+        let by_count = self.stager.on_file() > 2 * live + self.cfg.journal_slack_records;
+        let by_bytes = self.stager.bytes_on_file()
+            > 2 * self.stager.snapshot_bytes() + self.cfg.journal_slack_bytes;
+        if self.journal_failed || !(by_count || by_bytes) {
             return;
         }
         self.stage_snapshot();

@@ -810,3 +810,45 @@ fn a_second_device_replaces_the_first_and_accounts_survive_restarts() {
         .unwrap();
     assert_eq!((third.user_id, third.new_account), (79, true));
 }
+
+/// A join and a leave with the longest names, over and over, in a meeting of 100 such
+/// participants: each change rewrites the whole meeting record (about 17 KB). Compacted by
+/// record count alone, the journal grew to about 1,028 such records (17 MB) before a rewrite;
+/// by bytes it stays within twice the live state plus `journal_slack_bytes` (1 MiB).
+#[test]
+fn a_join_and_leave_loop_with_long_names_keeps_the_journal_small() {
+    let mut rig = Rig::new("journal-bytes");
+    rig.beat(0, &[1]);
+    let m = rig.create(0);
+    let name = |i: usize| format!("{i:03}{}", "n".repeat(MAX_NAME_LEN - 3));
+    let join = |rig: &mut Rig, i: usize| {
+        let req = JoinRequest {
+            code: m.code.clone(),
+            name: Some(name(i)),
+            ..JoinRequest::default()
+        };
+        rig.core.join(&rig.at(100), req, None).unwrap()
+    };
+    for i in 0..98 {
+        join(&mut rig, i);
+    }
+    let mut largest = 0u64;
+    for round in 0..1_500 {
+        let j = join(&mut rig, round % 1000);
+        rig.core
+            .leave(&rig.at(100), j.meeting_id, Some(&j.token))
+            .unwrap();
+        rig.core.tick(&rig.at(100));
+        let size = std::fs::metadata(rig.dir.join("state.journal"))
+            .unwrap()
+            .len();
+        largest = largest.max(size);
+    }
+    let record = serde_json::to_string(&rig.core.meetings().iter().next().unwrap()).unwrap();
+    assert!(record.len() > 15_000, "{}", record.len());
+    assert!(
+        largest < 2 * record.len() as u64 + (1 << 20) + 64 * 1024,
+        "the journal reached {largest} bytes (a meeting record is {} bytes)",
+        record.len()
+    );
+}

@@ -97,6 +97,10 @@ pub struct Stager<R> {
     durable: u64,
     /// Records the file holds (or will, once `pending` is written) since its last rewrite.
     on_file: usize,
+    /// Bytes appended since the last rewrite staged here (0 at open), plus that rewrite's.
+    bytes: u64,
+    /// Bytes of the last rewrite staged here (0 until one is): the live state's size then.
+    snapshot_bytes: u64,
     _records: PhantomData<fn(R)>,
 }
 
@@ -108,15 +112,17 @@ impl<R: Serialize> Stager<R> {
             seq: 0,
             durable: 0,
             on_file,
+            bytes: 0,
+            snapshot_bytes: 0,
             _records: PhantomData,
         }
     }
 
     /// Adds one record; returns its sequence number.
     pub fn stage(&mut self, record: &R) -> u64 {
-        self.pending
-            .bytes
-            .extend_from_slice(encode(record).as_bytes());
+        let line = encode(record);
+        self.pending.bytes.extend_from_slice(line.as_bytes());
+        self.bytes += line.len() as u64;
         self.on_file += 1;
         self.seq += 1;
         self.pending.seq = self.seq;
@@ -140,6 +146,8 @@ impl<R: Serialize> Stager<R> {
             records += 1;
         }
         self.on_file = records;
+        self.bytes = batch.bytes.len() as u64;
+        self.snapshot_bytes = self.bytes;
         self.pending = batch;
     }
 
@@ -167,6 +175,17 @@ impl<R: Serialize> Stager<R> {
     /// Records the file will hold once everything staged is written.
     pub fn on_file(&self) -> usize {
         self.on_file
+    }
+
+    /// Bytes appended since the last rewrite (since open, before the first), plus that
+    /// rewrite's size.
+    pub fn bytes_on_file(&self) -> u64 {
+        self.bytes
+    }
+
+    /// The size of the last rewrite: the live state's, when it was made.
+    pub fn snapshot_bytes(&self) -> u64 {
+        self.snapshot_bytes
     }
 }
 
