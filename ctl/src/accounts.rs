@@ -69,8 +69,7 @@ struct Session {
     checks_left: u32,
 }
 
-/// Failures counted over a sliding hour (as two half-hour buckets would be overkill here: a
-/// fixed window that starts at the first failure).
+/// Failures counted in a fixed one-hour window that starts at the first failure.
 #[derive(Clone, Copy)]
 struct Window {
     since: Instant,

@@ -544,15 +544,7 @@ fn sixty_users_on_three_relays_chat_exactly_once_in_order_with_receipts_typing_a
 
 /// Reads a counter from a relay's metrics endpoint (0 when absent).
 fn metric(relay: &Proc, name: &str) -> u64 {
-    let addr: SocketAddr = relay.field("metrics").parse().unwrap();
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    use std::io::{Read, Write};
-    write!(s, "GET /metrics HTTP/1.1\r\nHost: r\r\n\r\n").unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or(0)
+    super::ctl_e2e::metric_at(relay.field("metrics").parse().unwrap(), name).unwrap_or(0)
 }
 
 /// Whether the relay closes `s` within 10 s (reads to the end; what it sent is ignored).

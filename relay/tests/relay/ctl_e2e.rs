@@ -148,6 +148,26 @@ pub(crate) fn http(
     (status, serde_json::from_str(json).unwrap_or(Value::Null))
 }
 
+/// The text of a `/metrics` endpoint (ctl's or a relay's).
+pub(crate) fn scrape(addr: SocketAddr) -> String {
+    let mut s = TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: metrics\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut m = String::new();
+    s.read_to_string(&mut m).unwrap();
+    m
+}
+
+/// Sample `name` (no labels, or its labels written out) of a `/metrics` endpoint.
+pub(crate) fn metric_at(addr: SocketAddr, name: &str) -> Option<u64> {
+    scrape(addr)
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
 pub(crate) fn wait_until(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + within;
     while !f() {
@@ -571,17 +591,7 @@ fn a_paused_or_restarted_ctl_ends_no_meeting_and_loses_no_message() {
     // SAFETY: as above.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGCONT) }, 0);
     let (after_pause, late) = taken_after(Instant::now(), "late");
-    let metrics = {
-        let mut s = TcpStream::connect(ctl).unwrap();
-        write!(
-            s,
-            "GET /metrics HTTP/1.1\r\nHost: ctl\r\nConnection: close\r\n\r\n"
-        )
-        .unwrap();
-        let mut m = String::new();
-        s.read_to_string(&mut m).unwrap();
-        m
-    };
+    let metrics = scrape(ctl);
     assert!(
         metrics.lines().any(|l| l == "ctl_relay_deaths_total 0"),
         "no relay declared dead: {metrics}"

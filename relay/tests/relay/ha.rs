@@ -2,7 +2,7 @@
 //! processes on loopback. Either answers every route; each is killed under a stream of creates
 //! and joins through both, the acting one is paused, Redis is stopped, and no meeting notices.
 
-use super::ctl_e2e::{ctl_binary, http, wait_until, Proc};
+use super::ctl_e2e::{ctl_binary, http, metric_at, wait_until, Proc};
 use super::{rtp, seqs, Client};
 use serde_json::{json, Value};
 use std::io::{Read, Write};
@@ -97,19 +97,6 @@ fn start_ctl(dir: &Path, config: &Path, listen: &str) -> (Proc, SocketAddr) {
     let p = Proc::start(cmd);
     let addr = p.field("listen").parse().unwrap();
     (p, addr)
-}
-
-fn metric(ctl: SocketAddr, name: &str) -> Option<u64> {
-    let mut s = TcpStream::connect(ctl).unwrap();
-    write!(
-        s,
-        "GET /metrics HTTP/1.1\r\nHost: ctl\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut m = String::new();
-    s.read_to_string(&mut m).unwrap();
-    m.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
 }
 
 /// A participant of meeting `code`, joined through `ctl` and bound at its relay; `None` while
@@ -341,7 +328,7 @@ fn two_ctls_on_redis_serve_one_cluster_and_no_takeover_ends_a_meeting() {
         100,
         "every packet forwarded across the takeover"
     );
-    assert_eq!(metric(follower, "ctl_relay_deaths_total"), Some(0));
+    assert_eq!(metric_at(follower, "ctl_relay_deaths_total"), Some(0));
     let survivor = 1 - first;
     std::thread::sleep(Duration::from_millis(500));
     stop.store(true, Ordering::SeqCst);
