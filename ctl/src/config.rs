@@ -21,13 +21,14 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// Base of join links, `{public_url}/j/{code}`; default `http://{listen}`.
     pub public_url: Option<String>,
-    /// If set, the admin routes (relay list, rooms, drain, users' homes) require
-    /// `Authorization: Bearer <admin_token>`.
+    /// The admin routes' credential (`Authorization: Bearer <admin_token>`). Unset: the one
+    /// ctl derives from its key at first start (`ctl credential admin` prints it).
     pub admin_token: Option<Secret>,
-    /// If set, relays must send `Authorization: Bearer <relay_token>` with their heartbeats
-    /// and command polls (the relay's `ctl_token`); without it anyone who reaches ctl can
-    /// register as a relay and be given rooms.
-    pub relay_token: Option<Secret>,
+    /// Whether requests from a loopback address may use the admin and relay routes without a
+    /// credential (a single host, as `cargo xtask demo` runs it). From any other address
+    /// those routes always need one: the admin credential, or the relay's own (`ctl
+    /// credential relay ID`). Set false when a reverse proxy on ctl's host forwards clients.
+    pub trust_loopback: bool,
     /// Lifetime of issued join tokens, seconds.
     pub token_ttl_s: u64,
     /// Heartbeat period relays are told to use, milliseconds.
@@ -115,7 +116,7 @@ impl Default for Config {
             data_dir: PathBuf::from("ctl-data"),
             public_url: None,
             admin_token: None,
-            relay_token: None,
+            trust_loopback: true,
             token_ttl_s: 3600,
             heartbeat_ms: 1000,
             dead_after_ms: 3000,
@@ -218,13 +219,12 @@ impl Config {
         {
             bail!("sms_webhook_url must be an http:// URL (a local bridge to the provider)");
         }
-        for (name, token) in [
-            ("admin_token", &self.admin_token),
-            ("relay_token", &self.relay_token),
-        ] {
-            if token.as_ref().is_some_and(|t| !t.is_well_formed()) {
-                bail!("{name} must be at least 16 printable ASCII characters, without spaces");
-            }
+        if self
+            .admin_token
+            .as_ref()
+            .is_some_and(|t| !t.is_well_formed())
+        {
+            bail!("admin_token must be at least 16 printable ASCII characters, without spaces");
         }
         Ok(())
     }
@@ -300,11 +300,10 @@ mod tests {
         assert!(Config::from_toml(same).is_err());
         assert!(Config::from_toml("load_cap = nan").is_err());
         assert!(Config::from_toml("admin_token = \"short\"").is_err());
-        assert!(Config::from_toml("relay_token = \"short\"").is_err());
-        assert!(Config::from_toml("relay_token = \"has a space, and 16+\"").is_err());
-        let ok = Config::from_toml("relay_token = \"relay-secret-0123456789\"").unwrap();
+        assert!(Config::from_toml("admin_token = \"has a space, and 16+\"").is_err());
+        let ok = Config::from_toml("admin_token = \"admin-secret-0123456789\"").unwrap();
         assert!(
-            !format!("{ok:?}").contains("relay-secret"),
+            !format!("{ok:?}").contains("admin-secret"),
             "Debug hides tokens"
         );
         let cfg =

@@ -393,6 +393,12 @@ impl Core {
         Duration::from_millis(self.cfg.dead_after_ms)
     }
 
+    /// ctl's key: tokens are signed with it and credentials derived from it.
+    pub fn signing_key(&self) -> &SigningKey {
+        &self.key
+    }
+
+    /// The configuration this core runs with.
     pub fn config(&self) -> &Config {
         &self.cfg
     }

@@ -423,6 +423,18 @@ fn shared_key(c: &mut redis::Connection, local: &SigningKey) -> Result<SigningKe
     proto::token::signing_key_from_hex(&hex).ok_or_else(|| format!("{KEY} is not a key"))
 }
 
+/// The cluster's key as stored in Redis at `url` (for `ctl credential`), if a ctl stored one.
+pub fn stored_key(url: &str) -> anyhow::Result<SigningKey> {
+    use anyhow::Context;
+    let client = redis::Client::open(url).context("redis_url")?;
+    let mut c = client
+        .get_connection_with_timeout(REDIS_TIMEOUT)
+        .context("cannot reach Redis")?;
+    let hex: Option<String> = redis::cmd("GET").arg(KEY).query(&mut c)?;
+    let hex = hex.context("no key in Redis yet: start ctl once first")?;
+    proto::token::signing_key_from_hex(&hex).with_context(|| format!("{KEY} is not a key"))
+}
+
 /// The state's store in Redis, written only under the lease.
 struct RedisLog {
     client: redis::Client,

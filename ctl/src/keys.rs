@@ -42,6 +42,8 @@ pub fn public_hex(key: &SigningKey) -> String {
     proto::token::hex(key.verifying_key().as_bytes())
 }
 
+pub use proto::token::{admin_credential, relay_credential};
+
 fn write_secret(path: &Path, hex: &str) -> Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
@@ -74,6 +76,13 @@ mod tests {
         assert_eq!(mode & 0o777, 0o600);
         assert!(generate(&path).is_err(), "never overwrites");
         assert_eq!(public_hex(&a).len(), 64);
+        // Credentials: stable for one key, distinct per relay and per key.
+        let other = generate(&dir.join("other.key")).unwrap();
+        assert_eq!(admin_credential(&a), admin_credential(&b));
+        assert_ne!(admin_credential(&a), admin_credential(&other));
+        assert_ne!(relay_credential(&a, 1), relay_credential(&a, 2));
+        assert_ne!(relay_credential(&a, 1), admin_credential(&a));
+        assert_eq!(relay_credential(&a, 7).len(), 64);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

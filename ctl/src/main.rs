@@ -5,6 +5,8 @@
 //!           [--public-url URL]        run the daemon (prints `ready listen=ADDR` first)
 //! ctl relays | rooms | home USER | drain RELAY | undrain RELAY  [--ctl URL] [--json]
 //!                                     ask a running ctl (admin token: $CTL_ADMIN_TOKEN)
+//! ctl credential admin | relay ID [--config ctl.toml] [--data-dir DIR]
+//!                                     print the admin credential, or relay ID's (ctl_token)
 //! ctl keygen --key ctl.key            create a key pair (secret seed, hex) and print the public key
 //! ctl pubkey --key ctl.key            print the public key (hex) relays need
 //! ctl token --key ctl.key --room R --participant P [--shard S] [--relay N] [--ttl SECONDS]
@@ -82,7 +84,8 @@ impl Flags {
 
 fn run(args: Vec<String>) -> Result<()> {
     let (cmd, rest) = args.split_first().context(
-        "usage: ctl serve|relays|rooms|home|drain|undrain|keygen|pubkey|token ... (see --help)",
+        "usage: ctl serve|relays|rooms|home|drain|undrain|credential|keygen|pubkey|token ... \
+         (see --help)",
     )?;
     match cmd.as_str() {
         "serve" => serve(rest)?,
@@ -97,10 +100,63 @@ fn run(args: Vec<String>) -> Result<()> {
             println!("{}", keys::public_hex(&keys::read(&flags.key_path()?)?));
         }
         "token" => token(rest)?,
+        "credential" => credential(rest)?,
         "-h" | "--help" | "help" => println!("{}", include_str!("usage.txt")),
         other => bail!("unknown command {other:?}; try `ctl --help`"),
     }
     Ok(())
+}
+
+/// `ctl credential admin | relay ID [--config F] [--data-dir D]`: prints the admin
+/// credential, or relay ID's, derived from the key in the data directory (or, with
+/// `redis_url` in the configuration, the cluster's key in Redis).
+fn credential(args: &[String]) -> Result<()> {
+    let usage = "usage: ctl credential admin | relay ID [--config ctl.toml] [--data-dir DIR]";
+    let (what, rest) = args.split_first().context(usage)?;
+    let (relay, rest) = match what.as_str() {
+        "admin" => (None, rest),
+        "relay" => {
+            let (id, rest) = rest.split_first().context(usage)?;
+            let id: u32 = id
+                .parse()
+                .ok()
+                .filter(|&i| i > 0)
+                .with_context(|| format!("relay id: not a number in 1..=4294967295: {id:?}"))?;
+            (Some(id), rest)
+        }
+        _ => bail!("{usage}"),
+    };
+    let flags = Flags::parse(rest, &["config", "data-dir"], &[])?;
+    let cfg = config(&flags)?;
+    let key = match &cfg.redis_url {
+        Some(url) => ctl::ha::stored_key(url.expose())?,
+        None => keys::read(&cfg.data_dir.join(keys::KEY_FILE))
+            .context("no key: start ctl once first (or name its --data-dir)")?,
+    };
+    if relay.is_none() && cfg.admin_token.is_some() {
+        bail!("ctl.toml sets admin_token: that is the admin credential");
+    }
+    match relay {
+        Some(id) => println!("{}", keys::relay_credential(&key, id)),
+        None => println!("{}", keys::admin_credential(&key)),
+    }
+    Ok(())
+}
+
+/// The configuration file named by `--config` (or the defaults), then `--data-dir` over it.
+fn config(flags: &Flags) -> Result<Config> {
+    let mut cfg = match flags.get("config") {
+        Some(path) => {
+            let text =
+                std::fs::read_to_string(path).with_context(|| format!("cannot read {path}"))?;
+            Config::from_toml(&text).with_context(|| path.to_string())?
+        }
+        None => Config::default(),
+    };
+    if let Some(v) = flags.get("data-dir") {
+        cfg.data_dir = PathBuf::from(v);
+    }
+    Ok(cfg)
 }
 
 /// `ctl serve`: the configuration file, then flags over it.

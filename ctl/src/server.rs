@@ -6,7 +6,7 @@
 #![forbid(unsafe_code)]
 
 use crate::api_types::*;
-use crate::config::{Config, Secret};
+use crate::config::Config;
 use crate::core::{Core, Now};
 use crate::error::ApiError;
 use crate::guard::JoinGuard;
@@ -48,8 +48,12 @@ pub struct App {
     durable: tokio::sync::watch::Sender<Synced>,
     /// One notifier per relay id with a poll in flight, woken when commands are queued.
     wakers: Mutex<HashMap<u32, Arc<Notify>>>,
-    admin_token: Option<Secret>,
-    relay_token: Option<Secret>,
+    /// The admin routes' credential: `admin_token`, or the one derived from the key.
+    admin_credential: String,
+    /// The key's secret seed, from which each relay's credential is derived.
+    key: ed25519_dalek::SigningKey,
+    /// `trust_loopback`: loopback callers need no credential on the admin and relay routes.
+    trust_loopback: bool,
     max_body_bytes: usize,
     join_guard: Mutex<JoinGuard>,
     /// ctl on Redis: this process stopped acting (its lease lapsed); the writer and the
@@ -75,8 +79,12 @@ type Result<T> = std::result::Result<T, ApiError>;
 
 impl App {
     pub fn new(core: Core) -> Shared {
-        let admin_token = core.config().admin_token.clone();
-        let relay_token = core.config().relay_token.clone();
+        let key = core.signing_key().clone();
+        let admin_credential = match &core.config().admin_token {
+            Some(t) => t.expose().to_string(),
+            None => crate::keys::admin_credential(&key),
+        };
+        let trust_loopback = core.config().trust_loopback;
         let max_body_bytes = core.config().max_body_bytes;
         let join_guard = Mutex::new(JoinGuard::new(core.config().join_failures_per_minute));
         let sms = core.config().sms_gateway();
@@ -85,8 +93,9 @@ impl App {
             staged: Condvar::new(),
             durable: tokio::sync::watch::Sender::new(Synced::default()),
             wakers: Mutex::new(HashMap::new()),
-            admin_token,
-            relay_token,
+            admin_credential,
+            key,
+            trust_loopback,
             max_body_bytes,
             join_guard,
             retired: std::sync::atomic::AtomicBool::new(false),
@@ -225,13 +234,31 @@ impl App {
         wakers.entry(relay_id).or_default().clone()
     }
 
-    fn check_admin(&self, headers: &HeaderMap) -> Result<()> {
-        check_bearer(self.admin_token.as_ref().map(Secret::expose), headers)
+    /// Whether a request from `peer` may skip the credential (`trust_loopback`).
+    fn trusted(&self, peer: Option<Extension<Peer>>) -> bool {
+        self.trust_loopback && peer.is_some_and(|Extension(Peer(ip))| ip.is_loopback())
     }
 
-    /// The relay routes (heartbeat, command poll) when `relay_token` is set.
-    fn check_relay(&self, headers: &HeaderMap) -> Result<()> {
-        check_bearer(self.relay_token.as_ref().map(Secret::expose), headers)
+    /// The admin routes: the admin credential, unless the caller is a trusted loopback one.
+    fn check_admin(&self, peer: Option<Extension<Peer>>, headers: &HeaderMap) -> Result<()> {
+        if self.trusted(peer) {
+            return Ok(());
+        }
+        check_bearer(&self.admin_credential, headers)
+    }
+
+    /// The relay routes (heartbeat, command poll) for `relay_id`: that relay's own
+    /// credential, unless the caller is a trusted loopback one.
+    fn check_relay(
+        &self,
+        peer: Option<Extension<Peer>>,
+        headers: &HeaderMap,
+        relay_id: u32,
+    ) -> Result<()> {
+        if self.trusted(peer) {
+            return Ok(());
+        }
+        check_bearer(&crate::keys::relay_credential(&self.key, relay_id), headers)
     }
 }
 
@@ -253,11 +280,8 @@ impl Store for crate::journal::Journal<crate::core::Record> {
     }
 }
 
-/// Whether `headers` carry `Authorization: Bearer <want>` (anything goes when `want` is None).
-fn check_bearer(want: Option<&str>, headers: &HeaderMap) -> Result<()> {
-    let Some(want) = want else {
-        return Ok(());
-    };
+/// Whether `headers` carry `Authorization: Bearer <want>`.
+fn check_bearer(want: &str, headers: &HeaderMap) -> Result<()> {
     let got = bearer(headers).ok_or(ApiError::Unauthenticated)?;
     // Compare digests so that the comparison's timing says nothing about the token.
     use sha2::{Digest, Sha256};
@@ -337,12 +361,13 @@ fn two_segments(
 
 async fn heartbeat(
     State(app): State<Shared>,
+    peer: Option<Extension<Peer>>,
     headers: HeaderMap,
     body: std::result::Result<Bytes, BytesRejection>,
 ) -> Response {
-    let r = app
-        .check_relay(&headers)
-        .and_then(|()| parse_body::<Heartbeat>(&app, body))
+    // The body names the relay; its credential is checked before anything else is done.
+    let r = parse_body::<Heartbeat>(&app, body)
+        .and_then(|hb| app.check_relay(peer, &headers, hb.relay_id).map(|()| hb))
         .and_then(|hb| app.with_core(|c| c.handle_heartbeat(&Now::system(), hb)));
     ok(r)
 }
@@ -365,14 +390,14 @@ fn wait_ms(query: Option<&str>) -> Result<u64> {
 
 async fn relay_commands(
     State(app): State<Shared>,
+    peer: Option<Extension<Peer>>,
     headers: HeaderMap,
     path: std::result::Result<Path<String>, PathRejection>,
     RawQuery(query): RawQuery,
 ) -> Response {
-    let parsed = app
-        .check_relay(&headers)
-        .and_then(|()| one_segment(path))
+    let parsed = one_segment(path)
         .and_then(|s| id::<u32>(&s, "relay id"))
+        .and_then(|r| app.check_relay(peer, &headers, r).map(|()| r))
         .and_then(|r| Ok((r, wait_ms(query.as_deref())?)));
     let (relay_id, wait) = match parsed {
         Ok(v) => v,
@@ -652,36 +677,46 @@ async fn end_meeting(
 
 async fn user_home(
     State(app): State<Shared>,
+    peer: Option<Extension<Peer>>,
     headers: HeaderMap,
     path: std::result::Result<Path<String>, PathRejection>,
 ) -> Response {
     let r = async {
-        app.check_admin(&headers)?;
+        app.check_admin(peer, &headers)?;
         let user = id::<u64>(&one_segment(path)?, "user id")?;
         app.durable(|c| c.user_home(&Now::system(), user)).await?
     };
     ok(r.await)
 }
 
-async fn list_relays(State(app): State<Shared>, headers: HeaderMap) -> Response {
+async fn list_relays(
+    State(app): State<Shared>,
+    peer: Option<Extension<Peer>>,
+    headers: HeaderMap,
+) -> Response {
     ok(app
-        .check_admin(&headers)
+        .check_admin(peer, &headers)
         .map(|()| app.with_core(|c| crate::views::relays(c, &Now::system()))))
 }
 
-async fn list_rooms(State(app): State<Shared>, headers: HeaderMap) -> Response {
+async fn list_rooms(
+    State(app): State<Shared>,
+    peer: Option<Extension<Peer>>,
+    headers: HeaderMap,
+) -> Response {
     ok(app
-        .check_admin(&headers)
+        .check_admin(peer, &headers)
         .map(|()| app.with_core(|c| crate::views::rooms(c))))
 }
 
 async fn drain(
     app: Shared,
+    peer: Option<Extension<Peer>>,
     headers: HeaderMap,
     path: std::result::Result<Path<String>, PathRejection>,
     on: bool,
 ) -> Response {
-    let r = app.check_admin(&headers).and_then(|()| {
+    let r = app.check_admin(peer, &headers).and_then(|()| {
         let relay_id = id::<u32>(&one_segment(path)?, "relay id")?;
         app.with_core(|c| c.set_drain(relay_id, on, &Now::system()))?;
         Ok(serde_json::json!({"relay_id": relay_id, "drain_requested": on}))
@@ -691,18 +726,20 @@ async fn drain(
 
 async fn drain_relay(
     State(app): State<Shared>,
+    peer: Option<Extension<Peer>>,
     headers: HeaderMap,
     path: std::result::Result<Path<String>, PathRejection>,
 ) -> Response {
-    drain(app, headers, path, true).await
+    drain(app, peer, headers, path, true).await
 }
 
 async fn undrain_relay(
     State(app): State<Shared>,
+    peer: Option<Extension<Peer>>,
     headers: HeaderMap,
     path: std::result::Result<Path<String>, PathRejection>,
 ) -> Response {
-    drain(app, headers, path, false).await
+    drain(app, peer, headers, path, false).await
 }
 
 async fn public_key(State(app): State<Shared>) -> Response {

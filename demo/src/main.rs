@@ -328,6 +328,27 @@ fn start_ctl(
     Ok((p, addr))
 }
 
+/// Relay `id`'s credential at the demo's ctl (`ctl credential relay ID`): the relays in
+/// network namespaces reach ctl from addresses that are not loopback. With ctl on Redis the
+/// key is the cluster's, in Redis; `ctl.toml` names it.
+fn relay_credential(dir: &TempDir, id: u32) -> Result<String, String> {
+    let mut cmd = Command::new(procs::binary("ctl")?);
+    cmd.args(["credential", "relay", &id.to_string(), "--data-dir"])
+        .arg(dir.0.join("ctl"));
+    let cfg = dir.0.join("ctl.toml");
+    if cfg.exists() {
+        cmd.arg("--config").arg(cfg);
+    }
+    let out = cmd.output().map_err(|e| format!("ctl credential: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "ctl credential relay {id}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
 /// Starts relay `id` against ctl with `shards` shards (0: one per core), chat enabled, on free
 /// ports, linked to the other relays of ctl's cluster when `linked`; retries on a port race.
 fn start_relay(
@@ -363,6 +384,7 @@ fn start_relay(
             ),
         };
         cmd.args(["--ctl", ctl, "--relay-id", &id.to_string()])
+            .env("RELAY_CTL_TOKEN", relay_credential(dir, id)?)
             .args(["--bind", ip, "--advertise-host", ip])
             .args(["--shards", &n.to_string(), "--base-port", &base.to_string()])
             .args([
@@ -591,6 +613,9 @@ fn join_all<T>(
 
 fn print_how_to_connect(ctl: SocketAddr, relays: &[&Proc]) {
     println!("  ctl:     http://{ctl}   (API: ctl/API.md; admin: CTL_URL=http://{ctl} target/release/ctl relays)");
+    if !ctl.ip().is_loopback() {
+        println!("           (admin routes need CTL_ADMIN_TOKEN=$(target/release/ctl credential admin --data-dir <ctl's data dir>))");
+    }
     for r in relays {
         println!("  relay:   {}", r.ready_line());
     }
@@ -598,7 +623,7 @@ fn print_how_to_connect(ctl: SocketAddr, relays: &[&Proc]) {
     println!("  join:    curl -s -XPOST http://{ctl}/v1/join -d '{{\"code\": \"<code>\"}}'");
     println!("  sign in: curl -s -XPOST http://{ctl}/v1/verification/sessions -d '{{\"number\": \"+1 202 555 0143\"}}'");
     println!("           (the code goes to ctl's sms-outbox.jsonl; then POST .../verify, GET /v1/me/home: ctl/API.md)");
-    println!("  chat:    curl -s http://{ctl}/v1/users/42/home   (admin route: host, chat_port, token; PROTOCOL.md §7)");
+    println!("  chat:    curl -s http://{ctl}/v1/users/42/home   (admin route, as above: host, chat_port, token; PROTOCOL.md §7)");
     println!("  drain:   CTL_URL=http://{ctl} target/release/ctl drain <relay id>");
 }
 

@@ -253,6 +253,31 @@ pub fn signing_key_from_hex(hex: &str) -> Option<SigningKey> {
     hex_decode::<32>(hex.trim()).map(|b| SigningKey::from_bytes(&b))
 }
 
+/// ctl's admin credential when it has no configured `admin_token`: derived from ctl's key, so
+/// it exists from ctl's first start and every ctl process sharing the key accepts it, and
+/// nobody without the key can compute it (`ctl credential admin` prints it).
+pub fn admin_credential(key: &SigningKey) -> String {
+    derive_credential(key, b"ctl admin credential v1")
+}
+
+/// Relay `relay_id`'s credential at ctl, bound to its id: with it a relay can heartbeat and
+/// poll commands as itself and as no other relay (`ctl credential relay ID` prints it; the
+/// relay sends it as its `ctl_token`).
+pub fn relay_credential(key: &SigningKey, relay_id: u32) -> String {
+    let mut msg = *b"ctl relay credential v1 ....";
+    msg[24..].copy_from_slice(&relay_id.to_be_bytes());
+    derive_credential(key, &msg)
+}
+
+/// HMAC-SHA256 keyed with the key's secret seed, as 64 hex digits.
+fn derive_credential(key: &SigningKey, msg: &[u8]) -> String {
+    use hmac::{Hmac, Mac};
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(&key.to_bytes())
+        .expect("HMAC takes keys of any length");
+    mac.update(msg);
+    hex(&mac.finalize().into_bytes())
+}
+
 /// Lower-case hex of `bytes`.
 pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()

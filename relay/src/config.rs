@@ -228,8 +228,8 @@ pub struct Config {
     /// ctl's address, `http://host:port` (comma-separated for several ctl processes); none to
     /// run standalone.
     pub ctl: Option<String>,
-    /// The secret ctl's `relay_token` asks relays for (at least 16 characters), sent with
-    /// every heartbeat and command poll. The environment variable `RELAY_CTL_TOKEN`, when set
+    /// This relay's credential at ctl (`ctl credential relay ID` prints it; ctl accepts it
+    /// for this relay id only), sent with every heartbeat and command poll. The environment variable `RELAY_CTL_TOKEN`, when set
     /// and not empty, overrides it (so it can live in a root-only environment file rather
     /// than on the command line).
     pub ctl_token: Option<Secret>,

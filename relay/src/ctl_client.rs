@@ -148,8 +148,8 @@ pub struct Ctl {
     addrs: Vec<SocketAddr>,
     /// The one tried first; the next after a request to it fails.
     current: Arc<std::sync::atomic::AtomicUsize>,
-    /// Sent as `Authorization: Bearer <token>` on every request when set (ctl's
-    /// `relay_token`; PROTOCOL.md section 6).
+    /// Sent as `Authorization: Bearer <token>` on every request when set (the relay's
+    /// credential; PROTOCOL.md section 6).
     pub token: Option<crate::config::Secret>,
 }
 
@@ -204,7 +204,7 @@ impl From<String> for HeartbeatError {
 
 /// What to tell an operator when ctl refuses the relay.
 const REFUSED_HINT: &str = "ctl refused this relay's credentials: set ctl_token in relay.toml (or \
-     RELAY_CTL_TOKEN) to ctl's relay_token";
+     RELAY_CTL_TOKEN) to what `ctl credential relay ID` prints for this relay's id";
 
 /// One HTTP request; returns the status code and body.
 fn request(

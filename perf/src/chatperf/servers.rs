@@ -244,7 +244,9 @@ impl Relay {
                 &id.to_string(),
             ])
             .args(["--advertise-host", &host])
-            .args(["--link-port", &free_ports(1, false)?.to_string()]);
+            .args(["--link-port", &free_ports(1, false)?.to_string()])
+            // ctl's key is the harness's: the relay's credential comes from it.
+            .env("RELAY_CTL_TOKEN", proto::token::relay_credential(&key, id));
         }
         let proc = Proc::spawn(cmd, dir, Stdio::piped())?;
         Ok(Starting {

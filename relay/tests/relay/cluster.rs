@@ -2,7 +2,7 @@
 //! own network namespace with its own address (as root, as `cargo xtask up` runs them), or
 //! else each on its own loopback address.
 
-use super::ctl_e2e::{ctl_binary, http, wait_until, Proc};
+use super::ctl_e2e::{ctl_binary, ctl_credential, http, wait_until, Proc};
 use proto::chat::{code, kind, MsgId};
 use relay::chat::client::{new_msg_id, Client, Event, Message};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -79,6 +79,10 @@ fn start_cluster(dir: &Path, n: u32, net: u8) -> Cluster {
         .args(["--data-dir", dir.join("ctl").to_str().unwrap()]);
     let ctl_proc = Proc::start(cmd);
     let ctl: SocketAddr = ctl_proc.field("listen").parse().unwrap();
+    ADMIN
+        .lock()
+        .unwrap()
+        .insert(ctl, ctl_credential(&dir.join("ctl"), &["admin"]));
     // Each relay waits for the others before it says it is ready: start them together.
     let starting: Vec<_> = (1..=n)
         .map(|id| {
@@ -112,8 +116,22 @@ fn relay_command(dir: &Path, ctl: SocketAddr, hosts: &Hosts, id: u32) -> Command
             dir.join(format!("relay-{id}")).to_str().unwrap(),
         ])
         .args(["--ctl", &format!("http://{ctl}")])
-        .env_remove("RELAY_CTL_TOKEN");
+        .env(
+            "RELAY_CTL_TOKEN",
+            ctl_credential(&dir.join("ctl"), &["relay", &id.to_string()]),
+        );
     cmd
+}
+
+/// The admin credential of each running test ctl, by its address: the test process reaches a
+/// ctl in another network namespace from a bridge address, not loopback.
+static ADMIN: std::sync::Mutex<BTreeMap<SocketAddr, String>> =
+    std::sync::Mutex::new(BTreeMap::new());
+
+/// An admin request to the test ctl at `ctl`.
+fn admin(ctl: SocketAddr, method: &str, path: &str) -> (u16, serde_json::Value) {
+    let cred = ADMIN.lock().unwrap().get(&ctl).cloned();
+    http(ctl, method, path, None, cred.as_deref())
 }
 
 /// A user's session at the home ctl gives it, and what it has seen.
@@ -136,7 +154,7 @@ struct User {
 
 impl User {
     fn connect(ctl: SocketAddr, id: u64) -> Self {
-        let (status, h) = http(ctl, "GET", &format!("/v1/users/{id}/home"), None, None);
+        let (status, h) = admin(ctl, "GET", &format!("/v1/users/{id}/home"));
         assert_eq!(status, 200, "{h}");
         let addr: SocketAddr = format!("{}:{}", h["host"].as_str().unwrap(), h["chat_port"])
             .parse()
@@ -197,13 +215,7 @@ impl User {
         let deadline = Instant::now() + within;
         loop {
             assert!(Instant::now() < deadline, "user {} found no home", self.id);
-            let (status, h) = http(
-                ctl,
-                "GET",
-                &format!("/v1/users/{}/home", self.id),
-                None,
-                None,
-            );
+            let (status, h) = admin(ctl, "GET", &format!("/v1/users/{}/home", self.id));
             if status == 200 {
                 let addr: SocketAddr =
                     format!("{}:{}", h["host"].as_str().unwrap(), h["chat_port"])
@@ -592,12 +604,12 @@ fn strangers_and_garbage_on_a_relay_link_are_refused_and_counted_and_chat_goes_o
     // Not a link at all.
     attack(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
     // A user's chat token is not a relay's credential.
-    let (_, home) = http(cluster.ctl, "GET", "/v1/users/1/home", None, None);
+    let (_, home) = admin(cluster.ctl, "GET", "/v1/users/1/home");
     attack(&link_hello(2, home["token"].as_str().unwrap()));
     // A made-up token.
     attack(&link_hello(2, &"A".repeat(proto::token::TOKEN_TEXT_LEN)));
     // A real relay token, claimed for another relay number: a stranger registers as relay 9
-    // (ctl has no relay_token here) and presents its token as relay 2.
+    // (with relay 9's own credential) and presents its token as relay 2.
     let (status, answer) = http(
         cluster.ctl,
         "POST",
@@ -606,7 +618,7 @@ fn strangers_and_garbage_on_a_relay_link_are_refused_and_counted_and_chat_goes_o
             "relay_id": 9, "host": "127.0.2.9", "udp_base_port": 40000, "shards": 1,
             "nic_gbps": 1.0, "state": "serving", "link_port": 1
         })),
-        None,
+        Some(&ctl_credential(&dir.join("ctl"), &["relay", "9"])),
     );
     assert_eq!(status, 200, "{answer}");
     let token9 = answer["cluster"]["link_token"]
@@ -845,7 +857,7 @@ fn a_drained_relay_under_chat_load_hands_its_sessions_over_and_loses_nothing() {
     let mut drained = false;
     let run = chat_under_load("drain", 4, |t, cluster| {
         if !drained && t >= Duration::from_secs(2) {
-            let (status, body) = http(cluster.ctl, "POST", "/v1/relays/2/drain", None, None);
+            let (status, body) = admin(cluster.ctl, "POST", "/v1/relays/2/drain");
             assert_eq!(status, 200, "{body}");
             drained = true;
         }

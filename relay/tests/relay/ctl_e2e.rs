@@ -415,24 +415,45 @@ fn chat_homes_from_ctl_work_on_the_relay() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// What `ctl credential ARGS --data-dir DIR` prints.
+pub(crate) fn ctl_credential(data_dir: &std::path::Path, args: &[&str]) -> String {
+    let out = Command::new(ctl_binary())
+        .arg("credential")
+        .args(args)
+        .args(["--data-dir", data_dir.to_str().unwrap()])
+        .output()
+        .expect("ctl credential runs");
+    assert!(out.status.success(), "{:?}", out);
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// Issue 17, item 2: nothing but the client routes is open to a caller without a credential.
+/// With `trust_loopback = false` this loopback ctl treats its callers as any remote address is
+/// treated: the admin routes need the admin credential, the relay routes the relay's own, and
+/// one relay's credential opens nothing for another relay id.
 #[test]
-fn relays_must_present_ctls_relay_token_when_it_has_one() {
-    const TOKEN: &str = "relay-secret-0123456789";
-    let dir = std::env::temp_dir().join(format!("relay-ctl-token-{}", std::process::id()));
+fn admin_and_relay_routes_need_their_own_credentials() {
+    let dir = std::env::temp_dir().join(format!("relay-ctl-creds-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let config = dir.join("ctl.toml");
-    std::fs::write(&config, format!("relay_token = \"{TOKEN}\"\n")).unwrap();
+    std::fs::write(&config, "trust_loopback = false\n").unwrap();
+    let data = dir.join("ctl");
     let (_ctl_proc, ctl) = start_ctl_with(
-        &dir.join("ctl"),
+        &data,
         "127.0.0.1:0",
         &["--config", config.to_str().unwrap()],
     );
+    let admin = ctl_credential(&data, &["admin"]);
+    let seven = ctl_credential(&data, &["relay", "7"]);
+    assert_eq!(admin.len(), 64);
+    assert_ne!(seven, ctl_credential(&data, &["relay", "5"]));
     let base = 31_800 + (std::process::id() % 60) as u16 * 10;
 
-    // Without the token, or with another, the relay is refused at once: it exits with a clear
-    // error instead of retrying for 30 s, and ctl never lists it.
-    for (i, token) in [None, Some("not-the-relay-secret")].into_iter().enumerate() {
+    // Without a credential, or with relay 7's as relay 5 (a stolen or misplaced one), a relay
+    // is refused at once: it exits with a clear error instead of retrying for 30 s, and ctl
+    // never lists it.
+    for (i, token) in [None, Some(seven.as_str())].into_iter().enumerate() {
         let mut cmd = relay_command(ctl, 5 + i as u32, base + i as u16);
         if let Some(t) = token {
             cmd.env("RELAY_CTL_TOKEN", t);
@@ -455,34 +476,74 @@ fn relays_must_present_ctls_relay_token_when_it_has_one() {
             "no retrying a refusal"
         );
     }
-    assert_eq!(http(ctl, "GET", "/health", None, None).1["relays_alive"], 0);
-    // The command poll is closed to it too.
-    let (status, body) = http(ctl, "GET", "/v1/relays/5/commands?wait_ms=0", None, None);
+    let health = || http(ctl, "GET", "/health", None, None).1;
+    assert_eq!(health()["relays_alive"], 0);
+    // The command poll is closed to strangers and to other relays' credentials.
+    let poll = "/v1/relays/5/commands?wait_ms=0";
+    let (status, body) = http(ctl, "GET", poll, None, None);
     assert_eq!(
         (status, body["code"].as_str()),
         (401, Some("unauthenticated"))
     );
-    let wrong = Some("wrong-token-0123456");
-    let (status, body) = http(ctl, "GET", "/v1/relays/5/commands?wait_ms=0", None, wrong);
-    assert_eq!(
-        (status, body["code"].as_str()),
-        (401, Some("bad_credentials"))
-    );
+    for wrong in [seven.as_str(), admin.as_str()] {
+        let (status, body) = http(ctl, "GET", poll, None, Some(wrong));
+        assert_eq!(
+            (status, body["code"].as_str()),
+            (401, Some("bad_credentials"))
+        );
+    }
 
-    // With it (from the environment, as an EnvironmentFile gives it), the relay registers,
-    // serves, and keeps heartbeating.
+    // With its own (from the environment, as an EnvironmentFile gives it), relay 7
+    // registers, serves, and keeps heartbeating.
     let mut cmd = relay_command(ctl, 7, base + 7);
-    cmd.env("RELAY_CTL_TOKEN", TOKEN);
+    cmd.env("RELAY_CTL_TOKEN", &seven);
     let _relay = Proc::start(cmd);
     wait_until("the relay alive in ctl", Duration::from_secs(5), || {
-        http(ctl, "GET", "/health", None, None).1["relays_alive"] == 1
+        health()["relays_alive"] == 1
     });
     std::thread::sleep(Duration::from_millis(3500));
     assert_eq!(
-        http(ctl, "GET", "/health", None, None).1["relays_alive"],
+        health()["relays_alive"],
         1,
         "still alive after ctl's 3 s dead-after: its heartbeats are accepted"
     );
+
+    // Every admin route: refused without a credential and with a relay's, served with the
+    // admin credential. Nothing was drained by the refused attempts.
+    let admin_routes = [
+        ("GET", "/v1/relays"),
+        ("GET", "/v1/rooms"),
+        ("GET", "/v1/users/42/home"),
+        ("POST", "/v1/relays/7/drain"),
+        ("POST", "/v1/relays/7/undrain"),
+    ];
+    for (method, path) in admin_routes {
+        for auth in [None, Some(seven.as_str())] {
+            let (status, body) = http(ctl, method, path, None, auth);
+            assert_eq!(status, 401, "{method} {path} with {auth:?}: {body}");
+            let want = if auth.is_some() {
+                "bad_credentials"
+            } else {
+                "unauthenticated"
+            };
+            assert_eq!(body["code"], want, "{method} {path}");
+        }
+    }
+    let (_, relays) = http(ctl, "GET", "/v1/relays", None, Some(&admin));
+    assert_eq!(relays["relays"][0]["relay_id"], 7, "{relays}");
+    for (method, path) in admin_routes {
+        let (status, body) = http(ctl, method, path, None, Some(&admin));
+        assert_eq!(status, 200, "{method} {path}: {body}");
+    }
+    // The client routes stay open: a guest creates a meeting and joins it.
+    let (status, m) = http(
+        ctl,
+        "POST",
+        "/v1/meetings",
+        Some(&serde_json::json!({})),
+        None,
+    );
+    assert_eq!(status, 201, "{m}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
