@@ -42,6 +42,9 @@ pub struct Config {
     pub max_participants: usize,
     /// Meetings in existence at once.
     pub max_meetings: usize,
+    /// Meetings one account may have open at once (an operator's, made with the admin
+    /// credential, count against `max_meetings` only).
+    pub meetings_per_account: usize,
     /// Largest request body accepted, bytes.
     pub max_body_bytes: usize,
     /// Open HTTP connections at once; more wait in the listen backlog.
@@ -123,6 +126,7 @@ impl Default for Config {
             meeting_idle_s: 86_400,
             max_participants: 100,
             max_meetings: 100_000,
+            meetings_per_account: 10,
             max_body_bytes: 16 * 1024,
             max_connections: 1024,
             max_internal_connections: 256,
@@ -165,6 +169,9 @@ impl Config {
         }
         if self.max_participants == 0 || self.max_meetings == 0 {
             bail!("max_participants and max_meetings must be positive");
+        }
+        if !(1..=self.max_meetings).contains(&self.meetings_per_account) {
+            bail!("meetings_per_account must be in 1..=max_meetings");
         }
         for (name, n) in [
             ("max_connections", self.max_connections),

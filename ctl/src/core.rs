@@ -898,13 +898,25 @@ fn placed(scope: Scope, id: u64, p: &Placement, now: &Now) -> Placed {
 impl Core {
     /// Creates a meeting; its creator is the host, participant 1, and is admitted at once when
     /// a relay is serving.
-    pub fn create_meeting(&mut self, now: &Now, req: CreateMeeting) -> Result<Created, ApiError> {
+    /// Creates a meeting for account `owner` (0: an operator's, with the admin credential),
+    /// which may have at most `meetings_per_account` open at once; every limit is checked
+    /// before anything is stored.
+    pub fn create_meeting(
+        &mut self,
+        now: &Now,
+        req: CreateMeeting,
+        owner: u64,
+    ) -> Result<Created, ApiError> {
         let title = bounded_name(req.title, "title")?;
         let host_name = bounded_name(req.host_name, "host_name")?;
         if self.meetings.len() >= self.cfg.max_meetings {
             return Err(ApiError::TooManyMeetings);
         }
-        let (id, secret) = self.insert_meeting(title, host_name, now)?;
+        let limit = self.cfg.meetings_per_account;
+        if owner != 0 && self.meetings.owned_by(owner) >= limit {
+            return Err(ApiError::AccountMeetingLimit(limit));
+        }
+        let (id, secret) = self.insert_meeting(title, host_name, owner, now)?;
         self.stats.meetings_created += 1;
         let m = self.meetings.get(id).expect("just inserted");
         let code = m.display_code();
@@ -926,6 +938,7 @@ impl Core {
         &mut self,
         title: String,
         host: String,
+        owner: u64,
         now: &Now,
     ) -> Result<(u64, String), ApiError> {
         for _ in 0..CREATE_TRIES {
@@ -936,7 +949,8 @@ impl Core {
             else {
                 continue;
             };
-            let m = scratch.remove(id).expect("just created");
+            let mut m = scratch.remove(id).expect("just created");
+            m.owner = owner;
             if self.meetings.get(id).is_some() || self.meetings.by_code(&m.code).is_some() {
                 continue;
             }

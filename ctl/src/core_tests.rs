@@ -93,7 +93,7 @@ impl Rig {
     fn create(&mut self, ms: u64) -> Created {
         self.run_to(ms);
         let req = CreateMeeting::default();
-        self.core.create_meeting(&self.at(ms), req).unwrap()
+        self.core.create_meeting(&self.at(ms), req, 0).unwrap()
     }
 
     fn join(&mut self, ms: u64, code: &str) -> Result<Joined, ApiError> {
@@ -495,7 +495,7 @@ fn a_detached_journal_groups_changes_and_rewrites_everything_after_a_failure() {
     let n = rig.core.meetings().len();
     let refused = rig
         .core
-        .create_meeting(&rig.at(0), CreateMeeting::default());
+        .create_meeting(&rig.at(0), CreateMeeting::default(), 0);
     assert!(matches!(refused, Err(ApiError::Storage)));
     assert_eq!(
         rig.core.meetings().len(),
@@ -851,4 +851,44 @@ fn a_join_and_leave_loop_with_long_names_keeps_the_journal_small() {
         "the journal reached {largest} bytes (a meeting record is {} bytes)",
         record.len()
     );
+}
+
+#[test]
+fn an_account_has_at_most_its_limit_of_open_meetings_across_restarts() {
+    let mut rig = Rig::new("per-account");
+    rig.beat(0, &[7]);
+    let limit = Config::default().meetings_per_account;
+    let now = rig.at(10);
+    let mut made = Vec::new();
+    for _ in 0..limit {
+        let c = rig
+            .core
+            .create_meeting(&now, CreateMeeting::default(), 42)
+            .unwrap();
+        made.push(c);
+    }
+    let before = rig.core.meetings.len();
+    let refused = rig.core.create_meeting(&now, CreateMeeting::default(), 42);
+    assert_eq!(refused.unwrap_err(), ApiError::AccountMeetingLimit(limit));
+    assert_eq!(rig.core.meetings.len(), before, "nothing stored");
+    // Another account, and an operator, are not held by account 42's limit.
+    rig.core
+        .create_meeting(&now, CreateMeeting::default(), 43)
+        .unwrap();
+    rig.create(20);
+    // The count survives a restart (it is rebuilt from the journal's meetings).
+    rig.restart(100);
+    let now = rig.at(100);
+    let again = rig.core.create_meeting(&now, CreateMeeting::default(), 42);
+    assert_eq!(again.unwrap_err(), ApiError::AccountMeetingLimit(limit));
+    // Ending one of its meetings makes room for one more.
+    let first = &made[0];
+    rig.core
+        .end(&now, first.meeting_id, Some(&first.host_secret))
+        .unwrap();
+    rig.core
+        .create_meeting(&now, CreateMeeting::default(), 42)
+        .unwrap();
+    let refused = rig.core.create_meeting(&now, CreateMeeting::default(), 42);
+    assert_eq!(refused.unwrap_err(), ApiError::AccountMeetingLimit(limit));
 }

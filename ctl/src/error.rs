@@ -38,6 +38,8 @@ pub enum ApiError {
     CannotRemoveHost,
     MeetingFull,
     TooManyMeetings,
+    /// This account has `meetings_per_account` meetings open; it ends one first.
+    AccountMeetingLimit(usize),
     /// No relay takes new rooms right now.
     NoRelay,
     /// The membership table is full.
@@ -80,7 +82,7 @@ impl ApiError {
             MethodNotAllowed => 405,
             Timeout => 408,
             MeetingFull | TooManyMeetings => 409,
-            TooManyRequests | RetryAfter(_) => 429,
+            TooManyRequests | RetryAfter(_) | AccountMeetingLimit(_) => 429,
             SmsGateway => 502,
             BodyTooLarge(_) => 413,
             NoRelay | TooManyRelays | Storage | NoLeader | TooManySessions => 503,
@@ -109,6 +111,7 @@ impl ApiError {
             CannotRemoveHost => "cannot_remove_host",
             MeetingFull => "meeting_full",
             TooManyMeetings => "too_many_meetings",
+            AccountMeetingLimit(_) => "account_meeting_limit",
             NoRelay => "no_relay",
             TooManyRelays => "too_many_relays",
             Storage => "storage",
@@ -167,6 +170,11 @@ impl fmt::Display for ApiError {
             CannotRemoveHost => f.write_str("the host cannot be removed; end the meeting instead"),
             MeetingFull => f.write_str("meeting is full"),
             TooManyMeetings => f.write_str("too many meetings"),
+            AccountMeetingLimit(n) => write!(
+                f,
+                "this account has {n} meetings open, its limit: end one (DELETE \
+                 /v1/meetings/{{id}}) before creating another"
+            ),
             NoRelay => f.write_str("no relay is serving; retry shortly"),
             TooManyRelays => f.write_str("relay table full"),
             Storage => f.write_str("could not store the change; retry shortly"),

@@ -41,6 +41,9 @@ pub struct Meeting {
     /// Unix seconds of the last join or rejoin; an idle meeting expires (`meeting_idle_s`).
     #[serde(default)]
     pub last_active: u64,
+    /// The account that created it; 0 for one an operator created (admin credential).
+    #[serde(default)]
+    pub owner: u64,
 }
 
 impl Meeting {
@@ -85,6 +88,8 @@ pub enum MeetingError {
 pub struct Meetings {
     by_id: BTreeMap<u64, Meeting>,
     by_code: HashMap<String, u64>,
+    /// Open meetings per owning account (accounts with none are absent).
+    owned: HashMap<u64, usize>,
 }
 
 /// Random inputs of [`Meetings::create`], drawn by the caller.
@@ -141,6 +146,7 @@ impl Meetings {
             next_participant: 1,
             participants: BTreeMap::new(),
             last_active: now_unix_s,
+            owner: 0,
         };
         m.add_participant(host_name, true, now_unix_s);
         self.insert(m);
@@ -150,14 +156,34 @@ impl Meetings {
     /// Inserts or replaces a meeting (creation, and replay from the store).
     pub fn insert(&mut self, m: Meeting) {
         self.by_code.insert(m.code.clone(), m.id);
-        self.by_id.insert(m.id, m);
+        if m.owner != 0 {
+            *self.owned.entry(m.owner).or_default() += 1;
+        }
+        if let Some(old) = self.by_id.insert(m.id, m) {
+            self.disown(old.owner);
+        }
     }
 
     /// Removes a meeting.
     pub fn remove(&mut self, id: u64) -> Option<Meeting> {
         let m = self.by_id.remove(&id)?;
         self.by_code.remove(&m.code);
+        self.disown(m.owner);
         Some(m)
+    }
+
+    fn disown(&mut self, owner: u64) {
+        if let Some(n) = self.owned.get_mut(&owner) {
+            *n -= 1;
+            if *n == 0 {
+                self.owned.remove(&owner);
+            }
+        }
+    }
+
+    /// How many open meetings account `owner` created.
+    pub fn owned_by(&self, owner: u64) -> usize {
+        self.owned.get(&owner).copied().unwrap_or(0)
     }
 
     pub fn get(&self, id: u64) -> Option<&Meeting> {

@@ -247,6 +247,17 @@ impl App {
         check_bearer(&self.admin_credential, headers)
     }
 
+    /// Who creates a meeting: a signed-in account (its device credential; the account's
+    /// id), or an operator (the admin credential, or a trusted loopback caller; 0).
+    fn meeting_creator(&self, peer: Option<Extension<Peer>>, headers: &HeaderMap) -> Result<u64> {
+        match bearer(headers) {
+            Some(_) if check_bearer(&self.admin_credential, headers).is_ok() => Ok(0),
+            Some(b) => self.with_core(|c| c.device_user(Some(b))),
+            None if self.trusted(peer) => Ok(0),
+            None => Err(ApiError::Unauthenticated),
+        }
+    }
+
     /// The relay routes (heartbeat, command poll) for `relay_id`: that relay's own
     /// credential, unless the caller is a trusted loopback one.
     fn check_relay(
@@ -567,11 +578,14 @@ async fn delete_me(State(app): State<Shared>, headers: HeaderMap) -> Response {
 
 async fn create_meeting(
     State(app): State<Shared>,
+    peer: Option<Extension<Peer>>,
+    headers: HeaderMap,
     body: std::result::Result<Bytes, BytesRejection>,
 ) -> Response {
     let r = async {
+        let owner = app.meeting_creator(peer, &headers)?;
         let req = parse_optional_body::<CreateMeeting>(&app, body)?;
-        app.durable(|c| c.create_meeting(&Now::system(), req))
+        app.durable(|c| c.create_meeting(&Now::system(), req, owner))
             .await?
     };
     match r.await {

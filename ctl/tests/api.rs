@@ -163,10 +163,22 @@ fn heartbeat_body(id: u32, state: &str) -> String {
 
 impl FakeRelay {
     fn start(url: &str, id: u32) -> Self {
+        Self::start_as(url, id, None)
+    }
+
+    /// A relay presenting `credential` (its own, from `ctl credential relay ID`).
+    fn start_as(url: &str, id: u32, credential: Option<String>) -> Self {
+        let auth = credential.map(|c| format!("Bearer {c}"));
+        let call = move |url: &str, method: &str, path: &str, body: Option<&str>| {
+            let headers: Vec<(&str, &str)> =
+                auth.iter().map(|a| ("Authorization", a.as_str())).collect();
+            let body = body.map(str::as_bytes);
+            client::request(url, method, path, &headers, body, Duration::from_secs(10))
+        };
         let stop = Arc::new(AtomicBool::new(false));
         let (tx, commands) = mpsc::channel();
         // Registered before returning, so that placement can use it at once.
-        let r = client::json(
+        let r = call(
             url,
             "POST",
             "/v1/relays/heartbeat",
@@ -174,10 +186,10 @@ impl FakeRelay {
         )
         .unwrap();
         assert_eq!(r.status, 200, "{}", r.text());
-        let (u1, s1) = (url.to_string(), stop.clone());
+        let (u1, s1, c1) = (url.to_string(), stop.clone(), call.clone());
         let beat = std::thread::spawn(move || {
             while !s1.load(Ordering::Relaxed) {
-                let _ = client::json(
+                let _ = c1(
                     &u1,
                     "POST",
                     "/v1/relays/heartbeat",
@@ -190,7 +202,7 @@ impl FakeRelay {
         let poll = std::thread::spawn(move || {
             let path = format!("/v1/relays/{id}/commands?wait_ms=300");
             while !s2.load(Ordering::Relaxed) {
-                let Ok(r) = client::json(&u2, "GET", &path, None) else {
+                let Ok(r) = call(&u2, "GET", &path, None) else {
                     std::thread::sleep(Duration::from_millis(50));
                     continue;
                 };
@@ -1276,4 +1288,84 @@ fn sign_in_by_phone_gives_a_device_credential_and_only_its_own_chat_token() {
     assert_eq!(r.status, 204, "{}", r.text());
     let (s, _) = ctl.json("GET", "/v1/me/home", None, Some(&credential));
     assert_eq!(s, 401);
+}
+
+/// Signs `number` in through the outbox; returns the device credential.
+fn signed_in(ctl: &Ctl, dir: &Path, number: &str) -> String {
+    let body = json!({ "number": number }).to_string();
+    let (s, v) = ctl.json("POST", "/v1/verification/sessions", Some(&body), None);
+    assert_eq!(s, 201, "{v}");
+    let session = v["session_id"].as_str().unwrap().to_string();
+    let code = code_in_outbox(dir, v["number"].as_str().unwrap());
+    let body = json!({ "code": code }).to_string();
+    let path = format!("/v1/verification/sessions/{session}/verify");
+    let (s, v) = ctl.json("POST", &path, Some(&body), None);
+    assert_eq!(s, 200, "{v}");
+    v["device_credential"].as_str().unwrap().to_string()
+}
+
+/// Issue 16 item 2 and issue 17 item 5: meetings are created by signed-in accounts, each
+/// with at most `meetings_per_account` open, or by an operator with the admin credential.
+/// Anonymous and forged creations are refused and store nothing; joining by code stays open
+/// to guests.
+#[test]
+fn meetings_are_created_by_accounts_within_their_limit_and_guests_join_by_code() {
+    let dir = temp_dir("create-auth");
+    let ctl = Ctl::start_configured(&dir, "trust_loopback = false\nmeetings_per_account = 3\n");
+    let credential = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_ctl"))
+            .arg("credential")
+            .args(args)
+            .arg("--data-dir")
+            .arg(&dir)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    };
+    let _relay = FakeRelay::start_as(&ctl.url, 1, Some(credential(&["relay", "1"])));
+    let meetings = || ctl.json("GET", "/health", None, None).1["meetings"].clone();
+    let create = |auth: Option<&str>| ctl.json("POST", "/v1/meetings", Some("{}"), auth);
+    let (s, v) = create(None);
+    assert_eq!(
+        (s, v["code"].as_str()),
+        (401, Some("unauthenticated")),
+        "{v}"
+    );
+    let forged = "ab".repeat(32);
+    let (s, v) = create(Some(&forged));
+    assert_eq!(
+        (s, v["code"].as_str()),
+        (401, Some("bad_credentials")),
+        "{v}"
+    );
+    assert_eq!(meetings(), 0, "nothing stored");
+
+    let alice = signed_in(&ctl, &dir, "+12025550143");
+    let bob = signed_in(&ctl, &dir, "+12025550144");
+    let mut made = Vec::new();
+    for _ in 0..3 {
+        let (s, v) = create(Some(&alice));
+        assert_eq!(s, 201, "{v}");
+        made.push(v);
+    }
+    let (s, v) = create(Some(&alice));
+    assert_eq!(
+        (s, v["code"].as_str()),
+        (429, Some("account_meeting_limit")),
+        "{v}"
+    );
+    assert_eq!(meetings(), 3, "the refused one stored nothing");
+    // Another account has its own limit; the operator's credential has none but max_meetings.
+    assert_eq!(create(Some(&bob)).0, 201);
+    assert_eq!(create(Some(&credential(&["admin"]))).0, 201);
+    // A guest joins one of alice's meetings by its code, with no credential.
+    let (s, j) = ctl.join(made[0]["code"].as_str().unwrap());
+    assert_eq!(s, 200, "{j}");
+    // Ending one makes room for another.
+    let path = format!("/v1/meetings/{}", made[0]["meeting_id"]);
+    let (s, v) = ctl.json("DELETE", &path, None, made[0]["host_secret"].as_str());
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(create(Some(&alice)).0, 201);
+    assert_eq!(meetings(), 5);
 }

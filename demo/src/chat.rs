@@ -23,6 +23,8 @@ pub const SETTLE: Duration = Duration::from_secs(15);
 /// A user's chat home, from ctl.
 pub struct Home {
     pub user: u64,
+    /// The account's device credential (it creates meetings, fetches its home).
+    pub credential: String,
     pub addr: SocketAddr,
     pub token: String,
 }
@@ -90,7 +92,9 @@ pub fn sign_in(ctl: SocketAddr, outbox: &Path, numbers: &[String]) -> Result<Vec
             else {
                 return Err(format!("sign-in without a credential: {v}"));
             };
-            wait_home(user, || http::get_as(ctl, "/v1/me/home", credential))
+            wait_home(user, credential, || {
+                http::get_as(ctl, "/v1/me/home", credential)
+            })
         })
         .collect()
 }
@@ -114,6 +118,7 @@ fn code_in_outbox(outbox: &Path, number: &str) -> Result<String, String> {
 /// A user's home from `fetch`, asked again until the relay reports its chat listener.
 fn wait_home(
     user: u64,
+    credential: &str,
     fetch: impl Fn() -> Result<serde_json::Value, String>,
 ) -> Result<Home, String> {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -122,6 +127,7 @@ fn wait_home(
         if let (Some(host), Some(port)) = (h["host"].as_str(), h["chat_port"].as_u64()) {
             return Ok(Home {
                 user,
+                credential: credential.to_string(),
                 addr: format!("{host}:{port}")
                     .parse()
                     .map_err(|_| format!("bad chat home {h}"))?,

@@ -13,9 +13,29 @@ pub fn call(
     path: &str,
     body: Option<&Value>,
 ) -> Result<(u16, Value), String> {
+    call_as(ctl, method, path, body, None)
+}
+
+/// [`call`] with `Authorization: Bearer <credential>` when one is given.
+pub fn call_as(
+    ctl: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+    credential: Option<&str>,
+) -> Result<(u16, Value), String> {
     let body = body.map(Value::to_string);
-    let r = client::json(&format!("http://{ctl}"), method, path, body.as_deref())
-        .map_err(|e| format!("ctl {method} {path}: {e}"))?;
+    let auth = credential.map(|c| format!("Bearer {c}"));
+    let headers: Vec<(&str, &str)> = auth.iter().map(|a| ("Authorization", a.as_str())).collect();
+    let r = client::request(
+        &format!("http://{ctl}"),
+        method,
+        path,
+        &headers,
+        body.as_deref().map(str::as_bytes),
+        Duration::from_secs(10),
+    )
+    .map_err(|e| format!("ctl {method} {path}: {e}"))?;
     Ok((
         r.status,
         serde_json::from_slice(&r.body).unwrap_or(Value::Null),

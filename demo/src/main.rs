@@ -444,7 +444,24 @@ fn run(a: RunArgs) -> Result<bool, String> {
     wait_relays(ctl, 1)?;
     eprintln!("demo: ctl at http://{ctl}; relay: {}", relay.ready_line());
 
-    let admissions = media::join_rooms(ctl, a.rooms, a.participants)?;
+    // Every chat user signs in by phone (fictional 555-01xx numbers), its code read from ctl's
+    // SMS outbox, and chats as the account it got.
+    let outbox = dir.0.join("ctl").join("sms-outbox.jsonl");
+    let homes: Vec<Vec<chat::Home>> = (0..a.rooms)
+        .map(|r| {
+            let numbers: Vec<String> = (0..a.participants)
+                .map(|p| format!("+1 202 555 {:04}", 100 + r * a.participants + p))
+                .collect();
+            chat::sign_in(ctl, &outbox, &numbers)
+        })
+        .collect::<Result<_, _>>()?;
+    // Each room's first user hosts it: its account creates the meeting; the others join by
+    // the code.
+    let hosts: Vec<&str> = homes
+        .iter()
+        .map(|room| room[0].credential.as_str())
+        .collect();
+    let admissions = media::join_rooms(ctl, &hosts, a.participants)?;
     let mut sessions: Vec<Vec<media::Session>> = admissions
         .iter()
         .map(|room| {
@@ -459,17 +476,6 @@ fn run(a: RunArgs) -> Result<bool, String> {
                     })
                 })
                 .collect::<Result<_, String>>()
-        })
-        .collect::<Result<_, _>>()?;
-    // Every chat user signs in by phone (fictional 555-01xx numbers), its code read from ctl's
-    // SMS outbox, and chats as the account it got.
-    let outbox = dir.0.join("ctl").join("sms-outbox.jsonl");
-    let homes: Vec<Vec<chat::Home>> = (0..a.rooms)
-        .map(|r| {
-            let numbers: Vec<String> = (0..a.participants)
-                .map(|p| format!("+1 202 555 {:04}", 100 + r * a.participants + p))
-                .collect();
-            chat::sign_in(ctl, &outbox, &numbers)
         })
         .collect::<Result<_, _>>()?;
     let members: Vec<Vec<u64>> = homes
@@ -619,10 +625,10 @@ fn print_how_to_connect(ctl: SocketAddr, relays: &[&Proc]) {
     for r in relays {
         println!("  relay:   {}", r.ready_line());
     }
-    println!("  meeting: curl -s -XPOST http://{ctl}/v1/meetings");
+    println!("  meeting: curl -s -XPOST http://{ctl}/v1/meetings -H 'Authorization: Bearer <device credential>'");
     println!("  join:    curl -s -XPOST http://{ctl}/v1/join -d '{{\"code\": \"<code>\"}}'");
     println!("  sign in: curl -s -XPOST http://{ctl}/v1/verification/sessions -d '{{\"number\": \"+1 202 555 0143\"}}'");
-    println!("           (the code goes to ctl's sms-outbox.jsonl; then POST .../verify, GET /v1/me/home: ctl/API.md)");
+    println!("           (the code goes to ctl's sms-outbox.jsonl; POST .../verify gives the device credential; ctl/API.md)");
     println!("  chat:    curl -s http://{ctl}/v1/users/42/home   (admin route, as above: host, chat_port, token; PROTOCOL.md §7)");
     println!("  drain:   CTL_URL=http://{ctl} target/release/ctl drain <relay id>");
 }

@@ -61,22 +61,21 @@ pub struct Outcome {
     pub latency_us: Histogram<u64>,
 }
 
-/// Creates `rooms` meetings through ctl and admits `participants` to each (the creator is the
-/// first). Returns the admissions per room.
+/// Creates a meeting per host (the device credential of a signed-in account) through ctl and
+/// admits `participants` to each (the host is the first; the others join by the code, as
+/// guests). Returns the admissions per room.
 pub fn join_rooms(
     ctl: SocketAddr,
-    rooms: usize,
+    hosts: &[&str],
     participants: usize,
 ) -> Result<Vec<Vec<Admission>>, String> {
     let mut out = Vec::new();
-    for r in 0..rooms {
-        let m = http::expect(
-            ctl,
-            "POST",
-            "/v1/meetings",
-            Some(&json!({"title": format!("demo room {r}"), "host_name": "p0"})),
-            201,
-        )?;
+    for (r, host) in hosts.iter().enumerate() {
+        let body = json!({"title": format!("demo room {r}"), "host_name": "p0"});
+        let (status, m) = http::call_as(ctl, "POST", "/v1/meetings", Some(&body), Some(host))?;
+        if status != 201 {
+            return Err(format!("ctl POST /v1/meetings: {status} {m}"));
+        }
         let code = m["code"]
             .as_str()
             .ok_or("meeting without a code")?
