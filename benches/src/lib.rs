@@ -71,12 +71,41 @@ pub fn token(room: u64, participant: u64) -> String {
 
 /// A STUN Binding request carrying `token`.
 pub fn binding_request(token: &str) -> Vec<u8> {
+    binding_request_with(token, None)
+}
+
+/// A STUN Binding request carrying `token` and the relay's cookie `nonce`.
+pub fn binding_request_with(token: &str, nonce: Option<&[u8]>) -> Vec<u8> {
     let mut buf = vec![0u8; 512];
     let k = proto::token::stun_key(token.as_bytes());
-    let n =
-        proto::stun::write_binding_request(&mut buf, &[5; 12], token.as_bytes(), &k).expect("fits");
+    let n = proto::stun::write_binding_request_with_nonce(
+        &mut buf,
+        &[5; 12],
+        token.as_bytes(),
+        nonce,
+        &k,
+    )
+    .expect("fits");
     buf.truncate(n);
     buf
+}
+
+/// Binds `token` at `src` on `shard` as a client does: the request, then again with the
+/// cookie of the relay's challenge. Panics unless it binds.
+pub fn bind(shard: &mut Shard, src: SocketAddr, token: &str) {
+    let mut reply = [0u8; 512];
+    let nonce = match shard.handle_datagram(NOW, src, &binding_request(token), &mut reply) {
+        Verdict::Reply(n) => proto::stun::challenge_nonce(&reply[..n]).map(<[u8]>::to_vec),
+        other => panic!("no answer to a binding: {other:?}"),
+    };
+    let req = binding_request_with(token, nonce.as_deref());
+    match shard.handle_datagram(NOW, src, &req, &mut reply) {
+        Verdict::Reply(n) => {
+            let m = proto::stun::StunMessage::parse(&reply[..n]).expect("STUN");
+            assert_eq!(m.class(), proto::stun::Class::Success, "bound");
+        }
+        other => panic!("bind failed: {other:?}"),
+    }
 }
 
 /// A shard with one room of one publisher and `n_subscribers` subscribers, plus `n_other_rooms`
@@ -92,13 +121,10 @@ pub fn room(n_subscribers: usize, n_other_rooms: usize) -> (Shard, SocketAddr, V
     };
     let mut shard = Shard::new(cfg, 0, TokenVerifier::new(key().verifying_key(), 0), NOW);
     let mut reply = [0u8; 512];
-    let mut bind = |shard: &mut Shard, port: u16, room: u64, participant: u64| {
+    let bind = |shard: &mut Shard, port: u16, room: u64, participant: u64| {
         let src = SocketAddr::from(([10, 0, (port >> 8) as u8, port as u8], port));
-        let req = binding_request(&token(room, participant));
-        match shard.handle_datagram(NOW, src, &req, &mut reply) {
-            Verdict::Reply(_) => src,
-            other => panic!("bind failed: {other:?}"),
-        }
+        self::bind(shard, src, &token(room, participant));
+        src
     };
     let publisher = bind(&mut shard, 1000, 1, 1);
     for i in 0..n_subscribers {

@@ -192,6 +192,8 @@ pub fn bind(sock: &UdpSocket, a: &Admission) -> Result<Binding, String> {
         while let Ok(m) = sock.recv(&mut resp) {
             match b.handle_response(mono_us(), &resp[..m]) {
                 Some(Answer::Bound) => return Ok(b),
+                // The relay's cookie came: the request goes again at once.
+                Some(Answer::Challenged) => break,
                 Some(Answer::Refused(code)) => {
                     return Err(format!(
                         "participant {}: the relay refused the binding with {code}",

@@ -22,8 +22,15 @@ fuzz_target!(|data: &[u8]| {
         let t = token(u64::from(p));
         let k = proto::token::stun_key(t.as_bytes());
         let mut req = [0u8; 512];
+        let src = SocketAddr::from(([10, 0, 0, p as u8], 1000));
         let n = proto::stun::write_binding_request(&mut req, &[p as u8; 12], t.as_bytes(), &k).unwrap();
-        shard.handle_datagram(now, SocketAddr::from(([10, 0, 0, p as u8], 1000)), &req[..n], &mut reply);
+        // A new address is challenged first; the request goes again with its cookie.
+        let nonce = match shard.handle_datagram(now, src, &req[..n], &mut reply) {
+            Verdict::Reply(r) => proto::stun::challenge_nonce(&reply[..r]).map(<[u8]>::to_vec),
+            _ => None,
+        };
+        let n = proto::stun::write_binding_request_with_nonce(&mut req, &[p as u8; 12], t.as_bytes(), nonce.as_deref(), &k).unwrap();
+        shard.handle_datagram(now, src, &req[..n], &mut reply);
     }
     // Input: records of [source u8][len u8][bytes...].
     let mut at = 0;

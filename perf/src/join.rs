@@ -4,10 +4,9 @@
 #![forbid(unsafe_code)]
 
 use std::net::UdpSocket;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ed25519_dalek::SigningKey;
-use proto::stun::{Class, StunMessage};
 use proto::token::{Claims, Permissions, TokenKind};
 
 /// How long to wait for each Binding success before retrying.
@@ -80,7 +79,9 @@ pub fn binding_request(creds: &Credentials, counter: u32, buf: &mut [u8]) -> usi
 
 /// Whether `datagram` is the relay's Binding success for transaction `txid`, authenticated
 /// with `key`.
+#[cfg(test)]
 pub fn is_binding_success(datagram: &[u8], txid: &[u8; 12], key: &[u8]) -> bool {
+    use proto::stun::{Class, StunMessage};
     let Ok(msg) = StunMessage::parse(datagram) else {
         return false;
     };
@@ -90,39 +91,15 @@ pub fn is_binding_success(datagram: &[u8], txid: &[u8; 12], key: &[u8]) -> bool 
         && msg.verify_integrity(key).is_ok()
 }
 
-/// Binds `sock` (connected to the relay shard) with a bounded number of retries.
+/// Binds `sock` (connected to the relay shard), through the relay's return-routability
+/// challenge, within a bounded time.
 pub fn bind(sock: &UdpSocket, creds: &Credentials) -> anyhow::Result<()> {
-    let mut req = [0u8; crate::sys::MAX_DATAGRAM];
-    let mut resp = [0u8; crate::sys::MAX_DATAGRAM];
-    for attempt in 0..ATTEMPTS {
-        let n = binding_request(creds, attempt, &mut req);
-        sock.send(&req[..n])?;
-        let txid = transaction_id(creds.participant_id, attempt);
-        let deadline = Instant::now() + RESPONSE_TIMEOUT;
-        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
-            sock.set_read_timeout(Some(left.max(Duration::from_millis(1))))?;
-            match sock.recv(&mut resp) {
-                Ok(m) if is_binding_success(&resp[..m], &txid, &creds.key) => {
-                    sock.set_read_timeout(None)?;
-                    return Ok(());
-                }
-                Ok(_) => continue, // media or an older response: keep waiting
-                Err(e) if is_timeout(&e) => break,
-                Err(e) => anyhow::bail!("binding participant {}: {e}", creds.participant_id),
-            }
-        }
-    }
-    anyhow::bail!(
-        "participant {}: no Binding success after {ATTEMPTS} attempts",
-        creds.participant_id
-    )
-}
-
-fn is_timeout(e: &std::io::Error) -> bool {
-    matches!(
-        e.kind(),
-        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-    )
+    let relay = sock.peer_addr()?;
+    let within = RESPONSE_TIMEOUT * ATTEMPTS;
+    proto::binding::bind_blocking(sock, relay, &creds.token, within)
+        .map_err(|e| anyhow::anyhow!("binding participant {}: {e}", creds.participant_id))?;
+    sock.set_read_timeout(None)?;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -146,7 +123,7 @@ mod tests {
 
         let mut buf = [0u8; 512];
         let n = binding_request(&creds, 5, &mut buf);
-        let msg = StunMessage::parse(&buf[..n]).unwrap();
+        let msg = proto::stun::StunMessage::parse(&buf[..n]).unwrap();
         assert_eq!(msg.username(), Some(creds.token.as_bytes()));
         assert!(msg.verify_integrity(&creds.key).is_ok());
         assert_eq!(msg.transaction_id(), &transaction_id(3, 5));

@@ -36,7 +36,13 @@ pub enum Answer {
     /// The relay refused with this STUN error code (PROTOCOL.md section 3: 401 for an expired
     /// or bad token, 403 for a wrong scope or a full room, 503 to retry later).
     Refused(u16),
+    /// The relay asked for its return-routability cookie (401 or 438 with a NONCE): the
+    /// request goes again at once with it.
+    Challenged,
 }
+
+/// The longest NONCE a relay may hand out that a client keeps.
+const MAX_NONCE: usize = 64;
 
 /// One binding's refresh schedule and its outstanding transaction.
 #[derive(Clone, Debug)]
@@ -54,6 +60,10 @@ pub struct Binding {
     bound_at_us: Option<u64>,
     /// Requests sent so far.
     sent: u32,
+    /// The relay's return-routability cookie for our address, echoed in every request.
+    nonce: Option<Vec<u8>>,
+    /// Whether the last answer was a challenge (a second one in a row waits a retransmit).
+    challenged: bool,
 }
 
 impl Binding {
@@ -72,6 +82,8 @@ impl Binding {
             next_us: 0,
             bound_at_us: None,
             sent: 0,
+            nonce: None,
+            challenged: false,
         }
     }
 
@@ -96,7 +108,10 @@ impl Binding {
             return None;
         }
         self.txid[8..].copy_from_slice(&self.sent.to_le_bytes());
-        let n = stun::write_binding_request(buf, &self.txid, &self.token, &self.key).ok()?;
+        let nonce = self.nonce.as_deref();
+        let n =
+            stun::write_binding_request_with_nonce(buf, &self.txid, &self.token, nonce, &self.key)
+                .ok()?;
         self.sent = self.sent.wrapping_add(1);
         self.outstanding = true;
         self.next_us = now_us + RETRANSMIT_US;
@@ -118,12 +133,30 @@ impl Binding {
                 // A success must prove the relay knows the key; an error cannot (the relay
                 // answers errors before it trusts the token), so it only ends the transaction.
                 msg.verify_integrity(&self.key).ok()?;
+                self.challenged = false;
                 self.bound_at_us = Some(now_us);
                 self.next_us = now_us + self.refresh_every_us;
                 Answer::Bound
             }
             Class::Error => {
                 let code = msg.error_code().map_or(0, |(c, _)| c);
+                let nonce = msg
+                    .attribute(stun::attr::NONCE)
+                    .filter(|n| !n.is_empty() && n.len() <= MAX_NONCE);
+                if let (401 | 438, Some(n)) = (code, nonce) {
+                    // Our address proved: ask again at once with the cookie (after a second
+                    // challenge in a row, a retransmit period later).
+                    self.nonce = Some(n.to_vec());
+                    self.next_us = if self.challenged {
+                        now_us + RETRANSMIT_US
+                    } else {
+                        now_us
+                    };
+                    self.challenged = true;
+                    self.outstanding = false;
+                    return Some(Answer::Challenged);
+                }
+                self.challenged = false;
                 // 503 asks us to come back later; the others will not change by retrying
                 // soon, so wait a refresh period (a renewed token asks again at once).
                 self.next_us = now_us
@@ -149,6 +182,48 @@ impl Binding {
     pub fn requests_sent(&self) -> u32 {
         self.sent
     }
+}
+
+/// Binds `token` at `relay` from `sock` once, blocking until the relay confirms (a challenge
+/// and the request again with its cookie included) or refuses, or `within` passes: for tools
+/// and tests that need a binding and nothing more. Other datagrams arriving meanwhile are
+/// dropped. `sock` must be connected to `relay` or bound so that `send_to` reaches it.
+pub fn bind_blocking(
+    sock: &std::net::UdpSocket,
+    relay: std::net::SocketAddr,
+    token: &str,
+    within: std::time::Duration,
+) -> Result<(), String> {
+    let start = std::time::Instant::now();
+    let now = || start.elapsed().as_micros() as u64;
+    let key = crate::token::stun_key(token.as_bytes());
+    let mut b = Binding::new(token.as_bytes(), &key, 1, 30_000_000);
+    let (mut out, mut buf) = ([0u8; 512], [0u8; 1500]);
+    let old_timeout = sock.read_timeout().map_err(|e| e.to_string())?;
+    let result = loop {
+        if start.elapsed() >= within {
+            break Err(format!(
+                "no answer to the binding from {relay} in {within:?}"
+            ));
+        }
+        if let Some(n) = b.poll_transmit(now(), &mut out) {
+            sock.send_to(&out[..n], relay).map_err(|e| e.to_string())?;
+        }
+        let wait = b.poll_timeout().saturating_sub(now()).clamp(1_000, 100_000);
+        sock.set_read_timeout(Some(std::time::Duration::from_micros(wait)))
+            .map_err(|e| e.to_string())?;
+        let Ok(n) = sock.recv(&mut buf) else {
+            continue;
+        };
+        match b.handle_response(now(), &buf[..n]) {
+            Some(Answer::Bound) => break Ok(()),
+            Some(Answer::Refused(code)) => break Err(format!("the relay refused with {code}")),
+            Some(Answer::Challenged) | None => {}
+        }
+    };
+    sock.set_read_timeout(old_timeout)
+        .map_err(|e| e.to_string())?;
+    result
 }
 
 #[cfg(test)]

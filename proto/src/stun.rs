@@ -22,6 +22,8 @@ pub mod attr {
     pub const MESSAGE_INTEGRITY: u16 = 0x0008;
     /// ERROR-CODE.
     pub const ERROR_CODE: u16 = 0x0009;
+    /// NONCE: the relay's return-routability cookie (PROTOCOL.md section 3).
+    pub const NONCE: u16 = 0x0015;
     /// XOR-MAPPED-ADDRESS.
     pub const XOR_MAPPED_ADDRESS: u16 = 0x0020;
     /// SOFTWARE.
@@ -383,8 +385,72 @@ pub fn write_binding_request(
     username: &[u8],
     key: &[u8],
 ) -> Result<usize, StunError> {
+    write_binding_request_with_nonce(out, transaction_id, username, None, key)
+}
+
+/// [`write_binding_request`] echoing the relay's `nonce` (its return-routability cookie,
+/// from a 401 or 438 answer) when one is given; MESSAGE-INTEGRITY covers it.
+pub fn write_binding_request_with_nonce(
+    out: &mut [u8],
+    transaction_id: &[u8; 12],
+    username: &[u8],
+    nonce: Option<&[u8]>,
+    key: &[u8],
+) -> Result<usize, StunError> {
     let mut w = StunWriter::new(out, Class::Request, METHOD_BINDING, transaction_id)?;
-    w.attribute(attr::USERNAME, username)?.integrity(key)?;
+    w.attribute(attr::USERNAME, username)?;
+    if let Some(n) = nonce {
+        w.attribute(attr::NONCE, n)?;
+    }
+    w.integrity(key)?;
+    w.finish_with_fingerprint()
+}
+
+/// Length of the relay's return-routability cookie.
+pub const COOKIE_LEN: usize = 16;
+
+/// The return-routability cookie of `addr` in time window `epoch`: HMAC-SHA256 under the
+/// relay's `secret`, truncated. Only whoever receives datagrams at `addr` learns it.
+pub fn address_cookie(secret: &[u8; 32], addr: SocketAddr, epoch: u64) -> [u8; COOKIE_LEN] {
+    let mut mac =
+        Hmac::<sha2::Sha256>::new_from_slice(secret).expect("HMAC takes keys of any length");
+    mac.update(&epoch.to_be_bytes());
+    match addr.ip() {
+        std::net::IpAddr::V4(ip) => mac.update(&ip.octets()),
+        std::net::IpAddr::V6(ip) => mac.update(&ip.octets()),
+    }
+    mac.update(&addr.port().to_be_bytes());
+    let tag = mac.finalize().into_bytes();
+    tag[..COOKIE_LEN].try_into().expect("SHA-256 is 32 bytes")
+}
+
+/// The cookie of a relay's challenge (a Binding error 401 or 438 carrying a NONCE), if
+/// `reply` is one: the request goes again with it.
+pub fn challenge_nonce(reply: &[u8]) -> Option<&[u8]> {
+    let m = StunMessage::parse(reply).ok()?;
+    let code = m.error_code()?.0;
+    if m.class() != Class::Error || !matches!(code, 401 | 438) {
+        return None;
+    }
+    m.attribute(attr::NONCE).filter(|n| !n.is_empty())
+}
+
+/// Whether `a` and `b` are equal, in time that depends on their lengths only.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Writes a Binding error response with ERROR-CODE, NONCE and FINGERPRINT: the relay's
+/// challenge (401) or its renewal (438) of the return-routability cookie.
+pub fn write_binding_challenge(
+    out: &mut [u8],
+    transaction_id: &[u8; 12],
+    code: u16,
+    reason: &str,
+    nonce: &[u8],
+) -> Result<usize, StunError> {
+    let mut w = StunWriter::new(out, Class::Error, METHOD_BINDING, transaction_id)?;
+    w.error_code(code, reason)?.attribute(attr::NONCE, nonce)?;
     w.finish_with_fingerprint()
 }
 

@@ -247,6 +247,8 @@ struct Client {
     sock: UdpSocket,
     relay: SocketAddr,
     token: String,
+    /// The relay's return-routability cookie for this client's address, once challenged.
+    nonce: std::sync::Mutex<Option<Vec<u8>>>,
 }
 
 impl Client {
@@ -254,7 +256,12 @@ impl Client {
         let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
         sock.set_read_timeout(Some(Duration::from_millis(200)))
             .unwrap();
-        Self { sock, relay, token }
+        Self {
+            sock,
+            relay,
+            token,
+            nonce: Default::default(),
+        }
     }
 
     fn request(&self) -> Vec<u8> {
@@ -262,19 +269,28 @@ impl Client {
         let key = proto::token::stun_key(self.token.as_bytes());
         let txid: [u8; 12] =
             std::array::from_fn(|i| (i as u8) ^ (self.sock.local_addr().unwrap().port() as u8));
-        let n = stun::write_binding_request(&mut buf, &txid, self.token.as_bytes(), &key).unwrap();
+        let nonce = self.nonce.lock().unwrap().clone();
+        let token = self.token.as_bytes();
+        let n =
+            stun::write_binding_request_with_nonce(&mut buf, &txid, token, nonce.as_deref(), &key)
+                .unwrap();
         buf.truncate(n);
         buf
     }
 
-    /// Sends a Binding request and returns the response class and error code.
+    /// Sends a Binding request (again with the relay's cookie when it challenges this
+    /// address, as a client does) and returns the response class and error code.
     fn bind(&self) -> (Class, Option<u16>, usize) {
-        let req = self.request();
         for _ in 0..10 {
-            self.sock.send_to(&req, self.relay).unwrap();
+            self.sock.send_to(&self.request(), self.relay).unwrap();
             let mut buf = [0u8; 1500];
             if let Ok((n, _)) = self.sock.recv_from(&mut buf) {
                 let m = StunMessage::parse(&buf[..n]).expect("relay answers valid STUN");
+                let code = m.error_code().map(|(c, _)| c);
+                if let (Some(401 | 438), Some(nonce)) = (code, m.attribute(stun::attr::NONCE)) {
+                    *self.nonce.lock().unwrap() = Some(nonce.to_vec());
+                    continue;
+                }
                 if m.class() == Class::Success {
                     assert_eq!(
                         m.xor_mapped_address(),
@@ -393,8 +409,9 @@ fn fanout_reaches_each_subscriber_once(io: &str) {
         "never into another room"
     );
     assert_eq!(
-        relay.wait_metric("relay_tx_packets_total{shard=\"0\"}", 3 * u64::from(N) + 5),
-        3 * u64::from(N) + 5
+        relay.wait_metric("relay_tx_packets_total{shard=\"0\"}", 3 * u64::from(N) + 10),
+        3 * u64::from(N) + 10,
+        "the copies, and a challenge and a success for each of 5 bindings"
     );
 }
 
@@ -560,6 +577,7 @@ fn refreshed_bindings_outlive_many_ttls(io: &str) {
                 while let Ok((n, _)) = c.sock.recv_from(&mut buf) {
                     match b.handle_response(now_us(), &buf[..n]) {
                         Some(proto::binding::Answer::Bound) => bound[i] += 1,
+                        Some(proto::binding::Answer::Challenged) => {}
                         Some(other) => panic!("refresh refused: {other:?}"),
                         None if i == 1 => {
                             if let Ok(p) = RtpPacket::parse(&buf[..n]) {
@@ -641,6 +659,119 @@ fn garbage_spray_does_not_disturb_a_room(io: &str) {
     assert!(relay.wait_metric("relay_drops_total{shard=\"0\",reason=\"malformed\"}", 1) > 0);
 }
 
+/// Sends `payload` as a UDP datagram from `src` to `dst` through a raw socket (IP_HDRINCL):
+/// a spoofed source address, as an attacker off the path sends it. Needs root.
+fn send_spoofed(src: SocketAddr, dst: SocketAddr, payload: &[u8]) {
+    let (SocketAddr::V4(src), SocketAddr::V4(dst)) = (src, dst) else {
+        panic!("IPv4 only");
+    };
+    let total = 20 + 8 + payload.len();
+    let mut pkt = vec![0u8; total];
+    pkt[0] = 0x45; // IPv4, 20-byte header
+    pkt[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+    pkt[8] = 64; // TTL
+    pkt[9] = 17; // UDP
+    pkt[12..16].copy_from_slice(&src.ip().octets());
+    pkt[16..20].copy_from_slice(&dst.ip().octets());
+    let mut sum: u32 = pkt[..20]
+        .chunks(2)
+        .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    pkt[10..12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    pkt[20..22].copy_from_slice(&src.port().to_be_bytes());
+    pkt[22..24].copy_from_slice(&dst.port().to_be_bytes());
+    pkt[24..26].copy_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    // UDP checksum 0: none (allowed over IPv4).
+    pkt[28..].copy_from_slice(payload);
+    // SAFETY: plain socket calls on a descriptor this function owns; the buffers outlive them.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW);
+        assert!(fd >= 0, "a raw socket (the test runs as root)");
+        let to = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: 0,
+            sin_addr: libc::in_addr {
+                s_addr: u32::from_ne_bytes(dst.ip().octets()),
+            },
+            sin_zero: [0; 8],
+        };
+        let n = libc::sendto(
+            fd,
+            pkt.as_ptr().cast(),
+            pkt.len(),
+            0,
+            std::ptr::addr_of!(to).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        );
+        assert_eq!(n, pkt.len() as isize, "raw send");
+        libc::close(fd);
+    }
+}
+
+/// Issue 17 item 1: Binding requests with valid tokens whose source is spoofed to a victim's
+/// address (raw socket on loopback) put the victim in no fan-out: it receives none of the
+/// publisher's media, and never more bytes than the spoofer sent (the relay's challenges go
+/// to the victim, each smaller than the request that caused it). The same requests carrying
+/// a cookie the attacker got at its own address fare no better. Before return routability,
+/// 93 of 200 packets reached such a victim.
+fn a_spoofed_binding_sends_the_victim_nothing(io: &str) {
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: raw sockets need root");
+        return;
+    }
+    let relay = RelayProc::start(io, 1, &[]);
+    let publisher = Client::join(&relay, 0, 1, 1);
+    let victim = UdpSocket::bind("127.0.0.2:0").unwrap();
+    let victim_addr = victim.local_addr().unwrap();
+    let shard = relay.shard_addr(0);
+    let mut spoofed_bytes = 0;
+    for p in 50..58u64 {
+        let token = relay.token(0, 1, p, Permissions::SUBSCRIBE, 600);
+        // Plain, as the reported attack sent them.
+        let plain = Client::new(shard, token.clone()).request();
+        send_spoofed(victim_addr, shard, &plain);
+        spoofed_bytes += plain.len();
+        // With the cookie of the attacker's own address.
+        let own = Client::new(shard, token);
+        assert_eq!(own.bind().0, Class::Success, "its own address binds");
+        let replay = own.request();
+        send_spoofed(victim_addr, shard, &replay);
+        spoofed_bytes += replay.len();
+    }
+    victim.set_read_timeout(Some(QUIET)).unwrap();
+    let mut buf = [0u8; 2048];
+    let (mut stun_bytes, mut challenges) = (0, 0);
+    while let Ok(n) = victim.recv(&mut buf) {
+        assert!(
+            StunMessage::parse(&buf[..n]).is_ok(),
+            "the victim gets STUN answers only"
+        );
+        challenges += 1;
+        stun_bytes += n;
+    }
+    assert!(challenges > 0, "the spoofed requests reached the relay");
+    assert!(
+        stun_bytes < spoofed_bytes,
+        "no amplification: {stun_bytes} bytes to the victim for {spoofed_bytes} spoofed"
+    );
+    // The publisher's own socket drained meanwhile (media is never echoed to it).
+    let _ = receive_during(&[&publisher], || {
+        for seq in 0..200 {
+            publisher.send(&rtp(0xabc, seq, 400));
+        }
+    });
+    let mut got = 0;
+    while victim.recv(&mut buf).is_ok() {
+        got += 1;
+    }
+    assert_eq!(got, 0, "the victim received {got} datagrams of media");
+    let challenged = relay.metric("relay_stun_challenges_total{shard=\"0\"}");
+    assert!(challenged >= 16, "{challenged} challenges counted");
+}
+
 macro_rules! for_backend {
     ($backend:ident) => {
         mod $backend {
@@ -667,6 +798,10 @@ macro_rules! for_backend {
             #[test]
             fn sigterm_stops_promptly() {
                 super::sigterm_stops_promptly(stringify!($backend));
+            }
+            #[test]
+            fn a_spoofed_binding_sends_the_victim_nothing() {
+                super::a_spoofed_binding_sends_the_victim_nothing(stringify!($backend));
             }
             #[test]
             fn garbage_spray_does_not_disturb_a_room() {

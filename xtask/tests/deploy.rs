@@ -348,24 +348,9 @@ impl Participant {
             relay,
             token: join["token"].as_str().unwrap().to_string(),
         };
-        let mut req = vec![0u8; 512];
-        let key = proto::token::stun_key(p.token.as_bytes());
-        let txid = [7u8; 12];
-        let n =
-            proto::stun::write_binding_request(&mut req, &txid, p.token.as_bytes(), &key).unwrap();
-        p.sock
-            .set_read_timeout(Some(Duration::from_millis(200)))
-            .unwrap();
-        for _ in 0..25 {
-            p.sock.send_to(&req[..n], relay).unwrap();
-            let mut buf = [0u8; 1500];
-            if let Ok((m, _)) = p.sock.recv_from(&mut buf) {
-                let msg = proto::stun::StunMessage::parse(&buf[..m]).unwrap();
-                assert_eq!(msg.class(), proto::stun::Class::Success, "bound at {relay}");
-                return p;
-            }
-        }
-        panic!("no STUN answer from {relay}");
+        proto::binding::bind_blocking(&p.sock, relay, &p.token, Duration::from_secs(5))
+            .unwrap_or_else(|e| panic!("bound at {relay}: {e}"));
+        p
     }
 
     fn send_rtp(&self, seq: u16) {

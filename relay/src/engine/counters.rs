@@ -97,6 +97,8 @@ pub struct Counters {
     pub stun_replies: u64,
     /// RTCP control packets the relay consumed (subscription changes).
     pub rtcp_consumed: u64,
+    /// Return-routability challenges sent (401 or 438 with a cookie, to a new address).
+    pub challenges: u64,
     /// Bindings created (not refreshes).
     pub bindings_created: u64,
     /// Bindings removed because they were not refreshed in time.

@@ -162,7 +162,13 @@ pub struct Shard {
     /// Scratch destination list for RTCP feedback routing; capacity reserved up front.
     scratch: Vec<SocketAddr>,
     counters: Counters,
+    /// Key of the return-routability cookies ([`proto::stun::address_cookie`]), random per
+    /// shard and process: an address enters no fan-out before it echoes its cookie.
+    cookie_secret: [u8; 32],
 }
+
+/// A return-routability cookie is valid in the window it was made in and the next one.
+const COOKIE_WINDOW_US: u64 = 30_000_000;
 
 /// Why a Binding request was refused, by who is to blame: the peer (a bad or expired token, a
 /// failed integrity check, a token for elsewhere, a removed participant) or a limit (rate,
@@ -194,6 +200,9 @@ pub enum BindRefusal {
     /// Limit: the relay's lease from ctl lapsed (it is cut off from ctl, which may have moved
     /// the room): no new participant, no new room, until ctl answers again.
     NoLease,
+    /// Not a refusal: a new address must first echo its return-routability cookie (401 with
+    /// a NONCE; 438 when the cookie it brought is not, or no longer, its own).
+    Challenge { stale: bool },
 }
 
 impl BindRefusal {
@@ -201,7 +210,12 @@ impl BindRefusal {
     pub fn peer_fault(self) -> bool {
         !matches!(
             self,
-            Self::RateLimited | Self::RoomFull | Self::ShardFull | Self::Draining | Self::NoLease
+            Self::RateLimited
+                | Self::RoomFull
+                | Self::ShardFull
+                | Self::Draining
+                | Self::NoLease
+                | Self::Challenge { .. }
         )
     }
 
@@ -216,6 +230,8 @@ impl BindRefusal {
             Self::RateLimited => DropReason::RateLimited,
             Self::RoomFull => DropReason::ParticipantLimit,
             Self::ShardFull | Self::Draining | Self::NoLease => DropReason::RoomLimit,
+            // Never counted as a drop: challenges have their own counter.
+            Self::Challenge { .. } => DropReason::BadToken,
         }
     }
 
@@ -233,6 +249,8 @@ impl BindRefusal {
             Self::ShardFull => (403, "Shard full"),
             Self::Draining => (403, "Draining"),
             Self::NoLease => (503, "No lease"),
+            Self::Challenge { stale: false } => (401, "Echo the nonce"),
+            Self::Challenge { stale: true } => (438, "Stale nonce"),
         }
     }
 }
@@ -258,6 +276,11 @@ impl Shard {
             draining: false,
             removed: FxHashMap::default(),
             counters: Counters::default(),
+            cookie_secret: {
+                let mut s = [0u8; 32];
+                getrandom::getrandom(&mut s).expect("the operating system's random generator");
+                s
+            },
         }
     }
 
@@ -420,6 +443,17 @@ impl Shard {
                 Ok(n) if n <= data.len() => Decision::Reply(n),
                 _ => Decision::Drop(DropReason::ReplySuppressed),
             },
+            Err(refusal @ BindRefusal::Challenge { .. }) => {
+                self.counters.challenges += 1;
+                let (code, text) = refusal.stun_error();
+                let cookie = self.cookie(src, now.mono_us / COOKIE_WINDOW_US);
+                // Never larger than the request: an address that did not ask gets less than
+                // the spoofer sent.
+                match stun::write_binding_challenge(reply, &txid, code, text, &cookie) {
+                    Ok(n) if n <= data.len() => Decision::Reply(n),
+                    _ => Decision::Drop(DropReason::ReplySuppressed),
+                }
+            }
             Err(refusal) => {
                 // Count the real reason even when no error response is sent.
                 self.counters.drop(refusal.drop_reason());
@@ -455,6 +489,22 @@ impl Shard {
                 return Ok(key);
             }
         }
+        // Return routability (as QUIC's address validation and ICE's checks): a new address
+        // must echo the cookie the relay sent to it, so that a spoofed source never enters a
+        // fan-out and spoofed floods never reach the signature budget. The integrity check
+        // (cheap) makes the echo the token holder's own.
+        let window = now.mono_us / COOKIE_WINDOW_US;
+        let Some(nonce) = msg.attribute(stun::attr::NONCE) else {
+            return Err(BindRefusal::Challenge { stale: false });
+        };
+        let fresh = [window, window.saturating_sub(1)]
+            .iter()
+            .any(|&w| stun::constant_time_eq(nonce, &self.cookie(src, w)));
+        if !fresh {
+            return Err(BindRefusal::Challenge { stale: true });
+        }
+        msg.verify_integrity(&key)
+            .map_err(|_| BindRefusal::BadIntegrity)?;
         if !self.new_bindings.try_take(1, now.mono_us) {
             return Err(BindRefusal::RateLimited);
         }
@@ -466,8 +516,6 @@ impl Shard {
                 TokenError::WrongRelay => BindRefusal::WrongRelay,
                 _ => BindRefusal::BadToken,
             })?;
-        msg.verify_integrity(&key)
-            .map_err(|_| BindRefusal::BadIntegrity)?;
         if claims.kind != TokenKind::Room || claims.shard_idx != self.shard_idx {
             return Err(BindRefusal::WrongShard);
         }
@@ -485,6 +533,11 @@ impl Shard {
         }
         self.attach(now, src, &claims, key)?;
         Ok(key)
+    }
+
+    /// The return-routability cookie of `src` in cookie window `window`.
+    fn cookie(&self, src: SocketAddr, window: u64) -> [u8; stun::COOKIE_LEN] {
+        stun::address_cookie(&self.cookie_secret, src, window)
     }
 
     /// Binds `src` to the participant named by `claims`, creating the room if needed and

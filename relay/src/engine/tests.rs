@@ -13,6 +13,8 @@ struct Fixture {
     key: SigningKey,
     shard: Shard,
     now: Now,
+    /// The NONCE of the last STUN error answered, if it had one (a challenge).
+    nonce: Option<Vec<u8>>,
 }
 
 fn addr(port: u16) -> SocketAddr {
@@ -27,6 +29,7 @@ impl Fixture {
             shard: Shard::new(cfg, 0, verifier, T0),
             key,
             now: T0,
+            nonce: None,
         }
     }
 
@@ -51,6 +54,35 @@ impl Fixture {
         buf
     }
 
+    /// Binds `token` at `src` as a client does: a request, then (when the relay challenges a
+    /// new address) the same request again with the cookie its 401 carried. Returns what
+    /// [`Fixture::send`] returns for the last request.
+    fn bind(&mut self, src: SocketAddr, token: &str) -> Result<Vec<u16>, String> {
+        self.nonce = None;
+        let first = self.send(src, &Self::request(token));
+        match self.nonce.take() {
+            Some(nonce) if first == Err("error 401".into()) => {
+                self.send(src, &Self::request_with(token, Some(&nonce)))
+            }
+            _ => first,
+        }
+    }
+
+    fn request_with(token: &str, nonce: Option<&[u8]>) -> Vec<u8> {
+        let mut buf = vec![0u8; 512];
+        let key = proto::token::stun_key(token.as_bytes());
+        let n = stun::write_binding_request_with_nonce(
+            &mut buf,
+            &[7; 12],
+            token.as_bytes(),
+            nonce,
+            &key,
+        )
+        .unwrap();
+        buf.truncate(n);
+        buf
+    }
+
     /// Sends `data` from `src`; returns the forward list (sorted ports) or the verdict kind.
     fn send(&mut self, src: SocketAddr, data: &[u8]) -> Result<Vec<u16>, String> {
         let mut reply = [0u8; 512];
@@ -69,7 +101,10 @@ impl Fixture {
                         assert_eq!(m.xor_mapped_address(), Some(src));
                         Err("ok".into())
                     }
-                    _ => Err(format!("error {}", m.error_code().unwrap().0)),
+                    _ => {
+                        self.nonce = m.attribute(stun::attr::NONCE).map(<[u8]>::to_vec);
+                        Err(format!("error {}", m.error_code().unwrap().0))
+                    }
                 }
             }
             Verdict::Consumed => Err("consumed".into()),
@@ -83,7 +118,7 @@ impl Fixture {
             participant,
             Permissions::PUBLISH | Permissions::SUBSCRIBE,
         );
-        assert_eq!(self.send(addr(port), &Self::request(&t)), Err("ok".into()));
+        assert_eq!(self.bind(addr(port), &t), Err("ok".into()));
         self.shard.check_invariants();
     }
 }
@@ -134,42 +169,44 @@ fn refuses_forged_expired_and_foreign_tokens_without_amplification() {
     };
     let other_key = SigningKey::from_bytes(&[1; 32]);
     let t = forged.sign_text(&other_key);
-    assert_eq!(
-        f.send(addr(1), &Fixture::request(&t)),
-        Err("error 401".into())
-    );
+    assert_eq!(f.bind(addr(1), &t), Err("error 401".into()));
     let expired = Claims {
         expires_at: f.now.unix_s,
         ..forged
     }
     .sign_text(&f.key);
-    assert_eq!(
-        f.send(addr(1), &Fixture::request(&expired)),
-        Err("error 401".into())
-    );
+    assert_eq!(f.bind(addr(1), &expired), Err("error 401".into()));
     let other_shard = Claims {
         shard_idx: 1,
         ..forged
     }
     .sign_text(&f.key);
-    assert_eq!(
-        f.send(addr(1), &Fixture::request(&other_shard)),
-        Err("error 403".into())
-    );
+    assert_eq!(f.bind(addr(1), &other_shard), Err("error 403".into()));
     let chat = Claims {
         kind: TokenKind::User,
         ..forged
     }
     .sign_text(&f.key);
-    assert_eq!(
-        f.send(addr(1), &Fixture::request(&chat)),
-        Err("error 403".into())
-    );
+    assert_eq!(f.bind(addr(1), &chat), Err("error 403".into()));
     // A valid token with a wrong integrity key.
     let good = f.token(10, 1, Permissions::ALL);
     let mut buf = [0u8; 512];
     let n = stun::write_binding_request(&mut buf, &[1; 12], good.as_bytes(), b"wrong").unwrap();
     assert_eq!(f.send(addr(1), &buf[..n]), Err("error 401".into()));
+    let nonce = f.nonce.take().expect("a new address is challenged first");
+    let n = stun::write_binding_request_with_nonce(
+        &mut buf,
+        &[1; 12],
+        good.as_bytes(),
+        Some(&nonce),
+        b"wrong",
+    )
+    .unwrap();
+    assert_eq!(f.send(addr(1), &buf[..n]), Err("error 401".into()));
+    assert!(
+        f.nonce.is_none(),
+        "a failed integrity check is no challenge"
+    );
     // Nothing got bound, and nothing is forwarded from that address.
     assert_eq!(f.shard.n_participants(), 0);
     assert_eq!(f.send(addr(1), &rtp(1, 1)), Err("unbound".into()));
@@ -206,7 +243,7 @@ fn bindings_expire_unless_refreshed() {
         f.now.mono_us += 4_000_000;
         f.shard.handle_timeout(f.now);
         // Participant 1 refreshes; participant 2 stays silent.
-        assert_eq!(f.send(addr(1), &Fixture::request(&t1)), Err("ok".into()));
+        assert_eq!(f.bind(addr(1), &t1), Err("ok".into()));
         f.shard.check_invariants();
     }
     assert_eq!(f.shard.n_participants(), 1);
@@ -239,16 +276,10 @@ fn limits_rooms_participants_and_rates() {
     f.join(1, 10, 1);
     f.join(2, 10, 2);
     let t = f.token(10, 3, Permissions::ALL);
-    assert_eq!(
-        f.send(addr(3), &Fixture::request(&t)),
-        Err("error 403".into())
-    );
+    assert_eq!(f.bind(addr(3), &t), Err("error 403".into()));
     f.join(4, 20, 1);
     let t = f.token(30, 1, Permissions::ALL);
-    assert_eq!(
-        f.send(addr(5), &Fixture::request(&t)),
-        Err("error 403".into())
-    );
+    assert_eq!(f.bind(addr(5), &t), Err("error 403".into()));
     assert_eq!(
         f.shard.n_rooms(),
         2,
@@ -277,7 +308,7 @@ fn subscriber_without_publish_permission_cannot_send_media() {
     let mut f = Fixture::new(EngineConfig::default());
     f.join(1, 10, 1);
     let t = f.token(10, 2, Permissions::SUBSCRIBE);
-    assert_eq!(f.send(addr(2), &Fixture::request(&t)), Err("ok".into()));
+    assert_eq!(f.bind(addr(2), &t), Err("ok".into()));
     assert_eq!(f.send(addr(1), &rtp(1, 1)), Ok(vec![2]));
     assert_eq!(f.send(addr(2), &rtp(2, 1)), Err("not_permitted".into()));
 }
@@ -424,11 +455,7 @@ fn commands_remove_close_and_drain() {
     assert_eq!((f.shard.n_rooms(), f.shard.n_participants()), (1, 1));
     f.shard.handle_command(Command::SetDraining(true));
     let t = f.token(30, 1, Permissions::ALL);
-    assert_eq!(
-        f.send(addr(5), &Fixture::request(&t)),
-        Err("error 403".into()),
-        "no new rooms"
-    );
+    assert_eq!(f.bind(addr(5), &t), Err("error 403".into()), "no new rooms");
     f.join(6, 20, 2); // existing rooms still take participants
     f.shard.handle_command(Command::SetDraining(false));
     f.join(5, 30, 1);
@@ -450,33 +477,21 @@ fn without_a_lease_a_shard_takes_no_new_join_but_keeps_its_participants() {
     f.now.mono_us = until_us;
     let t4 = f.token(10, 4, both);
     assert_eq!(
-        f.send(addr(4), &Fixture::request(&t4)),
+        f.bind(addr(4), &t4),
         Err("error 503".into()),
         "no new participant"
     );
     let t5 = f.token(30, 1, both);
-    assert_eq!(
-        f.send(addr(5), &Fixture::request(&t5)),
-        Err("error 503".into()),
-        "no new room"
-    );
+    assert_eq!(f.bind(addr(5), &t5), Err("error 503".into()), "no new room");
     assert_eq!(
         f.shard.counters().drops[DropReason::RoomLimit as usize],
         2,
         "counted as a limit"
     );
     let t1 = f.token(10, 1, both);
-    assert_eq!(
-        f.send(addr(1), &Fixture::request(&t1)),
-        Err("ok".into()),
-        "a refresh"
-    );
+    assert_eq!(f.bind(addr(1), &t1), Err("ok".into()), "a refresh");
     let t2 = f.token(10, 2, both);
-    assert_eq!(
-        f.send(addr(7), &Fixture::request(&t2)),
-        Err("ok".into()),
-        "a NAT rebinding"
-    );
+    assert_eq!(f.bind(addr(7), &t2), Err("ok".into()), "a NAT rebinding");
     assert_eq!(f.send(addr(1), &rtp(1, 1)), Ok(vec![3, 7]));
     // An older grant arriving late does not shorten the lease; a new one lifts the fence.
     f.shard.handle_command(Command::Lease { until_us: 5 });
@@ -499,7 +514,7 @@ fn removed_participants_and_closed_rooms_cannot_bind_again_with_their_tokens() {
         participant: 2,
     });
     assert_eq!(
-        f.send(addr(2), &Fixture::request(&t2)),
+        f.bind(addr(2), &t2),
         Err("error 403".into()),
         "no way back in"
     );
@@ -509,7 +524,7 @@ fn removed_participants_and_closed_rooms_cannot_bind_again_with_their_tokens() {
     f.shard
         .handle_command(Command::CloseRoom { room: 20, fence });
     assert_eq!(
-        f.send(addr(5), &Fixture::request(&t)),
+        f.bind(addr(5), &t),
         Err("error 403".into()),
         "a closed room refuses a token issued before it closed, even one never seen here"
     );
@@ -521,12 +536,12 @@ fn removed_participants_and_closed_rooms_cannot_bind_again_with_their_tokens() {
     let fresh = f.token(20, 6, Permissions::ALL);
     assert!(fresh != t);
     assert_eq!(
-        f.send(addr(6), &Fixture::request(&fresh)),
+        f.bind(addr(6), &fresh),
         Err("ok".into()),
         "a token issued after the close binds"
     );
     assert_eq!(
-        f.send(addr(5), &Fixture::request(&t)),
+        f.bind(addr(5), &t),
         Err("error 403".into()),
         "the old one is still refused"
     );
@@ -570,4 +585,92 @@ fn bind_refusals_blame_the_peer_or_a_limit() {
             ));
         }
     }
+}
+
+/// Issue 17 item 1: a Binding request whose source address never proved it receives (a
+/// spoofed one) binds nothing and puts that address in no fan-out: the relay answers a new
+/// address with a 401 carrying a cookie only that address receives, and binds only a request
+/// that echoes it. Another address's cookie, or one from two windows ago, is refused (438
+/// with a fresh one). The challenge is never larger than the request.
+#[test]
+fn a_new_address_must_echo_its_cookie_before_it_receives_anything() {
+    let mut f = Fixture::new(EngineConfig::default());
+    f.join(1, 10, 1); // a publisher
+    let t = f.token(10, 2, Permissions::ALL);
+    // The spoofer's request "from" the victim (port 2): a challenge, no binding.
+    assert_eq!(
+        f.send(addr(2), &Fixture::request(&t)),
+        Err("error 401".into())
+    );
+    let victims_cookie = f.nonce.take().expect("the challenge carries a cookie");
+    assert_eq!(f.shard.n_participants(), 1);
+    assert_eq!(f.send(addr(1), &rtp(111, 1)), Err("no_route".into()));
+    // The spoofer's own address gets its own cookie, which is worth nothing for the victim's.
+    assert_eq!(
+        f.send(addr(3), &Fixture::request(&t)),
+        Err("error 401".into())
+    );
+    let own = f.nonce.take().unwrap();
+    assert_ne!(own, victims_cookie);
+    let replayed = Fixture::request_with(&t, Some(&own));
+    assert_eq!(f.send(addr(2), &replayed), Err("error 438".into()));
+    assert!(
+        f.nonce.take().is_some(),
+        "438 carries the address's fresh cookie"
+    );
+    assert_eq!(f.shard.n_participants(), 1);
+    assert_eq!(f.send(addr(1), &rtp(111, 2)), Err("no_route".into()));
+    // The victim's own cookie binds (whoever holds it received it at that address).
+    assert_eq!(
+        f.send(addr(2), &Fixture::request_with(&t, Some(&victims_cookie))),
+        Err("ok".into())
+    );
+    assert_eq!(f.send(addr(1), &rtp(111, 3)), Ok(vec![2]));
+    // A cookie lives for its window and the next: two windows on, it is stale.
+    let t3 = f.token(10, 3, Permissions::ALL);
+    assert_eq!(
+        f.send(addr(4), &Fixture::request(&t3)),
+        Err("error 401".into())
+    );
+    let cookie = f.nonce.take().unwrap();
+    f.now.mono_us += 2 * COOKIE_WINDOW_US;
+    f.now.unix_s += 2 * COOKIE_WINDOW_US / 1_000_000;
+    let stale = Fixture::request_with(&t3, Some(&cookie));
+    assert_eq!(f.send(addr(4), &stale), Err("error 438".into()));
+    // (The cookie is the address's: a token made now, t3's having run out, uses it.)
+    let fresh = f.nonce.take().unwrap();
+    let t3 = f.token(10, 3, Permissions::ALL);
+    let again = Fixture::request_with(&t3, Some(&fresh));
+    assert_eq!(f.send(addr(4), &again), Err("ok".into()));
+    // The publisher's, the victim's, the spoofer's, the replay, t3's and its stale one.
+    assert_eq!(f.shard.counters().challenges, 6);
+    f.shard.check_invariants();
+}
+
+/// Issue 17 item 5: spoofed Binding requests cost the shard's signature budget nothing. A
+/// flood of 50,000 requests with valid tokens from never-seen addresses (as a spoofer sends
+/// them) is answered with challenges, and a legitimate client binds at once afterwards,
+/// while the budget (`new_binding_rate`, 2,000 a second) would have refused it before.
+#[test]
+fn a_spoofed_flood_does_not_spend_the_binding_budget() {
+    let mut f = Fixture::new(EngineConfig::default());
+    let t = f.token(10, 9, Permissions::ALL);
+    let req = Fixture::request(&t);
+    let mut reply = [0u8; 512];
+    for i in 0..50_000u32 {
+        let src = SocketAddr::from(([10, (i >> 16) as u8, (i >> 8) as u8, i as u8], 5000));
+        let now = f.now;
+        let v = f.shard.handle_datagram(now, src, &req, &mut reply);
+        assert!(
+            matches!(v, Verdict::Reply(n) if n < req.len()),
+            "challenged"
+        );
+    }
+    assert_eq!(f.shard.n_participants(), 0);
+    assert_eq!(f.shard.counters().dropped(DropReason::RateLimited), 0);
+    assert_eq!(
+        f.bind(addr(7), &f.token(20, 1, Permissions::ALL)),
+        Err("ok".into())
+    );
+    assert_eq!(f.shard.n_participants(), 1);
 }

@@ -234,7 +234,7 @@ pub const PUBLISH_INTERVAL_US: u64 = 100_000;
 
 impl ShardStats {
     /// Names of the scalar counters, in storage order; drops by reason follow them.
-    pub const FIELDS: [&'static str; 12] = [
+    pub const FIELDS: [&'static str; 13] = [
         "rx_packets",
         "rx_bytes",
         "tx_packets",
@@ -243,6 +243,7 @@ impl ShardStats {
         "rx_truncated",
         "syscalls",
         "stun_replies",
+        "stun_challenges",
         "bindings_expired",
         "rtcp_consumed",
         "rooms",
@@ -287,6 +288,7 @@ impl ShardStats {
             io.rx_truncated,
             io.syscalls,
             c.stun_replies,
+            c.challenges,
             c.bindings_expired,
             c.rtcp_consumed,
             engine.n_rooms() as u64,

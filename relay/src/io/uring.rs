@@ -1156,7 +1156,6 @@ mod tests {
     use crate::engine::EngineConfig;
     use crate::io::ShardStats;
     use ed25519_dalek::SigningKey;
-    use proto::stun::{self, Class, StunMessage};
     use proto::token::{Claims, Permissions, TokenKind, TokenVerifier};
     use std::sync::atomic::AtomicBool;
     use std::sync::Arc;
@@ -1266,17 +1265,10 @@ mod tests {
             c
         }
 
-        /// Sends a STUN Binding request with `token` from `c` and expects a success.
+        /// Binds `token` from `c` (through the relay's challenge) and expects a success.
         fn bind(&self, c: &UdpSocket, token: &str) {
-            let mut buf = [0u8; 512];
-            let key = proto::token::stun_key(token.as_bytes());
-            let n = stun::write_binding_request(&mut buf, &[7; 12], token.as_bytes(), &key)
-                .expect("request");
-            c.send_to(&buf[..n], self.addr).expect("send request");
-            let n = c.recv(&mut buf).expect("STUN reply");
-            let m = StunMessage::parse(&buf[..n]).expect("reply parses");
-            assert_eq!(m.class(), Class::Success);
-            assert_eq!(m.xor_mapped_address(), c.local_addr().ok());
+            proto::binding::bind_blocking(c, self.addr, token, Duration::from_secs(5))
+                .expect("bound");
         }
     }
 
@@ -1351,8 +1343,9 @@ mod tests {
         assert_eq!(report.slots_in_use, 0, "{report:?}");
         assert_eq!(report.io.rx_truncated, 1);
         assert_eq!(report.io.tx_errors, 0, "{report:?}");
-        // 3 × 1000 copies, 4 join replies and 1 refresh reply.
-        assert_eq!(report.io.tx_packets, 3 * u64::from(N_PACKETS) + 5);
+        // 3 × 1000 copies, 4 joins of two replies each (the challenge, then the success)
+        // and 1 refresh reply.
+        assert_eq!(report.io.tx_packets, 3 * u64::from(N_PACKETS) + 9);
         assert_eq!(stats.get("rx_truncated"), Some(1));
         assert_eq!(stats.get("tx_packets"), Some(report.io.tx_packets));
         assert!(report.io.syscalls > 0);

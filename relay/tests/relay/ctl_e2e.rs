@@ -535,15 +535,23 @@ fn admin_and_relay_routes_need_their_own_credentials() {
         let (status, body) = http(ctl, method, path, None, Some(&admin));
         assert_eq!(status, 200, "{method} {path}: {body}");
     }
-    // The client routes stay open: a guest creates a meeting and joins it.
-    let (status, m) = http(
-        ctl,
-        "POST",
-        "/v1/meetings",
-        Some(&serde_json::json!({})),
-        None,
-    );
+    // Meetings are made by accounts or operators (the admin credential), not by anonymous
+    // callers; joining by the code stays open to guests.
+    let create = |auth| {
+        http(
+            ctl,
+            "POST",
+            "/v1/meetings",
+            Some(&serde_json::json!({})),
+            auth,
+        )
+    };
+    assert_eq!(create(None).0, 401);
+    let (status, m) = create(Some(&admin));
     assert_eq!(status, 201, "{m}");
+    let join = serde_json::json!({"code": m["code"], "name": "guest"});
+    let (status, j) = http(ctl, "POST", "/v1/join", Some(&join), None);
+    assert_eq!(status, 200, "{j}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
