@@ -127,6 +127,8 @@ pub struct ChatSettings {
     pub window: u16,
     /// Connections per remote address.
     pub max_conns_per_ip: u32,
+    /// HELLO signature checks per second per shard; more sign-ins get ERROR 13 (0: none).
+    pub hellos_per_s: u64,
     /// Open connections per shard (1 to 131,072); a further one gets ERROR 13 and is closed.
     pub max_conns: usize,
     /// Messages each ring between two shards holds (16 to 65,536). Beyond it messages wait in
@@ -170,6 +172,7 @@ impl Default for ChatSettings {
             sync_thread: true,
             window: c.window,
             max_conns_per_ip: c.max_conns_per_ip,
+            hellos_per_s: c.hellos_per_s,
             max_conns: crate::io::chat_io::MAX_CONNS,
             ring_capacity: crate::io::mailbox::RING_CAPACITY,
             hello_timeout_ms: c.hello_timeout_us / 1000,
@@ -189,6 +192,7 @@ impl ChatSettings {
         crate::chat::ChatConfig {
             window: self.window,
             max_conns_per_ip: self.max_conns_per_ip,
+            hellos_per_s: self.hellos_per_s,
             hello_timeout_us: self.hello_timeout_ms.saturating_mul(1000),
             slow_reader_timeout_us: self.slow_reader_timeout_ms.saturating_mul(1000),
             max_out_bytes: self.max_out_bytes,

@@ -146,10 +146,17 @@ impl Conn {
     /// Reads what the socket has now.
     fn fill(&mut self) -> io::Result<()> {
         let mut scratch = [0u8; 16 << 10];
+        let mut got = false;
         loop {
             match self.s.try_read(&mut scratch) {
+                // What came before the close (an ERROR frame, say) is read first; the close
+                // is reported by the next call.
+                Ok(0) if got => return Ok(()),
                 Ok(0) => return Err(closed()),
-                Ok(n) => self.inb.extend_from_slice(&scratch[..n]),
+                Ok(n) => {
+                    got = true;
+                    self.inb.extend_from_slice(&scratch[..n]);
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
                 Err(e) => return Err(e),
             }
@@ -257,13 +264,32 @@ async fn relay_login(addr: SocketAddr, token: &str, deadline: Instant) -> anyhow
     relay_login_from(None, addr, token, deadline).await
 }
 
-/// Relay: HELLO, then wait for WELCOME and BACKLOG_END.
+/// Relay: HELLO, then wait for WELCOME and BACKLOG_END; told to retry (ERROR 13: the shard's
+/// sign-in budget is spent), connects again 100 ms later, as a client does.
 async fn relay_login_from(
     src: Option<std::net::Ipv4Addr>,
     addr: SocketAddr,
     token: &str,
     deadline: Instant,
 ) -> anyhow::Result<Conn> {
+    loop {
+        match relay_login_once(src, addr, token, deadline).await? {
+            Some(c) => return Ok(c),
+            None if Instant::now() < deadline => {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            None => bail!("relay error 13 until the deadline"),
+        }
+    }
+}
+
+/// One HELLO; `None` if the relay said to retry.
+async fn relay_login_once(
+    src: Option<std::net::Ipv4Addr>,
+    addr: SocketAddr,
+    token: &str,
+    deadline: Instant,
+) -> anyhow::Result<Option<Conn>> {
     let mut c = Conn::connect(addr, src).await?;
     Encoder::new(&mut c.out).hello(token.as_bytes());
     let mut welcomed = false;
@@ -276,8 +302,9 @@ async fn relay_login_from(
                 Frame::Welcome { .. } => welcomed = true,
                 Frame::BacklogEnd if welcomed => {
                     c.inb.drain(..at);
-                    return Ok(c);
+                    return Ok(Some(c));
                 }
+                Frame::Error { code: 13, .. } if !welcomed => return Ok(None),
                 Frame::Error { code, text, .. } => {
                     bail!("relay error {code}: {}", String::from_utf8_lossy(text))
                 }

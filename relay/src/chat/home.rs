@@ -10,7 +10,7 @@ use super::ChatConfig;
 use crate::engine::limits::TokenBucket;
 use crate::engine::Now;
 use proto::chat::{code, ids, kind, Encoder, Frame, MsgId};
-use proto::token::{TokenKind, TokenVerifier};
+use proto::token::{TokenError, TokenKind, TokenVerifier};
 use std::collections::VecDeque;
 use std::net::IpAddr;
 
@@ -66,6 +66,8 @@ pub struct HomeCounters {
     pub accepted: u64,
     /// Sessions refused for the per-address cap.
     pub refused_per_ip: u64,
+    /// HELLOs refused for the shard's signature budget ([`ChatConfig::hellos_per_s`]).
+    pub hellos_refused: u64,
     /// Frames received.
     pub frames_in: u64,
     /// ERROR frames sent, by code (index = code).
@@ -92,6 +94,8 @@ pub struct Home {
     sessions: Map<ConnId, Session>,
     users: Map<UserId, ConnId>,
     per_ip: Map<IpAddr, u32>,
+    /// The budget of HELLO signature checks ([`ChatConfig::hellos_per_s`]).
+    hellos: TokenBucket,
     next_epoch: u64,
     /// Pending GROUPS answers: conn -> (owners still to answer, groups so far).
     group_lists: Map<ConnId, GroupList>,
@@ -118,6 +122,8 @@ pub struct Home {
 impl Home {
     /// An empty home role.
     pub fn new(place: &Place, cfg: ChatConfig, verifier: TokenVerifier) -> Self {
+        // Full from the start (time 0 is before any shard's clock).
+        let hellos = TokenBucket::new(cfg.hellos_per_s, cfg.hellos_per_s, 0);
         Self {
             shard: place.shard(),
             n_shards: place.n_local,
@@ -128,6 +134,7 @@ impl Home {
             sessions: Map::default(),
             users: Map::default(),
             per_ip: Map::default(),
+            hellos,
             next_epoch: 1,
             group_lists: Map::default(),
             watchers: Map::default(),
@@ -690,6 +697,18 @@ impl Home {
         self.out.push((chat.owner_shard(self.n_owners), msg));
     }
 
+    /// Whether `c` is a chat token for a user homed on this shard. User 0 means "nobody" on
+    /// the wire (TYPING and SEND use it so).
+    fn is_chat_token_here(&self, c: &proto::token::Claims) -> bool {
+        let user = c.participant_id;
+        user != 0
+            && c.kind == TokenKind::User
+            && c.scope_id == user
+            && c.permissions.contains(proto::token::Permissions::CHAT)
+            && c.shard_idx == self.shard
+            && ids::home_shard(user, self.n_shards) == self.shard
+    }
+
     fn hello(&mut self, now: Now, conn: ConnId, version: u16, token: &[u8]) {
         if version != proto::chat::VERSION {
             return self.fatal(conn, code::BAD_VERSION, "unsupported version");
@@ -697,25 +716,37 @@ impl Home {
         if self.draining {
             return self.fatal(conn, code::UNAVAILABLE, "the relay is draining; reconnect");
         }
+        // What the token claims is checked first, for free; only a token that could pass
+        // spends the shard's budget of signature checks.
+        match TokenVerifier::peek_text(token) {
+            Ok(c) if c.expires_at <= now.unix_s && self.is_chat_token_here(&c) => {
+                return self.fatal(conn, code::BAD_TOKEN, &TokenError::Expired.to_string())
+            }
+            Ok(c) if self.is_chat_token_here(&c) => {}
+            Ok(_) => {
+                return self.fatal(
+                    conn,
+                    code::BAD_TOKEN,
+                    "token is not a chat token for this shard",
+                )
+            }
+            Err(e) => return self.fatal(conn, code::BAD_TOKEN, &e.to_string()),
+        }
+        if !self.hellos.try_take(1, now.mono_us) {
+            self.counters.hellos_refused += 1;
+            return self.fatal(
+                conn,
+                code::UNAVAILABLE,
+                "too many sign-ins on this shard right now; retry in a second",
+            );
+        }
+        // The verified claims are the ones just checked (the same bytes, decoded alike).
         let claims = match self.verifier.verify_text(token, now.unix_s) {
             Ok(c) => c,
             Err(e) => return self.fatal(conn, code::BAD_TOKEN, &e.to_string()),
         };
         let user = claims.participant_id;
         // User 0 means "nobody" on the wire (TYPING and SEND use it so).
-        let home_ok = user != 0
-            && claims.kind == TokenKind::User
-            && claims.scope_id == user
-            && claims.permissions.contains(proto::token::Permissions::CHAT)
-            && claims.shard_idx == self.shard
-            && ids::home_shard(user, self.n_shards) == self.shard;
-        if !home_ok {
-            return self.fatal(
-                conn,
-                code::BAD_TOKEN,
-                "token is not a chat token for this shard",
-            );
-        }
         let user = UserId(user);
         // One session per user: a new one replaces the old (and the user stays online).
         match self.users.insert(user, conn) {

@@ -193,6 +193,10 @@ pub struct ChatConfig {
     pub max_chats_per_user: usize,
     /// Connections per remote address.
     pub max_conns_per_ip: u32,
+    /// HELLO signature checks per second on one shard (and its burst): the Ed25519 check
+    /// runs on the shard thread that also forwards media, so a flood of sign-ins gets
+    /// ERROR 13 (retry) beyond this instead of the media's time. 0: no limit.
+    pub hellos_per_s: u64,
     /// Entries per backlog chunk.
     pub backlog_chunk: usize,
     /// Accepted requests whose (sender, msg id) an owner shard remembers (the last ones), to
@@ -213,6 +217,7 @@ impl Default for ChatConfig {
             max_group_members: proto::chat::MAX_GROUP_MEMBERS,
             max_chats_per_user: 10_000,
             max_conns_per_ip: 100_000,
+            hellos_per_s: 2_000,
             backlog_chunk: 128,
             // 40 MiB of entries and 32 MiB of index per owner shard, once that many
             // requests have passed.

@@ -2042,3 +2042,59 @@ fn a_session_creates_no_more_chats_than_its_cap_and_a_refusal_leaves_nothing() {
     assert_eq!(chats, sent + groups);
     sim.shards.iter().for_each(ChatShard::check_invariants);
 }
+
+/// Issue 17 item 5: HELLO's Ed25519 check runs on the shard thread that forwards media, so it
+/// has a budget. Tokens that cannot pass (garbage, another shard's, expired) are refused
+/// without spending it; a flood of well-formed forgeries spends it, and a sign-in beyond it
+/// gets ERROR 13 (retry) until the budget refills a second later.
+#[test]
+fn hellos_beyond_the_shards_signature_budget_are_told_to_retry() {
+    let cfg = ChatConfig {
+        hellos_per_s: 100,
+        ..ChatConfig::default()
+    };
+    let mut sim = Sim::new(cfg);
+    let on_shard_0: Vec<u64> = (1..)
+        .filter(|&u| ids::home_shard(u, N_SHARDS) == 0)
+        .take(400)
+        .collect();
+    let hello_as = |sim: &mut Sim, client: u64, token: &str| {
+        sim.connect_raw(client, 0);
+        sim.send(client, |e| e.hello(token.as_bytes()));
+        sim.take(client)
+    };
+    // 200 garbage tokens: refused, and free.
+    for &u in &on_shard_0[..200] {
+        let got = hello_as(&mut sim, u, &"A".repeat(proto::token::TOKEN_TEXT_LEN));
+        assert_eq!(got, vec![Got::Error(code::BAD_TOKEN)]);
+    }
+    // 100 well-formed forgeries (another key): refused, each a signature check.
+    let forged = |user: u64| {
+        Claims {
+            kind: TokenKind::User,
+            permissions: Permissions::CHAT,
+            relay_id: 0,
+            shard_idx: 0,
+            expires_at: sim.now.unix_s + 600,
+            scope_id: user,
+            participant_id: user,
+        }
+        .sign_text(&SigningKey::from_bytes(&[77; 32]))
+    };
+    let tokens: Vec<String> = on_shard_0[200..300].iter().map(|&u| forged(u)).collect();
+    for (&u, t) in on_shard_0[200..300].iter().zip(&tokens) {
+        assert_eq!(hello_as(&mut sim, u, t), vec![Got::Error(code::BAD_TOKEN)]);
+    }
+    // The budget is spent: a real user is told to retry, and is not signed in.
+    let user = on_shard_0[300];
+    let real = sim.token(user);
+    assert_eq!(
+        hello_as(&mut sim, user, &real),
+        vec![Got::Error(code::UNAVAILABLE)]
+    );
+    // A second later it is taken.
+    sim.now.mono_us += 1_000_000;
+    let token = sim.token(on_shard_0[301]);
+    let got = hello_as(&mut sim, on_shard_0[301], &token);
+    assert_eq!(got.first(), Some(&Got::Welcome));
+}

@@ -611,6 +611,11 @@ impl Shard {
                 now.mono_us,
             ),
             last_keyframe_request_us: None,
+            subscription_changes: TokenBucket::new(
+                rtcp_route::SUBSCRIPTION_CHANGES_PER_S,
+                rtcp_route::SUBSCRIPTION_CHANGES_PER_S,
+                now.mono_us,
+            ),
         };
         let Some(slot) = room.insert(p) else {
             if room.is_empty() {

@@ -43,6 +43,9 @@ pub struct Participant {
     pub bytes: TokenBucket,
     /// Last time a PLI or FIR was forwarded to this participant as a publisher.
     pub last_keyframe_request_us: Option<u64>,
+    /// Subscription changes (each rebuilds the room's fan-out lists, O(n²)):
+    /// [`super::rtcp_route::SUBSCRIPTION_CHANGES_PER_S`].
+    pub subscription_changes: TokenBucket,
 }
 
 /// SSRCs one publisher may use (audio, video layers, RTX).

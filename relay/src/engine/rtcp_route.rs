@@ -15,6 +15,10 @@ pub const SUBSCRIBE_ALL: u8 = 0;
 /// APP subtype: receive only the participant ids listed (u64, big-endian).
 pub const SUBSCRIBE_ONLY: u8 = 1;
 
+/// Subscription changes one participant may make per second (and in a burst): each rebuilds
+/// the room's fan-out lists, so a flood of them must not cost more than a few rebuilds.
+pub const SUBSCRIPTION_CHANGES_PER_S: u64 = 10;
+
 /// Distinct publishers one compound packet may address; the rest are ignored. Bounds the work.
 const MAX_TARGETS: usize = 16;
 
@@ -81,7 +85,11 @@ pub fn route(
             Packet::Sdes(_) | Packet::Bye(_) => {}
             Packet::App(app) if app.name() == SUBSCRIPTION_APP_NAME => {
                 let sub = parse_subscription(app.subtype(), app.data(), cfg.max_subscriptions)?;
-                let id = room.get(from).map(|p| p.id).ok_or(DropReason::NoRoute)?;
+                let p = room.get_mut(from).ok_or(DropReason::NoRoute)?;
+                if !p.subscription_changes.try_take(1, now_us) {
+                    return Err(DropReason::RateLimited);
+                }
+                let id = p.id;
                 apply_subscription(room, id, sub, cfg.max_subscriptions);
                 return Ok(Routed::Consumed);
             }

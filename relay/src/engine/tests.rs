@@ -396,6 +396,33 @@ fn subscription_control_selects_publishers() {
     assert_eq!(f.send(addr(2), &rtp(2, 2)), Err("unbound".into()));
 }
 
+/// Issue 17 item 5: each subscription change rebuilds the room's fan-out lists (O(n²)), so a
+/// participant's flood of them (up to its 5,000 packets a second) is cut to
+/// `SUBSCRIPTION_CHANGES_PER_S`: the rest are dropped as rate-limited, and media still flows.
+#[test]
+fn a_flood_of_subscription_changes_costs_a_few_rebuilds() {
+    use proto::rtcp;
+    let mut f = Fixture::new(EngineConfig::default());
+    for (port, pid) in [(1, 1), (2, 2), (3, 3)] {
+        f.join(port, 10, pid);
+    }
+    let all = rtcp(|b| rtcp::write_app(b, 0, SUBSCRIBE_ALL, SUBSCRIPTION_APP_NAME, &[]));
+    let limit = rtcp_route::SUBSCRIPTION_CHANGES_PER_S;
+    let (mut consumed, mut limited) = (0, 0);
+    for _ in 0..1_000 {
+        match f.send(addr(3), &all) {
+            Err(e) if e == "consumed" => consumed += 1,
+            Err(e) if e == "rate_limited" => limited += 1,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!((consumed, limited), (limit, 1_000 - limit));
+    assert_eq!(f.send(addr(1), &rtp(1, 1)), Ok(vec![2, 3]));
+    // A second later the participant may change its subscription again.
+    f.now.mono_us += 1_000_000;
+    assert_eq!(f.send(addr(3), &all), Err("consumed".into()));
+}
+
 /// Random datagrams from bound and unbound sources never panic, never amplify, and keep the
 /// engine's invariants. Replays from its seed.
 #[test]
