@@ -44,6 +44,8 @@ impl Shard {
         ChatConfig {
             msgs_per_s: 1_000_000,
             msgs_burst: 1_000_000,
+            // 5,000 sign-ins at one instant of this test's clock.
+            hellos_per_s: 0,
             ..ChatConfig::default()
         }
     }

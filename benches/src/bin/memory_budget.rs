@@ -38,6 +38,7 @@ fn core(dir: &std::path::Path, dedup: usize) -> ChatCore {
     let cfg = ChatConfig {
         msgs_per_s: 1_000_000_000,
         msgs_burst: 1_000_000_000,
+        hellos_per_s: 0,
         dedup_capacity: dedup,
         ..ChatConfig::default()
     };
